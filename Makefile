@@ -1,0 +1,68 @@
+# Two commands do all the set-up themselves (see README.md, "Quick start"):
+#   make book    create .venv, install the book, start JupyterLab on chapters/
+#   make test    create .venv, install the book, run the unit tests and every notebook under nbval
+# Other targets: make setup | lint | pairs | chapter CH=02 | execute NB=chapters/02_….py | clean
+
+PYTHON ?= python3
+VENV ?= .venv
+# Installed first and on its own, so that pip never picks a newer torch (and its CUDA wheels).
+TORCH ?= torch==2.13.0
+# Extra pip arguments for the torch install only, e.g. a CPU-only package index on a laptop.
+TORCH_PIP_ARGS ?=
+JUPYTER_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.attnbook-installed
+# JupyterLab refuses to run as root without --allow-root (containers, CI machines).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+NOTEBOOKS = $(wildcard chapters/*.ipynb chapters/solutions/*.ipynb)
+
+.PHONY: setup book book-server test unit nbval lint pairs chapter execute clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install "$(TORCH)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=chapters $(ROOT_FLAG) $(JUPYTER_ARGS)
+
+# Headless: no browser is opened; open the printed http://127.0.0.1:8888/lab?token=… address.
+book-server: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=chapters --no-browser --ip=127.0.0.1 $(ROOT_FLAG) $(JUPYTER_ARGS)
+
+test: unit nbval
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+nbval: $(STAMP)
+	$(BIN)/pytest --nbval chapters
+
+lint: $(STAMP)
+	$(BIN)/ruff check src minbpe tests chapters conftest.py .ci
+	$(BIN)/ruff format --check src minbpe tests conftest.py .ci
+
+# Fails when a chapter's .ipynb and .py disagree (run on a clean tree: it syncs, then looks),
+# or when a notebook is not stored executed.
+pairs: $(STAMP)
+	$(BIN)/python .ci/check_notebooks.py
+	$(BIN)/jupytext --sync -q $(NOTEBOOKS)
+	@test -z "$$(git status --porcelain -- chapters)" || \
+	  { git status --porcelain -- chapters; echo "chapters: .ipynb and .py out of sync (see above)"; exit 1; }
+
+# One chapter and its solutions under nbval: make chapter CH=02
+chapter: $(STAMP)
+	$(BIN)/pytest --nbval $(wildcard chapters/$(CH)_*.ipynb chapters/solutions/$(CH)_*.ipynb)
+
+# Re-execute a chapter from its .py and store the outputs: make execute NB=chapters/02_….py
+execute: $(STAMP)
+	$(BIN)/jupytext --set-kernel python3 --to ipynb --update $(NB)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=600 $(NB:.py=.ipynb)
+	$(BIN)/jupytext --sync -q $(NB:.py=.ipynb)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,30 @@
+"""Attention variants and the registry that builds them by name.
+
+    from attnbook.attention import AttentionConfig, available, build_attention
+    attn = build_attention("mha", AttentionConfig(d_model=64, n_head=4))
+    y = attn(x)  # x: (B, T, 64) -> y: (B, T, 64)
+
+Importing this package imports every variant module, so ``available()`` lists them all.
+"""
+
+from .config import AttentionConfig
+from .core import sdpa, sdpa_reference
+from .masks import additive_mask, causal_mask, padding_mask
+from .mha import MultiHeadAttention
+from .registry import available, build_attention, register_attention
+from .single_head import Head, SelfAttention
+
+__all__ = [
+    "AttentionConfig",
+    "Head",
+    "MultiHeadAttention",
+    "SelfAttention",
+    "additive_mask",
+    "available",
+    "build_attention",
+    "causal_mask",
+    "padding_mask",
+    "register_attention",
+    "sdpa",
+    "sdpa_reference",
+]

@@ -1,0 +1,142 @@
+"""Scaled dot-product attention: softmax(Q Kᵀ · scale + mask) · V.
+
+Two implementations with the same arguments and the same results:
+
+- ``sdpa_reference``: the explicit math, step by step; it can return the attention weights.
+  Tests compare everything against it.
+- ``sdpa``: the fast path, ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU).
+
+Masks (``attn_mask``) broadcast against the scores ``(..., T_q, T_k)`` and are either
+boolean (``True`` = may attend, see ``masks.py``) or float (added to the scores; -inf masks).
+``is_causal=True`` adds the causal mask; it needs ``T_q == T_k`` (for a query block at the end
+of a longer key sequence, as in cached decoding, pass ``causal_mask(T_q, T_k)`` instead).
+
+A fully masked query row (no key it may attend to) outputs zeros, and its weights are all zero:
+it attends to nothing. This is what ``F.scaled_dot_product_attention`` does from torch 2.5 on,
+and it keeps a padded batch free of NaN.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .masks import causal_mask
+
+
+def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p):
+    """Raise ValueError, naming the argument, for anything the attention cannot take."""
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"q, k, v must have the same number of dimensions (at least 2: (..., T, head_dim)), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"q, k, v must share their leading (batch, head) dimensions, "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head_dim (last dimension), got {q.shape[-1]} and {k.shape[-1]}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of positions, got {k.shape[-2]} and {v.shape[-2]}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if is_causal and t_q != t_k:
+        raise ValueError(
+            f"is_causal=True needs T_q == T_k, got T_q={t_q}, T_k={t_k}; for queries at the end "
+            f"of a longer key sequence pass attn_mask=causal_mask({t_q}, {t_k})"
+        )
+    if attn_mask is None:
+        return
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be boolean or float, got dtype {attn_mask.dtype}")
+    scores_shape = (*q.shape[:-1], t_k)
+    try:
+        ok = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
+            f"shape {scores_shape} (..., T_q, T_k)"
+        )
+
+
+def _fold_causal(attn_mask, t, device):
+    """Combine ``attn_mask`` (or None) with the causal mask into one mask of the same kind."""
+    causal = causal_mask(t, t, device=device)  # (T, T)
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
+
+
+def sdpa_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+):
+    """Attention written out: scores, mask, softmax, dropout, weighted sum of values.
+
+    Args:
+        q: ``(..., T_q, head_dim)`` queries.
+        k: ``(..., T_k, head_dim)`` keys.
+        v: ``(..., T_k, v_dim)`` values.
+        attn_mask: boolean (``True`` = may attend) or additive float mask, broadcastable to
+            ``(..., T_q, T_k)``.
+        is_causal: add the causal mask (needs ``T_q == T_k``).
+        dropout_p: dropout on the attention weights; pass 0 at evaluation, as with
+            ``F.scaled_dot_product_attention``.
+        scale: multiplies the scores; defaults to ``1 / sqrt(head_dim)``.
+        return_weights: also return the attention weights (before dropout).
+
+    Returns:
+        ``(..., T_q, v_dim)`` output, and ``(..., T_q, T_k)`` weights if ``return_weights``.
+    """
+    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p)
+    if is_causal:
+        attn_mask = _fold_causal(attn_mask, q.shape[-2], q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T_q, T_k)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)  # (..., T_q, T_k)
+    # A row whose every score is -inf gives 0/0 = NaN in softmax: it attends to nothing instead.
+    weights = weights.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    out = dropped @ v  # (..., T_q, v_dim)
+    return (out, weights) if return_weights else out
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The fast path: ``F.scaled_dot_product_attention`` with the arguments of ``sdpa_reference``.
+
+    Returns the ``(..., T_q, v_dim)`` output (the fused kernels do not form the weights; use
+    ``sdpa_reference(..., return_weights=True)`` to see them).
+    """
+    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p)
+    if is_causal and attn_mask is not None:  # torch takes one or the other: fold them together
+        attn_mask, is_causal = _fold_causal(attn_mask, q.shape[-2], q.device), False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )

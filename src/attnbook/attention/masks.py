@@ -1,0 +1,63 @@
+"""Attention masks as boolean tensors.
+
+Orientation, everywhere in attnbook: ``True`` means "this query may attend to this key",
+``False`` means "masked out". A mask is indexed ``[..., query, key]``.
+
+- ``causal_mask``: each query sees its own position and earlier ones.
+- ``padding_mask``: which key positions of a right-padded batch are real tokens.
+- ``additive_mask``: the same information as a float bias (0 where allowed, -inf where masked).
+"""
+
+import torch
+
+
+def causal_mask(t_q: int, t_k: int | None = None, device=None) -> torch.Tensor:
+    """Boolean causal mask of shape ``(t_q, t_k)``, ``True`` where a query may attend.
+
+    The queries are taken to be the *last* ``t_q`` of the ``t_k`` key positions (bottom-right
+    alignment): query ``i`` sits at position ``t_k - t_q + i`` and sees keys ``0 .. t_k - t_q + i``.
+    With ``t_q == t_k`` this is the usual lower triangle; with one query and a cache of ``t_k``
+    keys the single query sees every key. (``F.scaled_dot_product_attention(is_causal=True)``
+    aligns top-left instead, which only agrees when ``t_q == t_k``.)
+    """
+    t_k = t_q if t_k is None else t_k
+    if t_q <= 0 or t_k <= 0:
+        raise ValueError(f"t_q and t_k must be positive, got t_q={t_q}, t_k={t_k}")
+    if t_k < t_q:
+        raise ValueError(
+            f"causal_mask needs at least as many keys as queries (queries are the last t_q "
+            f"positions), got t_q={t_q} > t_k={t_k}"
+        )
+    ones = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+    return ones.tril(diagonal=t_k - t_q)  # (t_q, t_k)
+
+
+def padding_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    """Key padding mask of shape ``(B, t)``: ``True`` at the real tokens of right-padded sequences.
+
+    Args:
+        lengths: ``(B,)`` integer tensor, the true length of each sequence, each in ``[0, t]``.
+        t: the padded length.
+
+    Index the result ``[:, None, :]`` to mask ``(B, T_q, T_k)`` scores, or ``[:, None, None, :]``
+    for ``(B, n_head, T_q, T_k)`` scores.
+    """
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths must be a 1-D integer tensor, got shape {tuple(lengths.shape)} "
+            f"and dtype {lengths.dtype}"
+        )
+    if t <= 0:
+        raise ValueError(f"t must be positive, got {t}")
+    if lengths.numel() and (lengths.min() < 0 or lengths.max() > t):
+        raise ValueError(f"every length must be in [0, t={t}], got {lengths.tolist()}")
+    positions = torch.arange(t, device=lengths.device)  # (t,)
+    return positions[None, :] < lengths[:, None]  # (B, t)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Turn a boolean mask into an additive float mask: 0 where ``True``, -inf where ``False``."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a boolean tensor, got dtype {mask.dtype}")
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, float("-inf"))

@@ -1,0 +1,56 @@
+import pytest
+
+from attnbook.attention import (
+    AttentionConfig,
+    MultiHeadAttention,
+    available,
+    build_attention,
+    register_attention,
+)
+
+
+def test_head_dim():
+    assert AttentionConfig(d_model=96, n_head=12).head_dim == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"d_model": 10, "n_head": 3}, "d_model=10 is not divisible by n_head=3"),
+        ({"d_model": 0}, "d_model must be a positive integer"),
+        ({"d_model": -8}, "d_model must be a positive integer"),
+        ({"d_model": 8.0}, "d_model must be a positive integer"),
+        ({"n_head": 0}, "n_head must be a positive integer"),
+        ({"n_head": True}, "n_head must be a positive integer"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"dropout": -0.1}, "dropout must be in"),
+        ({"impl": "flash"}, "impl must be one of"),
+    ],
+)
+def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionConfig(**kwargs)
+
+
+def test_registry_builds_mha():
+    assert "mha" in available()
+    attn = build_attention("mha", AttentionConfig(d_model=32, n_head=4))
+    assert isinstance(attn, MultiHeadAttention)
+
+
+def test_unknown_name_lists_the_registered_names():
+    with pytest.raises(ValueError, match="unknown attention 'nope'; registered names: .*mha"):
+        build_attention("nope", AttentionConfig())
+
+
+def test_build_needs_a_config():
+    with pytest.raises(ValueError, match="AttentionConfig"):
+        build_attention("mha", {"d_model": 32})
+
+
+def test_a_name_cannot_be_taken_twice():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_attention("mha")
+        class Other:  # noqa: B903
+            pass
