@@ -161,6 +161,11 @@ def test_dropout_only_when_asked():
             {"attn_mask": torch.ones(4, 4, dtype=torch.long)},
             "attn_mask must be boolean or float",
         ),
+        (
+            ((2, 4, 8), (2, 4, 8), (2, 4, 8)),
+            {"attn_mask": torch.zeros(4, 4, dtype=torch.float64)},
+            "must have the dtype of q",
+        ),
         (((2, 4, 8), (2, 5, 8), (2, 5, 8)), {"is_causal": True}, "is_causal=True needs T_q == T_k"),
         (((2, 4, 8), (2, 4, 7), (2, 4, 8)), {}, "head_dim"),
         (((2, 4, 8), (2, 4, 8), (2, 5, 8)), {}, "same number of positions"),

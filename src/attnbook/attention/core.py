@@ -54,6 +54,10 @@ def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p):
         return
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise ValueError(f"attn_mask must be boolean or float, got dtype {attn_mask.dtype}")
+    if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+        raise ValueError(
+            f"a float attn_mask must have the dtype of q ({q.dtype}), got {attn_mask.dtype}"
+        )
     scores_shape = (*q.shape[:-1], t_k)
     try:
         ok = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
