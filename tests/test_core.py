@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnbook.attention import causal_mask, padding_mask, sdpa, sdpa_reference
+from attnbook.attention import additive_mask, causal_mask, padding_mask, sdpa, sdpa_reference
 
 
 def _qkv(batch, heads, t_q, t_k, d, dv=None, dtype=torch.float64):
@@ -110,11 +110,14 @@ def test_fully_masked_row_outputs_zeros_not_nan():
     torch.testing.assert_close(out[0, 0, [0, 2]], sdpa_reference(q, k, v)[0, 0, [0, 2]])
 
 
-def test_fully_masked_row_has_zero_gradient_not_nan():
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("fn", [sdpa, sdpa_reference])
+def test_fully_masked_row_has_zero_gradient_not_nan(fn, kind):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 3, 3, 4))
     allowed = torch.ones(3, 3, dtype=torch.bool)
     allowed[0] = False
-    sdpa_reference(q, k, v, allowed).sum().backward()
+    mask = allowed if kind == "bool" else additive_mask(allowed, dtype=q.dtype)
+    fn(q, k, v, mask).sum().backward()
     assert q.grad[0, 0, 0].eq(0).all()
     assert not any(t.grad.isnan().any() for t in (q, k, v))
 

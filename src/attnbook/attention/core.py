@@ -116,9 +116,11 @@ def sdpa_reference(
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1)  # (..., T_q, T_k)
-    # A row whose every score is -inf gives 0/0 = NaN in softmax: it attends to nothing instead.
-    weights = weights.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0)
+    # A row whose every score is -inf would give 0/0 = NaN in softmax (forward and backward):
+    # give it finite scores, then zero its weights, so it attends to nothing.
+    empty_rows = scores.isneginf().all(dim=-1, keepdim=True)  # (..., T_q, 1)
+    weights = torch.softmax(scores.masked_fill(empty_rows, 0.0), dim=-1)  # (..., T_q, T_k)
+    weights = weights.masked_fill(empty_rows, 0.0)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ v  # (..., T_q, v_dim)
     return (out, weights) if return_weights else out
