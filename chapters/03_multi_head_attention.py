@@ -1,0 +1,705 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 3 — Multi-head attention
+#
+# Chapter 1 ended with one causal attention head, `Head`, and chapter 2 took its one line of
+# math apart. A transformer layer does not use one head, though: GPT-2 small runs 12 of them
+# side by side in every layer, each with its own queries, keys and values, and glues their
+# outputs together. This chapter builds that layer twice. First the obvious way, as a Python
+# list of `Head`s whose outputs are concatenated. Then the way every real implementation does
+# it: one matrix multiplication produces the queries, keys and values of *all* heads at once, a
+# reshape sorts them into heads, and a single attention call handles every head in parallel.
+#
+# The two versions compute the same function, and we will prove it by copying the weights of
+# one into the other. We then check our batched module against PyTorch's own
+# `torch.nn.MultiheadAttention`, count its parameters, and time all of them on a GPT-2-sized
+# input.
+#
+# **Learning goals**
+#
+# - Explain why a layer uses several heads: each head has one softmax per query, so one head
+#   can only look in one "direction" at a time; several heads look in several.
+# - Build multi-head attention as a list of `Head`s plus an output projection.
+# - Build the batched version: one fused `c_attn` projection (d → 3d), the
+#   `view`/`transpose` into `(B, n_head, T, head_dim)`, one attention call, the merge back.
+# - Say which rows of the fused weight belong to which head, and use that to copy weights
+#   between the two versions (and into `torch.nn.MultiheadAttention`).
+# - Know that `nn.MultiheadAttention`'s boolean masks mean the opposite of attnbook's.
+# - Count the parameters ($4d^2 + 4d$, whatever the number of heads) and measure where the
+#   time goes.
+
+# %% [markdown]
+# ## Setup
+#
+# We seed the random number generator before anything random happens and print shapes,
+# booleans and rounded numbers only, so the outputs you see are the outputs you will get.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from attnbook.attention import Head, causal_mask, sdpa_reference
+
+torch.manual_seed(0)
+torch.set_printoptions(precision=3, sci_mode=False)
+
+# %% [markdown]
+# ## 1. Why more than one head?
+#
+# Look at one row of an attention matrix: it is a probability distribution over the earlier
+# positions, produced by a single softmax. If a token needs two unrelated pieces of
+# information — say, *what was the previous token?* and *where did I see this same token
+# before?* — one head has to split its single distribution between them, and the value it
+# returns is a blend of both answers. Several heads solve this: each has its own queries and
+# keys, so each computes its own distribution, and their answers land in separate slots of the
+# output.
+#
+# To see this without training anything, we hand-build two heads on a toy sequence. Each
+# input vector has 16 features: a one-hot **position** (features 0–7) and a one-hot **token**
+# (features 8–15, one per letter of a tiny 8-letter vocabulary).
+
+# %%
+letters = "abcdefgh"
+text = "abcabdac"  # 8 tokens, with some repeats
+T_toy = len(text)
+
+x_toy = torch.zeros(1, T_toy, 16)  # (B=1, T=8, n_embd=16)
+for t, ch in enumerate(text):
+    x_toy[0, t, t] = 1.0  # position one-hot
+    x_toy[0, t, 8 + letters.index(ch)] = 1.0  # token one-hot
+print("x_toy:", tuple(x_toy.shape))
+print(x_toy[0].int())
+
+# %% [markdown]
+# We use chapter 1's `Head` (from `attnbook.attention`) with `head_size=8`, so two heads
+# together have 16 output features, the same as the input. A `Head` computes
+# `q = x @ W_q.T`, `k = x @ W_k.T`, and the score `q · k / sqrt(8)`. We set the weights by hand:
+#
+# - **Head A, "previous token"**: the query of position $t$ is the one-hot of position $t-1$
+#   (a shift matrix), the key of position $s$ is the one-hot of $s$. The score is large exactly
+#   when $s = t - 1$.
+# - **Head B, "same token"**: query and key are both the token one-hot, so the score is large
+#   wherever the key's token equals the query's token — at the query itself and at every
+#   earlier copy of the same letter.
+#
+# The factor `sharp` scales the queries so that the softmax is nearly one-hot where a score is
+# large.
+
+# %%
+sharp = 20.0
+head_a = Head(n_embd=16, head_size=8, block_size=T_toy)
+head_b = Head(n_embd=16, head_size=8, block_size=T_toy)
+with torch.no_grad():
+    for head in (head_a, head_b):
+        for lin in (head.query, head.key, head.value):
+            lin.weight.zero_()  # (head_size=8, n_embd=16), rows are output features
+    head_a.query.weight[:, :8] = sharp * torch.diag(torch.ones(7), 1)  # position t -> t-1
+    head_a.key.weight[:, :8] = torch.eye(8)  # position s -> s
+    head_a.value.weight[:, 8:] = torch.eye(8)  # returns the token it looks at
+    head_b.query.weight[:, 8:] = sharp * torch.eye(8)  # token -> token
+    head_b.key.weight[:, 8:] = torch.eye(8)
+    head_b.value.weight[:, :8] = torch.eye(8)  # returns the position it looks at
+
+
+def head_weights(head, x):
+    """The (B, T, T) attention weights of a chapter-1 Head: the same math as its forward."""
+    q, k, v = head.query(x), head.key(x), head.value(x)  # (B, T, head_size) each
+    _, w = sdpa_reference(q, k, v, is_causal=True, return_weights=True)
+    return w  # (B, T, T)
+
+
+w_a = head_weights(head_a, x_toy)[0]
+w_b = head_weights(head_b, x_toy)[0]
+print("head A, where each query looks most:", w_a.argmax(dim=-1).tolist())
+print("head B, row of the last 'a' (t=6):  ", [round(w, 2) for w in w_b[6].tolist()])
+
+# %% [markdown]
+# Head A sends every position to the one before it (position 0 has nothing before it and
+# looks at itself). Head B's row for the `a` at position 6 splits its weight evenly between
+# the three `a`s at positions 0, 3 and 6, and gives nothing to the rest.
+#
+# What if a *single* head had to do both jobs? The best it can do is add the two kinds of
+# score: its query and key carry both the position part and the token part. We build that
+# head too and draw all three attention maps side by side.
+
+# %%
+head_ab = Head(n_embd=16, head_size=16, block_size=T_toy)
+with torch.no_grad():
+    head_ab.query.weight.copy_(torch.cat([head_a.query.weight, head_b.query.weight], dim=0))
+    head_ab.key.weight.copy_(torch.cat([head_a.key.weight, head_b.key.weight], dim=0))
+w_ab = head_weights(head_ab, x_toy)[0]
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+panels = [
+    (w_a, "head A: previous token"),
+    (w_b, "head B: same token"),
+    (w_ab, "one head doing both: blurred"),
+]
+for ax, (w, title) in zip(axes, panels, strict=True):
+    im = ax.imshow(w.detach(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_title(title)
+    ax.set_xticks(range(T_toy), [f"{c}{i}" for i, c in enumerate(text)])
+    ax.set_yticks(range(T_toy), [f"{c}{i}" for i, c in enumerate(text)])
+    ax.set_xlabel("key (attended to)")
+axes[0].set_ylabel("query")
+fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
+plt.show()
+
+# %% [markdown]
+# The third map is the point. The combined head's row for position 6 (`a`) puts weight on
+# position 5 (the previous token) *and* on the earlier `a`s, so its output would be an average
+# of unrelated things. Two heads keep the two questions apart: head A's answer lands in output
+# features 0–7, head B's in features 8–15. Concatenating the heads and running one output
+# projection lets the next layer read both answers cleanly:
+
+# %%
+out_a, out_b = head_a(x_toy), head_b(x_toy)  # (1, 8, 8) each
+both = torch.cat([out_a, out_b], dim=-1)  # (1, 8, 16)
+print("concatenated:", tuple(both.shape))
+t = 6
+print(f"t={t}: previous token =", letters[out_a[0, t].argmax().item()])
+print(f"t={t}: positions of earlier '{text[t]}'s =", (out_b[0, t] > 0.1).nonzero().flatten().tolist())
+
+# %% [markdown]
+# Hand-built heads are only an illustration. In a trained model nobody assigns jobs; each head
+# learns its own, and interpretability work finds exactly such specialists (heads that attend
+# to the previous token, heads that find an earlier copy of the current token, ...) next to
+# many heads with less legible patterns. What multi-head attention provides is the *room*: `n_head`
+# independent distributions per query instead of one.
+
+# %% [markdown]
+# ## 2. Version 1: a list of heads
+#
+# The direct translation of "several heads, concatenated, then projected" into code. With
+# `n_head` heads and a model width `d`, each head gets `head_size = d // n_head`, so the
+# concatenation is `d` wide again, and a `d × d` linear layer (`proj`) mixes the heads'
+# outputs. Without `proj` each head's answer would stay in its own slice of features forever;
+# with it, every output feature can draw on every head.
+
+# %%
+class MultiHeadAttentionV1(nn.Module):
+    """Causal multi-head attention as a Python list of chapter-1 Heads."""
+
+    def __init__(self, n_embd, n_head, block_size, dropout=0.0):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        head_size = n_embd // n_head
+        self.heads = nn.ModuleList(
+            [Head(n_embd, head_size, block_size, dropout) for _ in range(n_head)]
+        )
+        self.proj = nn.Linear(n_embd, n_embd)  # mixes the concatenated heads
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # x: (B, T, n_embd)
+        out = torch.cat([h(x) for h in self.heads], dim=-1)  # (B, T, n_head * head_size)
+        return self.dropout(self.proj(out))  # (B, T, n_embd)
+
+
+# %% [markdown]
+# A small configuration, used for the rest of the chapter's checks: width 32, 4 heads of size
+# 8, sequences of 10 tokens, a batch of 2.
+
+# %%
+B, T, d, n_head = 2, 10, 32, 4
+head_dim = d // n_head
+torch.manual_seed(0)
+v1 = MultiHeadAttentionV1(n_embd=d, n_head=n_head, block_size=T)
+x = torch.randn(B, T, d)
+y1 = v1(x)
+print("x:", tuple(x.shape), "-> y1:", tuple(y1.shape))
+print("one head's output:", tuple(v1.heads[0](x).shape))
+
+# %% [markdown]
+# Each head is causal, so the whole layer is causal: changing the last token must not change
+# any earlier output. A quick check (this is the kind of test that catches a wrong mask):
+
+# %%
+x_changed = x.clone()
+x_changed[:, -1] = torch.randn(B, d)
+y_changed = v1(x_changed)
+print("earlier outputs unchanged:", torch.allclose(y1[:, :-1], y_changed[:, :-1]))
+print("last output changed:      ", not torch.allclose(y1[:, -1], y_changed[:, -1]))
+
+# %% [markdown]
+# ## 3. From a loop to one matrix multiplication
+#
+# Version 1 is correct but wasteful. For every head it runs three small `Linear` layers
+# (`d → head_dim`) and one attention, one after another. Notice first that the heads' query
+# projections all read the same `x`. A `Linear` with weight $W$ (shape `(out, in)`) computes
+# `x @ W.T`, so stacking the heads' query weights row-wise, head 0 on top, gives one `d × d`
+# weight whose output is the heads' queries side by side:
+
+# %%
+W_q = torch.cat([h.query.weight for h in v1.heads], dim=0)  # (n_head * head_dim, d) = (d, d)
+q_all = x @ W_q.T  # (B, T, d): head 0's query in columns 0..7, head 1's in 8..15, ...
+q_loop = torch.cat([h.query(x) for h in v1.heads], dim=-1)  # (B, T, d)
+print("W_q:", tuple(W_q.shape))
+print("one matmul == loop of heads (atol=1e-6):", torch.allclose(q_all, q_loop, atol=1e-6))
+
+# %% [markdown]
+# The same holds for keys and values, and nothing stops us from stacking those too: one
+# `Linear(d, 3d)` — called `c_attn` in GPT-2's code — computes every query, key and value of
+# every head in one go. Its 3d output features are laid out like this (drawn for `d = 12` and
+# 3 heads of size 4):
+
+# %%
+def draw_layout(d_draw=12, heads=3):
+    hd = d_draw // heads
+    colours = {"q": plt.cm.Blues, "k": plt.cm.Greens, "v": plt.cm.Oranges}
+    fig, ax = plt.subplots(figsize=(12, 2.6))
+    for p, part in enumerate("qkv"):
+        for h in range(heads):
+            left = p * d_draw + h * hd
+            shade = colours[part](0.25 + 0.35 * h / max(heads - 1, 1))
+            ax.add_patch(Rectangle((left, 0), hd, 1, facecolor=shade, edgecolor="black"))
+            ax.text(left + hd / 2, 0.5, f"{part}\nhead {h}", ha="center", va="center", fontsize=10)
+        ax.annotate("", xy=(p * d_draw, 1.25), xytext=((p + 1) * d_draw, 1.25),
+                    arrowprops=dict(arrowstyle="<->"))
+        ax.text((p + 0.5) * d_draw, 1.4, f"{part}: columns {p * d_draw}..{(p + 1) * d_draw - 1}",
+                ha="center")
+    ax.set_xlim(-0.5, 3 * d_draw + 0.5)
+    ax.set_ylim(-0.15, 1.7)
+    ax.set_xticks(range(0, 3 * d_draw + 1, hd))
+    ax.set_yticks([])
+    ax.set_xlabel("output feature of c_attn (a column of c_attn(x), a row of c_attn.weight)")
+    ax.set_title(f"c_attn output, d={d_draw}, n_head={heads}, head_dim={hd}")
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    plt.show()
+
+
+draw_layout()
+
+# %% [markdown]
+# Two splits turn this row of 3d features into heads:
+#
+# 1. `split(d, dim=2)` cuts it into three `(B, T, d)` tensors: q, k and v.
+# 2. `view(B, T, n_head, head_dim)` cuts each of those into `n_head` consecutive groups of
+#    `head_dim` features. A `view` reinterprets memory without copying, and the last dimension
+#    is the one whose elements sit next to each other, so group `h` is exactly features
+#    `h*head_dim .. (h+1)*head_dim - 1` — the head-`h` block in the picture.
+#
+# Finally `transpose(1, 2)` swaps the time and head axes: `(B, T, n_head, head_dim)` →
+# `(B, n_head, T, head_dim)`. Now the heads sit in a *batch-like* dimension, and the attention
+# math from chapter 2, which works on the last two dimensions `(T, head_dim)`, runs for every
+# (batch, head) pair at once.
+#
+# Let us watch it happen on labels instead of numbers. We feed the reshape a tensor whose entry
+# is the *column number* it came from, and check that head `h` of q received columns
+# `h*head_dim ..` and head `h` of k received columns `d + h*head_dim ..`:
+
+# %%
+B_, T_, d_, nh_ = 1, 2, 12, 3  # tiny sizes for printing
+hd_ = d_ // nh_
+columns = torch.arange(3 * d_).expand(B_, T_, 3 * d_)  # (B, T, 3d): entry = its column number
+q_lab, k_lab, v_lab = columns.split(d_, dim=2)  # 3 x (B, T, d)
+q_lab = q_lab.view(B_, T_, nh_, hd_).transpose(1, 2)  # (B, n_head, T, head_dim)
+k_lab = k_lab.view(B_, T_, nh_, hd_).transpose(1, 2)  # (B, n_head, T, head_dim)
+print("q after the reshape:", tuple(q_lab.shape))
+for h in range(nh_):
+    print(f"head {h}: q gets columns {q_lab[0, h, 0].tolist()}, k gets {k_lab[0, h, 0].tolist()}")
+
+# %% [markdown]
+# Undoing it at the end is the mirror image: `transpose(1, 2)` back to `(B, T, n_head,
+# head_dim)`, then `view(B, T, d)` to lay the heads side by side — the same concatenation
+# version 1 did with `torch.cat`. The `transpose` leaves the tensor's memory in head-major
+# order, and `view` needs memory laid out in the order of the new shape, so a `.contiguous()`
+# (a copy into the right order) comes in between. Forgetting it raises an error rather than
+# silently giving wrong numbers:
+
+# %% tags=["raises-exception"]
+y_heads = torch.randn(B_, nh_, T_, hd_)  # what attention returns: (B, n_head, T, head_dim)
+y_heads.transpose(1, 2).view(B_, T_, d_)  # RuntimeError: view needs contiguous memory
+
+# %%
+y_merged = y_heads.transpose(1, 2).contiguous().view(B_, T_, d_)  # (B, T, d)
+same_as_cat = torch.equal(y_merged, torch.cat([y_heads[:, h] for h in range(nh_)], dim=-1))
+print("merged:", tuple(y_merged.shape), " same as concatenating the heads:", same_as_cat)
+
+# %% [markdown]
+# ## 4. Version 2: the batched module
+#
+# Now the module itself. The attention step is chapter 2's math, written so that it does not
+# care how many leading dimensions there are: `(B, T, head_dim)` for one head,
+# `(B, n_head, T, head_dim)` for all of them.
+
+# %%
+def causal_attention(q, k, v, dropout_p=0.0):
+    """softmax(q kᵀ / sqrt(head_dim) + causal mask) v, for q, k, v of shape (..., T, head_dim)."""
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (..., T, T)
+    scores = scores.masked_fill(~causal_mask(T, device=q.device), float("-inf"))  # True = may attend
+    weights = torch.softmax(scores, dim=-1)  # (..., T, T), each row sums to 1
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v  # (..., T, head_dim)
+
+
+# %% [markdown]
+# The module has one fused projection `c_attn` (d → 3d, laid out q | k | v as drawn above) and
+# one output projection `c_proj` (d → d); the names are GPT-2's, which will make loading its
+# weights easy in a later chapter. The argument `impl` picks the attention kernel:
+# `"reference"` is our `causal_attention`, `"sdpa"` is PyTorch's fused
+# `F.scaled_dot_product_attention`, which computes the same thing without ever storing the
+# `(T, T)` matrix of weights.
+
+# %%
+class MultiHeadAttentionV2(nn.Module):
+    """Causal multi-head attention with a fused QKV projection and all heads in one call."""
+
+    def __init__(self, d_model, n_head, dropout=0.0, bias=True, impl="reference"):
+        super().__init__()
+        if d_model % n_head != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by n_head={n_head}")
+        if impl not in ("reference", "sdpa"):
+            raise ValueError(f"impl must be 'reference' or 'sdpa', got {impl!r}")
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.dropout, self.impl = dropout, impl
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # q | k | v, all heads
+        self.c_proj = nn.Linear(d_model, d_model, bias=bias)  # mixes the heads
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape  # C = d_model
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = causal_attention(q, k, v, dropout_p=p)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+torch.manual_seed(0)
+v2 = MultiHeadAttentionV2(d, n_head)
+print(v2)
+print("y2:", tuple(v2(x).shape))
+
+# %% [markdown]
+# ## 5. Copying version 1's weights into version 2
+#
+# If the two versions really compute the same function, then with the same weights they must
+# give the same output. The layout picture tells us where each of version 1's weights goes:
+# row `r` of `c_attn.weight` (shape `(3d, d)`) belongs to part `r // d` (0 = q, 1 = k, 2 = v)
+# and, inside that part, to head `(r % d) // head_dim`. So the q block is the heads' query
+# weights stacked in head order, then the same for keys and values. `proj` maps one-to-one
+# onto `c_proj`.
+#
+# One detail: chapter 1's `Head` has no bias in its query/key/value layers, while `c_attn`
+# has one (GPT-2's does). A zero bias adds nothing, so we zero it.
+
+# %%
+@torch.no_grad()
+def copy_v1_into_v2(v1, v2):
+    heads = v1.heads
+    W_q = torch.cat([h.query.weight for h in heads], dim=0)  # (d, d), head h in rows h*hd..
+    W_k = torch.cat([h.key.weight for h in heads], dim=0)  # (d, d)
+    W_v = torch.cat([h.value.weight for h in heads], dim=0)  # (d, d)
+    v2.c_attn.weight.copy_(torch.cat([W_q, W_k, W_v], dim=0))  # (3d, d): q | k | v
+    if v2.c_attn.bias is not None:
+        v2.c_attn.bias.zero_()  # chapter 1's heads have no q/k/v bias
+    v2.c_proj.weight.copy_(v1.proj.weight)  # (d, d)
+    v2.c_proj.bias.copy_(v1.proj.bias)  # (d,)
+
+
+copy_v1_into_v2(v1, v2)
+y1, y2 = v1(x), v2(x)
+assert torch.allclose(y1, y2, atol=1e-6), (y1 - y2).abs().max()
+print("v1 (list of heads) == v2 (batched), atol=1e-6:", torch.allclose(y1, y2, atol=1e-6))
+
+# %% [markdown]
+# Both kernels of version 2 agree as well: switching `impl` to `"sdpa"` (same weights) changes
+# how the attention is computed, not what it computes.
+
+# %%
+v2_fast = MultiHeadAttentionV2(d, n_head, impl="sdpa")
+v2_fast.load_state_dict(v2.state_dict())
+y2_fast = v2_fast(x)
+assert torch.allclose(y2, y2_fast, atol=1e-6)
+print("v2 reference == v2 sdpa, atol=1e-6:", torch.allclose(y2, y2_fast, atol=1e-6))
+
+# %% [markdown]
+# Had we put the key weights first, or forgotten the transpose, the shapes would still fit
+# and the module would still run — only this comparison would fail. Shape-correct but
+# scrambled reshapes are the classic multi-head bug, which is why the equality test is worth
+# more than any number of shape prints. (Exercise 5 explores one.)
+
+# %% [markdown]
+# ## 6. Against `torch.nn.MultiheadAttention`
+#
+# PyTorch ships its own multi-head attention. Its parameters map one-to-one onto ours:
+#
+# | ours | `nn.MultiheadAttention` | shape |
+# | --- | --- | --- |
+# | `c_attn.weight` | `in_proj_weight` (q, k, v stacked the same way) | `(3d, d)` |
+# | `c_attn.bias` | `in_proj_bias` | `(3d,)` |
+# | `c_proj.weight`, `c_proj.bias` | `out_proj.weight`, `out_proj.bias` | `(d, d)`, `(d,)` |
+#
+# Its interface differs in three ways. It takes `query, key, value` separately (it also does
+# cross-attention), so for self-attention we pass `x` three times. It expects `(T, B, d)`
+# unless we say `batch_first=True`. And it is not causal by itself: we pass a mask. We give it
+# a fresh version 2 with random biases, so that the biases are tested too.
+
+# %%
+torch.manual_seed(1)
+mha = MultiHeadAttentionV2(d, n_head)  # random weights and biases
+mha_torch = nn.MultiheadAttention(embed_dim=d, num_heads=n_head, batch_first=True)
+with torch.no_grad():
+    mha_torch.in_proj_weight.copy_(mha.c_attn.weight)
+    mha_torch.in_proj_bias.copy_(mha.c_attn.bias)
+    mha_torch.out_proj.weight.copy_(mha.c_proj.weight)
+    mha_torch.out_proj.bias.copy_(mha.c_proj.bias)
+print({name: tuple(p.shape) for name, p in mha_torch.named_parameters()})
+
+# %% [markdown]
+# Now the trap. In attnbook (chapter 2), a boolean mask says `True` = *may attend*. In
+# `nn.MultiheadAttention` (and in its `key_padding_mask`), a boolean mask says `True` = *not
+# allowed*. The two conventions are exact opposites:
+
+# %%
+allowed = causal_mask(4)  # attnbook: True where a query may attend
+print("attnbook causal mask (True = may attend):")
+print(allowed.int())
+print("what nn.MultiheadAttention wants (True = masked out):")
+print((~allowed).int())
+
+# %% [markdown]
+# Hand our mask to PyTorch unchanged and it does the reverse of what we meant. Its averaged
+# attention weights (returned by default) show each query looking only at *later* positions,
+# and the last query, which is allowed nothing at all, comes out as NaN:
+
+# %%
+x4 = x[:1, :4]  # (1, 4, d)
+y_wrong, w_wrong = mha_torch(x4, x4, x4, attn_mask=allowed)  # wrong orientation!
+print("where the weights are nonzero:")
+print((w_wrong[0] > 0).int())
+print("NaN in the output rows:", y_wrong[0].isnan().any(dim=-1).tolist())
+
+# %% [markdown]
+# With the mask inverted, PyTorch's module and ours agree. Passing `need_weights=False` tells
+# PyTorch we do not want the (head-averaged) weights, which lets it take a faster route.
+
+# %%
+y_ours = mha(x)
+y_torch, _ = mha_torch(x, x, x, attn_mask=~causal_mask(T), need_weights=False)
+assert torch.allclose(y_ours, y_torch, atol=1e-5)
+print("ours == nn.MultiheadAttention, atol=1e-5:", torch.allclose(y_ours, y_torch, atol=1e-5))
+
+# %% [markdown]
+# A float mask sidesteps the question: `0` where attention is allowed and `-inf` where it is
+# not means the same thing to everyone, because it is simply added to the scores.
+
+# %%
+float_mask = torch.zeros(T, T).masked_fill(~causal_mask(T), float("-inf"))  # (T, T)
+y_torch_f, _ = mha_torch(x, x, x, attn_mask=float_mask, need_weights=False)
+print("float mask gives the same result:", torch.allclose(y_ours, y_torch_f, atol=1e-5))
+
+# %% [markdown]
+# ## 7. Counting parameters
+#
+# `c_attn` has a `3d × d` weight and `3d` biases; `c_proj` has `d × d` and `d`. In total
+#
+# $$ 3d^2 + 3d + d^2 + d = 4d^2 + 4d .$$
+#
+# The number of heads does not appear: more heads means *narrower* heads (`head_dim = d /
+# n_head`), and the total width of all queries (and keys, and values) stays `d`. Heads are a
+# way of dividing the same parameters, not of adding more. Version 1 has the same weights but
+# no q/k/v bias, so $4d^2 + d$.
+
+# %%
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+print(f"{'d':>4} {'n_head':>6} {'4d²+4d':>9} {'v2':>9} {'torch':>9} {'v1 (4d²+d)':>11}")
+for width, heads in [(32, 1), (32, 4), (32, 32), (768, 12)]:
+    formula = 4 * width**2 + 4 * width
+    p2 = n_params(MultiHeadAttentionV2(width, heads))
+    pt = n_params(nn.MultiheadAttention(width, heads, batch_first=True))
+    p1 = n_params(MultiHeadAttentionV1(width, heads, block_size=4))
+    assert p2 == pt == formula and p1 == 4 * width**2 + width
+    print(f"{width:>4} {heads:>6} {formula:>9,} {p2:>9,} {pt:>9,} {p1:>11,}")
+
+# %% [markdown]
+# At GPT-2 small's width (d = 768) one attention layer holds 2,362,368 parameters; its 12
+# layers hold about 28 million of the model's 124 million.
+
+# %% [markdown]
+# ## 8. How fast is each version?
+#
+# All four implementations do (nearly) the same arithmetic. Per layer and per token, the
+# projections cost about $8d^2$ floating-point operations, and the attention itself about
+# $4Td$ (two `T × head_dim` matrix products per head). What differs is how the work is
+# organised:
+#
+# - **loop of heads** (version 1): 3 × `n_head` small projections and `n_head` attention
+#   calls, one after another, each materialising its own `(B, T, T)` weights;
+# - **batched reference** (version 2, `impl="reference"`): one big projection, then all heads
+#   at once — but the weights are one `(B, n_head, T, T)` tensor. At `B=8, T=1024, n_head=12`
+#   that is 100 million floats (400 MB), written and read several times
+#   (scores, mask, softmax, product);
+# - **SDPA fast path** (version 2, `impl="sdpa"`): the fused kernel works through the keys in
+#   tiles and never stores the full weights; with `is_causal=True` it can also skip tiles that
+#   lie entirely above the diagonal;
+# - **`nn.MultiheadAttention`**, PyTorch's module, given the same causal mask.
+#
+# We time a GPT-2-sized layer: `B=8, T=1024, d=768, 12 heads`, forward only, in `eval()` mode
+# under `torch.no_grad()`. One forward pass takes around a second on a 2-core CPU, so we first
+# time one call of each (which doubles as a warm-up), then choose how many repetitions fit in
+# a budget of about 15 seconds, and report the median. Timings depend on the machine and on
+# what else runs on it, so the cell's output is not checked; the cell asserts only what should
+# hold anywhere.
+
+# %% tags=["nbval-ignore-output"]
+torch.manual_seed(0)
+Bb, Tb, db, nhb = 8, 1024, 768, 12
+xb = torch.randn(Bb, Tb, db)
+torch_mask = ~causal_mask(Tb)  # True = masked out, PyTorch's orientation
+mha_torch_b = nn.MultiheadAttention(db, nhb, batch_first=True)
+candidates = {
+    "loop of heads": MultiHeadAttentionV1(db, nhb, block_size=Tb),
+    "batched reference": MultiHeadAttentionV2(db, nhb, impl="reference"),
+    "SDPA fast path": MultiHeadAttentionV2(db, nhb, impl="sdpa"),
+    "nn.MultiheadAttention": lambda x: mha_torch_b(
+        x, x, x, attn_mask=torch_mask, need_weights=False
+    )[0],
+}
+for module in [*candidates.values(), mha_torch_b]:
+    if isinstance(module, nn.Module):
+        module.eval()
+
+
+def time_once(fn):
+    start = time.perf_counter()
+    fn(xb)
+    return time.perf_counter() - start
+
+
+with torch.no_grad():
+    first = {name: time_once(fn) for name, fn in candidates.items()}  # warm-up and estimate
+    reps = max(2, min(5, int(15 / sum(first.values()))))
+    times = {
+        name: sorted(time_once(fn) for _ in range(reps))[reps // 2]
+        for name, fn in candidates.items()
+    }
+
+fast = times["SDPA fast path"]
+print(f"B={Bb}, T={Tb}, d={db}, n_head={nhb}, median of {reps} forward passes")
+for name, sec in times.items():
+    print(f"{name:>22}: {1000 * sec:8.1f} ms   {sec / fast:5.2f}x the fast path")
+assert fast < times["batched reference"], "the fused kernel should beat materialised weights"
+assert fast < 1.25 * times["loop of heads"], "the fast path should not be slower than the loop"
+
+# %% tags=["nbval-ignore-output"]
+fig, ax = plt.subplots(figsize=(7, 3))
+names = list(times)
+ax.barh(names, [1000 * times[n] for n in names], color=["C0", "C1", "C2", "C3"])
+ax.invert_yaxis()
+ax.set_xlabel("forward pass, ms (median)")
+ax.set_title(f"multi-head attention, B={Bb}, T={Tb}, d={db}, {nhb} heads, CPU")
+plt.show()
+
+# %% [markdown]
+# What to take from the table (your numbers will differ):
+#
+# - The fused SDPA kernel comes out fastest, by a factor of two to six over the hand-written
+#   versions in our runs: it does the least memory traffic, and for causal attention it skips
+#   the masked half of the work.
+# - The loop of heads and the batched reference land close to each other on a CPU (each was
+#   ahead in some of our runs). Batching the heads saves per-call overhead, which matters
+#   little when every call is already a large matrix product, and it costs one huge
+#   `(B, n_head, T, T)` tensor instead of `n_head` smaller ones. Batching pays off when the
+#   heads are small or the hardware is very wide (a GPU launching one kernel instead of
+#   twelve); a fused kernel pays off everywhere.
+# - `nn.MultiheadAttention` has several code paths of its own, chosen by training/eval mode,
+#   mask type and input layout, so how it compares depends on which one your PyTorch version
+#   takes. In our runs it landed between the fast path and the two hand-written versions.
+#
+# The projections do the same arithmetic in every row (the loop merely cuts it into smaller
+# products), so most of the differences come from the attention step. As T grows, that step's cost grows like $T^2$ while the projections' grows like $T$ —
+# exercise 1 finds where the two cross.
+
+# %% [markdown]
+# ## Check against the module
+#
+# The package version of this chapter is `attnbook.attention.MultiHeadAttention`, built from an
+# `AttentionConfig`. It has the same `c_attn` / `c_proj` layout as our version 2, so our
+# `state_dict` loads into it directly. We check both of its kernels against our version 2 (whose
+# weights are copied from version 1), and build it once more through the registry with
+# `build_attention("mha", cfg)`, the way later chapters will choose an attention variant by
+# name.
+
+# %%
+from attnbook.attention import AttentionConfig, MultiHeadAttention, available, build_attention
+
+y_v2 = v2(x)  # v2 holds version 1's weights (section 5)
+for impl in ("reference", "sdpa"):
+    cfg = AttentionConfig(d_model=d, n_head=n_head, dropout=0.0, bias=True, causal=True, impl=impl)
+    module = MultiHeadAttention(cfg)
+    module.load_state_dict(v2.state_dict())
+    assert torch.allclose(module(x), y_v2, atol=1e-6), impl
+
+built = build_attention("mha", AttentionConfig(d_model=d, n_head=n_head))
+built.load_state_dict(v2.state_dict())
+assert isinstance(built, MultiHeadAttention) and torch.allclose(built(x), y1, atol=1e-6)
+print("'mha' registered:", "mha" in available())
+print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (atol=1e-6)")
+
+# %% [markdown]
+# ## Exercises
+#
+# Worked solutions are in `chapters/solutions/03_multi_head_attention_solutions.ipynb`. Try
+# each one first: write down your prediction, then check it with code.
+#
+# 1. **Where does the time go?** Count the floating-point operations of one forward pass of
+#    multi-head attention (matrix products only, 2 FLOPs per multiply-add, causal mask ignored):
+#    the projections and the attention step, as functions of `B, T, d`. Predict the sequence
+#    length at which the attention step costs as much as the projections. Does it depend on
+#    `n_head`? Check your formula with `torch.utils.flop_counter.FlopCounterMode`.
+# 2. **Heads have no order.** Predict: if you permute the heads of a `MultiHeadAttention`
+#    (reorder the head blocks inside the q, k and v parts of `c_attn`, weights and biases), and
+#    permute the *columns* of `c_proj.weight` the same way, does the output change? What if
+#    you permute `c_attn` only? Verify both.
+# 3. **Padding.** Two sequences of lengths 6 and 10, right-padded to 10, go through a
+#    *non-causal* module (`AttentionConfig(..., causal=False)`, as in an encoder). Pass a key
+#    padding mask (`attnbook.attention.padding_mask`, reshaped to broadcast over heads and
+#    queries) and show that the real positions of the short sequence get exactly the output
+#    they get when that sequence runs alone, unpadded. Do the same with
+#    `nn.MultiheadAttention`'s `key_padding_mask` — mind the orientation. Then predict: does a
+#    *causal* module need the padding mask at all for right-padded sequences?
+# 4. **Per-head maps.** `MultiHeadAttention.forward(x, need_weights=True)` returns the weights
+#    of every head, shape `(B, n_head, T, T)`. Plot the heads of one example side by side.
+#    Check that each row sums to 1 and that nothing lies above the diagonal, and that their
+#    mean over heads is what `nn.MultiheadAttention` returns as its (default, averaged)
+#    weights.
+# 5. **Find the bug.** Someone writes the head split as
+#    `q = q.reshape(B, self.n_head, T, self.head_dim)` (and the same for k and v) — no
+#    transpose, and the shape is right; the merge at the end stays as in the module. Predict
+#    what goes wrong, then find a *test* that catches it. (Hints: which input positions end up
+#    in "row t" of head h? Is the layer still causal? Why would `view` instead of `reshape`
+#    have refused?) Then drop the transpose in the merge too: which of your tests still
+#    catches it?
