@@ -66,3 +66,22 @@ def test_shared_gpt2_vocab_is_found_offline(monkeypatch, tmp_path):
         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     )
     assert path.read_text(encoding="utf-8").startswith("#version: 0.2")
+
+
+def test_unknown_corpus_lists_the_known_ones():
+    from attnbook.data import corpus_path
+
+    with pytest.raises(ValueError, match="registered corpora: tinyshakespeare"):
+        corpus_path("war-and-peace")
+
+
+def test_tinyshakespeare_from_the_offline_mirror(monkeypatch, tmp_path):
+    import os
+
+    from attnbook.data import corpus_path
+
+    if not os.environ.get("ATTNBOOK_DATA_MIRROR"):
+        pytest.skip("ATTNBOOK_DATA_MIRROR is not set (CI sets it)")
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path))
+    text = corpus_path("tinyshakespeare").read_text(encoding="utf-8")
+    assert len(text) == 1115394 and text.startswith("First Citizen:")
