@@ -38,6 +38,10 @@
 # - Turn each property into a small numerical test that catches a whole class of bugs.
 # - Explain why a causal mask belongs in a registered, non-persistent buffer.
 # - Use `SelfAttention` and `Head` from `attnbook.attention`.
+#
+# The outputs stored in this notebook were produced with the PyTorch this book pins, 2.13 (the
+# next cell prints the version you are running). Under another version, warnings, error
+# messages and printed signatures may be worded differently; the numbers should not change.
 
 # %%
 import inspect
@@ -171,7 +175,10 @@ model = build(SketchV1)
 #
 # **Fix.** Call `super().__init__()` first thing in `__init__`. Version 2 is a fresh subclass of
 # `nn.Module` (a subclass of `SketchV1` would have its `super().__init__()` land in the broken
-# `SketchV1.__init__`) that borrows the unchanged `forward`. From here on each version subclasses
+# `SketchV1.__init__`) that borrows the unchanged `forward`: the line
+# `forward = SketchV1.forward` works because a function defined in a class body is an ordinary
+# Python function, so assigning it in another class body makes it a method of that class too,
+# and `self` is then a `SketchV2`. From here on each version subclasses
 # the previous one and overrides only the method that changes; a comment `# vN` marks the
 # changed lines.
 
@@ -233,19 +240,29 @@ class SketchV3(SketchV2):
 # `Q` and `K` have shape `(B, T, d_out)`. The scores should be `(B, T, T)`: one $T \times T$
 # matrix of query-key dot products per sequence, $Q K^\top$ for each batch element. What does
 # `K.T` give? On a matrix, `.T` swaps the two axes. On a tensor with more axes, it *reverses
-# all of them*. PyTorch 2.13 still allows that but warns that it is deprecated. The warning goes
-# to stderr, so we catch it and print only its first sentence.
+# all of them*. The PyTorch this book pins, 2.13, still allows that but warns that it is
+# deprecated and will become an error in a future release. The cell below reports either
+# outcome, so it also runs on a PyTorch where `.T` has become an error. The warning goes to
+# stderr, so we catch it and print only its first sentence.
+#
+# PyTorch issues this warning only once per process. If you re-run the cell (or ran a later
+# cell with `.T` first), the last line of the output is missing; restart the kernel to see it
+# again.
 
 # %%
-K = model.W_key(x).detach()  # (B, T, d_out)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    K_T = K.T
+K = model.W_key(x).detach()  # (B, T, d_out); `model` is still the SketchV2 built in section 3
 print("K:                  ", tuple(K.shape))
-print("K.T:                ", tuple(K_T.shape), "<- every axis reversed, batch axis now last")
+try:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        K_T = K.T
+    print("K.T:                ", tuple(K_T.shape), "<- every axis reversed, batch axis now last")
+except RuntimeError as err:  # a PyTorch newer than 2.13 may refuse .T on a 3-D tensor
+    caught = []
+    print("K.T:                 RuntimeError:", str(err).split(".")[0])
 print("K.transpose(-2, -1):", tuple(K.transpose(-2, -1).shape), "<- what we want")
 print("K.mT:               ", tuple(K.mT.shape), "<- the same, shorter")
-if caught:  # PyTorch warns only once per process: run the cell again and it stays silent
+if caught:  # empty when the warning was already shown in this process
     message = str(caught[0].message).split(" Consider")[0]
     print(f"{caught[0].category.__name__}: {message}")
 
@@ -260,16 +277,32 @@ with warnings.catch_warnings():
     model(x)
 
 # %% [markdown]
-# Here we were lucky. For some shapes the same line runs and is wrong without a word. With one
-# sequence (`B = 1`) whose length happens to equal `d_out`, the batch axes broadcast (1 against
-# 4) and the inner sizes agree, so the product succeeds with a meaningless shape:
+# Here we were lucky. For some shapes the same line runs and is wrong without an error (only
+# the warning, shown once). With one sequence (`B = 1`) whose length happens to equal `d_out`,
+# the batch axes broadcast (1 against 4) and the inner sizes agree, so the product succeeds with
+# a meaningless shape. Nor does the rest of a layer complain: `masked_fill` broadcasts the
+# `(4, 4, 1)` scores against the `(4, 4)` mask to `(4, 4, 4)`, and the layer returns four
+# outputs for a batch of one. Here are the steps of the (otherwise fixed) layer, by hand:
 
 # %%
-Q1, K1 = torch.randn(2, 1, 4, 4).unbind(0)  # B=1, T=4, d_out=4
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    print("Q1 @ K1.T:              ", tuple((Q1 @ K1.T).shape), "(runs, and is wrong)")
-print("Q1 @ K1.transpose(-2, -1):", tuple((Q1 @ K1.transpose(-2, -1)).shape))
+torch.manual_seed(1)
+Q1 = torch.randn(1, 4, 4)  # (B=1, T=4, d_out=4): one sequence as long as d_out
+K1 = torch.randn(1, 4, 4)
+V1 = torch.randn(1, 4, 4)
+future = torch.tril(torch.ones(4, 4)) == 0  # (T, T), True above the diagonal
+print("Q1 @ K1.transpose(-2, -1):", tuple((Q1 @ K1.transpose(-2, -1)).shape), "<- right")
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation warning, shown above
+        scores1 = Q1 @ K1.T / 2  # (1, 4, 4) @ (4, 4, 1)
+except RuntimeError as err:  # a PyTorch newer than 2.13 may refuse .T on a 3-D tensor
+    print("Q1 @ K1.T:                 RuntimeError:", str(err).split(".")[0])
+else:
+    print("Q1 @ K1.T:                ", tuple(scores1.shape), "<- runs, and is wrong")
+    scores1 = scores1.masked_fill(future, float("-inf"))
+    print("after masked_fill:        ", tuple(scores1.shape))
+    y1 = torch.softmax(scores1, dim=-1) @ V1
+    print("layer output:             ", tuple(y1.shape), "<- for an input of shape (1, 4, 8)")
 
 # %% [markdown]
 # **Fix.** Swap only the last two axes: `K.transpose(-2, -1)` (or `K.mT`, "matrix
@@ -302,14 +335,19 @@ model(x)
 # %% [markdown]
 # **Why.** `torch.sqrt` is element-wise: each number gets its own square root, so there is no
 # axis to choose and no `dim` parameter. (`dim` belongs to reductions and to softmax, which is
-# probably where the author's fingers got the habit.) Deleting `dim` is not a good fix either:
-# `torch.sqrt` only accepts tensors, so the natural-looking `torch.sqrt(self.d_out)` fails too:
+# probably where the author's fingers got the habit.) Deleting `dim` does fix the crash: the
+# sketch already wraps the number in a tensor, and `torch.sqrt(torch.tensor(self.d_out))` returns
+# `tensor(2.)`. But it builds a new tensor on every call for a number that never changes.
+#
+# A related pitfall is to drop the wrapping as well: `torch.sqrt` only accepts tensors, so the
+# natural-looking `torch.sqrt(self.d_out)` fails.
 
 # %%
+print("torch.sqrt(torch.tensor(4)) =", torch.sqrt(torch.tensor(4)))
 try:
-    torch.sqrt(4)
+    print("torch.sqrt(4) =", torch.sqrt(4))
 except TypeError as err:
-    print("TypeError:", err)
+    print("torch.sqrt(4) -> TypeError:", err)
 
 # %% [markdown]
 # **Fix.** The scale is a plain number known when the layer is built, so compute it with plain
@@ -379,14 +417,16 @@ print("output:", tuple(y6.shape))
 #
 # - `value_ratio` divides the largest output coordinate by the largest value coordinate. A
 #   weighted average can never exceed what it averages, so for correct attention the ratio is at
-#   most 1, whatever the input.
+#   most 1, whatever the input. It needs the layer's value projection, which the sketch calls
+#   `W_value`; for a layer that names it differently, pass it as the third argument.
 # - `past_change` replaces the last token of every sequence and reports how much the outputs
 #   at the *earlier* positions moved. For causal attention that is 0.
 
 # %%
-def value_ratio(model, x):
+def value_ratio(model, x, value_proj=None):
+    value_proj = model.W_value if value_proj is None else value_proj  # e.g. head.value
     with torch.no_grad():
-        return (model(x).abs().max() / model.W_value(x).abs().max()).item()
+        return (model(x).abs().max() / value_proj(x).abs().max()).item()
 
 
 def past_change(model, x):
@@ -475,18 +515,30 @@ assert leak > 0.1
 # position $t$; everything to the right of the diagonal should be exactly 0:
 
 # %%
-model7(x)
+model7(x)  # refresh model7.attn for input x
 print(model7.attn[0].numpy().round(2))
 
 # %% [markdown]
 # **Why.** The author wanted masked positions to get (almost) no weight and reached for a tiny
 # number. But the softmax exponentiates the *scores*: a score of `1e-10` is a score of
-# essentially 0, and $e^0 = 1$, which is as large as the weight of a typical visible position
-# here. Token 0, which should attend only to itself, spreads its attention evenly over the whole
-# sequence. What the mask has to do is make the weight tiny, and the weight is
-# $e^{\text{score}}$, so the score must be very *negative*: $-\infty$ gives $e^{-\infty} = 0$
-# exactly. (A large negative finite number such as `torch.finfo(dtype).min` is the other common
-# choice.)
+# essentially 0, and $e^0 = 1$. Compare that with the unnormalised weight $e^{s}$ of a
+# *visible* position, before the softmax divides by the row sum:
+
+# %%
+with torch.no_grad():
+    scores7 = model7.W_query(x[0]) @ model7.W_key(x[0]).transpose(-2, -1) / d_out**0.5  # (T, T), first sequence
+visible = scores7[torch.tril(torch.ones(T, T)) == 1]  # the T(T+1)/2 scores on or below the diagonal
+print(f"visible scores s:  from {visible.min():.2f} to {visible.max():.2f}")
+print(f"e^s:               from {visible.exp().min():.2f} to {visible.exp().max():.2f}")
+print("masked score 1e-10: e^s = ", math.exp(1e-10))
+
+# %% [markdown]
+# A masked position gets an unnormalised weight of 1, right in the middle of what the visible
+# positions get. So token 0, which should attend only to itself, spreads its attention almost
+# evenly over the whole sequence. What the mask has to do is make the weight tiny, and the
+# weight is $e^{\text{score}}$, so the score must be very *negative*: $-\infty$ gives
+# $e^{-\infty} = 0$ exactly. (A large negative finite number such as `torch.finfo(dtype).min` is
+# the other common choice.)
 #
 # **Fix.** `masked_fill(..., float("-inf"))`.
 
@@ -507,31 +559,42 @@ class SketchV8(SketchV7):
 
 
 model8 = build(SketchV8)
-model8(x)
+model8(x)  # fills model8.attn for input x
 print(f"change in past outputs: {past_change(model8, x):.4f}")
 print("weights above the diagonal all 0:", bool((model8.attn.triu(1) == 0).all()))
 assert past_change(model8, x) < 1e-6
 
 # %% [markdown]
 # The picture makes the difference plain. On the left, the leaking weights of version 7: the
-# upper triangle is full, and token 0 gives 0.87 of its attention to five tokens that have not
-# happened yet. On the right, the causal weights of version 8: a clean lower triangle, and token
-# 0, which can see only itself, gives itself all of its attention.
+# hatched cells above the diagonal, the future, are as bright as the rest, and token 0 gives
+# 0.87 of its attention (five weights of ≈0.174) to tokens that have not happened yet. On the
+# right, the causal weights of version 8: the hatched cells are exactly 0, and token 0, which can
+# see only itself, gives itself all of its attention.
 
 # %%
 panels = [("v7: masked with 1e-10 (future leaks)", model7.attn[0]),
           ("v8: masked with -inf (causal)", model8.attn[0])]
+# outline of the future (j > t): a staircase just right of the diagonal
+stair_x = [k + 0.5 for k in range(T - 1) for _ in (0, 1)] + [T - 0.5]
+stair_y = [k + dy for k in range(T - 1) for dy in (-0.5, 0.5)] + [T - 1.5]
 fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4), constrained_layout=True)
 for ax, (title, w) in zip(axes, panels, strict=True):
     image = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
     for i in range(T):
         for j in range(T):
+            if j > i:  # a future position: hatched
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                           edgecolor="silver", linewidth=0))
             ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if w[i, j] < 0.6 else "black")
+                    color="white" if w[i, j] < 0.6 else "black",
+                    bbox={"boxstyle": "square,pad=0.15", "linewidth": 0,
+                          "facecolor": plt.cm.viridis(float(w[i, j]))})
+    ax.plot(stair_x, stair_y, color="red", linewidth=1.5)
     ax.set_title(title)
     ax.set_xlabel("key position j (attended to)")
     ax.set_ylabel("query position t")
 fig.colorbar(image, ax=axes, label="attention weight", shrink=0.9)
+fig.suptitle("Hatched, right of the red line: future positions, which must get weight 0")
 plt.show()
 
 # %% [markdown]
@@ -563,7 +626,9 @@ assert not torch.equal(first, second)
 # looks at that flag. It has its own `training` argument, and its default is `True`:
 
 # %%
-print("F.dropout", inspect.signature(F.dropout))
+dropout_params = inspect.signature(F.dropout).parameters
+print("F.dropout arguments:", list(dropout_params))
+print("default of training:", dropout_params["training"].default)
 
 # %% [markdown]
 # So `F.dropout(weights, self.dropout)` drops weights on every call, in training and in
@@ -656,9 +721,10 @@ assert torch.allclose(y9, y_ref, atol=1e-6)
 # 2. **Run a linter.** Undefined names (`W_query`, `mask`) are found before anything runs.
 # 3. **Print shapes.** The scores must be `(..., T_q, T_k)`. Transpose with
 #    `transpose(-2, -1)` or `.mT`, never `.T` on a batched tensor.
-# 4. **Scale with a number.** `d ** -0.5` or `math.sqrt(d)`; `torch.sqrt` wants a tensor and has
-#    no `dim`.
-# 5. **Mask with $-\infty$** (or a very negative finite number), never with something small.
+# 4. **Scale with a number.** Multiply by `d ** -0.5` or divide by `math.sqrt(d)`; `torch.sqrt`
+#    wants a tensor and has no `dim`.
+# 5. **Mask with $-\infty$** (or a very negative finite number), never with a number near 0 such
+#    as `1e-10`.
 #    Beware rows where everything is masked: they turn into NaN.
 # 6. **Softmax over the keys**, the last axis: every row of the weights sums to 1.
 # 7. **Return `weights @ V`.** Test: `max|y| <= max|V|`, and scaling the input by $c$ must not
@@ -704,11 +770,30 @@ print(f"change in past outputs: {past_change(attention, x):.2f}  (not causal, by
 print(f"max|y| / max|V| = {value_ratio(attention, x):.2f}")
 
 # %% [markdown]
-# **With a causal mask, the classic way.** The causal head of the well-known "GPT from scratch"
-# lectures is our version 9 with three changes of detail: the layers are called `query`, `key`,
-# `value`; the mask is a *boolean* lower triangle (`True` = may attend), built by
-# `attnbook.attention.causal_mask`, so that `~mask` selects the future; and the mask is
-# registered as a **non-persistent buffer**. Here is the mask for 5 positions:
+# **With a causal mask, the classic way.** The causal `Head` below does what our version 9 does,
+# written the way the well-known "GPT from scratch" lecture writes it, with a few choices of this
+# book on top. From the lecture come:
+#
+# - the names: the layers are `key`, `query`, `value` and the sizes `n_embd`, `head_size`
+#   (version 9 says `W_key`, `d_in`, `d_out`);
+# - the scale, written as a multiplication by one over the square root of the head size
+#   (`head_size ** -0.5` here) rather than a division by `d_out ** 0.5`: the same number;
+# - no `self.attn`: the weights are not kept for plotting;
+# - the order of the layers, `key` before `query`. Layers draw their initial weights in the
+#   order they are created, so the same seed no longer gives the same weights as `SketchV9`:
+#   `key` gets the weights version 9 gave `W_query`. That is why the final check copies
+#   version 9's weights into a `Head` by name instead of re-seeding.
+#
+# The lecture keeps version 9's mask: a float `torch.tril(torch.ones(...))` compared with `== 0`,
+# in an ordinary (persistent) buffer. This book changes three things:
+#
+# - the mask is a *boolean* lower triangle (`True` = may attend), built by
+#   `attnbook.attention.causal_mask`, so that `~mask` selects the future;
+# - it is registered as a **non-persistent buffer**, explained below;
+# - `n_embd` and `block_size` are constructor arguments; in the lecture they are global settings
+#   of the script and the head takes only `head_size`.
+#
+# Here is the mask for 5 positions:
 
 # %%
 from attnbook.attention import causal_mask
@@ -751,8 +836,8 @@ class Head(nn.Module):
 #   is not a parameter, and, with `persistent=False`, is left out of `state_dict()`, so a
 #   checkpoint holds weights only. The mask is rebuilt from `block_size` anyway.
 #
-# This machine has no GPU, but PyTorch's `"meta"` device (tensors with shapes and no data) shows
-# the same thing:
+# Even without a GPU, PyTorch's `"meta"` device (tensors with shapes and no data) shows the same
+# thing:
 
 # %%
 class PlainAttributeMask(nn.Module):
@@ -769,6 +854,9 @@ print("state_dict: ", list(head.state_dict()))
 print("after .to('meta'), buffer on:         ",
       Head(d_in, d_out, block_size).to("meta").tril.device)
 print("after .to('meta'), plain attribute on:", PlainAttributeMask(block_size).to("meta").tril.device)
+same_seed_v9 = build(SketchV9)
+print("same seed: head.key equals SketchV9's W_query:",
+      torch.equal(head.key.weight, same_seed_v9.W_query.weight))
 
 # %% [markdown]
 # Finally, the causality test on `Head`, this time more demanding: replace *every* token from
@@ -792,8 +880,9 @@ assert torch.allclose(y_old[:, :3], y_new[:, :3], atol=1e-6)
 # `attnbook.attention.SelfAttention` and `attnbook.attention.Head` are these two classes, with
 # argument checks added (bad sizes raise `ValueError`, and so does a sequence longer than
 # `block_size`). Their parameters have the same names, so the notebook's weights load into them
-# with a strict `load_state_dict`; the fixed sketch `SketchV9`, whose layers have other names,
-# goes into a `Head` by renaming. All three must give the same outputs, to 1e-6.
+# with a strict `load_state_dict`; the fixed sketch `SketchV9`, whose layers have other names
+# (and other initial weights, since it creates them in another order), goes into a `Head` by
+# renaming. All three must give the same outputs, to 1e-6.
 
 # %%
 from attnbook.attention import Head as LibHead
@@ -826,7 +915,8 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 # 1. **Find the bug.** A colleague's head differs from `Head` in one character:
 #    `torch.softmax(scores, dim=1)` instead of `dim=-1`. Before running anything, predict: do
 #    the rows of the weights still sum to 1? Is the head still causal? Then check both with the
-#    tests of this chapter and explain what you see.
+#    tests of this chapter and explain what you see. (`value_ratio` needs the head's value
+#    projection as its third argument: `value_ratio(head, x, head.value)`.)
 # 2. **Longer than `block_size`.** Predict what happens when you feed `T = block_size + 1`
 #    tokens to the notebook's `Head`, and to `attnbook.attention.Head`. Verify, and say which
 #    error message you would rather get at 2 a.m.
@@ -838,7 +928,11 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 # 4. **The scale and the entropy.** For head sizes $d$ = 4, 16, 64, 256, draw random queries
 #    and keys with standard normal entries and compute the average entropy of the attention rows,
 #    once with scores scaled by $1/\sqrt{d}$ and once unscaled. Predict how each behaves as $d$
-#    grows, then measure.
+#    grows, then measure. Then make the queries and keys the way a real head does, with
+#    `nn.Linear` layers at their default initialisation: does the conclusion change?
 # 5. **A reusable checker.** Write `check_attention(layer, d_in)` that runs the shape,
 #    weighted-average, causality and eval-determinism tests on any causal layer (you may assume
-#    its value projection is `layer.value`) and returns which ones fail. Run it on `attnbook.attention.Head` and on the head of exercise 1.
+#    its value projection is `layer.value`) and returns which ones fail. It should leave the
+#    layer in the mode it found it (training or eval) and leave the global random number
+#    generator alone. Run it on `attnbook.attention.Head`, on the head of exercise 1 and on the
+#    version-8 dropout head of exercise 3. Does the order of the tests matter?

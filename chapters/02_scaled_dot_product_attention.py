@@ -44,8 +44,10 @@
 # ## Setup
 #
 # Everything in this chapter is small enough to print. We fix the random seed before anything
-# random happens and print at most three or four decimals, so the numbers you see are the
-# numbers you get.
+# random happens and print tensors with two decimals (a few single numbers get three), so the
+# numbers you see are the numbers you get. The chapter needs PyTorch 2.5 or later: that is the
+# version from which `F.scaled_dot_product_attention` handles a query with nothing to attend to
+# the way this chapter does (more on that below).
 
 # %%
 import math
@@ -56,7 +58,9 @@ import torch.nn.functional as F
 
 torch.manual_seed(0)
 torch.set_printoptions(precision=2, sci_mode=False)
-print("torch", torch.__version__.split("+")[0])
+torch_ok = torch.__version__ >= (2, 5)
+assert torch_ok, f"this chapter needs torch >= 2.5, found {torch.__version__}"
+print("torch >= 2.5:", torch_ok)
 
 # %% [markdown]
 # ## A toy sentence
@@ -117,11 +121,13 @@ print(x)
 # - a **key** $k_j$: what position $j$ offers to be found by,
 # - a **value** $v_j$: what position $j$ hands over if it is chosen.
 #
-# The projections are matrices ($d_\text{model} \times d$) that a real model learns. An untrained
-# model starts with random ones, which would give us a random pattern to look at. So we take
-# seeded random projections and add one hand-set direction to the query and key projections, the
-# kind of rule a trained head might learn: *a pronoun's query asks "who is a thing?", and a
-# thing's key answers "me"*. The value projection stays purely random.
+# The projections are matrices ($d_\text{model} \times d$) that a real model learns. Here $d$,
+# the size of each query, key and value vector, is what chapter 1 called `d_out`; this chapter
+# writes $d$ because that is the letter in $\sqrt{d}$. An untrained model starts with random
+# projections, which would give us a random pattern to look at. So we take seeded random
+# projections and add one hand-set direction to the query and key projections, the kind of rule
+# a trained head might learn: *a pronoun's query asks "who is a thing?", and a thing's key
+# answers "me"*. The value projection stays purely random.
 
 # %%
 d = 4  # size of each query / key / value vector (the "head dimension")
@@ -205,8 +211,15 @@ for word, w in zip(sentence, weights[i].tolist(), strict=True):
 # of *cat*: attention has copied information about the cat into the position of the pronoun.
 # The other rows are spread out (weights between 0.08 and 0.23, where 1/6 ≈ 0.17 would be
 # uniform): their queries are small random vectors, and small score differences make small
-# weight differences. An attention map shows all rows
-# at once; the helper below draws one with the words on the axes, and we will reuse it.
+# weight differences. One column still stands out in those rows, *cat*'s, in both directions:
+# *the*, *cat* and *and* give it their lowest weight (0.08, from scores near −1.9), *ate* and
+# *slept* their highest (0.19). The hand-set `W_k[0, 0] += 3` made *cat*'s key about three
+# times as long as the others, so even a small random query has a sizeable dot product with
+# it, positive or negative depending on which way the query happens to point.
+#
+# An attention map shows all rows at once; the helper below draws one with the words on the
+# axes, and we will reuse it. Exact zeros (masked entries, later) are left unlabelled so that the
+# pattern stays visible, and light grid lines separate the cells.
 
 
 # %%
@@ -215,6 +228,11 @@ def show_weights(ax, w, keys, queries, title, annotate=True):
     im = ax.imshow(w, cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right")
     ax.set_yticks(range(len(queries)), queries)
+    # light lines between the cells, so that neighbouring cells of one colour stay distinct
+    ax.set_xticks([c - 0.5 for c in range(1, len(keys))], minor=True)
+    ax.set_yticks([r - 0.5 for r in range(1, len(queries))], minor=True)
+    ax.grid(which="minor", color="lightgray", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
     ax.set_title(title, fontsize=10)
@@ -222,6 +240,8 @@ def show_weights(ax, w, keys, queries, title, annotate=True):
         for r in range(w.shape[0]):
             for c in range(w.shape[1]):
                 value = float(w[r, c])
+                if value == 0.0:  # masked: leave the cell blank
+                    continue
                 color = "white" if value > 0.6 else "black"
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     return im
@@ -272,9 +292,12 @@ print("Var(q.k) / d is within 15% of 1 for every d:", True)
 #    scores.
 #
 # Dividing by $\sqrt{d}$ brings the scores back to unit variance, whatever $d$ is. Below we
-# measure three things for rows of 16 random keys, with and without the scaling: the largest
-# weight in a row (1 = one-hot), the entropy of the row (log 16 ≈ 2.77 = uniform, 0 = one-hot),
-# and the size of the softmax Jacobian (how much the weights can respond to the scores).
+# measure three things for 500 rows of 16 random keys each, with and without the scaling, and
+# average each over the rows: the largest weight in a row (1 = one-hot), the entropy of the row
+# (log 16 ≈ 2.77 = uniform, 0 = one-hot; chapter 1's Exercise 4 measured this one alone), and
+# the size of the row's $16 \times 16$ softmax Jacobian, measured by its Frobenius norm
+# $\lVert J \rVert_F = \sqrt{\sum_{i,j} J_{ij}^2}$ (how strongly the weights respond to the
+# scores; 0 means no gradient gets through).
 
 # %%
 torch.manual_seed(2)
@@ -308,34 +331,40 @@ for dim, u, s in zip(dims, stats["unscaled"], stats["scaled"], strict=True):
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
-titles = ["largest weight in a row", "entropy of a row (nats)", "softmax Jacobian norm"]
-for m, (ax, title) in enumerate(zip(axes, titles, strict=True)):
+titles = ["largest weight in a row", "entropy of a row", "softmax Jacobian, Frobenius norm"]
+ylabels = ["max weight (1 = one-hot)", "entropy (nats)", "‖J‖_F (mean over rows)"]
+for m, (ax, title, ylabel) in enumerate(zip(axes, titles, ylabels, strict=True)):
     for name, style in [("unscaled", "o-"), ("scaled", "s--")]:
-        label = "q·k" if name == "unscaled" else "q·k / √d"
+        label = "scores q·k" if name == "unscaled" else "scores q·k / √d"
         ax.plot(dims, [row[m] for row in stats[name]], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("head dimension d")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
 axes[1].axhline(math.log(n_keys), color="gray", lw=0.8, ls=":", label="uniform (log 16)")
-axes[0].legend()
-axes[1].legend()
+fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncols=3)
 fig.suptitle(f"Softmax over {n_keys} random keys: saturation as d grows")
 plt.show()
 
 # %% [markdown]
-# Without scaling, the largest weight climbs towards 1, the entropy falls towards 0 and the
-# Jacobian shrinks: the softmax saturates and stops passing gradient. With scaling, all three
-# stay flat. We turn that sentence into a check:
+# Without scaling, the largest weight climbs towards 1 and the entropy falls towards 0. The
+# Jacobian norm first rises a little (0.28 at $d = 1$, 0.32 at $d = 4$: weights that move away
+# from uniform can respond more), then falls steadily to 0.05 at $d = 1024$: the softmax
+# saturates and stops passing gradient. With scaling, the three numbers move a little between
+# $d = 1$ and $d = 4$ (the largest weight goes from 0.20 to 0.24: a dot product of one or two
+# terms is not yet bell-shaped) and then stay flat all the way to $d = 1024$. We turn that into
+# a check:
 
 # %%
 unscaled_big, scaled_big = stats["unscaled"][-1], stats["scaled"][-1]  # d = 1024
-scaled_max = [row[0] for row in stats["scaled"]]
 assert unscaled_big[0] > 0.9, "unscaled softmax should be close to one-hot at d=1024"
 assert unscaled_big[2] < 0.25 * scaled_big[2], "its Jacobian should be much smaller"
-assert max(scaled_max) - min(scaled_max) < 0.1, "scaled softmax should not depend on d"
-print("d=1024 unscaled: max weight > 0.9 and Jacobian < 1/4 of the scaled one:", True)
-print("scaled: max weight stays within 0.1 across d = 1 .. 1024:", True)
+for m, what in enumerate(["max weight", "entropy", "Jacobian norm"]):
+    from_4 = [row[m] for row in stats["scaled"][1:]]  # scaled, d = 4 .. 1024
+    assert max(from_4) - min(from_4) < 0.05, f"scaled {what} should not depend on d"
+print("d=1024 unscaled: max weight > 0.9 and Jacobian norm < 1/4 of the scaled one:", True)
+print("scaled: all three within 0.05 of each other for d = 4 .. 1024:", True)
 
 # %% [markdown]
 # ## An attention function
@@ -346,11 +375,11 @@ print("scaled: max weight stays within 0.1 across d = 1 .. 1024:", True)
 # - It works on any number of leading dimensions, `(..., T, d)`, so the same code handles one
 #   sentence `(T, d)`, a batch `(B, T, d)` or a batch of heads `(B, H, T, d)`. That is why it
 #   transposes with `k.transpose(-2, -1)` rather than `k.T`.
-# - It takes an optional `mask` that is added to the scores before the softmax. The mask may be
-#   **boolean** (`True` = this query may attend to this key, the convention of
-#   `F.scaled_dot_product_attention` and of `attnbook`) or **additive** (a float tensor added to
-#   the scores, `-inf` where attending is forbidden). Both forms are explained in the next
-#   sections.
+# - It takes an optional `mask` that is applied to the scores before the softmax. The mask may
+#   be **boolean** (`True` = this query may attend to this key, the convention of
+#   `F.scaled_dot_product_attention` and of `attnbook`), in which case `masked_fill` writes
+#   `-inf` into the forbidden scores, or **additive** (a float tensor added to the scores, `-inf`
+#   where attending is forbidden). Both forms are explained in the next sections.
 #
 # It returns the output and the weights, so that we can draw them.
 
@@ -458,8 +487,10 @@ print("sentence 1 in the batch == sentence 1 alone:", torch.allclose(out_p[0], o
 #   learned relative-position bias.
 #
 # For a pure allow/forbid pattern the two give the same result. Careful with the direction of
-# the boolean: `torch.nn.MultiheadAttention`'s `key_padding_mask` uses the opposite convention
-# (`True` = ignore). In this book `True` always means *may attend*.
+# the boolean: `torch.nn.MultiheadAttention` uses the opposite convention for *both* of its
+# boolean masks, `key_padding_mask` and `attn_mask` (`True` = may **not** attend), while
+# `F.scaled_dot_product_attention` uses ours. Chapter 3 compares against that module and flips
+# its masks with `~`. In this book `True` always means *may attend*.
 
 
 # %%
@@ -555,6 +586,7 @@ show_weights(
     "top-left (is_causal=True)",
     annotate=False,
 )
+fig.suptitle("Causal masks for 2 queries over 6 keys (dark = may attend, white = masked)")
 plt.show()
 
 # %% [markdown]
@@ -581,8 +613,21 @@ print("is_causal=True == value of 'the' alone:", torch.allclose(out_tl, V[:1], a
 # %% [markdown]
 # So when decoding from a cache, pass an explicit bottom-right mask (or, for a single query, no
 # mask at all, since it may see everything) and never `is_causal=True`. `attnbook`'s
-# `causal_mask(t_q, t_k)` is bottom-right aligned for this reason.
-#
+# `causal_mask(t_q, t_k)` is bottom-right aligned for this reason. PyTorch ships the same
+# alignment as a ready-made mask object, `torch.nn.attention.bias.causal_lower_right(t_q, t_k)`,
+# which `F.scaled_dot_product_attention` accepts as its `attn_mask` (and `causal_upper_left` is
+# the `is_causal=True` pattern). With the last two words as queries:
+
+# %%
+from torch.nn.attention.bias import causal_lower_right
+
+q_two = Q[-2:]  # (2, d): the queries of "it" and "slept"
+out_lr = F.scaled_dot_product_attention(q_two, K, V, attn_mask=causal_lower_right(2, T))
+out_two, _ = attention(q_two, K, V, mask=causal_bottom_right(2, T))
+assert torch.allclose(out_lr, out_two, atol=1e-6) and torch.allclose(out_lr, out_c[-2:], atol=1e-6)
+print("causal_lower_right == our bottom-right mask == last 2 rows of full causal:", True)
+
+# %% [markdown]
 # ## A fully masked row
 #
 # What if a query is allowed to attend to *no* key? Its scores are all $-\infty$, and the softmax
@@ -628,11 +673,19 @@ print("0 * nan =", 0.0 * float("nan"))
 # Now every position is NaN, including *the dog barked*, and the loss would be NaN too. The fix
 # is to *define* what a query with nothing to look at returns: it attends to nothing, so its
 # weights are all zero and its output is the zero vector. That is what `attnbook` does, and what
-# `F.scaled_dot_product_attention` does from PyTorch 2.5 on. We add it to our function: find the
-# rows whose scores are all $-\infty$ and zero their weights.
+# `F.scaled_dot_product_attention` does from PyTorch 2.5 on. We add it to our function in three
+# lines: find the rows whose scores are all $-\infty$; give those rows finite scores (0) before
+# the softmax, so that it never computes $0/0$; and set their weights to zero after it. Zeroing
+# the weights afterwards would be enough for the forward pass, but training also runs the
+# backward pass through the softmax, and the softmax of an all-$-\infty$ row has NaN in its
+# gradient as well. Replacing the scores first keeps the NaN out of both passes; `attnbook`'s
+# `sdpa_reference` does the same.
 
 
 # %%
+naive_attention = attention  # keep the first version, to compare gradients below
+
+
 def attention(q, k, v, mask=None):
     """softmax(q kᵀ / sqrt(d) + mask) v for q (..., T_q, d), k (..., T_k, d), v (..., T_k, d_v).
 
@@ -645,9 +698,9 @@ def attention(q, k, v, mask=None):
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         scores = scores + mask
-    weights = torch.softmax(scores, dim=-1)  # (..., T_q, T_k), NaN in fully masked rows
-    nothing_allowed = scores.isneginf().all(dim=-1, keepdim=True)  # (..., T_q, 1)
-    weights = weights.masked_fill(nothing_allowed, 0.0)  # such a row attends to nothing
+    empty_rows = scores.isneginf().all(dim=-1, keepdim=True)  # (..., T_q, 1): no allowed key
+    weights = torch.softmax(scores.masked_fill(empty_rows, 0.0), dim=-1)  # no 0/0 anywhere
+    weights = weights.masked_fill(empty_rows, 0.0)  # (..., T_q, T_k): such a row attends to nothing
     return weights @ v, weights  # (..., T_q, d_v), (..., T_q, T_k)
 
 
@@ -658,6 +711,31 @@ out_l2, _ = attention(out_l, out_l, out_l, mask=left_mask)
 print("no NaN after a second layer:", not out_l2.isnan().any().item())
 torch_out = F.scaled_dot_product_attention(Ql, Kl, Vl, attn_mask=left_mask)
 print("torch's SDPA agrees, zeros included:", torch.allclose(torch_out, out_l, atol=1e-6))
+
+# %% [markdown]
+# Now the gradient. We put a loss on the three real tokens only, as training would, and
+# differentiate with respect to the queries, using the additive form of the left-padded mask
+# (an additive mask passes the gradient of `scores + mask` straight through; `masked_fill`
+# happens to block it, because it sends no gradient to the entries it overwrote). The naive
+# version sends NaN back into the pad queries even though the loss never looks at them; the
+# fixed one does not, and its gradient equals `sdpa_reference`'s.
+
+# %%
+from attnbook.attention import sdpa_reference
+
+left_add = to_additive(left_mask)  # (T, T): 0 / -inf, rows 0-2 all -inf
+grads = {}
+for name, fn in [("naive", naive_attention), ("fixed", attention)]:
+    q_g = Ql.clone().requires_grad_()
+    out_g, _ = fn(q_g, Kl, Vl, mask=left_add)
+    out_g[3:].sum().backward()  # a loss on the real tokens only
+    grads[name] = q_g.grad
+    print(f"{name} attention: NaN in the gradient of the queries:", q_g.grad.isnan().any().item())
+q_g = Ql.clone().requires_grad_()
+sdpa_reference(q_g, Kl, Vl, attn_mask=left_add)[3:].sum().backward()
+assert grads["naive"].isnan().any() and not grads["fixed"].isnan().any()
+assert torch.allclose(grads["fixed"], q_g.grad, atol=1e-6)
+print("fixed gradient == sdpa_reference's gradient:", True)
 
 # %% [markdown]
 # Two remarks. First, the real rows 3–5 did not change: the fix only touches rows that were NaN.
@@ -677,7 +755,7 @@ show_weights(axes[0], causal.float(), sentence, sentence, "causal", annotate=Fal
 words_r, words_l = batch_words[1], left_words
 show_weights(axes[1], both[1].float(), words_r, words_r, "causal & right padding", annotate=False)
 show_weights(axes[2], left_mask.float(), words_l, words_l, "causal & left padding", annotate=False)
-fig.suptitle("Masks (dark = may attend); with left padding, rows 0-2 are empty")
+fig.suptitle("Masks (dark = may attend, white = masked); with left padding, rows 0-2 are empty")
 plt.show()
 
 # %% [markdown]
@@ -699,8 +777,9 @@ plt.show()
 # PyTorch ships the same computation as one fused function,
 # `F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=None)`, with the
 # same boolean convention (`True` = may attend) and the same zero rows for fully masked queries.
-# It never forms the weight matrix in memory, which is why it is faster on long sequences. Let us
-# check that ours agrees on random multi-head inputs `(B, H, T, d)` under a range of masks,
+# With its fused back-ends (flash, memory-efficient) it can avoid forming the $T_q \times T_k$
+# weight matrix in memory, which is why it is faster on long sequences; its plain "math"
+# fallback, used for some inputs, does form it, as ours does. Let us check that ours agrees on random multi-head inputs `(B, H, T, d)` under a range of masks,
 # including per-head masks, additive masks, fewer queries than keys, and rows with nothing to
 # attend to. The assertion is a maximum absolute difference below $10^{-6}$.
 
@@ -721,24 +800,25 @@ cases = {
     "random per-head boolean": torch.rand(B, H, Tq, Tk) > 0.5,
     "random float bias + -inf": torch.randn(Tq, Tk).masked_fill(~tril, float("-inf")),
 }
+pairs = {}  # name -> (ours, theirs)
 for name, mask in cases.items():
-    ours, _ = attention(q_r, k_r, v_r, mask=mask)
-    theirs = F.scaled_dot_product_attention(q_r, k_r, v_r, attn_mask=mask)
+    pairs[name] = (
+        attention(q_r, k_r, v_r, mask=mask)[0],
+        F.scaled_dot_product_attention(q_r, k_r, v_r, attn_mask=mask),
+    )
+pairs["causal mask vs is_causal=True"] = (
+    attention(q_r, k_r, v_r, mask=tril)[0],
+    F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True),
+)
+q_1 = q_r[:, :, -2:]  # (B, H, 2, D): the last two queries over all 7 keys
+pairs["T_q=2 < T_k=7, bottom-right mask"] = (
+    attention(q_1, k_r, v_r, mask=causal_bottom_right(2, Tk))[0],
+    F.scaled_dot_product_attention(q_1, k_r, v_r, attn_mask=causal_bottom_right(2, Tk)),
+)
+for name, (ours, theirs) in pairs.items():
     diff = (ours - theirs).abs().max().item()
     assert diff < 1e-6, (name, diff)
     print(f"{name:<36} max |diff| < 1e-6: {diff < 1e-6}")
-
-ours, _ = attention(q_r, k_r, v_r, mask=tril)
-theirs = F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True)
-print(
-    f"{'causal mask vs is_causal=True':<36} max |diff| < 1e-6: {(ours - theirs).abs().max().item() < 1e-6}"
-)
-q_1 = q_r[:, :, -2:]  # (B, H, 2, D): the last two queries over all 7 keys
-ours, _ = attention(q_1, k_r, v_r, mask=causal_bottom_right(2, Tk))
-theirs = F.scaled_dot_product_attention(q_1, k_r, v_r, attn_mask=causal_bottom_right(2, Tk))
-print(
-    f"{'T_q=2 < T_k=7, bottom-right mask':<36} max |diff| < 1e-6: {(ours - theirs).abs().max().item() < 1e-6}"
-)
 
 # %% [markdown]
 # ## Check against the module
@@ -755,6 +835,10 @@ print(
 #
 # The cell below feeds the same tensors to our notebook functions and to the module, and asserts
 # that masks agree exactly and outputs and weights agree within an absolute tolerance of $10^{-6}$.
+# Every case is compared with both `sdpa_reference` and `sdpa`. One case passes a padding mask
+# *and* `is_causal=True`: `F.scaled_dot_product_attention` itself refuses that combination
+# ("Explicit attn_mask should not be set when is_causal=True"), so `attnbook`'s `sdpa` first folds
+# the causal mask into the given one, exactly as `sdpa_reference` does.
 
 # %%
 from attnbook.attention import additive_mask, causal_mask, padding_mask, sdpa, sdpa_reference
@@ -765,32 +849,35 @@ assert all(torch.equal(causal_mask(t_q, 9), causal_bottom_right(t_q, 9)) for t_q
 assert torch.equal(padding_mask(lengths, T), key_is_real)
 assert torch.equal(additive_mask(both), to_additive(both))
 
-module_masks = {
-    "none": None,
-    "causal": causal_mask(Tq),
-    "padding & causal": padding_mask(lens, Tk)[:, None, None, :] & causal_mask(Tq),
-    "left padding & causal": padding_mask(lens, Tk).flip(-1)[:, None, None, :] & causal_mask(Tq),
-    "additive causal": additive_mask(causal_mask(Tq)),
+pad = padding_mask(lens, Tk)[:, None, None, :]  # (B, 1, 1, T_k): right padding
+# flip(-1) reverses each row of the right-padding mask, so the real tokens come last: left padding
+left_pad_m = padding_mask(lens, Tk).flip(-1)[:, None, None, :]  # (B, 1, 1, T_k)
+causal_m = causal_mask(Tq)  # (T_q, T_k), the module's causal mask
+# name -> ((q, k, v), mask for our attention, keyword arguments for the module)
+qkv_r = (q_r, k_r, v_r)
+module_cases = {
+    "no mask": (qkv_r, None, {}),
+    "causal": (qkv_r, tril, {"attn_mask": causal_m}),
+    "padding & causal": (qkv_r, pad & tril, {"attn_mask": pad & causal_m}),
+    "left padding & causal": (qkv_r, left_pad_m & tril, {"attn_mask": left_pad_m & causal_m}),
+    "additive causal": (qkv_r, to_additive(tril), {"attn_mask": additive_mask(causal_m)}),
+    "padding mask + is_causal=True": (qkv_r, pad & tril, {"attn_mask": pad, "is_causal": True}),
+    "T_q=2 < T_k=7 (cached decoding)": (
+        (q_1, k_r, v_r),
+        causal_bottom_right(2, Tk),
+        {"attn_mask": causal_mask(2, Tk)},
+    ),
+    "toy sentence, left padded": ((Ql, Kl, Vl), left_mask, {"attn_mask": left_mask}),
 }
 atol = 1e-6
-for name, mask in module_masks.items():
-    ours, ours_w = attention(q_r, k_r, v_r, mask=mask)
-    ref, ref_w = sdpa_reference(q_r, k_r, v_r, attn_mask=mask, return_weights=True)
-    fast = sdpa(q_r, k_r, v_r, attn_mask=mask)
+for name, ((q, k, v), mask, kwargs) in module_cases.items():
+    ours, ours_w = attention(q, k, v, mask=mask)
+    ref, ref_w = sdpa_reference(q, k, v, **kwargs, return_weights=True)
+    fast = sdpa(q, k, v, **kwargs)
     assert torch.allclose(ours, ref, atol=atol) and torch.allclose(ours_w, ref_w, atol=atol), name
     assert torch.allclose(ours, fast, atol=atol), name
-# is_causal and a bottom-right block of queries, as in cached decoding
-ours, _ = attention(q_r, k_r, v_r, mask=padding_mask(lens, Tk)[:, None, None, :] & causal_mask(Tq))
-assert torch.allclose(
-    ours, sdpa(q_r, k_r, v_r, padding_mask(lens, Tk)[:, None, None, :], is_causal=True), atol=atol
-)
-ours, _ = attention(q_1, k_r, v_r, mask=causal_bottom_right(2, Tk))
-assert torch.allclose(ours, sdpa_reference(q_1, k_r, v_r, attn_mask=causal_mask(2, Tk)), atol=atol)
-# and the toy sentence
-assert torch.allclose(attention(Ql, Kl, Vl, left_mask)[0], sdpa(Ql, Kl, Vl, left_mask), atol=atol)
-print(
-    f"notebook attention == sdpa_reference == sdpa on {len(module_masks) + 3} cases (atol {atol}); masks identical"
-)
+print(f"masks identical; on {len(module_cases)} cases (atol {atol}):")
+print("notebook attention == sdpa_reference (outputs and weights) == sdpa (outputs)")
 
 # %% [markdown]
 # ## Summary
@@ -804,7 +891,9 @@ print(
 #   `+`. Causal masks for $T_q < T_k$ must be aligned bottom-right; `is_causal=True` aligns
 #   top-left.
 # - A query with nothing to attend to gives NaN in a naive softmax, and the NaN spreads through
-#   later layers; the defined behaviour is zero weights and a zero output.
+#   later layers; the defined behaviour is zero weights and a zero output. Give such rows finite
+#   scores before the softmax and zero their weights after it, so that neither the forward nor
+#   the backward pass sees $0/0$.
 #
 # ## Exercises
 #
@@ -815,8 +904,10 @@ print(
 # 1. **Scale as a temperature.** `F.scaled_dot_product_attention` and `sdpa_reference` take a
 #    `scale` argument that replaces $1/\sqrt{d}$. Predict what the attention weights and the
 #    output of the toy sentence become as `scale → 0` and as `scale → ∞`. Then verify with
-#    `scale=1e-6` and `scale=1e6`. Which limit is "average everything" and which is "look up
-#    one key"?
+#    `scale=1e-6` and `scale=1e6`. (This chapter's `attention` has no `scale` argument, and
+#    `F.scaled_dot_product_attention` does not return the weights, so use
+#    `sdpa_reference(Q, K, V, scale=..., return_weights=True)`, which returns both.) Which limit
+#    is "average everything" and which is "look up one key"?
 # 2. **Softmax is shift-invariant.** Show on paper that $\operatorname{softmax}(s + c) =
 #    \operatorname{softmax}(s)$ for any constant $c$, and check it numerically. Then compute a
 #    softmax "by the formula", `exp(s) / exp(s).sum()`, on the scores `[1000., 999., 998.]`:
@@ -833,4 +924,5 @@ print(
 # 5. **Minus a billion is not minus infinity.** Some code masks with a large finite number,
 #    `scores.masked_fill(~mask, -1e9)`, instead of `-inf`. Predict what that version outputs (a)
 #    for ordinary rows and (b) for the fully masked rows of the left-padded example. Verify,
-#    and say which behaviour you would prefer and why.
+#    and say which behaviour you would prefer and why. Bonus: what happens to $-10^9$ in
+#    float16, whose largest finite magnitude is 65504?

@@ -41,6 +41,12 @@ def past_change(layer, x):
         return (layer(x_new)[:, :-1] - layer(x)[:, :-1]).abs().max().item()
 
 
+def value_ratio(layer, x, value_proj):
+    """max|y| / max|V|: at most 1 for a weighted average of the values."""
+    with torch.no_grad():
+        return (layer(x).abs().max() / value_proj(x).abs().max()).item()
+
+
 # %% [markdown]
 # ## Exercise 1: softmax over the wrong axis
 #
@@ -51,7 +57,8 @@ def past_change(layer, x):
 # e^{s_{t'j}}$, and that denominator contains the scores of *later* queries $t' > t$. A change
 # to the last token changes its query, hence every column's denominator, hence every earlier
 # output. The mask only stops the future from being a key; this bug lets it in through the
-# normalisation.
+# normalisation. With rows that no longer sum to 1, the output is no longer a weighted average
+# either, so `value_ratio` may exceed 1.
 
 # %%
 class WrongDimHead(Head):
@@ -73,13 +80,19 @@ print("rows sum to 1:   ", torch.allclose(wrong.attn.sum(dim=-1), ones))
 print("columns sum to 1:", torch.allclose(wrong.attn.sum(dim=-2), ones))
 print("row sums of the first sequence:", wrong.attn[0].sum(dim=-1).numpy().round(2))
 print(f"change in past outputs: {past_change(wrong, x):.2f}")
+ratios = [value_ratio(wrong, c * x, wrong.value) for c in (1, 10)]
+print(f"max|y| / max|V| at input x1: {ratios[0]:.2f}, at input x10: {ratios[1]:.2f}")
 assert not torch.allclose(wrong.attn.sum(dim=-1), ones)
 assert torch.allclose(wrong.attn.sum(dim=-2), ones)
 assert past_change(wrong, x) > 1e-3
+assert ratios[0] <= 1 < ratios[1]
 
 # %% [markdown]
 # Both predictions hold. The row sums also show a telltale pattern: row 0 has a single weight
 # below 1, while the last row collects weights from every column and its sum grows with $T$.
+# The weighted-average test is subtler: at the toy input the ratio happens to stay below 1, and
+# only at ten times the input, where the weights are more peaked, does an output exceed every
+# value. One passing input proves little; that is why the chapter tries two scales.
 # With the same weights, the correct `Head` passes the causality test:
 
 # %%

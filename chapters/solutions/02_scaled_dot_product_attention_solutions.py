@@ -209,9 +209,13 @@ fig, ax = plt.subplots(figsize=(4.2, 3.8), layout="constrained")
 ax.imshow(window.float(), cmap="Blues", vmin=0, vmax=1)
 ax.set_xticks(range(T), sentence, rotation=45, ha="right")
 ax.set_yticks(range(T), sentence)
+ax.set_xticks([c - 0.5 for c in range(1, T)], minor=True)  # light lines between the cells
+ax.set_yticks([r - 0.5 for r in range(1, T)], minor=True)
+ax.grid(which="minor", color="lightgray", linewidth=0.6)
+ax.tick_params(which="minor", length=0)
 ax.set_xlabel("key (attended to)")
 ax.set_ylabel("query (attending)")
-ax.set_title("window of 3: itself and 2 before")
+ax.set_title("window of 3: itself and 2 before\n(dark = may attend, white = masked)", fontsize=10)
 plt.show()
 
 # %% [markdown]
@@ -286,7 +290,8 @@ out_fin, w_fin = attention_finite(Ql, Kl, Vl, left_mask)
 out_inf, w_inf = sdpa_reference(Ql, Kl, Vl, attn_mask=left_mask, return_weights=True)
 print("weights with -1e9:")
 print(w_fin)
-assert torch.equal(w_fin[3:], w_inf[3:]) and torch.allclose(out_fin[3:], out_inf[3:], atol=1e-6)
+assert torch.allclose(w_fin[3:], w_inf[3:], atol=1e-6)
+assert torch.allclose(out_fin[3:], out_inf[3:], atol=1e-6)
 assert torch.allclose(w_fin[:3], torch.full((3, T), 1 / T))
 assert torch.allclose(out_fin[:3], Vl.mean(dim=0).expand(3, d), atol=1e-6)
 assert (out_inf[:3] == 0).all()
@@ -296,11 +301,46 @@ print("(b) fully masked rows: uniform over all keys (output = mean of V), not ze
 # %% [markdown]
 # **Which to prefer.** The `-inf` version with an explicit rule for empty rows: its ordinary
 # rows are the same, and an empty row gives a clear, documented answer (zero weights, zero
-# output) instead of silently attending to positions that the mask said were forbidden. There is
-# also a precision trap: $-10^9$ is not representable in float16, whose largest magnitude is
-# 65504, so in half precision it *becomes* `-inf` and the NaN is back.
+# output) instead of silently attending to positions that the mask said were forbidden.
+#
+# **Bonus: float16.** $-10^9$ is far outside float16's range (largest finite magnitude 65504),
+# and what happens depends on how the number meets the tensor. `masked_fill` with a Python number
+# checks that the number fits the tensor's dtype, and refuses:
+
+# %% tags=["raises-exception"]
+scores16 = (Ql @ Kl.T / math.sqrt(d)).half()  # (T, T) float16 scores
+scores16.masked_fill(~left_mask, -1e9)
+
+# %% [markdown]
+# Arithmetic does not check: adding or multiplying by $-10^9$ in float16 overflows silently to
+# `-inf`. That is what happens to an additive mask built as `(~mask).half() * -1e9` (or an
+# additive float32 mask of $-10^9$ cast to half). The masked entries are then exactly `-inf`,
+# ordinary rows are fine, and the fully masked rows are $0/0$ = NaN again: the finite trick has
+# quietly turned back into the naive `-inf` version.
 
 # %%
-print("-1e9 in float16:", torch.tensor(-1e9, dtype=torch.float16).item())
-print("float16 most negative finite:", torch.finfo(torch.float16).min)
-assert torch.tensor(-1e9, dtype=torch.float16).isneginf()
+bias16 = (~left_mask).half() * -1e9  # (T, T): -inf where masked, -0 where allowed
+print("masked entries of the float16 bias are -inf:", bool(bias16[~left_mask].isneginf().all()))
+w16 = torch.softmax(scores16 + bias16, dim=-1)  # (T, T) float16
+nan_rows = w16.isnan().any(dim=-1)
+print("rows with NaN weights:", nan_rows.nonzero().flatten().tolist())
+assert nan_rows.tolist() == [True] * 3 + [False] * 3
+# the ordinary rows are right, to float16 precision
+assert torch.allclose(w16[3:].float(), w_inf[3:], atol=1e-3)
+
+# %% [markdown]
+# If you want a finite fill value, take it from the dtype: `torch.finfo(dtype).min` is the most
+# negative finite number the dtype can hold (-65504 for float16, about $-3.4 \times 10^{38}$ for
+# float32). `masked_fill` accepts it in any dtype, and the result behaves like $-10^9$ in float32:
+# ordinary rows as with `-inf`, fully masked rows uniform rather than NaN. It is still not a
+# defined "attends to nothing"; for that you need the explicit rule for empty rows.
+
+# %%
+fill16 = torch.finfo(torch.float16).min
+print("float16 most negative finite:", fill16)
+w16_fin = torch.softmax(scores16.masked_fill(~left_mask, fill16), dim=-1)  # (T, T) float16
+print("no NaN:", not w16_fin.isnan().any().item())
+assert not w16_fin.isnan().any()
+assert torch.allclose(w16_fin[3:].float(), w_inf[3:], atol=1e-3)
+assert torch.allclose(w16_fin[:3].float(), torch.full((3, T), 1 / T), atol=1e-3)
+print("ordinary rows as with -inf, fully masked rows uniform:", True)
