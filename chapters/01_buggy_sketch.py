@@ -525,12 +525,12 @@ print(model7.attn[0].numpy().round(2))
 # *visible* position, before the softmax divides by the row sum:
 
 # %%
-with torch.no_grad():
-    scores7 = model7.W_query(x[0]) @ model7.W_key(x[0]).transpose(-2, -1) / d_out**0.5  # (T, T), first sequence
-visible = scores7[torch.tril(torch.ones(T, T)) == 1]  # the T(T+1)/2 scores on or below the diagonal
+with torch.no_grad():  # the scores of the first sequence, as version 7 computes them
+    scores7 = model7.W_query(x[0]) @ model7.W_key(x[0]).transpose(-2, -1) / d_out**0.5  # (T, T)
+visible = scores7[torch.tril(torch.ones(T, T)) == 1]  # the scores on or below the diagonal
 print(f"visible scores s:  from {visible.min():.2f} to {visible.max():.2f}")
 print(f"e^s:               from {visible.exp().min():.2f} to {visible.exp().max():.2f}")
-print("masked score 1e-10: e^s = ", math.exp(1e-10))
+print(f"masked score 1e-10: e^s = {math.exp(1e-10):.2f}")
 
 # %% [markdown]
 # A masked position gets an unnormalised weight of 1, right in the middle of what the visible
@@ -704,7 +704,7 @@ assert torch.allclose(y9, y_ref, atol=1e-6)
 # | --- | --- | --- |
 # | v1 → v2 | no `super().__init__()` | `AttributeError` when the first layer is assigned |
 # | v2 → v3 | `W_query(x)` instead of `self.W_query(x)` | `NameError` (and a linter warning) |
-# | v3 → v4 | `K.T` on a 3-D tensor | deprecation warning, then a shape error, or for some shapes a silently wrong shape |
+# | v3 → v4 | `K.T` on a 3-D tensor | deprecation warning (in 2.13), then a shape error, or for some shapes no error and a wrong shape |
 # | v4 → v5 | `torch.sqrt(..., dim=-1)` | `TypeError` |
 # | v5 → v6 | `mask` instead of `self.tril` | `NameError` (and a linter warning) |
 # | v6 → v7 | `return scores @ V` | silent: output larger than the values; 10x input gives 1000x output |
