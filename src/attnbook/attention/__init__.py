@@ -7,17 +7,23 @@
 Importing this package imports every variant module, so ``available()`` lists them all.
 """
 
+from .base import CausalSelfAttention
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
-from .masks import additive_mask, causal_mask, padding_mask
+from .gqa import GroupedQueryAttention
+from .masks import additive_mask, causal_mask, padding_mask, restrict
 from .mha import MultiHeadAttention
+from .mqa import MultiQueryAttention
 from .registry import available, build_attention, register_attention
 from .single_head import Head, SelfAttention
 
 __all__ = [
     "AttentionConfig",
+    "CausalSelfAttention",
+    "GroupedQueryAttention",
     "Head",
     "MultiHeadAttention",
+    "MultiQueryAttention",
     "SelfAttention",
     "additive_mask",
     "available",
@@ -25,6 +31,7 @@ __all__ = [
     "causal_mask",
     "padding_mask",
     "register_attention",
+    "restrict",
     "sdpa",
     "sdpa_reference",
 ]

@@ -6,7 +6,10 @@ Fields that only some variants use arrive with those variants; every field is ch
 
 from dataclasses import dataclass
 
+from ..positions import ROPE_PAIRINGS
+
 IMPLEMENTATIONS = ("sdpa", "reference")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
 @dataclass
@@ -16,32 +19,63 @@ class AttentionConfig:
     Args:
         d_model: width of the residual stream (the input and output size of the layer).
         n_head: number of query heads; must divide ``d_model``.
+        n_kv_head: number of key/value heads for grouped-query attention ("gqa"); must divide
+            ``n_head``. ``None`` means one per query head. "mha" and "mqa" fix it themselves.
+        block_size: the longest sequence (prompt plus generated tokens) the layer handles.
         dropout: dropout probability on the attention weights and on the output, in [0, 1).
         bias: whether the Q/K/V and output projections have a bias.
         causal: whether a position may only attend to itself and earlier positions.
+        positions: ``"learned"`` or ``"sinusoidal"`` (added to the embeddings by the model, so
+            nothing to do in attention), ``"rope"`` (rotates q and k), ``"alibi"`` (a bias on
+            the scores) or ``"none"``.
+        rope_base: RoPE's base wavelength (10000 in most models).
+        rope_pairing: ``"half"`` (GPT-NeoX / LLaMA) or ``"interleaved"`` (GPT-J / RoFormer).
         impl: ``"sdpa"`` (the fast path on ``F.scaled_dot_product_attention``) or
             ``"reference"`` (the explicit math of ``attnbook.attention.core``).
     """
 
     d_model: int = 768
     n_head: int = 12
+    n_kv_head: int | None = None
+    block_size: int = 1024
     dropout: float = 0.0
     bias: bool = True
     causal: bool = True
+    positions: str = "learned"
+    rope_base: float = 10000.0
+    rope_pairing: str = "half"
     impl: str = "sdpa"
 
     def __post_init__(self):
-        for name in ("d_model", "n_head"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("d_model", "n_head", "block_size"):
+            _check_positive_int(name, getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
                 f"choose n_head among the divisors of d_model"
             )
+        if self.n_kv_head is not None:
+            _check_positive_int("n_kv_head", self.n_kv_head)
+            if self.n_head % self.n_kv_head != 0:
+                raise ValueError(
+                    f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: each "
+                    f"key/value head must serve the same number of query heads"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"RoPE rotates pairs of coordinates: head_dim = d_model / n_head must be even, "
+                f"got head_dim={self.head_dim}"
+            )
+        if not self.rope_base > 1.0:
+            raise ValueError(f"rope_base must be greater than 1, got {self.rope_base!r}")
+        if self.rope_pairing not in ROPE_PAIRINGS:
+            raise ValueError(
+                f"rope_pairing must be one of {ROPE_PAIRINGS}, got {self.rope_pairing!r}"
+            )
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
 
@@ -49,3 +83,8 @@ class AttentionConfig:
     def head_dim(self) -> int:
         """Size of one head's queries, keys and values: ``d_model // n_head``."""
         return self.d_model // self.n_head
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

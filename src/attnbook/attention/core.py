@@ -10,6 +10,8 @@ Masks (``attn_mask``) broadcast against the scores ``(..., T_q, T_k)`` and are e
 boolean (``True`` = may attend, see ``masks.py``) or float (added to the scores; -inf masks).
 ``is_causal=True`` adds the causal mask; it needs ``T_q == T_k`` (for a query block at the end
 of a longer key sequence, as in cached decoding, pass ``causal_mask(T_q, T_k)`` instead).
+``enable_gqa=True`` lets k and v have fewer heads than q (grouped-query attention): query head
+``h`` uses key/value head ``h // (n_head // n_kv_head)``, as in PyTorch and Hugging Face.
 
 A fully masked query row (no key it may attend to) outputs zeros, and its weights are all zero:
 it attends to nothing. This is what ``F.scaled_dot_product_attention`` does from torch 2.5 on,
@@ -19,20 +21,26 @@ and it keeps a padded batch free of NaN.
 import torch
 import torch.nn.functional as F
 
-from .masks import causal_mask
+from .masks import causal_mask, restrict
 
 
-def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p):
+def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa):
     """Raise ValueError, naming the argument, for anything the attention cannot take."""
     if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(
             f"q, k, v must have the same number of dimensions (at least 2: (..., T, head_dim)), "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+    if enable_gqa and q.dim() < 3:
         raise ValueError(
-            f"q, k, v must share their leading (batch, head) dimensions, "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"enable_gqa needs a head dimension: (..., n_head, T, head_dim), got {tuple(q.shape)}"
+        )
+    grouped = enable_gqa and k.shape[:-3] == q.shape[:-3] and q.shape[-3] % k.shape[-3] == 0
+    if k.shape[:-2] != v.shape[:-2] or not (grouped or q.shape[:-2] == k.shape[:-2]):
+        raise ValueError(
+            f"q, k, v must share their leading (batch, head) dimensions (with enable_gqa=True, "
+            f"k and v may have n_head / group heads), got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -70,16 +78,6 @@ def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p):
         )
 
 
-def _fold_causal(attn_mask, t, device):
-    """Combine ``attn_mask`` (or None) with the causal mask into one mask of the same kind."""
-    causal = causal_mask(t, t, device=device)  # (T, T)
-    if attn_mask is None:
-        return causal
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & causal
-    return attn_mask.masked_fill(~causal, float("-inf"))
-
-
 def sdpa_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,6 +87,7 @@ def sdpa_reference(
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_weights: bool = False,
+    enable_gqa: bool = False,
 ):
     """Attention written out: scores, mask, softmax, dropout, weighted sum of values.
 
@@ -103,13 +102,18 @@ def sdpa_reference(
             ``F.scaled_dot_product_attention``.
         scale: multiplies the scores; defaults to ``1 / sqrt(head_dim)``.
         return_weights: also return the attention weights (before dropout).
+        enable_gqa: allow k, v with ``n_kv_head`` heads dividing q's ``n_head`` (dimension -3).
 
     Returns:
         ``(..., T_q, v_dim)`` output, and ``(..., T_q, T_k)`` weights if ``return_weights``.
     """
-    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p)
+    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     if is_causal:
-        attn_mask = _fold_causal(attn_mask, q.shape[-2], q.device)
+        attn_mask = restrict(attn_mask, causal_mask(q.shape[-2], device=q.device))
+    if enable_gqa:  # every key/value head serves a group of consecutive query heads
+        group = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(group, dim=-3)  # (..., n_head, T_k, head_dim)
+        v = v.repeat_interleave(group, dim=-3)  # (..., n_head, T_k, v_dim)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (..., T_q, T_k)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -134,15 +138,24 @@ def sdpa(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """The fast path: ``F.scaled_dot_product_attention`` with the arguments of ``sdpa_reference``.
 
     Returns the ``(..., T_q, v_dim)`` output (the fused kernels do not form the weights; use
     ``sdpa_reference(..., return_weights=True)`` to see them).
     """
-    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p)
+    _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     if is_causal and attn_mask is not None:  # torch takes one or the other: fold them together
-        attn_mask, is_causal = _fold_causal(attn_mask, q.shape[-2], q.device), False
+        attn_mask = restrict(attn_mask, causal_mask(q.shape[-2], device=q.device))
+        is_causal = False
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
     )

@@ -6,6 +6,7 @@ Orientation, everywhere in attnbook: ``True`` means "this query may attend to th
 - ``causal_mask``: each query sees its own position and earlier ones.
 - ``padding_mask``: which key positions of a right-padded batch are real tokens.
 - ``additive_mask``: the same information as a float bias (0 where allowed, -inf where masked).
+- ``restrict``: a mask of either kind further restricted by a boolean one (e.g. made causal).
 """
 
 import torch
@@ -61,3 +62,16 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
         raise ValueError(f"mask must be a boolean tensor, got dtype {mask.dtype}")
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return bias.masked_fill(~mask, float("-inf"))
+
+
+def restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """``mask`` (None, boolean or additive float) with every pair ``allowed`` forbids masked too.
+
+    Returns a mask of the same kind as ``mask`` (boolean when ``mask`` is None), broadcast
+    against ``allowed``.
+    """
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,108 @@
+"""The skeleton every self-attention variant shares: project -> positions -> cache -> attend -> output.
+
+A variant subclasses ``CausalSelfAttention`` and overrides only what differs:
+
+- ``project(x)`` returns queries ``(B, n_head, T, head_dim)`` and keys and values
+  ``(B, n_kv_head, T, head_dim)`` (fewer key/value heads than query heads means grouped-query
+  attention, handled by the attention call);
+- ``new_cache(...)`` builds the cache the variant generates with.
+
+Positions come from the config: RoPE rotates q and k here, ALiBi adds a bias to the scores here,
+learned and sinusoidal positions were already added to the embeddings by the model.
+"""
+
+import torch
+from torch import nn
+
+from ..kv_cache import KVCache
+from ..positions import RotaryEmbedding, alibi_bias, alibi_slopes
+from .config import AttentionConfig
+from .core import sdpa, sdpa_reference
+from .masks import causal_mask, restrict
+
+
+class CausalSelfAttention(nn.Module):
+    """Self-attention (causal unless ``config.causal`` is False) with positions and a KV cache.
+
+    ``forward(x, attn_mask=None, need_weights=False, cache=None)``:
+        x: ``(B, T, d_model)``.
+        attn_mask: optional extra mask (boolean, ``True`` = may attend, or additive float)
+            broadcastable to ``(B, n_head, T, T_k)``, combined with the causal mask; for a key
+            padding mask ``m`` of shape ``(B, T_k)`` pass ``m[:, None, None, :]``.
+        need_weights: also return the ``(B, n_head, T, T_k)`` attention weights (computed on
+            the reference path, whatever ``config.impl`` says).
+        cache: a cache from ``new_cache``; ``x`` is then the next ``T`` tokens after the
+            ``cache.length`` already cached, and ``T_k = cache.length + T``.
+    Returns ``(B, T, d_model)``, or ``(output, weights)`` with ``need_weights``.
+    """
+
+    def __init__(self, config: AttentionConfig, n_kv_head: int):
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, n_kv_head, config.head_dim
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)  # mixes heads
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rope = None
+        if config.positions == "rope":
+            self.rope = RotaryEmbedding(
+                config.head_dim, config.block_size, config.rope_base, config.rope_pairing
+            )
+        if config.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def project(self, x: torch.Tensor):
+        """Queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T, head_dim)``."""
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
+        """An empty KV cache for this layer (``max_len`` defaults to ``block_size``)."""
+        return KVCache(
+            batch_size,
+            self.n_kv_head,
+            self.head_dim,
+            max_len or self.config.block_size,
+            device=device if device is not None else self.c_proj.weight.device,
+            dtype=dtype or self.c_proj.weight.dtype,
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
+        d = self.config.d_model
+        if x.dim() != 3 or x.shape[-1] != d:
+            raise ValueError(f"x must have shape (B, T, d_model={d}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        start = 0 if cache is None else cache.length  # position of x's first token
+        q, k, v = self.project(x)  # (B, n_head, T, hd), 2 x (B, n_kv_head, T, hd)
+        if self.rope is not None:
+            q, k = self.rope(q, start), self.rope(k, start)  # rotated by their positions
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, n_kv_head, start + T, hd): every position so far
+        attn_mask, is_causal = self._mask(attn_mask, T, k.shape[-2], x.device)
+        args = dict(
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=self.config.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        weights = None
+        if need_weights or self.config.impl == "reference":
+            y, weights = sdpa_reference(q, k, v, **args, return_weights=True)
+        else:
+            y = sdpa(q, k, v, **args)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d_model): heads side by side
+        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
+        return (y, weights) if need_weights else y
+
+    def _mask(self, attn_mask, t_q, t_k, device):
+        """The mask to attend with, and whether SDPA's own (top-left) causal flag can do it."""
+        if self.config.positions == "alibi":  # a float bias per head; causality goes into it
+            bias = alibi_bias(self.alibi_slopes, t_q, t_k).to(dtype=self.c_proj.weight.dtype)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                bias = restrict(bias, attn_mask)  # (.., n_head, t_q, t_k)
+            elif attn_mask is not None:
+                bias = bias + attn_mask
+            attn_mask = bias
+        if not self.config.causal:
+            return attn_mask, False
+        if t_q == t_k:  # no cache, or a first prefill: top-left and bottom-right agree
+            return attn_mask, True
+        return restrict(attn_mask, causal_mask(t_q, t_k, device=device)), False

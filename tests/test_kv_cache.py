@@ -1,0 +1,116 @@
+"""Cached decoding must give what a full forward pass gives, for every variant and position scheme."""
+
+import pytest
+import torch
+from torch import nn
+
+from attnbook.attention import AttentionConfig, available, build_attention
+from attnbook.attention.config import POSITIONS
+from attnbook.kv_cache import KVCache
+from attnbook.positions import PositionalEmbedding
+
+BLOCK = 12
+
+
+def _config(positions, **kw):
+    return AttentionConfig(
+        d_model=32, n_head=4, n_kv_head=2, block_size=BLOCK, positions=positions, **kw
+    )
+
+
+def _layer(name, positions):
+    cfg = _config(positions)
+    if name != "gqa":
+        cfg.n_kv_head = None
+    return build_attention(name, cfg).eval()
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("chunks", [[1] * BLOCK, [5, 1, 3, 3], [1, BLOCK - 1], [BLOCK - 1, 1]])
+def test_cached_chunks_equal_the_full_pass(name, positions, chunks):
+    layer = _layer(name, positions)
+    x = torch.randn(2, BLOCK, 32)
+    full = layer(x)
+    cache = layer.new_cache(batch_size=2)
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(layer(x[:, start : start + size], cache=cache))
+        start += size
+    assert cache.length == BLOCK
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+class TinyLM(nn.Module):
+    """Embeddings, (positions), two residual attention layers, LM head: enough to decode greedily."""
+
+    def __init__(self, name, positions, vocab=17):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, 32)
+        self.pos = (
+            PositionalEmbedding(positions, BLOCK, 32)
+            if positions in ("learned", "sinusoidal")
+            else None
+        )
+        self.layers = nn.ModuleList(_layer(name, positions) for _ in range(2))
+        self.head = nn.Linear(32, vocab)
+
+    def forward(self, idx, caches=None):
+        start = caches[0].length if caches else 0
+        x = self.tok(idx)  # (B, T, 32)
+        if self.pos is not None:
+            x = x + self.pos(idx.shape[1], start)
+        for i, layer in enumerate(self.layers):
+            x = x + layer(x, cache=caches[i] if caches else None)
+        return self.head(x)  # (B, T, vocab)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("prompt_len", [1, 5, BLOCK - 1])
+def test_greedy_decoding_with_cache_equals_without(name, positions, prompt_len):
+    torch.manual_seed(0)
+    model = TinyLM(name, positions).eval()
+    prompt = torch.randint(0, 17, (2, prompt_len))
+    with torch.no_grad():
+        plain = prompt
+        while plain.shape[1] < BLOCK:  # recompute everything each step
+            nxt = model(plain)[:, -1].argmax(-1, keepdim=True)
+            plain = torch.cat([plain, nxt], dim=1)
+        caches = [layer.new_cache(2) for layer in model.layers]
+        logits = model(prompt, caches)  # prefill
+        cached = prompt
+        while cached.shape[1] < BLOCK:  # one token at a time
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            cached = torch.cat([cached, nxt], dim=1)
+            if cached.shape[1] < BLOCK:
+                logits = model(nxt, caches)
+    assert torch.equal(cached, plain)
+
+
+def test_overflow_raises_a_clear_error():
+    layer = _layer("mha", "rope")
+    cache = layer.new_cache(batch_size=1, max_len=4)
+    layer(torch.randn(1, 3, 32), cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow: it holds max_len=4"):
+        layer(torch.randn(1, 2, 32), cache=cache)
+    cache.reset()
+    assert cache.length == 0
+    layer(torch.randn(1, 4, 32), cache=cache)  # usable again after reset
+
+
+def test_cache_shape_mismatch_is_reported():
+    cache = KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=5)
+    with pytest.raises(ValueError, match=r"expected k of shape \(2, 2, 1, 8\)"):
+        cache.append(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8))
+    with pytest.raises(ValueError, match="max_len must be positive"):
+        KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=0)
+
+
+@pytest.mark.parametrize("name, kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_bytes_per_token_is_two_times_kv_heads_times_head_dim_times_itemsize(name, kv_heads):
+    layer = _layer(name, "none")
+    cache = layer.new_cache(batch_size=3, max_len=BLOCK)
+    assert cache.bytes_per_token == 2 * kv_heads * 8 * 4
+    assert cache.nbytes == 3 * BLOCK * cache.bytes_per_token
+    assert cache.k.shape == (3, kv_heads, BLOCK, 8)
