@@ -269,7 +269,10 @@ assert with_mask == [T - 1]
 #
 # **Prediction.** (a) For a row with at least one allowed key, the softmax subtracts the row
 # maximum, an allowed score of ordinary size; the masked entries become about $e^{-10^9}$,
-# which underflows to exactly 0. So ordinary rows are **identical** to the `-inf` version.
+# which underflows to exactly 0. So ordinary rows are **the same** as in the `-inf` version. (We
+# compare with a tolerance: bit-for-bit equality would also need both versions to compute the
+# scores and the softmax with exactly the same operations in the same order, which is not
+# something to rely on across machines and versions.)
 # (b) In a fully masked row every score is exactly $-10^9$; they are all equal, and the softmax
 # of equal numbers is uniform. So the row attends **equally to every key, masked ones included**
 # (for the left-padded example, the pad queries read the future tokens *the dog barked*). No NaN
@@ -295,7 +298,7 @@ assert torch.allclose(out_fin[3:], out_inf[3:], atol=1e-6)
 assert torch.allclose(w_fin[:3], torch.full((3, T), 1 / T))
 assert torch.allclose(out_fin[:3], Vl.mean(dim=0).expand(3, d), atol=1e-6)
 assert (out_inf[:3] == 0).all()
-print("(a) ordinary rows identical to -inf:", True)
+print("(a) ordinary rows same as with -inf (atol 1e-6):", True)
 print("(b) fully masked rows: uniform over all keys (output = mean of V), not zero:", True)
 
 # %% [markdown]
