@@ -10,6 +10,7 @@ Importing this package imports every variant module, so ``available()`` lists th
 from .base import CausalSelfAttention
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
+from .cross import CrossAttention, DecoderBlock, EncoderBlock
 from .gqa import GroupedQueryAttention
 from .masks import additive_mask, causal_mask, padding_mask, restrict
 from .mha import MultiHeadAttention
@@ -20,6 +21,9 @@ from .single_head import Head, SelfAttention
 __all__ = [
     "AttentionConfig",
     "CausalSelfAttention",
+    "CrossAttention",
+    "DecoderBlock",
+    "EncoderBlock",
     "GroupedQueryAttention",
     "Head",
     "MultiHeadAttention",

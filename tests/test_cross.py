@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+from attnbook.attention import (
+    AttentionConfig,
+    CrossAttention,
+    DecoderBlock,
+    EncoderBlock,
+    padding_mask,
+)
+
+CFG = AttentionConfig(d_model=32, n_head=4)
+
+
+@pytest.mark.parametrize("t_q, t_k", [(1, 9), (7, 3), (5, 5)])
+def test_any_lengths(t_q, t_k):
+    out, w = CrossAttention(CFG)(
+        torch.randn(2, t_q, 32), torch.randn(2, t_k, 32), need_weights=True
+    )
+    assert out.shape == (2, t_q, 32) and w.shape == (2, 4, t_q, t_k)
+
+
+def test_padded_source_positions_never_change_the_output():
+    layer = CrossAttention(CFG)
+    x, memory = torch.randn(2, 4, 32), torch.randn(2, 6, 32)
+    keep = padding_mask(torch.tensor([6, 3]), 6)
+    out = layer(x, memory, keep)
+    garbage = memory.clone()
+    garbage[1, 3:] = 1e3 * torch.randn(3, 32)
+    torch.testing.assert_close(layer(x, garbage, keep), out)
+    torch.testing.assert_close(out[1:], layer(x[1:], memory[1:, :3]))  # same as no padding at all
+
+
+def test_agrees_with_torch_multihead_attention():
+    ours = CrossAttention(CFG)
+    theirs = nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(torch.cat([ours.c_q.weight, ours.c_kv.weight]))
+        theirs.in_proj_bias.copy_(torch.cat([ours.c_q.bias, ours.c_kv.bias]))
+        theirs.out_proj.load_state_dict(ours.c_proj.state_dict())
+    x, memory = torch.randn(3, 5, 32), torch.randn(3, 8, 32)
+    keep = padding_mask(torch.tensor([8, 2, 5]), 8)
+    expected, _ = theirs(x, memory, memory, key_padding_mask=~keep)  # torch: True = padded
+    assert (ours(x, memory, keep) - expected).abs().max() < 1e-5
+
+
+def test_fast_and_reference_paths_agree():
+    fast = CrossAttention(CFG)
+    ref = CrossAttention(AttentionConfig(d_model=32, n_head=4, impl="reference"))
+    ref.load_state_dict(fast.state_dict())
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    keep = padding_mask(torch.tensor([7, 4]), 7)
+    torch.testing.assert_close(fast(x, memory, keep), ref(x, memory, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_ignores_padding_and_decoder_is_causal_in_its_input():
+    enc, dec = EncoderBlock(CFG).eval(), DecoderBlock(CFG).eval()
+    src = torch.randn(2, 6, 32)
+    keep = padding_mask(torch.tensor([6, 4]), 6)
+    memory = enc(src, keep)
+    src2 = src.clone()
+    src2[1, 4:] += 5.0
+    torch.testing.assert_close(enc(src2, keep)[1, :4], memory[1, :4])
+    tgt = torch.randn(2, 5, 32)
+    out = dec(tgt, memory, keep)
+    tgt2 = tgt.clone()
+    tgt2[:, 3:] += 1.0
+    torch.testing.assert_close(dec(tgt2, memory, keep)[:, :3], out[:, :3])
+    memory2 = memory.clone()
+    memory2[1, 4:] += 5.0  # padded source positions: no effect
+    torch.testing.assert_close(dec(tgt, memory2, keep), out)
+
+
+def test_gradients_reach_every_parameter():
+    dec = DecoderBlock(CFG)
+    dec(torch.randn(2, 3, 32), torch.randn(2, 4, 32)).square().sum().backward()
+    for name, p in dec.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "x, memory, mask, match",
+    [
+        (torch.randn(2, 3, 31), torch.randn(2, 4, 32), None, "x must have shape"),
+        (torch.randn(2, 3, 32), torch.randn(4, 32), None, "memory must have shape"),
+        (torch.randn(2, 3, 32), torch.randn(3, 4, 32), None, "same batch size"),
+        (
+            torch.randn(2, 3, 32),
+            torch.randn(2, 4, 32),
+            torch.ones(2, 3, dtype=torch.bool),
+            "memory_mask",
+        ),
+        (torch.randn(2, 3, 32), torch.randn(2, 4, 32), torch.ones(2, 4), "memory_mask"),
+    ],
+)
+def test_bad_inputs(x, memory, mask, match):
+    with pytest.raises(ValueError, match=match):
+        CrossAttention(CFG)(x, memory, mask)
