@@ -96,7 +96,10 @@ print(x_toy[0].int())
 #
 # - **Head A, "previous token"**: the query of position $t$ is the one-hot of position $t-1$
 #   (a shift matrix), the key of position $s$ is the one-hot of $s$. The score is large exactly
-#   when $s = t - 1$.
+#   when $s = t - 1$. The shift matrix is `torch.diag(torch.ones(7), 1)`: its ones sit just
+#   above the diagonal, at (row $i$, column $i+1$), so output feature $i$ reads input feature
+#   $i+1$ and the one-hot of position $t$ comes out as the one-hot of $t-1$ (position 0 comes
+#   out as zeros).
 # - **Head B, "same token"**: query and key are both the token one-hot, so the score is large
 #   wherever the key's token equals the query's token — at the query itself and at every
 #   earlier copy of the same letter.
@@ -137,14 +140,19 @@ print("head B, row of the last 'a' (t=6):  ", [round(w, 2) for w in w_b[6].tolis
 # looks at itself). Head B's row for the `a` at position 6 splits its weight evenly between
 # the three `a`s at positions 0, 3 and 6, and gives nothing to the rest.
 #
-# What if a *single* head had to do both jobs? The best it can do is add the two kinds of
-# score: its query and key carry both the position part and the token part. We build that
-# head too and draw all three attention maps side by side.
+# What if a *single* head had to do both jobs? The natural single-head attempt is to add the
+# two kinds of score: its query and key carry both the position part and the token part, 16
+# features each. Two details in the code: this head divides its scores by $\sqrt{16}$ instead
+# of $\sqrt{8}$, so we scale its queries by $\sqrt{2}$ to make its scores exactly head A's plus
+# head B's; and we leave its value weights random, because we only look at where it attends,
+# never at its output. We draw all three attention maps side by side.
 
 # %%
-head_ab = Head(n_embd=16, head_size=16, block_size=T_toy)
+head_ab = Head(n_embd=16, head_size=16, block_size=T_toy)  # value weights stay random: unused
 with torch.no_grad():
-    head_ab.query.weight.copy_(torch.cat([head_a.query.weight, head_b.query.weight], dim=0))
+    # sqrt(2) undoes the larger divisor, sqrt(16) instead of sqrt(8): scores = A's + B's
+    q_ab = torch.cat([head_a.query.weight, head_b.query.weight], dim=0)  # (16, 16)
+    head_ab.query.weight.copy_(2**0.5 * q_ab)
     head_ab.key.weight.copy_(torch.cat([head_a.key.weight, head_b.key.weight], dim=0))
 w_ab = head_weights(head_ab, x_toy)[0]
 
@@ -168,8 +176,9 @@ plt.show()
 # The third map is the point. The combined head's row for position 6 (`a`) puts weight on
 # position 5 (the previous token) *and* on the earlier `a`s, so its output would be an average
 # of unrelated things. Two heads keep the two questions apart: head A's answer lands in output
-# features 0–7, head B's in features 8–15. Concatenating the heads and running one output
-# projection lets the next layer read both answers cleanly:
+# features 0–7, head B's in features 8–15. Concatenating the heads keeps both answers side by
+# side, each in its own features, where the output projection of the next section (and the
+# layers after it) can read either one without the other getting in the way:
 
 # %%
 out_a, out_b = head_a(x_toy), head_b(x_toy)  # (1, 8, 8) each
@@ -177,7 +186,8 @@ both = torch.cat([out_a, out_b], dim=-1)  # (1, 8, 16)
 print("concatenated:", tuple(both.shape))
 t = 6
 print(f"t={t}: previous token =", letters[out_a[0, t].argmax().item()])
-print(f"t={t}: positions of earlier '{text[t]}'s =", (out_b[0, t] > 0.1).nonzero().flatten().tolist())
+seen = (out_b[0, t] > 0.1).nonzero().flatten().tolist()  # head B returns positions
+print(f"t={t}: positions of the '{text[t]}'s up to t =", seen)
 
 # %% [markdown]
 # Hand-built heads are only an illustration. In a trained model nobody assigns jobs; each head
@@ -322,14 +332,45 @@ for h in range(nh_):
 # %% [markdown]
 # Undoing it at the end is the mirror image: `transpose(1, 2)` back to `(B, T, n_head,
 # head_dim)`, then `view(B, T, d)` to lay the heads side by side — the same concatenation
-# version 1 did with `torch.cat`. The `transpose` leaves the tensor's memory in head-major
-# order, and `view` needs memory laid out in the order of the new shape, so a `.contiguous()`
-# (a copy into the right order) comes in between. Forgetting it raises an error rather than
-# silently giving wrong numbers:
+# version 1 did with `torch.cat`. But this `view` needs help, and the reason is worth knowing.
+#
+# A `view` never moves data; it only changes how the same memory is indexed, through each
+# dimension's *stride* (how many elements one step along that dimension skips). So a `view`
+# can always **split** a dimension into several. It can **merge** two neighbouring dimensions
+# only if they are also adjacent in memory: one step along the outer one must skip exactly one
+# full run of the inner one (outer stride = inner size × inner stride). That is why the split
+# above worked even though q, a slice of `c_attn`'s output, is not contiguous. The merge is
+# another matter: `transpose` swaps strides, not data, so afterwards `n_head` and `head_dim` are
+# neighbours in the shape but not in memory.
 
-# %% tags=["raises-exception"]
+# %%
 y_heads = torch.randn(B_, nh_, T_, hd_)  # what attention returns: (B, n_head, T, head_dim)
-y_heads.transpose(1, 2).view(B_, T_, d_)  # RuntimeError: view needs contiguous memory
+y_t = y_heads.transpose(1, 2)  # (B, T, n_head, head_dim), the same memory
+print("before transpose:", tuple(y_heads.shape), "strides", y_heads.stride())
+print("after transpose: ", tuple(y_t.shape), "strides", y_t.stride())
+adjacent = y_t.stride(2) == y_t.shape[3] * y_t.stride(3)
+print("n_head and head_dim adjacent in memory:", adjacent)
+
+# %% [markdown]
+# After the transpose, one step to the next head skips 8 elements (a whole `(T, head_dim)`
+# block of the old layout) where a mergeable pair would need 4 (one `head_dim` run). So
+# `view(B, T, d)` refuses, with a `RuntimeError` (in torch 2.13: "view size is not compatible
+# with input tensor's size and stride ... Use .reshape(...) instead."). Failing loudly is the
+# good outcome: no wrong numbers come out.
+
+# %%
+try:
+    y_t.view(B_, T_, d_)  # merges n_head and head_dim, which are not adjacent in memory
+    error = None
+except RuntimeError as err:
+    error = err
+assert isinstance(error, RuntimeError) and "view" in str(error), error
+print("view(B, T, d) after the transpose raised:", type(error).__name__)
+
+# %% [markdown]
+# The fix is a `.contiguous()` in between: it copies the tensor into the order its shape
+# describes, after which the merge is a plain `view`. (`reshape` would do the same copy on its
+# own when needed, which is convenient but hides the copy.)
 
 # %%
 y_merged = y_heads.transpose(1, 2).contiguous().view(B_, T_, d_)  # (B, T, d)
@@ -357,11 +398,16 @@ def causal_attention(q, k, v, dropout_p=0.0):
 
 # %% [markdown]
 # The module has one fused projection `c_attn` (d → 3d, laid out q | k | v as drawn above) and
-# one output projection `c_proj` (d → d); the names are GPT-2's, which will make loading its
-# weights easy in a later chapter. The argument `impl` picks the attention kernel:
-# `"reference"` is our `causal_attention`, `"sdpa"` is PyTorch's fused
-# `F.scaled_dot_product_attention`, which computes the same thing without ever storing the
-# `(T, T)` matrix of weights.
+# one output projection `c_proj` (d → d). The names are GPT-2's, which makes a later chapter's
+# weight loading easier to follow — with one trap: GPT-2's checkpoints store these layers as
+# Hugging Face `Conv1D`s, whose weight is `(in, out)`, so `c_attn.weight` there is `(d, 3d)`, the
+# transpose of our `nn.Linear`'s `(3d, d)`, and must be transposed on the way in.
+#
+# The argument `impl` picks the attention kernel: `"reference"` is our `causal_attention`,
+# `"sdpa"` is PyTorch's `F.scaled_dot_product_attention`, which computes the same thing. When
+# it picks a fused backend (flash or memory-efficient attention), it works through the keys in
+# tiles and never stores the `(T, T)` matrix of weights. With dropout on CPU, or inputs no
+# fused kernel supports, it falls back to its math backend, which does store them.
 
 # %%
 class MultiHeadAttentionV2(nn.Module):
@@ -443,10 +489,14 @@ assert torch.allclose(y2, y2_fast, atol=1e-6)
 print("v2 reference == v2 sdpa, atol=1e-6:", torch.allclose(y2, y2_fast, atol=1e-6))
 
 # %% [markdown]
-# Had we put the key weights first, or forgotten the transpose, the shapes would still fit
-# and the module would still run — only this comparison would fail. Shape-correct but
-# scrambled reshapes are the classic multi-head bug, which is why the equality test is worth
-# more than any number of shape prints. (Exercise 5 explores one.)
+# Had we put the key weights first, or forgotten a transpose, the shapes would still fit and
+# the module would still run. Shape-correct but scrambled reshapes are the classic multi-head
+# bug, and not every test sees them. Drop the transpose after the split only, and position t's
+# row is filled from other positions, some of them later ones: the layer stops being causal,
+# so the causality check of section 2 catches it too. Drop it on both sides (split and merge),
+# and the layer is still causal, just wrong: only this comparison with a trusted version
+# catches that. The comparison catches both, which is why the equality test is worth more than
+# any number of shape prints. (Exercise 5 works through both variants.)
 
 # %% [markdown]
 # ## 6. Against `torch.nn.MultiheadAttention`
@@ -478,7 +528,10 @@ print({name: tuple(p.shape) for name, p in mha_torch.named_parameters()})
 # %% [markdown]
 # Now the trap. In attnbook (chapter 2), a boolean mask says `True` = *may attend*. In
 # `nn.MultiheadAttention` (and in its `key_padding_mask`), a boolean mask says `True` = *not
-# allowed*. The two conventions are exact opposites:
+# allowed*. The two conventions are exact opposites. The inversion belongs to
+# `nn.MultiheadAttention` and `nn.Transformer`, not to PyTorch as a whole:
+# `F.scaled_dot_product_attention`'s boolean `attn_mask` uses `True` = *may attend*, like
+# attnbook.
 
 # %%
 allowed = causal_mask(4)  # attnbook: True where a query may attend
@@ -495,13 +548,25 @@ print((~allowed).int())
 # %%
 x4 = x[:1, :4]  # (1, 4, d)
 y_wrong, w_wrong = mha_torch(x4, x4, x4, attn_mask=allowed)  # wrong orientation!
-print("where the weights are nonzero:")
-print((w_wrong[0] > 0).int())
+print("head-averaged weights, rounded (one row per query):")
+for row in w_wrong[0].tolist():
+    print([round(w, 2) for w in row])
 print("NaN in the output rows:", y_wrong[0].isnan().any(dim=-1).tolist())
 
 # %% [markdown]
+# The NaN comes from a plain softmax over a row whose every score is `-inf`: $0/0$. That is
+# what `nn.MultiheadAttention` does when it forms the weights itself (`need_weights=True`, as
+# here) in torch 2.13. `F.scaled_dot_product_attention`'s math backend uses a "safe" softmax
+# that returns zeros for such a row instead, as attnbook does (chapter 2), so whether this row
+# shows NaN or zeros depends on the code path and may change between torch versions. Either
+# way it is a symptom of the wrong mask, not a number to use.
+
+# %% [markdown]
 # With the mask inverted, PyTorch's module and ours agree. Passing `need_weights=False` tells
-# PyTorch we do not want the (head-averaged) weights, which lets it take a faster route.
+# PyTorch we do not want the (head-averaged) weights; here, with gradients on, it then hands
+# the attention to `F.scaled_dot_product_attention` instead of forming the weights itself.
+# Which route it takes also depends on training/evaluation mode and `torch.no_grad()`, and
+# section 8 shows that this matters for speed.
 
 # %%
 y_ours = mha(x)
@@ -551,46 +616,62 @@ for width, heads in [(32, 1), (32, 4), (32, 32), (768, 12)]:
 # %% [markdown]
 # ## 8. How fast is each version?
 #
-# All four implementations do (nearly) the same arithmetic. Per layer and per token, the
-# projections cost about $8d^2$ floating-point operations, and the attention itself about
-# $4Td$ (two `T × head_dim` matrix products per head). What differs is how the work is
-# organised:
+# All our implementations do the same projections, and the hand-written ones the same
+# attention arithmetic too; the fused causal kernel does only about half the attention FLOPs
+# (see below). Counting 2 floating-point operations per multiply-add, the projections cost
+# $8d^2$ FLOPs per token ($6d^2$ for `c_attn`, $2d^2$ for `c_proj`). For the attention, each
+# token and head computes $T$ dot products of length `head_dim` (the scores) and a weighted sum
+# of $T$ value vectors of length `head_dim`, $2 \cdot T \cdot$ `head_dim` FLOPs each; times
+# `n_head` that is $4Td$ per token (counting every key, as a kernel that ignores the causal
+# mask does). What differs is how the work is organised:
 #
 # - **loop of heads** (version 1): 3 × `n_head` small projections and `n_head` attention
 #   calls, one after another, each materialising its own `(B, T, T)` weights;
 # - **batched reference** (version 2, `impl="reference"`): one big projection, then all heads
 #   at once — but the weights are one `(B, n_head, T, T)` tensor. At `B=8, T=1024, n_head=12`
-#   that is 100 million floats (400 MB), written and read several times
-#   (scores, mask, softmax, product);
-# - **SDPA fast path** (version 2, `impl="sdpa"`): the fused kernel works through the keys in
-#   tiles and never stores the full weights; with `is_causal=True` it can also skip tiles that
-#   lie entirely above the diagonal;
-# - **`nn.MultiheadAttention`**, PyTorch's module, given the same causal mask.
+#   that is 100 million floats (400 MB), written and read several times (scores, mask,
+#   softmax, product). Two or three such tensors are alive at once, so this row needs about
+#   1 GB of memory at its peak: on a laptop short of memory, lower `Bb` in the cell below;
+# - **SDPA fast path** (version 2, `impl="sdpa"`): with no dropout, the CPU picks the fused
+#   flash kernel, which works through the keys in tiles and never stores the full weights;
+#   with `is_causal=True` it also skips the tiles that lie entirely above the diagonal;
+# - **`nn.MultiheadAttention`, eval + mask**: PyTorch's module as you would call it for
+#   inference, in `eval()` mode under `torch.no_grad()`, with the causal mask. Those are the
+#   conditions for its native "fast path" (`torch._native_multi_head_attention`). On CPU with a
+#   mask, that path computes the scores with a batched matrix product and a masked softmax: it
+#   builds the full `(B, n_head, T, T)` weights, like our batched reference;
+# - **`nn.MultiheadAttention`, train + is_causal**: the same module in training mode (its
+#   dropout is 0, so nothing else changes). Outside the native fast path it runs
+#   `F.multi_head_attention_forward`, which with `need_weights=False` calls
+#   `F.scaled_dot_product_attention`. Given the hint `is_causal=True` (the module still wants
+#   the mask as well), it drops the mask and passes `is_causal` to SDPA: the same fused kernel as
+#   our fast path.
 #
-# We time a GPT-2-sized layer: `B=8, T=1024, d=768, 12 heads`, forward only, in `eval()` mode
-# under `torch.no_grad()`. One forward pass takes around a second on a 2-core CPU, so we first
-# time one call of each (which doubles as a warm-up), then choose how many repetitions fit in
-# a budget of about 15 seconds, and report the median. Timings depend on the machine and on
-# what else runs on it, so the cell's output is not checked; the cell asserts only what should
-# hold anywhere.
+# We time a GPT-2-sized layer: `B=8, T=1024, d=768, 12 heads`, forward only, under
+# `torch.no_grad()`, every module but the last in `eval()` mode. One forward pass takes up to
+# a second or so on a 2-core CPU, so we first time one call of each (which doubles as a
+# warm-up), then choose how many repetitions fit in a budget of about 15 seconds, and report
+# the median. Timings depend on the machine and on what else runs on it, so the cell's output
+# is not checked; the cell asserts only what should hold anywhere.
 
 # %% tags=["nbval-ignore-output"]
 torch.manual_seed(0)
 Bb, Tb, db, nhb = 8, 1024, 768, 12
 xb = torch.randn(Bb, Tb, db)
 torch_mask = ~causal_mask(Tb)  # True = masked out, PyTorch's orientation
-mha_torch_b = nn.MultiheadAttention(db, nhb, batch_first=True)
+mha_eval = nn.MultiheadAttention(db, nhb, batch_first=True).eval()
+mha_train = nn.MultiheadAttention(db, nhb, batch_first=True).train()  # dropout=0.0
 candidates = {
-    "loop of heads": MultiHeadAttentionV1(db, nhb, block_size=Tb),
-    "batched reference": MultiHeadAttentionV2(db, nhb, impl="reference"),
-    "SDPA fast path": MultiHeadAttentionV2(db, nhb, impl="sdpa"),
-    "nn.MultiheadAttention": lambda x: mha_torch_b(
+    "loop of heads": MultiHeadAttentionV1(db, nhb, block_size=Tb).eval(),
+    "batched reference": MultiHeadAttentionV2(db, nhb, impl="reference").eval(),
+    "SDPA fast path": MultiHeadAttentionV2(db, nhb, impl="sdpa").eval(),
+    "nn.MHA, eval + mask": lambda x: mha_eval(
         x, x, x, attn_mask=torch_mask, need_weights=False
     )[0],
+    "nn.MHA, train + is_causal": lambda x: mha_train(
+        x, x, x, attn_mask=torch_mask, need_weights=False, is_causal=True
+    )[0],
 }
-for module in [*candidates.values(), mha_torch_b]:
-    if isinstance(module, nn.Module):
-        module.eval()
 
 
 def time_once(fn):
@@ -610,38 +691,51 @@ with torch.no_grad():
 fast = times["SDPA fast path"]
 print(f"B={Bb}, T={Tb}, d={db}, n_head={nhb}, median of {reps} forward passes")
 for name, sec in times.items():
-    print(f"{name:>22}: {1000 * sec:8.1f} ms   {sec / fast:5.2f}x the fast path")
+    print(f"{name:>26}: {1000 * sec:8.1f} ms   {sec / fast:5.2f}x the fast path")
 assert fast < times["batched reference"], "the fused kernel should beat materialised weights"
 assert fast < 1.25 * times["loop of heads"], "the fast path should not be slower than the loop"
+assert times["nn.MHA, train + is_causal"] < times["batched reference"], "SDPA route expected"
 
 # %% tags=["nbval-ignore-output"]
-fig, ax = plt.subplots(figsize=(7, 3))
+fig, ax = plt.subplots(figsize=(8, 3.4))
 names = list(times)
-ax.barh(names, [1000 * times[n] for n in names], color=["C0", "C1", "C2", "C3"])
+ms = [1000 * times[n] for n in names]
+bars = ax.barh(names, ms, color=["C0", "C1", "C2", "C3", "C4"])
+ax.bar_label(bars, [f" {times[n] / fast:.1f}× fast path" for n in names])
 ax.invert_yaxis()
-ax.set_xlabel("forward pass, ms (median)")
-ax.set_title(f"multi-head attention, B={Bb}, T={Tb}, d={db}, {nhb} heads, CPU")
+ax.set_xlim(0, 1.3 * max(ms))  # room for the labels
+ax.set_xlabel("forward pass, ms (median; lower is better)")
+ax.set_title(
+    f"multi-head attention, B={Bb}, T={Tb}, d={db}, {nhb} heads, "
+    f"CPU ({torch.get_num_threads()} threads)"
+)
 plt.show()
 
 # %% [markdown]
 # What to take from the table (your numbers will differ):
 #
-# - The fused SDPA kernel comes out fastest, by a factor of two to six over the hand-written
-#   versions in our runs: it does the least memory traffic, and for causal attention it skips
-#   the masked half of the work.
-# - The loop of heads and the batched reference land close to each other on a CPU (each was
-#   ahead in some of our runs). Batching the heads saves per-call overhead, which matters
-#   little when every call is already a large matrix product, and it costs one huge
-#   `(B, n_head, T, T)` tensor instead of `n_head` smaller ones. Batching pays off when the
-#   heads are small or the hardware is very wide (a GPU launching one kernel instead of
-#   twelve); a fused kernel pays off everywhere.
-# - `nn.MultiheadAttention` has several code paths of its own, chosen by training/eval mode,
-#   mask type and input layout, so how it compares depends on which one your PyTorch version
-#   takes. In our runs it landed between the fast path and the two hand-written versions.
+# - The fused SDPA kernel comes out ahead of both hand-written versions (in our runs by anything
+#   from about 1.4× to 3.5×, depending on the version and on what else the machine was doing):
+#   it does the least memory traffic, and for causal attention it skips the masked half of the
+#   attention work.
+# - Neither the loop of heads nor the batched reference wins consistently: which one is ahead,
+#   and by how much, varied between our runs. Batching the heads saves per-call overhead, which
+#   matters little on a CPU when every call is already a large matrix product, and it costs one
+#   huge `(B, n_head, T, T)` tensor instead of `n_head` smaller ones. Batching pays off when the
+#   heads are small or the hardware is very wide (a GPU launching one kernel instead of twelve);
+#   a fused kernel pays off everywhere.
+# - `nn.MultiheadAttention` is as fast as the path it takes. In `eval()` mode under `no_grad()`,
+#   its native "fast path" forms the full weights on CPU when given a mask, and at T = 1024 the
+#   weights are what cost the time: it lands with (or behind) our hand-written versions, far
+#   from the fused kernel. In training mode with `is_causal=True` it runs the fused causal
+#   kernel and lands next to our fast path. Which path a call takes depends on the mode,
+#   `no_grad()`, the mask type and your PyTorch version; when speed matters, profile it
+#   (`torch.profiler`) and look for `_scaled_dot_product_flash_attention` among the calls.
 #
 # The projections do the same arithmetic in every row (the loop merely cuts it into smaller
-# products), so most of the differences come from the attention step. As T grows, that step's cost grows like $T^2$ while the projections' grows like $T$ —
-# exercise 1 finds where the two cross.
+# products), so most of the differences come from the attention step. As T grows, that step's
+# cost grows like $T^2$ while the projections' grows like $T$ — exercise 1 finds where the two
+# cross.
 
 # %% [markdown]
 # ## Check against the module
@@ -679,7 +773,11 @@ print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (ato
 #    multi-head attention (matrix products only, 2 FLOPs per multiply-add, causal mask ignored):
 #    the projections and the attention step, as functions of `B, T, d`. Predict the sequence
 #    length at which the attention step costs as much as the projections. Does it depend on
-#    `n_head`? Check your formula with `torch.utils.flop_counter.FlopCounterMode`.
+#    `n_head`? Check your formula with `torch.utils.flop_counter.FlopCounterMode`, on a module
+#    built with `impl="reference"`: the counter sees the reference path's matrix products but
+#    not the inside of the fused CPU SDPA kernel (with the default `impl="sdpa"` it reports the
+#    projections only). Then find the crossover from the counter's own numbers, split by
+#    operation (`counter.get_flop_counts()`).
 # 2. **Heads have no order.** Predict: if you permute the heads of a `MultiHeadAttention`
 #    (reorder the head blocks inside the q, k and v parts of `c_attn`, weights and biases), and
 #    permute the *columns* of `c_proj.weight` the same way, does the output change? What if

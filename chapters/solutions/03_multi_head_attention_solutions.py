@@ -55,8 +55,13 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # A causal kernel that skips the masked half moves the crossover to about $4d$.
 #
 # We check the formula with PyTorch's `FlopCounterMode`, which counts the FLOPs of every
-# matrix product it sees. We use `impl="reference"`, where the attention products are plain
-# `matmul`s (in torch 2.13 the counter does not see inside the fused CPU SDPA kernel).
+# matrix product it sees, and reports them by operation with `get_flop_counts()`. In our
+# module the two `Linear` layers run as `addmm` (a matrix product plus the bias) and the
+# attention's two products as `bmm` (batched matrix products), so the split by operation is
+# exactly the split between projections and attention. We use `impl="reference"`, where the
+# attention products are plain matrix products. With the default `impl="sdpa"` the counter
+# sees only the projections (in torch 2.13, the version the book pins, it does not see inside
+# the fused CPU SDPA kernel): the first line below shows it.
 
 # %%
 def flops_formula(B, T, d):
@@ -64,25 +69,39 @@ def flops_formula(B, T, d):
 
 
 def flops_counted(module, B, T):
+    """FLOPs of one forward pass, split by operation: addmm = projections, bmm = attention."""
     x = torch.randn(B, T, module.config.d_model)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)
-    return counter.get_total_flops()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    parts = {"projections": by_op.pop("aten.addmm", 0), "attention": by_op.pop("aten.bmm", 0)}
+    assert not by_op, f"operations we did not expect: {by_op}"
+    return parts
 
 
 d = 64
 Ts = [16, 32, 64, 128, 256, 512]
+sdpa_module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=4))  # impl="sdpa"
+print("impl='sdpa', B=2, T=128, counted:", flops_counted(sdpa_module, 2, 128))
+print("                         formula:", flops_formula(2, 128, d))
+assert flops_counted(sdpa_module, 2, 128)["attention"] == 0  # the fused kernel is invisible
+
 for n_head in (1, 4, 16):
     module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head, impl="reference"))
     for T in Ts:
-        expected = sum(flops_formula(2, T, d).values())
-        assert flops_counted(module, 2, T) == expected, (n_head, T)
-print(f"formula == FlopCounterMode for d={d}, n_head in (1, 4, 16), T in {Ts}")
+        assert flops_counted(module, 2, T) == flops_formula(2, T, d), (n_head, T)
+print(f"impl='reference': formula == FlopCounterMode for d={d}, n_head in (1, 4, 16), T in {Ts}")
+
+# %% [markdown]
+# Now the crossover, read off the counter (not the formula): for each `T`, the counted
+# attention FLOPs against the counted projection FLOPs, for one sequence.
 
 # %%
-parts = {T: flops_formula(1, T, d) for T in Ts}
+module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=4, impl="reference"))
+parts = {T: flops_counted(module, 1, T) for T in Ts}
 crossover = next(T for T in Ts if parts[T]["attention"] >= parts[T]["projections"])
-print("first T where attention >= projections:", crossover, " predicted 2d =", 2 * d)
+print("first T where counted attention >= counted projections:", crossover)
+print("predicted: T = 2d =", 2 * d)
 assert crossover == 2 * d
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -93,7 +112,7 @@ ax.set_xticks(Ts, [str(T) for T in Ts])
 ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
 ax.set_xlabel("sequence length T")
 ax.set_ylabel("FLOPs per sequence")
-ax.set_title(f"multi-head attention FLOPs, d={d}")
+ax.set_title(f"multi-head attention FLOPs (counted), d={d}, 4 heads")
 ax.legend()
 plt.show()
 
@@ -229,6 +248,8 @@ fig, axes = plt.subplots(1, n_head, figsize=(13, 3.4))
 for h, ax in enumerate(axes):
     im = ax.imshow(w[0, h].detach(), cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"head {h}")
+    ax.set_xticks(range(T))  # label every position, 0 .. T-1
+    ax.set_yticks(range(T))
     ax.set_xlabel("key")
 axes[0].set_ylabel("query")
 fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
