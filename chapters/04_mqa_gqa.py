@@ -1,0 +1,842 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 4 — Multi-query and grouped-query attention
+#
+# Chapter 3 gave every query head its own key head and its own value head. That is the natural
+# design, and during training it costs nothing special. During *generation* it does: a model
+# that writes text one token at a time keeps the keys and values of every token it has seen, in
+# every layer, so that the next token can attend to them without recomputing them. This store
+# is the **KV cache** (chapter 7 builds it in full). Its size grows with the number of tokens,
+# and at long contexts or large batches it outgrows the model's weights.
+#
+# The fix studied in this chapter is to keep fewer key/value heads than query heads.
+# **Multi-query attention** (MQA, Shazeer 2019, "Fast Transformer Decoding: One Write-Head is
+# All You Need") keeps a single key head and a single value head, shared by all query heads.
+# **Grouped-query attention** (GQA, Ainslie et al. 2023) sits in between: the query heads are
+# split into groups, and each group shares one key/value head. MHA and MQA are its two
+# extremes. The same GQA paper showed how to turn an already trained MHA model into a GQA
+# model by *mean-pooling* the key and value heads of each group and training a little more; we
+# do exactly that on a small task and watch the loss.
+#
+# **Learning goals**
+#
+# - Compute the KV-cache size of a model from its shape,
+#   $2 \cdot n_\text{layer} \cdot n_\text{kv\_head} \cdot \text{head\_dim} \cdot
+#   \text{bytes per element}$ per token, and see why it, not the weights, limits long-context
+#   generation.
+# - Build MQA and GQA from MHA by changing only the key/value projection, and say which key/value
+#   head each query head reads (`h // group`).
+# - Implement the sharing three ways — broadcasting, `repeat_interleave`, and
+#   `F.scaled_dot_product_attention(..., enable_gqa=True)` — and know which of them copy.
+# - Measure the cache from the real cache tensors and check the formula against them.
+# - Convert a trained MHA model into GQA by mean-pooling K/V heads, and compare it with keeping
+#   the first head of each group and with training GQA from scratch.
+
+# %% [markdown]
+# ## Setup
+#
+# Every model in this chapter is tiny, and for matrices this small a second CPU thread brings
+# little speed. We run on one thread: it also makes the training runs of section 6 repeat bit
+# for bit on machines with a different number of cores (floating-point sums split across
+# threads are added in a different order, and after a few hundred training steps those last
+# bits show).
+
+# %%
+import copy
+import math
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbook.attention import AttentionConfig, build_attention
+from attnbook.mlp import MLP
+from attnbook.positions import PositionalEmbedding
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+torch.set_printoptions(precision=3, sci_mode=False)
+
+# %% [markdown]
+# ## 1. What generation keeps in memory
+#
+# To generate token $t+1$, the model runs the new token $t$ through every layer. In each layer
+# the new token's queries attend to the keys of tokens $0..t$ and average their values. Those
+# keys and values depend only on their own tokens (and positions), so they do not change from
+# step to step: the model computes them once and keeps them. Per token and per layer it keeps
+# one key vector and one value vector for every **key/value head**, each `head_dim` numbers
+# long. So, per token,
+#
+# $$\text{bytes per token} = 2 \cdot n_\text{layer} \cdot n_\text{kv\_head} \cdot
+# \text{head\_dim} \cdot \text{bytes per element},$$
+#
+# where the 2 counts keys and values. The number of *query* heads does not appear: queries are
+# used once, at the step that makes them, and never stored. That is the whole opening for MQA
+# and GQA: keep all the query heads, store fewer key/value heads.
+#
+# Take a 7B-parameter model with the shape of LLaMA-2 7B: 32 layers, 32 heads of size 128
+# (`d_model = 4096`), weights and cache in 16-bit floats (2 bytes). With MHA it has 32
+# key/value heads per layer; Mistral 7B has the same shape with GQA and 8 key/value heads;
+# MQA would keep 1.
+
+# %%
+def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
+    """KV-cache bytes for one token of one sequence: keys and values of every layer."""
+    return 2 * n_layer * n_kv_head * head_dim * bytes_per_elem
+
+
+n_layer_7b, n_head_7b, head_dim_7b, fp16 = 32, 32, 128, 2
+d_model_7b, mlp_hidden_7b, vocab_7b = n_head_7b * head_dim_7b, 11008, 32000
+variants_7b = {"MHA": 32, "GQA-8": 8, "MQA": 1}  # name -> number of key/value heads
+
+# Parameters of the MHA model: attention 4 d^2 and a SwiGLU MLP 3 d h per layer, no biases,
+# plus input embeddings and an untied output layer (norms are negligible and left out).
+params_7b = n_layer_7b * (4 * d_model_7b**2 + 3 * d_model_7b * mlp_hidden_7b)
+params_7b += 2 * vocab_7b * d_model_7b
+weights_gib = params_7b * fp16 / 2**30
+print(f"parameters: {params_7b / 1e9:.2f} billion -> weights in fp16: {weights_gib:.1f} GiB")
+print()
+print(f"{'variant':>8} {'n_kv_head':>9} {'KiB/token':>10} {'4k tokens':>10} {'8 x 4k tokens':>14}")
+for name, n_kv in variants_7b.items():
+    per_token = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, fp16)
+    one_seq = 4096 * per_token / 2**30  # GiB
+    print(f"{name:>8} {n_kv:>9} {per_token // 1024:>10} {one_seq:>6.3f} GiB {8 * one_seq:>10.3f} GiB")
+
+# %% [markdown]
+# Half a megabyte per token for MHA. One 4096-token conversation needs 2 GiB of cache; a batch
+# of eight such conversations needs 16 GiB, more than the 12.6 GiB of weights. Memory is not
+# the only cost: at every generated token the model reads the whole cache, as well as its
+# weights. Decoding is limited by how fast memory can be read, not by arithmetic, so a cache
+# bigger than the weights more than doubles the time per generated token. GQA-8 divides all
+# of this by 4, MQA by 32.
+#
+# The picture below plots the cache against the number of cached tokens (batch size times
+# sequence length) and marks where each variant's cache overtakes the weights.
+
+# %%
+tokens = [2**p for p in range(10, 21)]  # 1k .. 1M cached tokens
+fig, ax = plt.subplots(figsize=(7.5, 4))
+for (name, n_kv), colour in zip(variants_7b.items(), ["C0", "C1", "C2"], strict=True):
+    per_token = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, fp16)
+    ax.loglog(tokens, [n * per_token / 2**30 for n in tokens], "o-", color=colour,
+              label=f"{name} cache ({n_kv} KV heads)", base=2)
+    crossing = weights_gib * 2**30 / per_token  # tokens at which cache == weights
+    if crossing <= tokens[-1]:
+        ax.axvline(crossing, color=colour, linestyle=":", linewidth=1)
+ax.axhline(weights_gib, color="black", linestyle="--", label=f"weights ({weights_gib:.1f} GiB)")
+ax.set_xlabel("cached tokens (batch size x sequence length)")
+ax.set_ylabel("GiB")
+ax.set_xticks(tokens[::2], ["1k", "4k", "16k", "64k", "256k", "1M"])
+ax.set_title("KV cache of a 7B-style model (32 layers, head_dim 128, fp16)")
+ax.legend(fontsize=9)
+plt.show()
+
+# %% [markdown]
+# The dotted lines are where each cache equals the weights: about 26 thousand cached tokens for
+# MHA, about 100 thousand for GQA-8, and about 800 thousand for MQA. Contexts of 32k tokens and
+# more are common now, so for a model that serves long contexts or many users at once, the
+# number of key/value heads is one of the most consequential numbers in its configuration.
+
+# %% [markdown]
+# ## 2. From MHA to MQA: one key head for every query head
+#
+# We work with a small layer from here on: `d_model = 64`, 8 query heads of size 8, a batch of
+# 2 sequences of 6 tokens. Recall chapter 3's projection: one `Linear(d, 3d)` whose output
+# holds the queries, keys and values of all heads, `d` features each.
+#
+# MQA keeps the query part as it is (8 heads × 8 = 64 features) and shrinks the key part and
+# the value part to a single head, `head_dim` = 8 features each. The fused projection becomes
+# `Linear(d, d + 2 · head_dim)`.
+
+# %%
+B, T, d, n_head = 2, 6, 64, 8
+head_dim = d // n_head
+torch.manual_seed(0)
+x = torch.randn(B, T, d)
+
+c_attn_mqa = nn.Linear(d, d + 2 * head_dim)  # q: 64 features | k: 8 | v: 8
+q, k, v = c_attn_mqa(x).split([d, head_dim, head_dim], dim=2)  # (B, T, 64), 2 x (B, T, 8)
+q = q.view(B, T, n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+k = k.view(B, T, 1, head_dim).transpose(1, 2)  # (B, 1, T, head_dim)
+v = v.view(B, T, 1, head_dim).transpose(1, 2)  # (B, 1, T, head_dim)
+print("c_attn weight:", tuple(c_attn_mqa.weight.shape), " (MHA's would be (192, 64))")
+print("q:", tuple(q.shape), " k:", tuple(k.shape), " v:", tuple(v.shape))
+
+# %% [markdown]
+# How do 8 query heads attend to 1 key head? With nothing more than broadcasting. The scores
+# are `q @ k.transpose(-2, -1)`: a `(B, 8, T, 8) @ (B, 1, 8, T)` batched product, and PyTorch
+# broadcasts the head dimension of size 1 against 8, so every query head meets the same keys.
+# The same happens when the weights multiply the values. We compare with an explicit copy of
+# the key and value head for every query head:
+
+# %%
+def attend(q, k, v):
+    """Causal attention written out; k and v broadcast against q's head dimension."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, T)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # True above the diagonal
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return weights @ v  # (..., T, head_dim)
+
+
+y_broadcast = attend(q, k, v)  # (B, 8, T, 8)
+y_copied = attend(q, k.expand(B, n_head, T, head_dim), v.expand(B, n_head, T, head_dim))
+print("output:", tuple(y_broadcast.shape))
+print("broadcast == explicit copies:", torch.allclose(y_broadcast, y_copied, atol=1e-6))
+
+# %% [markdown]
+# The heads still produce 8 *different* outputs, because their queries differ: each query head
+# asks its own question of the shared keys, and weights the shared values its own way. What they
+# lose is the freedom to have their own keys and values. Whether that loss hurts is an
+# empirical question, and section 6 measures it on a small task.
+
+# %% [markdown]
+# ## 3. GQA: groups of query heads
+#
+# GQA keeps `n_kv_head` key/value heads, with `n_kv_head` dividing `n_head`. Each key/value head
+# serves a **group** of `group = n_head // n_kv_head` query heads, and the convention used by
+# PyTorch, Hugging Face and `attnbook` is that *consecutive* query heads form a group: query head
+# `h` reads key/value head `h // group`. With 8 query heads and 2 key/value heads, heads 0–3
+# read key/value head 0 and heads 4–7 read key/value head 1.
+
+# %%
+n_kv_head = 2
+group = n_head // n_kv_head
+kv = n_kv_head * head_dim
+
+torch.manual_seed(0)
+c_attn_gqa = nn.Linear(d, d + 2 * kv)  # q: 64 features | k: 2 heads x 8 | v: 2 heads x 8
+q, k, v = c_attn_gqa(x).split([d, kv, kv], dim=2)
+q = q.view(B, T, n_head, head_dim).transpose(1, 2)  # (B, 8, T, 8)
+k = k.view(B, T, n_kv_head, head_dim).transpose(1, 2)  # (B, 2, T, 8)
+v = v.view(B, T, n_kv_head, head_dim).transpose(1, 2)  # (B, 2, T, 8)
+print("c_attn weight:", tuple(c_attn_gqa.weight.shape))
+print("q:", tuple(q.shape), " k:", tuple(k.shape), " group size:", group)
+print("query head h reads kv head:", [h // group for h in range(n_head)])
+
+# %% [markdown]
+# Now broadcasting alone does not work: a head dimension of 2 does not broadcast against 8.
+# There are three ways to pair them up.
+#
+# **(a) Copy with `repeat_interleave`.** Repeat each key/value head `group` times *in place*, so
+# the head dimension reads `kv0, kv0, kv0, kv0, kv1, kv1, kv1, kv1`, then run ordinary
+# multi-head attention. Simple, and what many implementations do, but it materialises `group`
+# copies of K and V for every call.
+#
+# **(b) Broadcast in 5 dimensions.** Split the query heads into `(n_kv_head, group)` with a
+# `view`: because the heads are numbered group by group, query head `h` lands at position
+# `(h // group, h % group)`. Give K and V a dimension of size 1 in the group's place, and
+# broadcasting pairs every query head with its own group's key/value head, with no copy.
+#
+# **(c) Let PyTorch do it.** `F.scaled_dot_product_attention(q, k, v, enable_gqa=True)` accepts
+# K and V with fewer heads and uses the same `h // group` convention (on CPU and GPU, with the
+# fused kernels).
+
+# %%
+k_rep = k.repeat_interleave(group, dim=1)  # (B, 8, T, 8): each kv head `group` times in a row
+v_rep = v.repeat_interleave(group, dim=1)
+y_a = attend(q, k_rep, v_rep)  # (B, 8, T, 8)
+
+q_5d = q.view(B, n_kv_head, group, T, head_dim)  # head h -> (h // group, h % group)
+y_b = attend(q_5d, k[:, :, None], v[:, :, None])  # k: (B, 2, 1, T, 8) broadcasts over the group
+y_b = y_b.view(B, n_head, T, head_dim)
+
+y_c = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+print("(a) repeat_interleave == (b) 5-D broadcast:", torch.allclose(y_a, y_b, atol=1e-6))
+print("(a) repeat_interleave == (c) SDPA enable_gqa:", torch.allclose(y_a, y_c, atol=1e-6))
+print("bytes of k:", k.nbytes, "  bytes of k_rep (a copy per query head):", k_rep.nbytes)
+
+# %% [markdown]
+# All three agree. Note what the copy in (a) does and does not cost: the *cache* still holds
+# only `k` (2 heads), so the memory of section 1 is saved either way, but (a) builds a
+# 4-times-larger copy at every attention call and reads it, which gives back part of the
+# speed that GQA is meant to buy. (b) and (c) read the shared head directly.
+#
+# The order of the repetition matters. `repeat_interleave` repeats each head in place, but
+# `Tensor.repeat` tiles the whole head dimension, `kv0, kv1, kv0, kv1, …`, so query head `h`
+# would read key/value head `h % n_kv_head`. Both are "GQA", but they are different models:
+# weights trained under one convention give wrong outputs under the other (exercise 2). We can
+# see the two mappings by feeding in key heads that hold their own index:
+
+# %%
+labels = torch.arange(n_kv_head).view(1, n_kv_head, 1, 1)  # kv head j holds the number j
+print("repeat_interleave (h // group):", labels.repeat_interleave(group, dim=1).flatten().tolist())
+print("repeat            (h % n_kv):  ", labels.repeat(1, group, 1, 1).flatten().tolist())
+
+# %% [markdown]
+# The three variants side by side, for 8 query heads: each line joins a query head to the
+# key/value head it reads. MHA is GQA with `n_kv_head = n_head` (groups of one), MQA is GQA with
+# `n_kv_head = 1` (one group of everything).
+
+# %%
+def draw_mapping(ax, n_q, n_kv, title):
+    """Query heads on top, key/value heads below, a line from each query head to its kv head."""
+    g = n_q // n_kv
+    kv_x = [(j * g + (j + 1) * g - 1) / 2 for j in range(n_kv)]  # centre of each group
+    for h in range(n_q):
+        j = h // g
+        colour = plt.cm.tab10(j % 10)
+        ax.plot([h, kv_x[j]], [1, 0], color=colour, linewidth=1.5, zorder=1)
+        ax.scatter(h, 1, s=260, color=colour, edgecolor="black", zorder=2)
+        ax.text(h, 1.13, f"q{h}", ha="center", va="bottom", fontsize=9)
+    for j in range(n_kv):
+        ax.scatter(kv_x[j], 0, s=420, marker="s", color=plt.cm.tab10(j % 10), edgecolor="black",
+                   zorder=2)
+        ax.text(kv_x[j], -0.17, f"kv{j}", ha="center", va="top", fontsize=9)
+    ax.set_xlim(-0.7, n_q - 0.3)
+    ax.set_ylim(-0.45, 1.4)
+    ax.set_title(title)
+    ax.axis("off")
+
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 2.8))
+draw_mapping(axes[0], 8, 8, "MHA: 8 query heads, 8 KV heads")
+draw_mapping(axes[1], 8, 2, "GQA: 8 query heads, 2 KV heads")
+draw_mapping(axes[2], 8, 1, "MQA: 8 query heads, 1 KV head")
+fig.text(0.5, 0.01, "circles: query heads (top); squares: key/value heads, i.e. what is cached "
+         "(bottom); query head h reads kv head h // (n_head / n_kv_head)", ha="center")
+plt.show()
+
+# %% [markdown]
+# ## 4. A GQA layer
+#
+# Now the module. It differs from chapter 3's batched MHA in two lines: the fused projection
+# `c_attn` makes `d + 2 · n_kv_head · head_dim` features instead of `3d`, and the split cuts
+# them into `[d, kv, kv]`. Everything after the attention (merging the heads, the output
+# projection `c_proj`) is untouched, because the attention output still has `n_head` heads. We
+# give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave` and writes the
+# attention out, `impl="sdpa"` calls `F.scaled_dot_product_attention(..., enable_gqa=True)`.
+
+# %%
+class GQA(nn.Module):
+    """Causal grouped-query self-attention: n_head query heads, n_kv_head key/value heads."""
+
+    def __init__(self, d_model, n_head, n_kv_head, impl="sdpa"):
+        super().__init__()
+        if d_model % n_head or n_head % n_kv_head:
+            raise ValueError("n_head must divide d_model, and n_kv_head must divide n_head")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.impl = impl
+        kv = n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(d_model, d_model + 2 * kv)  # rows: q (d) | k (kv) | v (kv)
+        self.c_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        kv, hd = self.n_kv_head * self.head_dim, self.head_dim
+        q, k, v = self.c_attn(x).split([d, kv, kv], dim=2)  # (B, T, d), 2 x (B, T, kv)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if self.impl == "repeat":
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)  # (B, n_head, T, hd)
+            v = v.repeat_interleave(group, dim=1)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, n_head, T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            y = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v  # (B, n_head, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d): heads side by side
+        return self.c_proj(y)
+
+
+# %% [markdown]
+# The two implementations agree, the layer is causal, and the projection is as small as we
+# said. The attention layer itself loses parameters too (here about a third of them with 2
+# key/value heads), but attention is only part of a model, and exercise 3 shows how little
+# that is for the whole 7B model. The point of GQA is the cache.
+
+# %%
+torch.manual_seed(0)
+layer = GQA(d, n_head, n_kv_head=2, impl="repeat")
+layer_sdpa = GQA(d, n_head, n_kv_head=2, impl="sdpa")
+layer_sdpa.load_state_dict(layer.state_dict())
+y = layer(x)
+print("x:", tuple(x.shape), "-> y:", tuple(y.shape))
+print("repeat == sdpa (atol=1e-6):", torch.allclose(y, layer_sdpa(x), atol=1e-6))
+
+x_changed = x.clone()
+x_changed[:, -1] = torch.randn(B, d)  # change the last token only
+print("earlier outputs unchanged:", torch.allclose(layer(x_changed)[:, :-1], y[:, :-1]))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+for n_kv in (8, 2, 1):
+    print(f"n_kv_head={n_kv}: c_attn {tuple(GQA(d, n_head, n_kv).c_attn.weight.shape)}, "
+          f"layer parameters {n_params(GQA(d, n_head, n_kv)):,}")
+
+# %% [markdown]
+# ## 5. Measuring the cache from the real tensors
+#
+# The formula of section 1 is only as good as our understanding of what a model stores. Let us
+# check it against an actual cache. `attnbook`'s attention layers (the package version of this
+# chapter, built from an `AttentionConfig`) can make their own cache: `layer.new_cache(batch_size,
+# max_len)` returns a `KVCache` whose tensors `k` and `v` have shape `(B, n_kv_head, max_len,
+# head_dim)`, and `bytes_per_token` reports what one position of one sequence costs in that
+# layer. Passing the cache to the layer's forward stores the keys and values of the tokens it
+# processes.
+#
+# First a small GQA layer, with a prompt of 6 tokens run through it:
+
+# %%
+cfg_small = AttentionConfig(d_model=d, n_head=n_head, n_kv_head=2, block_size=16)
+small = build_attention("gqa", cfg_small)
+cache = small.new_cache(batch_size=B)  # room for block_size = 16 positions
+_ = small(x, cache=cache)  # fills positions 0..5
+print("cached positions:", cache.length, " cache.k:", tuple(cache.k.shape))
+print("bytes per token (one layer, fp32):", cache.bytes_per_token,
+      "  formula:", kv_bytes_per_token(1, n_kv_head=2, head_dim=head_dim, bytes_per_elem=4))
+assert cache.bytes_per_token == kv_bytes_per_token(1, 2, head_dim, 4)
+
+# %% [markdown]
+# Now the 7B-style layer, in fp16, with room for 4096 tokens. Its weights would take a few
+# hundred megabytes that we do not need, so we build the layer on PyTorch's `meta` device,
+# which records shapes and allocates nothing, and ask it for a cache on the CPU in `float16`.
+# The cache tensors are real: MHA's keys and values for 4096 tokens take 64 MiB per layer.
+# Every layer of the model is identical, so the model's cache per token is 32 times one
+# layer's.
+
+# %%
+measured = {}
+for n_kv in (32, 16, 8, 4, 2, 1):
+    cfg = AttentionConfig(d_model=d_model_7b, n_head=n_head_7b, n_kv_head=n_kv, block_size=4096,
+                          bias=False)
+    with torch.device("meta"):
+        layer_7b = build_attention("gqa", cfg)  # shapes only, no weights in memory
+    cache = layer_7b.new_cache(batch_size=1, max_len=4096, device="cpu", dtype=torch.float16)
+    assert cache.k.device.type == "cpu" and cache.k.dtype == torch.float16
+    formula = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, fp16)
+    assert n_layer_7b * cache.bytes_per_token == formula
+    assert cache.k.nbytes + cache.v.nbytes == cache.nbytes == 4096 * cache.bytes_per_token
+    measured[n_kv] = n_layer_7b * cache.bytes_per_token
+    print(f"n_kv_head={n_kv:>2}: cache.k {tuple(cache.k.shape)}, k+v {cache.nbytes // 2**20:>2} MiB "
+          f"per layer, {measured[n_kv] // 1024:>3} KiB per token (formula {formula // 1024})")
+print("measured == formula for every n_kv_head")
+
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 3.6))
+names = ["32 (MHA)", "16", "8", "4", "2", "1 (MQA)"]
+kib = [measured[n] / 1024 for n in (32, 16, 8, 4, 2, 1)]
+bars = ax.bar(names, kib, color=["C0", "C7", "C1", "C7", "C7", "C2"])
+ax.bar_label(bars, [f"{v:g} KiB" for v in kib])
+ax.set_xlabel("key/value heads per layer (32 query heads)")
+ax.set_ylabel("KiB per token")
+ax.set_ylim(0, 590)
+ax.set_title("KV cache per token, 7B-style model (32 layers, fp16), measured from KVCache")
+plt.show()
+
+# %% [markdown]
+# The cache per token is exactly proportional to the number of key/value heads, and it is the
+# same number whether we multiply it out or ask the tensors. What remains is the question the
+# bars cannot answer: how much does a model *lose* by sharing?
+
+# %% [markdown]
+# ## 6. Converting a trained MHA model into GQA
+#
+# Training a large model from scratch with GQA is one option. The GQA paper's more economical
+# option is to take an existing MHA checkpoint and *convert* it. The query projection and the
+# output projection stay as they are; each group of key heads is replaced by one key head, and
+# likewise for values. Two choices for that one head:
+#
+# - **first head**: keep head `j · group` of group `j` and drop the rest;
+# - **mean-pool**: average the projection rows (weights and biases) of the group's heads.
+#
+# Mean-pooling has a simple meaning. A key is a linear function of the input, `k_h = W_h x +
+# b_h`, so averaging the weights and biases of a group gives a head whose key is the *average of
+# the group's keys*, for every input. The same holds for values. The converted model then
+# needs some further training (the paper calls it *uptraining*, about 5% of the original
+# training) to adapt to the shared heads.
+#
+# ### 6.1 A task where attention matters
+#
+# **Associative recall.** Each sequence first lists 6 key→value pairs, then asks for the value
+# of 6 of those keys (in random order, possibly repeating), each followed by the answer:
+#
+# `k3 v5 k0 v1 k6 v5 …  |  k0 v1  k6 v5  k3 v5 …`
+#
+# Keys are tokens 0–7, values tokens 8–15 (a vocabulary of 16). We train next-token
+# prediction, but score only the positions whose input is a queried key, where the target is
+# its value. Without attention the task is impossible: the answer is wherever that key appeared
+# earlier, and the model must find it and read the token after it. A model that only knew
+# *which* values occur in the context, not which key they belong to, can do no better than a
+# loss of about 1.4 (computed below); guessing uniformly among the 8 values gives $\ln 8 \approx
+# 2.08$.
+
+# %%
+n_keys, n_values, n_pairs, n_queries = 8, 8, 6, 6
+vocab_size = n_keys + n_values
+seq_len = 2 * (n_pairs + n_queries) - 1  # model input length: 23 tokens
+
+
+def recall_batch(batch_size, generator):
+    """Inputs (B, 23) and targets (B, 23); targets are -100 (ignored) except after a query key."""
+    keys = torch.rand(batch_size, n_keys, generator=generator).argsort(dim=1)[:, :n_pairs]
+    values = torch.randint(n_keys, vocab_size, (batch_size, n_pairs), generator=generator)
+    context = torch.stack([keys, values], dim=2).view(batch_size, 2 * n_pairs)  # k v k v ...
+    pick = torch.randint(0, n_pairs, (batch_size, n_queries), generator=generator)
+    asked = torch.stack([keys.gather(1, pick), values.gather(1, pick)], dim=2)
+    seq = torch.cat([context, asked.view(batch_size, 2 * n_queries)], dim=1)  # (B, 24)
+    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+    scored = torch.zeros_like(targets, dtype=torch.bool)
+    scored[:, 2 * n_pairs :: 2] = True  # the inputs there are the queried keys
+    targets[~scored] = -100
+    return inputs, targets
+
+
+eval_x, eval_y = recall_batch(512, torch.Generator().manual_seed(1234))  # fixed evaluation set
+print("one sequence:", eval_x[0].tolist())
+print("its targets: ", eval_y[0].tolist())
+
+# The best loss without knowing which value belongs to which key: predict each value in
+# proportion to how often it occurs in the context.
+context_values = eval_x[:, 1 : 2 * n_pairs : 2]  # (512, 6)
+answers = eval_y[eval_y != -100].view(512, n_queries)  # (512, 6)
+counts = (context_values[:, None, :] == answers[:, :, None]).sum(dim=-1)  # (512, 6)
+bag_loss = -(counts / n_pairs).log().mean().item()
+print(f"loss of the bag-of-values guess: {bag_loss:.2f}")
+
+# %% [markdown]
+# ### 6.2 A minimal model for the experiment
+#
+# Recall needs two steps: attach each value to the key before it, then find the queried key.
+# That takes two attention layers, so we build a minimal two-layer transformer: token
+# embeddings plus learned position embeddings, two pre-norm blocks (LayerNorm → our `GQA` →
+# residual, LayerNorm → MLP → residual), a final LayerNorm and a linear head. It is not a
+# general language model, just the smallest thing that learns this task; chapter 13 builds the
+# real one. With `n_kv_head = n_head = 8` it is an MHA model, with about 104 thousand
+# parameters.
+
+# %%
+class Block(nn.Module):
+    def __init__(self, d_model, n_head, n_kv_head):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = GQA(d_model, n_head, n_kv_head)
+        self.mlp = MLP(d_model, 4 * d_model)
+
+    def forward(self, x):  # (B, T, d_model)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyLM(nn.Module):
+    """A minimal two-layer transformer for this chapter's experiment (not chapter 13's GPT)."""
+
+    def __init__(self, n_kv_head, d_model=64, n_head=8, n_layer=2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = PositionalEmbedding("learned", seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, n_kv_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, idx):  # (B, T) token ids
+        x = self.tok(idx) + self.pos(idx.shape[1])  # (B, T, d_model)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+
+def loss_fn(model, inputs, targets):
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def train(model, steps, lr, data_seed):
+    """Adam on fresh batches of 32 sequences; returns the loss of every step (before its update)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(data_seed)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model, *recall_batch(32, generator))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model):
+    """(loss, accuracy) on the fixed evaluation set of 512 sequences."""
+    logits = model(eval_x)
+    scored = eval_y != -100
+    loss = F.cross_entropy(logits[scored], eval_y[scored]).item()
+    accuracy = (logits[scored].argmax(-1) == eval_y[scored]).float().mean().item()
+    return loss, accuracy
+
+
+torch.manual_seed(0)
+mha_model = TinyLM(n_kv_head=8)
+print(f"MHA model: {n_params(mha_model):,} parameters")
+
+# %% [markdown]
+# ### 6.3 Train the MHA model
+#
+# 400 steps of Adam at learning rate 3e-3 on fresh batches (a few seconds). The loss first
+# settles on the bag-of-values plateau near 1.4–1.5, then, once the two layers have learned to
+# work together, drops to almost zero. A long plateau followed by a sudden drop is typical of
+# tasks that need two layers to cooperate: neither layer's part is useful until the other's
+# exists. The curve is plotted at the end of the section.
+
+# %%
+mha_losses = train(mha_model, steps=400, lr=3e-3, data_seed=1)
+mha_loss, mha_acc = evaluate(mha_model)
+assert mha_loss < 0.05 and mha_acc > 0.99, (mha_loss, mha_acc)
+print("MHA model solves the task (loss < 0.05, accuracy > 99%):", mha_loss < 0.05)
+
+# %% [markdown]
+# ### 6.4 The conversion
+#
+# `pool_kv_rows` takes the `c_attn` weight `(3d, d)` or bias `(3d,)` of an MHA layer and returns
+# the GQA one. The query rows pass through unchanged. The key rows are `n_head` blocks of
+# `head_dim` rows, head 0 first, so reshaping them to `(n_kv_head, group, head_dim, …)` puts
+# query head `h` at `(h // group, h % group)`: the same grouping as in section 3. Then we
+# average over the group dimension, or keep its first entry. The model's other weights are
+# copied as they are.
+
+# %%
+def pool_kv_rows(t, n_head, n_kv_head, how="mean"):
+    """An MHA c_attn weight (3d, d) or bias (3d,) -> the GQA one (d + 2 * n_kv_head * hd, ...)."""
+    d_model = t.shape[0] // 3
+    hd, group = d_model // n_head, n_head // n_kv_head
+    q, k, v = t.split(d_model, dim=0)  # (d, ...) each: n_head blocks of hd rows
+
+    def pool(rows):
+        rows = rows.reshape(n_kv_head, group, hd, *rows.shape[1:])  # head h at (h // g, h % g)
+        rows = rows.mean(dim=1) if how == "mean" else rows[:, 0]  # (n_kv_head, hd, ...)
+        return rows.reshape(n_kv_head * hd, *rows.shape[2:])
+
+    return torch.cat([q, pool(k), pool(v)], dim=0)
+
+
+def convert(model, n_kv_head, how="mean"):
+    """A GQA copy of an MHA TinyLM: K/V rows pooled per group, every other weight copied."""
+    state = copy.deepcopy(model.state_dict())
+    for name in state:
+        if ".attn.c_attn." in name:
+            state[name] = pool_kv_rows(state[name], n_head, n_kv_head, how)
+    gqa_model = TinyLM(n_kv_head=n_kv_head)
+    gqa_model.load_state_dict(state)
+    return gqa_model
+
+
+gqa_mean = convert(mha_model, n_kv_head=2, how="mean")
+print("c_attn weight:", tuple(mha_model.blocks[0].attn.c_attn.weight.shape), "->",
+      tuple(gqa_mean.blocks[0].attn.c_attn.weight.shape))
+
+# %% [markdown]
+# Two checks that the conversion does what we claim. Converting to `n_kv_head = n_head` (groups
+# of one) must change nothing. And a mean-pooled key head must produce the average of its
+# group's keys, on any input:
+
+# %%
+same = convert(mha_model, n_kv_head=8)
+print("n_kv_head=8 conversion gives the same outputs:",
+      torch.allclose(same(eval_x[:4]), mha_model(eval_x[:4]), atol=1e-6))
+
+h_in = torch.randn(3, 5, d)  # any input to the first attention layer
+k_mha = mha_model.blocks[0].attn.c_attn(h_in)[..., d : 2 * d].view(3, 5, n_head, head_dim)
+k_gqa = gqa_mean.blocks[0].attn.c_attn(h_in)[..., d : d + 2 * head_dim].view(3, 5, 2, head_dim)
+group_means = k_mha.view(3, 5, 2, group, head_dim).mean(dim=3)  # average over each group
+print("pooled key head == mean of the group's keys:", torch.allclose(k_gqa, group_means, atol=1e-6))
+
+# %% [markdown]
+# Now the cost. Right after conversion, before any further training, we evaluate both kinds of
+# conversion at every possible number of key/value heads. These numbers come out of a training
+# run, so they can differ in the last digits on another machine; the cell checks only what
+# should hold anywhere.
+
+# %% tags=["nbval-ignore-output"]
+right_after = {}
+print(f"{'n_kv_head':>9} {'mean-pool loss':>15} {'first-head loss':>16}   accuracies")
+for n_kv in (8, 4, 2, 1):
+    m_loss, m_acc = evaluate(convert(mha_model, n_kv, "mean"))
+    f_loss, f_acc = evaluate(convert(mha_model, n_kv, "first"))
+    right_after[n_kv] = (m_loss, f_loss)
+    print(f"{n_kv:>9} {m_loss:>15.3f} {f_loss:>16.3f}   {100 * m_acc:5.1f}% {100 * f_acc:5.1f}%")
+assert abs(right_after[8][0] - mha_loss) < 1e-4  # groups of one: nothing changes
+assert all(min(right_after[n]) > 10 * mha_loss for n in (4, 2, 1))  # sharing breaks the model
+
+# %% [markdown]
+# The trained model does not survive the conversion unharmed. With groups of two heads
+# (`n_kv_head = 4`), the mean-pooled model still gets about three quarters of the answers right
+# and the first-head model under half. With groups of four (`n_kv_head = 2`) or one group of
+# eight (MQA), both lose nearly everything: the loss lands around or above uniform guessing,
+# $\ln 8 \approx 2.08$, because the model still answers confidently, but often with the wrong
+# value, and cross-entropy punishes confident mistakes hard. The heads of a trained MHA model are
+# not interchangeable: replacing a group's keys by their average, or by one of them, breaks the
+# patterns the queries were trained to find, and averaging the values blurs what the heads
+# return. Mean-pooling is the better of the two at every size, but at 2 key/value heads neither
+# model is usable as it is. What matters is how quickly each recovers.
+#
+# ### 6.5 A short further training
+#
+# We give each converted model (GQA with 2 key/value heads) 100 more steps, a quarter of the
+# original training, on the same fresh batches, with a smaller learning rate (1e-3) as one
+# usually does when fine-tuning. For comparison, a GQA model trained from scratch gets the same
+# 100 steps at the original learning rate.
+
+# %%
+runs = {}
+for name, how in (("mean-pooled", "mean"), ("first head", "first")):
+    model = convert(mha_model, n_kv_head=2, how=how)
+    runs[name] = (model, train(model, steps=100, lr=1e-3, data_seed=2))
+torch.manual_seed(0)
+scratch = TinyLM(n_kv_head=2)
+runs["GQA from scratch"] = (scratch, train(scratch, steps=100, lr=3e-3, data_seed=2))
+results = {name: evaluate(model) for name, (model, _) in runs.items()}
+print("trained:", list(runs))
+
+# %% tags=["nbval-ignore-output"]
+print(f"{'model (2 KV heads)':>20} {'right after':>12} {'after 100 steps':>16} {'accuracy':>9}")
+print(f"{'MHA (8 KV heads)':>20} {'':>12} {mha_loss:>16.3f} {100 * mha_acc:>8.1f}%")
+start = {"mean-pooled": f"{right_after[2][0]:.3f}", "first head": f"{right_after[2][1]:.3f}"}
+for name, (loss, acc) in results.items():
+    print(f"{name:>20} {start.get(name, '-'):>12} {loss:>16.3f} {100 * acc:>8.1f}%")
+mean_loss, first_loss, scratch_loss = (results[n][0] for n in runs)
+assert mean_loss < 0.1 and results["mean-pooled"][1] > 0.98  # recovered
+assert mean_loss < first_loss < right_after[2][1]  # mean-pooling recovers faster
+assert scratch_loss > 1.0  # from scratch, 100 steps is not even past the plateau
+
+# %% [markdown]
+# The converted models recover almost completely within 100 steps, the mean-pooled one
+# faster: its loss is several times lower than the first-head one's after the same steps.
+# The GQA model trained from scratch for those 100 steps has barely started: its loss is still
+# above the bag-of-values plateau, so it does not even know reliably which values are in the
+# context, let alone which goes with which key.
+# So the short further training does not teach the converted model the task: the
+# knowledge was kept by the conversion, in the query, value and output weights and in the
+# structure of the keys, and the training only has to adapt it to the shared heads.
+#
+# The loss curves show the whole story (a moving average over 10 steps; note the logarithmic
+# loss axis).
+
+# %%
+def smooth(values, width=10):
+    return [sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+            for i in range(len(values))]
+
+
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), sharey=True,
+                               gridspec_kw={"width_ratios": [2, 1]})
+ax0.semilogy(smooth(mha_losses), color="C0", label="MHA (8 KV heads)")
+ax0.axhline(bag_loss, color="gray", linestyle=":", label="bag-of-values loss")
+ax0.axhline(math.log(8), color="gray", linestyle="--", label="uniform guess, ln 8")
+ax0.set_title("1. train MHA for 400 steps")
+ax0.set_xlabel("step")
+ax0.set_ylabel("training loss (moving average of 10)")
+ax0.legend()
+colours = {"mean-pooled": "C1", "first head": "C3", "GQA from scratch": "C2"}
+for name, (_, losses) in runs.items():
+    ax1.semilogy(smooth(losses), color=colours[name], label=name)
+ax1.axhline(bag_loss, color="gray", linestyle=":")
+ax1.axhline(math.log(8), color="gray", linestyle="--")
+ax1.set_title("2. then 100 steps with 2 KV heads")
+ax1.set_xlabel("step after conversion")
+ax1.legend()
+plt.show()
+
+# %% [markdown]
+# A caveat about scale. This is one small task, two layers and one seed: it shows the mechanics
+# and the typical shape of the result, not how much quality a large model keeps. The GQA paper
+# measured that on T5 models: a checkpoint uptrained to GQA with 8 key/value heads came close
+# to the MHA model's quality at close to MQA's decoding speed, and mean-pooling was the best
+# of the conversions they tried. Trained from scratch, a GQA model also learns this task: in
+# trials we ran while writing this chapter, the same model with 2 key/value heads got past the
+# plateau after 250 to 500 steps, depending on the seed, about as long as the MHA model needed.
+# That is the cost the conversion avoids.
+
+# %% [markdown]
+# ## Check against the module
+#
+# The package versions of this chapter are `attnbook.attention.GroupedQueryAttention`
+# (registered as `"gqa"`) and `MultiQueryAttention` (`"mqa"`, GQA with one key/value head).
+# Their fused `c_attn` has the same `q | k | v` row layout as our `GQA`, and query head `h`
+# reads key/value head `h // group`, so our state dicts load straight into them. We check,
+# with both of our implementations against both of the module's (`impl="reference"` and
+# `"sdpa"`), at `atol=1e-5`:
+#
+# - our `GQA` with 2 key/value heads against `GroupedQueryAttention`;
+# - our `GQA` with `n_kv_head = n_head` against chapter 3's `MultiHeadAttention`;
+# - our `GQA` with `n_kv_head = 1` against `MultiQueryAttention`;
+#
+# and finally that a trained attention layer converted by `pool_kv_rows` computes the same thing
+# in the module as in the notebook.
+
+# %%
+from attnbook.attention import GroupedQueryAttention, MultiHeadAttention, MultiQueryAttention
+
+torch.manual_seed(0)
+x = torch.randn(2, 12, d)
+cases = [(2, GroupedQueryAttention, 2), (8, MultiHeadAttention, None), (1, MultiQueryAttention, None)]
+for ours_impl in ("repeat", "sdpa"):
+    for impl in ("reference", "sdpa"):
+        for n_kv, cls, cfg_n_kv in cases:
+            ours = GQA(d, n_head, n_kv, impl=ours_impl)
+            cfg = AttentionConfig(d_model=d, n_head=n_head, n_kv_head=cfg_n_kv, impl=impl)
+            module = cls(cfg)
+            module.load_state_dict(ours.state_dict())
+            assert module.n_kv_head == n_kv
+            assert torch.allclose(module(x), ours(x), atol=1e-5), (ours_impl, impl, cls.__name__)
+
+# A trained layer of the MHA model, converted in the notebook and in the module.
+trained = mha_model.blocks[1].attn
+mha_module = build_attention("mha", AttentionConfig(d_model=d, n_head=n_head))
+mha_module.load_state_dict(trained.state_dict())
+gqa_module = build_attention("gqa", AttentionConfig(d_model=d, n_head=n_head, n_kv_head=2))
+gqa_module.load_state_dict({name: pool_kv_rows(t, n_head, 2) if "c_attn" in name else t
+                            for name, t in mha_module.state_dict().items()})
+assert isinstance(gqa_module, GroupedQueryAttention)
+assert torch.allclose(gqa_module(x), gqa_mean.blocks[1].attn(x), atol=1e-5)
+print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our GQA "
+      "(both impls each side), and the converted layer agrees: OK (atol=1e-5)")
+
+# %% [markdown]
+# ## Exercises
+#
+# Worked solutions are in `chapters/solutions/04_mqa_gqa_solutions.ipynb`. Predict first,
+# then check with code.
+#
+# 1. **The cache of a model you choose.** Take a LLaMA-2-70B-style model: 80 layers, 64 query
+#    heads of size 128, 8 key/value heads, bf16. Compute its KV cache per token, and for a batch
+#    of 16 sequences of 4096 tokens; then the same had it used MHA. Check both against
+#    `new_cache` of a layer built on the meta device. How many 4096-token sequences fit in
+#    40 GB of cache memory with GQA, and with MHA?
+# 2. **The grouping order matters.** Someone implements GQA with `k.repeat(1, group, 1, 1)`
+#    instead of `k.repeat_interleave(group, dim=1)`. Predict: with the same weights, does their
+#    layer give the same output as `GroupedQueryAttention`? Check it. Then find a way to load
+#    weights trained under one convention into the other so that the outputs agree again
+#    (hint: permute the *query* heads, and the matching columns of `c_proj`). Why does it not
+#    matter for MHA or MQA?
+# 3. **Parameters saved vs cache saved.** For the 7B-style model of section 1 (SwiGLU MLP of
+#    width 11008, vocabulary 32000, untied embeddings), compute the total number of parameters
+#    with MHA, GQA-8 and MQA, and compare the fractions saved with the fractions of KV cache
+#    saved. Check the attention layer's parameter count on a meta-device `GroupedQueryAttention`.
+#    (Mistral 7B, with 8 key/value heads, spends the saved parameters on a wider MLP, 14336.)
+# 4. **When is conversion lossless?** (a) Build an MHA layer whose key and value rows are
+#    identical within each group and predict what mean-pooling and first-head conversion do
+#    to its output. (b) For a random MHA layer, is the mean-pooled GQA layer's output the
+#    average of something simple, e.g. of the outputs of the original heads of each group?
+#    Predict, then check.
