@@ -12,6 +12,7 @@ from attnbook.positions import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    half_to_interleaved,
     interleaved_to_half,
     rope_cos_sin,
     rope_permutation,
@@ -167,3 +168,15 @@ def test_attention_without_positions_is_permutation_equivariant(positions):
     perm = torch.randperm(6)
     equivariant = torch.allclose(attn(x)[:, perm], attn(x[:, perm]), atol=1e-6)
     assert equivariant == (positions in ("none", "learned"))
+
+
+def test_weight_conversion_round_trip_and_errors():
+    w = torch.randn(3 * 8, 5)
+    torch.testing.assert_close(half_to_interleaved(interleaved_to_half(w, 3), 3), w)
+    assert not torch.equal(interleaved_to_half(w, 3), w)
+    with pytest.raises(ValueError, match="not a multiple of n_head=5"):
+        interleaved_to_half(w, 5)
+    with pytest.raises(ValueError, match="head_dim must be even, got 5"):
+        apply_rope(torch.randn(2, 5), torch.ones(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="t_q <= t_k"):
+        alibi_bias(torch.ones(2), t_q=3, t_k=2)

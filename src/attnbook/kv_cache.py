@@ -72,7 +72,7 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one cached position takes: keys and values of every batch row and head."""
+        """Bytes one position of one sequence takes in this layer: its keys and values, all heads."""
         per_position = self.k[:, :, 0].numel() + self.v[:, :, 0].numel()
         return per_position * self.k.element_size() // self.k.shape[0]
 

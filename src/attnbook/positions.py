@@ -1,7 +1,7 @@
 """Position schemes: how a transformer learns where each token sits.
 
 Attention by itself is permutation-equivariant: shuffle the tokens and the outputs shuffle the
-same way. Position information has to be put in, in one of four places:
+same way. Position information has to be put in, in one of three places:
 
 - ``learned`` and ``sinusoidal``: a vector per position *added to the token embeddings*
   (``PositionalEmbedding``), before the first block.
@@ -9,11 +9,12 @@ same way. Position information has to be put in, in one of four places:
   (``RotaryEmbedding``), so that a score depends only on the offset between the two positions.
   Two pairings of the coordinates exist in the wild (``"interleaved"``: (0,1), (2,3), ... as in
   GPT-J and RoFormer; ``"half"``: (i, i + head_dim/2) with ``rotate_half``, as in GPT-NeoX and
-  Hugging Face LLaMA); ``rope_permutation`` converts weights from one to the other.
+  Hugging Face LLaMA); ``interleaved_to_half`` and ``half_to_interleaved`` convert q/k weights.
 - ``alibi``: a per-head linear penalty on the *scores*, proportional to the distance
   (``alibi_slopes`` and ``alibi_bias``).
 
-Every function takes a ``start`` offset so cached decoding can continue at position ``start``.
+For cached decoding, ``PositionalEmbedding`` and ``RotaryEmbedding`` take a ``start`` offset
+(the position of the first new token) and ``alibi_bias`` aligns queries with the last keys.
 """
 
 import math
@@ -99,6 +100,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
     ``cos`` and ``sin`` are ``(T, head_dim // 2)``; ``pairing`` says which coordinates form a pair:
     ``"half"`` pairs ``i`` with ``i + head_dim/2``, ``"interleaved"`` pairs ``2i`` with ``2i + 1``.
     """
+    if x.shape[-1] % 2:
+        raise ValueError(
+            f"RoPE rotates pairs of coordinates: head_dim must be even, got {x.shape[-1]}"
+        )
     if pairing == "half":
         x1, x2 = x.chunk(2, dim=-1)  # 2 x (..., T, hd/2)
     elif pairing == "interleaved":
@@ -125,13 +130,29 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
-def interleaved_to_half(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of a q or k projection ``(n_head * head_dim, d_in)`` (or its bias) reordered per head
-    so that half-split RoPE gives the scores interleaved RoPE gave."""
+def _permute_heads(weight: torch.Tensor, n_head: int, inverse: bool) -> torch.Tensor:
+    if n_head <= 0 or weight.shape[0] % n_head:
+        raise ValueError(
+            f"weight has {weight.shape[0]} rows, not a multiple of n_head={n_head}: pass the q "
+            f"or k rows alone (n_head * head_dim), and n_kv_head for the keys of GQA"
+        )
     head_dim = weight.shape[0] // n_head
     perm = rope_permutation(head_dim)
+    perm = perm.argsort() if inverse else perm
     per_head = weight.reshape(n_head, head_dim, *weight.shape[1:])  # (n_head, hd, ...)
     return per_head[:, perm].reshape(weight.shape)
+
+
+def interleaved_to_half(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q or k projection ``(n_head * head_dim, d_in)`` (or its bias) reordered per head
+    so that half-split RoPE gives the scores interleaved RoPE gave. For the keys of grouped-query
+    attention pass ``n_kv_head``."""
+    return _permute_heads(weight, n_head, inverse=False)
+
+
+def half_to_interleaved(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``interleaved_to_half``."""
+    return _permute_heads(weight, n_head, inverse=True)
 
 
 class RotaryEmbedding(nn.Module):
@@ -185,8 +206,12 @@ def alibi_bias(slopes: torch.Tensor, t_q: int, t_k: int) -> torch.Tensor:
     """Additive score bias ``(n_head, t_q, t_k)``: ``-slope * |distance|`` between positions.
 
     Queries are the last ``t_q`` of ``t_k`` positions (bottom-right, as in ``causal_mask``), so
-    a cached query at position ``t_k - 1`` is penalised by its true distance to each key.
+    a cached query at position ``t_k - 1`` is penalised by its true distance to each key. The
+    paper defines ALiBi for causal models (distance to past keys); the symmetric ``|distance|``
+    for non-causal layers is this book's choice.
     """
+    if t_q <= 0 or t_k < t_q:
+        raise ValueError(f"alibi_bias needs 0 < t_q <= t_k, got t_q={t_q}, t_k={t_k}")
     q_pos = torch.arange(t_k - t_q, t_k, device=slopes.device)  # (t_q,)
     k_pos = torch.arange(t_k, device=slopes.device)  # (t_k,)
     distance = (q_pos[:, None] - k_pos[None, :]).abs()  # (t_q, t_k)
