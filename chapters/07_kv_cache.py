@@ -1,0 +1,856 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 7 — The KV cache: generation without recomputation
+#
+# A language model writes one token at a time. To produce token $t+1$ it runs on tokens
+# $0 \ldots t$ and reads the prediction at the last position; then it appends the new token and
+# does it all again. Written naively, every step pushes the *whole* sequence through every layer,
+# although only one position is new. This chapter finds out exactly what is recomputed, keeps the
+# part that can be kept — the keys and values of every layer — in a **KV cache**, and shows that
+# generation with the cache gives the same tokens as generation without it, only faster.
+#
+# Along the way we meet the one place where caching is easy to get wrong (the causal mask must be
+# aligned differently when there are fewer queries than keys), measure the time per token with and
+# without the cache, and work out how much memory a cache takes for multi-head, grouped-query and
+# multi-query attention, for our toy model and for a 7-billion-parameter one.
+#
+# **Learning goals**
+#
+# - Say what a generation step without a cache recomputes, and why the keys and values of earlier
+#   positions never change (causality), so they can be stored instead.
+# - Build a KV cache twice: a growing one (`torch.cat`) and a preallocated one with a maximum
+#   length, a clear overflow error and `reset()`, the design of `attnbook.kv_cache.KVCache`.
+# - Explain why cached decoding needs a *bottom-right* aligned causal mask, and show the wrong
+#   output that `is_causal=True` (top-left) gives.
+# - Decode greedily with and without a cache and get identical tokens, with RoPE (the rotation
+#   starts at `cache.length`) and with learned positions (the embedding does).
+# - Prefill a prompt at once or in chunks, with the same result.
+# - Measure time per generated token against position, and compute the cache's memory for MHA,
+#   GQA and MQA, per token and at 4k tokens.
+
+# %% [markdown]
+# ## Setup
+#
+# We seed every random draw and print shapes, integers, booleans and rounded numbers only;
+# timings appear only in cells whose output the book's tests ignore (they assert instead).
+
+# %%
+import copy
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbook.attention import AttentionConfig, build_attention, causal_mask, sdpa
+from attnbook.mlp import MLP
+from attnbook.positions import PositionalEmbedding
+
+torch.manual_seed(0)
+torch.set_printoptions(precision=3, sci_mode=False)
+
+# %% [markdown]
+# ## 1. A tiny language model to generate with
+#
+# There is no GPT class in the book yet (it arrives in chapter 13), so we assemble a **minimal
+# causal language model** here, only for this chapter's experiments. It has the usual shape:
+#
+# - a token embedding (`wte`), plus learned position vectors (`wpe`) when `positions="learned"`;
+# - `n_layer` pre-norm blocks, each `x + attn(ln_1(x))` then `x + mlp(ln_2(x))`, with the
+#   attention built by name from `attnbook` (`"mha"`, `"gqa"`, `"mqa"`);
+# - a final LayerNorm and a linear head giving one logit per vocabulary entry.
+#
+# Its weights stay random. A trained model would write nicer text, but caching is a question of
+# arithmetic, not of meaning: a cache is correct when it reproduces the outputs of the full
+# computation, whatever the weights are. Random weights are enough to test that, and to time it.
+#
+# One argument of the forward pass is the subject of this chapter: `caches`, one cache per layer
+# (each attention layer accepts its own through `cache=`). From them the model reads `start`, the
+# position of the first token it is given: with learned positions the model itself adds the
+# position vectors, so it must know where the tokens sit in the sequence; with RoPE the attention
+# layers rotate queries and keys, and read the position from their cache themselves. (`attn_mask`
+# and `impl` are passed through to the attention layers; only the exercises use them.)
+
+# %%
+class Block(nn.Module):
+    """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
+
+    def __init__(self, attention, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = build_attention(attention, cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+
+    def forward(self, x, cache=None, attn_mask=None):  # x: (B, T, d_model)
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache)
+        return x + self.mlp(self.ln_2(x))  # (B, T, d_model)
+
+
+class TinyLM(nn.Module):
+    """A minimal causal LM for this chapter: embeddings, n_layer blocks, LM head. Random weights."""
+
+    def __init__(self, attention="mha", positions="rope", n_kv_head=None, vocab_size=256,
+                 d_model=128, n_head=4, n_layer=4, block_size=512, impl="sdpa"):
+        super().__init__()
+        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
+                                   block_size=block_size, positions=positions, impl=impl)
+        self.wte = nn.Embedding(vocab_size, d_model)
+        self.wpe = None  # RoPE (or no positions): the attention layers handle positions
+        if positions == "learned":
+            self.wpe = PositionalEmbedding("learned", block_size, d_model)
+        self.blocks = nn.ModuleList(Block(attention, self.cfg) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def embed(self, idx, start=0):  # idx: (B, T) token ids at positions start .. start+T-1
+        x = self.wte(idx)  # (B, T, d_model)
+        if self.wpe is not None:
+            x = x + self.wpe(idx.shape[1], start)  # (T, d_model), broadcast over the batch
+        return x
+
+    def forward(self, idx, caches=None, attn_mask=None):
+        start = 0 if caches is None else caches[0].length  # how many positions are cached
+        x = self.embed(idx, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if caches is None else caches[i], attn_mask=attn_mask)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+
+torch.manual_seed(0)
+model = TinyLM(positions="rope").eval()
+n_params = sum(p.numel() for p in model.parameters())
+print(f"TinyLM: {len(model.blocks)} layers, d_model={model.cfg.d_model}, "
+      f"{model.cfg.n_head} heads of {model.cfg.head_dim}, {n_params:,} parameters")
+
+# %% [markdown]
+# Greedy generation without a cache is a loop of three lines: run the model on everything so far,
+# take the most likely next token at the last position, append it. Everything runs under
+# `torch.no_grad()`, since we never train here.
+
+# %%
+@torch.no_grad()
+def generate_plain(model, prompt, n_new):
+    """Greedy decoding that recomputes the whole sequence at every step."""
+    idx = prompt  # (B, T0)
+    for _ in range(n_new):
+        logits = model(idx)  # (B, T, vocab): every position, again
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
+    return idx
+
+
+torch.manual_seed(1)
+prompt = torch.randint(0, 256, (2, 16))  # a batch of 2 prompts of 16 token ids
+out_plain = generate_plain(model, prompt, n_new=40)
+print("prompt:", tuple(prompt.shape), "-> generated:", tuple(out_plain.shape))
+print("first new tokens of row 0:", out_plain[0, 16:28].tolist())
+
+# %% [markdown]
+# (A model with random weights soon falls into a loop of tokens; that is expected and does not
+# matter here: we only ever compare one way of computing against another.)
+#
+# ## 2. What the naive loop recomputes
+#
+# Take the step that appends token $t$. The model runs on $t+1$ positions, but for positions
+# $0 \ldots t-1$ it computes exactly what it computed one step earlier. The reason is causality:
+# in every layer, the output at position $s$ depends on the inputs at positions $0 \ldots s$
+# only. So the hidden state of position $s$ in every layer — and with it the key and value that
+# layer computes from it — is fixed the moment token $s$ is known. Appending tokens later cannot
+# change it.
+#
+# Let us check this on the model: run it on the first 10 tokens and on the first 11, and compare
+# the hidden states of positions 0..9 after the embedding and after every block.
+
+# %%
+@torch.no_grad()
+def hidden_states(model, idx):
+    """The residual stream after the embedding and after each block: a list of (B, T, d)."""
+    x = model.embed(idx)
+    states = [x]
+    for block in model.blocks:
+        x = block(x)
+        states.append(x)
+    return states
+
+
+short = hidden_states(model, out_plain[:, :10])
+longer = hidden_states(model, out_plain[:, :11])
+same = [torch.allclose(a, b[:, :10], atol=1e-5) for a, b in zip(short, longer, strict=True)]
+print("positions 0..9 unchanged, per layer (embedding, block 0..3):", same)
+
+# %% [markdown]
+# Every layer agrees (to float rounding: the two runs multiply matrices of different shapes).
+# Since a key or value of layer $\ell$ is a linear function of the (normalised) hidden state
+# entering layer $\ell$, the keys and values of old positions are identical too. The only genuinely
+# new work at each step is the new position: its embedding, its query, key and value in every
+# layer, its attention over all keys, its MLP, and its logits.
+#
+# How much is wasted? Count, for a prompt of $P$ tokens and $N$ generated tokens:
+#
+# - **token passes**: how many positions go through the projections and MLPs. Without a cache,
+#   step $i$ processes $P+i$ positions, so $\sum_{i<N} (P+i)$ in all — quadratic in the length.
+#   With a cache, the prompt once, then one position per step: $P + N - 1$.
+# - **attention scores**: a causal pass over $T$ positions fills $T(T+1)/2$ query-key pairs.
+#   Without a cache that is paid again at every step — cubic in total. With a cache, step $i$
+#   adds one query against $P+i$ keys.
+#
+# With a cache, the whole generation does exactly the work of *one* causal forward pass over the
+# final sequence (minus its last token, which is never fed back in).
+
+# %%
+def work(P, N):
+    T = [P + i for i in range(N)]  # sequence length the model reads at step i
+    plain = dict(tokens=sum(T), scores=sum(t * (t + 1) // 2 for t in T))
+    L = P + N - 1  # positions ever fed to the cached model
+    cached = dict(tokens=L, scores=L * (L + 1) // 2)
+    return plain, cached
+
+
+plain_w, cached_w = work(P=16, N=256)
+for key in ("tokens", "scores"):
+    print(f"{key:>7}: without cache {plain_w[key]:>10,}   with cache {cached_w[key]:>7,}   "
+          f"ratio {plain_w[key] / cached_w[key]:.1f}")
+
+# %% [markdown]
+# For 256 new tokens after a 16-token prompt, the naive loop pushes about 136 times as many
+# positions through the projections and MLPs, and fills about 91 times as many attention
+# scores. The arithmetic is not the whole story on a real machine (the next sections measure
+# time), but it says where the saving comes from.
+#
+# ## 3. A first cache, and the mask it needs
+#
+# A KV cache for one layer is simply two growing tensors: keys and values of every position seen
+# so far, laid out like the attention layer's own `k` and `v`, `(B, n_kv_head, T, head_dim)`.
+# Each step appends the new positions along the time axis and hands back *everything*, because
+# the new query attends over all keys. The cache also knows its `length`: the number of cached
+# positions, which is the position of the next token to arrive.
+#
+# Version 1 appends with `torch.cat`:
+
+# %%
+class CatCache:
+    """Version 1: keys and values of one layer, grown with torch.cat at every append."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, n_kv_head, length, head_dim) once something is cached
+
+    @property
+    def length(self):
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v):  # k, v: (B, n_kv_head, T_new, head_dim)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v  # (B, n_kv_head, length, head_dim): every position so far
+
+
+# %% [markdown]
+# Now an attention layer that uses it, written out by hand so that nothing is hidden. It borrows
+# the weights of an `attnbook` layer (the fused projection `project`, the RoPE rotation `rope`,
+# the output projection `c_proj`) and does the cached forward pass itself:
+#
+# 1. project only the **new** tokens `x` to queries, keys and values;
+# 2. rotate q and k with RoPE **at their true positions** `start .. start + T - 1`, where
+#    `start = cache.length` (rotating them as positions `0 .. T-1` would be a bug);
+# 3. append k and v to the cache and get back all keys and values;
+# 4. attend with a causal mask, merge the heads, project.
+#
+# Step 4 has a trap. The new queries are the *last* `T` of `T_k = start + T` positions: query `i`
+# sits at position `start + i` and may see keys `0 .. start + i`. The causal triangle must be
+# aligned to the **bottom-right** corner of the `(T, T_k)` score matrix, which
+# `attnbook.attention.causal_mask(T, T_k)` does. The tempting one-liner
+# `F.scaled_dot_product_attention(..., is_causal=True)` aligns it **top-left** instead (chapter 2):
+# it treats the queries as the *first* `T` positions. The two agree when `T == T_k` (the
+# prefill of an empty cache) and nowhere else. The class below can do either, so we can compare.
+
+# %%
+class HandAttention(nn.Module):
+    """Cached attention written out, around an attnbook layer's weights (RoPE or no positions)."""
+
+    def __init__(self, layer, align="bottom-right"):
+        super().__init__()
+        self.layer, self.align = layer, align
+
+    def forward(self, x, attn_mask=None, cache=None):  # x: (B, T, d) new tokens; no extra masks
+        layer, (B, T, d) = self.layer, x.shape
+        start = 0 if cache is None else cache.length  # position of x's first token
+        q, k, v = layer.project(x)  # (B, n_head, T, hd), k and v: (B, n_kv_head, T, hd)
+        if layer.rope is not None:
+            q, k = layer.rope(q, start), layer.rope(k, start)  # rotated at their true positions
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, n_kv_head, start + T, hd)
+        gqa = layer.n_kv_head != layer.n_head
+        if self.align == "top-left":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = causal_mask(T, k.shape[2])  # (T, start + T), bottom-right aligned
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, d)  # (B, T, d): heads side by side
+        return layer.c_proj(y)
+
+
+# %% [markdown]
+# Test it on one layer: run it on 12 random inputs at once (no cache), then feed the same inputs
+# one at a time through a cache, with each alignment.
+
+# %%
+layer = model.blocks[0].attn  # an attnbook MultiHeadAttention with RoPE
+x = torch.randn(1, 12, 128)
+with torch.no_grad():
+    full = HandAttention(layer)(x)  # (1, 12, 128): one pass, T_q == T_k
+    steps = {}
+    for align in ("bottom-right", "top-left"):
+        attn, cache = HandAttention(layer, align), CatCache()
+        steps[align] = torch.cat([attn(x[:, t : t + 1], cache=cache) for t in range(12)], dim=1)
+print("full pass equals the layer's own forward:", torch.allclose(full, layer(x), atol=1e-5))
+for align, y in steps.items():
+    err = (y - full).abs().max().item()
+    print(f"one token at a time, {align:>12}: max |difference| from the full pass = {err:.4f}")
+
+# %% [markdown]
+# Bottom-right alignment reproduces the full pass (the difference is float rounding, well under
+# $10^{-4}$). Top-left gets position 0 right and every other position wrong. Here is why,
+# concretely: with one query and a cache of $S$ keys, `is_causal=True` builds the top-left
+# triangle of a `(1, S)` matrix — a single `True`, at key 0. The query sees *only the first
+# token*, whatever it is, and the attention output is that token's value vector, unmixed:
+
+# %%
+with torch.no_grad():
+    q, k, v = layer.project(x)  # (1, n_head, 12, hd) each; positions do not matter here
+    q_last = q[:, :, -1:]  # (1, n_head, 1, hd): the query of the newest position
+    y_top_left = F.scaled_dot_product_attention(q_last, k, v, is_causal=True)  # (1, n_head, 1, hd)
+print("mask is_causal=True uses for 1 query, 12 keys:", torch.ones(1, 12).tril().int().tolist())
+print("output == value of key 0:", torch.allclose(y_top_left, v[:, :, :1]))
+print("causal_mask(1, 12), what a cache needs:      ", causal_mask(1, 12).int().tolist())
+
+# %% [markdown]
+# A mistake like this does not crash. In a whole model it just produces different text, as
+# generating with the hand-written layers in place of the model's own shows. We deep-copy the
+# model, wrap each block's attention, and give each layer a `CatCache`. The generation loop now
+# feeds the whole prompt on the first step (the **prefill**: it fills the caches with the
+# prompt's keys and values) and only the newest token on every later step. The last generated
+# token is never fed back, so the caches end up holding `P + N - 1` positions.
+
+# %%
+def new_caches(model, make_cache):
+    """One cache per layer: make_cache(attention_layer) -> a cache."""
+    return [make_cache(block.attn) for block in model.blocks]
+
+
+@torch.no_grad()
+def generate(model, prompt, n_new, caches=None):
+    """Greedy decoding; with caches, the first step prefills the prompt, later steps feed 1 token."""
+    idx, feed = prompt, prompt  # (B, T0): the first step feeds the whole prompt
+    for _ in range(n_new):
+        if caches is None:
+            logits = model(idx)  # (B, T, vocab): recompute everything
+        else:
+            logits = model(feed, caches)  # (B, T_feed, vocab): only what is not cached yet
+        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1): the next token
+        idx = torch.cat([idx, feed], dim=1)
+    return idx
+
+
+def with_hand_attention(model, align):
+    clone = copy.deepcopy(model)
+    for block in clone.blocks:
+        block.attn = HandAttention(block.attn, align)
+    return clone
+
+
+for align in ("bottom-right", "top-left"):
+    hand = with_hand_attention(model, align)
+    caches = new_caches(hand, lambda attn: CatCache())
+    out = generate(hand, prompt, n_new=40, caches=caches)
+    agree = (out[:, 16:] == out_plain[:, 16:]).float().mean().item()
+    print(f"{align:>12}: same tokens as without a cache: {torch.equal(out, out_plain)} "
+          f"({agree:.0%} of new tokens agree); cached positions: {caches[0].length}")
+
+# %% [markdown]
+# With the bottom-right mask, cached generation is token-for-token the same as the naive loop;
+# with `is_causal=True` it goes its own way from the second generated token on (the first one
+# comes from the prefill, where the two masks agree).
+#
+# `attnbook` protects you twice. Its `sdpa` refuses `is_causal=True` when the query and key
+# lengths differ, with a message that says what to pass instead:
+
+# %%
+try:
+    sdpa(q_last, k, v, is_causal=True)
+except ValueError as err:
+    print("ValueError:", err)
+
+# %% [markdown]
+# And its attention layers (`CausalSelfAttention.forward`, the base of MHA, GQA and MQA) already
+# do what `HandAttention` does with `align="bottom-right"`: with `cache=...` they rotate q and k
+# from position `cache.length`, call `cache.append(k, v)`, and build `causal_mask(T, T_k)` when
+# `T != T_k`. They only ever touch the cache through `length` and `append`, so *any* object with
+# those two members works — including our `CatCache`. From here on we drop `HandAttention` and
+# pass caches straight to the model's own layers:
+
+# %%
+caches = new_caches(model, lambda attn: CatCache())
+out_cat = generate(model, prompt, n_new=40, caches=caches)
+assert torch.equal(out_cat, out_plain)
+print("module layers + CatCache: same tokens as without a cache:", torch.equal(out_cat, out_plain))
+print("cached keys of layer 0:", tuple(caches[0].k.shape), "(B, n_kv_head, P + N - 1, head_dim)")
+
+# %% [markdown]
+# ## 4. Version 2: a preallocated cache
+#
+# `CatCache` is correct but allocates a new, slightly larger pair of tensors at every step and
+# copies the whole cache into it. The copy costs about as much as attention's own read of the
+# cache, so it does not change the complexity, but it churns the memory allocator, briefly needs
+# twice the cache's memory, and makes the memory use grow unpredictably during generation. A
+# server wants to know up front how much memory a request will take.
+#
+# Version 2 allocates keys and values for `max_len` positions once, writes each new block of
+# positions in place, and returns *views* of the filled part (no copy). This brings two
+# obligations: it must refuse, with a clear message, to go past `max_len`, and it needs a
+# `reset()` so the same memory can serve the next sequence (only the length is reset; the old
+# numbers stay behind but are never read, because only the first `length` positions are
+# returned).
+
+# %%
+class PreallocatedCache:
+    """Version 2: keys and values for max_len positions, allocated once, filled in place."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, max_len, dtype=torch.float32):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len, self.length = max_len, 0
+
+    def append(self, k, v):  # k, v: (B, n_kv_head, T_new, head_dim)
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"cache full: {self.length} of {self.max_len} positions used, cannot add "
+                f"{k.shape[2]} more; call reset() or allocate a larger max_len"
+            )
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]  # views, no copy
+
+    def reset(self):
+        self.length = 0
+
+
+def prealloc(max_len, batch_size=2):
+    return lambda attn: PreallocatedCache(batch_size, attn.n_kv_head, attn.head_dim, max_len)
+
+
+caches = new_caches(model, prealloc(max_len=64))
+out_pre = generate(model, prompt, n_new=40, caches=caches)
+assert torch.equal(out_pre, out_plain)
+print("PreallocatedCache: same tokens as without a cache:", torch.equal(out_pre, out_plain))
+print(f"positions used: {caches[0].length} of {caches[0].max_len}; "
+      f"keys stored as {tuple(caches[0].k.shape)}")
+
+# %% [markdown]
+# **Overflow.** A cache of `max_len` positions holds a prompt of `P` tokens and `N` generated
+# ones as long as `P + N - 1 <= max_len` (remember, the last token is never fed back). With
+# `max_len=24` and a 16-token prompt that is 9 new tokens; asking for 10 must fail loudly, not
+# write past the end or silently drop positions:
+
+# %%
+caches = new_caches(model, prealloc(max_len=24))
+generate(model, prompt, n_new=9, caches=caches)
+print("9 new tokens fit; cache length:", caches[0].length)
+for cache in caches:
+    cache.reset()
+try:
+    generate(model, prompt, n_new=10, caches=caches)
+except ValueError as err:
+    print("10 new tokens -> ValueError:", err)
+
+# %% [markdown]
+# **Reset and reuse.** After `reset()` the same caches serve a fresh sequence, and give exactly
+# what brand-new caches give. (Forgetting the reset is a classic bug: the new prompt would be
+# appended after the old sequence, and attend to it.)
+
+# %%
+torch.manual_seed(2)
+other_prompt = torch.randint(0, 256, (2, 16))
+for cache in caches:
+    cache.reset()
+reused = generate(model, other_prompt, n_new=8, caches=caches)
+fresh = generate(model, other_prompt, n_new=8, caches=new_caches(model, prealloc(max_len=24)))
+print("reset caches == new caches:", torch.equal(reused, fresh))
+print("== no cache:               ", torch.equal(reused, generate_plain(model, other_prompt, 8)))
+
+# %% [markdown]
+# ## 5. Learned positions: the model must pass the offset
+#
+# With RoPE, positions live inside attention, which reads `cache.length` itself. With learned (or
+# sinusoidal) position vectors, positions are *added to the embeddings* before the first block,
+# by the model. So the model must ask the cache where the new tokens sit: `TinyLM.forward` reads
+# `start = caches[0].length` and adds `wpe(T, start)`, the vectors of positions
+# `start .. start + T - 1`. We build the same tiny model with learned positions and check both the
+# correct version and a subclass that forgets the offset (it always adds positions `0 .. T-1`).
+
+# %%
+torch.manual_seed(0)
+model_learned = TinyLM(positions="learned").eval()
+
+
+class ForgetfulLM(TinyLM):
+    """The bug: embeds every fed token as if the sequence started at position 0."""
+
+    def embed(self, idx, start=0):
+        return super().embed(idx, start=0)
+
+
+forgetful = ForgetfulLM(positions="learned").eval()
+forgetful.load_state_dict(model_learned.state_dict())
+
+plain_learned = generate_plain(model_learned, prompt, n_new=40)
+for name, m in (("with the offset", model_learned), ("offset forgotten", forgetful)):
+    out = generate(m, prompt, n_new=40, caches=new_caches(m, prealloc(max_len=64)))
+    agree = (out[:, 16:] == plain_learned[:, 16:]).float().mean().item()
+    print(f"{name:>16}: same tokens as without a cache: {torch.equal(out, plain_learned)} "
+          f"({agree:.0%} of new tokens agree)")
+
+# %% [markdown]
+# The forgetful model gets the first generated token right (it comes from the prefill, which
+# starts at 0 anyway) and then treats every new token as if it stood at position 0. The
+# naive loop never shows this bug, because it always starts at 0 — one more reason to test
+# cached generation *against* uncached generation.
+#
+# ## 6. Prefill in chunks
+#
+# The first step feeds the whole prompt at once. For a very long prompt, that step's attention
+# scores (a `T × T` matrix per head) and activations can be large, and a server that is also
+# decoding other requests may not want to stall on one huge step. So prompts are often
+# **prefilled in chunks**: the first chunk goes into an empty cache, the next chunk attends to the
+# cached positions *and* causally within itself, and so on. Each chunk is a block of `T > 1`
+# queries at the end of `T_k` keys — the bottom-right mask again, now with a real triangle in it.
+#
+# Prefilling a 45-token prompt in one go, and in chunks of 16, 16 and 13, must leave the same
+# numbers in the caches and give the same logits for the last position:
+
+# %%
+torch.manual_seed(3)
+long_prompt = torch.randint(0, 256, (2, 45))
+with torch.no_grad():
+    at_once = new_caches(model, prealloc(max_len=64))
+    logits_once = model(long_prompt, at_once)[:, -1]  # (B, vocab)
+    chunked = new_caches(model, prealloc(max_len=64))
+    for start in range(0, 45, 16):
+        chunk = long_prompt[:, start : start + 16]  # (B, 16), the last one (B, 13)
+        mask_shape = (chunk.shape[1], chunked[0].length + chunk.shape[1])
+        logits_chunk = model(chunk, chunked)[:, -1]
+        print(f"chunk at positions {start:>2}..{start + chunk.shape[1] - 1:>2}: "
+              f"mask (T_q, T_k) = {mask_shape}")
+
+same_logits = torch.allclose(logits_chunk, logits_once, atol=1e-5)
+same_cache = all(
+    torch.allclose(a.k[:, :, :45], b.k[:, :, :45], atol=1e-5)
+    and torch.allclose(a.v[:, :, :45], b.v[:, :, :45], atol=1e-5)
+    for a, b in zip(at_once, chunked, strict=True)
+)
+assert same_logits and same_cache
+print("chunked prefill == prefill at once (atol=1e-5): logits", same_logits, "| caches", same_cache)
+
+# %% [markdown]
+# ## 7. Time per generated token
+#
+# Now the payoff. We generate 256 tokens after a 16-token prompt, batch size 1, once without a
+# cache and once with one, and time the whole generation. Timings depend on your machine and on
+# what else runs on it, so the output of the timing cells is not checked by the book's tests;
+# the cells assert their claims instead (here: same tokens, and the cache is faster). A short
+# warm-up run first keeps one-time costs out of the measurement. We time on a single thread:
+# one sequence through a model this small gains little from more threads, and a single-threaded
+# measurement suffers much less when other programs compete for the cores.
+
+# %% tags=["nbval-ignore-output"]
+torch.manual_seed(4)
+prompt_1 = torch.randint(0, 256, (1, 16))
+P, N = prompt_1.shape[1], 256
+threads = torch.get_num_threads()
+torch.set_num_threads(1)  # restored after the next cell
+generate(model, prompt_1, 8)  # warm-up, both paths
+generate(model, prompt_1, 8, caches=new_caches(model, prealloc(P + N, batch_size=1)))
+
+t0 = time.perf_counter()
+out_a = generate(model, prompt_1, N)
+t1 = time.perf_counter()
+out_b = generate(model, prompt_1, N, caches=new_caches(model, prealloc(P + N, batch_size=1)))
+t2 = time.perf_counter()
+total_plain, total_cached = t1 - t0, t2 - t1
+assert torch.equal(out_a, out_b), "cached generation must give the same tokens"
+assert total_cached < total_plain, "the cache should make generation faster"
+print(f"{N} generated tokens, prompt {P}, batch 1, {torch.get_num_threads()} thread")
+print(f"without cache: {total_plain:.2f} s   with cache: {total_cached:.2f} s   "
+      f"speed ratio: {total_plain / total_cached:.1f}x")
+
+# %% [markdown]
+# Where does the difference come from? We time single steps at a range of sequence lengths `T`
+# (the number of tokens the step attends over). Without a cache, a step at length `T` runs the
+# model on all `T` tokens. With a cache, it feeds one token into caches holding `T - 1`
+# positions. To get those caches without regenerating, we cache the whole sequence once and
+# **rewind**: setting `length` back to `T - 1` on a preallocated cache forgets every later
+# position, since only the first `length` are ever read. (Real systems rewind this way too, for
+# instance to throw away tokens that speculative decoding guessed wrong.) Each step is timed
+# five times, in five sweeps over all lengths, and we keep the fastest, which filters out most
+# interruptions by other programs.
+#
+# Prediction before you look: without a cache, the step time should grow about linearly with
+# `T` (projections and MLPs on `T` positions, plus attention that grows like `T²`); with a
+# cache, each step processes one position and only its attention read grows with `T`, a tiny
+# part of the step for a model this small.
+
+# %% tags=["nbval-ignore-output"]
+seq = out_b  # (1, P + N): the sequence just generated
+step_caches = new_caches(model, prealloc(P + N, batch_size=1))
+with torch.no_grad():
+    model(seq[:, :-1], step_caches)  # cache every position once
+
+
+@torch.no_grad()
+def step_plain(T):
+    model(seq[:, :T])  # T tokens, from scratch
+
+
+@torch.no_grad()
+def step_cached(T):
+    for cache in step_caches:
+        cache.length = T - 1  # rewind: positions T-1 and later are forgotten
+    model(seq[:, T - 1 : T], step_caches)  # 1 token, attending over T keys
+
+
+def fastest_ms(step, lengths, reps=5):
+    """Fastest of `reps` timings of step(T) for each T; the repetitions sweep all lengths."""
+    best = [float("inf")] * len(lengths)
+    for _ in range(reps):
+        for j, T in enumerate(lengths):
+            t0 = time.perf_counter()
+            step(T)
+            best[j] = min(best[j], 1000 * (time.perf_counter() - t0))
+    return best
+
+
+lengths = list(range(P, P + N + 1, 32))  # 16, 48, ..., 272
+ms_plain = fastest_ms(step_plain, lengths)
+ms_cached = fastest_ms(step_cached, lengths)
+torch.set_num_threads(threads)
+
+fig, ax = plt.subplots(figsize=(8, 4))
+ax.plot(lengths, ms_plain, "o-", color="C3",
+        label=f"without cache ({N} tokens in {total_plain:.2f} s)")
+ax.plot(lengths, ms_cached, "o-", color="C0",
+        label=f"with cache ({N} tokens in {total_cached:.2f} s)")
+ax.set_xlabel("sequence length T at this step (tokens attended over)")
+ax.set_ylabel("time for one step, ms (fastest of 5)")
+ax.set_ylim(0, 1.1 * max(ms_plain))
+ax.set_title(f"Greedy decoding, TinyLM ({len(model.blocks)} layers, d={model.cfg.d_model}), "
+             f"batch 1, CPU, 1 thread")
+ax.legend(loc="upper left")
+plt.show()
+assert ms_plain[-1] > 2 * ms_plain[0], "without a cache, a step should grow with T"
+assert ms_cached[-1] < ms_plain[-1] / 2, "a cached step should be much cheaper at T=272"
+print(f"step at T={lengths[-1]}: {ms_plain[-1]:.1f} ms without cache, "
+      f"{ms_cached[-1]:.1f} ms with cache")
+
+# %% [markdown]
+# What the measurements show (your numbers will differ; the shape should not):
+#
+# - **Without a cache** the step time grows with the sequence length: each step redoes the
+#   projections and MLPs of every earlier position, and its attention grows quadratically.
+#   Summed over a generation, that is quadratic (and eventually cubic) total cost, so the speed
+#   ratio of the previous cell grows with the number of generated tokens.
+# - **With a cache** the step time is nearly flat. It is not exactly constant — each step reads
+#   the whole cache in attention — but for this model the fixed part (four layers of small matrix
+#   products, plus Python overhead) dominates. For a large model with a long context the cache
+#   read becomes the bottleneck: decoding is then limited by how fast memory can deliver the
+#   cache, which is why its *size* matters so much. That is the next section.
+#
+# ## 8. How much memory the cache takes
+#
+# Per layer and per position, a cache stores one key and one value vector for every key/value
+# head:
+#
+# $$\text{bytes per token} = 2 \times n_\text{layer} \times n_\text{kv\_head} \times
+#   \text{head\_dim} \times \text{bytes per number}.$$
+#
+# The number of *query* heads does not appear. This is the whole point of multi-query and
+# grouped-query attention (chapter 4): they keep all the query heads but share a few key/value
+# heads, and the cache shrinks by `n_head / n_kv_head`. We measure it on real cache tensors of our
+# tiny model, built with each variant (4 query heads of 32; GQA with 2 key/value heads), fp32:
+
+# %%
+def cache_bytes(m, max_len):
+    caches = new_caches(m, prealloc(max_len, batch_size=1))
+    total = sum(c.k.nbytes + c.v.nbytes for c in caches)  # the real tensors of every layer
+    return total // max_len, total
+
+
+print(f"{'variant':>7} {'n_kv_head':>9} {'bytes/token':>11} {'KiB at 512 tokens':>17}")
+tiny_bytes = {}
+for name, kv in (("mha", None), ("gqa", 2), ("mqa", None)):
+    m = TinyLM(attention=name, n_kv_head=kv)
+    per_token, total = cache_bytes(m, max_len=512)
+    tiny_bytes[name] = per_token
+    n_kv = m.blocks[0].attn.n_kv_head
+    assert per_token == 2 * len(m.blocks) * n_kv * m.cfg.head_dim * 4  # the formula, fp32
+    print(f"{name:>7} {n_kv:>9} {per_token:>11,} {total / 1024:>17,.0f}")
+
+# %% [markdown]
+# Tiny numbers for a tiny model. Now a realistic one: a 7-billion-parameter model shaped like
+# Llama 2 7B — 32 layers, 32 query heads of size 128 ($d = 4096$), cache in fp16 (2 bytes). Its
+# MHA version caches all 32 key/value heads; a GQA version with 8 key/value heads is the shape of
+# Mistral 7B and Llama 3 8B; MQA keeps one. We use `attnbook.kv_cache.KVCache` built on PyTorch's
+# `meta` device — tensors with a shape and a dtype but no storage — so that the module computes the
+# sizes of a cache we never allocate.
+
+# %%
+from attnbook.kv_cache import KVCache
+
+n_layer_7b, n_head_7b, head_dim_7b, ctx = 32, 32, 128, 4096
+print(f"{'variant':>7} {'n_kv_head':>9} {'KiB/token':>9} {'GiB at 4k tokens':>16}")
+big_bytes = {}
+for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
+    one_layer = KVCache(1, kv, head_dim_7b, ctx, device="meta", dtype=torch.float16)
+    per_token = n_layer_7b * one_layer.bytes_per_token  # every layer
+    assert per_token == 2 * n_layer_7b * kv * head_dim_7b * 2  # the formula, fp16
+    assert n_layer_7b * one_layer.nbytes == ctx * per_token
+    big_bytes[name] = per_token
+    print(f"{name:>7} {kv:>9} {per_token / 1024:>9,.0f} {ctx * per_token / 2**30:>16,.3f}")
+
+# %% [markdown]
+# Half a mebibyte per token for the MHA model: a single 4k-token conversation ties up 2 GiB, and
+# a batch of 8 such conversations needs 16 GiB — more than the model's own weights (about
+# $6.7 \times 10^9$ parameters, 12.6 GiB in fp16). GQA with 8 key/value heads cuts that by 4, MQA
+# by 32. The picture puts the cache of one sequence next to the weights as the context grows:
+
+# %%
+weights_gib = 6.74e9 * 2 / 2**30
+contexts = [2**p for p in range(9, 18)]  # 512 .. 131072 tokens
+fig, ax = plt.subplots(figsize=(8, 4))
+for (name, per_token), colour in zip(big_bytes.items(), ("C3", "C1", "C0"), strict=True):
+    ax.plot(contexts, [c * per_token / 2**30 for c in contexts], "o-", color=colour,
+            label=f"{name} ({per_token // 1024} KiB/token)")
+ax.axhline(weights_gib, color="gray", ls="--", label=f"fp16 weights ({weights_gib:.1f} GiB)")
+ax.set_xscale("log", base=2)
+ax.set_yscale("log", base=2)
+ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
+ax.set_yticks([4.0**e for e in range(-3, 4)], ["1/64", "1/16", "1/4", "1", "4", "16", "64"])
+ax.grid(True, which="major", alpha=0.3)
+ax.set_xlabel("tokens in the cache (one sequence)")
+ax.set_ylabel("KV cache, GiB")
+ax.set_title("KV cache of a 7B-class model (32 layers, 32 query heads of 128, fp16)")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# At 32k tokens the MHA cache of a single sequence outweighs the model (16 GiB); the GQA cache
+# gets there at 128k, and MQA stays far below. Every doubling of the context or of the batch
+# doubles the cache, while the weights stay put. This is why long-context models share
+# key/value heads, and why later chapters look at caches that do not grow with the context at
+# all (a sliding window, chapter 8; a compressed latent, chapter 11; a fixed-size recurrent
+# state, chapter 10).
+
+# %% [markdown]
+# ## Check against the module
+#
+# The package's cache is `attnbook.kv_cache.KVCache`, the design of our version 2: preallocated
+# `(B, n_kv_head, max_len, head_dim)` keys and values, `append` returning views of everything so
+# far, `length`, `reset()`, and a `ValueError` on overflow. Each attention layer makes one with
+# `layer.new_cache(batch_size, max_len)`. We check three things:
+#
+# 1. fed the same key/value blocks, `KVCache` and `PreallocatedCache` store and return the same
+#    tensors;
+# 2. generating with the module's caches gives the same tokens as ours, and leaves the same keys
+#    and values in every layer;
+# 3. the module reports the same bytes per token, and overflows where ours does.
+
+# %%
+torch.manual_seed(5)
+mine = PreallocatedCache(2, 4, 32, max_len=20)
+theirs = KVCache(2, 4, 32, max_len=20)
+for T in (7, 1, 1, 5):  # a prefill, two single tokens, a chunk
+    k_new, v_new = torch.randn(2, 4, T, 32), torch.randn(2, 4, T, 32)
+    (k_a, v_a), (k_b, v_b) = mine.append(k_new, v_new), theirs.append(k_new, v_new)
+    assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b)
+assert mine.length == theirs.length == 14
+
+ours = new_caches(model, prealloc(max_len=64))
+module_caches = [block.attn.new_cache(batch_size=2, max_len=64) for block in model.blocks]
+out_ours = generate(model, prompt, n_new=40, caches=ours)
+out_module = generate(model, prompt, n_new=40, caches=module_caches)
+assert torch.equal(out_ours, out_module) and torch.equal(out_module, out_plain)
+L = module_caches[0].length
+for a, b in zip(ours, module_caches, strict=True):
+    assert torch.allclose(a.k[:, :, :L], b.k[:, :, :L], atol=1e-6)
+    assert torch.allclose(a.v[:, :, :L], b.v[:, :, :L], atol=1e-6)
+
+per_layer = module_caches[0].bytes_per_token  # one sequence, one layer
+assert per_layer * len(model.blocks) == tiny_bytes["mha"]
+small = model.blocks[0].attn.new_cache(batch_size=1, max_len=4)
+small.append(torch.zeros(1, 4, 3, 32), torch.zeros(1, 4, 3, 32))
+try:
+    small.append(torch.zeros(1, 4, 2, 32), torch.zeros(1, 4, 2, 32))
+except ValueError as err:
+    print("module overflow -> ValueError:", err)
+print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same {L} cached "
+      f"positions (atol=1e-6) and same tokens; {per_layer} bytes/token/layer: OK")
+
+# %% [markdown]
+# ## Summary
+#
+# - Without a cache, each generation step recomputes every earlier position in every layer,
+#   although causality guarantees those results never change. The cache stores each layer's keys
+#   and values so that each step processes only the new token; the whole generation then costs
+#   one forward pass over the final sequence.
+# - A cache is fed from the prefill (the whole prompt, or the prompt in chunks), then one token
+#   per step. `cache.length` is the position of the next token: RoPE rotates from there, and
+#   learned positions must be looked up from there.
+# - New queries are the *last* `T` of `T_k` positions: the causal mask must be aligned
+#   bottom-right (`causal_mask(T, T_k)`); `is_causal=True` would let a single query see only key 0.
+# - A preallocated cache has a fixed `max_len`, an explicit overflow error and `reset()`.
+# - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token — per sequence — which
+#   quickly rivals the weights; MQA and GQA shrink it by `n_head / n_kv_head`.
+
+# %% [markdown]
+# ## Exercises
+#
+# Worked solutions are in `chapters/solutions/07_kv_cache_solutions.ipynb`. Predict first, then
+# check with code.
+#
+# 1. **Prompts of different lengths in one batch.** Generate for two prompts of lengths 5 and 11
+#    in one batch. (a) Pad the short one on the *right* and generate as usual: what goes wrong,
+#    and where does the new token land? (b) Pad it on the *left* instead, and pass a key padding
+#    mask (`attn_mask` of shape `(B, 1, 1, T_k)`, `True` at real tokens, growing with the cache)
+#    through `TinyLM.forward`. Show that with RoPE each row then generates exactly the tokens it
+#    generates alone. Why does RoPE make left padding harmless, and would learned positions?
+# 2. **A sliding cache.** Write a cache that keeps only the last `W` positions (drop the oldest
+#    when full) but whose `length` keeps counting, so RoPE still rotates at the true position.
+#    With `W = 32` and a 16-token prompt, find the first step at which its logits differ from
+#    full-cache decoding, and predict it before you run. Why is a rolling cache *not* exact for a
+#    model built with full attention — and for what kind of model would it be exact?
+# 3. **A bf16 cache.** Store the keys and values in bfloat16 (half the memory) while the model
+#    computes in fp32. Why does `layer.new_cache(..., dtype=torch.bfloat16)` not work directly
+#    with this fp32 model, and what is the smallest fix? Measure the largest logit error over
+#    64 decoding steps and how many greedy tokens still agree with the fp32 cache.
+# 4. **Count the FLOPs saved.** Write the number of matrix-multiply FLOPs of generating `N`
+#    tokens after a `P`-token prompt, with and without the cache, as a formula in `P`, `N`,
+#    `d_model`, `n_layer` and the vocabulary size. Check it exactly with
+#    `torch.utils.flop_counter.FlopCounterMode` on a model built with `impl="reference"`. What is
+#    the ratio for `P = 16, N = 256`, and which term dominates without the cache?
