@@ -114,3 +114,55 @@ def test_bytes_per_token_is_two_times_kv_heads_times_head_dim_times_itemsize(nam
     assert cache.bytes_per_token == 2 * kv_heads * 8 * 4
     assert cache.nbytes == 3 * BLOCK * cache.bytes_per_token
     assert cache.k.shape == (3, kv_heads, BLOCK, 8)
+
+
+def test_a_bfloat16_cache_halves_memory_and_stays_close():
+    layer = _layer("gqa", "rope")
+    x = torch.randn(1, BLOCK, 32)
+    full = layer(x)
+    cache = layer.new_cache(batch_size=1, dtype=torch.bfloat16)
+    assert cache.bytes_per_token == layer.new_cache(batch_size=1).bytes_per_token // 2
+    steps = [layer(x[:, t : t + 1], cache=cache) for t in range(BLOCK)]
+    out = torch.cat(steps, dim=1)
+    assert out.dtype == torch.float32
+    assert (out - full).abs().max() < 2e-2 and not torch.equal(out, full)
+
+
+def test_cache_on_another_device_is_reported():
+    cache = KVCache(batch_size=1, n_kv_head=1, head_dim=4, max_len=3, device="meta")
+    with pytest.raises(ValueError, match="the cache lives on meta"):
+        cache.append(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("name, kv", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_layer_config_records_its_kv_heads(name, kv):
+    layer = _layer(name, "none")
+    assert layer.config.n_kv_head == layer.n_kv_head == kv
+    rebuilt = build_attention(name, layer.config)
+    assert rebuilt.n_kv_head == kv
+
+
+def test_new_cache_max_len_is_checked():
+    layer = _layer("mha", "rope")
+    with pytest.raises(ValueError, match="max_len must be in 1..block_size=12, got 0"):
+        layer.new_cache(1, max_len=0)
+    with pytest.raises(ValueError, match="got 13"):
+        layer.new_cache(1, max_len=13)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "none"])
+def test_cached_decoding_with_a_left_padding_mask(positions):
+    """Left-padded prompts of different lengths: masking the pads, cached equals full."""
+    layer = _layer("gqa", positions)
+    x = torch.randn(2, BLOCK, 32)
+    real = torch.ones(2, BLOCK, dtype=torch.bool)
+    real[1, :4] = False  # row 1 starts with 4 pad positions
+    full = layer(x, attn_mask=real[:, None, None, :])
+    cache = layer.new_cache(2)
+    prefill = layer(x[:, :6], attn_mask=real[:, None, None, :6], cache=cache)
+    steps = [
+        layer(x[:, t : t + 1], attn_mask=real[:, None, None, : t + 1], cache=cache)
+        for t in range(6, BLOCK)
+    ]
+    out = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(out[:, 4:], full[:, 4:], atol=1e-5, rtol=1e-5)

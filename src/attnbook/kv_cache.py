@@ -20,7 +20,9 @@ class KVCache:
         batch_size, n_kv_head, head_dim: the shape of what is cached.
         max_len: the most positions it holds (prompt plus generated tokens).
         v_head_dim: size of a value vector, if it differs from ``head_dim``.
-        device, dtype: where and how the tensors are stored.
+        device, dtype: where and how the tensors are stored. A cache may store a lower precision
+            than the model computes in (e.g. bfloat16 halves its memory): appended keys and
+            values are rounded to ``dtype``, and attention casts them back when it reads them.
     """
 
     def __init__(
@@ -47,7 +49,8 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Store ``T`` new positions, ``k``: ``(B, n_kv_head, T, head_dim)``, ``v`` likewise.
 
-        Returns all cached keys and values, ``(B, n_kv_head, length, head_dim)`` each.
+        Returns all cached keys and values, ``(B, n_kv_head, length, head_dim)`` each: views of
+        the cache's storage, which later appends (after a ``reset``) overwrite.
         """
         B, H, _, D = self.k.shape
         T = k.shape[-2]
@@ -55,6 +58,11 @@ class KVCache:
             raise ValueError(
                 f"expected k of shape {(B, H, T, D)} and v of shape {(B, H, T, self.v.shape[-1])}, "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.device != self.k.device or v.device != self.v.device:
+            raise ValueError(
+                f"the cache lives on {self.k.device}, got k on {k.device} and v on {v.device}: "
+                f"build it with device=..."
             )
         if self.length + T > self.max_len:
             raise ValueError(

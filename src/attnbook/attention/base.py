@@ -56,11 +56,15 @@ class CausalSelfAttention(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty KV cache for this layer (``max_len`` defaults to ``block_size``)."""
+        if max_len is not None and not 0 < max_len <= self.config.block_size:
+            raise ValueError(
+                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
+            )
         return KVCache(
             batch_size,
             self.n_kv_head,
             self.head_dim,
-            max_len or self.config.block_size,
+            self.config.block_size if max_len is None else max_len,
             device=device if device is not None else self.c_proj.weight.device,
             dtype=dtype or self.c_proj.weight.dtype,
         )
@@ -76,6 +80,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rope(q, start), self.rope(k, start)  # rotated by their positions
         if cache is not None:
             k, v = cache.append(k, v)  # (B, n_kv_head, start + T, hd): every position so far
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may store a lower precision
         attn_mask, is_causal = self._mask(attn_mask, T, k.shape[-2], x.device)
         args = dict(
             attn_mask=attn_mask,
@@ -94,14 +99,14 @@ class CausalSelfAttention(nn.Module):
 
     def _mask(self, attn_mask, t_q, t_k, device):
         """The mask to attend with, and whether SDPA's own (top-left) causal flag can do it."""
-        if self.config.positions == "alibi":  # a float bias per head; causality goes into it
+        if self.config.positions == "alibi":  # a float bias per head, the masks folded into it
             bias = alibi_bias(self.alibi_slopes, t_q, t_k).to(dtype=self.c_proj.weight.dtype)
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 bias = restrict(bias, attn_mask)  # (.., n_head, t_q, t_k)
             elif attn_mask is not None:
                 bias = bias + attn_mask
             attn_mask = bias
-        if not self.config.causal:
+        if not self.config.causal or t_q == 1:  # one new query may see every cached key
             return attn_mask, False
         if t_q == t_k:  # no cache, or a first prefill: top-left and bottom-right agree
             return attn_mask, True

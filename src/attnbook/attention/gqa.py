@@ -7,6 +7,8 @@ form a group, as in ``F.scaled_dot_product_attention(enable_gqa=True)`` and Hugg
 the attention call does the sharing without copying K and V. Registered as ``"gqa"``.
 """
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -24,10 +26,11 @@ class GroupedQueryAttention(CausalSelfAttention):
     The fused projection ``c_attn`` holds the query rows, then the key rows, then the value rows.
     """
 
-    def __init__(self, config: AttentionConfig, n_kv_head: int | None = None):
-        n_kv_head = n_kv_head or config.n_kv_head or config.n_head
-        super().__init__(config, n_kv_head=n_kv_head)
-        d, kv = config.d_model, n_kv_head * config.head_dim
+    def __init__(self, config: AttentionConfig):
+        if config.n_kv_head is None:
+            config = replace(config, n_kv_head=config.n_head)
+        super().__init__(config, n_kv_head=config.n_kv_head)
+        d, kv = config.d_model, config.n_kv_head * config.head_dim
         self.c_attn = nn.Linear(d, d + 2 * kv, bias=config.bias)  # q (d) | k (kv) | v (kv)
 
     def project(self, x: torch.Tensor):

@@ -5,6 +5,8 @@ values at once, a reshape splits them into ``(B, n_head, T, head_dim)``, and one
 call handles all heads. Registered as ``"mha"``.
 """
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -31,6 +33,7 @@ class MultiHeadAttention(CausalSelfAttention):
                 f"mha has one key/value head per query head, got n_kv_head={config.n_kv_head} "
                 f"and n_head={config.n_head}: use 'gqa' for fewer key/value heads"
             )
+        config = replace(config, n_kv_head=config.n_head)
         super().__init__(config, n_kv_head=config.n_head)
         d = config.d_model
         self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)  # q, k, v for every head at once

@@ -4,6 +4,8 @@ It is grouped-query attention with a single group (``n_kv_head = 1``): the KV ca
 a factor ``n_head`` compared with multi-head attention. Registered as ``"mqa"``.
 """
 
+from dataclasses import replace
+
 from .config import AttentionConfig
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
@@ -19,4 +21,4 @@ class MultiQueryAttention(GroupedQueryAttention):
                 f"mqa has a single key/value head, got n_kv_head={config.n_kv_head}: "
                 f"use 'gqa' for {config.n_kv_head} key/value heads"
             )
-        super().__init__(config, n_kv_head=1)
+        super().__init__(replace(config, n_kv_head=1))
