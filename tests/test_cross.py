@@ -97,3 +97,34 @@ def test_gradients_reach_every_parameter():
 def test_bad_inputs(x, memory, mask, match):
     with pytest.raises(ValueError, match=match):
         CrossAttention(CFG)(x, memory, mask)
+
+
+def test_projected_memory_is_reused():
+    dec = DecoderBlock(CFG).eval()
+    tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    keep = padding_mask(torch.tensor([7, 3]), 7)
+    kv = dec.cross_attn.project_memory(memory)
+    torch.testing.assert_close(dec(tgt, memory_kv=kv, memory_mask=keep), dec(tgt, memory, keep))
+    with pytest.raises(ValueError, match="either memory or kv"):
+        dec.cross_attn(tgt, memory, kv=kv)
+    with pytest.raises(ValueError, match="either memory or kv"):
+        dec.cross_attn(tgt)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: EncoderBlock(AttentionConfig(d_model=32, n_head=4, positions="rope")), "rope"),
+        (lambda: DecoderBlock(AttentionConfig(d_model=32, n_head=4, positions="alibi")), "alibi"),
+        (lambda: CrossAttention(AttentionConfig(d_model=32, n_head=4, n_kv_head=2)), "n_kv_head=2"),
+    ],
+)
+def test_settings_the_blocks_cannot_honour_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_encoder_mask_must_be_boolean():
+    enc = EncoderBlock(CFG)
+    with pytest.raises(ValueError, match="mask must be a boolean"):
+        enc(torch.randn(2, 4, 32), padding_mask(torch.tensor([4, 2]), 4).float())
