@@ -19,6 +19,7 @@ tokenizers encode one chunk. Training lives in ``trainer.py``; splitting and spe
 import hashlib
 import heapq
 import json
+import operator
 import unicodedata
 from itertools import pairwise
 from pathlib import Path
@@ -28,6 +29,88 @@ import regex
 FORMAT_LINE = "minbpe model v1"
 KINDS = ("basic", "regex")
 IDENTITY_BYTES = tuple(range(256))
+ALLOWED_SPECIAL_CHOICES = ("none_raise", "all", "none")
+# Text every split pattern must cut into chunks that add up to it (see ``_set_model``): letters,
+# a contraction, digits, punctuation, several kinds of whitespace, accents, CJK, an emoji.
+PROBE_TEXT = "Hello, world! I'm 42 ok.\n\n\tnaïve e\u0301 日本 😀 \u00a0x  "
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what callers pass in.
+
+
+def check_text(text):
+    """``text``, checked to be a ``str`` and made encodable as UTF-8, as tiktoken does it.
+
+    UTF-8 cannot encode surrogate code points (U+D800..U+DFFF), which a Python ``str`` may
+    hold. Like tiktoken's ``encode``, we then round-trip the text through UTF-16: a surrogate
+    pair spelled as two code points becomes the character it stands for, and a lone surrogate
+    becomes U+FFFD. Any other text is returned unchanged.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def check_allowed_special(allowed_special):
+    """``allowed_special`` if it is one of ``ALLOWED_SPECIAL_CHOICES`` or a collection of names.
+
+    A collection (set, frozenset, list or tuple) comes back as a frozenset. ``ValueError``
+    for anything else.
+    """
+    if isinstance(allowed_special, str):
+        if allowed_special not in ALLOWED_SPECIAL_CHOICES:
+            raise ValueError(
+                f"allowed_special must be one of {ALLOWED_SPECIAL_CHOICES} or a set of "
+                f"special tokens, got {allowed_special!r}"
+            )
+        return allowed_special
+    if not isinstance(allowed_special, set | frozenset | list | tuple):
+        raise ValueError(
+            f"allowed_special must be one of {ALLOWED_SPECIAL_CHOICES} or a set of special "
+            f"tokens, got {allowed_special!r}"
+        )
+    return frozenset(allowed_special)
+
+
+def flat_ids(ids):
+    """``ids`` as a list of Python ints, for ``decode``; ``ValueError`` says what is wrong.
+
+    Takes any flat sequence of integers: a list or tuple of ints or numpy integers, a 1-D numpy
+    array or tensor. Each id goes through ``operator.index``, so a float such as ``1.0`` is
+    refused rather than silently taken as the id 1.
+    """
+    if isinstance(ids, str | bytes | bytearray):
+        raise ValueError(f"decode takes a sequence of token ids, not a {type(ids).__name__}")
+    if hasattr(ids, "tolist"):  # numpy arrays and torch tensors become (nested) lists
+        ids = ids.tolist()
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(
+            f"decode takes a sequence of token ids, got {ids!r} ({type(ids).__name__})"
+        ) from None
+    try:
+        return list(map(operator.index, ids))
+    except TypeError:
+        pass
+    for pos, i in enumerate(ids):  # find the first element that is not an integer
+        try:
+            operator.index(i)
+        except TypeError:
+            if hasattr(i, "__len__") and not isinstance(i, str | bytes | bytearray):
+                raise ValueError(
+                    f"decode takes a flat sequence of token ids, but position {pos} is {i!r}, "
+                    "itself a sequence (decode a batch one row at a time)"
+                ) from None
+            raise ValueError(
+                f"token ids must be integers, but position {pos} is {i!r} ({type(i).__name__})"
+            ) from None
+    raise AssertionError("unreachable: some id failed operator.index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +199,23 @@ def _merge_with_heap(ids, merges):
 
 
 def render_token(token: bytes) -> str:
-    """A printable form of a token: invalid UTF-8 becomes U+FFFD, control characters \\uXXXX."""
-    text = token.decode("utf-8", errors="replace")
-    return "".join(
-        f"\\u{ord(ch):04x}" if unicodedata.category(ch).startswith("C") else ch for ch in text
-    )
+    """A printable form of a token, in which different tokens always look different.
+
+    A byte that is not part of valid UTF-8 is shown as ``\\xNN`` (its hex value), a control or
+    other invisible character as ``\\uXXXX``, and a backslash doubled (``\\\\``), so that the
+    one byte 0x80 (``\\x80``) and the four characters ``\\x80`` (``\\\\x80``) stay apart.
+    """
+    out = []
+    for ch in token.decode("utf-8", errors="surrogateescape"):  # bad byte b -> U+DC00 + b
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(ch).startswith("C"):
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +252,10 @@ class Tokenizer:
         n_ids = 256 + len(merges)
         names, ids = list(special_tokens), list(special_tokens.values())
         for name, idx in special_tokens.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"a special token must be a non-empty string, got {name!r}")
+            if not isinstance(name, str) or not name or check_text(name) != name:
+                raise ValueError(
+                    f"a special token must be a non-empty string without surrogates, got {name!r}"
+                )
             if not isinstance(idx, int) or idx < n_ids:
                 raise ValueError(
                     f"special token {name!r} has id {idx!r}; ids 0..{n_ids - 1} are taken by the "
@@ -171,6 +268,13 @@ class Tokenizer:
             compiled = regex.compile(pattern) if pattern else None
         except regex.error as err:
             raise ValueError(f"the split pattern {pattern!r} is not a valid regex: {err}") from err
+        if compiled is not None and "".join(map(str, compiled.findall(PROBE_TEXT))) != PROBE_TEXT:
+            raise ValueError(
+                f"the split pattern {pattern!r} does not cover the probe text {PROBE_TEXT!r} (it "
+                f"finds {compiled.findall(PROBE_TEXT)[:8]!r}...): every character must fall in "
+                "some chunk, so end the pattern with an alternative that matches anything left, "
+                "and write groups as (?:...)"
+            )
         vocab = {byte_ids[b]: bytes([b]) for b in range(256)}
         for (a, b), new_id in merges.items():
             vocab[new_id] = vocab[a] + vocab[b]
@@ -182,13 +286,28 @@ class Tokenizer:
         self.pattern = pattern
         self.special_tokens = dict(special_tokens)
         self.vocab = vocab
+        self._n_vocab = max(vocab) + 1
         self._compiled = compiled
         self._chunk_cache = {}
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids: 256 bytes + one per merge + the special tokens."""
+        """How many ids there are: 256 bytes + one per merge + the special tokens.
+
+        This counts tokens; it is not always the size of an embedding table, because a special
+        token may have an id far above the others (``n_vocab`` is).
+        """
         return len(self.vocab)
+
+    @property
+    def n_vocab(self) -> int:
+        """The largest id + 1, like tiktoken's ``n_vocab``: the size of an embedding table.
+
+        ``nn.Embedding(tok.n_vocab, d)`` (and an output layer with ``n_vocab`` logits) has a row
+        for every id this tokenizer can produce. It equals ``vocab_size`` when the ids have no
+        gaps; a special token registered at 100000 makes it 100001 whatever ``vocab_size`` is.
+        """
+        return self._n_vocab
 
     def _encode_bytes(self, data: bytes):
         """BPE-encode one chunk of bytes (no splitting, no special tokens)."""
@@ -199,12 +318,16 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids) -> str:
-        """The text of a list of ids; bytes that are not valid UTF-8 become U+FFFD."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # also numpy arrays, tensors
+        """The text of a flat sequence of ids; bytes that are not valid UTF-8 become U+FFFD.
+
+        ``ids`` may be a list or tuple of integers (numpy integers too), or a 1-D numpy array or
+        tensor; anything else, or an id this tokenizer does not have, raises ``ValueError``.
+        """
+        ids = flat_ids(ids)
         try:
             data = b"".join([self.vocab[i] for i in ids])
-        except (KeyError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or i not in self.vocab)
+        except KeyError:
+            bad = next(i for i in ids if i not in self.vocab)
             raise ValueError(
                 f"unknown token id {bad!r}: this tokenizer's ids are 0..{256 + len(self.merges) - 1}"
                 + (
@@ -293,8 +416,17 @@ def read_model(model_file):
         raise ValueError(
             f"{name} does not start with {FORMAT_LINE!r} (found {first!r}): not a minbpe model file"
         )
-    if len(lines) < 2 or lines[-1] != "" or not lines[-2].startswith("sha256 "):
+    # Only the checksum line starts with "sha256 " (other lines start with a keyword, a quote
+    # or a digit), so the last such line tells truncation apart from data appended after it.
+    last = next((i for i in reversed(range(len(lines))) if lines[i].startswith("sha256 ")), None)
+    if last is None or last == len(lines) - 1:
         raise ValueError(f"{name} does not end with its 'sha256 ...' line: the file is truncated")
+    if last < len(lines) - 2 or lines[-1] != "":
+        extra = "\n".join(lines[last + 1 :]).encode()
+        raise ValueError(
+            f"{name} has trailing data after its 'sha256 ...' line ({len(extra)} byte"
+            f"{'s' * (len(extra) != 1)}: {extra[:20]!r}): something was appended to the file"
+        )
     body = text[: text.rindex("sha256 ")]
     expected = lines[-2][len("sha256 ") :]
     found = hashlib.sha256(body.encode("utf-8")).hexdigest()
@@ -346,6 +478,10 @@ def _parse_body(name, lines):
     if not isinstance(pattern, str):
         raise ValueError(
             f"{name}, line {pos}: the pattern must be a JSON string, found {pattern!r}"
+        )
+    if kind == "regex" and not pattern:
+        raise ValueError(
+            f"{name}, line {pos}: a 'regex' tokenizer needs a split pattern, found an empty one"
         )
     byte_ids = ints(take("bytes"), 256)
     special = {}

@@ -9,7 +9,7 @@ the text first (``RegexTokenizer``). The whole text is one chunk, so encoding a 
 takes time n log n in its length (see ``base.apply_merges``), without a cache.
 """
 
-from .base import IDENTITY_BYTES, Tokenizer, render_token
+from .base import IDENTITY_BYTES, Tokenizer, check_allowed_special, check_text, render_token
 from .trainer import learn_merges
 
 
@@ -21,11 +21,6 @@ def check_vocab_size(vocab_size):
         )
 
 
-def check_text(text):
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
-
-
 class BasicTokenizer(Tokenizer):
     """Byte-level BPE over the whole text."""
 
@@ -33,7 +28,7 @@ class BasicTokenizer(Tokenizer):
 
     def train(self, text, vocab_size, verbose=False):
         """Learn ``vocab_size - 256`` merges from ``text`` (replacing any previous model)."""
-        check_text(text)
+        text = check_text(text)
         check_vocab_size(vocab_size)
         learned = learn_merges([(text.encode("utf-8"), 1)], vocab_size - 256)
         self._set_model(IDENTITY_BYTES, [pair for pair, _ in learned], "", {})
@@ -41,9 +36,16 @@ class BasicTokenizer(Tokenizer):
             report_merges(self, learned)
         return self
 
-    def encode(self, text):
-        """The ids of ``text``."""
-        check_text(text)
+    def encode(self, text, allowed_special="none_raise"):
+        """The ids of ``text``.
+
+        ``allowed_special`` takes the choices of ``RegexTokenizer.encode`` so that every
+        tokenizer here has the same signature; a BasicTokenizer has no special tokens, so every
+        choice gives the same ids (``<|endoftext|>`` is ordinary text to it). Surrogates are
+        handled as ``base.check_text`` says.
+        """
+        check_allowed_special(allowed_special)
+        text = check_text(text)
         return self._encode_bytes(text.encode("utf-8"))
 
 

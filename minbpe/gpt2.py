@@ -12,7 +12,8 @@ creates id 256 + r, exactly as in a tokenizer we train; only the 256 byte tokens
 in another order than the byte values, which ``byte_ids`` records.
 
 The files are located with ``attnbook.download.fetch`` (downloaded once and sha256-checked,
-or found in a local mirror / tiktoken's cache). GPT-2's merges are fixed: ``train`` refuses.
+or found in a local mirror / tiktoken's cache). GPT-2's merges are fixed: ``train`` and ``load``
+refuse (``minbpe.load`` reads a saved GPT-2 model back as a ``RegexTokenizer``).
 """
 
 import json
@@ -65,6 +66,14 @@ class GPT2Tokenizer(RegexTokenizer):
     def train(self, text, vocab_size, verbose=False):
         raise NotImplementedError(
             "GPT-2's merges are fixed; to train on your own text use RegexTokenizer('gpt2')"
+        )
+
+    def load(self, model_file):
+        """Refused: a GPT2Tokenizer always holds GPT-2's model, as read from GPT-2's files."""
+        raise NotImplementedError(
+            f"a GPT2Tokenizer holds GPT-2's model and cannot load another; use "
+            f"minbpe.load({str(model_file)!r}), which returns a RegexTokenizer (a GPT-2 model "
+            "saved with save() loads that way too, giving the same ids)"
         )
 
 

@@ -10,21 +10,27 @@ punctuation, whitespace) and merges never cross a chunk boundary, so "dog", "dog
 share the token " dog" instead of each getting its own. Encoding keeps a cache from chunk to
 ids, so a chunk seen before (most of them, in real text) costs one dictionary lookup.
 
-``allowed_special`` takes the same choices as tiktoken's ``encode``:
+``allowed_special`` offers the choices of tiktoken's ``encode``:
 
 - ``"none_raise"`` (default): a registered special token appearing in the text raises
   ``ValueError`` (like tiktoken's default ``disallowed_special="all"``);
 - ``"all"``: every registered special token in the text becomes its id;
 - ``"none"``: special tokens are encoded as ordinary text (tiktoken: ``disallowed_special=()``);
-- a set of names: those become ids; any other registered special token raises, as in tiktoken.
+- a set of names: the registered ones among them become ids, names that are not registered
+  are ignored (as in tiktoken), and any other registered special token raises (as in tiktoken).
+
+Two differences from tiktoken: the string choices replace its pair of arguments
+(``allowed_special`` and ``disallowed_special``), and the names may also come as a list or
+tuple (tiktoken accepts only a set, and raises ``TypeError`` on a list). Text with surrogate
+code points is encoded as tiktoken does it (see ``base.check_text``).
 
 It does not normalise text (no NFC/NFKC) and has no notion of a "beginning of text" token.
 """
 
 import regex
 
-from .base import IDENTITY_BYTES, Tokenizer
-from .basic import check_text, check_vocab_size, report_merges
+from .base import IDENTITY_BYTES, Tokenizer, check_allowed_special, check_text
+from .basic import check_vocab_size, report_merges
 from .trainer import learn_merges
 
 # GPT-2's split (from its encoder.py): contractions, optional space + letters, optional space +
@@ -32,14 +38,17 @@ from .trainer import learn_merges
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
-# GPT-4's split (tiktoken's cl100k_base): case-insensitive contractions, digits in groups of at
-# most three, newlines kept apart from other whitespace.
+# GPT-4's split, the pattern of tiktoken's cl100k_base as tiktoken 0.14 ships it (the tests
+# compare the two): contractions in any case; letters with at most one symbol (not a letter,
+# digit or newline) in front; digits in groups of at most three; punctuation with the newlines
+# after it; whitespace at the very end of the text as one chunk; a whitespace run cut after its
+# last newline; other whitespace runs minus their last character (it goes with the next word).
+# The possessive forms (?+, ++, {1,3}+) never give back what they matched, which is faster.
 GPT4_SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
-ALLOWED_SPECIAL_CHOICES = ("none_raise", "all", "none")
 CACHE_LIMIT = 100_000  # chunks kept in the encode cache before it is emptied
 
 
@@ -49,15 +58,26 @@ class RegexTokenizer(Tokenizer):
     kind = "regex"
 
     def __init__(self, pattern="gpt4"):
-        """``pattern``: "gpt2", "gpt4", or a regex (``regex`` module syntax, \\p{L} allowed)."""
+        """``pattern``: "gpt2", "gpt4", or a regex (``regex`` module syntax, \\p{L} allowed).
+
+        ``ValueError`` if the pattern is not a valid regex or does not cover a probe text
+        (``base.PROBE_TEXT``), which also catches a mistyped name such as "gpt3".
+        """
         super().__init__()
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"pattern must be 'gpt2', 'gpt4' or a regex string, got {pattern!r}")
+        if pattern not in SPLIT_PATTERNS and regex.fullmatch(r"[\w-]+", pattern):
+            raise ValueError(
+                f"pattern {pattern!r} is not a known pattern name (known: "
+                f"{', '.join(map(repr, SPLIT_PATTERNS))}), and as a regex it would only match "
+                "that literal text, so it cannot split arbitrary text"
+            )
         self._set_model(IDENTITY_BYTES, [], SPLIT_PATTERNS.get(pattern, pattern), {})
 
     def split(self, text):
-        """The chunks the pattern cuts ``text`` into (their concatenation is ``text``)."""
-        check_text(text)
+        """The chunks the pattern cuts ``text`` into (their concatenation is ``text``, after
+        surrogates are replaced as ``encode`` replaces them)."""
+        text = check_text(text)
         chunks = self._compiled.findall(text)
         if sum(map(len, chunks)) != len(text):  # cheap next to the regex itself
             raise ValueError(
@@ -73,7 +93,7 @@ class RegexTokenizer(Tokenizer):
         Replaces the merges; registered special tokens are kept (their ids must be >=
         ``vocab_size``), and their occurrences are cut out of the training text.
         """
-        check_text(text)
+        text = check_text(text)
         check_vocab_size(vocab_size)
         clash = {name: i for name, i in self.special_tokens.items() if i < vocab_size}
         if clash:
@@ -116,9 +136,16 @@ class RegexTokenizer(Tokenizer):
 
     # -- encoding -----------------------------------------------------------------------------
 
+    def clear_cache(self):
+        """Forget the chunks encoded so far (the cache only saves time; ids never depend on it).
+
+        For timing encoding as a fresh tokenizer would, without building a new one.
+        """
+        self._chunk_cache.clear()
+
     def encode_ordinary(self, text):
         """The ids of ``text`` with special tokens treated as ordinary text."""
-        check_text(text)
+        text = check_text(text)
         cache, ids = self._chunk_cache, []
         for chunk in self.split(text):
             chunk_ids = cache.get(chunk)
@@ -131,11 +158,11 @@ class RegexTokenizer(Tokenizer):
 
     def encode(self, text, allowed_special="none_raise"):
         """The ids of ``text``; see the module docstring for ``allowed_special``."""
-        check_text(text)
+        given, text = text, check_text(text)  # special tokens never contain surrogates
         allowed = self._allowed(allowed_special)
         if allowed_special != "none":
             disallowed = {n: i for n, i in self.special_tokens.items() if n not in allowed}
-            if disallowed and (found := self._special_regex(disallowed).search(text)):
+            if disallowed and (found := self._special_regex(disallowed).search(given)):
                 raise ValueError(
                     f"the text contains the special token {found.group()!r} at character "
                     f"{found.start()}, which is not allowed: pass allowed_special='all' (or a set "
@@ -154,25 +181,14 @@ class RegexTokenizer(Tokenizer):
         return ids
 
     def _allowed(self, allowed_special):
-        """The special tokens ``allowed_special`` lets through, as {name: id}."""
+        """The special tokens ``allowed_special`` lets through, as {name: id}.
+
+        Names in a set that are not registered special tokens are ignored, as in tiktoken.
+        """
+        allowed_special = check_allowed_special(allowed_special)
         if isinstance(allowed_special, str):
-            if allowed_special not in ALLOWED_SPECIAL_CHOICES:
-                raise ValueError(
-                    f"allowed_special must be one of {ALLOWED_SPECIAL_CHOICES} or a set of "
-                    f"special tokens, got {allowed_special!r}"
-                )
             return dict(self.special_tokens) if allowed_special == "all" else {}
-        if not isinstance(allowed_special, set | frozenset | list | tuple):
-            raise ValueError(
-                f"allowed_special must be a string choice or a set, got {allowed_special!r}"
-            )
-        unknown = [name for name in allowed_special if name not in self.special_tokens]
-        if unknown:
-            raise ValueError(
-                f"allowed_special names {unknown}, which are not registered special tokens "
-                f"(registered: {sorted(self.special_tokens)})"
-            )
-        return {name: self.special_tokens[name] for name in allowed_special}
+        return {n: i for n, i in self.special_tokens.items() if n in allowed_special}
 
     @staticmethod
     def _special_regex(special_tokens):

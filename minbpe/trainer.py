@@ -26,6 +26,8 @@ How it works:
 - **A heap with lazy deletion** finds the most frequent pair: a pair is pushed whenever its
   count goes up; an entry popped with an out-of-date count is pushed back with the right one.
 
+"Incremental" here means incremental pair counting within one training run: there is no way
+to continue training an existing model with more merges (``train`` always starts from bytes).
 It does not handle special tokens or regex splitting (the callers do), and it stops with a
 ``ValueError`` if the chunks run out of pairs before ``num_merges`` merges.
 """

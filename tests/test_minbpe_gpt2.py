@@ -109,7 +109,13 @@ def outcome(encode, text, **options):
         return "ValueError"
 
 
-SPECIAL_TEXTS = ["plain text", "a<|endoftext|>b", "<|endoftext|><|endoftext|> x", "<|endoftext|"]
+SPECIAL_TEXTS = [
+    "plain text",
+    "a<|endoftext|>b",
+    "<|endoftext|><|endoftext|> x",
+    "<|endoftext|",
+    "a<|x|>b",
+]
 EOT = {"<|endoftext|>"}
 # (our options, tiktoken's options) that mean the same thing
 CHOICES = [
@@ -118,6 +124,8 @@ CHOICES = [
     ({"allowed_special": "none"}, {"disallowed_special": ()}),
     ({"allowed_special": EOT}, {"allowed_special": EOT}),
     ({"allowed_special": set()}, {"allowed_special": set()}),
+    ({"allowed_special": {"<|x|>"}}, {"allowed_special": {"<|x|>"}}),  # unregistered: ignored
+    ({"allowed_special": EOT | {"<|x|>"}}, {"allowed_special": EOT | {"<|x|>"}}),
 ]
 
 
@@ -194,3 +202,37 @@ def test_bad_gpt2_files_raise_value_error(ours, tmp_path):
         path.write_text(content, encoding="utf-8")
         with pytest.raises(ValueError, match=message):
             read_gpt2_files(path, encoder_json)
+
+
+# -- review fixes: each of these failed before its fix ---------------------------------------
+
+
+def test_n_vocab_matches_tiktoken(ours, tiktoken_gpt2):
+    assert ours.n_vocab == tiktoken_gpt2.n_vocab == 50257
+
+
+# Text with surrogates: lone ones, and pairs spelled as two code points.
+surrogate_text = st.lists(
+    st.one_of(st.characters(), st.sampled_from(["\ud800", "\udfff", "\ud83d\ude00", "\udbff"])),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(surrogate_text)
+@example("\ud800")
+@example("a\ud83d\ude00b \udc00\ud800")
+def test_surrogates_give_tiktokens_ids(ours, tiktoken_gpt2, text):
+    ids = ours.encode(text)
+    assert ids == tiktoken_gpt2.encode(text)
+    assert ours.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
+    assert ours.decode(ids) == tiktoken_gpt2.decode(ids)
+
+
+def test_gpt2_tokenizer_refuses_to_load_another_model(tmp_path):
+    tok = GPT2Tokenizer()  # a fresh one: if load wrongly succeeded, the shared fixture is safe
+    other = RegexTokenizer("gpt2").train("hello world " * 20, 260)
+    other.save(tmp_path / "other")
+    with pytest.raises(NotImplementedError, match="minbpe.load"):
+        tok.load(tmp_path / "other.model")
+    assert len(tok.merges) == 50_000 and tok.encode("Hello world") == [15496, 995]

@@ -149,6 +149,7 @@ REPEATED = "bytes 0 0 " + " ".join(map(str, range(2, 256)))
             "listed twice",
         ),
         (f'type regex\npattern "("\n{IDENTITY}\nspecial 0\nmerges 0\n', "not a valid regex"),
+        (f'type regex\npattern "x"\n{IDENTITY}\nspecial 0\nmerges 0\n', "does not cover"),
         (f"type regex\npattern x\n{IDENTITY}\nspecial 0\nmerges 0\n", "not a JSON string"),
         (
             f'type regex\npattern "x"\n{REPEATED}\nspecial 0\nmerges 0\n',
@@ -179,3 +180,33 @@ def test_a_hand_made_file_with_a_byte_permutation_loads(tmp_path):
     tok = minbpe.load(path)
     assert tok.encode("\x01\x00\x00") == [256, 1]  # byte 1 has id 0, byte 0 has id 1
     assert tok.decode([256, 1]) == "\x01\x00\x00"
+
+
+# -- review fixes: each of these failed before its fix ---------------------------------------
+
+
+def test_a_regex_model_with_an_empty_pattern_raises(tmp_path):
+    path = tmp_path / "empty_pattern.model"
+    write_with_checksum(
+        path, f'minbpe model v1\ntype regex\npattern ""\n{IDENTITY}\nspecial 0\nmerges 0\n'
+    )
+    with pytest.raises(ValueError, match="line 3: a 'regex' tokenizer needs a split pattern"):
+        minbpe.load(path)
+    tok = RegexTokenizer()
+    with pytest.raises(ValueError, match="needs a split pattern"):
+        tok.load(path)
+    assert tok.encode("still works") == list(b"still works")
+
+
+@pytest.mark.parametrize("extra", [b"\n", b"\n\n", b"more\n", b"x"])
+def test_data_after_the_checksum_line_is_reported_as_trailing_data(saved, extra):
+    saved.write_bytes(saved.read_bytes() + extra)
+    with pytest.raises(ValueError, match="trailing data after its 'sha256 ...' line"):
+        minbpe.load(saved)
+
+
+def test_vocab_listing_shows_invalid_utf8_bytes_as_hex(trained, tmp_path):
+    trained["basic"].save(tmp_path / "basic")
+    listing = (tmp_path / "basic.vocab").read_text(encoding="utf-8")
+    assert "   128 [\\x80]\n" in listing and "   255 [\\xff]\n" in listing
+    assert "\ufffd" not in listing

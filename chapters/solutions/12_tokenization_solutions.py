@@ -168,12 +168,15 @@ for language, sentence in sentences.items():
     stats[language] = (n_bytes / n_tokens, n_tokens / len(sentence))
     print(f"{language:<9}{len(sentence):>6}{n_bytes:>6}{n_tokens:>7}{stats[language][0]:>12.2f}{stats[language][1]:>12.2f}")
 assert stats["English"][0] > stats["French"][0] > max(stats["Russian"][0], stats["Japanese"][0])
+ratio = stats["Russian"][1] / stats["English"][1]
+print(f"Russian needs {ratio:.1f} times as many tokens per character as English")
+assert 4.5 < ratio < 5.5
 
 # %% [markdown]
-# English needs about a quarter of a token per character; Russian *more than one token per
-# character*, more than four times as many tokens for a sentence of similar length. A GPT-2
-# user writing Russian gets a context window that holds a quarter as much text, and pays four
-# times as much for the same content wherever cost is counted in tokens.
+# English needs about a quarter of a token per character (0.24); Russian *more than one token
+# per character* (1.15), almost five times as many. A GPT-2 user writing Russian gets a context
+# window that holds about a fifth as much text, and pays about five times as much for the same
+# amount of text wherever cost is counted in tokens.
 #
 # The `�`: many Russian tokens are a single byte, and a Cyrillic letter is two bytes, so one
 # letter is split across two tokens. Decoded on its own, each half is invalid UTF-8 and becomes
@@ -226,8 +229,8 @@ print([p for p in pieces if p])
 # %% [markdown]
 # ## Exercise 5 — another split pattern
 #
-# **Prediction.** The GPT-4 pattern's punctuation alternative, ` ?[^\s\p{L}\p{N}]++[\r\n]*`,
-# swallows the newlines that follow a run of punctuation. In a play, `:` + newline ends every
+# **Prediction.** The GPT-4 pattern's punctuation alternative, ` ?[^\s\p{L}\p{N}]++[\r\n]*+`,
+# takes the newlines that follow a run of punctuation. In a play, `:` + newline ends every
 # speaker's name, and `,` / `.` / `;` + newline end most lines of verse. GPT-2's pattern always
 # cuts between the punctuation and the newline, so it can never make `:\n` a token. Expect GPT-4's
 # pattern to compress TinyShakespeare better.
@@ -256,10 +259,11 @@ assert only4.most_common(1)[0][0] == ":\n" and punct_newline > 0.9 * sum(only4.v
 rank = next(r for r, new_id in enumerate(gpt4_tok.merges.values()) if gpt4_tok.vocab[new_id] == b":\n")
 digits = sum(ch.isdigit() for ch in text)
 print(f"':\\n' is merge number {rank + 1} of the gpt4 tokenizer; digits in the whole text: {digits}")
+assert only4[":\n"] == 8634 and rank + 1 == 11 and digits == 27  # the numbers quoted below
 
 # %% [markdown]
 # As predicted: `:\n` alone occurs 8,634 times, and punctuation followed by newlines makes up
 # almost all chunks unique to GPT-4's pattern. GPT-4's tokenizer spends early merges on exactly
 # these (`:\n` is its 11th merge). The lesson of section 7 holds once more: how well a tokenizer
 # compresses depends on the text as much as on the vocabulary size. (Its other changes, such as
-# digit groups of three, hardly matter here: the play has only a few dozen digits.)
+# digit groups of three, hardly matter here: the whole play has only 27 digits.)
