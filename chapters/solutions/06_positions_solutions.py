@@ -201,13 +201,9 @@ assert torch.allclose(moved, y_rope[:, perm], atol=1e-5)
 # fastest one is a quarter of every head. So the damage should be large from position 1 on,
 # and the accuracy should drop far below the trained model's.
 #
-# We rebuild the chapter's Fibonacci task and tiny model (a minimal model for this exercise,
-# not the book's GPT), with the RoPE pairing as an argument, and train it with the interleaved
-# pairing (on one thread, as in the chapter, for reproducible numbers).
-#
-# We rebuild the chapter's Fibonacci task and tiny model (a minimal model for this exercise,
-# not the book's GPT), with the RoPE pairing as an argument, and train it with the interleaved
-# pairing (on one thread, as in the chapter, for reproducible numbers).
+# We rebuild the chapter's Fibonacci task and its `TinyLM` restricted to RoPE (a minimal model
+# for this exercise, not the book's GPT), with the RoPE pairing as an argument, and train it
+# with the interleaved pairing the way the chapter's `train` does (one thread, same seeds).
 
 # %%
 V, L = 16, 32
@@ -348,8 +344,8 @@ assert torch.allclose(stepwise, full, atol=1e-5)
 # affected (it starts at 0 anyway). In cached decoding, every query and every stored key is
 # unrotated, so the scores carry no position information: the cached layer silently behaves
 # like a layer with `positions="none"`. The first step still matches (position 0 really is 0),
-# all later steps differ. Note that the keys are not the problem: each is rotated once, when
-# it is appended. It is the whole sequence of "position 0" rotations that erases the offsets.
+# all later steps differ. Each key is rotated once, when appended, but with angle 0, like
+# every query, so no offset survives.
 
 # %%
 class ForgetfulRotary(RotaryEmbedding):
