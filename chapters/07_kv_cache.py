@@ -25,8 +25,8 @@
 #
 # Along the way we meet the one place where caching is easy to get wrong (the causal mask must be
 # aligned differently when there are fewer queries than keys), measure the time per token with and
-# without the cache, and work out how much memory a cache takes for multi-head, grouped-query and
-# multi-query attention, for our toy model and for a 7-billion-parameter one.
+# without the cache, and check chapter 4's formula for the memory a cache takes, for multi-head,
+# grouped-query and multi-query attention, on our toy model and on a 7-billion-parameter one.
 #
 # **Learning goals**
 #
@@ -39,8 +39,9 @@
 # - Decode greedily with and without a cache and get identical tokens, with RoPE (the rotation
 #   starts at `cache.length`) and with learned positions (the embedding does).
 # - Prefill a prompt at once or in chunks, with the same result.
-# - Measure time per generated token against position, and compute the cache's memory for MHA,
-#   GQA and MQA, per token and at 4k tokens.
+# - Measure time per generated token against position, and explain why the speed-up is far
+#   smaller than the work saved; check the cache's memory for MHA, GQA and MQA against
+#   chapter 4's formula, per token and at 4k tokens.
 
 # %% [markdown]
 # ## Setup
@@ -51,6 +52,7 @@
 # %%
 import copy
 import time
+from contextlib import contextmanager
 
 import matplotlib.pyplot as plt
 import torch
@@ -281,13 +283,13 @@ class CatCache:
 
 # %%
 class HandAttention(nn.Module):
-    """Cached attention written out, around an attnbook layer's weights (RoPE or no positions)."""
+    """Cached attention written out around an attnbook layer (not ALiBi; ignores attn_mask)."""
 
     def __init__(self, layer, align="bottom-right"):
         super().__init__()
         self.layer, self.align = layer, align
 
-    def forward(self, x, attn_mask=None, cache=None):  # x: (B, T, d) new tokens; no extra masks
+    def forward(self, x, attn_mask=None, cache=None):  # x: (B, T, d) new tokens; attn_mask unused
         layer, (B, T, d) = self.layer, x.shape
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = layer.project(x)  # (B, n_head, T, hd), k and v: (B, n_kv_head, T, hd)
@@ -355,7 +357,7 @@ def new_caches(model, make_cache):
 
 @torch.no_grad()
 def generate(model, prompt, n_new, caches=None):
-    """Greedy decoding; with caches, the first step prefills the prompt, later steps feed 1 token."""
+    """Greedy decoding; with caches the first step prefills the prompt, later ones feed 1 token."""
     idx, feed = prompt, prompt  # (B, T0): the first step feeds the whole prompt
     for _ in range(n_new):
         if caches is None:
@@ -365,6 +367,16 @@ def generate(model, prompt, n_new, caches=None):
         feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1): the next token
         idx = torch.cat([idx, feed], dim=1)
     return idx
+
+
+def compare_new(out, ref, P=16):
+    """How many generated tokens agree with ref, and where each row first differs (1-based)."""
+    same = out[:, P:] == ref[:, P:]  # (B, N): new tokens only
+    if same.all():
+        return f"all {same.numel()} new tokens agree"
+    first = [int((~row).nonzero()[0]) + 1 if not row.all() else None for row in same]
+    agree = f"{int(same.sum())} of {same.numel()} new tokens agree"
+    return f"{agree}; rows first differ at new token {first}"
 
 
 def with_hand_attention(model, align):
@@ -378,14 +390,15 @@ for align in ("bottom-right", "top-left"):
     hand = with_hand_attention(model, align)
     caches = new_caches(hand, lambda attn: CatCache())
     out = generate(hand, prompt, n_new=40, caches=caches)
-    agree = (out[:, 16:] == out_plain[:, 16:]).float().mean().item()
-    print(f"{align:>12}: same tokens as without a cache: {torch.equal(out, out_plain)} "
-          f"({agree:.0%} of new tokens agree); cached positions: {caches[0].length}")
+    print(f"{align:>12}: same tokens as without a cache: {torch.equal(out, out_plain)}; "
+          f"cached positions: {caches[0].length}")
+    print(f"{'':>12}  {compare_new(out, out_plain)}")
 
 # %% [markdown]
 # With the bottom-right mask, cached generation is token-for-token the same as the naive loop;
-# with `is_causal=True` it goes its own way from the second generated token on (the first one
-# comes from the prefill, where the two masks agree).
+# with `is_causal=True` each row goes its own way from the second generated token on. The two
+# tokens that agree are the first of each row: they come from the prefill, where the two masks
+# agree.
 #
 # `attnbook` protects you twice. Its `sdpa` refuses `is_causal=True` when the query and key
 # lengths differ, with a message that says what to pass instead:
@@ -399,10 +412,12 @@ except ValueError as err:
 # %% [markdown]
 # And its attention layers (`CausalSelfAttention.forward`, the base of MHA, GQA and MQA) already
 # do what `HandAttention` does with `align="bottom-right"`: with `cache=...` they rotate q and k
-# from position `cache.length`, call `cache.append(k, v)`, and build `causal_mask(T, T_k)` when
-# `T != T_k`. They only ever touch the cache through `length` and `append`, so *any* object with
-# those two members works — including our `CatCache`. From here on we drop `HandAttention` and
-# pass caches straight to the model's own layers:
+# from position `cache.length`, call `cache.append(k, v)`, and build `causal_mask(T, T_k)` for
+# a block of `T > 1` new tokens on top of a cache. For a single new token (`T = 1`, every
+# decoding step) they build no mask at all: `causal_mask(1, T_k)` is all `True` anyway, since
+# the newest position may see every key. They only ever touch the cache through `length` and
+# `append`, so *any* object with those two members works — including our `CatCache`. From here
+# on we drop `HandAttention` and pass caches straight to the model's own layers:
 
 # %%
 caches = new_caches(model, lambda attn: CatCache())
@@ -524,24 +539,27 @@ forgetful.load_state_dict(model_learned.state_dict())
 plain_learned = generate_plain(model_learned, prompt, n_new=40)
 for name, m in (("with the offset", model_learned), ("offset forgotten", forgetful)):
     out = generate(m, prompt, n_new=40, caches=new_caches(m, prealloc(max_len=64)))
-    agree = (out[:, 16:] == plain_learned[:, 16:]).float().mean().item()
-    print(f"{name:>16}: same tokens as without a cache: {torch.equal(out, plain_learned)} "
-          f"({agree:.0%} of new tokens agree)")
+    print(f"{name:>16}: same tokens as without a cache: {torch.equal(out, plain_learned)}")
+    print(f"{'':>16}  {compare_new(out, plain_learned)}")
 
 # %% [markdown]
-# The forgetful model gets the first generated token right (it comes from the prefill, which
-# starts at 0 anyway) and then treats every new token as if it stood at position 0. The
-# naive loop never shows this bug, because it always starts at 0 — one more reason to test
-# cached generation *against* uncached generation.
+# The forgetful model gets the first generated token of each row right (it comes from the
+# prefill, which starts at 0 anyway) and then treats every new token as if it stood at
+# position 0. The naive loop never shows this bug, because it always starts at 0 — one more
+# reason to test cached generation *against* uncached generation.
 #
 # ## 6. Prefill in chunks
 #
-# The first step feeds the whole prompt at once. For a very long prompt, that step's attention
-# scores (a `T × T` matrix per head) and activations can be large, and a server that is also
-# decoding other requests may not want to stall on one huge step. So prompts are often
-# **prefilled in chunks**: the first chunk goes into an empty cache, the next chunk attends to the
-# cached positions *and* causally within itself, and so on. Each chunk is a block of `T > 1`
-# queries at the end of `T_k` keys — the bottom-right mask again, now with a real triangle in it.
+# The first step feeds the whole prompt at once. For a very long prompt that step is big in two
+# ways. Its activations grow with the prompt: every layer holds `(T, 3d)` queries, keys and
+# values and a `(T, 4d)` MLP hidden layer for all `T` positions at once. (On the reference
+# attention path it also builds a `T × T` score matrix per head; the fused SDPA kernel never
+# stores that matrix.) And it takes long: a server that is also decoding other requests would
+# make all of them wait for the whole prefill, whereas chunks can be scheduled between, or
+# alongside, their decoding steps. So prompts are often **prefilled in chunks**: the first
+# chunk goes into an empty cache, the next chunk attends to the cached positions *and* causally
+# within itself, and so on. Each chunk is a block of `T > 1` queries at the end of `T_k` keys —
+# the bottom-right mask again, now with a real triangle in it.
 #
 # Prefilling a 45-token prompt in one go, and in chunks of 16, 16 and 13, must leave the same
 # numbers in the caches and give the same logits for the last position:
@@ -579,38 +597,60 @@ print("chunked prefill == prefill at once (atol=1e-5): logits", same_logits, "| 
 # warm-up run first keeps one-time costs out of the measurement. We time on a single thread:
 # one sequence through a model this small gains little from more threads, and a single-threaded
 # measurement suffers much less when other programs compete for the cores.
+#
+# The thread count is a global setting of PyTorch, so we change it only inside a `with` block
+# that puts the previous count back when the block ends — also when an assert in it fails, so the
+# notebook never stays single-threaded by accident.
+
+# %%
+@contextmanager
+def single_thread():
+    """Run the body of a `with` block on one thread; restore the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)  # runs even if the block raised
+
 
 # %% tags=["nbval-ignore-output"]
 torch.manual_seed(4)
 prompt_1 = torch.randint(0, 256, (1, 16))
 P, N = prompt_1.shape[1], 256
-threads = torch.get_num_threads()
-torch.set_num_threads(1)  # restored after the next cell
-generate(model, prompt_1, 8)  # warm-up, both paths
-generate(model, prompt_1, 8, caches=new_caches(model, prealloc(P + N, batch_size=1)))
-
-t0 = time.perf_counter()
-out_a = generate(model, prompt_1, N)
-t1 = time.perf_counter()
-out_b = generate(model, prompt_1, N, caches=new_caches(model, prealloc(P + N, batch_size=1)))
-t2 = time.perf_counter()
+with single_thread():
+    generate(model, prompt_1, 8)  # warm-up, both paths
+    generate(model, prompt_1, 8, caches=new_caches(model, prealloc(P + N, batch_size=1)))
+    t0 = time.perf_counter()
+    out_a = generate(model, prompt_1, N)
+    t1 = time.perf_counter()
+    out_b = generate(model, prompt_1, N, caches=new_caches(model, prealloc(P + N, batch_size=1)))
+    t2 = time.perf_counter()
+    n_threads = torch.get_num_threads()
 total_plain, total_cached = t1 - t0, t2 - t1
 assert torch.equal(out_a, out_b), "cached generation must give the same tokens"
 assert total_cached < total_plain, "the cache should make generation faster"
-print(f"{N} generated tokens, prompt {P}, batch 1, {torch.get_num_threads()} thread")
+print(f"{N} generated tokens, prompt {P}, batch 1, {n_threads} thread")
 print(f"without cache: {total_plain:.2f} s   with cache: {total_cached:.2f} s   "
       f"speed ratio: {total_plain / total_cached:.1f}x")
 
 # %% [markdown]
+# The cache wins clearly, but by a factor far below the token ratio of §2. The arithmetic saved
+# is real (Exercise 4 counts it exactly); what the cache does not remove is the fixed cost every
+# step pays whatever its size — Python, the dispatch of each PyTorch operator, four layers of
+# tiny matrix products that keep the processor far from its peak — and for a model this small
+# that fixed cost is most of a cached step.
+#
 # Where does the difference come from? We time single steps at a range of sequence lengths `T`
 # (the number of tokens the step attends over). Without a cache, a step at length `T` runs the
 # model on all `T` tokens. With a cache, it feeds one token into caches holding `T - 1`
 # positions. To get those caches without regenerating, we cache the whole sequence once and
 # **rewind**: setting `length` back to `T - 1` on a preallocated cache forgets every later
 # position, since only the first `length` are ever read. (Real systems rewind this way too, for
-# instance to throw away tokens that speculative decoding guessed wrong.) Each step is timed
-# five times, in five sweeps over all lengths, and we keep the fastest, which filters out most
-# interruptions by other programs.
+# instance to throw away tokens that speculative decoding guessed wrong.) So the plot does not
+# show the steps of the generation timed above: each point is a separate single step, reached by
+# rewinding. Each step is timed five times, in five sweeps over all lengths, and we keep the
+# fastest, which filters out most interruptions by other programs.
 #
 # Prediction before you look: without a cache, the step time should grow about linearly with
 # `T` (projections and MLPs on `T` positions, plus attention that grows like `T²`); with a
@@ -648,19 +688,17 @@ def fastest_ms(step, lengths, reps=5):
 
 
 lengths = list(range(P, P + N + 1, 32))  # 16, 48, ..., 272
-ms_plain = fastest_ms(step_plain, lengths)
-ms_cached = fastest_ms(step_cached, lengths)
-torch.set_num_threads(threads)
+with single_thread():
+    ms_plain = fastest_ms(step_plain, lengths)
+    ms_cached = fastest_ms(step_cached, lengths)
 
 fig, ax = plt.subplots(figsize=(8, 4))
-ax.plot(lengths, ms_plain, "o-", color="C3",
-        label=f"without cache ({N} tokens in {total_plain:.2f} s)")
-ax.plot(lengths, ms_cached, "o-", color="C0",
-        label=f"with cache ({N} tokens in {total_cached:.2f} s)")
+ax.plot(lengths, ms_plain, "o-", color="C3", label="without cache: the model runs on T tokens")
+ax.plot(lengths, ms_cached, "o-", color="C0", label="with cache: 1 token, T - 1 cached")
 ax.set_xlabel("sequence length T at this step (tokens attended over)")
 ax.set_ylabel("time for one step, ms (fastest of 5)")
 ax.set_ylim(0, 1.1 * max(ms_plain))
-ax.set_title(f"Greedy decoding, TinyLM ({len(model.blocks)} layers, d={model.cfg.d_model}), "
+ax.set_title(f"One decoding step, TinyLM ({len(model.blocks)} layers, d={model.cfg.d_model}), "
              f"batch 1, CPU, 1 thread")
 ax.legend(loc="upper left")
 plt.show()
@@ -678,22 +716,23 @@ print(f"step at T={lengths[-1]}: {ms_plain[-1]:.1f} ms without cache, "
 #   ratio of the previous cell grows with the number of generated tokens.
 # - **With a cache** the step time is nearly flat. It is not exactly constant — each step reads
 #   the whole cache in attention — but for this model the fixed part (four layers of small matrix
-#   products, plus Python overhead) dominates. For a large model with a long context the cache
-#   read becomes the bottleneck: decoding is then limited by how fast memory can deliver the
-#   cache, which is why its *size* matters so much. That is the next section.
+#   products, plus Python overhead) dominates. For a large model, the step is limited by how fast
+#   memory delivers what it reads: at batch 1 with a moderate context, that is mostly the
+#   weights; with a long context or a large batch, once the cache rivals the weights (chapter 4
+#   drew where that happens; the next section recalls the numbers), the cache read dominates.
+#   That is why the cache's *size* matters so much.
 #
 # ## 8. How much memory the cache takes
 #
-# Per layer and per position, a cache stores one key and one value vector for every key/value
-# head:
+# Chapter 4 derived the size of the cache: per layer and per position it stores one key and one
+# value vector for every key/value head, so per token of one sequence
 #
 # $$\text{bytes per token} = 2 \times n_\text{layer} \times n_\text{kv\_head} \times
-#   \text{head\_dim} \times \text{bytes per number}.$$
+#   \text{head\_dim} \times \text{bytes per number},$$
 #
-# The number of *query* heads does not appear. This is the whole point of multi-query and
-# grouped-query attention (chapter 4): they keep all the query heads but share a few key/value
-# heads, and the cache shrinks by `n_head / n_kv_head`. We measure it on real cache tensors of our
-# tiny model, built with each variant (4 query heads of 32; GQA with 2 key/value heads), fp32:
+# with no query heads in it: MQA and GQA shrink the cache by `n_head / n_kv_head`. Here we only
+# check the formula against the caches this chapter allocates, for our tiny model built with
+# each variant (4 query heads of 32; GQA with 2 key/value heads), fp32:
 
 # %%
 def cache_bytes(m, max_len):
@@ -713,59 +752,31 @@ for name, kv in (("mha", None), ("gqa", 2), ("mqa", None)):
     print(f"{name:>7} {n_kv:>9} {per_token:>11,} {total / 1024:>17,.0f}")
 
 # %% [markdown]
-# Tiny numbers for a tiny model. Now a realistic one: a 7-billion-parameter model shaped like
-# Llama 2 7B — 32 layers, 32 query heads of size 128 ($d = 4096$), cache in fp16 (2 bytes). Its
-# MHA version caches all 32 key/value heads; a GQA version with 8 key/value heads is the shape of
-# Mistral 7B and Llama 3 8B; MQA keeps one. We use `attnbook.kv_cache.KVCache` built on PyTorch's
-# `meta` device — tensors with a shape and a dtype but no storage — so that the module computes the
-# sizes of a cache we never allocate.
+# As in chapter 4, the realistic case is a 7B-class model shaped like Llama 2 7B: 32 layers,
+# 32 query heads of 128, cache in fp16, with all 32 key/value heads (MHA), 8 (GQA, the shape of
+# Mistral 7B) or 1 (MQA). This time the module computes the sizes: `attnbook.kv_cache.KVCache`
+# built on PyTorch's `meta` device has shapes and a dtype but no storage, so it reports the bytes
+# of a cache we never allocate.
 
 # %%
 from attnbook.kv_cache import KVCache
 
-n_layer_7b, n_head_7b, head_dim_7b, ctx = 32, 32, 128, 4096
+n_layer_7b, head_dim_7b, ctx = 32, 128, 4096
 print(f"{'variant':>7} {'n_kv_head':>9} {'KiB/token':>9} {'GiB at 4k tokens':>16}")
-big_bytes = {}
 for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
     one_layer = KVCache(1, kv, head_dim_7b, ctx, device="meta", dtype=torch.float16)
     per_token = n_layer_7b * one_layer.bytes_per_token  # every layer
     assert per_token == 2 * n_layer_7b * kv * head_dim_7b * 2  # the formula, fp16
     assert n_layer_7b * one_layer.nbytes == ctx * per_token
-    big_bytes[name] = per_token
     print(f"{name:>7} {kv:>9} {per_token / 1024:>9,.0f} {ctx * per_token / 2**30:>16,.3f}")
 
 # %% [markdown]
-# Half a mebibyte per token for the MHA model: a single 4k-token conversation ties up 2 GiB, and
-# a batch of 8 such conversations needs 16 GiB — more than the model's own weights (about
-# $6.7 \times 10^9$ parameters, 12.6 GiB in fp16). GQA with 8 key/value heads cuts that by 4, MQA
-# by 32. The picture puts the cache of one sequence next to the weights as the context grows:
-
-# %%
-weights_gib = 6.74e9 * 2 / 2**30
-contexts = [2**p for p in range(9, 18)]  # 512 .. 131072 tokens
-fig, ax = plt.subplots(figsize=(8, 4))
-for (name, per_token), colour in zip(big_bytes.items(), ("C3", "C1", "C0"), strict=True):
-    ax.plot(contexts, [c * per_token / 2**30 for c in contexts], "o-", color=colour,
-            label=f"{name} ({per_token // 1024} KiB/token)")
-ax.axhline(weights_gib, color="gray", ls="--", label=f"fp16 weights ({weights_gib:.1f} GiB)")
-ax.set_xscale("log", base=2)
-ax.set_yscale("log", base=2)
-ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
-ax.set_yticks([4.0**e for e in range(-3, 4)], ["1/64", "1/16", "1/4", "1", "4", "16", "64"])
-ax.grid(True, which="major", alpha=0.3)
-ax.set_xlabel("tokens in the cache (one sequence)")
-ax.set_ylabel("KV cache, GiB")
-ax.set_title("KV cache of a 7B-class model (32 layers, 32 query heads of 128, fp16)")
-ax.legend()
-plt.show()
-
-# %% [markdown]
-# At 32k tokens the MHA cache of a single sequence outweighs the model (16 GiB); the GQA cache
-# gets there at 128k, and MQA stays far below. Every doubling of the context or of the batch
-# doubles the cache, while the weights stay put. This is why long-context models share
-# key/value heads, and why later chapters look at caches that do not grow with the context at
-# all (a sliding window, chapter 8; a compressed latent, chapter 11; a fixed-size recurrent
-# state, chapter 10).
+# The module agrees with chapter 4: half a mebibyte per token for MHA, 2 GiB for one 4k-token
+# sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16 weights;
+# GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles the
+# cache, while the weights stay put. This is why long-context models share key/value heads, and
+# why later chapters look at caches that do not grow with the context at all (a sliding window,
+# chapter 8; a compressed latent, chapter 11; a fixed-size recurrent state, chapter 10).
 
 # %% [markdown]
 # ## Check against the module
@@ -825,8 +836,10 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # - New queries are the *last* `T` of `T_k` positions: the causal mask must be aligned
 #   bottom-right (`causal_mask(T, T_k)`); `is_causal=True` would let a single query see only key 0.
 # - A preallocated cache has a fixed `max_len`, an explicit overflow error and `reset()`.
-# - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token — per sequence — which
-#   quickly rivals the weights; MQA and GQA shrink it by `n_head / n_kv_head`.
+# - Each cached step is cheap in arithmetic, but pays a fixed cost that the cache does not remove,
+#   so for a small model the measured speed-up is far below the work saved.
+# - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token of each sequence
+#   (chapter 4), which quickly rivals the weights; MQA and GQA shrink it by `n_head / n_kv_head`.
 
 # %% [markdown]
 # ## Exercises
@@ -844,11 +857,15 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 #    when full) but whose `length` keeps counting, so RoPE still rotates at the true position.
 #    With `W = 32` and a 16-token prompt, find the first step at which its logits differ from
 #    full-cache decoding, and predict it before you run. Why is a rolling cache *not* exact for a
-#    model built with full attention — and for what kind of model would it be exact?
-# 3. **A bf16 cache.** Store the keys and values in bfloat16 (half the memory) while the model
-#    computes in fp32. Why does `layer.new_cache(..., dtype=torch.bfloat16)` not work directly
-#    with this fp32 model, and what is the smallest fix? Measure the largest logit error over
-#    64 decoding steps and how many greedy tokens still agree with the fp32 cache.
+#    model built with full attention — and for what kind of model would it be exact? What does
+#    your cache give the queries of a chunk of several tokens appended at once?
+# 3. **A bf16 cache.** A cache may store a lower precision than the model computes in:
+#    `layer.new_cache(batch_size, max_len, dtype=torch.bfloat16)` on this fp32 model rounds every
+#    appended key and value to bfloat16, and the layer casts them back to fp32 when it reads them.
+#    How much memory does that save? Predict the largest relative rounding error of a stored
+#    number, then measure it, the largest logit error over 64 decoding steps against the fp32
+#    cache (on the same inputs), and whether any greedy token changes. Up to which step can you
+#    be sure, from the fp32 run and the size of the error alone, that none does?
 # 4. **Count the FLOPs saved.** Write the number of matrix-multiply FLOPs of generating `N`
 #    tokens after a `P`-token prompt, with and without the cache, as a formula in `P`, `N`,
 #    `d_model`, `n_layer` and the vocabulary size. Check it exactly with
