@@ -197,15 +197,19 @@ for name, n_kv_7b in (("MHA", 32), ("GQA-8", 8), ("MQA", 1)):
           f"{100 * params_saved:>12.1f}% {100 * cache_saved:>11.1f}%")
 assert 0.11 < 1 - model_params(8) / model_params(32) < 0.13
 assert 0.15 < 1 - model_params(1) / model_params(32) < 0.16
-print(f"GQA-8 with Mistral 7B's MLP width (14336): {model_params(8, 14336) / 1e9:.2f} B parameters")
+mistral_like = model_params(8, 14336)
+print(f"GQA-8 with Mistral 7B's MLP width (14336): {mistral_like / 1e9:.2f} B parameters "
+      f"(MHA with width 11008: {model_params(32) / 1e9:.2f} B)")
+assert mistral_like - model_params(8) > model_params(32) - model_params(8)  # adds more than saved
 
 # %% [markdown]
 # The cache falls in proportion to the number of key/value heads; the parameters barely move,
 # because most of them are in the MLP and the embeddings. So GQA hardly changes the size of the
 # model: whatever quality it gives up comes from the sharing itself, and in exchange it removes
-# most of the cache. Models that adopt GQA often spend the saved parameters elsewhere: with 8
-# key/value heads and an MLP of width 14336, the same shape has about 7.2 billion parameters
-# (Mistral 7B's configuration).
+# most of the cache. Mistral 7B, with 8 key/value heads, does not just spend the saved
+# parameters elsewhere: its MLP of width 14336 adds far more than GQA saved (about 1.3 billion
+# against 0.8 billion), so the same shape has 7.24 billion parameters, half a billion more
+# than the MHA model's 6.74 billion. It keeps the small cache and still grows.
 
 # %% [markdown]
 # ## Exercise 4 — when is conversion lossless?

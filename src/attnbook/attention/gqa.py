@@ -4,7 +4,8 @@ Compared with ``mha.py`` only the projection changes: it makes ``n_head`` query 
 ``n_kv_head`` key and value heads, so the KV cache is ``n_head / n_kv_head`` times smaller.
 Query head ``h`` reads key/value head ``h // (n_head // n_kv_head)`` (consecutive query heads
 form a group, as in ``F.scaled_dot_product_attention(enable_gqa=True)`` and Hugging Face);
-the attention call does the sharing without copying K and V. Registered as ``"gqa"``.
+the attention call does the sharing (on torch's fused kernels without copying K and V;
+the math fallback, used with dropout, and the reference path repeat them). Registered as ``"gqa"``.
 """
 
 from dataclasses import replace
