@@ -4,7 +4,8 @@ Two implementations with the same arguments and the same results:
 
 - ``sdpa_reference``: the explicit math, step by step; it can return the attention weights.
   Tests compare everything against it.
-- ``sdpa``: the fast path, ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU).
+- ``sdpa``: the fast path, ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU where
+  torch has one for the inputs; its math fallback otherwise, e.g. with dropout).
 
 Masks (``attn_mask``) broadcast against the scores ``(..., T_q, T_k)`` and are either
 boolean (``True`` = may attend, see ``masks.py``) or float (added to the scores; -inf masks).
