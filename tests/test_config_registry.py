@@ -25,6 +25,8 @@ def test_head_dim():
         ({"dropout": 1.0}, "dropout must be in"),
         ({"dropout": -0.1}, "dropout must be in"),
         ({"impl": "flash"}, "impl must be one of"),
+        ({"window": 0}, "window must be a positive integer"),
+        ({"linear_chunk": -4}, "linear_chunk must be a positive integer"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):

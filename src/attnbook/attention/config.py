@@ -32,6 +32,9 @@ class AttentionConfig:
         rope_pairing: ``"half"`` (GPT-NeoX / LLaMA) or ``"interleaved"`` (GPT-J / RoFormer).
         impl: ``"sdpa"`` (the fast path on ``F.scaled_dot_product_attention``) or
             ``"reference"`` (the explicit math of ``attnbook.attention.core``).
+        window: sliding-window attention ("local"): each query sees itself and the
+            ``window - 1`` positions before it.
+        linear_chunk: chunk length of linear attention's chunked parallel form ("linear").
     """
 
     d_model: int = 768
@@ -45,9 +48,11 @@ class AttentionConfig:
     rope_base: float = 10000.0
     rope_pairing: str = "half"
     impl: str = "sdpa"
+    window: int = 256
+    linear_chunk: int = 64
 
     def __post_init__(self):
-        for name in ("d_model", "n_head", "block_size"):
+        for name in ("d_model", "n_head", "block_size", "window", "linear_chunk"):
             _check_positive_int(name, getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(
