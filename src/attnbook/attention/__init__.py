@@ -12,6 +12,7 @@ from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
 from .cross import CrossAttention, DecoderBlock, EncoderBlock
 from .gqa import GroupedQueryAttention
+from .linear import LinearAttention
 from .masks import additive_mask, causal_mask, padding_mask, restrict
 from .mha import MultiHeadAttention
 from .mqa import MultiQueryAttention
@@ -26,6 +27,7 @@ __all__ = [
     "EncoderBlock",
     "GroupedQueryAttention",
     "Head",
+    "LinearAttention",
     "MultiHeadAttention",
     "MultiQueryAttention",
     "SelfAttention",
