@@ -13,7 +13,8 @@ from .core import sdpa, sdpa_reference
 from .cross import CrossAttention, DecoderBlock, EncoderBlock
 from .gqa import GroupedQueryAttention
 from .linear import LinearAttention
-from .masks import additive_mask, causal_mask, padding_mask, restrict
+from .local import LocalAttention
+from .masks import additive_mask, causal_mask, padding_mask, restrict, sliding_window_mask
 from .mha import MultiHeadAttention
 from .mqa import MultiQueryAttention
 from .registry import available, build_attention, register_attention
@@ -28,6 +29,7 @@ __all__ = [
     "GroupedQueryAttention",
     "Head",
     "LinearAttention",
+    "LocalAttention",
     "MultiHeadAttention",
     "MultiQueryAttention",
     "SelfAttention",
@@ -40,4 +42,5 @@ __all__ = [
     "restrict",
     "sdpa",
     "sdpa_reference",
+    "sliding_window_mask",
 ]

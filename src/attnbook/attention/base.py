@@ -56,18 +56,24 @@ class CausalSelfAttention(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty KV cache for this layer (``max_len`` defaults to ``block_size``)."""
-        if max_len is not None and not 0 < max_len <= self.config.block_size:
-            raise ValueError(
-                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
-            )
         return KVCache(
             batch_size,
             self.n_kv_head,
             self.head_dim,
-            self.config.block_size if max_len is None else max_len,
+            self._cache_len(max_len),
             device=device if device is not None else self.c_proj.weight.device,
             dtype=dtype or self.c_proj.weight.dtype,
         )
+
+    def _cache_len(self, max_len):
+        """``max_len`` checked against ``block_size`` (None means ``block_size``)."""
+        if max_len is None:
+            return self.config.block_size
+        if not 0 < max_len <= self.config.block_size:
+            raise ValueError(
+                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
+            )
+        return max_len
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
         d = self.config.d_model
@@ -79,23 +85,30 @@ class CausalSelfAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)  # rotated by their positions
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, n_kv_head, start + T, hd): every position so far
+            k, v = cache.append(k, v)  # (B, n_kv_head, T_k, hd): the cached positions and x's
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may store a lower precision
-        attn_mask, is_causal = self._mask(attn_mask, T, k.shape[-2], x.device)
+        y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d_model): heads side by side
+        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
+        return (y, weights) if need_weights else y
+
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+        """Softmax attention of ``q`` ``(B, n_head, T, hd)`` over ``k``, ``v``
+        ``(B, n_kv_head, T_k, hd)`` with this layer's masks (causal, ALiBi, ``attn_mask``).
+
+        Returns the ``(B, n_head, T, hd)`` output and the ``(B, n_head, T, T_k)`` weights if
+        ``need_weights`` (else None).
+        """
+        attn_mask, is_causal = self._mask(attn_mask, q.shape[-2], k.shape[-2], q.device)
         args = dict(
             attn_mask=attn_mask,
             is_causal=is_causal,
             dropout_p=self.config.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        weights = None
         if need_weights or self.config.impl == "reference":
-            y, weights = sdpa_reference(q, k, v, **args, return_weights=True)
-        else:
-            y = sdpa(q, k, v, **args)  # (B, n_head, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d_model): heads side by side
-        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
-        return (y, weights) if need_weights else y
+            return sdpa_reference(q, k, v, **args, return_weights=True)
+        return sdpa(q, k, v, **args), None
 
     def _mask(self, attn_mask, t_q, t_k, device):
         """The mask to attend with, and whether SDPA's own (top-left) causal flag can do it."""

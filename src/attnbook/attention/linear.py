@@ -232,15 +232,11 @@ class LinearAttention(MultiHeadAttention):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty state ``(S, z)`` for this layer; ``max_len`` defaults to ``block_size``."""
-        if max_len is not None and not 0 < max_len <= self.config.block_size:
-            raise ValueError(
-                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
-            )
         return LinearAttentionCache(
             batch_size,
             self.n_head,
             self.head_dim,
-            self.config.block_size if max_len is None else max_len,
+            self._cache_len(max_len),
             device=device if device is not None else self.c_proj.weight.device,
             dtype=dtype or self.c_proj.weight.dtype,
         )

@@ -5,6 +5,7 @@ Orientation, everywhere in attnbook: ``True`` means "this query may attend to th
 
 - ``causal_mask``: each query sees its own position and earlier ones.
 - ``padding_mask``: which key positions of a right-padded batch are real tokens.
+- ``sliding_window_mask``: a causal band, each query seeing the last ``window`` positions.
 - ``additive_mask``: the same information as a float bias (0 where allowed, -inf where masked).
 - ``restrict``: a mask of either kind further restricted by a boolean one (e.g. made causal).
 """
@@ -75,3 +76,19 @@ def restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask.masked_fill(~allowed, float("-inf"))
+
+
+def sliding_window_mask(t_q: int, t_k: int, window: int, device=None) -> torch.Tensor:
+    """Boolean ``(t_q, t_k)`` mask, ``True`` where a query may attend: a band ``window`` wide.
+
+    Queries are the last ``t_q`` of ``t_k`` positions (bottom-right, as in ``causal_mask``):
+    query ``i`` sits at ``p = t_k - t_q + i`` and sees keys ``p - window < j <= p``.
+    """
+    if t_q <= 0 or t_k < t_q:
+        raise ValueError(f"sliding_window_mask needs 0 < t_q <= t_k, got t_q={t_q}, t_k={t_k}")
+    if window <= 0:
+        raise ValueError(f"window must be positive, got {window}")
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)  # (t_q,)
+    k_pos = torch.arange(t_k, device=device)  # (t_k,)
+    distance = q_pos[:, None] - k_pos[None, :]  # (t_q, t_k)
+    return (distance >= 0) & (distance < window)  # (t_q, t_k)

@@ -1,0 +1,189 @@
+"""Sliding-window (local) attention: each query sees only the last ``window`` positions.
+
+Query ``i`` attends to keys ``j`` with ``i - window < j <= i``: itself and the ``window - 1``
+positions before it. Compared with ``gqa.py`` three things change:
+
+- the mask is a band (``sliding_window_mask``) instead of a triangle;
+- the fast path never forms the ``T x T`` scores: queries are cut into chunks of ``window``
+  positions, and each chunk attends to its own chunk of keys and the one before
+  (``blocked_local_attention``), so the work grows as ``T * window`` instead of ``T * T``;
+- generation keeps only the last ``window`` positions (``RollingKVCache``), so the cache stops
+  growing once the sequence is longer than the window.
+
+The dense path (``impl="reference"``, ``need_weights=True``, an extra ``attn_mask``, or a
+sequence no longer than the window) is attention with the band mask. Keys are rotated by RoPE at
+their true positions before they are cached, and ALiBi and the band only depend on the distance
+between query and key, so dropping old keys changes nothing. Registered as ``"local"``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .config import AttentionConfig
+from .core import sdpa
+from .gqa import GroupedQueryAttention
+from .masks import restrict, sliding_window_mask
+from .registry import register_attention
+
+
+def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
+    """Causal sliding-window attention in ``O(T * window)``, one batched SDPA call over chunks.
+
+    Args:
+        q: ``(B, n_head, T, head_dim)`` queries, the last ``T`` of the ``T_k`` key positions.
+        k, v: ``(B, n_kv_head, T_k, head_dim)``, ``T_k - T < window`` (the extra keys come from
+            a rolling cache). ``n_kv_head`` divides ``n_head`` (grouped-query attention).
+        window: how many positions each query sees (itself included).
+        alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias.
+        dropout_p: dropout on the attention weights.
+
+    Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``sliding_window_mask`` returns.
+
+    Keys are left-padded so that the ``W = window`` queries of chunk ``c`` sit at key chunk
+    ``c + 1``; each query chunk then reads key chunks ``c`` and ``c + 1`` (``2W`` keys), and the
+    same ``(W, 2W)`` band selects its keys in every chunk.
+    """
+    B, H, T, hd = q.shape
+    W, P = window, k.shape[-2] - T  # P: keys before the first query, at most W - 1
+    if not 0 <= P < W:
+        raise ValueError(
+            f"blocked_local_attention needs 0 <= T_k - T < window={window}, got "
+            f"T_k={k.shape[-2]} keys for T={T} queries"
+        )
+    n = -(-T // W)  # number of query chunks
+    pad = n * W - T  # the last chunk is padded to W queries; their outputs are dropped
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hd)  # (B, H, n, W, hd)
+    q = q.transpose(1, 2).reshape(B * n, H, W, hd)  # (B * n, H, W, hd): chunks as a batch
+
+    def pairs(x):  # (B, n_kv_head, T_k, hd) -> (B * n, n_kv_head, 2W, hd): chunks c and c + 1
+        x = F.pad(x, (0, 0, W - P, pad))  # (B, n_kv_head, (n + 1) * W, hd)
+        x = x.view(B, x.shape[1], n + 1, W, hd)  # (B, n_kv_head, n + 1, W, hd)
+        x = torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)  # (B, n_kv_head, n, 2W, hd)
+        return x.transpose(1, 2).reshape(B * n, -1, 2 * W, hd)  # (B * n, n_kv_head, 2W, hd)
+
+    k, v = pairs(k), pairs(v)  # (B * n, n_kv_head, 2W, hd) each
+    row = torch.arange(W, device=q.device)[:, None]  # (W, 1): query r of a chunk
+    col = torch.arange(2 * W, device=q.device)[None, :]  # (1, 2W): key l of the pair
+    distance = W + row - col  # (W, 2W): how far back key l is from query r
+    real = torch.arange((n + 1) * W, device=q.device) >= W - P  # ((n + 1) * W,): not padding
+    real = real.view(n + 1, W)  # (n + 1, W)
+    real = torch.cat([real[:-1], real[1:]], dim=1).repeat(B, 1)  # (B * n, 2W)
+    mask = (distance >= 0) & (distance < W) & real[:, None, None, :]  # (B * n, 1, W, 2W)
+    if alibi_slopes is not None:
+        bias = -alibi_slopes[:, None, None].to(q.dtype) * distance  # (H, W, 2W)
+        mask = restrict(bias, mask)  # (B * n, H, W, 2W): -inf outside the band
+    y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
+    y = y.view(B, n, H, W, hd).transpose(1, 2).reshape(B, H, n * W, hd)  # (B, H, n * W, hd)
+    return y[:, :, :T]  # (B, n_head, T, hd)
+
+
+class RollingKVCache:
+    """Keys and values of the last ``window`` positions of one layer, oldest first.
+
+    Same protocol as ``KVCache``: ``append(k, v)`` stores ``T`` new positions and returns the keys
+    and values the new queries may see (up to ``window - 1`` cached positions, then the ``T``
+    new ones), ``length`` is the number of positions seen so far, ``reset()`` empties it,
+    ``bytes_per_token`` is the cost of one cached position. The storage is
+    ``(B, n_kv_head, min(window, max_len), head_dim)`` however long the sequence gets.
+
+    Args:
+        batch_size, n_kv_head, head_dim: the shape of what is cached.
+        window: how many positions each query sees.
+        max_len: the most positions the sequence will have; appending past it raises.
+        device, dtype: where and how the tensors are stored (a lower precision is cast back
+            by the attention).
+    """
+
+    def __init__(self, batch_size, n_kv_head, head_dim, window, max_len, device=None, dtype=None):
+        size = min(window, max_len)
+        self.k = torch.zeros(batch_size, n_kv_head, size, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, n_kv_head, size, head_dim, device=device, dtype=dtype)
+        self.window, self.max_len = window, max_len
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store ``k``, ``v``: ``(B, n_kv_head, T, head_dim)``; return ``(B, n_kv_head, kept + T,
+        head_dim)`` each, with ``kept = min(length, window - 1)`` cached positions first."""
+        T = k.shape[-2]
+        if k.shape[:2] != self.k.shape[:2] or k.shape[-1] != self.k.shape[-1] or v.shape != k.shape:
+            raise ValueError(
+                f"expected k and v of shape {(*self.k.shape[:2], T, self.k.shape[-1])}, "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if self.length + T > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: built for max_len={self.max_len} positions, {self.length} "
+                f"were seen and {T} more were appended; reset() it or build it with a larger max_len"
+            )
+        kept = min(self.length, self.window - 1, self.k.shape[2])
+        old = slice(self.k.shape[2] - kept, None)  # the last `kept` slots hold the newest positions
+        k_all = torch.cat([self.k[:, :, old], k.to(self.k.dtype)], dim=2)  # (B, H, kept + T, hd)
+        v_all = torch.cat([self.v[:, :, old], v.to(self.v.dtype)], dim=2)  # (B, H, kept + T, hd)
+        keep = min(kept + T, self.k.shape[2])  # right-aligned: newest position in the last slot
+        self.k[:, :, -keep:] = k_all[:, :, -keep:]
+        self.v[:, :, -keep:] = v_all[:, :, -keep:]
+        self.length += T
+        return k_all, v_all
+
+    def reset(self) -> None:
+        """Forget every cached position (the memory stays allocated)."""
+        self.length = 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one cached position of one sequence takes: its keys and values, all heads."""
+        per_position = self.k[:, :, 0].numel() + self.v[:, :, 0].numel()
+        return per_position * self.k.element_size() // self.k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the whole cache: ``batch_size * min(window, max_len)`` positions."""
+        return self.k.nbytes + self.v.nbytes
+
+
+@register_attention("local")
+class LocalAttention(GroupedQueryAttention):
+    """Causal sliding-window self-attention: each query sees the last ``config.window`` positions.
+
+    Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
+    MHA's state_dict layout). ``forward(x, attn_mask=None, need_weights=False, cache=None)`` as in
+    ``CausalSelfAttention``; with a cache from ``new_cache``, ``attn_mask`` may cover every
+    position so far (``cache.length + T`` keys, as with a full cache) or only the keys the cache
+    returns; only the keys inside the window are used.
+    """
+
+    def __init__(self, config: AttentionConfig):
+        if not config.causal:
+            raise ValueError("local attention is a causal sliding window: causal must be True")
+        super().__init__(config)
+        self.window = config.window
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
+        """A ``RollingKVCache`` of ``min(window, max_len)`` positions (``max_len`` defaults to
+        ``block_size``)."""
+        return RollingKVCache(
+            batch_size,
+            self.n_kv_head,
+            self.head_dim,
+            self.window,
+            self._cache_len(max_len),
+            device=device if device is not None else self.c_proj.weight.device,
+            dtype=dtype or self.c_proj.weight.dtype,
+        )
+
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+        """The band as a dense mask where that is as cheap (or needed), else the blocked path."""
+        T, t_k = q.shape[-2], k.shape[-2]
+        if attn_mask is not None and attn_mask.shape[-1] > t_k:
+            attn_mask = attn_mask[..., -t_k:]  # a mask over every position: keep the cached ones
+        dense = need_weights or self.config.impl == "reference" or attn_mask is not None
+        if dense or T <= self.window:  # one chunk: the band is already O(T * window)
+            return super().attend(q, k, v, attn_mask, need_weights)
+        slopes = self.alibi_slopes if self.config.positions == "alibi" else None
+        dropout_p = self.config.dropout if self.training else 0.0
+        return blocked_local_attention(q, k, v, self.window, slopes, dropout_p), None
+
+    def _mask(self, attn_mask, t_q, t_k, device):
+        """The base class's mask (ALiBi, extra mask) restricted to the sliding window."""
+        attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
+        return restrict(attn_mask, sliding_window_mask(t_q, t_k, self.window, device)), False

@@ -1,0 +1,230 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnbook.attention import AttentionConfig, GroupedQueryAttention, sdpa_reference
+from attnbook.attention.config import POSITIONS
+from attnbook.attention.local import (
+    LocalAttention,
+    RollingKVCache,
+    blocked_local_attention,
+    sliding_window_mask,
+)
+from attnbook.positions import alibi_bias, alibi_slopes
+
+
+def _pair(window, positions="none", n_kv_head=None, block_size=32, **kw):
+    """The fast ("sdpa", blocked) and reference ("reference", dense) layers, same weights."""
+    cfg = dict(
+        d_model=32,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        block_size=block_size,
+        window=window,
+        positions=positions,
+        **kw,
+    )
+    fast = LocalAttention(AttentionConfig(**cfg)).eval()
+    ref = LocalAttention(AttentionConfig(**cfg, impl="reference")).eval()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def test_sliding_window_mask_is_a_band_of_window_positions():
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [0, 1, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(sliding_window_mask(5, 5, window=3), expected)
+    assert torch.equal(sliding_window_mask(2, 5, window=3), expected[3:])  # bottom-right aligned
+    i, j = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    assert torch.equal(sliding_window_mask(9, 9, window=4), (i - 4 < j) & (j <= i))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    window=st.integers(1, 6),
+    t=st.integers(1, 20),
+    cached=st.integers(0, 5),
+    n_kv_head=st.sampled_from([1, 2, 4]),
+    alibi=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_path_equals_dense_band_attention(window, t, cached, n_kv_head, alibi, seed):
+    """Each chunk of queries against its own and the previous chunk of keys is the band mask,
+    also with up to window - 1 keys from a cache before the first query."""
+    torch.manual_seed(seed)
+    cached = min(cached, window - 1)
+    t_k = cached + t
+    q = torch.randn(2, 4, t, 8)
+    k, v = torch.randn(2, n_kv_head, t_k, 8), torch.randn(2, n_kv_head, t_k, 8)
+    slopes = alibi_slopes(4) if alibi else None
+    mask = sliding_window_mask(t, t_k, window)  # (t, t_k)
+    if alibi:
+        mask = alibi_bias(slopes, t, t_k).masked_fill(~mask, float("-inf"))  # (4, t, t_k)
+    expected = sdpa_reference(q, k, v, mask, enable_gqa=n_kv_head != 4)
+    got = blocked_local_attention(q, k, v, window, slopes)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("window, n_kv_head", [(1, None), (4, 2), (5, None), (7, 1)])
+def test_fast_blocked_and_reference_dense_paths_agree(positions, window, n_kv_head):
+    fast, ref = _pair(window, positions, n_kv_head)
+    x = torch.randn(2, 23, 32)  # longer than the window: the fast path is the blocked one
+    y_ref, weights = ref(x, need_weights=True)
+    torch.testing.assert_close(fast(x), y_ref, atol=1e-5, rtol=1e-5)
+    outside = ~sliding_window_mask(23, 23, window)
+    assert torch.all(weights[..., outside] == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 23))
+
+
+def test_blocked_path_gradients_equal_the_dense_ones_and_reach_every_parameter():
+    fast, ref = _pair(window=4, positions="rope", n_kv_head=2)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    fast(x).square().sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("window", [9, 40])
+def test_a_window_at_least_the_sequence_length_is_full_causal_attention(positions, window):
+    cfg = dict(d_model=32, n_head=4, n_kv_head=2, block_size=40, positions=positions)
+    local = LocalAttention(AttentionConfig(**cfg, window=window)).eval()
+    full = GroupedQueryAttention(AttentionConfig(**cfg)).eval()
+    full.load_state_dict(local.state_dict())  # same projections, same layout as "gqa"
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(local(x), full(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+def test_future_tokens_do_not_change_past_outputs(impl):
+    fast, ref = _pair(window=3, positions="rope")
+    layer = fast if impl == "sdpa" else ref
+    x = torch.randn(1, 14, 32)
+    changed = x.clone()
+    changed[:, 8:] = torch.randn(1, 6, 32)
+    torch.testing.assert_close(layer(changed)[:, :8], layer(x)[:, :8], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "none"])
+def test_tokens_older_than_the_window_do_not_matter(positions):
+    fast, _ = _pair(window=4, positions=positions)
+    x = torch.randn(1, 14, 32)
+    changed = x.clone()
+    changed[:, :3] = torch.randn(1, 3, 32)  # positions 0..2: seen by queries 0..5 only
+    y, y_changed = fast(x), fast(changed)
+    torch.testing.assert_close(y_changed[:, 6:], y[:, 6:], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(y_changed[:, 5], y[:, 5])
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [1] * 17,  # token by token from the start
+        [2, 1, 1, 13],  # prompt shorter than the window, then a chunk longer than it
+        [9, 1, 1, 1, 5],  # prompt longer than the window, then tokens and a chunk
+        [5, 5, 7],  # chunks exactly the window, and longer
+    ],
+)
+def test_cached_decoding_equals_the_full_pass_and_keeps_at_most_window_positions(positions, chunks):
+    fast, ref = _pair(window=5, positions=positions, n_kv_head=2)
+    x = torch.randn(2, 17, 32)
+    full = ref(x)
+    cache = fast.new_cache(batch_size=2)
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(fast(x[:, start : start + size], cache=cache))
+        start += size
+        assert cache.length == start
+        assert cache.k.shape[2] == cache.v.shape[2] == 5  # never more than the window
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rolling_cache_keeps_the_newest_window_positions_in_order():
+    cache = RollingKVCache(1, 1, 1, window=3, max_len=10)
+    pos = torch.arange(10.0).view(1, 1, 10, 1)  # key = its position
+    k, _ = cache.append(pos[:, :, :2], pos[:, :, :2])
+    assert k.flatten().tolist() == [0, 1]
+    k, _ = cache.append(pos[:, :, 2:6], pos[:, :, 2:6])
+    assert k.flatten().tolist() == [0, 1, 2, 3, 4, 5]  # what queries 2..5 may need
+    assert cache.k.flatten().tolist() == [3, 4, 5]
+    k, _ = cache.append(pos[:, :, 6:7], pos[:, :, 6:7])
+    assert k.flatten().tolist() == [4, 5, 6]  # the window of query 6
+    cache.reset()
+    k, _ = cache.append(pos[:, :, 7:8], pos[:, :, 7:8])
+    assert cache.length == 1 and k.flatten().tolist() == [7]
+
+
+@pytest.mark.parametrize("window, max_len", [(4, 32), (8, 6)])
+def test_cache_size_is_window_positions_of_keys_and_values(window, max_len):
+    fast, _ = _pair(window=window, n_kv_head=2)
+    cache = fast.new_cache(batch_size=3, max_len=max_len)
+    assert cache.bytes_per_token == 2 * 2 * 8 * 4  # k and v, 2 kv heads, head_dim 8, float32
+    assert cache.nbytes == 3 * min(window, max_len) * cache.bytes_per_token
+    half = fast.new_cache(batch_size=3, max_len=max_len, dtype=torch.bfloat16)
+    assert half.bytes_per_token == cache.bytes_per_token // 2
+
+
+def test_cached_decoding_with_a_left_padding_mask():
+    fast, ref = _pair(window=4, positions="rope")
+    x = torch.randn(2, 12, 32)
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[1, :3] = False  # row 1 starts with 3 pad positions
+    full = ref(x, attn_mask=real[:, None, None, :])
+    cache = fast.new_cache(2)
+    prefill = fast(x[:, :6], attn_mask=real[:, None, None, :6], cache=cache)
+    steps = [
+        fast(x[:, t : t + 1], attn_mask=real[:, None, None, : t + 1], cache=cache)
+        for t in range(6, 12)
+    ]
+    out = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(out[:, 3:], full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_training_with_dropout_runs_the_blocked_path_and_backpropagates():
+    fast, _ = _pair(window=4, dropout=0.5)
+    fast.train()
+    x = torch.randn(2, 13, 32)
+    fast(x).sum().backward()
+    assert fast.c_attn.weight.grad.abs().sum() > 0
+    fast.eval()
+    torch.testing.assert_close(fast(x), fast(x))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
+        AttentionConfig(d_model=32, n_head=4, window=0)
+    with pytest.raises(ValueError, match="window must be a positive integer, got -3"):
+        AttentionConfig(d_model=32, n_head=4, window=-3)
+    with pytest.raises(ValueError, match="causal must be True"):
+        LocalAttention(AttentionConfig(d_model=32, n_head=4, causal=False))
+    fast, _ = _pair(window=4, block_size=8)
+    with pytest.raises(ValueError, match="max_len must be in 1..block_size=8, got 9"):
+        fast.new_cache(1, max_len=9)
+    cache = fast.new_cache(1, max_len=6)
+    fast(torch.randn(1, 5, 32), cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow: built for max_len=6"):
+        fast(torch.randn(1, 2, 32), cache=cache)
+    with pytest.raises(ValueError, match=r"expected k and v of shape \(1, 4, 1, 8\)"):
+        cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    with pytest.raises(ValueError, match="x must have shape"):
+        fast(torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match="window must be positive, got 0"):
+        sliding_window_mask(3, 3, window=0)
+    with pytest.raises(ValueError, match="needs 0 <= T_k - T < window=2, got T_k=5 keys for T=3"):
+        blocked_local_attention(torch.randn(1, 1, 3, 4), *torch.randn(2, 1, 1, 5, 4), window=2)
