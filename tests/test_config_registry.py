@@ -27,6 +27,14 @@ def test_head_dim():
         ({"impl": "flash"}, "impl must be one of"),
         ({"window": 0}, "window must be a positive integer"),
         ({"linear_chunk": -4}, "linear_chunk must be a positive integer"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer"),
+        ({"q_lora_rank": -1}, "q_lora_rank must be an integer >= 0"),
+        ({"q_lora_rank": 2.0}, "q_lora_rank must be an integer >= 0"),
+        ({"qk_nope_head_dim": 0}, "qk_nope_head_dim must be a positive integer"),
+        ({"qk_rope_head_dim": 3}, "qk_rope_head_dim must be even"),
+        ({"qk_rope_head_dim": 0}, "qk_rope_head_dim must be a positive integer"),
+        ({"v_head_dim": -2}, "v_head_dim must be a positive integer"),
+        ({"mla_absorb": 1}, "mla_absorb must be True or False"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):

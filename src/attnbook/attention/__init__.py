@@ -16,6 +16,7 @@ from .linear import LinearAttention
 from .local import LocalAttention
 from .masks import additive_mask, causal_mask, padding_mask, restrict, sliding_window_mask
 from .mha import MultiHeadAttention
+from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .registry import available, build_attention, register_attention
 from .single_head import Head, SelfAttention
@@ -31,6 +32,7 @@ __all__ = [
     "LinearAttention",
     "LocalAttention",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
     "MultiQueryAttention",
     "SelfAttention",
     "additive_mask",

@@ -35,6 +35,15 @@ class AttentionConfig:
         window: sliding-window attention ("local"): each query sees itself and the
             ``window - 1`` positions before it.
         linear_chunk: chunk length of linear attention's chunked parallel form ("linear").
+        kv_lora_rank: size of multi-head latent attention's ("mla") cached key/value latent;
+            ``None`` means ``4 * head_dim`` (DeepSeek-V2's ratio).
+        q_lora_rank: size of MLA's query latent; 0 means the queries are not compressed.
+        qk_nope_head_dim: MLA's per-head query/key size without RoPE; ``None`` means ``head_dim``.
+        qk_rope_head_dim: MLA's per-head size of the decoupled rotary query and shared rotary
+            key, even; ``None`` means about ``head_dim / 2`` (``max(2, 2 * (head_dim // 4))``).
+        v_head_dim: MLA's per-head value size; ``None`` means ``head_dim``.
+        mla_absorb: MLA's inference mode: ``False`` expands keys and values from the latent,
+            ``True`` absorbs the up-projections and attends in latent space (same outputs).
     """
 
     d_model: int = 768
@@ -50,6 +59,12 @@ class AttentionConfig:
     impl: str = "sdpa"
     window: int = 256
     linear_chunk: int = 64
+    kv_lora_rank: int | None = None
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    mla_absorb: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "n_head", "block_size", "window", "linear_chunk"):
@@ -66,6 +81,19 @@ class AttentionConfig:
                     f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: each "
                     f"key/value head must serve the same number of query heads"
                 )
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        q_rank = self.q_lora_rank
+        if isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank < 0:
+            raise ValueError(f"q_lora_rank must be an integer >= 0, got {self.q_lora_rank!r}")
+        if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"RoPE rotates pairs of coordinates: qk_rope_head_dim must be even, got "
+                f"{self.qk_rope_head_dim}"
+            )
+        if not isinstance(self.mla_absorb, bool):
+            raise ValueError(f"mla_absorb must be True or False, got {self.mla_absorb!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.positions not in POSITIONS:
