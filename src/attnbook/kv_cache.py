@@ -13,6 +13,13 @@ cached so far, ``length`` says how many positions are cached (the position of th
 import torch
 
 
+def check_cache_sizes(**sizes: int) -> None:
+    """Raise ValueError naming the first size that is not positive (shared by every cache kind)."""
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
 class KVCache:
     """Preallocated keys ``(B, n_kv_head, max_len, head_dim)`` and values for one layer.
 
@@ -35,11 +42,9 @@ class KVCache:
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        for name, value in dict(
+        check_cache_sizes(
             batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, max_len=max_len
-        ).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        )
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch_size, n_kv_head, max_len, v_head_dim, device=device, dtype=dtype)

@@ -57,23 +57,23 @@ class CausalSelfAttention(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty KV cache for this layer (``max_len`` defaults to ``block_size``)."""
         return KVCache(
-            batch_size,
-            self.n_kv_head,
-            self.head_dim,
-            self._cache_len(max_len),
-            device=device if device is not None else self.c_proj.weight.device,
-            dtype=dtype or self.c_proj.weight.dtype,
+            batch_size, self.n_kv_head, self.head_dim, **self._cache_options(max_len, device, dtype)
         )
 
-    def _cache_len(self, max_len):
-        """``max_len`` checked against ``block_size`` (None means ``block_size``)."""
+    def _cache_options(self, max_len, device, dtype) -> dict:
+        """``max_len`` (checked against ``block_size``; None means ``block_size``), and the
+        device and dtype of this layer's weights unless given: the common cache arguments."""
         if max_len is None:
-            return self.config.block_size
+            max_len = self.config.block_size
         if not 0 < max_len <= self.config.block_size:
             raise ValueError(
                 f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
             )
-        return max_len
+        return dict(
+            max_len=max_len,
+            device=device if device is not None else self.c_proj.weight.device,
+            dtype=dtype or self.c_proj.weight.dtype,
+        )
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
         d = self.config.d_model

@@ -30,6 +30,7 @@ Registered as ``"linear"``; its cache is ``LinearAttentionCache``, the state ``(
 import torch
 import torch.nn.functional as F
 
+from ..kv_cache import check_cache_sizes
 from .config import AttentionConfig
 from .masks import causal_mask
 from .mha import MultiHeadAttention
@@ -159,11 +160,7 @@ class LinearAttentionCache:
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        for name, value in dict(
-            batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len
-        ).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        check_cache_sizes(batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.S = torch.zeros(batch_size, n_head, head_dim, v_head_dim, device=device, dtype=dtype)
         self.z = torch.zeros(batch_size, n_head, head_dim, device=device, dtype=dtype)
@@ -233,12 +230,7 @@ class LinearAttention(MultiHeadAttention):
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty state ``(S, z)`` for this layer; ``max_len`` defaults to ``block_size``."""
         return LinearAttentionCache(
-            batch_size,
-            self.n_head,
-            self.head_dim,
-            self._cache_len(max_len),
-            device=device if device is not None else self.c_proj.weight.device,
-            dtype=dtype or self.c_proj.weight.dtype,
+            batch_size, self.n_head, self.head_dim, **self._cache_options(max_len, device, dtype)
         )
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):

@@ -19,6 +19,7 @@ between query and key, so dropping old keys changes nothing. Registered as ``"lo
 import torch
 import torch.nn.functional as F
 
+from ..kv_cache import KVCache, check_cache_sizes
 from .config import AttentionConfig
 from .core import sdpa
 from .gqa import GroupedQueryAttention
@@ -77,7 +78,7 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
     return y[:, :, :T]  # (B, n_head, T, hd)
 
 
-class RollingKVCache:
+class RollingKVCache(KVCache):
     """Keys and values of the last ``window`` positions of one layer, oldest first.
 
     Same protocol as ``KVCache``: ``append(k, v)`` stores ``T`` new positions and returns the keys
@@ -95,11 +96,10 @@ class RollingKVCache:
     """
 
     def __init__(self, batch_size, n_kv_head, head_dim, window, max_len, device=None, dtype=None):
-        size = min(window, max_len)
-        self.k = torch.zeros(batch_size, n_kv_head, size, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(batch_size, n_kv_head, size, head_dim, device=device, dtype=dtype)
+        check_cache_sizes(window=window, max_len=max_len)
+        slots = min(window, max_len)  # the storage never holds more than the window
+        super().__init__(batch_size, n_kv_head, head_dim, slots, device=device, dtype=dtype)
         self.window, self.max_len = window, max_len
-        self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Store ``k``, ``v``: ``(B, n_kv_head, T, head_dim)``; return ``(B, n_kv_head, kept + T,
@@ -124,21 +124,6 @@ class RollingKVCache:
         self.v[:, :, -keep:] = v_all[:, :, -keep:]
         self.length += T
         return k_all, v_all
-
-    def reset(self) -> None:
-        """Forget every cached position (the memory stays allocated)."""
-        self.length = 0
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes one cached position of one sequence takes: its keys and values, all heads."""
-        per_position = self.k[:, :, 0].numel() + self.v[:, :, 0].numel()
-        return per_position * self.k.element_size() // self.k.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for the whole cache: ``batch_size * min(window, max_len)`` positions."""
-        return self.k.nbytes + self.v.nbytes
 
 
 @register_attention("local")
@@ -166,9 +151,7 @@ class LocalAttention(GroupedQueryAttention):
             self.n_kv_head,
             self.head_dim,
             self.window,
-            self._cache_len(max_len),
-            device=device if device is not None else self.c_proj.weight.device,
-            dtype=dtype or self.c_proj.weight.dtype,
+            **self._cache_options(max_len, device, dtype),
         )
 
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):

@@ -35,6 +35,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..kv_cache import check_cache_sizes
 from ..positions import RotaryEmbedding
 from .base import CausalSelfAttention
 from .config import AttentionConfig
@@ -56,11 +57,9 @@ class LatentCache:
     """
 
     def __init__(self, batch_size, kv_lora_rank, rope_dim, max_len, device=None, dtype=None):
-        for name, value in dict(
+        check_cache_sizes(
             batch_size=batch_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, max_len=max_len
-        ).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        )
         dtype = dtype or torch.float32
         self.latent = torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(batch_size, max_len, rope_dim, device=device, dtype=dtype)
@@ -174,12 +173,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty ``LatentCache`` for this layer (``max_len`` defaults to ``block_size``)."""
         return LatentCache(
-            batch_size,
-            self.rank,
-            self.rope_dim,
-            self._cache_len(max_len),
-            device=device if device is not None else self.c_proj.weight.device,
-            dtype=dtype or self.c_proj.weight.dtype,
+            batch_size, self.rank, self.rope_dim, **self._cache_options(max_len, device, dtype)
         )
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
