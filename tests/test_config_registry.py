@@ -35,6 +35,10 @@ def test_head_dim():
         ({"qk_rope_head_dim": 0}, "qk_rope_head_dim must be a positive integer"),
         ({"v_head_dim": -2}, "v_head_dim must be a positive integer"),
         ({"mla_absorb": 1}, "mla_absorb must be True or False"),
+        ({"sparse_block": 0}, "sparse_block must be a positive integer"),
+        ({"n_window_blocks": 0}, "n_window_blocks must be a positive integer"),
+        ({"n_global_blocks": -1}, "n_global_blocks must be an integer >= 0"),
+        ({"n_random_blocks": 1.5}, "n_random_blocks must be an integer >= 0"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):

@@ -35,6 +35,13 @@ class AttentionConfig:
         window: sliding-window attention ("local"): each query sees itself and the
             ``window - 1`` positions before it.
         linear_chunk: chunk length of linear attention's chunked parallel form ("linear").
+        sparse_block: block length of BigBird-style sparse attention ("sparse"): the pattern
+            is chosen per block of queries and keys.
+        n_global_blocks: "sparse": the first blocks of the sequence, seen by every query.
+        n_window_blocks: "sparse": each query block sees itself and the ``n_window_blocks - 1``
+            blocks before it.
+        n_random_blocks: "sparse": how many further past blocks each query block sees, drawn at
+            random once per layer.
         kv_lora_rank: size of multi-head latent attention's ("mla") cached key/value latent;
             ``None`` means ``4 * head_dim`` (DeepSeek-V2's ratio).
         q_lora_rank: size of MLA's query latent; 0 means the queries are not compressed.
@@ -59,6 +66,10 @@ class AttentionConfig:
     impl: str = "sdpa"
     window: int = 256
     linear_chunk: int = 64
+    sparse_block: int = 64
+    n_global_blocks: int = 2
+    n_window_blocks: int = 3
+    n_random_blocks: int = 3
     kv_lora_rank: int | None = None
     q_lora_rank: int = 0
     qk_nope_head_dim: int | None = None
@@ -69,6 +80,10 @@ class AttentionConfig:
     def __post_init__(self):
         for name in ("d_model", "n_head", "block_size", "window", "linear_chunk"):
             _check_positive_int(name, getattr(self, name))
+        for name in ("sparse_block", "n_window_blocks"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("n_global_blocks", "n_random_blocks"):
+            _check_non_negative_int(name, getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
@@ -84,9 +99,7 @@ class AttentionConfig:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
-        q_rank = self.q_lora_rank
-        if isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank < 0:
-            raise ValueError(f"q_lora_rank must be an integer >= 0, got {self.q_lora_rank!r}")
+        _check_non_negative_int("q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
             raise ValueError(
                 f"RoPE rotates pairs of coordinates: qk_rope_head_dim must be even, got "
@@ -121,3 +134,8 @@ class AttentionConfig:
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_non_negative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
