@@ -1,11 +1,25 @@
-"""The position-wise feed-forward network of a transformer block.
+"""The position-wise feed-forward networks of a transformer block, applied to every position alone.
 
-``MLP``: ``Linear(d_model -> hidden) -> GELU -> Linear(hidden -> d_model) -> dropout``, applied to
-every position independently. (The GPT chapter adds the SwiGLU variant.)
+- ``MLP``: ``Linear(d_model -> hidden) -> GELU -> Linear(hidden -> d_model) -> dropout``, the
+  feed-forward network of GPT-2 (``hidden = 4 * d_model``).
+- ``SwiGLU``: a gated network (Shazeer, 2020, "GLU Variants Improve Transformer"; used by
+  PaLM and LLaMA): ``(SiLU(x W_gate) * (x W_up)) W_down -> dropout``. It has three weight
+  matrices instead of two, so at equal parameter count its hidden width is 2/3 of the MLP's:
+  ``swiglu_hidden(d_model)`` gives LLaMA's rule.
+
+Neither one mixes positions: that is attention's job.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _check_sizes(d_model: int, hidden: int, dropout: float) -> None:
+    if d_model <= 0 or hidden <= 0:
+        raise ValueError(f"d_model and hidden must be positive, got {d_model}, {hidden}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 class MLP(nn.Module):
@@ -20,10 +34,7 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if d_model <= 0 or hidden <= 0:
-            raise ValueError(f"d_model and hidden must be positive, got {d_model}, {hidden}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        _check_sizes(d_model, hidden, dropout)
         self.c_fc = nn.Linear(d_model, hidden, bias=bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(hidden, d_model, bias=bias)
@@ -31,4 +42,45 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gelu(self.c_fc(x))  # (B, T, hidden)
+        return self.dropout(self.c_proj(h))  # (B, T, d_model)
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
+    """LLaMA's hidden width for SwiGLU: ``2/3 * 4 * d_model``, rounded up to ``multiple_of``.
+
+    Two thirds of the MLP's ``4 * d_model`` keep the parameter count of the three matrices
+    (``3 * d_model * hidden``) close to the MLP's two (``2 * d_model * 4 * d_model``); the
+    rounding makes the matrices friendly to hardware. Like LLaMA, ``int(8 * d_model / 3)`` is
+    rounded up: 768 -> 2048, 32 -> 128.
+    """
+    if d_model <= 0 or multiple_of <= 0:
+        raise ValueError(f"d_model and multiple_of must be positive, got {d_model}, {multiple_of}")
+    hidden = 8 * d_model // 3
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward block: ``(B, T, d_model) -> (B, T, d_model)``.
+
+    ``c_fc`` is the gate and up projections fused into one ``Linear(d_model -> 2 * hidden)``:
+    its first ``hidden`` output rows are ``W_gate`` (LLaMA's ``gate_proj``), the last ``hidden``
+    rows ``W_up`` (``up_proj``). ``c_proj`` is ``W_down`` (``down_proj``).
+
+    Args:
+        d_model: input and output width.
+        hidden: inner width (``swiglu_hidden(d_model)`` in the GPT of this book).
+        dropout: dropout on the output, in [0, 1).
+        bias: whether the linear layers have biases (LLaMA has none).
+    """
+
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        _check_sizes(d_model, hidden, dropout)
+        self.c_fc = nn.Linear(d_model, 2 * hidden, bias=bias)  # gate | up
+        self.c_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # 2 x (B, T, hidden)
+        h = F.silu(gate) * up  # (B, T, hidden): the gate scales each hidden unit
         return self.dropout(self.c_proj(h))  # (B, T, d_model)

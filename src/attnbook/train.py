@@ -1,0 +1,568 @@
+"""Train a ``GPT``: ``TrainConfig``, the training loop, checkpoints, resume, data parallelism.
+
+    from attnbook.train import TrainConfig, train
+    result = train(TrainConfig(out_dir="runs/baby", max_iters=200))
+
+or ``python -m attnbook.train --max_iters 200`` (every field of ``TrainConfig`` and of its
+``GPTConfig`` is a ``--flag``), or ``torchrun --nproc_per_node 2 -m attnbook.train ...`` for data
+parallel training (gloo on CPU, nccl on GPU; each process takes its slice of the same global batch).
+
+What a step does: ``grad_accum`` micro-batches (forward, loss, backward; bf16 autocast if asked),
+gradient clipping, AdamW (weight decay on matrices only), learning rate from a linear warm-up
+then a cosine decay. Every ``eval_interval`` steps the loss on fixed train and validation batches;
+every ``ckpt_interval`` steps a checkpoint.
+
+Checkpoints, in ``out_dir/checkpoints/step_NNNNNNN/``: ``model.safetensors`` (the weights) and
+``state.pt`` (optimizer state, step, RNG states, configs, best validation loss), written to a
+temporary folder and renamed, so a killed run never leaves half a checkpoint; the last
+``keep_last`` are kept, and the best one (``best.json`` names it). ``state.pt`` holds only
+tensors, numbers, strings, lists and dicts, and is read with ``torch.load(weights_only=True)``:
+loading never unpickles arbitrary objects. A run restarted with the same ``out_dir`` resumes
+from the newest readable checkpoint (an unreadable one is skipped with a warning) and continues
+exactly as if it had not stopped: the same batches, dropout masks and weights, on CPU bit for bit.
+
+Metrics go to ``out_dir/metrics.jsonl`` (one JSON object per line; on resume the lines after the
+checkpoint are dropped), to a progress bar, and to MLflow when ``mlflow_uri`` is set and MLflow is
+installed. A NaN or infinite loss stops the run with ``TrainingDiverged`` before anything else is
+written, so the last checkpoint is the last good one. Validation loss that has not improved for
+``patience`` evaluations stops the run early.
+
+Not here: mixed precision with float16 (bf16 needs no loss scaling), FSDP or tensor parallelism,
+and data other than ``TokenData``-like objects with ``get_batch``.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from .data import TokenData, prepare
+from .model import GPT, GPTConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model's shape (``model``).
+
+    Args:
+        model: the ``GPTConfig``; its ``vocab_size`` is set from the data.
+        out_dir: folder for checkpoints and metrics; a run resumes from it if it has checkpoints.
+        data: a registered corpus name or a UTF-8 text file, prepared with ``encoding``.
+        encoding: how text becomes tokens (``attnbook.data.get_encoding``): "char", "gpt2", ...
+        val_fraction: the end of the token stream kept for validation.
+        batch_size: sequences per optimizer step over all processes and micro-batches.
+        grad_accum: micro-batches per step (the batch is split between them).
+        max_iters: optimizer steps in all.
+        lr, min_lr: peak and final learning rate.
+        warmup_iters: steps of linear warm-up from 0 to ``lr``.
+        lr_decay_iters: step at which the cosine decay reaches ``min_lr`` (it stays there after).
+        weight_decay: AdamW's decay, on matrices (weights of dimension >= 2) only.
+        beta1, beta2: AdamW's betas.
+        grad_clip: clip the gradient norm to this (0 turns clipping off).
+        eval_interval, eval_iters: evaluate every so many steps, on so many fixed batches.
+        log_interval: log the training loss every so many steps.
+        ckpt_interval: write a checkpoint every so many steps (and at the end).
+        keep_last: how many recent checkpoints to keep (the best is kept as well).
+        patience: stop when validation loss has not improved for this many evaluations (0: never).
+        dtype: "float32", or "bfloat16" for bf16 autocast where the device supports it.
+        compile: wrap the model in ``torch.compile``.
+        device: "auto" (CUDA if available), "cpu" or "cuda".
+        seed: seeds the weights, the data order and dropout.
+        resume: continue from the newest checkpoint in ``out_dir`` if there is one.
+        progress: show a progress bar.
+        mlflow_uri: MLflow tracking URI to log params and metrics to (None: no MLflow).
+        mlflow_experiment: the MLflow experiment name.
+    """
+
+    model: GPTConfig = field(
+        default_factory=lambda: GPTConfig(
+            block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, vocab_size=65
+        )
+    )
+    out_dir: str = "runs/default"
+    data: str = "tinyshakespeare"
+    encoding: str = "char"
+    val_fraction: float = 0.1
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    ckpt_interval: int = 250
+    keep_last: int = 2
+    patience: int = 0
+    dtype: str = "float32"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    resume: bool = True
+    progress: bool = True
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "attnbook"
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = GPTConfig.from_dict(self.model)
+        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
+        positive += ("log_interval", "ckpt_interval", "keep_last", "lr_decay_iters")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_iters", "patience", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}"
+            )
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict; ``TrainConfig(**d)`` rebuilds it."""
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with: ``step`` reached, ``best_val_loss`` (inf if never evaluated),
+    ``stopped`` ("max_iters" or "early_stopping"), and the ``out_dir``."""
+
+    step: int
+    best_val_loss: float
+    stopped: str
+    out_dir: Path
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_iters`` steps, cosine decay to ``min_lr`` at ``lr_decay_iters``."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with ``weight_decay`` on matrices (embeddings, linear weights) and none on biases
+    and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """The complete checkpoints in ``out_dir``, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted(root.glob("step_*")) if root.is_dir() else []
+
+
+def save_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, best: bool) -> Path:
+    """Write ``step_NNNNNNN/`` atomically (temporary folder, then rename); prune old ones."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']:07d}"
+    tmp = root / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
+    os.replace(tmp, final)
+    best_file = root / "best.json"
+    if best:
+        _write_json_atomic(
+            best_file, {"checkpoint": final.name, "val_loss": state["best_val_loss"]}
+        )
+    keep = {final.name}
+    if best_file.exists():
+        keep.add(json.loads(best_file.read_text())["checkpoint"])
+    for old in checkpoint_dirs(out_dir)[:-keep_last]:
+        if old.name not in keep:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path, model, optimizer=None) -> dict:
+    """Load weights (and optimizer state) from one checkpoint folder; return its state dict."""
+    path = Path(path)
+    state = torch.load(path / "state.pt", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state.get('format')!r}, expected 1")
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model: missing {sorted(missing)}, unexpected "
+            f"{sorted(unexpected)}"
+        )
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
+    """Load the newest checkpoint that reads back; warn about each one that does not."""
+    for path in reversed(checkpoint_dirs(out_dir)):
+        try:
+            return load_checkpoint(path, model, optimizer)
+        except Exception as err:  # a torn or corrupt file: fall back to the one before
+            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+    return None
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _distributed(device: str):
+    """``(rank, world_size, device)``; joins the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size == 1:
+        return 0, 1, torch.device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return rank, world_size, torch.device("cuda", torch.cuda.current_device())
+    return rank, world_size, torch.device("cpu")
+
+
+def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return value.item()
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast when asked (and supported), else nothing."""
+    if cfg.dtype == "float32":
+        return torch.autocast(device.type, enabled=False)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support: use dtype='float32'")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: TrainConfig, device, rank=0, world_size=1) -> dict:
+    """Mean loss on ``eval_iters`` fixed batches (the same ones at every evaluation) per split."""
+    model.eval()
+    out = {}
+    for i, split in enumerate(("train", "val")):
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + i)
+        total = torch.zeros((), device=device)
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(
+                split, cfg.batch_size, cfg.model.block_size, gen, rank, world_size
+            )
+            with _autocast(cfg, device):
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.float()
+        out[split] = _mean_over_ranks(total / cfg.eval_iters, world_size)
+    model.train()
+    return out
+
+
+def train(cfg: TrainConfig, data=None) -> TrainResult:
+    """Train (or resume) the run in ``cfg.out_dir``; see the module docstring.
+
+    Args:
+        cfg: the run's configuration.
+        data: anything with ``get_batch(split, batch_size, block_size, generator, rank,
+            world_size)`` and ``vocab_size``; ``None`` prepares ``cfg.data`` with ``cfg.encoding``.
+    Returns the ``TrainResult``. Raises ``TrainingDiverged`` on a NaN or infinite loss.
+    """
+    rank, world_size, device = _distributed(cfg.device)
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by world_size * grad_accum = "
+            f"{world_size} * {cfg.grad_accum}"
+        )
+    if data is None:
+        if rank == 0:
+            prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction)
+        if world_size > 1:
+            dist.barrier()
+        data = TokenData(prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction))
+    cfg = dataclasses.replace(
+        cfg, model=GPTConfig.from_dict({**cfg.model.to_dict(), "vocab_size": data.vocab_size})
+    )
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(raw_model, cfg)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks
+    state = latest_checkpoint(out_dir, raw_model, optimizer) if cfg.resume else None
+    step, best_val, bad_evals = 0, math.inf, 0
+    if state is not None:
+        step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
+        data_gen.set_state(state["data_rng"])
+        if rank == 0:
+            torch.set_rng_state(state["torch_rng"])
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    metrics = _Metrics(out_dir, cfg, step, enabled=rank == 0)
+
+    def save(best: bool):
+        if rank == 0:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "best_val_loss": best_val,
+                "bad_evals": bad_evals,
+                "torch_rng": torch.get_rng_state(),
+                "data_rng": data_gen.get_state(),
+                "train_config": json.dumps(cfg.to_dict()),
+                "data_meta": json.dumps(getattr(data, "meta", None)),
+            }
+            save_checkpoint(out_dir, raw_model, optimizer, ckpt, cfg.keep_last, best)
+        if world_size > 1:
+            dist.barrier()
+
+    micro = cfg.batch_size // world_size // cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.model.block_size
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not cfg.progress or rank != 0)
+    stopped = "max_iters"
+    model.train()
+    while step < cfg.max_iters:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = data.get_batch(
+            "train", cfg.batch_size, cfg.model.block_size, data_gen, rank, world_size
+        )  # (batch_size / world_size, block_size) each
+        x, y = x.to(device), y.to(device)
+        total = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
+            part = slice(i * micro, (i + 1) * micro)
+            sync = world_size == 1 or i == cfg.grad_accum - 1  # all-reduce on the last only
+            with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
+                _, loss = model(x[part], y[part])
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach().float() / cfg.grad_accum
+        loss_value = _mean_over_ranks(total, world_size)
+        if not math.isfinite(loss_value):
+            last = checkpoint_dirs(out_dir)
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step + 1}: lower lr (now {cfg.lr}) or check the "
+                f"data; the last good checkpoint is {last[-1] if last else 'none (none written)'}"
+            )
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            metrics.log(
+                step,
+                loss=loss_value,
+                lr=lr_at(step - 1, cfg),
+                ms_per_iter=dt * 1e3,
+                tokens_per_s=tokens_per_step / dt,
+            )
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        is_best = False
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            losses = evaluate(model, data, cfg, device, rank, world_size)
+            is_best = losses["val"] < best_val
+            best_val, bad_evals = (losses["val"], 0) if is_best else (best_val, bad_evals + 1)
+            metrics.log(step, train_loss=losses["train"], val_loss=losses["val"])
+            bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{losses['val']:.4f}")
+            if cfg.patience and bad_evals >= cfg.patience:
+                stopped = "early_stopping"
+        last = step == cfg.max_iters or stopped != "max_iters"
+        if is_best or last or step % cfg.ckpt_interval == 0:
+            save(is_best)
+        if stopped != "max_iters":
+            break
+    bar.close()
+    metrics.close()
+    return TrainResult(step=step, best_val_loss=best_val, stopped=stopped, out_dir=out_dir)
+
+
+class _Metrics:
+    """``metrics.jsonl`` (cut back to ``step`` on resume) and, if configured, MLflow."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, step: int, enabled: bool):
+        self.enabled, self.mlflow = enabled, None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.path = out_dir / "metrics.jsonl"
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if cfg.mlflow_uri:
+            try:
+                import mlflow
+            except ImportError as err:
+                raise ValueError(
+                    f"mlflow_uri={cfg.mlflow_uri!r} needs MLflow: pip install mlflow-skinny, or "
+                    f"leave mlflow_uri unset"
+                ) from err
+            mlflow.set_tracking_uri(cfg.mlflow_uri)
+            mlflow.set_experiment(cfg.mlflow_experiment)
+            self.mlflow = mlflow.start_run(run_name=out_dir.name)
+            flat = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+            mlflow.log_params({**flat, **{f"model.{k}": v for k, v in cfg.model.to_dict().items()}})
+
+    def log(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.mlflow is not None:
+            import mlflow
+
+            mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            import mlflow
+
+            mlflow.end_run()
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """The lines of ``out_dir/metrics.jsonl`` as dicts."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def load_trained(out_dir, best: bool = False):
+    """``(model, train_config, data_meta)`` from a run's newest (or best) checkpoint, model in
+    eval mode on the CPU. ``data_meta`` is the prepared data's metadata (its encoding), or None."""
+    root = Path(out_dir) / "checkpoints"
+    paths = checkpoint_dirs(out_dir)
+    if best and (root / "best.json").exists():
+        paths = [root / json.loads((root / "best.json").read_text())["checkpoint"]]
+    if not paths:
+        raise ValueError(f"no checkpoint in {out_dir}: train there first (attnbook train)")
+    state = torch.load(paths[-1] / "state.pt", weights_only=True)
+    cfg = TrainConfig(**json.loads(state["train_config"]))
+    model = GPT(cfg.model)
+    load_checkpoint(paths[-1], model)
+    return model.eval(), cfg, json.loads(state["data_meta"])
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field of ``TrainConfig`` and of ``GPTConfig`` (but ``vocab_size``,
+    which comes from the data); defaults are the dataclasses'."""
+    defaults = TrainConfig()
+    fields = [(f, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig)]
+    fields += [(f, getattr(defaults.model, f.name)) for f in dataclasses.fields(GPTConfig)]
+    for f, default in fields:
+        if f.name in ("model", "vocab_size"):
+            continue
+        kind = type(default)
+        if kind is bool:
+            parser.add_argument(
+                f"--{f.name}", action=argparse.BooleanOptionalAction, default=default
+            )
+        elif kind is dict:
+            parser.add_argument(
+                f"--{f.name}",
+                type=json.loads,
+                default=default,
+                metavar="JSON",
+                help=f"a JSON object, e.g. '{{\"n_kv_head\": 2}}' (default {json.dumps(default)})",
+            )
+        else:
+            parser.add_argument(
+                f"--{f.name}",
+                type=str if default is None else kind,
+                default=default,
+                help=f"default {default}",
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` the parsed ``--flags`` describe."""
+    values = vars(args)
+    model_names = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    model = {**TrainConfig().model.to_dict(), **{k: values[k] for k in model_names}}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return TrainConfig(model=GPTConfig.from_dict(model), **{k: values[k] for k in train_names})
+
+
+def main(argv=None) -> TrainResult:
+    parser = argparse.ArgumentParser(
+        prog="attnbook train", description="Train a GPT (see attnbook.train's docstring)."
+    )
+    add_config_arguments(parser)
+    result = train(config_from_args(parser.parse_args(argv)))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

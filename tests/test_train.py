@@ -1,0 +1,252 @@
+"""The trainer: schedule, optimizer groups, checkpoints, exact resume after SIGKILL, early
+stopping, divergence, corrupt checkpoints, torchrun data parallelism, MLflow, the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import attnbook.train as train_module
+from attnbook.model import GPT, GPTConfig
+from attnbook.train import (
+    TrainConfig,
+    TrainingDiverged,
+    add_config_arguments,
+    checkpoint_dirs,
+    config_from_args,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trained,
+    lr_at,
+    make_optimizer,
+    read_metrics,
+    train,
+)
+
+TEXT = "".join(f"{i % 7} little pigs went to market {i * 13 % 31}.\n" for i in range(300))
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small text file, with the download cache (and prepared tokens) inside tmp_path."""
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def tiny(corpus, out_dir, dropout=0.1, **kw) -> TrainConfig:
+    model = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout)
+    settings = dict(
+        model=model, out_dir=str(out_dir), data=str(corpus), batch_size=4, max_iters=12,
+        warmup_iters=2, lr_decay_iters=12, lr=3e-3, min_lr=3e-4, eval_interval=6, eval_iters=2,
+        log_interval=1, ckpt_interval=6, progress=False, device="cpu",
+    )  # fmt: skip
+    return TrainConfig(**{**settings, **kw})
+
+
+def saved_model_config(out_dir) -> GPTConfig:
+    return GPTConfig.from_dict(json.loads((Path(out_dir) / "config.json").read_text())["model"])
+
+
+def weights(out_dir):
+    return load_file(str(checkpoint_dirs(out_dir)[-1] / "model.safetensors"))
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)
+    assert lr_at(9, cfg) == pytest.approx(10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, cfg) == lr_at(5000, cfg) == 0.1
+
+
+def test_weight_decay_on_matrices_only():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["params"]
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
+    n_opt = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": 6, "grad_accum": 4}, "not divisible by grad_accum"),
+        ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
+        ({"dtype": "float16"}, "dtype must be"),
+        ({"device": "tpu"}, "device must be"),
+        ({"patience": -1}, "patience must be an integer >= 0"),
+    ],
+)
+def test_invalid_train_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_short_run_learns_and_keeps_last_checkpoints_and_the_best(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=40, ckpt_interval=10, eval_interval=10,
+               keep_last=2, lr_decay_iters=40)  # fmt: skip
+    result = train(cfg)
+    assert result.step == 40 and result.stopped == "max_iters"
+    losses = [m["loss"] for m in read_metrics(cfg.out_dir) if "loss" in m]
+    assert len(losses) == 40 and losses[-1] < 0.7 * losses[0]
+    best = json.loads((Path(cfg.out_dir) / "checkpoints" / "best.json").read_text())
+    kept = [p.name for p in checkpoint_dirs(cfg.out_dir)]
+    assert kept[-2:] == ["step_0000030", "step_0000040"]
+    assert set(kept) == {"step_0000030", "step_0000040", best["checkpoint"]}
+    assert best["val_loss"] == pytest.approx(result.best_val_loss)
+    model, loaded_cfg, meta = load_trained(cfg.out_dir)
+    assert loaded_cfg.model == GPTConfig.from_dict(
+        {**cfg.model.to_dict(), "vocab_size": model.config.vocab_size}
+    )
+    assert meta["vocab_size"] == model.config.vocab_size
+
+
+def test_resume_after_sigkill_is_exact(corpus, tmp_path):
+    straight = tiny(corpus, tmp_path / "straight")
+    train(straight)
+    killed = tiny(corpus, tmp_path / "killed")
+    script = textwrap.dedent(f"""
+        import os, signal
+        import attnbook.train as T
+        lr_at = T.lr_at
+        def lr_or_die(step, cfg):
+            if step == 9:  # steps 0..8 done, the checkpoint of step 6 written
+                os.kill(os.getpid(), signal.SIGKILL)
+            return lr_at(step, cfg)
+        T.lr_at = lr_or_die
+        T.train(T.TrainConfig(**{killed.to_dict()!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=os.environ.copy())
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in checkpoint_dirs(killed.out_dir)][-1] == "step_0000006"
+    assert train(killed).step == 12  # resumes from step 6
+    for name, tensor in weights(straight.out_dir).items():
+        assert torch.equal(tensor, weights(killed.out_dir)[name]), name
+    strip = lambda rows: [{k: v for k, v in r.items() if "per" not in k} for r in rows]  # noqa: E731
+    assert strip(read_metrics(killed.out_dir)) == strip(read_metrics(straight.out_dir))
+
+
+def test_early_stopping(tmp_path, monkeypatch):
+    """Train text alternates "ab", validation text repeats "aabb": learning the first makes
+    the second worse, so validation loss stops improving and the run stops early."""
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "ab.txt"
+    path.write_text("ab" * 900 + "aabb" * 50, encoding="utf-8")
+    cfg = tiny(path, tmp_path / "run", max_iters=200, lr_decay_iters=200, eval_interval=5,
+               patience=2, val_fraction=0.1, dropout=0.0)  # fmt: skip
+    result = train(cfg)
+    assert result.stopped == "early_stopping" and result.step < 200
+    vals = [m["val_loss"] for m in read_metrics(cfg.out_dir) if "val_loss" in m]
+    assert min(vals[-2:]) >= min(vals[:-2])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    class BreaksAtStep8(GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, caches=None):
+            logits, loss = super().forward(idx, targets, caches)
+            if self.training:
+                BreaksAtStep8.calls += 1
+                if BreaksAtStep8.calls == 8:
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train_module, "GPT", BreaksAtStep8)
+    cfg = tiny(corpus, tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 8.*step_0000006"):
+        train(cfg)
+    assert [p.name for p in checkpoint_dirs(cfg.out_dir)][-1] == "step_0000006"
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", eval_interval=100)
+    train(cfg)
+    latest = checkpoint_dirs(cfg.out_dir)[-1]
+    data = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
+    model = GPT(saved_model_config(cfg.out_dir))
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_0000012"):
+        state = latest_checkpoint(cfg.out_dir, model)
+    assert state["step"] == 6
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_loading_never_unpickles_objects(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6)
+    train(cfg)
+    path = checkpoint_dirs(cfg.out_dir)[-1]
+    torch.save({"format": 1, "evil": Payload()}, path / "state.pt")
+    model = GPT(saved_model_config(cfg.out_dir))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(path, model)
+
+
+def test_bf16_autocast_and_grad_accum_run(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", dtype="bfloat16", grad_accum=2, max_iters=4)
+    train(cfg)
+    assert all(
+        torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(cfg.out_dir) if "loss" in m
+    )
+
+
+def test_torchrun_two_processes_match_one(corpus, tmp_path):
+    """Same global batch, dropout off: two processes' loss curve equals one process's to 1e-5
+    (only the order of the gradient sums differs)."""
+    common = ["--data", str(corpus), "--batch_size", "4", "--max_iters", "6",
+              "--block_size", "16", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+              "--eval_iters", "1", "--eval_interval", "6", "--log_interval", "1",
+              "--no-progress", "--device", "cpu"]  # fmt: skip
+    one = tmp_path / "one"
+    train_module.main([*common, "--out_dir", str(one)])
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "attnbook.train", *common, "--out_dir", str(two)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=os.environ.copy(), capture_output=True)
+    a = [m["loss"] for m in read_metrics(one) if "loss" in m]
+    b = [m["loss"] for m in read_metrics(two) if "loss" in m]
+    assert len(a) == len(b) == 6
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-5)
+
+
+def test_mlflow_logs_to_a_local_file_store(corpus, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = tiny(corpus, tmp_path / "run", max_iters=4, mlflow_uri=uri)
+    train(cfg)
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("attnbook").experiment_id])
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert logged == [m["loss"] for m in read_metrics(cfg.out_dir) if "loss" in m]
+    assert run.data.params["model.n_layer"] == "2"
+
+
+def test_command_line_flags_cover_both_configs():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--n_layer", "3", "--attention", "gqa", "--attention_options",
+                              '{"n_kv_head": 1}', "--no-progress", "--lr", "0.01"])  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.model.n_layer == 3 and cfg.model.attention == "gqa"
+    assert cfg.model.attention_options == {"n_kv_head": 1}
+    assert cfg.progress is False and cfg.lr == 0.01 and cfg.batch_size == TrainConfig().batch_size
