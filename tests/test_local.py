@@ -11,6 +11,7 @@ from attnbook.attention.local import (
     blocked_local_attention,
     sliding_window_mask,
 )
+from attnbook.kv_cache import KVCache
 from attnbook.positions import alibi_bias, alibi_slopes
 
 
@@ -228,3 +229,14 @@ def test_invalid_arguments():
         sliding_window_mask(3, 3, window=0)
     with pytest.raises(ValueError, match="needs 0 <= T_k - T < window=2, got T_k=5 keys for T=3"):
         blocked_local_attention(torch.randn(1, 1, 3, 4), *torch.randn(2, 1, 1, 5, 4), window=2)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+def test_a_full_kv_cache_holding_more_than_the_window_still_gives_the_full_pass(positions):
+    """With an ordinary KVCache the keys before the window are cached too; chunks longer than
+    the window (blocked path) after them must ignore them."""
+    fast, _ = _pair(window=4, positions=positions)
+    x = torch.randn(2, 24, 32)
+    cache = KVCache(2, fast.n_kv_head, fast.head_dim, max_len=32)
+    out = torch.cat([fast(x[:, a:b], cache=cache) for a, b in [(0, 9), (9, 10), (10, 24)]], 1)
+    torch.testing.assert_close(out, fast(x), atol=1e-5, rtol=1e-5)

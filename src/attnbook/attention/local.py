@@ -162,6 +162,8 @@ class LocalAttention(GroupedQueryAttention):
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
         if dense or T <= self.window:  # one chunk: the band is already O(T * window)
             return super().attend(q, k, v, attn_mask, need_weights)
+        keep = self.window - 1 + T  # a full KVCache may also hold older keys no query sees
+        k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, <= keep, hd)
         slopes = self.alibi_slopes if self.config.positions == "alibi" else None
         dropout_p = self.config.dropout if self.training else 0.0
         return blocked_local_attention(q, k, v, self.window, slopes, dropout_p), None

@@ -20,7 +20,8 @@ Two ways to attend, same outputs (``absorb``, from ``config.mla_absorb``):
 - absorbed: ``q_nope_h · (W_UK_h c) = (W_UK_hᵀ q_nope_h) · c``, so fold ``W_UK`` into the
   query and attend over the latents themselves, one key/value "head" shared by all query heads
   (multi-query attention in latent space); the output is a latent per head, and ``W_UV_h``
-  (which could be multiplied into the output projection once) maps it back. No per-head keys
+  (which could be multiplied into the output projection once, though at DeepSeek-V2's
+  sizes the product is bigger than the two factors) maps it back. No per-head keys
   or values are ever formed, which is what makes decoding cheap.
 
 Positions: ``"rope"`` rotates the decoupled part (``rope_pairing``, ``rope_base``); with
@@ -53,7 +54,8 @@ class LatentCache:
     Args:
         batch_size, kv_lora_rank, rope_dim: the shape of what is cached.
         max_len: the most positions it holds.
-        device, dtype: where and how it is stored (a lower precision is cast back on read).
+        device, dtype: where and how it is stored (the layer casts a lower
+            precision back when it reads).
     """
 
     def __init__(self, batch_size, kv_lora_rank, rope_dim, max_len, device=None, dtype=None):
@@ -195,7 +197,10 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
             q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)
             k = torch.cat([latent, k_rope], dim=-1)[:, None]  # (B, 1, T_k, r + rope)
-            y, weights = self.attend(q, k, latent[:, None], attn_mask, need_weights)  # (B,H,T,r)
+            # values = keys, so SDPA's fused kernels apply (they want equal key and value
+            # sizes); the first r output numbers are the weighted latents
+            y, weights = self.attend(q, k, k, attn_mask, need_weights)  # (B, H, T, r + rope)
+            y = y[..., : self.rank]  # (B, H, T, r)
             y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, H, T, v): W_UV on the output side
         else:
             k_nope = torch.einsum("btr,hnr->bhtn", latent, w_uk)  # (B, H, T_k, nope)
