@@ -1,0 +1,262 @@
+"""Speed and memory measurements: ``attnbook bench attention | train | baby``.
+
+``attention`` prints two tables for sequence lengths ``T`` (batch 1, 8 heads, head_dim 64, float32,
+the CPU threads torch uses, best of ``--repeats`` after one warm-up run):
+
+1. the attention step alone, forward + backward, of the four kernels that exist to beat full
+   attention at long ``T`` (sliding window, block-sparse, chunked linear), as a ratio to full
+   causal ``F.scaled_dot_product_attention`` on the same queries, keys and values, with the
+   issue's targets marked;
+2. every registered attention layer (projections included, ``d_model = 512``), forward + backward,
+   with its cache bytes per token for one sequence and one layer in float32.
+
+``train`` times one training step of nanoGPT's two Shakespeare shapes in float32 and with bf16
+autocast, with model FLOPs utilisation against the matrix-multiply peak measured in the same run.
+``baby`` runs nanoGPT's documented CPU training (2000 iterations) with our trainer and prints the
+final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds per iteration.
+
+It measures; it asserts nothing (the chapters and the tests check the claims). Timings depend on
+the machine and on what else runs on it: run it on an idle machine.
+"""
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionConfig, available, build_attention
+from .attention.linear import elu_feature_map, linear_attention_chunked
+from .attention.local import blocked_local_attention
+from .data import TokenData, prepare
+from .model import GPT, GPTConfig
+from .train import TrainConfig, evaluate, load_trained, make_optimizer, read_metrics, train
+
+N_HEAD, HEAD_DIM = 8, 64
+
+# The long-context kernels and their target ratios to full causal attention (issue 4):
+# name -> (settings shown in the table, the kernel on (q, k, v), (T, most allowed ratio)).
+KERNELS = {
+    "local": (
+        "window 256",
+        lambda q, k, v: blocked_local_attention(q, k, v, window=256),
+        (4096, 0.35),
+    ),
+    "linear": (
+        "chunked, chunk 64",
+        lambda q, k, v: linear_attention_chunked(elu_feature_map(q), elu_feature_map(k), v, 64)[0],
+        (8192, 0.5),
+    ),
+}
+
+
+def full_causal(q, k, v):
+    """The baseline: PyTorch's fused causal attention."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def fwd_bwd_seconds(fn, inputs, repeats: int) -> float:
+    """Best wall time of ``fn(*inputs).sum().backward()`` over ``repeats`` runs after a warm-up."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        for x in inputs:
+            x.grad = None
+        start = time.perf_counter()
+        fn(*inputs).sum().backward()
+        if i:  # the first run warms up allocators and kernels
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def attention_table(lengths, repeats):
+    """Rows ``(kernel, settings, {T: (seconds, ratio to full)})``, the baseline first."""
+    rows = {"full causal SDPA": ("baseline", full_causal)}
+    rows.update({name: (settings, fn) for name, (settings, fn, _) in KERNELS.items()})
+    times = {name: {} for name in rows}
+    for T in lengths:
+        q, k, v = (torch.randn(1, N_HEAD, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+        for name, (_, fn) in rows.items():
+            times[name][T] = fwd_bwd_seconds(fn, (q, k, v), repeats)
+    base = times["full causal SDPA"]
+    return [
+        (name, settings, {T: (s, s / base[T]) for T, s in times[name].items()})
+        for name, (settings, _) in rows.items()
+    ]
+
+
+def layer_table(lengths, repeats):
+    """Rows ``(variant, {T: seconds}, cache bytes per token)`` for every registered variant."""
+    rows = []
+    for name in available():
+        cfg = AttentionConfig(
+            d_model=N_HEAD * HEAD_DIM, n_head=N_HEAD, block_size=max(lengths), positions="rope"
+        )
+        if name == "gqa":
+            cfg.n_kv_head = 2
+        torch.manual_seed(0)
+        layer = build_attention(name, cfg)
+        times = {}
+        for T in lengths:
+            x = torch.randn(1, T, cfg.d_model, requires_grad=True)
+            times[T] = fwd_bwd_seconds(layer, (x,), repeats)
+        rows.append((name, times, layer.new_cache(1).bytes_per_token))
+    return rows
+
+
+def print_attention(lengths, repeats):
+    print(
+        f"attention step, forward + backward, B=1, {N_HEAD} heads, head_dim {HEAD_DIM}, float32, "
+        f"{torch.get_num_threads()} threads, best of {repeats}: ms (ratio to full causal SDPA)"
+    )
+    print("| kernel | settings | " + " | ".join(f"T={T}" for T in lengths) + " |")
+    print("|---|---|" + "---|" * len(lengths))
+    table = attention_table(lengths, repeats)
+    for name, settings, cells in table:
+        row = " | ".join(f"{s * 1e3:.0f} ({r:.2f}x)" for s, r in cells.values())
+        print(f"| {name} | {settings} | {row} |")
+    ratios = {name: {T: r for T, (_, r) in cells.items()} for name, _, cells in table}
+    for name, (_, _, (T, target)) in KERNELS.items():
+        if T not in ratios[name]:
+            print(f"target: {name} at T={T} <= {target}x: not measured (add T={T} to --lengths)")
+            continue
+        verdict = "met" if ratios[name][T] <= target else "NOT met"
+        print(f"target: {name} at T={T} <= {target}x: {ratios[name][T]:.2f}x, {verdict}")
+    print()
+    print(
+        f"whole layer (projections included, d_model {N_HEAD * HEAD_DIM}, RoPE), forward + "
+        f"backward, ms; cache bytes per token of one sequence in one layer (float32)"
+    )
+    print("| variant | " + " | ".join(f"T={T}" for T in lengths) + " | cache bytes/token |")
+    print("|---|" + "---|" * (len(lengths) + 1))
+    for name, times, cache_bytes in layer_table(lengths, repeats):
+        row = " | ".join(f"{s * 1e3:.0f}" for s in times.values())
+        print(f"| {name} | {row} | {cache_bytes} |")
+    print("(linear's cache is its whole state, the same at every length)")
+
+
+# --- training -------------------------------------------------------------------------------
+
+# nanoGPT's CPU example ("baby GPT", char-level Shakespeare) and its GPU shape.
+TRAIN_SHAPES = {
+    "4x4x128, block 64": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "6x6x384, block 256": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an ``n x n`` matrix multiply in ``dtype``, best of ``repeats``: the machine's
+    practical peak that model FLOPs utilisation is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def train_step_seconds(shape: dict, batch_size: int, dtype: str, repeats: int) -> tuple:
+    """Best time of one training step (forward, backward, clipping, AdamW) and the model's
+    training FLOPs per token, for a char-level GPT of this ``shape``."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, dropout=0.0, **shape))
+    optimizer = make_optimizer(model, TrainConfig())
+    x = torch.randint(0, 65, (batch_size, shape["block_size"]))  # (B, T)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast:
+            _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best, model.flops_per_token()
+
+
+def print_train(batch_size: int, repeats: int) -> None:
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16, 512)}
+    print(
+        f"matmul peak ({torch.get_num_threads()} threads): float32 "
+        f"{peaks['float32'] / 1e9:.1f} GFLOP/s (2048 x 2048), bfloat16 "
+        f"{peaks['bfloat16'] / 1e9:.2f} GFLOP/s (512 x 512)"
+    )
+    dtypes = ["float32", "bfloat16"]
+    if peaks["bfloat16"] < peaks["float32"] / 4:  # emulated bf16: a step would take minutes
+        dtypes.remove("bfloat16")
+        print("bfloat16 autocast not timed: this CPU multiplies bf16 matrices more than 4x "
+              "slower than float32 (no native bf16 instructions)")  # fmt: skip
+    print(f"training step, batch {batch_size}, char vocabulary, best of {repeats}")
+    print("| model | dtype | ms/step | tokens/s | model GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    for name, shape in TRAIN_SHAPES.items():
+        for dtype in dtypes:
+            seconds, flops = train_step_seconds(shape, batch_size, dtype, repeats)
+            tokens = batch_size * shape["block_size"] / seconds
+            achieved = flops * tokens
+            print(
+                f"| {name} | {dtype} | {seconds * 1e3:.1f} | {tokens:,.0f} | "
+                f"{achieved / 1e9:.1f} | {achieved / peaks[dtype]:.1%} |"
+            )
+    print("MFU: 6N + 12 L d T FLOPs per token (GPT.flops_per_token) over the same dtype's peak")
+
+
+def print_baby(max_iters: int) -> None:
+    """nanoGPT's documented CPU run with our trainer; its reported validation loss is 1.88."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = TrainConfig(
+            model=GPTConfig(vocab_size=65, dropout=0.0, **TRAIN_SHAPES["4x4x128, block 64"]),
+            out_dir=out_dir, batch_size=12, max_iters=max_iters, lr_decay_iters=max_iters,
+            eval_iters=20, device="cpu",
+        )  # fmt: skip
+        start = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - start
+        model, cfg, _ = load_trained(out_dir)
+        data = TokenData(prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction))
+        final = evaluate(model, data, replace(cfg, eval_iters=200), torch.device("cpu"))
+        step_ms = sorted(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
+    print(f"nanoGPT's CPU baby run (4x4x128, block 64, batch 12, {max_iters} iterations, "
+          f"dropout 0, char TinyShakespeare), {torch.get_num_threads()} threads:")  # fmt: skip
+    print(f"final loss over 200 batches: train {final['train']:.4f}, val {final['val']:.4f} "
+          f"(nanoGPT reports val 1.88)")  # fmt: skip
+    print(f"wall time {wall:.1f} s (evaluations included), median {step_ms[len(step_ms) // 2]:.1f} "
+          f"ms/iteration")  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="attnbook bench", description="Speed and memory measurements (prints tables)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    att = sub.add_parser("attention", help="attention kernels and layers: time and cache bytes")
+    att.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    att.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    trn = sub.add_parser("train", help="training step time and MFU, float32 and bf16 autocast")
+    trn.add_argument("--batch_size", type=int, default=12)
+    trn.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
+    baby = sub.add_parser("baby", help="nanoGPT's CPU Shakespeare run: validation loss, time")
+    baby.add_argument("--max_iters", type=int, default=2000)
+    args = parser.parse_args(argv)
+    for name in ("repeats", "batch_size", "max_iters"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    torch.manual_seed(0)
+    if args.command == "attention":
+        if min(args.lengths) < 1:
+            parser.error(f"--lengths must be positive, got {args.lengths}")
+        print_attention(args.lengths, args.repeats)
+    elif args.command == "train":
+        print_train(args.batch_size, args.repeats)
+    else:
+        print_baby(args.max_iters)
+
+
+if __name__ == "__main__":
+    main()
