@@ -20,6 +20,7 @@ the machine and on what else runs on it: run it on an idle machine.
 """
 
 import argparse
+import functools
 import tempfile
 import time
 from dataclasses import replace
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from .attention import AttentionConfig, available, build_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
+from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .model import GPT, GPTConfig
 from .train import TrainConfig, evaluate, load_trained, make_optimizer, read_metrics, train
@@ -44,12 +46,27 @@ KERNELS = {
         lambda q, k, v: blocked_local_attention(q, k, v, window=256),
         (4096, 0.35),
     ),
+    "sparse": (
+        "block 64, 2 global, 3 window, 3 random",
+        lambda q, k, v: block_sparse_attention(
+            q, k, v, 64, 2, 3, sparse_random_blocks(q.shape[-2])
+        ),
+        (4096, 0.5),
+    ),
     "linear": (
         "chunked, chunk 64",
         lambda q, k, v: linear_attention_chunked(elu_feature_map(q), elu_feature_map(k), v, 64)[0],
         (8192, 0.5),
     ),
 }
+
+
+@functools.cache
+def sparse_random_blocks(T: int) -> torch.Tensor:
+    """The sparse kernel's random blocks (3 per row, seed 0), drawn once per length."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return draw_random_blocks(T // 64, 2, 3, 3)
 
 
 def full_causal(q, k, v):

@@ -20,6 +20,7 @@ from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
 from .registry import available, build_attention, register_attention
 from .single_head import Head, SelfAttention
+from .sparse import SparseAttention
 
 __all__ = [
     "AttentionConfig",
@@ -35,6 +36,7 @@ __all__ = [
     "MultiHeadLatentAttention",
     "MultiQueryAttention",
     "SelfAttention",
+    "SparseAttention",
     "additive_mask",
     "available",
     "build_attention",

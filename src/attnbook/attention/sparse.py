@@ -1,0 +1,204 @@
+"""Causal BigBird-style sparse attention: global, window and random blocks.
+
+Positions are cut into blocks of ``b = sparse_block``; the pattern is chosen per block. Query
+block ``i`` may see key block ``j <= i`` if
+
+- ``j < g`` (``g = n_global_blocks``): the first blocks of the sequence, seen by every later
+  query (causal "global" tokens: the global blocks' own queries see all their past anyway);
+- ``i - w < j`` (``w = n_window_blocks``): its own block and the ``w - 1`` before it;
+- ``j`` is one of the ``r = n_random_blocks`` random blocks drawn for row ``i`` among the
+  blocks that are neither global nor window (``g <= j <= i - w``), or all of them if fewer exist.
+
+Inside a visible block the ordinary causal rule applies (key position <= query position), which
+only matters on the diagonal block. ``bigbird_pattern`` gives the block pattern with codes
+(0 none, 1 global, 2 window, 3 random; window wins over global, global over random) for plots,
+``bigbird_mask`` the ``(t_q, t_k)`` boolean mask. Compared with ``gqa.py``:
+
+- the random blocks are drawn once per layer at construction, from torch's global generator
+  (``torch.manual_seed`` makes a model reproducible; different layers get different patterns),
+  for every query block up to ``ceil(block_size / b)``. They are a *persistent* buffer, unlike
+  the other masks of the package: the pattern is part of the model, so a checkpoint restores it;
+- the fast path never forms the ``T x T`` scores: each query block gathers its (at most
+  ``g + w + r``) visible key blocks and one batched SDPA call attends over them
+  (``block_sparse_attention``), so the work grows as ``n_blocks * (g + w + r) * b^2``. A
+  sequence that is not a multiple of ``b`` is padded at the end (the padded keys come after
+  every real query, so the causal rule hides them, and the padded queries are dropped).
+
+The dense path (``impl="reference"``, ``need_weights=True``, an extra ``attn_mask``, new
+queries after cached ones, or a sequence of at most one block, whose pattern is the causal
+triangle) is attention with ``bigbird_mask``.
+Generation uses the ordinary ``KVCache``: global and random blocks may lie anywhere in the past,
+so every position is kept, and each new query at position ``cache.length + t`` sees the keys
+its row of the pattern allows. Registered as ``"sparse"``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .config import AttentionConfig
+from .core import sdpa
+from .gqa import GroupedQueryAttention
+from .masks import restrict
+from .registry import register_attention
+
+
+def draw_random_blocks(n_rows: int, n_global: int, n_window: int, n_random: int) -> torch.Tensor:
+    """The random key blocks of each query block row, ``(n_rows, n_random)``, ``-1`` = none.
+
+    Row ``i`` holds ``min(n_random, eligible)`` distinct blocks drawn uniformly, in increasing
+    order, from the ``eligible`` blocks ``n_global .. i - n_window``, then ``-1`` padding. Draws
+    from torch's global generator.
+    """
+    table = torch.full((n_rows, n_random), -1, dtype=torch.long)  # (n_rows, n_random)
+    for i in range(n_rows):
+        eligible = max(i - n_window + 1 - n_global, 0)  # blocks n_global .. i - n_window
+        picks = torch.randperm(eligible)[:n_random] + n_global  # (min(n_random, eligible),)
+        table[i, : len(picks)] = picks.sort().values
+    return table
+
+
+def bigbird_pattern(n_blocks: int, n_global: int, n_window: int, random_blocks: torch.Tensor):
+    """Which key block each query block sees: ``(n_blocks, n_blocks)`` integer codes.
+
+    Args:
+        n_blocks: number of blocks of the sequence.
+        n_global, n_window: ``g`` and ``w`` of the module docstring.
+        random_blocks: ``(n_rows, r)`` random blocks per row (``draw_random_blocks``),
+            ``n_rows >= n_blocks``.
+
+    Returns codes ``0`` none, ``1`` global, ``2`` window, ``3`` random (a block both global and
+    in the window is "window"), on ``random_blocks``' device; nothing above the diagonal.
+    """
+    if n_blocks > random_blocks.shape[0]:
+        raise ValueError(
+            f"random blocks were drawn for {random_blocks.shape[0]} query blocks, got "
+            f"n_blocks={n_blocks}: the sequence is longer than the layer's block_size"
+        )
+    i = torch.arange(n_blocks, device=random_blocks.device)[:, None]  # (n, 1): query block
+    j = torch.arange(n_blocks, device=random_blocks.device)[None, :]  # (1, n): key block
+    drawn = (random_blocks[:n_blocks, :, None] == j[:, None, :]).any(dim=1)  # (n, n)
+    codes = torch.where(drawn, 3, 0)  # (n, n)
+    codes = torch.where(j < n_global, 1, codes)  # (n, n)
+    codes = torch.where(i - n_window < j, 2, codes)  # (n, n)
+    return codes * (j <= i)  # (n, n): no block from the future
+
+
+def bigbird_mask(t_q, t_k, block, n_global, n_window, random_blocks) -> torch.Tensor:
+    """Boolean ``(t_q, t_k)`` mask, ``True`` where a query may attend: the block pattern of
+    ``bigbird_pattern`` at positions, made causal inside the blocks.
+
+    Queries are the last ``t_q`` of ``t_k`` positions (bottom-right, as in ``causal_mask``), so
+    the query at position ``p = t_k - t_q + i`` uses row ``p // block`` of the pattern. On
+    ``random_blocks``' device.
+    """
+    if t_q <= 0 or t_k < t_q:
+        raise ValueError(f"bigbird_mask needs 0 < t_q <= t_k, got t_q={t_q}, t_k={t_k}")
+    visible = bigbird_pattern(-(-t_k // block), n_global, n_window, random_blocks) > 0  # (n, n)
+    q_pos = torch.arange(t_k - t_q, t_k, device=random_blocks.device)[:, None]  # (t_q, 1)
+    k_pos = torch.arange(t_k, device=random_blocks.device)[None, :]  # (1, t_k)
+    return visible[q_pos // block, k_pos // block] & (k_pos <= q_pos)  # (t_q, t_k)
+
+
+def block_sparse_attention(
+    q, k, v, block, n_global, n_window, random_blocks, alibi_slopes=None, dropout_p=0.0
+):
+    """Causal BigBird attention in ``O(T * (g + w + r) * block)``, one batched SDPA call.
+
+    Args:
+        q: ``(B, n_head, T, head_dim)`` queries, ``T`` a multiple of ``block``.
+        k, v: ``(B, n_kv_head, T, head_dim)``, the same ``T`` positions (no cache).
+            ``n_kv_head`` divides ``n_head`` (grouped-query attention).
+        block, n_global, n_window, random_blocks: the pattern, as in ``bigbird_pattern``.
+        alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias.
+        dropout_p: dropout on the attention weights.
+
+    Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``bigbird_mask`` returns.
+
+    Each query block gathers the ``K = g + w + r`` (at most) key blocks its row of the pattern
+    shows, in increasing order; rows that see fewer fill the rest with masked slots.
+    """
+    B, H, T, hd = q.shape
+    if k.shape[-2] != T:
+        raise ValueError(
+            f"block_sparse_attention needs the keys of the T queries only, got T={T} queries "
+            f"and T_k={k.shape[-2]} keys"
+        )
+    if T % block:
+        raise ValueError(
+            f"block_sparse_attention needs T to be a multiple of sparse_block={block}, got "
+            f"T={T}: pad the sequence"
+        )
+    n = T // block  # number of blocks
+    K = min(n, n_global + n_window + random_blocks.shape[1])  # most key blocks a row sees
+    visible = bigbird_pattern(n, n_global, n_window, random_blocks) > 0  # (n, n)
+    idx = torch.argsort(~visible, dim=1, stable=True)[:, :K]  # (n, K): the visible ones first
+    real = visible.gather(1, idx).repeat_interleave(block, dim=1)  # (n, K * b): not a filler
+    offset = torch.arange(block, device=q.device)  # (b,)
+    k_pos = (idx[:, :, None] * block + offset).view(n, K * block)  # (n, K * b)
+    q_pos = torch.arange(T, device=q.device).view(n, block)  # (n, b)
+    distance = q_pos[:, :, None] - k_pos[:, None, :]  # (n, b, K * b)
+    mask = ((distance >= 0) & real[:, None, :])[:, None]  # (n, 1, b, K * b)
+    if alibi_slopes is not None:
+        bias = -alibi_slopes[:, None, None, None].to(q.dtype) * distance  # (H, n, b, K * b)
+        mask = restrict(bias.transpose(0, 1), mask)  # (n, H, b, K * b): -inf outside the pattern
+
+    def gather(x):  # (B, h, T, hd) -> (B * n, h, K * b, hd): each query block's key blocks
+        x = x.transpose(1, 2).reshape(B, n, block, -1, hd)  # (B, n, b, h, hd)
+        x = x.index_select(1, idx.flatten())  # (B, n * K, b, h, hd)
+        return x.view(B * n, K * block, -1, hd).transpose(1, 2)  # (B * n, h, K * b, hd)
+
+    q = q.transpose(1, 2).reshape(B * n, block, H, hd).transpose(1, 2)  # (B * n, H, b, hd)
+    mask = mask.repeat(B, 1, 1, 1)  # (B * n, 1 or H, b, K * b)
+    y = sdpa(q, gather(k), gather(v), mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
+    return y.transpose(1, 2).reshape(B, T, H, hd).transpose(1, 2)  # (B, n_head, T, hd)
+
+
+@register_attention("sparse")
+class SparseAttention(GroupedQueryAttention):
+    """Causal BigBird-style block-sparse self-attention (the pattern of the module docstring).
+
+    Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
+    MHA's state_dict layout, plus the ``random_blocks`` buffer). ``forward(x, attn_mask=None,
+    need_weights=False, cache=None)`` as in ``CausalSelfAttention``. ``pattern(n_blocks)`` is
+    this layer's ``bigbird_pattern``, ``random_blocks`` its ``(ceil(block_size /
+    sparse_block), n_random_blocks)`` draw.
+    """
+
+    def __init__(self, config: AttentionConfig):
+        if not config.causal:
+            raise ValueError("sparse attention is causal BigBird: causal must be True")
+        super().__init__(config)
+        self.block = config.sparse_block
+        self.n_global, self.n_window = config.n_global_blocks, config.n_window_blocks
+        n_rows = -(-config.block_size // self.block)  # query blocks of the longest sequence
+        random_blocks = draw_random_blocks(
+            n_rows, self.n_global, self.n_window, config.n_random_blocks
+        )
+        self.register_buffer("random_blocks", random_blocks)  # persistent: in the state_dict
+
+    def pattern(self, n_blocks: int) -> torch.Tensor:
+        """This layer's ``(n_blocks, n_blocks)`` block pattern (codes of ``bigbird_pattern``)."""
+        return bigbird_pattern(n_blocks, self.n_global, self.n_window, self.random_blocks)
+
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+        """The pattern as a dense mask where that is as cheap (or needed), else block-sparse."""
+        T = q.shape[-2]
+        dense = need_weights or self.config.impl == "reference" or attn_mask is not None
+        if dense or T != k.shape[-2] or T <= self.block:  # cached keys, or one causal block
+            return super().attend(q, k, v, attn_mask, need_weights)
+        pad = -T % self.block  # padded positions come after every real one: causally unseen
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, hd) each
+        slopes = self.alibi_slopes if self.config.positions == "alibi" else None
+        dropout_p = self.config.dropout if self.training else 0.0
+        y = block_sparse_attention(
+            q, k, v, self.block, self.n_global, self.n_window, self.random_blocks, slopes, dropout_p
+        )
+        return y[:, :, :T], None  # (B, n_head, T, hd)
+
+    def _mask(self, attn_mask, t_q, t_k, device):
+        """The base class's mask (ALiBi, extra mask) restricted to the BigBird pattern."""
+        attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
+        allowed = bigbird_mask(
+            t_q, t_k, self.block, self.n_global, self.n_window, self.random_blocks
+        )
+        return restrict(attn_mask, allowed), False

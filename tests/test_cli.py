@@ -1,0 +1,48 @@
+"""The ``attnbook`` command: prepare, train, generate, bench attention, and --help for each."""
+
+import pytest
+
+from attnbook import cli
+from attnbook.attention import available
+
+TEXT = "".join(f"to be or not to be, line {i}\n" for i in range(200))
+
+
+@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["generate"], ["bench"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: attnbook" in capsys.readouterr().out
+
+
+def test_prepare_train_generate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    cli.main(["prepare", "--data", str(corpus)])
+    out = capsys.readouterr().out
+    assert f"vocab_size {len(set(TEXT))}, uint16" in out
+    run = str(tmp_path / "run")
+    cli.main(["train", "--data", str(corpus), "--out_dir", run, "--max_iters", "4",
+              "--block_size", "16", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+              "--eval_iters", "1", "--no-progress", "--attention", "gqa",
+              "--attention_options", '{"n_kv_head": 1}'])  # fmt: skip
+    cli.main(["generate", "--out_dir", run, "--prompt", "to be", "--max_new_tokens", "20",
+              "--num_samples", "2"])  # fmt: skip
+    samples = capsys.readouterr().out.split("-" * 40 + "\n")
+    assert len(samples) == 2
+    assert all(s.startswith("to be") and len(s.rstrip("\n")) >= 5 for s in samples)
+
+
+def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint in .*: train there first"):
+        cli.main(["generate", "--out_dir", str(tmp_path)])
+
+
+def test_bench_attention_prints_every_kernel_and_variant(capsys):
+    cli.main(["bench", "attention", "--lengths", "128", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for name in ["full causal SDPA", "local", "sparse", "linear", *available()]:
+        assert f"| {name} |" in out
+    assert "not measured (add T=4096 to --lengths)" in out
