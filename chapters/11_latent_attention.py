@@ -112,7 +112,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # We build the idea in the smallest form first: no positional information at all, keys and
 # values rebuilt from the latent, a causal mask, and a cache that holds latents. Following
 # DeepSeek-V2 (and `attnbook`), the latent is normalised with an RMSNorm right after the
-# down-projection; the normalised latent is what gets cached.
+# down-projection, which keeps the latents at a steady scale whatever the input; the
+# normalised latent is what gets cached, and everything after it is linear in it, which the
+# next section relies on.
 #
 # The cache is chapter 7's growing `torch.cat` cache, generalised to hold any number of tensors
 # laid out as `(B, T, ...)`: version 1 caches one (the latents), version 2 below two. Like every
@@ -302,16 +304,19 @@ print(f"with SDPA's default scale 1/sqrt(r) instead: max |difference| = "
 # %% [markdown]
 # Absorbed attention never forms a key or a value. Per decoding step it maps each new query into
 # latent space ($H \cdot d_h \cdot r$ multiply-adds), reads the cached latents once for all heads,
-# and maps each head's latent output back ($H \cdot d_h \cdot r$ again): nothing is proportional to
-# $T_k \cdot r \cdot d$ any more. (The paper goes one step further and multiplies $W^{UV}$ into
-# the output projection, once, for good. Exercise 2 does that and asks whether it pays.)
+# and maps each head's latent output back ($H \cdot d_h \cdot r$ again). What still grows with the
+# context is attention itself, now on vectors of $r$ numbers instead of $d_h$: $2 H T_k r$
+# multiply-adds for the scores and the weighted sum. That is $r / d_h$ times what MHA's attention
+# costs (2 here, 4 at DeepSeek-V2's sizes), but $d_h$ times less than rebuilding the keys and
+# values ($2 T_k r H d_h$). (The paper goes one step further and multiplies $W^{UV}$ into the
+# output projection, once, for good. Exercise 2 does that and asks whether it pays.)
 #
 # ## 4. RoPE breaks the absorption
 #
 # ### 4.1 The attempt
 #
-# Every model of this size class uses RoPE (chapter 6), which rotates queries and keys by an
-# angle proportional to their position: with $R_m$ the rotation for position $m$, the key of
+# DeepSeek-V2, like most recent language models, uses RoPE (chapter 6), which rotates queries
+# and keys by an angle proportional to their position: with $R_m$ the rotation for position $m$, the key of
 # head $h$ at position $n$ becomes $R_n W^{UK}_h c_n$. Where could the rotation go in the
 # absorbed computation? The query's rotation is no problem: rotate $q$ first, then absorb. But
 # the key is never formed, and the latent $c_n$ is not a key (it lives in a different,
@@ -484,6 +489,17 @@ for name, p in mla.named_parameters():
     print(f"{name:>15} {tuple(p.shape)}")
 
 # %% [markdown]
+# In absorbed mode the module runs attention as section 3.2 did, one call of
+# `F.scaled_dot_product_attention` (through `attnbook`'s `sdpa`) with a single key/value head
+# shared by all query heads: per head the query is $[\tilde q_h, q^R_h]$ ($r + d_R$ numbers), and
+# every position's key is $[c_n, k^R_n]$. One twist: for the values it passes *the keys again*,
+# $[c_n, k^R_n]$, and keeps the first $r$ numbers of each head's output, the weighted sum of
+# latents; the last $d_R$ (a weighted sum of rotary keys) are thrown away. The reason is speed:
+# PyTorch's fused attention kernels take keys and values of one size only, and with values of $r$
+# numbers against keys of $r + d_R$ it falls back to a plain kernel that, on this CPU, makes a
+# decoding step several times slower. A few percent of extra arithmetic buys the fast kernel
+# (section 7 counts it).
+#
 # Same weights, both modes: the outputs and the attention weights agree (the weights come from
 # the reference path when `need_weights=True`; the naive mode has $H$ key heads, the absorbed mode
 # one shared latent "head", yet the weights are the same numbers).
@@ -626,12 +642,12 @@ print("bytes per token and layer:", per_token)
 # - **naive**: rebuild keys and values of all $T_k$ positions, $2 T_k r H (d_h + d_v)$; scores
 #   $2 H T T_k (d_h + d_R)$; weighted sum of values $2 H T T_k d_v$;
 # - **absorbed**: queries into latent space and outputs back, $2 H T r (d_h + d_v)$; scores
-#   $2 H T T_k (r + d_R)$; weighted sum of latents $2 H T T_k (r + d_R)$ (the module passes the
-#   concatenated latent and rotary key as the values too, because PyTorch's fused attention
-#   kernels want keys and values of one size, and drops the last $d_R$ output numbers).
+#   $2 H T T_k (r + d_R)$; weighted sum $2 H T T_k (r + d_R)$ (the values are the concatenated
+#   latents and rotary keys, section 5).
 #
-# Decoding ($T = 1$) is where they part: naive pays $r(d_h + d_v)$ per head for *every cached
-# position*, absorbed only $2(r + d_R)$. In a full pass over a sequence (prefill or training,
+# Decoding ($T = 1$) is where they part: for *every cached position*, naive pays
+# $r(d_h + d_v)$ multiply-adds per head just to rebuild its key and value, absorbed pays
+# $2(r + d_R)$ in all. In a full pass over a sequence (prefill or training,
 # $T = T_k$) the rebuilding and the absorbing cost the same, $2 T r H (d_h + d_v)$, and what is
 # left is the attention itself, on vectors of size $d_h + d_R$ (naive) or $r + d_R$ (absorbed):
 # with $r = 4 d_h$, naive is cheaper.
@@ -705,10 +721,10 @@ for i in (0, len(lengths) - 1):
 # %% [markdown]
 # For a decoding step, absorbed is 20 times cheaper with 64 cached positions and more than 100
 # times with 16k, where the cost per cached position dominates: per head, naive pays
-# $r(d_h + d_v) + d_h + d_R + d_v$ multiply-adds for it, absorbed $2(r + d_R)$, a ratio of
-# about 110 at these sizes. For a full pass, naive is cheaper, increasingly so as attention comes
-# to dominate (towards $2(r + d_R)/(d_h + d_R + d_v) = 1152/320 = 3.6$ times). So a real
-# implementation trains and
+# $r(d_h + d_v) + d_h + d_R + d_v = 131{,}392$ multiply-adds for it, absorbed
+# $2(r + d_R) = 1152$, a ratio of 114, which the printed 111.9 approaches. For a full pass, naive
+# is cheaper, increasingly so as attention comes to dominate (towards
+# $2(r + d_R)/(d_h + d_R + d_v) = 1152/320 = 3.6$ times). So a real implementation trains and
 # prefills in the naive form and decodes in the absorbed form, with the same weights. Counting
 # FLOPs is not the whole story: a decoding step is limited by memory traffic more than by
 # arithmetic, and there absorbed wins twice, since it reads each cached latent once for all
@@ -786,7 +802,8 @@ for label, name, extra, formula in variants:
 # %% [markdown]
 # At this size MLA's 144 numbers sit between GQA with 2 key/value heads (128) and MHA (256).
 # MLA's cache is $r + d_R = 4.5\,d_h$ numbers whatever the number of heads, which is the cache of
-# GQA with 2.25 key/value heads; MHA's is $2 H d_h$. The more heads, the larger the saving.
+# GQA with 2.25 key/value heads (the DeepSeek-V2 paper makes the same comparison); MHA's is
+# $2 H d_h$. The more heads, the larger the saving.
 #
 # For a realistic picture take DeepSeek-V2's shape: 60 layers, 128 heads of 128, $d = 5120$,
 # $r = 512$, $d_R = 64$, `q_lora_rank` 1536, cache in bf16. We build the real MLA layer on
@@ -892,11 +909,13 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 # Worked solutions are in `chapters/solutions/11_latent_attention_solutions.ipynb`. Predict
 # first, then check with code.
 #
-# 1. **DeepSeek-V2's cache against an equivalent MHA.** With 60 layers, 128 heads of 128,
-#    $r = 512$, $d_R = 64$ and a bf16 cache, predict the bytes per token of MLA and of MHA with
-#    the same heads, their ratio, and the number of key/value heads a GQA model would need for
-#    the same cache. How many 32k-token sequences fit in 80 GB of cache memory with each? Check
-#    with the module's `LatentCache` and `KVCache` on the `meta` device.
+# 1. **Why one shared rotary key?** Every head has rotary query numbers of its own, but each token
+#    has a single rotary key $k^R$, shared by all heads. Suppose instead every head had its own
+#    rotary key of $d_R$ numbers. At DeepSeek-V2's shape (60 layers, 128 heads of 128, $r = 512$,
+#    $d_R = 64$, bf16 cache), predict the cache per token and layer of this variant, and compare
+#    it with MLA's and MHA's. How many 32k-token sequences fit in 80 GB of cache memory with each
+#    of the three? Check with `LatentCache` (its rotary part can have any width) and `KVCache` on
+#    the `meta` device. Would absorption still work?
 # 2. **Fold $W^{UV}$ into the output projection.** The output projection `c_proj` applies a
 #    block $W^O_h$ of shape `(d, d_v)` to each head's output, so $W^O_h W^{UV}_h$, of shape
 #    `(d, r)`, can be computed once. Build this folded projection for a small module, feed it the
@@ -915,5 +934,5 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 # 5. **Chunks: where does absorbing stop paying?** Chunked prefill (chapter 7) feeds $T$ new
 #    tokens at once onto a cache of $T_k \gg T$ positions. With `mla_flops`, find the chunk size
 #    $T^*$ above which naive is cheaper, at the sizes of section 7; derive an approximate formula
-#    for $T^*$ in terms of $r$, $d_h$ and $d_v$, and check the FLOP count at one chunk size with
-#    `FlopCounterMode`.
+#    for $T^*$ in terms of $r$, $d_h$, $d_v$ and $d_R$, and check the FLOP count at one chunk size
+#    with `FlopCounterMode`.

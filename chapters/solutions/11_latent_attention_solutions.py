@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnbook.attention import AttentionConfig, build_attention, sdpa
+from attnbook.attention.mla import LatentCache
 from attnbook.kv_cache import KVCache
 
 torch.set_num_threads(1)
@@ -44,34 +45,43 @@ DS = dict(d_model=5120, n_head=128, block_size=32 * 1024, positions="rope", bias
 N_LAYER = 60
 
 # %% [markdown]
-# ## Exercise 1 — DeepSeek-V2's cache against an equivalent MHA
+# ## Exercise 1 — Why one shared rotary key?
 #
-# **Prediction.** Per token and layer MLA caches the latent and the shared rotary key,
-# $r + d_R = 512 + 64 = 576$ numbers; in bf16 that is 1152 bytes, and over 60 layers 69,120
-# bytes, 67.5 KiB. MHA with the same heads caches $2 \cdot 128 \cdot 128 = 32{,}768$ numbers per
-# layer: 65,536 bytes, and 3,932,160 bytes (3.75 MiB) over 60 layers. The ratio is
-# $32768 / 576 \approx 56.9$. GQA caches $2 G d_h = 256\,G$ numbers, so the same cache needs
-# $G = 576 / 256 = 2.25$ key/value heads: not an integer, MLA sits between GQA-2 and GQA-3.
+# **Prediction.** Per token and layer MLA caches the latent and the one shared rotary key,
+# $r + d_R = 512 + 64 = 576$ numbers, 1152 bytes in bf16. With a rotary key per head the cache
+# holds $r + H d_R = 512 + 128 \cdot 64 = 8704$ numbers, 17,408 bytes: 15.1 times MLA's, the
+# rotary keys alone being 16 times the latent. MHA with the same heads caches
+# $2 H d_h = 32{,}768$ numbers, 65,536 bytes: 56.9 times MLA's, and still 3.8 times the
+# per-head variant.
 #
-# A 32k-token (32,768) sequence then needs $32768 \times 3{,}932{,}160 \approx 128.8$ GB with
-# MHA: not even one fits in 80 GB. With MLA it needs about 2.26 GB, so 35 fit.
+# A 32k-token (32,768) sequence over 60 layers then needs $32768 \cdot 60 \cdot 1152 \approx 2.26$
+# GB with MLA (35 sequences fit in 80 GB), $32768 \cdot 60 \cdot 17408 \approx 34.2$ GB with a
+# rotary key per head (2 fit) and about 128.8 GB with MHA (not even one fits).
+#
+# **Would absorption still work?** Yes: only $W^{UK}$ is absorbed, and the rotary part never
+# passes through it; each head would dot its rotary query with its own rotary key, as in plain
+# RoPE attention. But absorbed attention would no longer be multi-query attention in latent space:
+# head $h$'s key $[c_n, k^R_{h,n}]$ would differ from head to head, so a decoding step would read
+# $r + H d_R$ numbers per cached position instead of $r + d_R$. Sharing the rotary key costs little
+# in freedom, since every head keeps its own rotary *query* and can weigh positions its own way.
 
 # %%
+ctx = DS["block_size"]
 with torch.device("meta"):
     ds_mla = build_attention("mla", AttentionConfig(**DS))
-mla_layer = ds_mla.new_cache(1, DS["block_size"], dtype=torch.bfloat16).bytes_per_token
-mha_layer = KVCache(1, 128, 128, DS["block_size"], device="meta",
-                    dtype=torch.bfloat16).bytes_per_token
-mla_token, mha_token = N_LAYER * mla_layer, N_LAYER * mha_layer  # all layers
-ratio, groups = mha_layer / mla_layer, mla_layer / (2 * 128 * 2)
-per_sequence = {"MLA": 32768 * mla_token, "MHA": 32768 * mha_token}
+per_layer = {  # bytes per token, one layer, bf16
+    "MLA": ds_mla.new_cache(1, ctx, dtype=torch.bfloat16).bytes_per_token,
+    "MLA, rotary key per head": LatentCache(1, 512, 128 * 64, ctx, device="meta",
+                                            dtype=torch.bfloat16).bytes_per_token,
+    "MHA": KVCache(1, 128, 128, ctx, device="meta", dtype=torch.bfloat16).bytes_per_token,
+}
+per_sequence = {name: ctx * N_LAYER * b for name, b in per_layer.items()}  # 32k tokens, 60 layers
 fit = {name: int(80e9 // b) for name, b in per_sequence.items()}
-assert (mla_token, mha_token) == (69_120, 3_932_160)
-assert round(ratio, 1) == 56.9 and groups == 2.25 and fit == {"MLA": 35, "MHA": 0}
-print(f"bytes per token (60 layers): MLA {mla_token:,}, MHA {mha_token:,}; ratio {ratio:.1f}")
-print(f"same cache as GQA with {groups} kv heads")
-for name, b in per_sequence.items():
-    print(f"{name}: {b / 1e9:.2f} GB per 32k-token sequence -> {fit[name]} fit in 80 GB")
+assert per_layer == {"MLA": 1152, "MLA, rotary key per head": 17_408, "MHA": 65_536}
+assert fit == {"MLA": 35, "MLA, rotary key per head": 2, "MHA": 0}
+for name, b in per_layer.items():
+    print(f"{name:>24}: {b:>6,} bytes per token and layer ({b / per_layer['MLA']:>4.1f} x MLA), "
+          f"{per_sequence[name] / 1e9:>6.2f} GB per 32k sequence, {fit[name]:>2} fit in 80 GB")
 
 # %% [markdown]
 # ## Exercise 2 — Fold $W^{UV}$ into the output projection
@@ -85,7 +95,8 @@ for name, b in per_sequence.items():
 #
 # We reproduce the module's absorbed attention up to the latent outputs (its `project`, its
 # RoPE, the latent queries, attention over latents with the scale $1/\sqrt{d_h + d_R}$) and feed
-# them to the folded projection.
+# them to the folded projection. For clarity the values here are the latents alone; the module
+# passes $[c, k^R]$ and keeps the first $r$ output numbers, which are the same.
 
 # %%
 cfg = AttentionConfig(d_model=64, n_head=4, kv_lora_rank=32, qk_rope_head_dim=8,
@@ -284,9 +295,9 @@ print(f"(full keys and values: loss {full_loss:.3f})")
 
 # %% [markdown]
 # With 32 numbers per token (a quarter of the 128 MHA caches) the copy still works; at 16 the
-# loss is already clearly higher, and at 4 or 8 the copy fails. For a layer trained without the constraint,
-# compressing afterwards costs accuracy quickly; MLA instead trains with the latent from the
-# start, so the model learns to put what matters into those $r$ numbers.
+# loss is already clearly higher, and at 4 or 8 the copy fails. For a layer trained without the
+# constraint, compressing afterwards costs accuracy quickly; MLA instead trains with the latent
+# from the start, so the model learns to put what matters into those $r$ numbers.
 #
 # ## Exercise 5 — Chunks: where does absorbing stop paying?
 #

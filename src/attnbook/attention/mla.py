@@ -19,7 +19,9 @@ Two ways to attend, same outputs (``absorb``, from ``config.mla_absorb``):
 - naive: expand every cached latent into per-head keys and values, then ordinary attention;
 - absorbed: ``q_nope_h · (W_UK_h c) = (W_UK_hᵀ q_nope_h) · c``, so fold ``W_UK`` into the
   query and attend over the latents themselves, one key/value "head" shared by all query heads
-  (multi-query attention in latent space); the output is a latent per head, and ``W_UV_h``
+  (multi-query attention in latent space; the values passed are the keys ``[c, k_rope]``, so
+  SDPA's fused kernels apply, and the first ``kv_lora_rank`` output numbers are kept: the
+  weighted latents); the output is a latent per head, and ``W_UV_h``
   (which could be multiplied into the output projection once, though at DeepSeek-V2's
   sizes the product is bigger than the two factors) maps it back. No per-head keys
   or values are ever formed, which is what makes decoding cheap.
