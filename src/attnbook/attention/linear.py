@@ -15,9 +15,10 @@ Three forms compute the same ``y`` (q, k, v: ``(B, H, T, d)`` -> ``(B, H, T, d_v
 - ``linear_attention_recurrent``: one token at a time, carrying the state ``(S, z)``, O(T) but
   a Python loop; this is an RNN, and its state is all that generation needs to remember;
 - ``linear_attention_chunked``: the sequence cut into chunks of ``chunk`` tokens: the quadratic
-  form inside each chunk, the state between chunks, O(T · chunk); the fast path for training.
+  form inside each chunk, the state between chunks, O(T · (chunk + d_v) · d); the fast path
+  for training.
 
-RoPE (this book's choice, the one of RoFormer, Su et al. 2021, section 3.4.3): rotate the
+RoPE (this book's choice, the one of RoFormer, Su et al. 2021, section 3.3): rotate the
 *features* ``φ(q)``, ``φ(k)`` and use the rotated ones in the numerator only. The numerator's
 scores then depend on the offset between positions, as with softmax RoPE, and the normaliser
 keeps the unrotated features, so it stays positive (rotated dot products can be negative or zero).
@@ -105,7 +106,9 @@ def linear_attention_chunked(q, k, v, chunk, q_rot=None, k_rot=None, state=None)
     sums; the padded outputs are dropped). Chunk ``n`` sees the state of every earlier chunk,
     ``S_n = S_0 + Σ_{m<n} k_rot_mᵀ v_m`` (an exclusive cumulative sum over chunks), and
     itself through the causal ``(chunk, chunk)`` weights. The normaliser ``q_t·z_t`` is a
-    cumulative sum of the keys over the whole sequence. O(T · chunk · d) time, no Python loop.
+    cumulative sum of the keys over the whole sequence. O(T · chunk · d) time for the blocks plus
+    O(T · d · d_v) for the states, no Python loop. Fewer than ``chunk`` tokens (a decoding step)
+    are one chunk of their own length, not padded.
 
     Args:
         q, k, v, q_rot, k_rot, state: as in ``linear_attention_recurrent``.
@@ -123,6 +126,7 @@ def linear_attention_chunked(q, k, v, chunk, q_rot=None, k_rot=None, state=None)
     S0, z0 = state  # (B, H, d, d_v), (B, H, d)
     z = z0[:, :, None] + k.cumsum(dim=2)  # (B, H, T, d): z_t, keys up to and with t
     norm = (q * z).sum(-1, keepdim=True)  # (B, H, T, 1)
+    chunk = min(chunk, max(T, 1))  # a short input is one chunk, unpadded
     pad = -T % chunk
     N = (T + pad) // chunk
     nq, nk, v = (F.pad(t, (0, 0, 0, pad)).view(B, H, N, chunk, -1) for t in (nq, nk, v))
