@@ -125,11 +125,10 @@ for T in (4096, 8192, 32768, 131072):
 #
 # ## 2. The band mask
 #
-# Chapter 2 built the causal mask from the positions of queries and keys. The band is the same
-# construction with one more condition. Let `distance = i - j` be how far key $j$ lies behind
-# query $i$. The causal mask allows `distance >= 0`; the window also requires
-# `distance < w`, so the allowed keys of each query are a stripe of width $w$ ending on the
-# diagonal:
+# Chapter 2 built the causal mask with `tril`: query $i$ may see key $j$ when $j \le i$. Written
+# with positions, let `distance = i - j` be how far key $j$ lies behind query $i$; the causal mask
+# allows `distance >= 0`. The band adds one more condition, `distance < w`, so the allowed keys of
+# each query are a stripe of width $w$ ending on the diagonal:
 
 # %%
 T, w = 12, 4
@@ -217,7 +216,8 @@ print("queries whose output changed:", (diff > 1e-6).nonzero().flatten().tolist(
 # This dense version is correct, and it is the reference everything later in the chapter is
 # checked against, but it saves nothing: it still scores all $T^2$ pairs and only then throws
 # most of them away. (Section 6 measures it: SDPA with a dense window mask is no faster than
-# plain causal SDPA, and usually slower, since causal SDPA can at least skip the upper triangle.)
+# plain causal SDPA, and slower at long lengths, since causal SDPA can at least skip the upper
+# triangle.)
 # Section 5 fixes that. First, the question everybody asks about a window.
 #
 # ## 4. How far back can a stack of windows see?
@@ -365,12 +365,15 @@ print(tile_mask(4).int())
 
 # %% [markdown]
 # Query $r$ sees keys $r + 1 \ldots r + w$ of its tile: the last $w - r - 1$ keys of the previous
-# chunk and the first $r + 1$ of its own. About a quarter of each tile is used; the rest is the
-# price of doing every chunk with the same regular shape.
+# chunk and the first $r + 1$ of its own. So each row uses $w$ of its $2w$ entries: half of every
+# tile is computed and then masked, the price of doing every chunk with the same regular shape.
 #
 # **Step 1: a loop over chunks.** For the moment $T$ is a multiple of $w$. We pad $w$ zero keys
 # and values in front, so that the tile of chunk $c$ is the slice $[cw, cw + 2w)$ of the padded
-# keys, and switch off the padding columns for chunk 0:
+# keys, and switch off the padding columns for chunk 0. (`F.pad` lists the padding of the *last*
+# dimension first: `(0, 0, w, 0)` leaves `head_dim` alone and adds $w$ positions in front.) We
+# test it on the queries, keys and values of section 3 ($T = 12$, $w = 4$), whose dense band
+# output `y_band` we already have:
 
 # %%
 def blocked_loop(q, k, v, w):
@@ -400,8 +403,8 @@ print("blocked loop == dense band attention (atol=1e-6):",
 # can become one more batch dimension. The queries reshape directly into `(B, H, n, w, hd)`.
 # For the keys we want, for each chunk, the $2w$ keys of chunks $c - 1$ and $c$: cut the padded
 # keys into $n + 1$ chunks, and concatenate "all but the last" with "all but the first" along the
-# position axis. (That builds the tiles as a new tensor, twice the size of the keys; the tiles
-# overlap, so they cannot all be views of the same memory.) One call to SDPA then handles every
+# position axis. (That copies the keys and values into tiles twice their size, since every key
+# chunk appears in two tiles: a memory cost linear in $T$.) One call to SDPA then handles every
 # chunk, with one mask for all of them except for chunk 0's padding columns.
 #
 # **Step 3: any length.** When $T$ is not a multiple of $w$, pad the queries (and keys) at the
@@ -428,7 +431,9 @@ def blocked(q, k, v, w):
     return y.view(B, H, n * w, hd)[:, :, :T]  # (B, H, T, hd)
 
 
-print("chunks of queries:", (B, H, -(-T // w), w, hd), "| key tiles:", (B, H, -(-T // w), 2 * w, hd))
+n_chunks = -(-T // w)
+print(f"T={T}, w={w}: {n_chunks} chunks; query chunks (B, H, n, w, hd) =", (B, H, n_chunks, w, hd),
+      "| key tiles (B, H, n, 2w, hd) =", (B, H, n_chunks, 2 * w, hd))
 print("blocked == dense band attention (atol=1e-6):", torch.allclose(blocked(q, k, v, w), y_band,
                                                                       atol=1e-6))
 
@@ -509,41 +514,35 @@ print(f"{P} cached keys before 45 queries: module == dense band (atol=1e-5):",
 # The numbers depend on your machine and on what else runs on it, so the cell's output is not
 # checked by the book's tests; the cell asserts a loose claim instead (the blocked path at the
 # longest length takes less than 0.8 of full causal attention's time), so that a lost speed-up
-# still fails. We time on one thread (set in Setup), warm up once, and keep the fastest of five
-# runs, which filters out most interruptions by other programs.
+# still fails. We time on one thread (set in Setup), run each method once to warm up, and keep
+# the fastest of three runs, which filters out most interruptions by other programs.
 
 # %%
-def fastest_ms(fn, *args, reps=5):
-    """Best of `reps` timings of fn(*args) in milliseconds, after one warm-up call."""
-    fn(*args)
+def fwd_bwd_ms(fn, inputs, repeats=3):
+    """Fastest of `repeats` runs of fn(*inputs).sum().backward(), in ms, after one warm-up run."""
     best = float("inf")
-    for _ in range(reps):
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, 1000 * (time.perf_counter() - t0))
+        fn(*inputs).sum().backward()
+        if i > 0:  # run 0 warms up
+            best = min(best, 1000 * (time.perf_counter() - t0))
     return best
 
 
 # %% tags=["nbval-ignore-output"]
 torch.manual_seed(5)
 w_time, lengths = 64, [256, 512, 1024, 2048]
-methods = {
+methods = {  # each takes (q, k, v, band); only the dense one reads the band
     "full causal (SDPA, is_causal)": lambda q, k, v, m: sdpa(q, k, v, is_causal=True),
     "band as a dense mask (SDPA)": lambda q, k, v, m: sdpa(q, k, v, attn_mask=m),
     "blocked (blocked_local_attention)": lambda q, k, v, m: blocked_local_attention(q, k, v, w_time),
 }
 ms = {name: [] for name in methods}
-
-
-def forward_backward(attend, q, k, v, band):
-    attend(q, k, v, band).sum().backward()
-
-
 for T_t in lengths:
     q_t, k_t, v_t = (torch.randn(1, 8, T_t, 64, requires_grad=True) for _ in range(3))
-    band_t = sliding_window_mask(T_t, T_t, w_time)
+    band_t = sliding_window_mask(T_t, T_t, w_time)  # (T, T)
     for name, attend in methods.items():
-        ms[name].append(fastest_ms(forward_backward, attend, q_t, k_t, v_t, band_t))
+        ms[name].append(fwd_bwd_ms(attend, (q_t, k_t, v_t, band_t)))
 
 fig, ax = plt.subplots(figsize=(7.5, 4.5))
 for (name, times), style in zip(ms.items(), ["o-", "s--", "^-"], strict=True):
@@ -551,7 +550,7 @@ for (name, times), style in zip(ms.items(), ["o-", "s--", "^-"], strict=True):
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
 ax.set_xlabel("sequence length T")
-ax.set_ylabel("forward + backward, ms (fastest of 5)")
+ax.set_ylabel("forward + backward, ms (fastest of 3)")
 ax.set_title(f"Attention core, B=1, 8 heads of 64, window {w_time}, CPU, 1 thread")
 ax.legend()
 plt.show()
@@ -562,11 +561,12 @@ print(f"blocked / full causal at T={lengths[-1]}: {ratio:.2f}")
 assert ratio < 0.8, "the blocked path should be clearly faster than full causal attention"
 
 # %% [markdown]
-# What to expect (your numbers will differ, the shape should not): on log-log axes, full causal
-# attention rises with a slope close to 2 — doubling $T$ about quadruples its time — while the
-# blocked path rises with a slope close to 1. At the shortest length they are within a small
-# factor of each other (we counted that they fill about as many scores at $T = 4w$), and at 2048
-# the blocked path is several times faster. The dense mask is the worst of both: it pays for all $T^2$ scores, and
+# What to expect (your numbers will differ, and a busy machine makes single points jump, but the
+# shape should not): on log-log axes, full causal attention rises more steeply, towards a slope of
+# 2 at long lengths — doubling $T$ about quadruples its time — while the blocked path rises with
+# a slope close to 1. At the shortest length they are within a small factor of each other (we
+# counted that they fill about as many scores at $T = 4w$), and at 2048 the blocked path is
+# several times faster. The dense mask is the worst of both: it pays for all $T^2$ scores, and
 # the fused kernel cannot skip anything, since it does not know the mask is a band. A sliding
 # window needs its own computation to be cheaper; a mask alone only makes it *different*.
 #
@@ -732,22 +732,33 @@ print(f"positions seen: {rolling[0].length}, stored per layer: {tuple(rolling[0]
 # %% [markdown]
 # Token for token the same, with 59 positions seen and 8 stored. This exactness is special to
 # the sliding window: chapter 7's exercise 2 showed that a model built with *full* attention
-# gives different tokens with a rolling cache, because there the dropped keys still mattered.
+# gives different logits with a rolling cache as soon as the first key drops out, because there
+# the dropped keys still mattered.
 # Here the model itself never looks further back than the window, so the cache drops only what
 # would be masked anyway.
 #
 # ### 7.4 The cache's memory
 #
-# A full `KVCache` from chapter 7 would also give the same tokens for this model — the band mask
-# hides the old keys — but it keeps them all. We feed the generated sequence of row 0 through
-# the model one token at a time, with rolling caches and with full caches, and record after each
-# token how many bytes each kind holds over the three layers: for our rolling cache the size of
-# its tensors; for `KVCache`, which allocates `max_len` positions up front, the part in use,
+# A full `KVCache` from chapter 7 also gives the same tokens for this model — the band mask
+# hides the old keys — but it keeps them all:
+
+# %%
+n_kv, hd_m = model.blocks[0].attn.n_kv_head, model.cfg.head_dim
+full = [KVCache(2, n_kv, hd_m, max_len=64) for _ in model.blocks]
+out_full = generate(model, prompt, n_new=48, caches=full)
+assert torch.equal(out_full, out_plain)
+print("full KVCache gives the same tokens:", torch.equal(out_full, out_plain),
+      f"| positions stored per layer: {full[0].length}")
+
+# %% [markdown]
+# To see the memory grow, we feed the generated sequence of row 0 through the model one token at
+# a time, with rolling caches and with full caches, and record after each token how many bytes
+# each kind holds over the three layers: for our rolling cache the size of its tensors; for
+# `KVCache`, which allocates `max_len` positions up front, the part in use,
 # `length × bytes_per_token`.
 
 # %%
 seq = out_plain[:1]  # (1, 60): one sequence
-n_kv, hd_m = model.blocks[0].attn.n_kv_head, model.cfg.head_dim
 rolling = [RollingCache(model.cfg.window) for _ in model.blocks]
 full = [KVCache(1, n_kv, hd_m, max_len=seq.shape[1]) for _ in model.blocks]
 rolling_bytes, full_bytes = [], []
@@ -854,6 +865,31 @@ print("sliding_window_mask == our band; LocalAttention (sdpa and reference) == b
       "the same tokens: OK")
 
 # %% [markdown]
+# One more detail of the module. `LocalAttention` also accepts chapter 7's full `KVCache`, which
+# returns *every* position cached so far rather than the last $w - 1$. On the dense path the band
+# mask hides the old keys, as in section 7.4. The blocked path cannot take them (its padding
+# assumes at most $w - 1$ keys before the first query), so `LocalAttention.attend` first keeps
+# only the last $w - 1 + T$ keys, all that $T$ new queries can see. We run the window-4 layer of
+# section 7.2 in the same pieces as there, with the module's rolling cache and with a full
+# `KVCache`: the piece of 7 arrives when 6 positions are cached, so the full cache hands the layer
+# 13 keys, of which it keeps 10.
+
+# %%
+torch.manual_seed(11)
+x_one = torch.randn(1, 20, 32)
+with torch.no_grad():
+    y_one = layer(x_one)  # (1, 20, 32): the window-4 layer of section 7.2, no cache
+    for cache in (layer.new_cache(1, max_len=20), KVCache(1, 4, 8, max_len=20)):
+        pieces, start = [], 0
+        for size in [3, 1, 1, 1, 7] + [1] * 7:
+            pieces.append(layer(x_one[:, start : start + size], cache=cache))
+            start += size
+        same = torch.allclose(torch.cat(pieces, dim=1), y_one, atol=1e-5)
+        assert same, type(cache).__name__
+        print(f"{type(cache).__name__:>14} fed pieces of 3, 1, 1, 1, 7, 1, ...: equals the full "
+              f"pass (atol=1e-5): {same}; positions stored: {cache.k.shape[2]}")
+
+# %% [markdown]
 # ## Summary
 #
 # - Sliding-window attention lets query $i$ see keys $i - w + 1 \ldots i$: the causal mask with
@@ -869,7 +905,8 @@ print("sliding_window_mask == our band; LocalAttention (sdpa and reference) == b
 # - Generation needs only the last $w$ positions: a rolling cache returns up to $w - 1$ cached
 #   positions plus the new ones, stores the last $w$, and keeps counting `length` so that RoPE
 #   rotates each new key at its true position. It gives exactly the tokens of full recomputation,
-#   and its memory stops growing at $w$ positions.
+#   and its memory stops growing at $w$ positions. (`LocalAttention` works with chapter 7's full
+#   `KVCache` too, with the same outputs; that cache just keeps keys no query will read again.)
 
 # %% [markdown]
 # ## Exercises

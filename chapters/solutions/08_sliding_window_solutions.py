@@ -34,7 +34,7 @@ from attnbook.attention import (
     sdpa,
     sdpa_reference,
 )
-from attnbook.attention.local import blocked_local_attention
+from attnbook.attention.local import RollingKVCache, blocked_local_attention
 from attnbook.mlp import MLP
 from attnbook.positions import PositionalEmbedding
 
@@ -291,25 +291,26 @@ assert crossover == 1024
 # backward pass), padding, and a mask the kernel must read, whereas the causal kernel generates
 # its mask itself. The causal kernel, for its part, works in tiles too and computes a little more
 # than the exact triangle. We time forward plus backward at $T = 2048$ (one sequence, 8 heads of
-# 64, one thread, fastest of 5; output not checked, since timings vary) and assert only the
-# robust part: a small window is much faster than full causal attention, and the time grows with
-# the window.
+# 64, one thread, fastest of 3 after a warm-up, with the chapter's `fwd_bwd_ms`; output not
+# checked, since timings vary) and assert only the robust part: a small window is much faster
+# than full causal attention, and the time grows with the window.
 
 # %% tags=["nbval-ignore-output"]
-def fastest_ms(fn, reps=5):
-    fn()  # warm-up
+def fwd_bwd_ms(fn, inputs, repeats=3):
+    """Fastest of `repeats` runs of fn(*inputs).sum().backward(), in ms, after one warm-up run."""
     best = float("inf")
-    for _ in range(reps):
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, 1000 * (time.perf_counter() - t0))
+        fn(*inputs).sum().backward()
+        if i > 0:  # run 0 warms up
+            best = min(best, 1000 * (time.perf_counter() - t0))
     return best
 
 
 torch.manual_seed(8)
-q, k, v = (torch.randn(1, 8, T, 64, requires_grad=True) for _ in range(3))
-causal_ms = fastest_ms(lambda: sdpa(q, k, v, is_causal=True).sum().backward())
-blocked_ms = {w: fastest_ms(lambda w=w: blocked_local_attention(q, k, v, w).sum().backward())
+qkv = tuple(torch.randn(1, 8, T, 64, requires_grad=True) for _ in range(3))
+causal_ms = fwd_bwd_ms(lambda q, k, v: sdpa(q, k, v, is_causal=True), qkv)
+blocked_ms = {w: fwd_bwd_ms(lambda q, k, v, w=w: blocked_local_attention(q, k, v, w), qkv)
               for w in (32, 128, 512, 1024)}
 print(f"full causal: {causal_ms:.0f} ms")
 for w, t in blocked_ms.items():
@@ -344,31 +345,35 @@ assert blocked_ms[32] < blocked_ms[1024]
 # - **No positions**: nothing reads `length` at all. Still exact (the causal order alone is all
 #   the model knows about positions).
 #
-# We extend the chapter's tiny model with a `positions` argument (learned positions added at
-# `start`, as in chapter 7) and generate 40 tokens after a 12-token prompt, window 8.
+# To make the bug and nothing else, we take the module's `RollingKVCache` and only change what
+# `length` reports: a property that never says more than `window` (`append` updates it with
+# `self.length += T`, which goes through the setter). Fed the same keys and values, it returns
+# exactly what the real cache returns; only `length` differs. We extend the chapter's tiny model with a `positions`
+# argument (learned positions added at `start`, as in chapter 7) and generate 40 tokens after a
+# 12-token prompt, window 8.
 
 # %%
-class BuggyRollingCache:
-    """The chapter's RollingCache, except that `length` stops at `window` (the bug)."""
-
-    def __init__(self, window):
-        self.window, self.seen = window, 0
-        self.k = self.v = None
+class BuggyRollingCache(RollingKVCache):
+    """The module's rolling cache, except that `length` stops at `window` (the bug)."""
 
     @property
     def length(self):
-        return min(self.seen, self.window)  # BUG: slots in use, not positions seen
+        return min(self._seen, self.window)  # BUG: slots in use, not positions seen
 
-    def append(self, k, v):
-        if self.k is None:
-            k_all, v_all = k, v
-        else:
-            first = self.k.shape[2] - min(self.k.shape[2], self.window - 1)
-            k_all = torch.cat([self.k[:, :, first:], k], dim=2)
-            v_all = torch.cat([self.v[:, :, first:], v], dim=2)
-        self.k, self.v = k_all[:, :, -self.window :], v_all[:, :, -self.window :]
-        self.seen += k.shape[2]
-        return k_all, v_all
+    @length.setter
+    def length(self, value):
+        self._seen = value
+
+
+torch.manual_seed(11)  # fed the same keys and values, the two caches differ only in `length`
+buggy_cache = BuggyRollingCache(1, 1, 2, window=4, max_len=20)
+real_cache = RollingKVCache(1, 1, 2, window=4, max_len=20)
+for T_new in (6, 1, 1, 3):
+    kv = torch.randn(2, 1, 1, T_new, 2)  # k and v, (1, 1, T_new, 2) each
+    returned = zip(buggy_cache.append(*kv), real_cache.append(*kv), strict=True)
+    assert all(torch.equal(a, b) for a, b in returned)
+print(f"window 4, 11 positions appended: same keys and values returned; length: buggy "
+      f"{buggy_cache.length}, real {real_cache.length}")
 
 
 class Block(nn.Module):
@@ -426,7 +431,9 @@ for positions in ("rope", "learned", "alibi", "none"):
     model = TinyLM(positions).eval()
     reference = generate(model, prompt, 40)
     good = generate(model, prompt, 40, [block.attn.new_cache(2) for block in model.blocks])
-    buggy = generate(model, prompt, 40, [BuggyRollingCache(8) for _ in model.blocks])
+    buggy_caches = [BuggyRollingCache(2, 4, 16, window=8, max_len=128) for _ in model.blocks]
+    buggy = generate(model, prompt, 40, buggy_caches)
+    assert buggy_caches[0].length == 8  # 12 + 39 positions were fed
     assert torch.equal(good, reference)  # the module's RollingKVCache is always exact
     exact[positions] = torch.equal(buggy, reference)
     print(f"{positions:>7}: buggy cache gives the tokens of full recomputation: "

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import TokenData, prepare
 from .model import GPT, GPTConfig

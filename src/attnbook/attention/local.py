@@ -33,7 +33,7 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
     Args:
         q: ``(B, n_head, T, head_dim)`` queries, the last ``T`` of the ``T_k`` key positions.
         k, v: ``(B, n_kv_head, T_k, head_dim)``, ``T_k - T < window`` (the extra keys come from
-            a rolling cache). ``n_kv_head`` divides ``n_head`` (grouped-query attention).
+            a cache, trimmed to the window). ``n_kv_head`` divides ``n_head`` (grouped-query attention).
         window: how many positions each query sees (itself included).
         alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias.
         dropout_p: dropout on the attention weights.
@@ -132,9 +132,10 @@ class LocalAttention(GroupedQueryAttention):
 
     Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
     MHA's state_dict layout). ``forward(x, attn_mask=None, need_weights=False, cache=None)`` as in
-    ``CausalSelfAttention``; with a cache from ``new_cache``, ``attn_mask`` may cover every
-    position so far (``cache.length + T`` keys, as with a full cache) or only the keys the cache
-    returns; only the keys inside the window are used.
+    ``CausalSelfAttention``. It decodes with the ``RollingKVCache`` of ``new_cache``, or with a
+    full ``KVCache``, of which it reads only the last ``window - 1 + T`` keys; ``attn_mask`` may
+    cover every position so far (``cache.length + T`` keys) or only those, and the
+    ``need_weights`` weights cover only those: ``(B, n_head, T, min(T_k, window - 1 + T))``.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -155,15 +156,16 @@ class LocalAttention(GroupedQueryAttention):
         )
 
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
-        """The band as a dense mask where that is as cheap (or needed), else the blocked path."""
-        T, t_k = q.shape[-2], k.shape[-2]
-        if attn_mask is not None and attn_mask.shape[-1] > t_k:
-            attn_mask = attn_mask[..., -t_k:]  # a mask over every position: keep the cached ones
+        """The band as a dense mask where that is as cheap (or needed), else the blocked path.
+        Keys older than the window of the first query (a full KVCache holds them) are dropped."""
+        T = q.shape[-2]
+        keep = self.window - 1 + T  # the keys some query of this chunk may see
+        k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, T_k <= keep, hd)
+        if attn_mask is not None and attn_mask.shape[-1] > k.shape[-2]:
+            attn_mask = attn_mask[..., -k.shape[-2] :]  # a mask over every position: the kept
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
         if dense or T <= self.window:  # one chunk: the band is already O(T * window)
             return super().attend(q, k, v, attn_mask, need_weights)
-        keep = self.window - 1 + T  # a full KVCache may also hold older keys no query sees
-        k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, <= keep, hd)
         slopes = self.alibi_slopes if self.config.positions == "alibi" else None
         dropout_p = self.config.dropout if self.training else 0.0
         return blocked_local_attention(q, k, v, self.window, slopes, dropout_p), None

@@ -20,13 +20,15 @@ only matters on the diagonal block. ``bigbird_pattern`` gives the block pattern 
   the other masks of the package: the pattern is part of the model, so a checkpoint restores it;
 - the fast path never forms the ``T x T`` scores: each query block gathers its (at most
   ``g + w + r``) visible key blocks and one batched SDPA call attends over them
-  (``block_sparse_attention``), so the work grows as ``n_blocks * (g + w + r) * b^2``. A
+  (``block_sparse_attention``), so the work grows as ``n_blocks * min(n_blocks, g + w + r) *
+  b^2`` (the diagonal tiles' upper halves and unused slots included). A
   sequence that is not a multiple of ``b`` is padded at the end (the padded keys come after
   every real query, so the causal rule hides them, and the padded queries are dropped).
 
-The dense path (``impl="reference"``, ``need_weights=True``, an extra ``attn_mask``, new
-queries after cached ones, or a sequence of at most one block, whose pattern is the causal
-triangle) is attention with ``bigbird_mask``.
+A sequence of at most ``g + w + r`` blocks is plain causal attention (every past block is
+global, window or drawn), computed as such. Otherwise the dense path (``impl="reference"``,
+``need_weights=True``, an extra ``attn_mask``, new queries after cached ones) is attention with
+``bigbird_mask``: a decoding step scores every cached key, then masks those outside its row.
 Generation uses the ordinary ``KVCache``: global and random blocks may lie anywhere in the past,
 so every position is kept, and each new query at position ``cache.length + t`` sees the keys
 its row of the pattern allows. Registered as ``"sparse"``.
@@ -180,11 +182,22 @@ class SparseAttention(GroupedQueryAttention):
         """This layer's ``(n_blocks, n_blocks)`` block pattern (codes of ``bigbird_pattern``)."""
         return bigbird_pattern(n_blocks, self.n_global, self.n_window, self.random_blocks)
 
+    def covers_all(self, t_k: int) -> bool:
+        """Whether the pattern over ``t_k`` positions is the whole causal triangle: at most
+        ``g + w + r`` blocks, so every past block of every row is global, window or drawn."""
+        return -(-t_k // self.block) <= self.n_global + self.n_window + self.random_blocks.shape[1]
+
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
-        """The pattern as a dense mask where that is as cheap (or needed), else block-sparse."""
-        T = q.shape[-2]
+        """Causal attention where the pattern covers everything, the pattern as a dense mask
+        where needed (weights, reference, masks, cached keys), else block-sparse."""
+        T, t_k = q.shape[-2], k.shape[-2]
+        if t_k > self.config.block_size:  # the random blocks were drawn up to block_size
+            raise ValueError(
+                f"{t_k} positions: the sequence is longer than the layer's block_size="
+                f"{self.config.block_size}"
+            )
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
-        if dense or T != k.shape[-2] or T <= self.block:  # cached keys, or one causal block
+        if dense or T != t_k or self.covers_all(T):
             return super().attend(q, k, v, attn_mask, need_weights)
         pad = -T % self.block  # padded positions come after every real one: causally unseen
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, hd) each
@@ -196,7 +209,10 @@ class SparseAttention(GroupedQueryAttention):
         return y[:, :, :T], None  # (B, n_head, T, hd)
 
     def _mask(self, attn_mask, t_q, t_k, device):
-        """The base class's mask (ALiBi, extra mask) restricted to the BigBird pattern."""
+        """The base class's mask (causal, ALiBi, extra mask), restricted to the BigBird pattern
+        unless that covers everything."""
+        if self.covers_all(t_k):
+            return super()._mask(attn_mask, t_q, t_k, device)  # SDPA's causal kernel may apply
         attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
         allowed = bigbird_mask(
             t_q, t_k, self.block, self.n_global, self.n_window, self.random_blocks
