@@ -120,7 +120,9 @@ def test_resume_after_sigkill_is_exact(corpus, tmp_path):
     killed = tiny(corpus, tmp_path / "killed")
     script = textwrap.dedent(f"""
         import os, signal
+        import torch
         import attnbook.train as T
+        torch.set_num_threads({torch.get_num_threads()})  # bit-exact needs the same threads
         lr_at = T.lr_at
         def lr_or_die(step, cfg):
             if step == 9:  # steps 0..8 done, the checkpoint of step 6 written

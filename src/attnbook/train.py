@@ -19,7 +19,8 @@ temporary folder and renamed, so a killed run never leaves half a checkpoint; th
 tensors, numbers, strings, lists and dicts, and is read with ``torch.load(weights_only=True)``:
 loading never unpickles arbitrary objects. A run restarted with the same ``out_dir`` resumes
 from the newest readable checkpoint (an unreadable one is skipped with a warning) and continues
-exactly as if it had not stopped: the same batches, dropout masks and weights, on CPU bit for bit.
+exactly as if it had not stopped: the same batches, dropout masks and weights, on CPU bit for bit
+with the same number of threads (a different count changes the order of float sums).
 
 Metrics go to ``out_dir/metrics.jsonl`` (one JSON object per line; on resume the lines after the
 checkpoint are dropped), to a progress bar, and to MLflow when ``mlflow_uri`` is set and MLflow is
