@@ -1,6 +1,7 @@
 """The trainer: schedule, optimizer groups, checkpoints, exact resume after SIGKILL, early
 stopping, divergence, corrupt checkpoints, torchrun data parallelism, MLflow, the command line."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import attnbook.train as train_module
 from attnbook.model import GPT, GPTConfig
 from attnbook.train import (
+    CheckpointMismatch,
     TrainConfig,
     TrainingDiverged,
     add_config_arguments,
@@ -153,6 +155,16 @@ def test_early_stopping(tmp_path, monkeypatch):
     assert result.stopped == "early_stopping" and result.step < 200
     vals = [m["val_loss"] for m in read_metrics(cfg.out_dir) if "val_loss" in m]
     assert min(vals[-2:]) >= min(vals[:-2])
+    again = train(cfg)  # a stopped run stays stopped
+    assert (again.step, again.stopped) == (result.step, "early_stopping")
+
+
+def test_resuming_into_another_model_shape_is_refused(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6)
+    train(cfg)
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=64))
+    with pytest.raises(CheckpointMismatch, match="other n_embd than this one.*resume=False"):
+        train(wider)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):

@@ -59,6 +59,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint was written for another model configuration than the one it is loaded into."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the model's shape (``model``).
@@ -241,6 +245,13 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
     state = torch.load(path / "state.pt", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state.get('format')!r}, expected 1")
+    saved = json.loads(state["train_config"])["model"]
+    if isinstance(model, GPT) and saved != model.config.to_dict():
+        changed = sorted(k for k in saved if saved[k] != model.config.to_dict().get(k))
+        raise CheckpointMismatch(
+            f"{path} holds a model with other {', '.join(changed)} than this one: train it in "
+            f"another out_dir, or with resume=False to start over"
+        )
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -253,10 +264,13 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
 
 
 def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
-    """Load the newest checkpoint that reads back; warn about each one that does not."""
+    """Load the newest checkpoint that reads back; warn about each one that does not. A
+    checkpoint of another model configuration raises ``CheckpointMismatch``."""
     for path in reversed(checkpoint_dirs(out_dir)):
         try:
             return load_checkpoint(path, model, optimizer)
+        except CheckpointMismatch:
+            raise
         except Exception as err:  # a torn or corrupt file: fall back to the one before
             warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
     return None
@@ -385,9 +399,9 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     micro = cfg.batch_size // world_size // cfg.grad_accum
     tokens_per_step = cfg.batch_size * cfg.model.block_size
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not cfg.progress or rank != 0)
-    stopped = "max_iters"
+    stopped = "early_stopping" if cfg.patience and bad_evals >= cfg.patience else "max_iters"
     model.train()
-    while step < cfg.max_iters:
+    while step < cfg.max_iters and stopped == "max_iters":
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -438,8 +452,6 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         last = step == cfg.max_iters or stopped != "max_iters"
         if is_best or last or step % cfg.ckpt_interval == 0:
             save(is_best)
-        if stopped != "max_iters":
-            break
     bar.close()
     metrics.close()
     return TrainResult(step=step, best_val_loss=best_val, stopped=stopped, out_dir=out_dir)
