@@ -15,11 +15,16 @@ autocast, with model FLOPs utilisation against the matrix-multiply peak measured
 ``baby`` runs nanoGPT's documented CPU training (2000 iterations) with our trainer and prints the
 final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds per iteration.
 
+On this project's VMs a fresh page of memory is expensive, and glibc returns large freed
+blocks to the system, so every big temporary is faulted in again; ``--keep-freed-memory`` asks
+glibc to keep them (what jemalloc or tcmalloc do), which helps the kernels that copy more.
+
 It measures; it asserts nothing (the chapters and the tests check the claims). Timings depend on
 the machine and on what else runs on it: run it on an idle machine.
 """
 
 import argparse
+import ctypes
 import functools
 import tempfile
 import time
@@ -67,6 +72,16 @@ def sparse_random_blocks(T: int) -> torch.Tensor:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return draw_random_blocks(T // 64, 2, 3, 3)
+
+
+def keep_freed_memory() -> None:
+    """glibc only: serve large allocations from the heap and never trim it (``mallopt``), so a
+    freed tensor's pages are reused instead of being unmapped and faulted in again."""
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise ValueError("mallopt refused the settings: drop --keep-freed-memory")
+    print("glibc malloc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, no trimming)")
 
 
 def full_causal(q, k, v):
@@ -255,6 +270,11 @@ def main(argv=None):
     att = sub.add_parser("attention", help="attention kernels and layers: time and cache bytes")
     att.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     att.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    att.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="ask glibc's malloc to keep freed memory instead of returning it to the system "
+        "(as jemalloc or tcmalloc would): large temporaries then skip fresh page faults",
+    )  # fmt: skip
     trn = sub.add_parser("train", help="training step time and MFU, float32 and bf16 autocast")
     trn.add_argument("--batch_size", type=int, default=12)
     trn.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
@@ -268,6 +288,8 @@ def main(argv=None):
     if args.command == "attention":
         if min(args.lengths) < 1:
             parser.error(f"--lengths must be positive, got {args.lengths}")
+        if args.keep_freed_memory:
+            keep_freed_memory()
         print_attention(args.lengths, args.repeats)
     elif args.command == "train":
         print_train(args.batch_size, args.repeats)
