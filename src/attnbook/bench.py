@@ -243,7 +243,9 @@ def print_baby(max_iters: int) -> None:
     """nanoGPT's documented CPU run with our trainer; its reported validation loss is 1.88."""
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(
-            model=GPTConfig(vocab_size=65, dropout=0.0, **TRAIN_SHAPES["4x4x128, block 64"]),
+            model=GPTConfig(  # nanoGPT's train.py has no biases (bias=False)
+                vocab_size=65, dropout=0.0, bias=False, **TRAIN_SHAPES["4x4x128, block 64"]
+            ),
             out_dir=out_dir, batch_size=12, max_iters=max_iters, lr_decay_iters=max_iters,
             eval_iters=20, device="cpu",
         )  # fmt: skip
@@ -255,7 +257,7 @@ def print_baby(max_iters: int) -> None:
         final = evaluate(model, data, replace(cfg, eval_iters=200), torch.device("cpu"))
         step_ms = sorted(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
     print(f"nanoGPT's CPU baby run (4x4x128, block 64, batch 12, {max_iters} iterations, "
-          f"dropout 0, char TinyShakespeare), {torch.get_num_threads()} threads:")  # fmt: skip
+          f"dropout 0, no biases, char TinyShakespeare), {torch.get_num_threads()} threads:")  # fmt: skip
     print(f"final loss over 200 batches: train {final['train']:.4f}, val {final['val']:.4f} "
           f"(nanoGPT reports val 1.88)")  # fmt: skip
     print(f"wall time {wall:.1f} s (evaluations included), median {step_ms[len(step_ms) // 2]:.1f} "
