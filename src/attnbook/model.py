@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionConfig, available, build_attention
-from .attention.config import POSITIONS
+from .attention.config import POSITIONS, check_positive_int
 from .mlp import MLP, SwiGLU, swiglu_hidden
 from .positions import PositionalEmbedding
 
@@ -87,9 +87,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: choose n_head "

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from .attention.config import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
 from .model import GPT, GPTConfig
 
@@ -138,13 +139,9 @@ class TrainConfig:
         positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
         positive += ("log_interval", "ckpt_interval", "keep_last", "lr_decay_iters")
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "patience", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            check_non_negative_int(name, getattr(self, name))
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:

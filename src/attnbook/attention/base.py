@@ -42,6 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, n_kv_head, config.head_dim
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)  # mixes heads
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.scale = None  # softmax scale: None means 1/sqrt(the queries' size)
         self.rope = None
         if config.positions == "rope":
             self.rope = RotaryEmbedding(
@@ -75,11 +76,15 @@ class CausalSelfAttention(nn.Module):
             dtype=dtype or self.c_proj.weight.dtype,
         )
 
-    def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """``(B, T)`` of an input ``x`` of shape ``(B, T, d_model)``; ValueError otherwise."""
         d = self.config.d_model
         if x.dim() != 3 or x.shape[-1] != d:
             raise ValueError(f"x must have shape (B, T, d_model={d}), got {tuple(x.shape)}")
-        B, T, _ = x.shape
+        return x.shape[0], x.shape[1]
+
+    def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
+        B, T = self.check_input(x)
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.project(x)  # (B, n_head, T, hd), 2 x (B, n_kv_head, T, hd)
         if self.rope is not None:
@@ -88,13 +93,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, n_kv_head, T_k, hd): the cached positions and x's
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may store a lower precision
         y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, n_head, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d_model): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, d_model): heads side by side
         y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
         return (y, weights) if need_weights else y
 
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
         """Softmax attention of ``q`` ``(B, n_head, T, hd)`` over ``k``, ``v``
-        ``(B, n_kv_head, T_k, hd)`` with this layer's masks (causal, ALiBi, ``attn_mask``).
+        ``(B, n_kv_head, T_k, hd)`` with this layer's masks (causal, ALiBi, ``attn_mask``) and
+        ``self.scale``; fewer key/value heads than query heads means grouped-query attention.
 
         Returns the ``(B, n_head, T, hd)`` output and the ``(B, n_head, T, T_k)`` weights if
         ``need_weights`` (else None).
@@ -104,7 +110,8 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             is_causal=is_causal,
             dropout_p=self.config.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            scale=self.scale,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         if need_weights or self.config.impl == "reference":
             return sdpa_reference(q, k, v, **args, return_weights=True)

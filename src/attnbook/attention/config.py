@@ -79,18 +79,18 @@ class AttentionConfig:
 
     def __post_init__(self):
         for name in ("d_model", "n_head", "block_size", "window", "linear_chunk"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("sparse_block", "n_window_blocks"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("n_global_blocks", "n_random_blocks"):
-            _check_non_negative_int(name, getattr(self, name))
+            check_non_negative_int(name, getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
                 f"choose n_head among the divisors of d_model"
             )
         if self.n_kv_head is not None:
-            _check_positive_int("n_kv_head", self.n_kv_head)
+            check_positive_int("n_kv_head", self.n_kv_head)
             if self.n_head % self.n_kv_head != 0:
                 raise ValueError(
                     f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: each "
@@ -98,8 +98,8 @@ class AttentionConfig:
                 )
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
-        _check_non_negative_int("q_lora_rank", self.q_lora_rank)
+                check_positive_int(name, getattr(self, name))
+        check_non_negative_int("q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
             raise ValueError(
                 f"RoPE rotates pairs of coordinates: qk_rope_head_dim must be even, got "
@@ -131,11 +131,13 @@ class AttentionConfig:
         return self.d_model // self.n_head
 
 
-def _check_positive_int(name, value):
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int > 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_non_negative_int(name, value):
+def check_non_negative_int(name: str, value) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

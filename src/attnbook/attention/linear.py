@@ -238,14 +238,11 @@ class LinearAttention(MultiHeadAttention):
         )
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        d = self.config.d_model
-        if x.dim() != 3 or x.shape[-1] != d:
-            raise ValueError(f"x must have shape (B, T, d_model={d}), got {tuple(x.shape)}")
+        B, T = self.check_input(x)
         if attn_mask is not None:
             raise ValueError("linear attention forms no scores to mask: attn_mask must be None")
         if need_weights and cache is not None:
             raise ValueError("need_weights needs the whole sequence: call it without a cache")
-        B, T, _ = x.shape
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.project(x)  # 3 x (B, n_head, T, hd)
         q, k = elu_feature_map(q), elu_feature_map(k)  # (B, n_head, T, hd), positive features
@@ -265,6 +262,6 @@ class LinearAttention(MultiHeadAttention):
                 )  # (B, n_head, T, hd)
             if cache is not None:
                 cache.update(*state, T)
-        y = y.transpose(1, 2).contiguous().view(B, T, d)  # (B, T, d_model): heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, d_model): heads side by side
         y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
         return (y, weights) if need_weights else y

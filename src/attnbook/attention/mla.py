@@ -42,7 +42,6 @@ from ..kv_cache import check_cache_sizes
 from ..positions import RotaryEmbedding
 from .base import CausalSelfAttention
 from .config import AttentionConfig
-from .core import sdpa, sdpa_reference
 from .registry import register_attention
 
 RMS_EPS = 1e-6
@@ -141,7 +140,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         self.rank, self.q_rank = config.kv_lora_rank, config.q_lora_rank
         self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
-        self.scale = (self.nope + self.rope_dim) ** -0.5
+        self.scale = (self.nope + self.rope_dim) ** -0.5  # not 1/sqrt of the absorbed size
         self.absorb = config.mla_absorb
         q_out = H * (self.nope + self.rope_dim)  # per head: q_nope | q_rope
         if self.q_rank:
@@ -181,10 +180,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         )
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        d = self.config.d_model
-        if x.dim() != 3 or x.shape[-1] != d:
-            raise ValueError(f"x must have shape (B, T, d_model={d}), got {tuple(x.shape)}")
-        B, T, _ = x.shape
+        B, T = self.check_input(x)
         start = 0 if cache is None else cache.length  # position of x's first token
         q_nope, q_rope, latent, k_rope = self.project(x)
         if self.rope is not None:
@@ -214,19 +210,3 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * v): heads side by side
         y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
         return (y, weights) if need_weights else y
-
-    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
-        """``CausalSelfAttention.attend`` with MLA's scale ``1/sqrt(nope + rope)`` (the absorbed
-        queries are longer than that) and ``k``, ``v`` of ``n_head`` heads (naive) or one head
-        shared by all query heads (absorbed)."""
-        attn_mask, is_causal = self._mask(attn_mask, q.shape[-2], k.shape[-2], q.device)
-        args = dict(
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=self.config.dropout if self.training else 0.0,
-            scale=self.scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
-        if need_weights or self.config.impl == "reference":
-            return sdpa_reference(q, k, v, **args, return_weights=True)
-        return sdpa(q, k, v, **args), None
