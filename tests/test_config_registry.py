@@ -35,6 +35,7 @@ def test_head_dim():
         ({"qk_rope_head_dim": 0}, "qk_rope_head_dim must be a positive integer"),
         ({"v_head_dim": -2}, "v_head_dim must be a positive integer"),
         ({"mla_absorb": 1}, "mla_absorb must be True or False"),
+        ({"mla_kv_norm": "yes"}, "mla_kv_norm must be True or False"),
         ({"sparse_block": 0}, "sparse_block must be a positive integer"),
         ({"n_window_blocks": 0}, "n_window_blocks must be a positive integer"),
         ({"n_global_blocks": -1}, "n_global_blocks must be an integer >= 0"),

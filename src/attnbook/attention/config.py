@@ -51,6 +51,9 @@ class AttentionConfig:
         v_head_dim: MLA's per-head value size; ``None`` means ``head_dim``.
         mla_absorb: MLA's inference mode: ``False`` expands keys and values from the latent,
             ``True`` absorbs the up-projections and attends in latent space (same outputs).
+        mla_kv_norm: MLA's RMSNorm on the key/value latent (DeepSeek-V2 has it); ``False``
+            leaves the latent unnormalised, so keys and values are linear in the input, as a
+            model converted from multi-head attention needs (``attnbook.convert``).
     """
 
     d_model: int = 768
@@ -76,6 +79,7 @@ class AttentionConfig:
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     mla_absorb: bool = False
+    mla_kv_norm: bool = True
 
     def __post_init__(self):
         for name in ("d_model", "n_head", "block_size", "window", "linear_chunk"):
@@ -105,8 +109,9 @@ class AttentionConfig:
                 f"RoPE rotates pairs of coordinates: qk_rope_head_dim must be even, got "
                 f"{self.qk_rope_head_dim}"
             )
-        if not isinstance(self.mla_absorb, bool):
-            raise ValueError(f"mla_absorb must be True or False, got {self.mla_absorb!r}")
+        for name in ("mla_absorb", "mla_kv_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.positions not in POSITIONS:

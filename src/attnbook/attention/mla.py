@@ -1,7 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2, 2024): cache a small latent, not the keys and values.
 
 Each token's keys and values are rebuilt from one latent vector ``c = RMSNorm(W_DKV x)`` of
-``kv_lora_rank`` numbers, shared by all heads: head ``h`` has key ``W_UK_h c`` and value
+``kv_lora_rank`` numbers (``mla_kv_norm=False`` drops the RMSNorm), shared by all heads: head ``h`` has key ``W_UK_h c`` and value
 ``W_UV_h c``. Generation then caches ``c`` instead of ``2 * n_head * head_dim`` numbers.
 
 RoPE cannot be applied to ``W_UK_h c`` without spoiling the trick below, so position gets its own
@@ -152,7 +152,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         else:
             self.q_proj = nn.Linear(d, q_out, bias=bias)
         self.kv_down = nn.Linear(d, self.rank + self.rope_dim, bias=bias)  # W_DKV | W_KR
-        self.kv_norm = nn.RMSNorm(self.rank, eps=RMS_EPS)
+        self.kv_norm = nn.RMSNorm(self.rank, eps=RMS_EPS) if config.mla_kv_norm else nn.Identity()
         self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # W_UK|W_UV
         self.c_proj = nn.Linear(H * self.v_dim, d, bias=bias)  # values are v_head_dim wide
         self.rope = None  # the decoupled part alone is rotated

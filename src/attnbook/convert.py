@@ -1,0 +1,146 @@
+"""Convert a trained multi-head attention GPT into a cheaper variant: GQA or MLA.
+
+Both conversions return a new ``GPT`` whose every weight outside attention is the original's and
+whose attention is built from the original projections:
+
+- ``mha_to_gqa``: grouped-query attention with ``n_kv_head`` key/value heads, each the mean of
+  the ``n_head / n_kv_head`` consecutive heads it replaces (the GQA paper's "mean pooling"
+  up-training start). With ``n_kv_head == n_head`` nothing is pooled and the outputs are equal.
+- ``mha_to_mla``: multi-head latent attention (``mla_kv_norm=False``, ``q_lora_rank=0``) whose
+  latent is a truncated SVD of the stacked key and value projections: ``[W_K; W_V] = U S Vᵀ``,
+  ``kv_down = sqrt(S_r) V_rᵀ`` (``r = kv_lora_rank``), ``kv_up = U_r sqrt(S_r)``. Full rank
+  (``r = n_embd``) reproduces the keys and values exactly; a smaller ``r`` keeps the best rank-r
+  approximation of the projection (in weight space, not weighted by the activations). The
+  key bias is dropped (it adds the same amount to every score of a query, which softmax ignores)
+  and the value bias moves into ``c_proj``'s bias (the weights of a query sum to one). The
+  decoupled rotary part is set to zero and the queries are scaled so the softmax scale
+  ``1/sqrt(head_dim + qk_rope_head_dim)`` acts as ``1/sqrt(head_dim)``.
+
+What it does not do: convert a RoPE model to MLA. RoPE rotates each head's key by its position,
+and a rotated key is no longer a fixed linear map of a position-free latent, so no weights make
+MLA reproduce it; DeepSeek-V2's answer is to train with decoupled rotary coordinates from the
+start (chapter 11), and published conversions keep part of the rotation in those coordinates and
+fine-tune. ``mha_to_mla`` raises for ``positions="rope"``; learned, sinusoidal, ALiBi and no
+positions convert exactly. Neither conversion trains: chapter 14 fine-tunes the result briefly.
+"""
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .model import GPT
+
+# variants whose fused ``c_attn`` holds query | key | value rows with one key/value head per
+# query head: what both conversions read
+SOURCES = ("mha", "gqa")
+
+
+def _check_source(model: GPT) -> None:
+    cfg = model.config
+    n_kv = cfg.attention_options.get("n_kv_head") or cfg.n_head
+    if cfg.attention not in SOURCES or n_kv != cfg.n_head:
+        raise ValueError(
+            f"converts multi-head attention (attention 'mha', or 'gqa' with n_kv_head = n_head), "
+            f"got attention={cfg.attention!r} with options {cfg.attention_options}"
+        )
+
+
+def _converted(model: GPT, attention: str, options: dict, attn_state) -> GPT:
+    """A new GPT with ``attention``/``options`` whose attention weights in block ``i`` are
+    ``attn_state(i, old_attention_state)`` and every other weight is ``model``'s."""
+    cfg = replace(model.config, attention=attention, attention_options=options)
+    new = GPT(cfg).to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
+    state = {k: v for k, v in model.state_dict().items() if ".attn." not in k}
+    for i, block in enumerate(model.transformer.h):
+        attn = attn_state(block.attn.state_dict())
+        state.update({f"transformer.h.{i}.attn.{k}": v for k, v in attn.items()})
+    new.load_state_dict(state)  # strict: every tensor of the new model is set
+    return new
+
+
+@torch.no_grad()
+def mha_to_gqa(model: GPT, n_kv_head: int) -> GPT:
+    """``model`` with grouped-query attention: ``n_kv_head`` key/value heads, each the mean of
+    the consecutive heads it serves.
+
+    Args:
+        model: a ``GPT`` with multi-head attention (not modified).
+        n_kv_head: key/value heads per layer; must divide ``n_head``.
+
+    Returns a new ``GPT`` (attention ``"gqa"``), in ``model``'s mode, device and dtype.
+    """
+    _check_source(model)
+    H, d = model.config.n_head, model.config.n_embd
+    if not isinstance(n_kv_head, int) or n_kv_head < 1 or H % n_kv_head:
+        raise ValueError(f"n_kv_head must be a positive divisor of n_head={H}, got {n_kv_head!r}")
+    hd, group = d // H, H // n_kv_head
+
+    def pool(t):  # (3 * d, ...) -> (d + 2 * n_kv_head * hd, ...): q kept, k and v pooled
+        q, k, v = t.split(d)  # (d, ...) each, rows head by head
+        k, v = (x.view(n_kv_head, group, hd, *x.shape[1:]).mean(1) for x in (k, v))
+        return torch.cat([q, k.flatten(0, 1), v.flatten(0, 1)])  # (d + 2 * n_kv_head * hd, ...)
+
+    def attn_state(old):
+        return {k: pool(v) if k.startswith("c_attn.") else v for k, v in old.items()}
+
+    new = _converted(model, "gqa", {"n_kv_head": n_kv_head}, attn_state)
+    return new.train(model.training)
+
+
+@torch.no_grad()
+def mha_to_mla(model: GPT, kv_lora_rank: int, qk_rope_head_dim: int = 2) -> GPT:
+    """``model`` with multi-head latent attention whose latent is the rank-``kv_lora_rank``
+    truncated SVD of each layer's stacked key and value projections.
+
+    Args:
+        model: a ``GPT`` with multi-head attention and positions other than RoPE (not modified).
+        kv_lora_rank: latent size ``r``, ``1 <= r <= n_embd`` (``n_embd``: exact).
+        qk_rope_head_dim: the decoupled rotary size (even); its weights are zero, so it only
+            shapes the cache, ``r + qk_rope_head_dim`` numbers per token, until fine-tuning.
+
+    Returns a new ``GPT`` (attention ``"mla"``, ``q_lora_rank=0``, ``mla_kv_norm=False``,
+    ``qk_nope_head_dim = v_head_dim = head_dim``), in ``model``'s mode, device and dtype.
+    """
+    _check_source(model)
+    cfg = model.config
+    if cfg.positions == "rope":
+        raise ValueError(
+            "positions='rope' cannot be converted to MLA exactly: rotated per-head keys are not "
+            "a linear map of a shared latent (see attnbook.convert's docstring); train MLA "
+            "from scratch, or convert a model with learned, sinusoidal, ALiBi or no positions"
+        )
+    H, d = cfg.n_head, cfg.n_embd
+    hd, r, rope = d // H, kv_lora_rank, qk_rope_head_dim
+    if not isinstance(r, int) or not 1 <= r <= d:
+        raise ValueError(f"kv_lora_rank must be an integer in [1, n_embd={d}], got {r!r}")
+    options = dict(
+        kv_lora_rank=r, q_lora_rank=0, qk_nope_head_dim=hd, qk_rope_head_dim=rope,
+        v_head_dim=hd, mla_kv_norm=False,
+    )  # fmt: skip
+    q_scale = math.sqrt((hd + rope) / hd)  # undoes MLA's larger softmax denominator
+
+    def attn_state(old):
+        w_q, w_k, w_v = old["c_attn.weight"].split(d)  # (d, d) each, rows head by head
+        w_kv = torch.stack([w_k.view(H, hd, d), w_v.view(H, hd, d)], dim=1)  # (H, 2, hd, d)
+        U, S, Vh = torch.linalg.svd(w_kv.reshape(2 * d, d).double(), full_matrices=False)
+        root = S[:r].sqrt()  # (r,)
+        kv_up = U[:, :r] * root  # (2d, r): per head its hd key rows, then its hd value rows
+        kv_down = root[:, None] * Vh[:r]  # (r, d)
+        q = torch.cat([w_q.view(H, hd, d) * q_scale, w_q.new_zeros(H, rope, d)], dim=1)
+        state = {
+            "q_proj.weight": q.reshape(H * (hd + rope), d),  # (H * (hd + rope), d)
+            "kv_down.weight": torch.cat([kv_down.to(w_q), w_q.new_zeros(rope, d)]),  # (r+rope, d)
+            "kv_up.weight": kv_up.to(w_q),  # (2d, r)
+            "c_proj.weight": old["c_proj.weight"],  # (d, d)
+        }
+        if "c_attn.bias" in old:
+            b_q, _, b_v = old["c_attn.bias"].split(d)  # (d,) each; the key bias drops out
+            b_q = torch.cat([b_q.view(H, hd) * q_scale, b_q.new_zeros(H, rope)], dim=1)
+            state["q_proj.bias"] = b_q.flatten()  # (H * (hd + rope),)
+            state["kv_down.bias"] = b_q.new_zeros(r + rope)  # (r + rope,)
+            state["c_proj.bias"] = old["c_proj.bias"] + old["c_proj.weight"] @ b_v  # (d,)
+        return state
+
+    new = _converted(model, "mla", options, attn_state)
+    return new.train(model.training)
