@@ -15,9 +15,12 @@ autocast, with model FLOPs utilisation against the matrix-multiply peak measured
 ``baby`` runs nanoGPT's documented CPU training (2000 iterations) with our trainer and prints the
 final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds per iteration.
 
-On this project's VMs a fresh page of memory is expensive, and glibc returns large freed
-blocks to the system, so every big temporary is faulted in again; ``--keep-freed-memory`` asks
-glibc to keep them (what jemalloc or tcmalloc do), which helps the kernels that copy more.
+``attention`` first asks glibc's malloc to keep freed memory for reuse, as the caching allocators
+that PyTorch's CPU performance guide recommends (jemalloc, tcmalloc) do: by default glibc returns
+every freed block over 32 MB to the system, so each large temporary (the block-sparse kernel's
+gathered keys and values are 67 MB each at T=4096) is page-faulted in afresh on every call, which
+costs more than the attention arithmetic on this project's VMs. ``--system-malloc`` measures with
+glibc's defaults instead; the first line of the output says which allocator setting was used.
 
 It measures; it asserts nothing (the chapters and the tests check the claims). Timings depend on
 the machine and on what else runs on it: run it on an idle machine.
@@ -76,12 +79,18 @@ def sparse_random_blocks(T: int) -> torch.Tensor:
 
 def keep_freed_memory() -> None:
     """glibc only: serve large allocations from the heap and never trim it (``mallopt``), so a
-    freed tensor's pages are reused instead of being unmapped and faulted in again."""
-    libc = ctypes.CDLL("libc.so.6")
+    freed tensor's pages are reused instead of being unmapped and faulted in again. Elsewhere
+    (another C library, another system) it changes nothing and says so."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        print("malloc: the system's default (not glibc: --system-malloc is implied)")
+        return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise ValueError("mallopt refused the settings: drop --keep-freed-memory")
-    print("glibc malloc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, no trimming)")
+    if not (mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise ValueError("glibc's mallopt refused the settings: pass --system-malloc")
+    print("malloc: glibc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, no trimming)")
 
 
 def full_causal(q, k, v):
@@ -273,9 +282,9 @@ def main(argv=None):
     att.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     att.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
     att.add_argument(
-        "--keep-freed-memory", action="store_true",
-        help="ask glibc's malloc to keep freed memory instead of returning it to the system "
-        "(as jemalloc or tcmalloc would): large temporaries then skip fresh page faults",
+        "--system-malloc", action="store_true",
+        help="keep glibc's default malloc, which returns large freed blocks to the system (by "
+        "default the benchmark asks it to keep them, as jemalloc or tcmalloc would)",
     )  # fmt: skip
     trn = sub.add_parser("train", help="training step time and MFU, float32 and bf16 autocast")
     trn.add_argument("--batch_size", type=int, default=12)
@@ -290,7 +299,9 @@ def main(argv=None):
     if args.command == "attention":
         if min(args.lengths) < 1:
             parser.error(f"--lengths must be positive, got {args.lengths}")
-        if args.keep_freed_memory:
+        if args.system_malloc:
+            print("malloc: the system's default")
+        else:
             keep_freed_memory()
         print_attention(args.lengths, args.repeats)
     elif args.command == "train":
