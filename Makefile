@@ -1,6 +1,8 @@
 # Two commands do all the set-up themselves (see README.md, "Quick start"):
 #   make book    create .venv, install the book, start JupyterLab on chapters/
 #   make test    create .venv, install the book, run the unit tests and every notebook under nbval
+#   make compare create .venv, install the book, train every attention variant alike and compare
+#                them (attnbook compare --quick; COMPARE_ARGS="--full" for the full run)
 # Other targets: make setup | lint | pairs | chapter CH=02 | execute NB=chapters/02_….py | clean
 
 PYTHON ?= python3
@@ -10,13 +12,14 @@ TORCH ?= torch==2.13.0
 # Extra pip arguments for the torch install only, e.g. a CPU-only package index on a laptop.
 TORCH_PIP_ARGS ?=
 JUPYTER_ARGS ?=
+COMPARE_ARGS ?= --quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnbook-installed
 # JupyterLab refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NOTEBOOKS = $(wildcard chapters/*.ipynb chapters/solutions/*.ipynb)
 
-.PHONY: setup book book-server test unit nbval lint pairs chapter execute clean
+.PHONY: setup book book-server compare test unit nbval lint pairs chapter execute clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +35,10 @@ book: $(STAMP)
 # Headless: no browser is opened; open the printed http://127.0.0.1:8888/lab?token=… address.
 book-server: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=chapters --no-browser --ip=127.0.0.1 $(ROOT_FLAG) $(JUPYTER_ARGS)
+
+# The book's main experiment: results/compare/recall/{results.md,results.csv,*.png}
+compare: $(STAMP)
+	$(BIN)/attnbook compare $(COMPARE_ARGS)
 
 test: unit nbval
 

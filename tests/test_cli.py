@@ -8,7 +8,9 @@ from attnbook.attention import available
 TEXT = "".join(f"to be or not to be, line {i}\n" for i in range(200))
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["generate"], ["bench"]])
+@pytest.mark.parametrize(
+    "command", [[], ["prepare"], ["train"], ["generate"], ["compare"], ["bench"]]
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([*command, "--help"])

@@ -1,14 +1,15 @@
-"""The ``attnbook`` command: ``prepare``, ``train``, ``generate``, ``bench``.
+"""The ``attnbook`` command: ``prepare``, ``train``, ``generate``, ``compare``, ``bench``.
 
     attnbook prepare --data tinyshakespeare --encoding char
     attnbook train --max_iters 2000 --attention gqa --attention_options '{"n_kv_head": 2}'
     attnbook generate --out_dir runs/default --prompt "ROMEO:" --max_new_tokens 200
+    attnbook compare --quick
     attnbook bench attention
 
 ``attnbook train`` alone trains the small character-level model of nanoGPT's CPU example on
 TinyShakespeare into ``runs/default`` (and resumes there if it was interrupted). Each subcommand
-has ``--help``. This file only parses arguments: the work is in ``data``, ``train``, ``model``
-and ``bench``.
+has ``--help``. This file only parses arguments: the work is in ``data``, ``train``, ``model``,
+``compare`` and ``bench``.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from . import bench, train
+from . import bench, compare, train
 from .data import Encoding, TokenData, prepare
 
 
@@ -75,11 +76,17 @@ def main(argv=None) -> None:
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--best", action="store_true", help="the best checkpoint, not the newest")
 
+    sub.add_parser("compare", help="train every attention variant alike and compare them",
+                   add_help=False)  # fmt: skip
+
     sub.add_parser("bench", help="speed and memory benchmarks (attention, train, baby)",
                    add_help=False)  # fmt: skip
 
     if argv[:1] == ["train"]:  # the trainer parses its own flags
         train.main(argv[1:])
+        return
+    if argv[:1] == ["compare"]:
+        compare.main(argv[1:])
         return
     if argv[:1] == ["bench"]:
         bench.main(argv[1:])

@@ -1,0 +1,425 @@
+"""Train every attention variant under identical conditions and compare them (``attnbook compare``).
+
+Every variant gets the same GPT shape, seed, data order, step count, optimiser and schedule
+(``train.train``); only ``GPTConfig.attention`` and its options change. The options are chosen
+per variant from the sequence length so that each variant's saving is real at that length
+(``variant_options``: GQA halves the key/value heads, local attention sees an eighth of the
+sequence, sparse attention about half of the blocks, MLA caches a latent of ``4 * head_dim``);
+a registered variant this file does not know gets its defaults. Parameter counts differ
+slightly between variants, so the table reports them.
+
+Two workloads:
+
+- ``"recall"`` (the default, nothing to download): the synthetic suite of ``attnbook.tasks``,
+  every batch an equal mix of multi-query associative recall, copying and induction; reported
+  per task as accuracy on the answer positions, plus recall accuracy against the distance
+  between a key-value pair and its query;
+- ``"lm"``: language modelling on ``data`` (TinyShakespeare or a UTF-8 file) with ``encoding``;
+  reported as validation loss.
+
+Each variant trains in a child process (so its peak resident memory is its own; on CPU that
+includes Python and torch, about the same for all), in ``out_dir/<workload>/<variant>/`` with
+``train``'s checkpoints and ``metrics.jsonl``, and writes ``result.json``. A variant whose
+``result.json`` was made with the same settings is skipped when the command runs again
+(``force=True`` reruns it). Then ``out_dir/<workload>/`` gets ``results.csv``, ``results.md``
+and the figures ``loss_curves.png``, ``recall_by_gap.png`` (recall only), ``cache_bytes.png``
+and ``throughput.png``. Every number comes from the runs in that folder.
+
+Presets: ``"quick"`` (2 layers, 64 dims, 128 positions; the whole suite in a few minutes on
+2 CPU cores) and ``"full"`` (4 layers, 128 dims, 256 positions, 4x the steps). The columns:
+parameters, final train and validation loss, accuracies, training tokens/s (median over the
+logged steps), greedy generation tokens/s with the cache (batch 1), cache bytes per token of a
+1024-token sequence over all layers (float32: the whole cache at T=1024 divided by 1024, so
+constant-size caches count too), peak resident memory and wall time.
+"""
+
+import csv
+import json
+import math
+import multiprocessing
+import resource
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .attention import available, build_attention
+from .data import TokenData, prepare
+from .model import GPT, GPTConfig
+from .tasks import TaskBatch, accuracy, accuracy_by_gap, build_task
+from .train import TrainConfig, load_trained, read_metrics, train
+
+WORKLOADS = ("recall", "lm")
+PRESETS = {
+    "quick": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, max_iters=1500, batch_size=24),
+    "full": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, max_iters=6000, batch_size=48),
+}
+GAP_EDGES = (1, 8, 16, 32, 64, 128, 256)  # recall accuracy is reported per gap bin [lo, hi)
+CACHE_T = 1024  # cache bytes per token are reported for a sequence of this length
+TASK_FIELDS = ("idx", "targets", "gaps")  # TaskBatch's tensors, in order
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What ``compare`` runs; every variant shares all of it.
+
+    Args:
+        workload: ``"recall"`` (synthetic suite) or ``"lm"`` (language modelling on ``data``).
+        variants: registered attention names; empty means every one in ``available()``.
+        preset: ``"quick"`` or ``"full"``: the defaults of the fields below set to None.
+        n_layer, n_head, n_embd, block_size, max_iters, batch_size: the GPT and the run;
+            ``block_size`` is also the synthetic tasks' sequence length.
+        lr: AdamW's peak learning rate (warm-up over the first 5% of steps, cosine to lr/10).
+        data, encoding: the ``"lm"`` workload's corpus and encoding.
+        eval_batches: batches of the fixed evaluation set (accuracy and final losses).
+        seed: seeds the weights, the data and the evaluation set.
+        out_dir: results folder (the workload gets a subfolder).
+        force: rerun variants that already have a result.
+        progress: show progress bars.
+    """
+
+    workload: str = "recall"
+    variants: tuple = ()
+    preset: str = "quick"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    max_iters: int | None = None
+    batch_size: int | None = None
+    lr: float = 3e-3
+    data: str = "tinyshakespeare"
+    encoding: str = "char"
+    eval_batches: int = 8
+    seed: int = 1337
+    out_dir: str = "results/compare"
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {WORKLOADS}, got {self.workload!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        unknown = [v for v in self.variants if v not in available()]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; registered: {', '.join(available())}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "variants", tuple(self.variants) or tuple(available()))
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % 3 and self.workload == "recall":
+            raise ValueError(
+                f"the recall suite mixes 3 tasks equally: batch_size must be a multiple of 3, "
+                f"got {self.batch_size}"
+            )
+        if not (isinstance(self.eval_batches, int) and self.eval_batches >= 1):
+            raise ValueError(f"eval_batches must be a positive integer, got {self.eval_batches!r}")
+
+    def settings(self) -> dict:
+        """What decides a variant's result: a rerun with equal settings is skipped."""
+        skip = ("variants", "out_dir", "force", "progress")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def variant_options(name: str, cfg: CompareConfig) -> dict:
+    """Attention options of ``name`` for this comparison (see the module docstring)."""
+    T, H = cfg.block_size, cfg.n_head
+    return {
+        "gqa": {"n_kv_head": max(1, H // 2)},
+        "local": {"window": max(1, T // 8)},
+        "sparse": {
+            "sparse_block": max(1, T // 16),
+            "n_global_blocks": 1,
+            "n_window_blocks": 3,
+            "n_random_blocks": 2,
+        },  # fmt: skip
+        "linear": {"linear_chunk": min(64, T)},
+    }.get(name, {})
+
+
+# --- the data of each workload ------------------------------------------------------------
+
+
+def recall_suite(cfg: CompareConfig) -> list:
+    """The three synthetic tasks at ``block_size`` positions, sharing one vocabulary."""
+    T = cfg.block_size
+    return [
+        build_task("recall", vocab_size=256, seq_len=T, n_pairs=max(4, T // 16)),
+        build_task("copy", vocab_size=256, seq_len=T, segment_len=max(2, T // 4)),
+        build_task("induction", vocab_size=256, seq_len=T),
+    ]
+
+
+class SuiteData:
+    """The synthetic suite with ``train``'s data interface: every batch holds an equal part of
+    each task. ``"val"`` batches come from the generator ``train.evaluate`` passes (fixed)."""
+
+    def __init__(self, tasks: list):
+        self.tasks = tasks
+        self.vocab_size = max(t.vocab_size for t in tasks)
+        self.meta = {"tasks": [t.name for t in tasks]}
+
+    def get_batch(self, split, batch_size, block_size, generator, rank=0, world_size=1):
+        """``(x, y)``, each ``(batch_size / world_size, block_size)``; ``y`` is -1 off answers."""
+        if block_size != self.tasks[0].seq_len:
+            raise ValueError(f"block_size={block_size}, the tasks have {self.tasks[0].seq_len}")
+        per_task = batch_size // len(self.tasks)
+        batches = [t.batch(per_task, generator) for t in self.tasks]
+        x = torch.cat([b.idx for b in batches])  # (batch_size, T)
+        y = torch.cat([b.targets for b in batches])  # (batch_size, T)
+        return x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+
+
+# --- one variant ----------------------------------------------------------------------------
+
+
+def model_config(name: str, cfg: CompareConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, dropout=0.0, attention=name, attention_options=variant_options(name, cfg),
+    )  # fmt: skip
+
+
+def cache_bytes_per_token(model_cfg: GPTConfig, T: int = CACHE_T) -> float:
+    """Bytes of all layers' caches for one ``T``-token sequence in float32, divided by ``T``."""
+    layer = build_attention(
+        model_cfg.attention, replace(model_cfg.attention_config(), block_size=T)
+    )
+    return layer.new_cache(1, T).nbytes * model_cfg.n_layer / T
+
+
+@torch.no_grad()
+def generation_tokens_per_s(model: GPT, vocab_size: int, new_tokens: int, repeats: int = 2):
+    """Greedy decoding with the cache, batch 1, a 16-token prompt: best of ``repeats``."""
+    prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    best = math.inf
+    for _ in range(repeats + 1):  # the first run warms up
+        start = time.perf_counter()
+        model.generate(prompt, new_tokens, temperature=0)
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+@torch.no_grad()
+def task_scores(model: GPT, tasks: list, cfg: CompareConfig) -> dict:
+    """Accuracy per task and recall accuracy per gap bin, on a fixed evaluation set of
+    ``eval_batches`` batches per task."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    scores = {}
+    for task in tasks:
+        parts = [task.batch(cfg.batch_size, gen) for _ in range(cfg.eval_batches)]
+        batch = TaskBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in TASK_FIELDS))
+        logits = torch.cat([model(p.idx)[0] for p in parts])  # (eval_batches * B, T, V)
+        scores[f"{task.name}_acc"] = accuracy(logits, batch)
+        if task.name == "recall":
+            scores["recall_by_gap"] = accuracy_by_gap(logits, batch, GAP_EDGES)
+    return scores
+
+
+def run_variant(name: str, cfg: CompareConfig) -> dict:
+    """Train ``name`` in ``out_dir/<workload>/<name>/`` and measure it; returns the result row
+    (also written to ``result.json`` there)."""
+    start = time.perf_counter()
+    folder = Path(cfg.out_dir) / cfg.workload / name
+    if cfg.workload == "recall":
+        tasks = recall_suite(cfg)
+        data = SuiteData(tasks)
+    else:
+        data = TokenData(prepare(cfg.data, cfg.encoding))
+    model_cfg = model_config(name, cfg, data.vocab_size)
+    train_cfg = TrainConfig(
+        model=model_cfg, out_dir=str(folder), batch_size=cfg.batch_size,
+        max_iters=cfg.max_iters, lr=cfg.lr, min_lr=cfg.lr / 10,
+        warmup_iters=max(1, cfg.max_iters // 20), lr_decay_iters=cfg.max_iters,
+        eval_interval=max(1, cfg.max_iters // 10), eval_iters=cfg.eval_batches,
+        log_interval=max(1, cfg.max_iters // 100), ckpt_interval=cfg.max_iters,
+        seed=cfg.seed, progress=cfg.progress, device="cpu",
+    )  # fmt: skip
+    train(train_cfg, data)
+    model, _, _ = load_trained(folder)  # the final weights, in eval mode
+    metrics = read_metrics(folder)
+    final = [m for m in metrics if "val_loss" in m][-1]
+    row = {
+        "variant": name,
+        "options": json.dumps(model_cfg.attention_options, sort_keys=True),
+        "params": model.num_params(non_embedding=False),
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+    }
+    if cfg.workload == "recall":
+        row.update(task_scores(model, tasks, cfg))
+    row["train_tokens_per_s"] = statistics.median(
+        m["tokens_per_s"] for m in metrics if "tokens_per_s" in m
+    )
+    row["gen_tokens_per_s"] = generation_tokens_per_s(model, data.vocab_size, cfg.block_size - 16)
+    row["cache_bytes_per_token"] = cache_bytes_per_token(model_cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    row["peak_rss_mb"] = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    row["wall_s"] = time.perf_counter() - start
+    row["settings"] = cfg.settings()
+    (folder / "result.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+# --- all variants ---------------------------------------------------------------------------
+
+
+def compare(cfg: CompareConfig) -> list[dict]:
+    """Run (or reuse) every variant of ``cfg``, then write the tables and figures; returns the
+    rows in ``cfg.variants`` order."""
+    root = Path(cfg.out_dir) / cfg.workload
+    rows = []
+    for name in cfg.variants:
+        folder = root / name
+        done = folder / "result.json"
+        if done.exists() and not cfg.force:
+            row = json.loads(done.read_text())
+            if row["settings"] == json.loads(json.dumps(cfg.settings())):
+                print(f"{name}: finished before with these settings, reusing {done}")
+                rows.append(row)
+                continue
+        shutil.rmtree(folder, ignore_errors=True)  # stale or forced: start afresh
+        print(f"{name}: training ({cfg.max_iters} steps)", flush=True)
+        # a child process per variant: its peak memory is its own
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(run_variant, (name, cfg)))
+    write_tables(rows, cfg, root)
+    write_figures(rows, cfg, root)
+    return rows
+
+
+COLUMNS = {  # key -> (header, format)
+    "variant": ("variant", "{}"),
+    "params": ("params", "{:,}"),
+    "train_loss": ("train loss", "{:.4f}"),
+    "val_loss": ("val loss", "{:.4f}"),
+    "recall_acc": ("recall acc", "{:.3f}"),
+    "copy_acc": ("copy acc", "{:.3f}"),
+    "induction_acc": ("induction acc", "{:.3f}"),
+    "train_tokens_per_s": ("train tok/s", "{:,.0f}"),
+    "gen_tokens_per_s": ("generate tok/s", "{:,.0f}"),
+    "cache_bytes_per_token": (f"cache B/token @{CACHE_T}", "{:,.0f}"),
+    "peak_rss_mb": ("peak RSS MB", "{:,.0f}"),
+    "wall_s": ("wall s", "{:.0f}"),
+    "options": ("options", "{}"),
+}
+
+
+def write_tables(rows: list[dict], cfg: CompareConfig, root: Path) -> None:
+    """``results.csv`` (full precision) and ``results.md`` (rounded, with the settings)."""
+    keys = [k for k in COLUMNS if k in rows[0]]
+    with open(root / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# attnbook compare: {cfg.workload}",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in cfg.settings().items()),
+        "",
+        "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(COLUMNS[k][1].format(row[k]) for k in keys) + " |")
+    (root / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]))
+
+
+def write_figures(rows: list[dict], cfg: CompareConfig, root: Path) -> None:
+    """The PNG figures of the module docstring (matplotlib's object API: no global state, so it
+    works inside notebooks and without a display)."""
+    from matplotlib.figure import Figure
+
+    names = [row["variant"] for row in rows]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for name in names:
+        metrics = read_metrics(root / name)
+        steps, losses = zip(*[(m["step"], m["loss"]) for m in metrics if "loss" in m], strict=True)
+        (line,) = ax.plot(steps, losses, lw=1, alpha=0.8, label=name)
+        val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        ax.plot(*zip(*val, strict=True), "o", ms=3, color=line.get_color())
+    ax.set(xlabel="step", ylabel="loss (answer positions)" if cfg.workload == "recall" else "loss",
+           title=f"{cfg.workload}: training loss (lines), validation loss (dots)")  # fmt: skip
+    ax.set_yscale("log")
+    ax.legend(ncol=2, fontsize=8)
+    fig.savefig(root / "loss_curves.png", dpi=120)
+
+    if cfg.workload == "recall":
+        fig = Figure(figsize=(7, 4), layout="constrained")
+        ax = fig.subplots()
+        for row in rows:
+            points = [(lo, acc) for lo, hi, acc, count in row["recall_by_gap"] if count]
+            labels = [f"{lo}-{hi - 1}" for lo, hi, _, count in row["recall_by_gap"] if count]
+            ax.plot(range(len(points)), [acc for _, acc in points], "o-", label=row["variant"])
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set(xlabel="gap between a key-value pair and its query (positions)",
+               ylabel="recall accuracy", ylim=(-0.02, 1.02),
+               title="Associative recall against distance")  # fmt: skip
+        ax.legend(ncol=2, fontsize=8)
+        fig.savefig(root / "recall_by_gap.png", dpi=120)
+
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(names, [row["cache_bytes_per_token"] for row in rows], color="tab:purple")
+    ax.set(ylabel="bytes per token", title=f"Cache per token of a {CACHE_T}-token sequence, "
+           f"{cfg.n_layer} layers, float32")  # fmt: skip
+    fig.savefig(root / "cache_bytes.png", dpi=120)
+
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.bar(names, [row["train_tokens_per_s"] for row in rows], color="tab:blue")
+    ax1.set(ylabel="tokens/s", title="Training")
+    ax2.bar(names, [row["gen_tokens_per_s"] for row in rows], color="tab:green")
+    ax2.set(ylabel="tokens/s", title="Greedy generation with the cache (batch 1)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=45)
+    fig.savefig(root / "throughput.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    """``attnbook compare``: parse the flags into a ``CompareConfig`` and run ``compare``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="attnbook compare",
+        description="Train every attention variant under identical conditions; write a CSV, a "
+        "Markdown table and PNG figures into --out_dir/<workload>/.",
+    )
+    parser.add_argument("--workload", choices=WORKLOADS, default="recall",
+                        help="synthetic recall suite (no download) or language modelling")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=[], help="default: every registered one")
+    parser.add_argument("--quick", action="store_true", help="the quick preset (the default)")
+    parser.add_argument("--full", action="store_true", help="the full preset")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
+    defaults = CompareConfig()
+    for name in ("lr", "data", "encoding", "eval_batches", "seed", "out_dir"):
+        value = getattr(defaults, name)
+        parser.add_argument(f"--{name}", type=type(value), default=value)
+    parser.add_argument("--force", action="store_true", help="rerun finished variants too")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("choose one of --quick and --full")
+    options = {k: v for k, v in vars(args).items() if k not in ("quick", "full", "no_progress")}
+    options["variants"] = tuple(options["variants"])
+    try:
+        cfg = CompareConfig(preset="full" if args.full else "quick",
+                            progress=not args.no_progress, **options)  # fmt: skip
+    except ValueError as err:
+        parser.error(str(err))
+    start = time.perf_counter()
+    compare(cfg)
+    print(f"results in {Path(cfg.out_dir) / cfg.workload} ({time.perf_counter() - start:.0f} s)")

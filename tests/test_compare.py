@@ -1,0 +1,106 @@
+"""``attnbook compare``: a tiny comparison end to end, reruns skipped, the measured columns."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from attnbook import cli
+from attnbook.compare import (
+    CompareConfig,
+    SuiteData,
+    cache_bytes_per_token,
+    compare,
+    model_config,
+    recall_suite,
+    variant_options,
+)
+from attnbook.model import GPT
+
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, max_iters=12, batch_size=6)
+
+
+def _cfg(tmp_path, **kw):
+    return CompareConfig(**{**TINY, "out_dir": str(tmp_path), "progress": False, **kw})
+
+
+def test_tiny_recall_comparison_writes_every_output_and_reuses_finished_variants(tmp_path, capsys):
+    cfg = _cfg(tmp_path, variants=("mha", "local"), eval_batches=2)
+    rows = compare(cfg)
+    root = tmp_path / "recall"
+    with open(root / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["mha", "local"] == [r["variant"] for r in rows]
+    for r in table:
+        assert 0 <= float(r["recall_acc"]) <= 1 and float(r["val_loss"]) > 0
+        assert int(r["params"]) > 0 and float(r["gen_tokens_per_s"]) > 0
+        assert float(r["train_tokens_per_s"]) > 0 and float(r["peak_rss_mb"]) > 0
+    markdown = (root / "results.md").read_text()
+    assert markdown.count("\n| mha |") == 1 and markdown.count("\n| local |") == 1
+    for name in ("loss_curves", "recall_by_gap", "cache_bytes", "throughput"):
+        assert (root / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # local attention caches a window of block_size // 8 = 4 positions: 8x less than MHA
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["mha"]["cache_bytes_per_token"] == 2 * 32 * 4  # k and v, 32 dims, float32
+    assert by_name["local"]["cache_bytes_per_token"] == 2 * 32 * 4 * 4 / 1024
+    # the recall-by-gap bins count every answer of the evaluation set once
+    answers = sum(count for *_, count in by_name["mha"]["recall_by_gap"])
+    assert answers == 2 * 6 * (32 - 2 * recall_suite(cfg)[0].n_pairs)  # every query position asks
+
+    capsys.readouterr()
+    stamp = (root / "mha" / "result.json").stat().st_mtime_ns
+    again = compare(cfg)
+    assert "mha: finished before with these settings" in capsys.readouterr().out
+    assert (root / "mha" / "result.json").stat().st_mtime_ns == stamp
+    assert again == json.loads(json.dumps(rows))
+
+    changed = compare(_cfg(tmp_path, variants=("mha",), eval_batches=2, seed=7))
+    assert (root / "mha" / "result.json").stat().st_mtime_ns != stamp  # other settings: rerun
+    assert changed[0]["settings"]["seed"] == 7
+
+
+def test_lm_workload_on_a_text_file(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    cfg = _cfg(tmp_path / "out", workload="lm", data=str(text), variants=("mqa",), eval_batches=2)
+    (row,) = compare(cfg)
+    assert "recall_acc" not in row and row["val_loss"] < 3.5  # 28 characters: ln 28 = 3.33
+    header = (tmp_path / "out" / "lm" / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("variant,params,train_loss,val_loss,train_tokens_per_s")
+    assert not (tmp_path / "out" / "lm" / "recall_by_gap.png").exists()
+
+
+def test_every_registered_variant_builds_with_its_options():
+    cfg = CompareConfig(**TINY, progress=False)
+    data = SuiteData(recall_suite(cfg))
+    x, y = data.get_batch("train", 6, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (6, 32) and (y >= 0).any()
+    for name in cfg.variants:
+        model = GPT(model_config(name, cfg, data.vocab_size))
+        logits, loss = model(x, y)
+        assert logits.shape == (6, 32, data.vocab_size) and torch.isfinite(loss)
+        assert cache_bytes_per_token(model.config) > 0
+    assert variant_options("local", cfg) == {"window": 4}
+    assert variant_options("mha", cfg) == {}
+
+
+def test_bad_settings_are_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown variants \\['flash'\\]"):
+        CompareConfig(variants=("flash",))
+    with pytest.raises(ValueError, match="workload must be one of"):
+        CompareConfig(workload="vision")
+    with pytest.raises(ValueError, match="batch_size must be a multiple of 3, got 8"):
+        CompareConfig(batch_size=8)
+    with pytest.raises(ValueError, match="max_iters must be a positive integer, got 0"):
+        CompareConfig(max_iters=0)
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--quick", "--full"])
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--variants", "nope"])
+    assert "unknown variants ['nope']" in capsys.readouterr().err
+
+
+def test_presets_fill_only_what_is_not_given():
+    cfg = CompareConfig(preset="full", n_layer=3)
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == (3, 128, 256)
