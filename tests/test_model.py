@@ -126,6 +126,26 @@ def test_swiglu_hidden_size_follows_llama():
         swiglu_hidden(0)
 
 
+def test_gelu_tanh_is_gpt2s_approximation_and_a_config_choice():
+    """GPT-2's gelu_new, written out, against MLP(approximate="tanh") and GPTConfig's
+    mlp="gelu_tanh"; exact GELU differs from it."""
+    mlp = MLP(8, 32, approximate="tanh")
+    x = 3 * torch.randn(2, 5, 8)
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias  # (2, 5, 32)
+    h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    torch.testing.assert_close(mlp(x), h @ mlp.c_proj.weight.T + mlp.c_proj.bias)
+    exact = MLP(8, 32)
+    exact.load_state_dict(mlp.state_dict())
+    assert not torch.allclose(exact(x), mlp(x), atol=1e-5)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'fast'"):
+        MLP(8, 32, approximate="fast")
+    model = _model(mlp="gelu_tanh")
+    assert all(block.mlp.gelu.approximate == "tanh" for block in model.transformer.h)
+    prompt = _ids(2, 3)
+    cached = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 6, temperature=0, use_cache=False))
+
+
 def test_swiglu_is_silu_gate_times_up_then_down():
     mlp = SwiGLU(8, 12)
     x = torch.randn(2, 3, 8)
@@ -343,7 +363,7 @@ def test_generate_rejects_bad_arguments(kwargs, match):
         (dict(tie_weights=1), "tie_weights must be True or False"),
         (dict(attention="nope"), "unknown attention 'nope'; registered names: .*mha"),
         (dict(positions="xyz"), "positions must be one of"),
-        (dict(mlp="relu"), "mlp must be one of \\('gelu', 'swiglu'\\)"),
+        (dict(mlp="relu"), "mlp must be one of \\('gelu', 'gelu_tanh', 'swiglu'\\)"),
         (dict(norm="batchnorm"), "norm must be one of"),
         (dict(norm_position="middle"), "norm_position must be one of \\('pre', 'post'\\)"),
         (dict(attention_options={"foo": 1}), "\\['foo'\\] .*allowed keys: n_kv_head"),

@@ -1,4 +1,4 @@
-"""Speed and memory measurements: ``attnbook bench attention | train | baby``.
+"""Speed and memory measurements: ``attnbook bench attention | train | baby | generate``.
 
 ``attention`` prints two tables for sequence lengths ``T`` (batch 1, 8 heads, head_dim 64, float32,
 the CPU threads torch uses, best of ``--repeats`` after one warm-up run):
@@ -14,6 +14,10 @@ the CPU threads torch uses, best of ``--repeats`` after one warm-up run):
 autocast, with model FLOPs utilisation against the matrix-multiply peak measured in the same run.
 ``baby`` runs nanoGPT's documented CPU training (2000 iterations) with our trainer and prints the
 final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds per iteration.
+``generate`` times greedy decoding at GPT-2 small's shape (124M parameters, random weights,
+float32, batch 1): our ``GPT.generate`` with its KV cache against ``transformers``' ``generate``
+(cache on) on the same weights, in tokens per second, best of ``--repeats`` after a warm-up each,
+and checks that both produce the same tokens. It needs ``transformers`` (``attnbook[hf]``).
 
 ``attention`` first asks glibc's malloc to keep freed memory for reuse, as the caching allocators
 that PyTorch's CPU performance guide recommends (jemalloc, tcmalloc) do: by default glibc returns
@@ -41,6 +45,7 @@ from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
+from .gpt2 import gpt2_config, load_gpt2
 from .model import GPT, GPTConfig
 from .train import TrainConfig, evaluate, load_trained, make_optimizer, read_metrics, train
 
@@ -273,6 +278,63 @@ def print_baby(max_iters: int) -> None:
           f"ms/iteration")  # fmt: skip
 
 
+# --- generation --------------------------------------------------------------------------------
+
+
+def best_of_alternating(runs: dict, repeats: int) -> dict:
+    """name -> (best wall time over ``repeats``, last result) of each ``fn()`` in ``runs``, after
+    one warm-up each; the runs take turns, so a busy spell of the machine slows them alike."""
+    results = {name: (float("inf"), fn()) for name, fn in runs.items()}  # the warm-ups
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            out = fn()
+            results[name] = (min(results[name][0], time.perf_counter() - start), out)
+    return results
+
+
+def print_generate(prompt_len: int, new_tokens: int, repeats: int) -> None:
+    """Greedy decoding speed of ours and transformers' at GPT-2 small's shape, same weights."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
+    except ImportError:
+        raise SystemExit("bench generate needs transformers: pip install 'attnbook[hf]'") from None
+    logging.disable_progress_bar()  # save_pretrained's bar would interleave with the table
+    cfg = gpt2_config("gpt2")
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_embd=cfg.n_embd, attn_pdrop=0.0, embd_pdrop=0.0,
+            resid_pdrop=0.0, bos_token_id=None, eos_token_id=None,  # never stop early
+        )
+    ).eval()  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_gpt2(folder)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len))  # (1, prompt_len)
+    runs = {
+        "attnbook GPT.generate (KV cache)": lambda: ours.generate(prompt, new_tokens, temperature=0),
+        "transformers generate (use_cache)": lambda: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=0,
+        ),
+    }  # fmt: skip
+    results = best_of_alternating(runs, repeats)
+    print(
+        f"greedy generation, GPT-2 124M shape (random weights), float32, batch 1, prompt "
+        f"{prompt_len} tokens, {new_tokens} new tokens, {torch.get_num_threads()} threads, best of "
+        f"{repeats} (alternating) after a warm-up"
+    )
+    print("| implementation | seconds | tokens/s |")
+    print("|---|---|---|")
+    for name, (seconds, _) in results.items():
+        print(f"| {name} | {seconds:.2f} | {new_tokens / seconds:.1f} |")
+    (ours_s, ours_ids), (hf_s, hf_ids) = results.values()
+    print(f"ours / transformers tokens/s: {hf_s / ours_s:.2f}x (target >= 2x)")
+    print(f"same tokens: {torch.equal(ours_ids, hf_ids)}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -291,9 +353,15 @@ def main(argv=None):
     trn.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
     baby = sub.add_parser("baby", help="nanoGPT's CPU Shakespeare run: validation loss, time")
     baby.add_argument("--max_iters", type=int, default=2000)
+    gen = sub.add_parser("generate", help="greedy decoding at GPT-2 124M: ours vs transformers")
+    gen.add_argument("--prompt_len", type=int, default=16)
+    gen.add_argument("--new_tokens", type=int, default=128)
+    gen.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    for name in ("repeats", "batch_size", "max_iters"):
-        if getattr(args, name, 1) < 1:
+    for name in ("repeats", "batch_size", "max_iters", "prompt_len", "new_tokens", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     torch.manual_seed(0)
     if args.command == "attention":
@@ -306,8 +374,14 @@ def main(argv=None):
         print_attention(args.lengths, args.repeats)
     elif args.command == "train":
         print_train(args.batch_size, args.repeats)
-    else:
+    elif args.command == "baby":
         print_baby(args.max_iters)
+    else:
+        if args.prompt_len + args.new_tokens > gpt2_config().block_size:
+            parser.error("--prompt_len plus --new_tokens must be at most GPT-2's 1024 positions")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print_generate(args.prompt_len, args.new_tokens, args.repeats)
 
 
 if __name__ == "__main__":

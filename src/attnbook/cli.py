@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     sub.add_parser("compare", help="train every attention variant alike and compare them",
                    add_help=False)  # fmt: skip
 
-    sub.add_parser("bench", help="speed and memory benchmarks (attention, train, baby)",
+    sub.add_parser("bench", help="speed and memory benchmarks (attention, train, baby, generate)",
                    add_help=False)  # fmt: skip
 
     if argv[:1] == ["train"]:  # the trainer parses its own flags

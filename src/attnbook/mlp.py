@@ -1,7 +1,9 @@
 """The position-wise feed-forward networks of a transformer block, applied to every position alone.
 
 - ``MLP``: ``Linear(d_model -> hidden) -> GELU -> Linear(hidden -> d_model) -> dropout``, the
-  feed-forward network of GPT-2 (``hidden = 4 * d_model``).
+  feed-forward network of GPT-2 (``hidden = 4 * d_model``). GELU is exact,
+  ``x * Phi(x)``, or GPT-2's tanh approximation (``approximate="tanh"``), which GPT-2's
+  weights were trained with.
 - ``SwiGLU``: a gated network (Shazeer, 2020, "GLU Variants Improve Transformer"; used by
   PaLM and LLaMA): ``(SiLU(x W_gate) * (x W_up)) W_down -> dropout``. It has three weight
   matrices instead of two, so at equal parameter count its hidden width is 2/3 of the MLP's:
@@ -30,13 +32,24 @@ class MLP(nn.Module):
         hidden: inner width (4 * d_model in GPT-2 and the original transformer).
         dropout: dropout on the output, in [0, 1).
         bias: whether the two linear layers have biases.
+        approximate: ``"none"`` (exact GELU) or ``"tanh"``:
+            ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, GPT-2's ``gelu_new``.
     """
 
-    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        approximate: str = "none",
+    ):
         super().__init__()
         _check_sizes(d_model, hidden, dropout)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.c_fc = nn.Linear(d_model, hidden, bias=bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=approximate)
         self.c_proj = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 

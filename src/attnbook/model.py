@@ -11,8 +11,8 @@ The layout is GPT-2's (and nanoGPT's names, so GPT-2's weights map one to one): 
 positions: RoPE and ALiBi live in the attention layers, ``"none"`` has no positions), dropout
 ``transformer.drop``, ``n_layer`` blocks ``transformer.h``, a final norm ``transformer.ln_f``,
 and ``lm_head``, tied to ``wte`` unless ``tie_weights=False``. ``GPTConfig`` switches the parts
-that later models changed: the attention variant, the position scheme, GELU or SwiGLU,
-LayerNorm or RMSNorm, pre- or post-norm.
+that later models changed: the attention variant, the position scheme, GELU (exact or GPT-2's
+tanh approximation) or SwiGLU, LayerNorm or RMSNorm, pre- or post-norm.
 
 What it does not do: padding masks (every sequence of a batch is ``T`` real tokens), beam
 search, mixed precision or distributed training (the training loop's business).
@@ -30,7 +30,7 @@ from .attention.config import POSITIONS, check_positive_int
 from .mlp import MLP, SwiGLU, swiglu_hidden
 from .positions import PositionalEmbedding
 
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used for RMSNorm too
@@ -59,8 +59,9 @@ class GPTConfig:
             sets (``SET_BY_GPT``). JSON-safe values only.
         positions: ``"learned"`` or ``"sinusoidal"`` (added to the token embeddings),
             ``"rope"`` or ``"alibi"`` (done in every attention layer) or ``"none"``.
-        mlp: ``"gelu"`` (``MLP``, hidden width ``4 * n_embd``) or ``"swiglu"`` (``SwiGLU``,
-            hidden width ``swiglu_hidden(n_embd)``: ``8 * n_embd / 3`` rounded up to 64).
+        mlp: ``"gelu"`` (``MLP``, hidden width ``4 * n_embd``), ``"gelu_tanh"`` (the same with
+            GELU's tanh approximation, as GPT-2) or ``"swiglu"`` (``SwiGLU``, hidden width
+            ``swiglu_hidden(n_embd)``: ``8 * n_embd / 3`` rounded up to 64).
         norm: ``"layernorm"`` or ``"rmsnorm"`` (no mean subtraction, no bias).
         norm_position: ``"pre"`` (GPT-2: ``x + f(norm(x))``) or ``"post"`` (the original
             transformer: ``norm(x + f(x))``).
@@ -179,8 +180,9 @@ class Block(nn.Module):
         self.ln_1 = _norm(config)
         self.attn = build_attention(config.attention, config.attention_config())
         self.ln_2 = _norm(config)
-        if config.mlp == "gelu":
-            self.mlp = MLP(d, 4 * d, config.dropout, config.bias)
+        if config.mlp in ("gelu", "gelu_tanh"):
+            approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+            self.mlp = MLP(d, 4 * d, config.dropout, config.bias, approximate)
         else:
             self.mlp = SwiGLU(d, swiglu_hidden(d), config.dropout, config.bias)
 
