@@ -92,6 +92,8 @@ def test_bad_settings_are_refused(tmp_path, capsys):
         CompareConfig(workload="vision")
     with pytest.raises(ValueError, match="batch_size must be a multiple of 3, got 8"):
         CompareConfig(batch_size=8)
+    with pytest.raises(ValueError, match="positions must be one of .*, got 'xpos'"):
+        CompareConfig(positions="xpos")
     with pytest.raises(ValueError, match="max_iters must be a positive integer, got 0"):
         CompareConfig(max_iters=0)
     with pytest.raises(SystemExit):
