@@ -26,7 +26,7 @@
 # easy to skip: how its weights are initialised, and why the layers that write into the residual
 # stream start smaller than the others. Then we check that our model and the book's module
 # `attnbook.model.GPT` compute the same function, count its parameters and its FLOPs by hand,
-# and hand it to the book's training loop: half a minute on a laptop CPU turns random weights
+# and hand it to the book's training loop: a minute or so on a laptop CPU turns random weights
 # into a model that writes something that looks like a play. Finally we swap the attention
 # variant by its name, resume a stopped run from its checkpoint, and load a checkpoint to sample.
 #
@@ -204,9 +204,9 @@ class NotebookGPT(nn.Module):
 #   twice; that is harmless, both draws have the same distribution. `parameters()` lists it once.
 # - The last loop is the **scaled residual initialisation**; section 3 measures why it is there.
 #
-# We build the model we will train: 65 characters, a context of 64, 4 blocks of 4 heads,
-# `n_embd = 128`. Before any training, every logit is close to zero, the prediction is close to
-# uniform over the 65 characters, and the loss should be close to $\ln 65 \approx 4.17$.
+# We build a model of the size we will train in section 7: 65 characters, a context of 64, 4 blocks
+# of 4 heads, `n_embd = 128`. Before any training, every logit is close to zero, the prediction is
+# close to uniform over the 65 characters, and the loss should be close to $\ln 65 \approx 4.17$.
 
 # %%
 torch.manual_seed(0)
@@ -439,7 +439,8 @@ print(text[:150])
 # `prepare` encodes the whole text once and writes the token ids to `train.bin` (the first 90%)
 # and `val.bin` (the last 10%), with a `meta.json` that describes the encoding; a second call
 # finds the files and returns at once. By default the folder lies in the book's download cache.
-# `TokenData` memory-maps the two files (nothing is read until a batch needs it) and draws
+# `TokenData` memory-maps the two files (the operating system reads them in as they are used; the
+# constructor reads them through once, to check that every id is below `vocab_size`) and draws
 # batches: `batch_size` random windows of `block_size + 1` tokens, the first `block_size` as
 # inputs `x` and the last `block_size` as targets `y`. Every position of a window is a training
 # example: from `x[:t+1]` predict `y[t]`.
@@ -470,10 +471,10 @@ assert torch.equal(xb[:, 1:], yb[:, :-1])  # the targets are the inputs shifted 
 # that the validation curve is not just noise, and it writes checkpoints into `out_dir`.
 #
 # The run below is sized for a laptop: the model of section 4 (0.8M parameters), batches of
-# 12 × 64 characters, 500 steps at a peak learning rate of 3e-3, about half a minute on two CPU
-# cores. (A high learning rate is fine for a model this small and this short a run; nanoGPT's
-# longer CPU example uses 1e-3.) We set `device="cpu"` so the notebook behaves the same on a
-# machine with a GPU, and turn the progress bar off.
+# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3, a minute or so on a CPU (the
+# training cell prints how long it took here). A high learning rate is fine for a model this
+# small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set `device="cpu"` so
+# the notebook behaves the same on a machine with a GPU, and turn the progress bar off.
 
 # %%
 from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, lr_at, read_metrics, train
@@ -481,31 +482,33 @@ from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, lr_at, re
 out_dir = runs / "shakespeare-char"
 train_cfg = TrainConfig(
     model=model_cfg, out_dir=str(out_dir), data="tinyshakespeare", encoding="char",
-    batch_size=12, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=500,
-    eval_interval=50, eval_iters=8, log_interval=10, ckpt_interval=250,
+    batch_size=12, max_iters=400, lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=400,
+    eval_interval=50, eval_iters=8, log_interval=10, ckpt_interval=200,
     device="cpu", progress=False, seed=1337,
 )
-print("learning rate at steps 0, 29, 100, 250, 499:",
-      [f"{lr_at(s, train_cfg):.2e}" for s in (0, 29, 100, 250, 499)])
-print(f"tokens per step: {train_cfg.batch_size * model_cfg.block_size}, "
-      f"{train_cfg.max_iters} steps -> {train_cfg.max_iters * 12 * 64:,} tokens "
-      f"({train_cfg.max_iters * 12 * 64 / data.meta['n_train']:.2f} passes over the training text)")
+print("learning rate at steps 0, 29, 100, 200, 399:",
+      [f"{lr_at(s, train_cfg):.2e}" for s in (0, 29, 100, 200, 399)])
+tokens_per_step = train_cfg.batch_size * model_cfg.block_size
+n_tokens = train_cfg.max_iters * tokens_per_step
+print(f"tokens per step: {tokens_per_step}, {train_cfg.max_iters} steps -> {n_tokens:,} tokens "
+      f"({n_tokens / data.meta['n_train']:.2f} passes over the training text)")
 
 # %% [markdown]
-# Now the run. The cell prints the time it took and the speed in GFLOP/s, using section 5's
-# count: for this model most of the time is spent in matrix products, so the speed should be a
-# good fraction of what one or two CPU cores can do.
+# Now the run. The cell prints the time it took on the machine that executed this notebook, and
+# the speed in GFLOP/s from section 5's count of FLOPs per token: unlike seconds, a rate in
+# GFLOP/s can be compared between models of different sizes, and with the peak rate of a
+# processor.
 
 # %% tags=["nbval-ignore-output"]
 t0 = time.perf_counter()
 result = train(train_cfg, data)
 seconds = time.perf_counter() - t0
-flops = module_gpt.flops_per_token() * 12 * 64 * result.step  # model FLOPs, evaluation excluded
+flops = module_gpt.flops_per_token() * tokens_per_step * result.step  # evaluation not counted
 print(f"{result.step} steps ({result.stopped}) in {seconds:.1f} s on {torch.get_num_threads()} "
       f"threads: {1000 * seconds / result.step:.0f} ms per step, {flops / seconds / 1e9:.0f} GFLOP/s")
 print(f"best validation loss: {result.best_val_loss:.4f}")
-assert result.step == 500 and result.stopped == "max_iters"
-assert result.best_val_loss < 2.35, "500 steps should take the model below the bigram level"
+assert result.step == 400 and result.stopped == "max_iters"
+assert result.best_val_loss < 2.35, "400 steps should take the model below the bigram level"
 
 # %% [markdown]
 # The run wrote, into `out_dir`, its configuration (`config.json`), its metrics
@@ -540,8 +543,8 @@ print(f"{len(logged)} training-loss lines, {len(evals)} evaluations, keys:",
 fig, ax = plt.subplots(figsize=(10, 4))
 ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], color="C0", alpha=0.5,
         label="training loss (one batch)")
-ax.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "o-", color="C0",
-        label="train split (8 fixed batches)")
+ax.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "s-", color="C0", ms=8,
+        mfc="none", label="train split (8 fixed batches)")
 ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", color="C3",
         label="validation split (8 fixed batches)")
 for level, name, style in ((math.log(65), "uniform guess", ":"), (unigram, "unigram", "--"),
@@ -567,22 +570,23 @@ assert abs(evals[-1]["val_loss"] - evals[-1]["train_loss"]) < 0.15, "no overfitt
 # towards the bigram level, 2.45 (after `q` comes `u`, after a newline a capital). Below that the
 # model must use the longer context — which letters make up a word, that a name in
 # capitals ends with a colon and a newline — and that is where attention starts to earn its keep.
-# The train and validation losses stay together: 500 steps of 768 characters see the training
-# text less than half a time, far from memorising it.
+# The train and validation losses (squares and dots) stay together: 400 steps of 768 characters
+# see the training text a third of a time, far from memorising it.
 #
-# A loss is a number; a sample shows what it means. `load_trained(out_dir)` rebuilds the model
-# from the newest checkpoint (weights, configuration and the data's encoding), in eval mode.
-# `generate` then samples one character at a time. Two knobs shape the sampling:
-# `temperature=0.8` divides the logits by 0.8 before the softmax, sharpening the distribution a
-# little, and `top_k=10` forbids every character outside the ten most likely; both cut the long
-# tail of unlikely characters that makes samples noisy (Exercise 3 measures them).
+# A loss is a number; a sample shows what it means. `train` returned a summary (`result`), not the
+# model: the trained weights are in the checkpoint it wrote last, and `load_trained(out_dir)` builds
+# the model back from it, in eval mode (section 10 looks at what else it returns). `generate` then
+# samples one character at a time. Two knobs shape the sampling: `temperature=0.8` divides the
+# logits by 0.8 before the softmax, sharpening the distribution a little, and `top_k=10` forbids
+# every character outside the ten most likely; both cut the long tail of unlikely characters that
+# makes samples noisy (Exercise 3 measures them).
 #
 # The model reads at most 64 characters, and `generate`'s KV cache (chapter 7) holds at most
 # `block_size` positions, so for a sample of 300 characters we pass `use_cache=False`: every step
 # then runs the model on the last 64 characters, a sliding window over the text.
 
 # %% tags=["nbval-ignore-output"]
-trained, trained_cfg, data_meta = load_trained(out_dir)
+trained, _, _ = load_trained(out_dir)  # the model; its TrainConfig and data description
 prompt = torch.tensor([enc.encode("ROMEO:\n")])  # (1, 7)
 sample_gen = torch.Generator().manual_seed(42)
 out = trained.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=10,
@@ -591,10 +595,11 @@ print(enc.decode(out[0]))
 assert out.shape == (1, 7 + 300)
 
 # %% [markdown]
-# After half a minute of training the model has learnt the *look* of the text: lines of verse of
-# a plausible length that start with a capital, common short words ("the", "my", "that"),
-# punctuation, and many words that are almost English. Meaning would take far more training and a larger model;
-# `python -m attnbook.train` (below) runs nanoGPT's longer CPU example.
+# After 400 steps the model has learnt the *look* of the text: groups of letters of a word's
+# length between spaces, the commonest short words ("the", "my", "that"), capitals at the start
+# of lines, commas and full stops, and among many near-misses a few real words. Spelling takes
+# longer, and meaning far more training and a larger model;
+# `python -m attnbook.train` (end of section 10) runs nanoGPT's longer CPU example.
 #
 # ## 8. Switching the attention variant by name
 #
@@ -688,24 +693,28 @@ for name, cfg in variant_cfgs.items():
 # the configuration. The last `keep_last` checkpoints are kept, and the best one. Calling `train`
 # again with the same `out_dir` finds the newest checkpoint and continues from it.
 #
-# Our run ended at step 500. We call `train` again with `max_iters=550`: it must start at step
-# 501, not at 1. The learning-rate schedule was planned to end at step 500, so the extra steps
+# Our run ended at step 400. We call `train` again with `max_iters=420`: it must start at step
+# 401, not at 1. The learning-rate schedule was planned to end at step 400, so the extra steps
 # run at `min_lr`; to plan a longer run from the start, set `lr_decay_iters` to its last step.
 
 # %%
 print("newest checkpoint before:", checkpoint_dirs(out_dir)[-1].name)
-longer_cfg = dataclasses.replace(train_cfg, max_iters=550)
+longer_cfg = dataclasses.replace(train_cfg, max_iters=420)
 resumed = train(longer_cfg, data)
 steps_logged = [m["step"] for m in read_metrics(out_dir) if "loss" in m]
 print("reached step:", resumed.step)
-print("training-loss lines, last eight steps:", steps_logged[-8:])
-print("one line per step, no restart from step 1:", steps_logged == list(range(10, 551, 10)))
+print("training-loss lines, last five steps:", steps_logged[-5:])
+every_tenth_once = steps_logged == list(range(10, 421, 10))
+print("one line per logged step, no restart from step 1:", every_tenth_once)
 print("newest checkpoint after: ", checkpoint_dirs(out_dir)[-1].name)
+assert resumed.step == 420 and every_tenth_once
 
 # %% [markdown]
-# The metrics file holds one line per logged step, from 10 to 550, with no second step 10: the
-# second call resumed at step 501. (Had the first run died after step 400, say, the lines after
-# its last checkpoint would have been dropped and rewritten.)
+# The metrics file holds one line per logged step, from 10 to 420, with no second step 10: the
+# second call resumed at step 401. A run that is killed rather than finished has usually logged
+# a few steps past its last checkpoint: say it died at step 330, and its last checkpoint is from
+# step 300. The resumed run then starts at step 301, drops the lines of steps 310 to 330, and
+# logs them again as it redoes those steps, so the file never holds a step twice.
 #
 # "Continues from the checkpoint" can mean something weaker than it should. A resumed run is
 # *exactly* the run that never stopped only if everything that shapes the future is restored:
@@ -744,8 +753,9 @@ print("final weights identical:", all(torch.equal(weights_a[k], weights_b[k]) fo
 #
 # A trained run is a folder. `load_trained(out_dir)` reads its newest checkpoint
 # (`best=True`: the one with the lowest validation loss) and returns the model in eval mode, the
-# `TrainConfig` it was trained with, and the data's `meta.json`, whose `"encoding"` entry rebuilds
-# the tokenizer — so the folder alone is enough to turn ids back into text.
+# `TrainConfig` it was trained with, and a description of its data (the prepared folder's
+# `meta.json`, copied into every checkpoint), whose `"encoding"` entry rebuilds the tokenizer — so
+# the run's folder alone is enough to turn ids back into text.
 
 # %%
 from attnbook.data import Encoding
@@ -775,8 +785,8 @@ for p in prompts:
     assert out.shape[1] == 64
 
 # %% [markdown]
-# **From the command line.** Everything above has a command: `attnbook train --help` lists one flag
-# per field of `TrainConfig` and `GPTConfig`. For instance
+# **From the command line.** Training and sampling have commands: `attnbook train --help` lists
+# one flag per field of `TrainConfig` and `GPTConfig`. For instance
 #
 # ```
 # python -m attnbook.train --max_iters 2000 --out_dir runs/shakespeare-char
@@ -790,14 +800,14 @@ for p in prompts:
 # %% [markdown]
 # ## Check against the module
 #
-# Section 4 compared our `NotebookGPT` with `attnbook.model.GPT` at initialisation. Trained
-# weights are a stronger test: they are far from random, and a difference in any part (a missing
-# position vector, a wrong norm, an untied head) would show at once. We copy the trained
-# checkpoint's weights into a fresh `NotebookGPT` and compare logits and loss on a validation
-# batch.
+# Section 4 compared our `NotebookGPT` with `attnbook.model.GPT` at initialisation. That test
+# is weaker than it looks: at initialisation every LayerNorm has scale 1 and shift 0, so all of
+# them compute the same function, and every bias is 0. A block that fed `ln_2` to the attention
+# and `ln_1` to the MLP would pass it. Trained weights have no such symmetries: every norm and
+# bias has learnt its own values. We copy the trained checkpoint's weights into a fresh
+# `NotebookGPT` and compare logits and loss on a validation batch.
 
 # %%
-torch.manual_seed(0)
 ours_trained = NotebookGPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
 ours_trained.load_state_dict(model.state_dict())
 xv, yv = data.get_batch("val", batch_size=8, block_size=64,
@@ -828,12 +838,13 @@ print("temporary runs deleted:", not runs.exists())
 #   FLOPs per token, exactly $6$ per matrix weight plus the attention scores.
 # - `prepare` encodes a corpus once, `TokenData` draws random windows, `train(TrainConfig(...))`
 #   trains with warm-up and cosine decay, evaluates, checkpoints and logs metrics;
-#   `read_metrics` returns them. Half a minute on a CPU takes TinyShakespeare from 4.17 to below
-#   the bigram level.
+#   `read_metrics` returns them. 400 steps, a minute or so on a CPU, take TinyShakespeare from
+#   4.17 nats per character to below the bigram level.
 # - The attention variant is one field, `attention`, plus its `attention_options`; each variant
 #   brings its own cache through `new_caches`.
 # - A run resumes from its newest checkpoint, bit for bit as if it had not stopped;
-#   `load_trained` returns the model, its configuration and its encoding, ready to `generate`.
+#   `load_trained` returns the model, its configuration and its data's description (with the
+#   encoding), ready to `generate` and decode.
 
 # %% [markdown]
 # ## Exercises
