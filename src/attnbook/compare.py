@@ -21,7 +21,9 @@ Each variant trains in a child process (so its peak resident memory is its own; 
 includes Python and torch, about the same for all), in ``out_dir/<workload>/<variant>/`` with
 ``train``'s checkpoints and ``metrics.jsonl``, and writes ``result.json``. A variant whose
 ``result.json`` was made with the same settings is skipped when the command runs again
-(``force=True`` reruns it). Then ``out_dir/<workload>/`` gets ``results.csv``, ``results.md``
+(``force=True`` reruns it). The children are started with ``spawn``, which imports the caller's
+main module again: in a script, call ``compare`` under ``if __name__ == "__main__":`` (a
+notebook or ``attnbook compare`` needs nothing). Then ``out_dir/<workload>/`` gets ``results.csv``, ``results.md``
 and the figures ``loss_curves.png``, ``recall_by_gap.png`` (recall only), ``cache_bytes.png``
 and ``throughput.png``. Every number comes from the runs in that folder.
 
