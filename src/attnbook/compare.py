@@ -40,6 +40,7 @@ logged steps), greedy generation tokens/s with the cache (batch 1), cache bytes 
 constant-size caches count too), peak resident memory and wall time.
 """
 
+import argparse
 import csv
 import json
 import math
@@ -403,8 +404,6 @@ def write_figures(rows: list[dict], cfg: CompareConfig, root: Path) -> None:
 
 def main(argv=None) -> None:
     """``attnbook compare``: parse the flags into a ``CompareConfig`` and run ``compare``."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="attnbook compare",
         description="Train every attention variant under identical conditions; write a CSV, a "

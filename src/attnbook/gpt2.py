@@ -69,11 +69,15 @@ def gpt2_config(name: str = "gpt2") -> GPTConfig:
     if name not in SIZES:
         raise ValueError(f"name must be one of {', '.join(SIZES)}, got {name!r}")
     n_layer, n_head, n_embd = SIZES[name]
-    return GPTConfig(
-        vocab_size=VOCAB_SIZE, block_size=BLOCK_SIZE, n_layer=n_layer, n_head=n_head,
-        n_embd=n_embd, dropout=0.0, bias=True, attention="mha", positions="learned",
-        mlp="gelu_tanh", norm="layernorm", norm_position="pre", tie_weights=True,
-    )  # fmt: skip
+    return config_from_hf(
+        dict(
+            vocab_size=VOCAB_SIZE,
+            n_positions=BLOCK_SIZE,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+        )  # fmt: skip
+    )  # GPT-2's published config.json holds these and defaults for the rest
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
