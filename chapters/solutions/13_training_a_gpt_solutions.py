@@ -31,11 +31,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from attnbook.data import TokenData, prepare
 from attnbook.mlp import swiglu_hidden
-from attnbook.model import GPT, GPTConfig
+from attnbook.model import GPT, GPTConfig, sampling_probs
 from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, train
 
 torch.manual_seed(0)
@@ -198,32 +197,14 @@ assert stored_numbers == model.num_params(non_embedding=False)
 # entropy than plain sampling. `top_k=1` leaves one token: entropy 0, and the draw is always the
 # most likely token — exactly what `temperature=0` (greedy) produces.
 #
-# **Measuring.** `generate` does not return the distributions it drew from, so we rebuild them:
-# the function below applies the rules of `GPT.generate`'s docstring to logits. We generate 16
-# samples of 63 characters per setting (with the KV cache, so a sample fits in the context), then
-# run the model once over each sample: position $t$'s logits are the ones the character at $t+1$
-# was drawn from. As a check of our rebuilt filter, every drawn character must have a nonzero
-# probability under it. The model is Exercise 1's GPT-2-style model (seed 0).
+# **Measuring.** `generate` does not return the distributions it drew from, so we rebuild them
+# with `attnbook.model.sampling_probs`, the function `generate` draws from, applied to logits.
+# We generate 16 samples of 63 characters per setting (with the KV cache, so a sample fits in
+# the context), then run the model once over each sample: position $t$'s logits are the ones the
+# character at $t+1$ was drawn from. As a check of the rebuilt distributions, every drawn
+# character must have a nonzero probability under it. The model is Exercise 1's GPT-2-style model (seed 0).
 
 # %%
-def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution generate() samples from, for logits (..., V)."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()  # greedy
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p  # probability of the likelier tokens
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the first always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
 @torch.no_grad()
 def sample_and_entropy(model, seed, **settings):
     """16 samples of 63 characters; mean entropy (bits) of the distributions drawn from."""

@@ -420,18 +420,29 @@ class GPT(nn.Module):
             )
 
 
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
+    """The distribution ``GPT.generate`` draws the next token from, for logits ``(..., V)``:
+    divided by ``temperature`` (0: all mass on the argmax), cut to the ``top_k`` largest, then
+    to the smallest set of likeliest tokens whose mass reaches ``top_p``, renormalised."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()  # (..., V): greedy
+    logits = logits.float() / temperature  # (..., V)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (..., V)
+    probs = F.softmax(logits, dim=-1)  # (..., V)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (..., V) each
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (..., V): mass of the likelier ones
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (..., V)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # (..., V)
+    return probs
+
+
 def _sample(logits, temperature, top_k, top_p, generator):
     """The next token ``(B, 1)`` from the last position's logits ``(B, vocab_size)``."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1): greedy
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    if top_p is not None:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V): mass of the likelier ones
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V), unnormalised
+    probs = sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
