@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from attnbook.attention import available
 from attnbook.attention.config import POSITIONS
 from attnbook.mlp import MLP, SwiGLU, swiglu_hidden
-from attnbook.model import GPT, GPTConfig, _sample
+from attnbook.model import GPT, GPTConfig, _sample, sampling_probs
 
 VOCAB, BLOCK = 61, 16
 # Options that make each variant's idea matter at BLOCK positions (others use the defaults).
@@ -296,6 +296,21 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
         [_sample(logits, 1.0, None, 0.81, torch.Generator().manual_seed(s)) for s in range(200)]
     )
     assert set(draws.flatten().tolist()) == {0, 1, 2}
+
+
+def test_sampling_probs_against_the_explicit_distributions():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = torch.log(p)
+    torch.testing.assert_close(sampling_probs(logits), p)
+    torch.testing.assert_close(
+        sampling_probs(logits, top_p=0.8), torch.tensor([[0.625, 0.375, 0, 0]])
+    )
+    torch.testing.assert_close(
+        sampling_probs(logits, top_k=3), torch.cat([p[:, :3] / 0.95, p[:, 3:] * 0], 1)
+    )
+    hot = p**2 / (p**2).sum()  # temperature 0.5 squares the probabilities, renormalised
+    torch.testing.assert_close(sampling_probs(logits, temperature=0.5), hot)
+    assert torch.equal(sampling_probs(logits, temperature=0), torch.tensor([[1.0, 0, 0, 0]]))
 
 
 def test_stop_token_pads_finished_rows_and_ends_early():
