@@ -12,6 +12,7 @@ from attnbook.compare import (
     SuiteData,
     cache_bytes_per_token,
     compare,
+    cpu_cores,
     model_config,
     recall_suite,
     variant_options,
@@ -101,8 +102,24 @@ def test_bad_settings_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--variants", "nope"])
     assert "unknown variants ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--jobs", "-2"])
+    assert "jobs must be an integer >= 0 (0: one per core), got -2" in capsys.readouterr().err
 
 
 def test_presets_fill_only_what_is_not_given():
     cfg = CompareConfig(preset="full", n_layer=3)
-    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == (3, 128, 256)
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.max_iters) == (3, 64, 64, 8000)
+
+
+def test_training_variants_side_by_side_changes_timings_only(tmp_path):
+    """jobs=2 trains both variants at once with one thread each; jobs=1 one after the other with
+    every core: the same losses and accuracies (up to the order of float sums), the same rows."""
+    one = compare(_cfg(tmp_path / "one", variants=("mha", "mqa"), eval_batches=2, jobs=1))
+    two = compare(_cfg(tmp_path / "two", variants=("mha", "mqa"), eval_batches=2, jobs=2))
+    assert [r["variant"] for r in two] == ["mha", "mqa"]  # cfg.variants order, not finish order
+    assert [r["threads"] for r in two] == [max(1, cpu_cores() // 2)] * 2
+    for a, b in zip(one, two, strict=True):
+        assert a["settings"] == b["settings"] and a["params"] == b["params"]
+        for key in ("train_loss", "val_loss", "recall_acc", "copy_acc", "induction_acc"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key

@@ -17,7 +17,11 @@ final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds
 ``generate`` times greedy decoding at GPT-2 small's shape (124M parameters, random weights,
 float32, batch 1): our ``GPT.generate`` with its KV cache against ``transformers``' ``generate``
 (cache on) on the same weights, in tokens per second, best of ``--repeats`` after a warm-up each,
-and checks that both produce the same tokens. It needs ``transformers`` (``attnbook[hf]``).
+and checks that both produce the same tokens. It needs ``transformers`` (``attnbook[hf]``). At
+batch 1 every new token reads every weight once (the tied embedding as the LM head's matrix: the
+position table is the one matrix read a row at a time), about 0.5 GB at this shape, so memory
+bandwidth bounds the speed: the benchmark measures the machine's read bandwidth (summing a
+512 MB tensor, same threads) and prints that bound and how close each implementation gets.
 
 ``attention`` first asks glibc's malloc to keep freed memory for reuse, as the caching allocators
 that PyTorch's CPU performance guide recommends (jemalloc, tcmalloc) do: by default glibc returns
@@ -204,6 +208,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def read_bandwidth(n_bytes: int = 2**29, repeats: int = 5) -> float:
+    """Bytes/s of summing an ``n_bytes`` float32 tensor, best of ``repeats``: how fast this
+    machine streams memory that is not in cache (it bounds batch-1 decoding)."""
+    t = torch.ones(n_bytes // 4)
+    t.sum()  # warm-up (and the pages are touched)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best
+
+
 def train_step_seconds(shape: dict, batch_size: int, dtype: str, repeats: int) -> tuple:
     """Best time of one training step (forward, backward, clipping, AdamW) and the model's
     training FLOPs per token, for a char-level GPT of this ``shape``."""
@@ -331,15 +348,24 @@ def print_generate(prompt_len: int, new_tokens: int, repeats: int) -> None:
         ),
     }  # fmt: skip
     results = best_of_alternating(runs, repeats)
+    # every weight read once per token, except the position table (one row)
+    weight_bytes = sum(p.nbytes for p in ours.parameters())
+    weight_bytes -= sum(p.nbytes for p in ours.transformer.wpe.parameters())
+    bound = read_bandwidth() / weight_bytes  # tokens/s if reading the weights were all it took
     print(
         f"greedy generation, GPT-2 124M shape (random weights), float32, batch 1, prompt "
         f"{prompt_len} tokens, {new_tokens} new tokens, {torch.get_num_threads()} threads, best of "
         f"{repeats} (alternating) after a warm-up"
     )
-    print("| implementation | seconds | tokens/s |")
-    print("|---|---|---|")
+    print(
+        f"weights read per token: {weight_bytes / 1e6:.0f} MB; memory read bandwidth "
+        f"{bound * weight_bytes / 1e9:.1f} GB/s, so at most {bound:.1f} tokens/s"
+    )
+    print("| implementation | seconds | tokens/s | share of the bandwidth bound |")
+    print("|---|---|---|---|")
     for name, (seconds, _) in results.items():
-        print(f"| {name} | {seconds:.2f} | {new_tokens / seconds:.1f} |")
+        print(f"| {name} | {seconds:.2f} | {new_tokens / seconds:.1f} | "
+              f"{new_tokens / seconds / bound:.0%} |")  # fmt: skip
     (ours_s, ours_ids), (hf_s, hf_ids) = results.values()
     print(f"ours / transformers tokens/s: {hf_s / ours_s:.2f}x (target >= 2x)")
     print(f"same tokens: {torch.equal(ours_ids, hf_ids)}")
