@@ -49,17 +49,18 @@ mask_kinds = st.sampled_from(["none", "causal", "bool", "float", "bool+causal", 
     t_q=st.integers(1, 9),
     extra_keys=st.integers(0, 6),
     d=st.integers(1, 16),
+    dv=st.integers(1, 16),
     kind=mask_kinds,
     mask_rank=st.integers(2, 4),
     seed=st.integers(0, 2**16),
 )
 def test_fast_path_and_torch_agree_with_reference(
-    batch, heads, t_q, extra_keys, d, kind, mask_rank, seed
+    batch, heads, t_q, extra_keys, d, dv, kind, mask_rank, seed
 ):
     torch.manual_seed(seed)
     causal = "causal" in kind
     t_k = t_q if causal else t_q + extra_keys
-    q, k, v = _qkv(batch, heads, t_q, t_k, d, dtype=torch.float32)
+    q, k, v = _qkv(batch, heads, t_q, t_k, d, dv, dtype=torch.float32)  # dv: values' width
     mask_shape = (batch, heads, t_q, t_k)[4 - mask_rank :]
     mask = None
     if kind.startswith("bool"):
@@ -79,6 +80,19 @@ def test_fast_path_and_torch_agree_with_reference(
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+def test_fast_path_pads_narrow_values_with_the_same_gradients():
+    """Values narrower than keys (MLA's) are padded for the fused kernel: output and gradients
+    must still be those of the unpadded reference."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 6, 6, 12, dv=5))
+    grads = []
+    for fn in (sdpa, sdpa_reference):
+        out = fn(q, k, v, is_causal=True)
+        assert out.shape == (2, 3, 6, 5)
+        grads.append(torch.autograd.grad((out * torch.arange(5.0)).sum(), (q, k, v)))
+    for fast, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, ref)
 
 
 def test_reference_matches_torch_to_1e6_in_float64():

@@ -150,6 +150,9 @@ def sdpa(
     if is_causal and attn_mask is not None:  # torch takes one or the other: fold them together
         attn_mask = restrict(attn_mask, causal_mask(q.shape[-2], device=q.device))
         is_causal = False
+    v_dim = v.shape[-1]
+    if v_dim < k.shape[-1]:  # the fused kernels want values as wide as keys, else torch takes
+        v = F.pad(v, (0, k.shape[-1] - v_dim))  # its slow path: pad with zeros (..., T_k, hd)
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -159,4 +162,4 @@ def sdpa(
         is_causal=is_causal,
         scale=scale,
         enable_gqa=enable_gqa,
-    )
+    )[..., :v_dim]  # (..., T_q, v_dim): the zero columns dropped
