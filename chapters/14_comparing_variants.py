@@ -95,7 +95,8 @@ print("registered variants:", available())
 # not exist: a window or a block size only means something relative to the sequence length.
 # `variant_options` chooses them from the configuration so that each variant's saving is real at
 # that length: GQA keeps half of the key/value heads, a window of an eighth of the sequence,
-# BigBird blocks of a sixteenth, a linear-attention chunk of at most 64 positions; MLA keeps its
+# BigBird blocks of a sixteenth of it with each query block seeing at most 6 of the 16 (1 global,
+# 3 window, 2 random), a linear-attention chunk of at most 64 positions; MLA keeps its
 # defaults (a latent of `4 × head_dim` numbers, DeepSeek-V2's ratio). Second, the parameter
 # counts differ a little, because sharing or compressing keys and values removes or adds weights;
 # the table reports them.
@@ -192,9 +193,9 @@ show(recall_demo.batch(1, gen))
 # (the key matching the current token, anywhere before), then read the token next to it.
 #
 # Why this task? Zoology trained attention next to its cheap substitutes — gated convolutions,
-# state-space models, linear attention — and found that models with nearly the same perplexity
-# differed most on exactly this skill, and that the gap explained most of their perplexity
-# difference. Full attention keeps every key and value in its cache and looks them up by
+# state-space models, linear attention — and found that attention beat them in perplexity, and
+# that most of that gap came from tokens that could only be predicted by recalling an earlier
+# pair: this skill. Full attention keeps every key and value in its cache and looks them up by
 # content, whatever the distance. A sliding window forgets every pair beyond its reach. A
 # recurrent state (linear attention) keeps everything, but folded into a fixed number of
 # numbers: with many pairs they interfere (chapter 10, section 7). Recall is where each saving
@@ -212,7 +213,8 @@ show(induction_demo.batch(1, gen))
 # %% [markdown]
 # **Copying**: a random segment of `S` tokens, a separator, and the segment again. From the
 # separator on, each position predicts the next token of the segment, which lies `S` positions
-# back; the gap, to the earlier copy of the current token, is `S + 1`. **Induction**: a token `A`
+# back; the gap recorded for every answer is `S + 1`, the distance from the current token to its
+# earlier copy (the separator has none; it gets the same gap). **Induction**: a token `A`
 # occurs twice, and after its second occurrence the model must predict `B`, the token that
 # followed the first one — the pattern an "induction head" completes (Olsson et al., 2022), one
 # answer per sequence, at a random gap.
@@ -269,9 +271,9 @@ print("\nfiles written:", sorted(p.name for p in root.iterdir() if p.is_file()))
 #
 # ```
 # attnbook compare --quick      # the quick preset (make compare)
-# attnbook compare --full       # the same models trained 4x longer: the one to read recall from
+# attnbook compare --full       # the same models, 8000 steps instead of 1500: read recall here
 # attnbook compare --workload lm --data tinyshakespeare   # language modelling instead
-# attnbook compare --help       # every setting, with the presets' sizes
+# attnbook compare --help       # every setting
 # ```
 #
 # Each writes `results/compare/<workload>/`. The figures of our run:
@@ -335,7 +337,7 @@ print("relative to mha:", {name: round(b / cache["mha"], 3) for name, b in cache
 # changes the *order* of the cost: at any length their cache is the same few kilobytes.
 #
 # **Speed.** Read the throughput figure with suspicion: at 32 positions and 64 dimensions a
-# training step takes a few milliseconds, mostly Python and the overhead of launching small
+# training step takes 10 to 20 milliseconds, mostly Python and the overhead of launching small
 # operations, and the variants' savings in arithmetic are far too small to show. On a machine
 # shared with other work, two runs of this notebook ranked the variants differently; what
 # stays is that no variant is much faster than `mha`, and that the ones with more machinery —
@@ -371,21 +373,22 @@ assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positi
 # | mha | 0.258 | 0.748 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 0.999 | 1,024 |
 # | gqa | 0.254 | 0.751 | 0.310 | 0.21 / 0.24 / 0.26 / 0.37 | 0.967 | 512 |
 # | mqa | 0.212 | 0.751 | 0.248 | 0.23 / 0.23 / 0.26 / 0.25 | 0.916 | 256 |
-# | mla | 0.248 | 0.480 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 1.000 | 576 |
+# | mla | 0.248 | 0.478 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 1.000 | 576 |
 # | sparse | 0.425 | 0.452 | 0.999 | 1.00 / 1.00 / 1.00 / 1.00 | 0.984 | 1,024 |
 # | linear | 0.245 | 0.203 | 0.865 | 0.83 / 0.86 / 0.87 / 0.87 | 0.588 | 8 |
 # | local | 0.031 | 0.014 | 0.086 | 0.22 / 0.32 / 0.03 / 0.04 | 0.015 | 8 |
 #
 # - **After 1500 steps** nobody recalls (only `sparse` has left $1/4$), and the separation is on
-#   copying: `mha`, `gqa` and `mqa` copy three tokens in four, `local` none, because the copy
-#   lies 17 positions back and its reach is 14. That, and the costs, is what the quick preset
+#   copying: `mha`, `gqa` and `mqa` copy three tokens in four, `local` none, because the token to
+#   copy lies 16 positions back and its reach is 14. That, and the costs, is what the quick preset
 #   can show.
-# - **After 8000 steps** `mha`, `mla` and `sparse` answer every query at every gap. `local`
-#   learned something only where the theory allows it: 0.22 and 0.32 for gaps up to 15, a blind
-#   guess beyond (the boundary is at 14, inside the 8–15 bin). `linear` recalls at 0.87, the
-#   same at every gap: distance costs it nothing, since every pair is folded into the same
-#   state; what limits it is how many pairs that state can keep apart (chapter 10), and with 4
-#   pairs it keeps most of them.
+# - **After 8000 steps** `mha`, `mla` and `sparse` answer every query at every gap. `local` rose
+#   only where the theory allows it: 0.22 and 0.32 for gaps up to 15, about the $1/4$ of a guess
+#   among the values it can see, and a blind guess beyond (the boundary is at 14, inside the 8–15
+#   bin). Seeing the values is not yet recalling the right one. `linear` recalls at 0.87, the same
+#   at every gap: distance costs it nothing, since every pair is folded into the same state; what
+#   limits it is how many pairs that state can keep apart (chapter 10), and with 4 pairs it keeps
+#   most of them.
 # - **`gqa` and `mqa`** copy well but are still at $1/4$ on recall — still on the plateau that
 #   `mha` left earlier. Nothing in their structure stops them (they see every position, as `mha`
 #   does); whether fewer key/value heads make the plateau longer in general, one seed cannot
@@ -483,9 +486,10 @@ plt.show()
 # the long ones less completely in 300 steps.
 #
 # The same measurement does *not* show where linear attention pays. Copying 12 tokens through a
-# state of $16 \times 16$ numbers per head is within its capacity; recall with many pairs is
-# not (chapter 10 measured the interference directly). That is a question for the longer runs,
-# with more pairs than this chapter's 4.
+# state of $16 \times 16$ numbers per head may well be within its capacity (300 steps cannot tell a
+# capacity limit from slow learning); recall with many pairs is not (chapter 10 measured the
+# interference directly). That is a question for the longer runs, with more pairs than the presets'
+# 4 (this chapter's runs have 2).
 #
 # ## 5. What the comparison says, variant by variant
 #
@@ -525,7 +529,14 @@ plt.show()
 #   $W_{KV} \approx U_r S_r V_r^\top$. Then `kv_down` $= S_r^{1/2} V_r^\top$ maps the input to a
 #   latent of $r$ numbers, the only thing cached, and `kv_up` $= U_r S_r^{1/2}$ rebuilds the keys
 #   and values from it. The latent has no RMSNorm (`mla_kv_norm=False`: the keys must stay linear
-#   in the input), and the decoupled rotary part is set to zero.
+#   in the input), and the decoupled rotary part is set to zero. Three more details make the
+#   full-rank conversion exact. The key bias is dropped: it adds the same number to all of a
+#   query's scores, which softmax ignores. The value bias moves into `c_proj`'s bias: a query's
+#   weights sum to one, so it reaches the output unchanged. And the queries are scaled by
+#   $\sqrt{(d_\text{head} + d_\text{rope}) / d_\text{head}}$, so that MLA's softmax scale
+#   $1/\sqrt{d_\text{head} + d_\text{rope}}$ acts as MHA's $1/\sqrt{d_\text{head}}$. The rotary
+#   part gets 2 coordinates per token (`qk_rope_head_dim=2`, not the 8 of section 1): its
+#   weights start at zero, so until fine-tuning uses them they only cost cache.
 #
 # A model worth converting must use its attention. The `mha` model that just learned to copy
 # does: every answer is read from another position. We convert it, measure its copy loss and
@@ -626,10 +637,10 @@ print("converted and fine-tuned:", len(table), "models")
 # %% tags=["nbval-ignore-output"]
 base_loss, base_accs = copy_scores(base)
 print(f"{'model':>16} {'cache/token/layer':>17} {'loss converted':>14} {'loss +60 steps':>14}   "
-      f"accuracy by length, +60 steps")
+      f"accuracy by length 3/6/9/12: converted | +60 steps")
 for label, row in table.items():
-    loss0, loss1 = row["converted"][0], row["tuned"][0]
-    accs = " ".join(f"{a:.2f}" for a in row["tuned"][1])
+    (loss0, accs0), (loss1, accs1) = row["converted"], row["tuned"]
+    accs = " | ".join(" ".join(f"{a:.2f}" for a in accs) for accs in (accs0, accs1))
     print(f"{label:>16} {row['floats']:>17} {loss0:>14.3f} {loss1:>14.3f}   {accs}")
 print(f"trained MHA before any of it: loss {base_loss:.3f}")
 t = {label: (row["converted"][0], row["tuned"][0]) for label, row in table.items()}
@@ -677,25 +688,26 @@ plt.show()
 #   spectrum said. Below that the copy falls apart, and 60 steps cannot rebuild what a latent of
 #   4 numbers cannot hold.
 # - **GQA by pooling** is worse at the same size: one pooled key/value head (32 numbers) breaks
-#   copying completely, two (64 numbers) damages it. Mean-pooling averages heads that learned
-#   different jobs, whereas the SVD chooses the directions that matter, for all heads at once.
-#   (Exercise 3 asks whether a better choice of which heads to pool helps.)
+#   copying (right after the conversion most answers are wrong at every length), two (64 numbers)
+#   damage it. Mean-pooling averages heads that learned different jobs, whereas the SVD chooses the
+#   directions that matter, for all heads at once. (Exercise 3 asks whether a better choice of which
+#   heads to pool helps.)
 # - **A little training repairs a lot.** After 60 steps the pooled models have recovered most of
 #   the way to the MHA model trained for the same 60 steps. That is the GQA paper's finding, at a
 #   toy scale: a conversion is a good starting point, not a finished model.
 #
 # **Why not RoPE?** Our model has learned positions, added to the input, so every key is a fixed
-# linear map of the layer's input, and $W_{KV}$ is the whole story. With RoPE, each head's key is
-# *rotated* by an angle that depends on its position: $k_n = R_n W_K x_n$. The cache would have to
-# hold a latent $c_n$ from which all heads' rotated keys are a fixed linear map, $R_n W_K x_n =
-# W_{UK} c_n$ for every position $n$, and since $R_n$ differs per position, no single $W_{UK}$
-# does that — one could only cache the rotated keys themselves, which is the MHA cache again.
-# (It would also break MLA's absorption of $W_{UK}$ into the query, chapter 11, section 4.)
+# linear map (plus a bias) of the layer's input, and $W_{KV}$ is the whole story. With RoPE, each
+# head's key is *rotated* by an angle that depends on its position: $k_n = R_n W_K x_n$. The cache
+# would have to hold a latent $c_n$ from which all heads' rotated keys are a fixed linear map, $R_n
+# W_K x_n = W_{UK} c_n$ for every position $n$, and since $R_n$ differs per position, no single
+# $W_{UK}$ does that — one could only cache the rotated keys themselves, which is the MHA cache
+# again. (It would also break MLA's absorption of $W_{UK}$ into the query, chapter 11, section 4.)
 # DeepSeek-V2's answer is to keep positions out of the latent: keys get a few extra *decoupled*
-# rotary coordinates, one rotated key shared by the heads, cached next to the latent (chapter 11).
-# A RoPE model's rotation cannot be moved into those coordinates without changing what the
-# model computes, so published conversions keep part of it there and fine-tune. `mha_to_mla`
-# refuses rather than return a model that quietly computes something else:
+# rotary coordinates, one rotated key shared by the heads, cached next to the latent (chapter 11). A
+# RoPE model's rotation cannot be moved into those coordinates without changing what the model
+# computes, so published conversions keep part of it there and fine-tune. `mha_to_mla` refuses
+# rather than return a model that quietly computes something else:
 
 # %% tags=["raises-exception"]
 rope_model = GPT(dataclasses.replace(base.config, positions="rope"))
@@ -748,8 +760,9 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-6), mha_to_mla's kv_up @ kv_down ==
 #   does not show which variant learns recall best: small models stay near chance on recall for
 #   a long time first. The command's full preset (`attnbook compare --full`) is for that: in
 #   its run `mha`, `mla` and `sparse` recalled every pair, `linear` 0.87 at every gap, `local`
-#   only within its reach, and `gqa` and `mqa` were still on the plateau after 8000 steps.
-# - At 32 positions the cheap variants are not faster; their speed pays at thousands of
+#   no better than a guess among the values it could see, and `gqa` and `mqa` were still on the
+#   plateau after 8000 steps.
+# - At 32 positions no variant is much faster than `mha`; their speed pays at thousands of
 #   positions (chapters 8–10) and in memory-bound decoding.
 # - A trained MHA model converts to MLA by a truncated SVD of its stacked key/value projection
 #   (exact at rank $d$, nearly lossless at a quarter of it here) and to GQA by mean-pooling heads
@@ -774,9 +787,9 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-6), mha_to_mla's kv_up @ kv_down ==
 # 3. **Which heads to pool.** `mha_to_gqa` pools consecutive heads (0 with 1, 2 with 3). With 4
 #    heads and 2 groups there are 3 ways to pair them in each layer. Permuting heads does not
 #    change an MHA model (check it), so you can try every pairing by permuting and then pooling.
-#    Does the best pairing lose less than the default? Can you predict it from the weights
-#    alone (for instance from how similar the heads' keys are)?
-# 4. **The cache column by hand.** Derive every entry of the `cache B/token @1024` column of
+#    Does the best pairing lose less than the default? Can you predict it without converting
+#    and evaluating each pairing (for instance from how similar the heads' keys are)?
+# 4. **The cache column by hand.** Derive every entry of the `cache B/token` column of
 #    section 1 from the variants' options (for MLA, its default latent and rotary sizes; for
 #    linear attention, chapter 10's state and normaliser). At what sequence length does the
 #    linear state become smaller than MHA's cache? Check your formulas against

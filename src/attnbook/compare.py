@@ -4,7 +4,8 @@ Every variant gets the same GPT shape, seed, data order, step count, optimiser a
 (``train.train``); only ``GPTConfig.attention`` and its options change. The options are chosen
 per variant from the sequence length so that each variant's saving is real at that length
 (``variant_options``: GQA halves the key/value heads, local attention sees an eighth of the
-sequence, sparse attention about half of the blocks, MLA caches a latent of ``4 * head_dim``);
+sequence, sparse attention splits it into 16 blocks and lets each query block see at most 6 (1
+global, 3 window, 2 random), MLA caches a latent of ``4 * head_dim``);
 a registered variant this file does not know gets its defaults. Parameter counts differ
 slightly between variants, so the table reports them.
 
