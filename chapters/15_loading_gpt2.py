@@ -20,12 +20,13 @@
 # GPT-2's tokenizer from its two files. One step is left before our code can run the model
 # OpenAI trained: putting GPT-2's published weights into our `GPT`.
 #
-# The weights take half a gigabyte for the smallest GPT-2, and this book never assumes a network. So the
+# The weights take half a gigabyte for the smallest GPT-2, and this book never assumes a network
+# (the tokenizer files of section 3 come from the caches that chapter 12 filled). So the
 # chapter verifies everything on a model that needs no download: a GPT-2 with random weights,
 # built and saved by Hugging Face `transformers`, the library everyone uses to run GPT-2. If our
 # model, given the same tensors, computes the same logits and generates the same tokens as
 # `transformers` does, the code is right, whatever numbers the tensors hold; real weights then
-# only change the numbers. Section 4 uses the real weights when they are on the machine, and
+# only change the numbers. Section 5 uses the real weights when they are on the machine, and
 # says how to get them.
 #
 # **Learning goals**
@@ -38,9 +39,10 @@
 #   1e-5 and greedy generation with our KV cache against theirs, and export back with `save_gpt2`.
 # - Go from text to ids to the model and back, with `tiktoken`'s GPT-2 encoding and with our own
 #   `minbpe` tokenizer (the same ids).
-# - With GPT-2's real weights: generate text, and measure perplexity on TinyShakespeare.
 # - Convert GPT-2 to grouped-query attention with `to_gqa`, and measure what pooling key/value
-#   heads saves in cache memory and costs in accuracy before any fine-tuning.
+#   heads saves in cache memory and costs in predictions (and, with real weights, in perplexity)
+#   before any fine-tuning.
+# - With GPT-2's real weights: generate text, and measure perplexity on TinyShakespeare.
 
 # %% [markdown]
 # ## Setup
@@ -95,11 +97,13 @@ tmp = Path(workdir.name)
 #
 # `transformers.GPT2LMHeadModel` is Hugging Face's GPT-2 with its language-model head. We build
 # one from a `GPT2Config` with GPT-2's vocabulary and GPT-2's code, but only 2 blocks of width
-# 64 (GPT-2 small has 12 of width 768): the same tensors, names and code paths, at a size that
+# 64 with 4 heads and a context of 128 positions (GPT-2 small: 12 blocks of width 768, 12 heads,
+# 1,024 positions): the same tensors, names and code paths, at a size that
 # builds and runs in a fraction of a second.
 #
-# `transformers` initialises the model as GPT-2 was: matrices at 0.02, biases at zero, norm
-# scales at one. We then overwrite *every* parameter from our own seeded generator, for three
+# `transformers` initialises the model as GPT-2 was: matrices at 0.02 (the residual projections
+# `c_proj` at $0.02/\sqrt{2 n_\text{layer}}$, as in chapter 13), biases at zero, norm scales at
+# one. We then overwrite *every* parameter from our own seeded generator, for three
 # reasons:
 #
 # - A bias of zero or a norm scale of one looks the same wherever it is loaded: if a loader put
@@ -151,13 +155,12 @@ print(f"parameters: {sum(p.numel() for p in hf.parameters()):,}")
 #
 # ### The checkpoint on disk
 #
-# `save_pretrained` writes the files of a GPT-2 repository on the Hugging Face hub that matter
-# here: `config.json`
-# (the sizes and switches), `model.safetensors` (the tensors) and `generation_config.json`
-# (default settings for `generate`, which we do not need). A safetensors file is a small JSON
-# header of names, dtypes and shapes followed by the raw numbers; `load_file` reads it into a
-# dict of tensors, without running any code from the file (unlike a pickled `.bin`, which is
-# why `torch.load` must be called with `weights_only=True`).
+# `save_pretrained` writes the files of a GPT-2 repository on the Hugging Face hub, three of them:
+# `config.json` (the sizes and switches), `model.safetensors` (the tensors) and
+# `generation_config.json` (default settings for `generate`, which we do not need). A safetensors
+# file is a small JSON header of names, dtypes and shapes followed by the raw numbers; `load_file`
+# reads it into a dict of tensors, without running any code from the file (unlike a pickled `.bin`,
+# which is why `torch.load` must be called with `weights_only=True`).
 
 # %%
 folder = tmp / "random-gpt2"
@@ -172,12 +175,13 @@ print(len(tensors), "tensors in model.safetensors")
 # %% [markdown]
 # ### The mapping, tensor by tensor
 #
-# Our `GPT` was written with GPT-2's names, so most tensors go straight across. There are two
-# differences, and one tensor is missing:
+# Our `GPT` was written with GPT-2's names, so most tensors go straight across. There are three
+# differences:
 #
 # 1. **Transposed.** The four projections of each block (`attn.c_attn`, `attn.c_proj`,
 #    `mlp.c_fc`, `mlp.c_proj`) are `Conv1D` layers in GPT-2, which store their weight as
-#    `(in, out)`. Our `nn.Linear` stores `(out, in)`. Same numbers, transposed (next section).
+#    `(in, out)`. Our `nn.Linear` stores `(out, in)`. Same numbers, transposed (explained
+#    below).
 # 2. **Renamed.** Our learned positions live in chapter 6's `PositionalEmbedding`, which keeps
 #    its table one level down: `transformer.wpe.table.weight` for GPT-2's `transformer.wpe.weight`.
 # 3. **Not stored.** `lm_head.weight` is tied to the token embeddings `transformer.wte.weight`
@@ -251,9 +255,10 @@ with torch.no_grad():
 #
 # Older checkpoints hold more than weights. The `pytorch_model.bin` files that GPT-2 was first
 # published with on the hub store their names without the `transformer.` prefix, and, for every
-# block, two tensors that are not parameters: `h.<i>.attn.bias`, the lower-triangular causal
-# mask of `n_positions × n_positions` ones and zeros, and `h.<i>.attn.masked_bias`, the large
-# negative number that was written into masked scores. Old versions of `transformers` registered
+# block, tensors that are not parameters: `h.<i>.attn.bias`, the lower-triangular causal mask
+# of `n_positions × n_positions` ones and zeros, and, in files saved by later versions of
+# `transformers`, `h.<i>.attn.masked_bias`, the large negative number that was written into
+# masked scores. Old versions of `transformers` registered
 # them as persistent buffers, so `state_dict` saved them with the weights. Current versions
 # build the mask on the fly and skip these entries when loading, and so does `load_state`, the
 # function inside `load_gpt2` that takes a dict of tensors: it drops the two mask buffers and
@@ -350,7 +355,7 @@ print("in every size, the MLP holds 66.7% of the blocks' attention + MLP paramet
 # reads `model.safetensors` (or an old `pytorch_model.bin`, with `weights_only=True`), maps the
 # tensors, checks that none is missing, unexpected or misshapen, and returns the model in eval
 # mode. `source` is a folder, or a name on the Hugging Face hub (`"gpt2"`), which it downloads
-# once (section 4).
+# once (section 5).
 
 # %%
 model = load_gpt2(folder)
@@ -384,6 +389,7 @@ assert diff < 1e-5
 
 # %%
 prompt = idx[:1, :8]  # (1, 8)
+# GPT-2 has no padding token and generate warns without one; nothing is padded, any id will do
 theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
                      do_sample=False, use_cache=True, pad_token_id=0)
 ours = model.generate(prompt, 32, temperature=0)  # temperature 0: greedy, with the KV cache
@@ -397,7 +403,7 @@ assert torch.equal(ours, theirs)
 # `model.safetensors`, the four projections transposed back to `Conv1D`'s layout, `wpe`
 # renamed, `lm_head` left out because it is tied. `transformers` loads the folder like any GPT-2
 # and must compute what the original did. (A model GPT-2's code cannot represent, such as one
-# with RoPE, RMSNorm or grouped-query attention, is refused with a `ValueError`: section 5
+# with RoPE, RMSNorm or grouped-query attention, is refused with a `ValueError`: section 4
 # shows one.)
 
 # %%
@@ -413,7 +419,8 @@ assert same
 # ## 3. Text in, text out
 #
 # The model reads ids. GPT-2's ids come from its byte-level BPE tokenizer: OpenAI's `tiktoken`
-# ships it as the `"gpt2"` encoding, and chapter 12 rebuilt it from GPT-2's merge files as
+# ships it as the `"gpt2"` encoding, and chapter 12 rebuilt it from GPT-2's two files
+# (`vocab.bpe`, `encoder.json`) as
 # `minbpe.GPT2Tokenizer`. (`attnbook.data.get_encoding("gpt2")` wraps the first one, for the
 # book's data pipeline.) They must agree id for id, on anything: plain English, Shakespeare's
 # punctuation and line breaks, runs of spaces, digits, accents, other scripts and emoji.
@@ -455,7 +462,66 @@ print("minbpe decodes the same text:", mb.decode(new_ids) == tk.decode(new_ids))
 assert mb.decode(new_ids) == tk.decode(new_ids)
 
 # %% [markdown]
-# ## 4. GPT-2's real weights
+# ## 4. From multi-head to grouped-query attention
+#
+# Chapter 4 introduced grouped-query attention: the query heads keep their own projections, but
+# groups of them share one key head and one value head, so the KV cache shrinks by the size of the
+# group. `to_gqa(model, n_kv_head)` is chapter 14's `attnbook.convert.mha_to_gqa`: it converts a
+# trained multi-head model by mean pooling, as in the GQA paper (Ainslie et al., 2023): the new key
+# projection of a group is the average of the key projections of its heads, and likewise for the
+# values; every other weight is copied. With `n_kv_head = n_head` nothing is averaged and the model
+# must be unchanged. With fewer heads, the heads of a group now look at the same keys and read the
+# same values, so the outputs change.
+#
+# We measure the change on our random model, on the 48 positions of section 2: the largest
+# change of a logit, and how often the most likely next token stays the same. The cache is read
+# from the model itself, `new_caches`, as bytes per cached token, summed over the layers.
+
+# %%
+with torch.no_grad():
+    base = model(idx)[0]  # (2, 24, 50257)
+mha_cache = sum(c.bytes_per_token for c in model.new_caches(1))
+print(f"{'model':>10} {'cache bytes/token':>17} {'max |change of a logit|':>23} "
+      f"{'same top token':>14}")
+print(f"{'MHA':>10} {mha_cache:>17,}")
+for k in (4, 2, 1):
+    converted = to_gqa(model, k)
+    with torch.no_grad():
+        changed = converted(idx)[0]
+    cache = sum(c.bytes_per_token for c in converted.new_caches(1))
+    change = (changed - base).abs().max().item()
+    top = (changed.argmax(-1) == base.argmax(-1)).float().mean().item()
+    print(f"{f'to_gqa, {k}':>10} {cache:>17,} {change:>23.2f} {100 * top:>13.0f}%")
+    assert cache == mha_cache * k // 4
+    if k == 4:
+        assert torch.allclose(changed, base, atol=1e-5)  # nothing pooled: the same model
+    else:
+        assert change > 0.1
+
+# %% [markdown]
+# Keeping all 4 key/value heads reproduces the model, and its cache is MHA's. Each halving of
+# the key/value heads halves the cache: 1,024 bytes per token become 512, then 256 (2 layers
+# × keys and values × heads × 16 numbers × 4 bytes). And the predictions change completely:
+# the most likely next token is a different one at (nearly) every position. That is what
+# averaging does to *unrelated* heads: the random key projections of two heads have nothing in
+# common, and their mean is a projection unlike either. How much a trained model loses depends
+# on how alike the heads of a group have become in training; heads that learnt different jobs
+# lose them when forced to share keys and values. That is why the GQA paper continues training
+# ("uptraining") after pooling, and why a converted model is meant to be fine-tuned briefly
+# (chapter 14). Section 5 measures the cost on GPT-2 itself, when its weights are available.
+#
+# A GQA model is no longer a GPT-2 that `transformers`' `GPT2LMHeadModel` can hold, and
+# `save_gpt2` says so rather than writing a checkpoint that would load wrongly. (Exercise 4
+# finds a way to export it anyway.)
+
+# %%
+try:
+    save_gpt2(to_gqa(model, 2), tmp / "gqa")
+except ValueError as err:
+    print("ValueError:", err)
+
+# %% [markdown]
+# ## 5. GPT-2's real weights
 #
 # Everything so far ran on random weights. With OpenAI's weights the same code writes English.
 # The book never downloads them on its own: `find_gpt2()` looks for a copy already on this
@@ -479,7 +545,7 @@ assert mb.decode(new_ids) == tk.decode(new_ids)
 # small is no poet, and its Shakespeare drifts), and a perplexity on TinyShakespeare's
 # validation text in the tens or low hundreds, where random weights score about 50,000 (a
 # uniform guess over 50,257 tokens would score exactly that). The conversions to grouped-query
-# attention (section 5 explains them) raise it; how much, as the key/value heads get fewer, is
+# attention (section 4) raise it; how much, as the key/value heads get fewer, is
 # what the cell measures. Without the weights, as on the book's test machines, each cell prints
 # one line and does nothing else. Their outputs differ from machine to machine, so the book's
 # tests do not compare them.
@@ -552,65 +618,6 @@ else:
     plt.show()
 
 # %% [markdown]
-# ## 5. From multi-head to grouped-query attention
-#
-# Chapter 4 introduced grouped-query attention: the query heads keep their own projections,
-# but groups of them share one key head and one value head, so the KV cache shrinks by the size
-# of the group. `to_gqa(model, n_kv_head)` (`attnbook.convert.mha_to_gqa`) converts a trained
-# multi-head model by mean pooling, as in the GQA paper (Ainslie et al., 2023): the new key
-# projection of a group is the average of the key projections of its heads, and likewise for
-# the values; every other weight is copied. With `n_kv_head = n_head` nothing is averaged and
-# the model must be unchanged. With fewer heads, the heads of a group now look at the same keys
-# and read the same values, so the outputs change.
-#
-# We measure the change on our random model, on the 48 positions of section 2: the largest
-# change of a logit, and how often the most likely next token stays the same. The cache is read
-# from the model itself, `new_caches`, as bytes per cached token, summed over the layers.
-
-# %%
-with torch.no_grad():
-    base = model(idx)[0]  # (2, 24, 50257)
-mha_cache = sum(c.bytes_per_token for c in model.new_caches(1))
-print(f"{'model':>10} {'cache bytes/token':>17} {'max |change of a logit|':>23} "
-      f"{'same top token':>14}")
-print(f"{'MHA':>10} {mha_cache:>17,}")
-for k in (4, 2, 1):
-    converted = to_gqa(model, k)
-    with torch.no_grad():
-        changed = converted(idx)[0]
-    cache = sum(c.bytes_per_token for c in converted.new_caches(1))
-    change = (changed - base).abs().max().item()
-    top = (changed.argmax(-1) == base.argmax(-1)).float().mean().item()
-    print(f"{f'to_gqa, {k}':>10} {cache:>17,} {change:>23.2f} {100 * top:>13.0f}%")
-    assert cache == mha_cache * k // 4
-    if k == 4:
-        assert torch.allclose(changed, base, atol=1e-5)  # nothing pooled: the same model
-    else:
-        assert change > 0.1
-
-# %% [markdown]
-# Keeping all 4 key/value heads reproduces the model, and its cache is MHA's. Each halving of
-# the key/value heads halves the cache: 1,024 bytes per token become 512, then 256 (2 layers
-# × keys and values × heads × 16 numbers × 4 bytes). And the predictions change completely:
-# the most likely next token is a different one at (nearly) every position. That is what
-# averaging does to *unrelated* heads: the random key projections of two heads have nothing in
-# common, and their mean is a projection unlike either. How much a trained model loses depends
-# on how alike the heads of a group have become in training; heads that learnt different jobs
-# lose them when forced to share keys and values. That is why the GQA paper continues training
-# ("uptraining") after pooling, and why a converted model is meant to be fine-tuned briefly
-# (chapter 14). Section 4 measures the cost on GPT-2 itself, when its weights are available.
-#
-# A GQA model is no longer a GPT-2 that `transformers`' `GPT2LMHeadModel` can hold, and
-# `save_gpt2` says so rather than writing a checkpoint that would load wrongly. (Exercise 4
-# finds a way to export it anyway.)
-
-# %%
-try:
-    save_gpt2(to_gqa(model, 2), tmp / "gqa")
-except ValueError as err:
-    print("ValueError:", err)
-
-# %% [markdown]
 # ## Check against the module
 #
 # Section 1 wrote the mapping as `to_ours`: transpose the four `Conv1D` weights, rename `wpe`,
@@ -679,10 +686,10 @@ print("temporary checkpoints deleted:", not tmp.exists())
 # 2. **GELU, exact or tanh.** GPT-2 computes GELU with its tanh approximation (`gelu_new` in
 #    `config.json`, `mlp="gelu_tanh"` here); PyTorch's default GELU is exact. Where on the real
 #    line do the two differ most, and by how much? Predict, then measure, how much the logits of
-#    this chapter's random model change when it is run with the exact GELU instead. Would the
-#    1e-5 comparison of section 2 notice a loader that picked the wrong GELU? Would the greedy
-#    generation check? Would the logit comparison still notice if the blocks' matrices were drawn
-#    at GPT-2's own initial scale, 0.02, instead of 0.1?
+#    a random model drawn like this chapter's change when it is run with the exact GELU instead.
+#    Would the 1e-5 comparison of section 2 notice a loader that picked the wrong GELU? Would the
+#    greedy generation check? Would the logit comparison still notice if the blocks' matrices
+#    were drawn at GPT-2's own initial scale, 0.02, instead of 0.1?
 # 3. **The KV cache of GPT-2 small.** Compute by hand the bytes of the KV cache of GPT-2 124M
 #    (float32) for one sequence of 1,024 tokens, with multi-head attention, with `to_gqa(..., 4)`
 #    and with one key/value head (MQA). Check your numbers against `new_caches` without loading

@@ -19,10 +19,11 @@
 # Worked solutions to the exercises of `chapters/15_loading_gpt2.ipynb`. Each one reasons first,
 # then checks the claim with code and an `assert`.
 #
-# None of them needs GPT-2's real weights. Exercises 1 to 3 use our own `GPT` with random
+# None of them needs GPT-2's real weights. Exercises 1, 2 and 4 use our own `GPT` with random
 # weights drawn the way the chapter drew them (embeddings at 0.02, the blocks' matrices at 0.1,
 # norm scales around one, small nonzero biases), at the chapter's size: 2 blocks of width 64 and
-# GPT-2's vocabulary. Exercise 4 uses `transformers` as the independent reference.
+# GPT-2's vocabulary; exercise 3 needs only shapes. Exercise 4 uses `transformers` as the
+# independent reference.
 
 # %%
 import dataclasses
@@ -227,12 +228,12 @@ assert gelu_change[0.1] > 1e-4  # ten times the tolerance
 assert 1e-5 < gelu_change[0.02] < gelu_change[0.1] / 5  # barely above it
 
 # %% [markdown]
-# **Answers.** With the chapter's model the wrong GELU moves the logits by about $2 \times
-# 10^{-4}$, twenty times the tolerance: the logit comparison of section 2 would catch it. Greedy
+# **Answers.** With a model drawn like the chapter's, the wrong GELU moves the logits by
+# $1.6 \times 10^{-4}$, sixteen times the tolerance: the logit comparison of section 2 would catch it. Greedy
 # generation would not: a change of $10^{-4}$ rarely reorders the two most likely tokens, and
 # here it never does in 32 steps. At GPT-2's initial scale the change shrinks more than tenfold,
-# to just above $10^{-5}$ (less than the prediction suggested: the residual stream of that model
-# is small, and the final LayerNorm scales every change in it up). The check of section 2 would
+# to just above $10^{-5}$ (it shrinks less than the prediction suggested: the residual stream of
+# that model is small, and the final LayerNorm scales every change in it up). The check of section 2 would
 # still catch the wrong GELU, by a margin of less than two; a tolerance of $10^{-4}$, which
 # sounds strict, would let it through. A test can only see what its inputs exercise, which is
 # one of the reasons the chapter draws the blocks' matrices larger than GPT-2's initialisation
