@@ -47,7 +47,8 @@
 #
 # TinyShakespeare comes through the book's download cache (downloaded once and checked
 # against its sha256; on a machine without a network, from a local mirror). Nothing in this
-# chapter is random: BPE is a deterministic algorithm, so every output below is reproducible.
+# chapter is random: BPE is a deterministic algorithm, so every output below except the timings
+# is reproducible.
 
 # %%
 import time
@@ -212,7 +213,7 @@ print(decode(ids, vocab))
 
 # %% [markdown]
 # **Encoding new text** replays the merges. It is not enough to apply each merge once in
-# any order: X is made of Z and Y, so it can only appear after Z and Y exist. The rule that
+# an arbitrary order: X is made of Z and Y, so it can only appear after Z and Y exist. The rule that
 # always works is: among the adjacent pairs that are merges, apply the one learned first
 # (smallest new id), and repeat until no adjacent pair is a merge.
 
@@ -268,7 +269,8 @@ for (a, b), new_id in naive_merges.items():
 print([render_token(naive_vocab[i]) for i in naive_merges.values()])
 
 # %% [markdown]
-# (`render_token` prints a token's text with control characters escaped: `\u000a` is a newline.)
+# (`render_token` prints a token's text with control characters escaped: `\u000a` is a newline;
+# inside a printed Python list its backslash shows doubled.)
 # The first merges are `e` + space, `t` + `h`, `t` + space, `s` + space: word endings and the
 # start of "the". Now the cost. A vocabulary of 1,024 needs 768 merges over 1.1 MB, eleven
 # times our sample:
@@ -281,8 +283,8 @@ assert estimate > 60, "the naive loop should take minutes on the whole text"
 
 # %% [markdown]
 # Most of that work is wasted. When the pair `(a, b)` is merged at one spot, with neighbours
-# `x a b y`, only four pair counts change: `(x, a)` and `(b, y)` lose one, `(x, ab)` and
-# `(ab, y)` gain one. Every other count is the same as before. `minbpe`'s trainer
+# `x a b y`, besides `(a, b)` itself only four pair counts change: `(x, a)` and `(b, y)` lose
+# one, `(x, ab)` and `(ab, y)` gain one. Every other count is the same as before. `minbpe`'s trainer
 # (`minbpe/trainer.py`) therefore keeps the counts and updates them locally:
 #
 # - the symbols sit in one array with links to their neighbours, so a merge rewrites two cells;
@@ -318,6 +320,8 @@ def longest_tokens(tok, n=10):
 
 
 print(longest_tokens(basic))
+tokens = set(basic.vocab.values())
+print("are tokens:", {render_token(t): t in tokens for t in (b"e ", b"e, ", b"e\n")})
 
 # %% [markdown]
 # Punctuation, newlines and the next speaker's name glued together (`.\n\nKING RICHARD I`),
@@ -333,7 +337,7 @@ print(longest_tokens(basic))
 # vocabulary on `dog.`, `dog!`, `dog?` and so on, variants that say nothing new. GPT-2's fix is
 # to cut the text into **chunks** first and never merge across a chunk boundary. The chunks come
 # from a regular expression (here in the syntax of the `regex` module, where `\p{L}` is any
-# letter and `\p{N}` any digit, in any script):
+# letter and `\p{N}` any number character, in any script: digits, but also `²` or `½`):
 
 # %%
 print(GPT2_SPLIT_PATTERN)
@@ -353,8 +357,8 @@ print(regex.findall(GPT2_SPLIT_PATTERN, "\n\nHello"))
 #   newline (`"\n\nHello"`), it becomes a chunk of its own: `\n`, `\n`, `Hello`;
 # - `\s+`: any whitespace left over.
 #
-# Words thus carry their leading space: ` the` in the middle of a sentence and `The` at its
-# start are different tokens. `RegexTokenizer` counts pairs inside chunks only. That also makes
+# Words thus carry their leading space: ` the` in the middle of a line and `the` at its start
+# are different tokens. `RegexTokenizer` counts pairs inside chunks only. That also makes
 # training faster: TinyShakespeare has about 300,000 chunks but only about 15,000 different
 # ones, and the trainer sees each different chunk once, with its frequency as a weight.
 
@@ -375,7 +379,7 @@ print([render_token(regex_tok.vocab[i]) for i in range(256, 286)])
 print(longest_tokens(regex_tok))
 
 # %% [markdown]
-# The tokens are now pieces of words: ` the`, ` my`, `ing`, and the longest are names and
+# The tokens are now pieces of words: ` the`, ` th`, `nd`, and the longest are names and
 # whole words (`CORIOLANUS`, ` VINCENTIO`, ` daughter`). How many of each tokenizer's 768 merged tokens
 # straddle a chunk boundary, i.e. would be cut by the split pattern?
 
@@ -406,10 +410,12 @@ for name, tok in [("basic", basic), ("regex", regex_tok)]:
 # About 5 percent fewer bytes per token. The regex tokenizer gives up a little compression on
 # this one file in exchange for tokens that mean something and transfer to other text.
 #
-# GPT-4's pattern (tiktoken's `cl100k_base`; `"gpt4"` in `minbpe`, the default of
-# `RegexTokenizer`) refines GPT-2's: contractions in any case (`'S` too), digits in groups of at
-# most three, a whitespace run is cut after its last newline, and punctuation takes the newlines
-# that follow it (`:\n` is one chunk). The same text under both patterns:
+# GPT-4's pattern (tiktoken's `cl100k_base`; `"gpt4"` in `minbpe`, the default of `RegexTokenizer`)
+# refines GPT-2's: contractions in any case (`'S` too), digits in groups of at most three and
+# without a leading space (` 12345` becomes ` `, `123`, `45`), a word may take one leading
+# non-letter of any kind (a space, but also a quote or a bracket), a whitespace run is cut after its
+# last newline, and punctuation takes the newlines that follow it (`:\n` is one chunk). The same
+# text under both patterns:
 
 # %%
 play_line = "KING:\n  Hello 12345 IT'S\n\n  x"
@@ -481,11 +487,12 @@ chars = byte_to_char()
 print("space ->", chars[ord(" ")], " newline ->", chars[ord("\n")], " 'A' ->", chars[ord("A")])
 
 # %% [markdown]
-# So the first merge, `Ġ t`, is space + `t`, and GPT-2's first token after the 256 bytes is
-# ` t`. Reading the files is bookkeeping: undo the character mapping, look up each merge's two
-# parts in `encoder.json`, and check that merge number *r* creates id 256 + *r* (it does, for
-# all 50,000). The only surprise is that GPT-2 numbers the 256 byte tokens in its own order
-# (`!` is 0), which the model records as `byte_ids`. After that, GPT-2's tokenizer is a
+# So the first merge, `Ġ t`, is space + `t`, and GPT-2's first token after the 256 bytes is ` t`.
+# Reading the files is bookkeeping: undo the character mapping, look up each merge's two parts in
+# `encoder.json`, and check that merge number *r* creates id 256 + *r* (it does, for all 50,000).
+# The only surprise is that GPT-2 numbers the 256 byte tokens in its own order (`!` is 0): first the
+# 188 printable bytes in byte order, then the 68 others, so a space (byte 32, the 33rd of those) is
+# 188 + 32 = 220. The tokenizer records this order as `byte_ids`. After that, GPT-2's tokenizer is a
 # `RegexTokenizer` with the "gpt2" pattern, 50,000 merges and one special token.
 
 # %%
@@ -496,10 +503,10 @@ sentence = "Tokenization isn't magic: 12345 + 678 = 13023!"
 print("|".join(gpt2.decode([i]) for i in gpt2.encode(sentence)))
 
 # %% [markdown]
-# (Numbers are cut wherever GPT-2's merges happen to allow, `123|45` and ` 130|23`: one reason
+# (Numbers are cut wherever GPT-2's merges happen to allow, ` 123|45` and ` 130|23`: one reason
 # arithmetic is hard for GPT-2, and why GPT-4's pattern splits digits into groups of three.)
 #
-# Now the test that matters: the chapter's text, with every kind of character we met above, a
+# Now the test that matters: a test string with every kind of character we met above, a
 # special token, and the whole of TinyShakespeare, through our tokenizer and through
 # `tiktoken`'s `gpt2` encoding.
 
@@ -568,7 +575,8 @@ print(f"GPT-2 {gpt2.n_vocab}: {gpt2_bpt:.3f} bytes per token")
 # %% [markdown]
 # In the plot, the vocabulary of 256 is plain bytes (no merges yet), and the grey numbers are
 # what each doubling of the vocabulary adds to the bytes per token. On a logarithmic axis the
-# curve looks almost straight; those gains show that it is not.
+# curve bends after the first doubling and then looks almost straight; the gains show that
+# each doubling still buys a little less than the one before.
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -603,7 +611,7 @@ plt.show()
 # almost one byte per token, the last 2,048 well under half a byte. And GPT-2, with twelve times
 # our largest vocabulary, compresses Shakespeare only 2 percent better than our 4,096 tokens:
 # its merges were learned on web text, so most of them are spent on words that never occur
-# here, while ours went to *thou*, *hath* and *CORIOLANUS*. A tokenizer is fitted to its
+# here, while ours went to this play's words and names (*CORIOLANUS*). A tokenizer is fitted to its
 # training data, much as a model is. (The split pattern matters too; exercise 5 tries GPT-4's.)
 
 # %% [markdown]
@@ -629,7 +637,7 @@ print(f"for scale: six transformer blocks of width {d_model} hold {6 * 12 * d_mo
 # %% [markdown]
 # Reading across:
 #
-# - **Sequence length.** With BPE the same text is 2.4 (BPE 1024) to 3.3 (GPT-2) times fewer
+# - **Sequence length.** With BPE the same text takes 2.4 (BPE 1024) to 3.3 (GPT-2) times fewer
 #   tokens. For a fixed context of 256 tokens, the model sees that much more text at once; for a
 #   fixed amount of text, attention, quadratic in the length, is 6 to 11 times cheaper.
 # - **Size.** The embedding table (and the output layer, which has the same shape and is often
@@ -654,7 +662,8 @@ print(f"GPT-2 ids used: {len(gpt2_counts):,} of {gpt2.vocab_size:,}; seen fewer 
 # ## 9. Check against the module
 #
 # Finally, the notebook's own code against the package. We train our textbook `train_naive` and
-# `minbpe.BasicTokenizer` on the same 20,000 bytes for 60 merges, copy nothing, and compare:
+# `minbpe.BasicTokenizer` on the same 20,000 bytes for 60 merges (the two share no code), and
+# compare:
 # the learned merges must be identical, and encoding unseen text (the next 5,000 characters)
 # with our `encode` and with the package must give identical ids. Token ids are integers, so the
 # tolerance is zero: `torch.equal`, not `torch.allclose`.
@@ -704,10 +713,11 @@ print(f"notebook BPE == minbpe.BasicTokenizer: 60 merges, {len(package_ids)} ids
 # 4. **Streaming decode.** A model generates one token at a time, and a chat interface wants to
 #    print each as it arrives. Printing `gpt2.decode([token])` for each token garbles emoji and
 #    non-Latin text (exercise 3 shows why). Write a small class `StreamDecoder` whose
-#    `push(token_id)` returns the text that is *complete* so far, holding back the bytes of an
-#    unfinished character. (Hint: `codecs.getincrementaldecoder("utf-8")`.) Test it: feeding
-#    the tokens of any string one by one must reproduce the string exactly, and no piece it
-#    returns may contain `�` for valid input.
+#    `push(token_id)` returns the text completed by that token, holding back the bytes of an
+#    unfinished character, and whose `flush()` returns what is left at the end. (Hint:
+#    `codecs.getincrementaldecoder("utf-8")`.) Test it: feeding the tokens of any string one by
+#    one must reproduce the string exactly, and no piece it returns may contain `�` for valid
+#    input.
 # 5. **Another split pattern.** Train `RegexTokenizer("gpt4")` with `vocab_size=1024` on
 #    TinyShakespeare and compare its bytes per token with section 7's `"gpt2"` tokenizer of the
 #    same size. Predict first which compresses this text better. Then find the reason in the

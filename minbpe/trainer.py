@@ -22,7 +22,8 @@ How it works:
   positions that hold its pair. Entries are never removed; a position whose symbols have
   changed since is recognised and skipped when visited.
 - **Exact counts, updated locally.** Merging (a, b) at one position removes the pairs
-  (prev, a) and (b, next) and creates (prev, ab) and (ab, next); only those counts change.
+  (prev, a) and (b, next) and creates (prev, ab) and (ab, next); besides (a, b) itself, only
+  those counts change.
 - **A heap with lazy deletion** finds the most frequent pair: a pair is pushed whenever its
   count goes up; an entry popped with an out-of-date count is pushed back with the right one.
 

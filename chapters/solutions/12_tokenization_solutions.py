@@ -263,7 +263,7 @@ assert only4[":\n"] == 8634 and rank + 1 == 11 and digits == 27  # the numbers q
 
 # %% [markdown]
 # As predicted: `:\n` alone occurs 8,634 times, and punctuation followed by newlines makes up
-# almost all chunks unique to GPT-4's pattern. GPT-4's tokenizer spends early merges on exactly
-# these (`:\n` is its 11th merge). The lesson of section 7 holds once more: how well a tokenizer
-# compresses depends on the text as much as on the vocabulary size. (Its other changes, such as
+# almost all chunks unique to GPT-4's pattern. Our tokenizer with GPT-4's pattern spends early
+# merges on exactly these (`:\n` is its 11th merge). The lesson: how well a tokenizer compresses
+# depends on how its split pattern fits the text, not only on the vocabulary size. (Its other changes, such as
 # digit groups of three, hardly matter here: the whole play has only 27 digits.)
