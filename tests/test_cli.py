@@ -1,9 +1,15 @@
-"""The ``attnbook`` command: prepare, train, generate, bench attention, and --help for each."""
+"""The ``attnbook`` command: prepare, train, generate, bench attention and baby's estimates, and
+--help for each."""
 
 import pytest
+import torch
 
 from attnbook import cli
 from attnbook.attention import available
+from attnbook.bench import val_estimates
+from attnbook.data import TokenData, prepare
+from attnbook.model import GPT, GPTConfig
+from attnbook.train import TrainConfig
 
 TEXT = "".join(f"to be or not to be, line {i}\n" for i in range(200))
 
@@ -48,3 +54,21 @@ def test_bench_attention_prints_every_kernel_and_variant(capsys):
     for name in ["full causal SDPA", "local", "sparse", "linear", *available()]:
         assert f"| {name} |" in out
     assert "not measured (add T=4096 to --lengths)" in out
+
+
+def test_baby_bench_val_estimates_are_independent_means_of_random_batches(tmp_path, monkeypatch):
+    """`bench baby` shows how far nanoGPT's 20-batch estimate strays: each of its estimates
+    is the mean of its own consecutive random validation batches."""
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    data = TokenData(prepare(str(corpus), "char"))
+    model_cfg = GPTConfig(vocab_size=data.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    cfg = TrainConfig(model=model_cfg, out_dir=str(tmp_path / "run"), batch_size=4, seed=5)
+    model = GPT(model_cfg).eval()
+    estimates = val_estimates(model, data, cfg, draws=3, batches=2)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    with torch.no_grad():
+        losses = torch.stack([model(*data.get_batch("val", 4, 16, gen))[1] for _ in range(6)])
+    torch.testing.assert_close(estimates, losses.view(3, 2).mean(dim=1))
+    assert len(set(estimates.tolist())) == 3  # three different draws
