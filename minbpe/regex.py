@@ -7,8 +7,8 @@
 
 The pattern cuts text into chunks (words with their leading space, runs of digits,
 punctuation, whitespace) and merges never cross a chunk boundary, so " dog", " dog." and
-" dog!" share the token " dog" instead of each getting its own. Encoding keeps a cache from chunk to
-ids, so a chunk seen before (most of them, in real text) costs one dictionary lookup.
+" dog!" share the token " dog" instead of each getting its own. Encoding keeps a cache from
+chunk to ids, so a chunk seen before (most of them, in real text) costs one dictionary lookup.
 
 ``allowed_special`` offers the choices of tiktoken's ``encode``:
 
