@@ -498,7 +498,9 @@ for name, p in mla.named_parameters():
 # PyTorch's fused attention kernels take keys and values of one size only, and with values of $r$
 # numbers against keys of $r + d_R$ it falls back to a plain kernel that, on this CPU, makes a
 # decoding step several times slower. A few percent of extra arithmetic buys the fast kernel
-# (section 7 counts it).
+# (section 7 counts it). (`sdpa` itself pads values narrower than the keys with zeros, for the
+# same reason, and the naive mode relies on that; but padding copies every cached latent at
+# every step, while the keys are already there.)
 #
 # Same weights, both modes: the outputs and the attention weights agree (the weights come from
 # the reference path when `need_weights=True`; the naive mode has $H$ key heads, the absorbed mode

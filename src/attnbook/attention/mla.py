@@ -196,7 +196,8 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)
             k = torch.cat([latent, k_rope], dim=-1)[:, None]  # (B, 1, T_k, r + rope)
             # values = keys, so SDPA's fused kernels apply (they want equal key and value
-            # sizes); the first r output numbers are the weighted latents
+            # sizes) without sdpa padding a copy of the cache; the first r output numbers are
+            # the weighted latents
             y, weights = self.attend(q, k, k, attn_mask, need_weights)  # (B, H, T, r + rope)
             y = y[..., : self.rank]  # (B, H, T, r)
             y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, H, T, v): W_UV on the output side
@@ -206,7 +207,8 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             k_rope = k_rope[:, None].expand(-1, self.n_head, -1, -1)  # (B, H, T_k, rope)
             q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
             k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, T_k, nope + rope)
-            y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, H, T, v)
+            y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, H, T, v): sdpa
+            # pads the narrower values with zeros for the fused kernel
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * v): heads side by side
         y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
         return (y, weights) if need_weights else y
