@@ -129,7 +129,8 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 #
 # The rest of the model turns token ids into the stream and the stream into predictions:
 #
-# - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id.
+# - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id (`n_embd` is
+#   GPT-2's name for the width `d_model` of section 1, written $d$ below).
 # - `wpe`, the position embedding: one learned vector per position `0 .. block_size - 1`
 #   (chapter 6's `PositionalEmbedding`). Attention itself is blind to order; adding a position
 #   vector to each token vector is how GPT-2 tells the model where each token sits. (RoPE and
@@ -148,7 +149,8 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 # GPT-2) and tends to help small models, whose rare tokens get little training signal otherwise.
 #
 # We name the parts as nanoGPT and GPT-2's checkpoints do (`transformer.wte`, `transformer.h.0.attn`,
-# ...), so that weights can be moved between models by name. Dropout is left out: a model this
+# ...), so that weights can be moved between models by name (GPT-2's checkpoints differ in one
+# name, the position table, which chapter 15 renames). Dropout is left out: a model this
 # small, trained for a few hundred steps, does not overfit.
 
 # %%
@@ -338,8 +340,8 @@ print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol
 # %% [markdown]
 # What `GPTConfig` adds to our version, each a field with a default that gives GPT-2:
 # `attention` and `attention_options` (any registered variant, section 8), `positions`
-# (`"learned"`, `"sinusoidal"`, or `"rope"`/`"alibi"`/`"none"`, which live in the attention
-# layers, so the model then has no `wpe`), `mlp="swiglu"`, `norm="rmsnorm"`,
+# (`"learned"`, `"sinusoidal"`, or `"rope"`/`"alibi"`, which live in the attention layers, or
+# `"none"`; with these three the model has no `wpe`), `mlp="swiglu"`, `norm="rmsnorm"`,
 # `norm_position="post"`, `tie_weights=False`, `dropout` and `bias`. Exercise 1 trains the
 # combination that LLaMA made common. From here on we use the module.
 #
@@ -494,8 +496,9 @@ print(f"tokens per step: {tokens_per_step}, {train_cfg.max_iters} steps -> {n_to
       f"({n_tokens / data.meta['n_train']:.2f} passes over the training text)")
 
 # %% [markdown]
-# Now the run. The cell prints the time it took on the machine that executed this notebook, and
-# the speed in GFLOP/s from section 5's count of FLOPs per token: unlike seconds, a rate in
+# Now the run. The cell prints the time it took on the machine that executed this notebook
+# (evaluations and checkpoints included), and the speed of a training step (the median of the
+# logged steps) in GFLOP/s from section 5's count of FLOPs per token: unlike seconds, a rate in
 # GFLOP/s can be compared between models of different sizes, and with the peak rate of a
 # processor.
 
@@ -503,9 +506,11 @@ print(f"tokens per step: {tokens_per_step}, {train_cfg.max_iters} steps -> {n_to
 t0 = time.perf_counter()
 result = train(train_cfg, data)
 seconds = time.perf_counter() - t0
-flops = module_gpt.flops_per_token() * tokens_per_step * result.step  # evaluation not counted
+step_ms = sorted(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
+step_ms = step_ms[len(step_ms) // 2]  # the median training step, evaluations not included
+flops = module_gpt.flops_per_token() * tokens_per_step  # one training step's FLOPs
 print(f"{result.step} steps ({result.stopped}) in {seconds:.1f} s on {torch.get_num_threads()} "
-      f"threads: {1000 * seconds / result.step:.0f} ms per step, {flops / seconds / 1e9:.0f} GFLOP/s")
+      f"threads: {step_ms:.0f} ms per step, {flops / step_ms / 1e6:.0f} GFLOP/s")
 print(f"best validation loss: {result.best_val_loss:.4f}")
 assert result.step == 400 and result.stopped == "max_iters"
 assert result.best_val_loss < 2.35, "400 steps should take the model below the bigram level"
@@ -786,7 +791,8 @@ for p in prompts:
 
 # %% [markdown]
 # **From the command line.** Training and sampling have commands: `attnbook train --help` lists
-# one flag per field of `TrainConfig` and `GPTConfig`. For instance
+# one flag per field of `TrainConfig` and `GPTConfig` (all but `vocab_size`, which comes from
+# the data). For instance
 #
 # ```
 # python -m attnbook.train --max_iters 2000 --out_dir runs/shakespeare-char

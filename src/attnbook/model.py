@@ -6,13 +6,15 @@
     logits, loss = model(idx, targets)            # idx, targets: (B, T) -> logits (B, T, 65)
     out = model.generate(idx, max_new_tokens=50)  # (B, T + 50), decoded with the KV cache
 
-The layout is GPT-2's (and nanoGPT's names, so GPT-2's weights map one to one): token embeddings
-``transformer.wte``, position embeddings ``transformer.wpe`` (only for learned or sinusoidal
-positions: RoPE and ALiBi live in the attention layers, ``"none"`` has no positions), dropout
-``transformer.drop``, ``n_layer`` blocks ``transformer.h``, a final norm ``transformer.ln_f``,
-and ``lm_head``, tied to ``wte`` unless ``tie_weights=False``. ``GPTConfig`` switches the parts
-that later models changed: the attention variant, the position scheme, GELU (exact or GPT-2's
-tanh approximation) or SwiGLU, LayerNorm or RMSNorm, pre- or post-norm.
+The layout is GPT-2's, with nanoGPT's names, so GPT-2's weights map one to one (one name
+differs: our learned position table is ``transformer.wpe.table``, see ``gpt2.py``): token
+embeddings ``transformer.wte``, position embeddings ``transformer.wpe`` (only for learned or
+sinusoidal positions: RoPE and ALiBi live in the attention layers, ``"none"`` has no positions),
+dropout ``transformer.drop``, ``n_layer`` blocks ``transformer.h``, a final norm
+``transformer.ln_f``, and ``lm_head``, tied to ``wte`` unless ``tie_weights=False``.
+``GPTConfig`` switches the parts that later models changed: the attention variant, the position
+scheme, GELU (exact or GPT-2's tanh approximation) or SwiGLU, LayerNorm or RMSNorm, pre- or
+post-norm.
 
 What it does not do: padding masks (every sequence of a batch is ``T`` real tokens), beam
 search, mixed precision or distributed training (the training loop's business).

@@ -4,8 +4,9 @@
     result = train(TrainConfig(out_dir="runs/baby", max_iters=200))
 
 or ``python -m attnbook.train --max_iters 200`` (every field of ``TrainConfig`` and of its
-``GPTConfig`` is a ``--flag``), or ``torchrun --nproc_per_node 2 -m attnbook.train ...`` for data
-parallel training (gloo on CPU, nccl on GPU; each process takes its slice of the same global batch).
+``GPTConfig`` but ``vocab_size``, which comes from the data, is a ``--flag``), or
+``torchrun --nproc_per_node 2 -m attnbook.train ...`` for data parallel training (gloo on CPU,
+nccl on GPU; each process takes its slice of the same global batch).
 
 What a step does: ``grad_accum`` micro-batches (forward, loss, backward; bf16 autocast if asked),
 gradient clipping, AdamW (weight decay on matrices only), learning rate from a linear warm-up
@@ -78,7 +79,8 @@ class TrainConfig:
         grad_accum: micro-batches per step (the batch is split between them).
         max_iters: optimizer steps in all.
         lr, min_lr: peak and final learning rate.
-        warmup_iters: steps of linear warm-up from 0 to ``lr``.
+        warmup_iters: steps of linear warm-up, from ``lr / (warmup_iters + 1)`` at step 0 to
+            ``lr``.
         lr_decay_iters: step at which the cosine decay reaches ``min_lr`` (it stays there after).
         weight_decay: AdamW's decay, on matrices (weights of dimension >= 2) only.
         beta1, beta2: AdamW's betas.
