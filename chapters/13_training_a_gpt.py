@@ -63,6 +63,7 @@
 # %%
 import dataclasses
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -506,8 +507,8 @@ print(f"tokens per step: {tokens_per_step}, {train_cfg.max_iters} steps -> {n_to
 t0 = time.perf_counter()
 result = train(train_cfg, data)
 seconds = time.perf_counter() - t0
-step_ms = sorted(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
-step_ms = step_ms[len(step_ms) // 2]  # the median training step, evaluations not included
+# the median training step, evaluations not included
+step_ms = statistics.median(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
 flops = module_gpt.flops_per_token() * tokens_per_step  # one training step's FLOPs
 print(f"{result.step} steps ({result.stopped}) in {seconds:.1f} s on {torch.get_num_threads()} "
       f"threads: {step_ms:.0f} ms per step, {flops / step_ms / 1e6:.0f} GFLOP/s")

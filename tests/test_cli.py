@@ -6,7 +6,7 @@ import torch
 
 from attnbook import cli
 from attnbook.attention import available
-from attnbook.bench import val_estimates
+from attnbook.bench import loss_estimates
 from attnbook.data import TokenData, prepare
 from attnbook.model import GPT, GPTConfig
 from attnbook.train import TrainConfig
@@ -66,7 +66,7 @@ def test_baby_bench_val_estimates_are_independent_means_of_random_batches(tmp_pa
     model_cfg = GPTConfig(vocab_size=data.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
     cfg = TrainConfig(model=model_cfg, out_dir=str(tmp_path / "run"), batch_size=4, seed=5)
     model = GPT(model_cfg).eval()
-    estimates = val_estimates(model, data, cfg, draws=3, batches=2)
+    estimates = loss_estimates(model, data, cfg, "val", draws=3, batches=2)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     with torch.no_grad():
         losses = torch.stack([model(*data.get_batch("val", 4, 16, gen))[1] for _ in range(6)])

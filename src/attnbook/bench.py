@@ -40,9 +40,9 @@ the machine and on what else runs on it: run it on an idle machine.
 import argparse
 import ctypes
 import functools
+import statistics
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
 from .model import GPT, GPTConfig
-from .train import TrainConfig, evaluate, load_trained, make_optimizer, read_metrics, train
+from .train import TrainConfig, load_trained, make_optimizer, read_metrics, train
 
 N_HEAD, HEAD_DIM = 8, 64
 
@@ -198,30 +198,29 @@ TRAIN_SHAPES = {
 }
 
 
+def best_seconds(fn, repeats: int) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an ``n x n`` matrix multiply in ``dtype``, best of ``repeats``: the machine's
     practical peak that model FLOPs utilisation is measured against."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats)
 
 
 def read_bandwidth(n_bytes: int = 2**29, repeats: int = 5) -> float:
     """Bytes/s of summing an ``n_bytes`` float32 tensor, best of ``repeats``: how fast this
     machine streams memory that is not in cache (it bounds batch-1 decoding)."""
-    t = torch.ones(n_bytes // 4)
-    t.sum()  # warm-up (and the pages are touched)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best
+    t = torch.ones(n_bytes // 4)  # the warm-up run touches its pages
+    return n_bytes / best_seconds(t.sum, repeats)
 
 
 def train_step_seconds(shape: dict, batch_size: int, dtype: str, repeats: int) -> tuple:
@@ -273,14 +272,14 @@ def print_train(batch_size: int, repeats: int) -> None:
     print("MFU: 6N + 12 L d T FLOPs per token (GPT.flops_per_token) over the same dtype's peak")
 
 
-def val_estimates(model, data, cfg: TrainConfig, draws: int = 100, batches: int = 20):
-    """Validation loss of ``model`` estimated ``draws`` times, each from ``batches`` random
+def loss_estimates(model, data, cfg: TrainConfig, split: str, draws: int, batches: int = 20):
+    """Loss of ``model`` on ``split`` estimated ``draws`` times, each from ``batches`` random
     batches as nanoGPT's train.py does: a tensor ``(draws,)``, independent estimates."""
     gen = torch.Generator().manual_seed(cfg.seed + 3)  # not the fixed batches of `evaluate`
     losses = torch.empty(draws * batches)
     with torch.no_grad():
         for i in range(draws * batches):
-            x, y = data.get_batch("val", cfg.batch_size, cfg.model.block_size, gen)
+            x, y = data.get_batch(split, cfg.batch_size, cfg.model.block_size, gen)
             losses[i] = model(x, y)[1]
     return losses.view(draws, batches).mean(dim=1)  # (draws,)
 
@@ -309,16 +308,16 @@ def print_baby(max_iters: int, seeds: list[int]) -> None:
             wall = time.perf_counter() - start
             model, cfg, _ = load_trained(out_dir)
             data = TokenData(prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction))
-            final = evaluate(model, data, replace(cfg, eval_iters=200), torch.device("cpu"))
-            estimates = val_estimates(model, data, cfg)  # (100,)
+            train_loss = loss_estimates(model, data, cfg, "train", draws=10).mean()  # 200 batches
+            estimates = loss_estimates(model, data, cfg, "val", draws=100)  # (100,)
             metrics = read_metrics(out_dir)
         last_val = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
-        step_ms = sorted(m["ms_per_iter"] for m in metrics if "ms_per_iter" in m)
+        step_ms = statistics.median(m["ms_per_iter"] for m in metrics if "ms_per_iter" in m)
         vals.append(estimates.mean().item())  # the mean of all 2000 batches
-        print(f"| {seed} | {last_val:.4f} | {final['train']:.4f} | {vals[-1]:.4f} | "
+        print(f"| {seed} | {last_val:.4f} | {train_loss:.4f} | {vals[-1]:.4f} | "
               f"{estimates.std():.4f}, {estimates.min():.4f}, "
               f"{(estimates <= 1.88).float().mean():.0%} | {wall:.1f} | "
-              f"{step_ms[len(step_ms) // 2]:.1f} |")  # fmt: skip
+              f"{step_ms:.1f} |")  # fmt: skip
     mean = sum(vals) / len(vals)
     print(f"validation loss over 2000 batches, mean of {len(vals)} seeds: {mean:.4f} (nanoGPT "
           f"reports 1.88 from one run, 20 batches)")  # fmt: skip
