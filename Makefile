@@ -3,7 +3,7 @@
 #   make test    create .venv, install the book, run the unit tests and every notebook under nbval
 #   make compare create .venv, install the book, train every attention variant alike and compare
 #                them (attnbook compare --quick; COMPARE_ARGS="--full" for the full run)
-# Other targets: make setup | lint | pairs | chapter CH=02 | execute NB=chapters/02_….py | clean
+# Other targets: make setup | lint | pairs | chapter CH=02 | execute NB=chapters/02_….py | lock | clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,12 +19,13 @@ STAMP := $(VENV)/.attnbook-installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NOTEBOOKS = $(wildcard chapters/*.ipynb chapters/solutions/*.ipynb)
 
-.PHONY: setup book book-server compare test unit nbval lint pairs chapter execute clean
+.PHONY: setup book book-server compare test unit nbval lint pairs chapter execute lock clean
 
-$(STAMP): pyproject.toml
+# Every package at the version CI passed with (constraints.txt; `make lock` refreshes it).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -70,6 +71,18 @@ execute: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	  --ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=600 $(NB:.py=.ipynb)
 	$(BIN)/jupytext --sync -q $(NB:.py=.ipynb)
+
+# Refresh constraints.txt: the newest release of every dependency, installed into a scratch venv
+# beside torch, then frozen. Run the tests (make clean test) before committing the new pins.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install "$(TORCH)" $(TORCH_PIP_ARGS)
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev]"
+	{ echo "# Versions CI passed with; pip install -c constraints.txt. Written by make lock."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

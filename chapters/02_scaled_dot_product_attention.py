@@ -402,8 +402,8 @@ def attention(q, k, v, mask=None):
 
 
 out_f, weights_f = attention(Q, K, V)
-print("same output as the four steps:", torch.allclose(out_f, out, atol=1e-6))
-print("same weights as the four steps:", torch.allclose(weights_f, weights, atol=1e-6))
+print("same output as the four steps:", torch.allclose(out_f, out, atol=1e-5))
+print("same weights as the four steps:", torch.allclose(weights_f, weights, atol=1e-5))
 
 # %% [markdown]
 # ## The causal mask
@@ -473,7 +473,7 @@ print(weights_p[1])
 # And sentence 1, which has no padding, is unaffected by being batched with a shorter sentence:
 
 # %%
-print("sentence 1 in the batch == sentence 1 alone:", torch.allclose(out_p[0], out_f, atol=1e-6))
+print("sentence 1 in the batch == sentence 1 alone:", torch.allclose(out_p[0], out_f, atol=1e-5))
 
 # %% [markdown]
 # ## Boolean vs additive masks
@@ -603,13 +603,13 @@ out_br, _ = attention(q_new, K, V, mask=causal_bottom_right(1, T))
 out_tl = F.scaled_dot_product_attention(q_new, K, V, is_causal=True)
 print(
     "bottom-right == last row of full causal attention:",
-    torch.allclose(out_br, out_c[-1:], atol=1e-6),
+    torch.allclose(out_br, out_c[-1:], atol=1e-5),
 )
 print(
     "is_causal=True == last row of full causal attention:",
-    torch.allclose(out_tl, out_c[-1:], atol=1e-6),
+    torch.allclose(out_tl, out_c[-1:], atol=1e-5),
 )
-print("is_causal=True == value of 'the' alone:", torch.allclose(out_tl, V[:1], atol=1e-6))
+print("is_causal=True == value of 'the' alone:", torch.allclose(out_tl, V[:1], atol=1e-5))
 
 # %% [markdown]
 # So when decoding from a cache, pass an explicit bottom-right mask (or, for a single query, no
@@ -625,7 +625,7 @@ from torch.nn.attention.bias import causal_lower_right
 q_two = Q[-2:]  # (2, d): the queries of "it" and "slept"
 out_lr = F.scaled_dot_product_attention(q_two, K, V, attn_mask=causal_lower_right(2, T))
 out_two, _ = attention(q_two, K, V, mask=causal_bottom_right(2, T))
-assert torch.allclose(out_lr, out_two, atol=1e-6) and torch.allclose(out_lr, out_c[-2:], atol=1e-6)
+assert torch.allclose(out_lr, out_two, atol=1e-5) and torch.allclose(out_lr, out_c[-2:], atol=1e-5)
 print("causal_lower_right == our bottom-right mask == last 2 rows of full causal:", True)
 
 # %% [markdown]
@@ -711,7 +711,7 @@ print("rows 0-2 of the output are zero:", bool((out_l[:3] == 0).all()))
 out_l2, _ = attention(out_l, out_l, out_l, mask=left_mask)
 print("no NaN after a second layer:", not out_l2.isnan().any().item())
 torch_out = F.scaled_dot_product_attention(Ql, Kl, Vl, attn_mask=left_mask)
-print("torch's SDPA agrees, zeros included:", torch.allclose(torch_out, out_l, atol=1e-6))
+print("torch's SDPA agrees, zeros included:", torch.allclose(torch_out, out_l, atol=1e-5))
 
 # %% [markdown]
 # Now the gradient. We put a loss on the three real tokens only, as training would, and
@@ -735,7 +735,7 @@ for name, fn in [("naive", naive_attention), ("fixed", attention)]:
 q_g = Ql.clone().requires_grad_()
 sdpa_reference(q_g, Kl, Vl, attn_mask=left_add)[3:].sum().backward()
 assert grads["naive"].isnan().any() and not grads["fixed"].isnan().any()
-assert torch.allclose(grads["fixed"], q_g.grad, atol=1e-6)
+assert torch.allclose(grads["fixed"], q_g.grad, atol=1e-5)
 print("fixed gradient == sdpa_reference's gradient:", True)
 
 # %% [markdown]
@@ -819,8 +819,8 @@ pairs["T_q=2 < T_k=7, bottom-right mask"] = (
 )
 for name, (ours, theirs) in pairs.items():
     diff = (ours - theirs).abs().max().item()
-    assert diff < 1e-6, (name, diff)
-    print(f"{name:<36} max |diff| < 1e-6: {diff < 1e-6}")
+    assert diff < 1e-5, (name, diff)
+    print(f"{name:<36} max |diff| < 1e-5: {diff < 1e-5}")
 
 # %% [markdown]
 # ## Check against the module
@@ -871,7 +871,7 @@ module_cases = {
     ),
     "toy sentence, left padded": ((Ql, Kl, Vl), left_mask, {"attn_mask": left_mask}),
 }
-atol = 1e-6
+atol = 1e-5
 for name, ((q, k, v), mask, kwargs) in module_cases.items():
     ours, ours_w = attention(q, k, v, mask=mask)
     ref, ref_w = sdpa_reference(q, k, v, **kwargs, return_weights=True)

@@ -63,6 +63,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from attnbook.attention import AttentionConfig, build_attention, causal_mask, sdpa_reference
 
@@ -87,8 +88,8 @@ print("permutation:", perm.tolist())
 
 y = encoder_attn(x)  # (1, T, d_model)
 y_shuffled_input = encoder_attn(x[:, perm])  # shuffle the tokens first
-print("attn(x[perm]) == attn(x)[perm]:", torch.allclose(y_shuffled_input, y[:, perm], atol=1e-6))
-print("attn(x[perm]) == attn(x):      ", torch.allclose(y_shuffled_input, y, atol=1e-6))
+print("attn(x[perm]) == attn(x)[perm]:", torch.allclose(y_shuffled_input, y[:, perm], atol=1e-5))
+print("attn(x[perm]) == attn(x):      ", torch.allclose(y_shuffled_input, y, atol=1e-5))
 
 # %% [markdown]
 # Shuffling the input shuffles the output the same way (*equivariance*), and nothing else
@@ -113,7 +114,7 @@ y_causal = decoder_attn(x)
 y_causal_shuffled = decoder_attn(x[:, order])
 print("order:", order.tolist())
 # position i of the shuffled run holds token order[i]: compare it with that token's old output
-same = torch.isclose(y_causal_shuffled, y_causal[:, order], atol=1e-6).all(dim=-1)[0]  # (T,)
+same = torch.isclose(y_causal_shuffled, y_causal[:, order], atol=1e-5).all(dim=-1)[0]  # (T,)
 print("last token's output unchanged:  ", same[-1].item())
 print("other tokens' outputs unchanged:", same[:-1].tolist())
 
@@ -333,7 +334,7 @@ print("norms preserved:", torch.allclose(x16_rot.norm(dim=-1), x16.norm(dim=-1),
 as_complex = torch.view_as_complex(x16.reshape(10, 8, 2))  # (10, 8): a + ib per pair
 turn = torch.polar(torch.ones(10, 8), torch.atan2(sin, cos))  # e^{i * angle}, (10, 8)
 x16_rot_complex = torch.view_as_real(as_complex * turn).reshape(10, 16)
-print("complex multiplication == rotation:", torch.allclose(x16_rot_complex, x16_rot, atol=1e-6))
+print("complex multiplication == rotation:", torch.allclose(x16_rot_complex, x16_rot, atol=1e-5))
 
 # %% [markdown]
 # ### 3.3 Scores depend only on the offset
@@ -462,7 +463,7 @@ perm16 = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
 print("perm:", perm16.tolist())
 print(
     "rope_half(x[perm]) == rope_interleaved(x)[perm]:",
-    torch.allclose(rope_half(x16[:, perm16], cos, sin), x16_rot[:, perm16], atol=1e-6),
+    torch.allclose(rope_half(x16[:, perm16], cos, sin), x16_rot[:, perm16], atol=1e-5),
 )
 
 # %% [markdown]
@@ -498,11 +499,11 @@ scores_half_converted = per_head_scores(convert_rows(W_q), convert_rows(W_k), ro
 scores_half_unconverted = per_head_scores(W_q, W_k, rope_half)
 print(
     "converted weights, half-split == interleaved:",
-    torch.allclose(scores_half_converted, scores_interleaved, atol=1e-4),
+    torch.allclose(scores_half_converted, scores_interleaved, atol=2e-3),
 )
 print(
     "unconverted weights, half-split == interleaved:",
-    torch.allclose(scores_half_unconverted, scores_interleaved, atol=1e-4),
+    torch.allclose(scores_half_unconverted, scores_interleaved, atol=2e-3),
 )
 
 # %% [markdown]
@@ -528,7 +529,7 @@ full = rope_interleaved(x_seq, cos_all, sin_all)  # (12, 16): positions 0..11
 s = 9
 cos_s, sin_s = rope_angles(torch.arange(s, 12), 16)  # positions 9, 10, 11 only
 late = rope_interleaved(x_seq[s:], cos_s, sin_s)  # (3, 16)
-print(f"positions {s}..11 rotated alone == rows {s}..11:", torch.allclose(late, full[s:], atol=1e-6))
+print(f"positions {s}..11 rotated alone == rows {s}..11:", torch.allclose(late, full[s:], atol=1e-5))
 wrong = rope_interleaved(x_seq[s:], cos_all[:3], sin_all[:3])  # forgot the offset: positions 0..2
 print("rotated as positions 0..2 instead, equal:", torch.allclose(wrong, full[s:], atol=1e-3))
 
@@ -741,7 +742,7 @@ def train(positions, steps=300, batch=32, lr=1e-2):
     model = TinyLM(positions, block_size=L if positions == "learned" else 2 * L)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     data = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=positions):  # a progress bar while it runs
         x, y = fibonacci_batch(batch, L, data)
         logits = model(x)  # (batch, L, V)
         loss = F.cross_entropy(logits[:, 1:].reshape(-1, V), y[:, 1:].reshape(-1))
@@ -934,8 +935,8 @@ assert windowed["sinusoidal"] < 0.8  # sinusoidal not repaired
 # `CausalSelfAttention` (the base of `mha`, `gqa` and `mqa`) applies RoPE and ALiBi inside
 # the layer. We check the functions against ours, then take a real `MultiHeadAttention` layer,
 # run its weights through our own RoPE and ALiBi code by hand, and compare with the layer's
-# output. Tolerance: `atol=1e-6` for the functions, `1e-5` for the layer (the fast path sums in
-# a different order).
+# output, to `atol=1e-5` (the values are of size 1 to 8, and the layer's fast path sums in a
+# different order).
 
 # %%
 from attnbook.attention import MultiHeadAttention
@@ -952,30 +953,30 @@ from attnbook.positions import (
 )
 
 # sinusoidal
-assert torch.allclose(sinusoidal_table(128, 64), sinusoidal_embedding(128, 64), atol=1e-6)
-assert torch.allclose(PositionalEmbedding("sinusoidal", 128, 64)(10, start=5), P[5:15], atol=1e-6)
+assert torch.allclose(sinusoidal_table(128, 64), sinusoidal_embedding(128, 64), atol=1e-5)
+assert torch.allclose(PositionalEmbedding("sinusoidal", 128, 64)(10, start=5), P[5:15], atol=1e-5)
 
 # RoPE: angles, both pairings, the permutation, the weight conversion, the start offset
 pos = torch.arange(20)
 for ours, theirs in zip(rope_angles(pos, 16), rope_cos_sin(pos, 16), strict=True):
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.allclose(ours, theirs, atol=1e-5)
 xr = torch.randn(3, 20, 16)  # (B, T, head_dim)
 c20, s20 = rope_angles(pos, 16)
 xr_inter = rope_interleaved(xr, c20, s20)
-assert torch.allclose(xr_inter, apply_rope(xr, c20, s20, "interleaved"), atol=1e-6)
-assert torch.allclose(rope_half(xr, c20, s20), apply_rope(xr, c20, s20, "half"), atol=1e-6)
+assert torch.allclose(xr_inter, apply_rope(xr, c20, s20, "interleaved"), atol=1e-5)
+assert torch.allclose(rope_half(xr, c20, s20), apply_rope(xr, c20, s20, "half"), atol=1e-5)
 assert torch.equal(rope_permutation(16), perm16)
 assert torch.equal(interleaved_to_half(W_q, n_head_c), convert_rows(W_q))
 assert torch.equal(half_to_interleaved(convert_rows(W_q), n_head_c), W_q)  # and back
 rotary = RotaryEmbedding(head_dim=16, max_len=20, pairing="interleaved")
-assert torch.allclose(rotary(xr[:, 12:], start=12), xr_inter[:, 12:], atol=1e-6)
+assert torch.allclose(rotary(xr[:, 12:], start=12), xr_inter[:, 12:], atol=1e-5)
 
 # ALiBi: slopes for 1..64 heads, and the causal part of the bias
 for n in range(1, 65):
-    assert torch.allclose(slopes_by_rule(n), alibi_slopes(n), atol=1e-6), n
+    assert torch.allclose(slopes_by_rule(n), alibi_slopes(n), atol=1e-5), n
 causal16 = causal_mask(16)
-assert torch.allclose(alibi_bias(slopes8, 16, 16)[:, causal16], bias8[:, causal16], atol=1e-6)
-print("sinusoidal, RoPE (pairings, permutation, start), ALiBi == attnbook.positions (atol=1e-6)")
+assert torch.allclose(alibi_bias(slopes8, 16, 16)[:, causal16], bias8[:, causal16], atol=1e-5)
+print("sinusoidal, RoPE (pairings, permutation, start), ALiBi == attnbook.positions (atol=1e-5)")
 
 # %% [markdown]
 # And the layer: the module's `c_attn` weights give the queries, keys and values; our code adds

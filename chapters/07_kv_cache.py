@@ -809,8 +809,8 @@ out_module = generate(model, prompt, n_new=40, caches=module_caches)
 assert torch.equal(out_ours, out_module) and torch.equal(out_module, out_plain)
 L = module_caches[0].length
 for a, b in zip(ours, module_caches, strict=True):
-    assert torch.allclose(a.k[:, :, :L], b.k[:, :, :L], atol=1e-6)
-    assert torch.allclose(a.v[:, :, :L], b.v[:, :, :L], atol=1e-6)
+    assert torch.allclose(a.k[:, :, :L], b.k[:, :, :L], atol=1e-5)
+    assert torch.allclose(a.v[:, :, :L], b.v[:, :, :L], atol=1e-5)
 
 per_layer = module_caches[0].bytes_per_token  # one sequence, one layer
 assert per_layer * len(model.blocks) == tiny_bytes["mha"]
@@ -821,7 +821,7 @@ try:
 except ValueError as err:
     print("module overflow -> ValueError:", err)
 print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same {L} cached "
-      f"positions (atol=1e-6) and same tokens; {per_layer} bytes/token/layer: OK")
+      f"positions (atol=1e-5) and same tokens; {per_layer} bytes/token/layer: OK")
 
 # %% [markdown]
 # ## Summary

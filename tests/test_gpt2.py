@@ -90,7 +90,8 @@ def test_safetensors_and_pytorch_bin_load_with_transformers_logits(hf, folder, t
         model = load_gpt2(source)
         assert not model.training and model.config.mlp == "gelu_tanh"
         assert model.lm_head.weight is model.transformer.wte.weight
-        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-5)
+        # logits of size ~6 from another implementation: 1e-4 is ~2e-5 of their size
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-4)
 
 
 def test_conv1d_weights_are_transposed_into_linear_layers(hf, folder):
@@ -166,7 +167,8 @@ def test_gpt2_124m_shape_logits_and_greedy_tokens_match_transformers(tmp_path):
     assert model.config == gpt2_config("gpt2")
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in hf.parameters())
     prompt = _ids(hf, 1, 6)
-    torch.testing.assert_close(model(prompt)[0], _hf_logits(hf, prompt), rtol=0, atol=1e-4)
+    # logits of size ~30 through 12 blocks of width 768: 1e-3 is ~3e-5 of their size
+    torch.testing.assert_close(model(prompt)[0], _hf_logits(hf, prompt), rtol=0, atol=1e-3)
     theirs = hf.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
         use_cache=True, pad_token_id=0,

@@ -34,8 +34,9 @@ def test_three_forms_agree(rope, T, chunk):
     assert chunked.shape == (2, 3, T, 6) and S_c.shape == (2, 3, 8, 6) and z_c.shape == (2, 3, 8)
     torch.testing.assert_close(recurrent, quadratic, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(chunked, quadratic, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(S_c, S_r, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(z_c, z_r, atol=1e-4, rtol=1e-4)
+    # the states sum T outer products (entries up to ~100): tolerances scaled to their size
+    torch.testing.assert_close(S_c, S_r, atol=1e-5 * S_r.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(z_c, z_r, atol=1e-5 * z_r.abs().max().item(), rtol=1e-4)
 
 
 def test_quadratic_form_is_the_definition():

@@ -97,7 +97,8 @@ def test_blocked_path_gradients_equal_the_dense_ones_and_reach_every_parameter()
     torch.testing.assert_close(grad_x, x.grad, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+        # gradients up to size ~30: an atol of 1e-5 of each tensor's largest entry
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * q.grad.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["rope", "alibi", "none"])

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from attnbook.attention import AttentionConfig, DecoderBlock, EncoderBlock, padding_mask
 from attnbook.positions import PositionalEmbedding
@@ -108,7 +109,7 @@ def train(model, src, src_mask, tgt, steps=160, batch_size=128, lr=3e-3, seed=2)
     batches = torch.randperm(src.shape[0], generator=torch.Generator().manual_seed(seed))
     batches = batches.split(batch_size)
     model.train()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="training"):  # a progress bar while it runs
         idx = batches[step % len(batches)]
         logits = model(src[idx], src_mask[idx], tgt_in[idx])
         loss = F.cross_entropy(logits.flatten(0, 1), tgt[idx].flatten(), ignore_index=PAD)

@@ -288,9 +288,10 @@ gap_per_position = (logits["half, unconverted"] - reference).abs().amax(dim=(0, 
 print("unconverted: position 0 unchanged:", gap_per_position[0].item() < 1e-5)
 print("unconverted: every later position changed by > 1:", (gap_per_position[1:] > 1).all().item())
 assert gap_per_position[0] < 1e-5 and (gap_per_position[1:] > 1).all()
-assert torch.allclose(logits["half, converted"], reference, atol=1e-5)
-same = torch.allclose(logits["half, converted"], reference, atol=1e-5)
-print("converted: logits == trained (atol=1e-5):", same)
+# logits of size ~20, summed in another order by the permuted weights: atol 2e-4 is 1e-5 of them
+same = torch.allclose(logits["half, converted"], reference, atol=2e-4)
+print("converted: logits == trained (atol=2e-4):", same)
+assert same
 
 # %% [markdown]
 # Position 0 is untouched, and already at position 1 the logits move by more than one unit.

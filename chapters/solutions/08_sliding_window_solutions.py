@@ -27,6 +27,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from attnbook.attention import (
     AttentionConfig,
@@ -311,7 +312,7 @@ torch.manual_seed(8)
 qkv = tuple(torch.randn(1, 8, T, 64, requires_grad=True) for _ in range(3))
 causal_ms = fwd_bwd_ms(lambda q, k, v: sdpa(q, k, v, is_causal=True), qkv)
 blocked_ms = {w: fwd_bwd_ms(lambda q, k, v, w=w: blocked_local_attention(q, k, v, w), qkv)
-              for w in (32, 128, 512, 1024)}
+              for w in tqdm((32, 128, 512, 1024), desc="timing")}
 print(f"full causal: {causal_ms:.0f} ms")
 for w, t in blocked_ms.items():
     print(f"window {w:>4}: {t:6.0f} ms = {t / causal_ms:4.2f} x causal")

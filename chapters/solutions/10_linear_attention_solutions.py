@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from attnbook.attention import AttentionConfig, build_attention, causal_mask
 from attnbook.attention.linear import (
@@ -371,7 +372,7 @@ def train_recall(attention, steps=200, n_pairs=N_PAIRS):
     gen = torch.Generator().manual_seed(8)
     model = RecallModel(attention)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=attention):  # a progress bar while it runs
         key_ids, val_ids, target = recall_batch(32, gen, n_pairs)
         loss = F.cross_entropy(model(key_ids, val_ids).flatten(0, 1), target.flatten())
         opt.zero_grad()

@@ -46,7 +46,7 @@ enc = data.encoding
 base_train = TrainConfig(
     out_dir=str(runs / "unused"), max_iters=200, lr=3e-3, min_lr=3e-4, warmup_iters=20,
     lr_decay_iters=200, batch_size=12, eval_interval=200, eval_iters=8, log_interval=10,
-    ckpt_interval=200, device="cpu", progress=False,
+    ckpt_interval=200, device="cpu",
 )
 
 

@@ -53,7 +53,7 @@ runs = Path(workdir.name)
 
 cfg = CompareConfig(
     workload="recall", n_layer=2, n_head=4, n_embd=64, block_size=32, max_iters=200,
-    batch_size=12, eval_batches=2, out_dir=str(runs / "compare"), progress=False,
+    batch_size=12, eval_batches=2, out_dir=str(runs / "compare"),
 )
 segment_lengths = (3, 6, 9, 12)
 copy_tasks = [build_task("copy", vocab_size=64, seq_len=32, segment_len=s)
@@ -71,7 +71,7 @@ def train_copy(name, n_layer=2, max_iters=300):
         model=model_cfg, out_dir=str(runs / f"copy-{name}-{n_layer}"), batch_size=24,
         max_iters=max_iters, lr=3e-3, min_lr=3e-4, warmup_iters=15, lr_decay_iters=max_iters,
         eval_interval=max_iters, eval_iters=4, log_interval=10, ckpt_interval=max_iters,
-        seed=1337, device="cpu", progress=False,
+        seed=1337, device="cpu",
     )
     train(train_cfg, copy_data)
     return load_trained(train_cfg.out_dir)[0]
@@ -287,8 +287,8 @@ pairings = [(0, 1, 2, 3), (0, 2, 1, 3), (0, 3, 1, 2)]  # heads 0+1 / 2+3, 0+2 / 
 probe = copy_eval[-1].idx[:8]
 shuffled = permute_heads(base, [(2, 0, 3, 1), (1, 3, 0, 2)])
 with torch.no_grad():
-    same = torch.allclose(shuffled(probe)[0], base(probe)[0], atol=1e-5)
-print("heads permuted in both layers, same logits (atol=1e-5):", same)
+    same = torch.allclose(shuffled(probe)[0], base(probe)[0], atol=1e-4)  # logits of size ~10
+print("heads permuted in both layers, same logits (atol=1e-4):", same)
 assert same
 
 # %% [markdown]
