@@ -916,7 +916,7 @@ print("notebook attention == sdpa_reference (outputs and weights) == sdpa (outpu
 #    what goes wrong, and how does subtracting `s.max()` first fix it? Write a stable softmax
 #    that also handles a row of all `-inf` the way this chapter's `attention` does.
 # 3. **A local window.** Build a boolean mask in which each token may attend to itself and the
-#    two tokens before it, and nothing else (a sliding window of size 3, chapter 8's topic).
+#    two tokens before it, and nothing else (a sliding window of size 3, chapter 9's topic).
 #    Use only `torch.ones`, `tril` and `&`/`~`. Draw it for $T = 6$, use it with `attention` on
 #    the toy sentence, and check that each row has at most 3 non-zero weights.
 # 4. **The future leaks.** Replace the last word of the toy sentence (*slept* → *barked*) and

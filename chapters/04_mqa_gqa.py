@@ -98,7 +98,7 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # (`d_model = 4096`), weights and cache in 16-bit floats (2 bytes). With MHA it has 32
 # key/value heads per layer. Mistral 7B has the same attention shape (32 layers, 32 query heads
 # of size 128) with GQA and 8 key/value heads (its MLP is wider, and its first release also
-# limited attention to a 4096-token sliding window, which caps its cache; chapter 8). MQA
+# limited attention to a 4096-token sliding window, which caps its cache; chapter 9). MQA
 # would keep 1.
 
 # %%
@@ -583,12 +583,12 @@ print(f"loss of the bag-of-values guess: {bag_loss:.2f}")
 # That takes two attention layers, so we build a minimal two-layer transformer: token
 # embeddings plus learned position embeddings, two pre-norm blocks (LayerNorm → our `GQA` →
 # residual, LayerNorm → MLP → residual), a final LayerNorm and a linear head. It is not a
-# general language model, just the smallest thing that learns this task; chapter 13 builds the
+# general language model, just the smallest thing that learns this task; chapter 17 builds the
 # real one. With `n_kv_head = n_head = 8` it is an MHA model, with about 104 thousand
 # parameters.
 #
 # Some of its parts are new in this book and used here without ceremony (chapter 6 treats
-# positions properly, chapter 13 the blocks). `nn.LayerNorm` rescales each token's vector to
+# positions properly, chapter 17 the blocks). `nn.LayerNorm` rescales each token's vector to
 # zero mean and unit variance, then applies a learned scale and shift, which keeps activations
 # in a range where training is stable; a *pre-norm residual* block adds each sub-layer's output
 # to its input, `x + f(LayerNorm(x))`, so every block learns a correction and gradients reach
@@ -611,7 +611,7 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """A minimal two-layer transformer for this chapter's experiment (not chapter 13's GPT)."""
+    """A minimal two-layer transformer for this chapter's experiment (not chapter 17's GPT)."""
 
     def __init__(self, n_kv_head, d_model=64, n_head=8, n_layer=2):
         super().__init__()

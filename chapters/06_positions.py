@@ -678,7 +678,7 @@ print("targets:", y_demo[0].tolist())
 # The model is the smallest that can solve this: a token embedding, one pre-norm transformer
 # block (attnbook's multi-head attention and MLP, each with a LayerNorm in front and a residual
 # connection around it), a final LayerNorm and a linear head. It is **a minimal model for this
-# experiment only**; chapter 13 builds the real GPT. One attention layer is enough: a head can
+# experiment only**; chapter 17 builds the real GPT. One attention layer is enough: a head can
 # fetch the previous token, and the MLP can add it to the current one. The scheme is one
 # argument: `"learned"` and `"sinusoidal"` add a `PositionalEmbedding` to the token
 # embeddings; `"rope"` and `"alibi"` are applied inside the attention layer by

@@ -69,7 +69,7 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. A tiny language model to generate with
 #
-# There is no GPT class in the book yet (it arrives in chapter 13), so we assemble a **minimal
+# There is no GPT class in the book yet (it arrives in chapter 17), so we assemble a **minimal
 # causal language model** here, only for this chapter's experiments. It has the usual shape:
 #
 # - a token embedding (`wte`), plus learned position vectors (`wpe`) when `positions="learned"`;
@@ -776,7 +776,7 @@ for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
 # GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles the
 # cache, while the weights stay put. This is why long-context models share key/value heads, and
 # why later chapters look at caches that do not grow with the context at all (a sliding window,
-# chapter 8; a compressed latent, chapter 11; a fixed-size recurrent state, chapter 10).
+# chapter 9; a compressed latent, chapter 13; a fixed-size recurrent state, chapter 11).
 
 # %% [markdown]
 # ## Check against the module

@@ -1,4 +1,4 @@
-"""minbpe: a byte-level BPE tokenizer written for the book (chapter 12).
+"""minbpe: a byte-level BPE tokenizer written for the book (chapter 16).
 
     from minbpe import BasicTokenizer, RegexTokenizer, GPT2Tokenizer, load
 

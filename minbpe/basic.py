@@ -6,7 +6,7 @@
 
 Merges may cross word and punctuation boundaries ("e t", ".\\n"), which is why GPT-2 splits
 the text first (``RegexTokenizer``). The whole text is one chunk, so encoding a long text
-takes time n log n in its length (see ``base.apply_merges``), without a cache.
+takes time n log n in its length (see ``base.apply_merges``), without a cache. Chapter 16 builds it.
 """
 
 from .base import IDENTITY_BYTES, Tokenizer, check_allowed_special, check_text, render_token

@@ -1,20 +1,12 @@
 """Benchmark minbpe on TinyShakespeare: ``python -m minbpe.bench``.
 
-Prints one table:
-
-- for each vocabulary size (default 256, 512, 1024, 4096): the seconds ``RegexTokenizer.train``
-  takes on the whole 1.1 MB text, the seconds to encode it, and bytes per token;
-- GPT-2's tokenizer (ours) on the same text: bytes per token, and the seconds to encode it,
-  with an empty chunk cache (``clear_cache`` before each run) and with the cache full, next to
-  tiktoken's time in the same run, with the ratios; every time is the best of ``--repeats``,
-  and the ids must be identical.
-
-Everything runs in this one Python process on one thread (minbpe is pure Python; tiktoken
-encodes a single text on one thread). Targets from the book's issue: training a 1024-token
-vocabulary in at most 30 s, encoding with GPT-2 in at most 5 times tiktoken's time.
-The text and GPT-2's files come through attnbook's download cache (offline: set
-ATTNBOOK_DATA_MIRROR and TIKTOKEN_CACHE_DIR). It measures wall-clock time, so other work on
-the machine makes the numbers worse, never better.
+Prints one table: for each vocabulary size (default 256, 512, 1024, 4096) the seconds
+``RegexTokenizer.train`` takes on the 1.1 MB text, the seconds to encode it and bytes per token;
+then GPT-2's tokenizer (ours) on the same text, with an empty and a full chunk cache, next to
+tiktoken's time in the same run (the ids must be identical). Every time is the best of
+``--repeats``, in this one process on one thread. Files come through attnbook's download cache
+(offline: ATTNBOOK_DATA_MIRROR and TIKTOKEN_CACHE_DIR). Wall-clock time: other work on the
+machine makes the numbers worse, never better.
 """
 
 import argparse

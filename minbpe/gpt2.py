@@ -14,6 +14,7 @@ in another order than the byte values, which ``byte_ids`` records.
 The files are located with ``attnbook.download.fetch`` (downloaded once and sha256-checked,
 or found in a local mirror / tiktoken's cache). GPT-2's merges are fixed: ``train`` and ``load``
 refuse (``minbpe.load`` reads a saved GPT-2 model back as a ``RegexTokenizer``).
+Chapter 16 rebuilds it from the two files.
 """
 
 import json

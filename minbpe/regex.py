@@ -5,26 +5,11 @@
     tok.register_special_tokens({"<|endoftext|>": 1024})
     tok.encode("hi<|endoftext|>", allowed_special="all")   # [..., 1024]
 
-The pattern cuts text into chunks (words with their leading space, runs of digits,
-punctuation, whitespace) and merges never cross a chunk boundary, so " dog", " dog." and
-" dog!" share the token " dog" instead of each getting its own. Encoding keeps a cache from
-chunk to ids, so a chunk seen before (most of them, in real text) costs one dictionary lookup.
-
-``allowed_special`` offers the choices of tiktoken's ``encode``:
-
-- ``"none_raise"`` (default): a registered special token appearing in the text raises
-  ``ValueError`` (like tiktoken's default ``disallowed_special="all"``);
-- ``"all"``: every registered special token in the text becomes its id;
-- ``"none"``: special tokens are encoded as ordinary text (tiktoken: ``disallowed_special=()``);
-- a set of names: the registered ones among them become ids, names that are not registered
-  are ignored (as in tiktoken), and any other registered special token raises (as in tiktoken).
-
-Two differences from tiktoken: the string choices replace its pair of arguments
-(``allowed_special`` and ``disallowed_special``), and the names may also come as a list or
-tuple (tiktoken accepts only a set, and raises ``TypeError`` on a list). Text with surrogate
-code points is encoded as tiktoken does it (see ``base.check_text``).
-
-It does not normalise text (no NFC/NFKC) and has no notion of a "beginning of text" token.
+Merges never cross a chunk boundary, so " dog", " dog." and " dog!" share the token " dog"; a
+cache from chunk to ids makes repeated chunks one lookup. ``allowed_special`` is tiktoken's
+choice in one argument: ``"none_raise"`` (default, a special token in the text raises),
+``"all"``, ``"none"`` (encoded as text) or a set of names. It does not normalise text and has
+no beginning-of-text token. Chapter 16 builds it.
 """
 
 import regex

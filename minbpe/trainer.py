@@ -1,36 +1,16 @@
 """Learn BPE merges from weighted chunks of bytes, updating pair counts incrementally.
 
-``learn_merges(chunks, num_merges)`` returns the same merges as the textbook loop
+``learn_merges(chunks, num_merges)`` returns the same merges as the textbook loop (count every
+pair, merge the most frequent, ties to the smallest pair, repeat) without recounting after each
+merge: identical chunks are stored once with a weight, all symbols sit in one linked array, an
+index maps each pair to the positions where it starts, a merge updates only the counts it
+changes, and a heap with lazy deletion finds the most frequent pair.
 
-    repeat num_merges times:
-        counts = pair counts over all chunks (each chunk's pairs times the chunk's weight)
-        pair = the pair with the highest count; ties go to the smallest pair (a, b)
-        merge that pair everywhere (left to right), as id 256, 257, ...
+    learn_merges([(b"hello", 3), (b" world", 1)], num_merges=2)  # [((a, b), count), ...]
 
-but without recounting everything after each merge. Why that matters: a recount costs time
-proportional to the whole text, and there is one per merge.
-
-How it works:
-
-- **Weighted chunks.** A regex tokenizer never merges across chunks, and identical chunks are
-  merged identically, so each distinct chunk is stored once with its frequency as a weight
-  (TinyShakespeare's 1.1 MB has about 300k chunks but only about 15k distinct ones). The basic
-  tokenizer passes its whole text as one chunk of weight 1.
-- **Linked symbols.** All chunks' symbols sit in one array with next/previous links that stop
-  at chunk boundaries, so a merge rewrites two cells and relinks, instead of copying a list.
-- **An index from each pair to the positions where it starts**, so a merge visits only the
-  positions that hold its pair. Entries are never removed; a position whose symbols have
-  changed since is recognised and skipped when visited.
-- **Exact counts, updated locally.** Merging (a, b) at one position removes the pairs
-  (prev, a) and (b, next) and creates (prev, ab) and (ab, next); besides (a, b) itself, only
-  those counts change.
-- **A heap with lazy deletion** finds the most frequent pair: a pair is pushed whenever its
-  count goes up; an entry popped with an out-of-date count is pushed back with the right one.
-
-"Incremental" here means incremental pair counting within one training run: there is no way
-to continue training an existing model with more merges (``train`` always starts from bytes).
-It does not handle special tokens or regex splitting (the callers do), and it stops with a
-``ValueError`` if the chunks run out of pairs before ``num_merges`` merges.
+It always starts from bytes (no continued training), knows no special tokens or regex
+splitting (the callers do that), and raises ``ValueError`` if the chunks run out of pairs.
+Chapter 16 builds the slow loop and explains this one.
 """
 
 import heapq

@@ -6,7 +6,7 @@ from torch import nn
 
 from attnbook.attention import AttentionConfig, available, build_attention
 from attnbook.attention.config import POSITIONS
-from attnbook.kv_cache import KVCache
+from attnbook.kv_cache import Cache, KVCache
 from attnbook.positions import PositionalEmbedding
 
 BLOCK = 12
@@ -94,11 +94,32 @@ def test_greedy_decoding_with_cache_equals_without(name, positions, prompt_len):
     assert torch.equal(cached, plain)
 
 
+@pytest.mark.parametrize("name", available())
+def test_every_cache_follows_the_protocol(name):
+    """length, append through the layer, the one overflow message, reset, nbytes, bytes_per_token."""
+    layer = _layer(name, "rope")
+    cache = layer.new_cache(batch_size=2, max_len=8)
+    assert isinstance(cache, Cache) and cache.length == 0 and cache.max_len == 8
+    allocated = sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor))
+    assert cache.nbytes == allocated > 0 and 0 < cache.bytes_per_token <= cache.nbytes
+    x = torch.randn(2, 8, 32)
+    first = layer(x[:, :5], cache=cache)
+    assert cache.length == 5
+    layer(x[:, 5:], cache=cache)
+    assert cache.length == 8
+    with pytest.raises(ValueError, match=r"overflow: built for max_len=8 positions, 8 already"):
+        layer(x[:, :1], cache=cache)
+    assert cache.length == 8  # a refused append stores nothing
+    cache.reset()
+    assert cache.length == 0
+    torch.testing.assert_close(layer(x[:, :5], cache=cache), first, rtol=0, atol=0)  # forgotten
+
+
 def test_overflow_raises_a_clear_error():
     layer = _layer("mha", "rope")
     cache = layer.new_cache(batch_size=1, max_len=4)
     layer(torch.randn(1, 3, 32), cache=cache)
-    with pytest.raises(ValueError, match="KV cache overflow: it holds max_len=4"):
+    with pytest.raises(ValueError, match="KV cache overflow: built for max_len=4"):
         layer(torch.randn(1, 2, 32), cache=cache)
     cache.reset()
     assert cache.length == 0
@@ -109,7 +130,7 @@ def test_cache_shape_mismatch_is_reported():
     cache = KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=5)
     with pytest.raises(ValueError, match=r"expected k of shape \(2, 2, 1, 8\)"):
         cache.append(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8))
-    with pytest.raises(ValueError, match="max_len must be positive"):
+    with pytest.raises(ValueError, match="max_len must be a positive integer"):
         KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=0)
 
 

@@ -190,7 +190,7 @@ def test_bad_arguments():
         layer.new_cache(1, max_len=21)
     with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
         linear_attention_chunked(*_features()[:3], 0)
-    with pytest.raises(ValueError, match="batch_size must be positive"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         LinearAttentionCache(0, 4, 8, 20)
 
 
@@ -198,7 +198,7 @@ def test_overflow_raises_and_reset_recovers():
     layer = _layer("none")
     cache = layer.new_cache(1, max_len=5)
     layer(torch.randn(1, 4, 32), cache=cache)
-    with pytest.raises(ValueError, match="cache overflow: it takes max_len=5"):
+    with pytest.raises(ValueError, match="linear attention cache overflow: built for max_len=5"):
         layer(torch.randn(1, 2, 32), cache=cache)
     assert cache.length == 4
     cache.reset()

@@ -222,7 +222,9 @@ def test_invalid_arguments():
     fast(torch.randn(1, 5, 32), cache=cache)
     with pytest.raises(ValueError, match="KV cache overflow: built for max_len=6"):
         fast(torch.randn(1, 2, 32), cache=cache)
-    with pytest.raises(ValueError, match=r"expected k and v of shape \(1, 4, 1, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"expected k of shape \(1, 4, 1, 8\) and v of shape \(1, 4, 1, 8\)"
+    ):
         cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="x must have shape"):
         fast(torch.randn(1, 5, 16))

@@ -185,9 +185,9 @@ def test_invalid_arguments_are_refused():
         layer.new_cache(1, max_len=17)
     cache = layer.new_cache(1, max_len=4)
     layer(torch.randn(1, 3, 32), cache=cache)
-    with pytest.raises(ValueError, match="latent cache overflow: it holds max_len=4"):
+    with pytest.raises(ValueError, match="latent cache overflow: built for max_len=4"):
         layer(torch.randn(1, 2, 32), cache=cache)
-    with pytest.raises(ValueError, match=r"expected latent of shape \(1, 1, 12\)"):
-        cache.append(torch.randn(1, 1, 8), torch.randn(1, 1, 4))
-    with pytest.raises(ValueError, match="rope_dim must be positive"):
+    with pytest.raises(ValueError, match=r"v of shape \(1, 1, 1, 12\), got .* and \(1, 1, 1, 8\)"):
+        cache.append(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 8))  # rotary key, latent
+    with pytest.raises(ValueError, match="rope_dim must be a positive integer"):
         LatentCache(1, 8, 0, 4)

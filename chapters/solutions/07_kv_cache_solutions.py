@@ -256,7 +256,7 @@ assert first == 17 and diff[:first].max() < 1e-4
 # models most, because they often park a lot of attention there; "attention sink" methods keep
 # those few tokens plus the window.)
 #
-# **When it is exact.** For a model *built* with sliding-window attention (chapter 8), where the
+# **When it is exact.** For a model *built* with sliding-window attention (chapter 9), where the
 # query at $p$ attends to keys $p - W + 1 \ldots p$ by definition, during training as well. Then
 # the rolling cache holds exactly the keys each query may see, and the cache never grows beyond
 # `W` positions. Information from further back still arrives, through the hidden states of
@@ -280,7 +280,7 @@ except ValueError as err:
 # %% [markdown]
 # A sliding cache that serves chunks must hand back the old window *and* the whole chunk (up to
 # `W + T - 1` positions) with a sliding-window mask, and drop the oldest positions only after
-# attending. Chapter 8 builds such a cache for a model trained with sliding-window attention.
+# attending. Chapter 9 builds such a cache for a model trained with sliding-window attention.
 
 # %% [markdown]
 # ## Exercise 3 — a bf16 cache

@@ -1,40 +1,18 @@
 """Speed and memory measurements: ``attnbook bench attention | train | baby | generate``.
 
-``attention`` prints two tables for sequence lengths ``T`` (batch 1, 8 heads, head_dim 64, float32,
-the CPU threads torch uses, best of ``--repeats`` after one warm-up run):
+    attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
-1. the attention step alone, forward + backward, of the four kernels that exist to beat full
-   attention at long ``T`` (sliding window, block-sparse, chunked linear), as a ratio to full
-   causal ``F.scaled_dot_product_attention`` on the same queries, keys and values, with the
-   issue's targets marked;
-2. every registered attention layer (projections included, ``d_model = 512``), forward + backward,
-   with its cache bytes per token for one sequence and one layer in float32.
+- ``attention``: the long-context kernels (sliding window, block-sparse, chunked linear) as a
+  ratio to full causal SDPA, then every registered layer forward + backward with its cache bytes
+  per token (glibc keeps freed memory unless ``--system-malloc``, as PyTorch's CPU guide advises);
+- ``train``: one training step of nanoGPT's two Shakespeare shapes, float32 and bf16 autocast,
+  with model FLOPs utilisation against the matrix-multiply peak measured in the same run;
+- ``baby``: nanoGPT's CPU training run with our trainer, the validation loss on nanoGPT's 20
+  batches, on 100 independent draws of them and on 2000;
+- ``generate``: greedy decoding at GPT-2 small's shape against ``transformers`` (same weights,
+  same tokens checked), with the memory-bandwidth bound measured on the same machine.
 
-``train`` times one training step of nanoGPT's two Shakespeare shapes in float32 and with bf16
-autocast, with model FLOPs utilisation against the matrix-multiply peak measured in the same run.
-``baby`` runs nanoGPT's documented CPU training (2000 iterations) with our trainer and prints the
-final validation loss (nanoGPT reports 1.88), the wall time and the milliseconds per iteration.
-nanoGPT's figure is one estimate from 20 random batches; to show how far such an estimate
-strays, the trained model is also scored on 100 independent draws of 20 batches, whose spread,
-lowest value and share at or below 1.88 are printed next to the mean of all 2000 batches.
-``generate`` times greedy decoding at GPT-2 small's shape (124M parameters, random weights,
-float32, batch 1): our ``GPT.generate`` with its KV cache against ``transformers``' ``generate``
-(cache on) on the same weights, in tokens per second, best of ``--repeats`` after a warm-up each,
-and checks that both produce the same tokens. It needs ``transformers`` (``attnbook[hf]``). At
-batch 1 every new token reads every weight once (the tied embedding as the LM head's matrix: the
-position table is the one matrix read a row at a time), about 0.5 GB at this shape, so memory
-bandwidth bounds the speed: the benchmark measures the machine's read bandwidth (summing a
-512 MB tensor, same threads) and prints that bound and how close each implementation gets.
-
-``attention`` first asks glibc's malloc to keep freed memory for reuse, as the caching allocators
-that PyTorch's CPU performance guide recommends (jemalloc, tcmalloc) do: by default glibc returns
-every freed block over 32 MB to the system, so each large temporary (the block-sparse kernel's
-gathered keys and values are 67 MB each at T=4096) is page-faulted in afresh on every call, which
-costs more than the attention arithmetic on this project's VMs. ``--system-malloc`` measures with
-glibc's defaults instead; the first line of the output says which allocator setting was used.
-
-It measures; it asserts nothing (the chapters and the tests check the claims). Timings depend on
-the machine and on what else runs on it: run it on an idle machine.
+It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
 
 import argparse
@@ -58,7 +36,7 @@ from .train import TrainConfig, load_trained, make_optimizer, read_metrics, trai
 
 N_HEAD, HEAD_DIM = 8, 64
 
-# The long-context kernels and their target ratios to full causal attention (issue 4):
+# The long-context kernels and the ratio to full causal attention each exists to beat:
 # name -> (settings shown in the table, the kernel on (q, k, v), (T, most allowed ratio)).
 KERNELS = {
     "local": (

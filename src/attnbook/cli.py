@@ -9,7 +9,7 @@
 ``attnbook train`` alone trains the small character-level model of nanoGPT's CPU example on
 TinyShakespeare into ``runs/default`` (and resumes there if it was interrupted). Each subcommand
 has ``--help``. This file only parses arguments: the work is in ``data``, ``train``, ``model``,
-``compare`` and ``bench``.
+``compare`` and ``bench``. Chapters 17 and 18 use it.
 """
 
 import argparse

@@ -1,47 +1,16 @@
 """Train every attention variant under identical conditions and compare them (``attnbook compare``).
 
-Every variant gets the same GPT shape, seed, data order, step count, optimiser and schedule
-(``train.train``); only ``GPTConfig.attention`` and its options change. The options are chosen
-per variant from the sequence length so that each variant's saving is real at that length
-(``variant_options``: GQA halves the key/value heads, local attention sees an eighth of the
-sequence, sparse attention splits it into 16 blocks and lets each query block see at most 6 (1
-global, 3 window, 2 random), MLA caches a latent of ``4 * head_dim``);
-a registered variant this file does not know gets its defaults. Parameter counts differ
-slightly between variants, so the table reports them.
+    rows = compare(CompareConfig(preset="quick"))  # or: attnbook compare --quick
 
-Two workloads:
-
-- ``"recall"`` (the default, nothing to download): the synthetic suite of ``attnbook.tasks``,
-  every batch an equal mix of multi-query associative recall, copying and induction; reported
-  per task as accuracy on the answer positions, plus recall accuracy against the distance
-  between a key-value pair and its query;
-- ``"lm"``: language modelling on ``data`` (TinyShakespeare or a UTF-8 file) with ``encoding``;
-  reported as validation loss.
-
-Each variant trains in a child process (so its peak resident memory is its own; on CPU that
-includes Python and torch, about the same for all), in ``out_dir/<workload>/<variant>/`` with
-``train``'s checkpoints and ``metrics.jsonl``, and writes ``result.json``. A variant whose
-``result.json`` was made with the same settings is skipped when the command runs again
-(``force=True`` reruns it). The children are started with ``spawn``, which imports the caller's
-main module again: in a script, call ``compare`` under ``if __name__ == "__main__":`` (a
-notebook or ``attnbook compare`` needs nothing). Then ``out_dir/<workload>/`` gets ``results.csv``, ``results.md``
-and the figures ``loss_curves.png``, ``recall_by_gap.png`` (recall only), ``cache_bytes.png``
-and ``throughput.png``. Every number comes from the runs in that folder.
-
-Presets: ``"quick"`` (2 layers, 4 heads, 64 dims, 64 positions, batch 48, 1500 steps) and
-``"full"`` (the same models trained for 8000 steps). Every variant uses RoPE unless
-``positions`` says otherwise. Variants train ``jobs`` at a time (default: one per core); on a
-2-core CPU, two at a time with one thread each, the quick preset took 9 minutes and the full
-one 44. Associative recall is the slowest of the three tasks to learn: a model of this
-size sits at chance (one of the sequence's values) for thousands of steps before the two-layer
-lookup forms, so within the quick preset's steps the variants separate on copying (a segment of
-``T / 4`` tokens, beyond the local window's reach) and on cost, and the full preset is the one
-to read recall from. The columns:
-parameters, final train and validation loss, accuracies, training tokens/s (median over the
-logged steps), greedy generation tokens/s with the cache (batch 1), cache bytes per token of a
-1024-token sequence over all layers (float32: the whole cache at T=1024 divided by 1024, so
-constant-size caches count too), peak resident memory, wall time and the torch threads the
-variant trained with (the timings depend on them and on what ran beside it).
+Every variant gets the same GPT shape, seed, data order, steps, optimiser and schedule; only
+``GPTConfig.attention`` and its options change (``variant_options``: each saving scaled to the
+sequence length). Workloads: ``"recall"`` (``attnbook.tasks``' recall, copying and induction,
+accuracy per task and recall by gap) and ``"lm"`` (validation loss on a corpus). Each variant
+trains in a spawned child process (call ``compare`` under ``if __name__ == "__main__":`` in a
+script), ``jobs`` at a time, into ``out_dir/<workload>/<variant>/``; finished variants with the
+same settings are reused. ``out_dir/<workload>/`` then holds ``results.csv``, ``results.md`` and
+the figures. Presets: ``"quick"`` and ``"full"`` (``PRESETS``; recall needs the full one's steps).
+Chapter 18 explains the comparison and reads its results.
 """
 
 import argparse
@@ -63,6 +32,7 @@ from tqdm import tqdm
 
 from .attention import available, build_attention
 from .attention.config import POSITIONS
+from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
 from .model import GPT, GPTConfig
 from .tasks import TaskBatch, accuracy, accuracy_by_gap, build_task
@@ -137,18 +107,14 @@ class CompareConfig:
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "variants", tuple(self.variants) or tuple(available()))
         for name in ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.batch_size % 3 and self.workload == "recall":
             raise ValueError(
                 f"the recall suite mixes 3 tasks equally: batch_size must be a multiple of 3, "
                 f"got {self.batch_size}"
             )
-        if not (isinstance(self.eval_batches, int) and self.eval_batches >= 1):
-            raise ValueError(f"eval_batches must be a positive integer, got {self.eval_batches!r}")
-        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:
-            raise ValueError(f"jobs must be an integer >= 0 (0: one per core), got {self.jobs!r}")
+        check_positive_int("eval_batches", self.eval_batches)
+        check_non_negative_int("jobs", self.jobs, "0: one per core")
 
     def settings(self) -> dict:
         """What decides a variant's result: a rerun with equal settings is skipped."""

@@ -1,27 +1,15 @@
 """Convert a trained multi-head attention GPT into a cheaper variant: GQA or MLA.
 
-Both conversions return a new ``GPT`` whose every weight outside attention is the original's and
-whose attention is built from the original projections:
+    gqa = mha_to_gqa(model, n_kv_head=2)       # mean of each group's key/value heads
+    mla = mha_to_mla(model, kv_lora_rank=16)   # truncated SVD of the stacked [W_K; W_V]
 
-- ``mha_to_gqa``: grouped-query attention with ``n_kv_head`` key/value heads, each the mean of
-  the ``n_head / n_kv_head`` consecutive heads it replaces (the GQA paper's "mean pooling"
-  up-training start). With ``n_kv_head == n_head`` nothing is pooled and the outputs are equal.
-- ``mha_to_mla``: multi-head latent attention (``mla_kv_norm=False``, ``q_lora_rank=0``) whose
-  latent is a truncated SVD of the stacked key and value projections: ``[W_K; W_V] = U S Vᵀ``,
-  ``kv_down = sqrt(S_r) V_rᵀ`` (``r = kv_lora_rank``), ``kv_up = U_r sqrt(S_r)``. Full rank
-  (``r = n_embd``) reproduces the keys and values exactly; a smaller ``r`` keeps the best rank-r
-  approximation of the projection (in weight space, not weighted by the activations). The
-  key bias is dropped (it adds the same amount to every score of a query, which softmax ignores)
-  and the value bias moves into ``c_proj``'s bias (the weights of a query sum to one). The
-  decoupled rotary part is set to zero and the queries are scaled so the softmax scale
-  ``1/sqrt(head_dim + qk_rope_head_dim)`` acts as ``1/sqrt(head_dim)``.
-
-What it does not do: convert a RoPE model to MLA. RoPE rotates each head's key by its position,
-and a rotated key is no longer a fixed linear map of a position-free latent, so no weights make
-MLA reproduce it; DeepSeek-V2's answer is to train with decoupled rotary coordinates from the
-start (chapter 11), and published conversions keep part of the rotation in those coordinates and
-fine-tune. ``mha_to_mla`` raises for ``positions="rope"``; learned, sinusoidal, ALiBi and no
-positions convert exactly. Neither conversion trains: chapter 14 fine-tunes the result briefly.
+Every weight outside attention is copied. ``mha_to_gqa`` is the GQA paper's mean pooling
+(``n_kv_head == n_head`` changes nothing). ``mha_to_mla`` factors the key and value projections
+through a rank-``kv_lora_rank`` latent (exact at full rank; ``mla_kv_norm=False``), drops the
+key bias (softmax ignores it), moves the value bias into ``c_proj`` and zeroes the decoupled
+rotary part, scaling the queries so the softmax scale is unchanged. It refuses ``positions=
+"rope"``: a rotated key is not a fixed linear map of a position-free latent. Neither trains;
+chapter 18 converts and fine-tunes.
 """
 
 import math

@@ -1,27 +1,16 @@
 """The book's corpora, token encodings, prepared token files and random training batches.
 
-The pipeline, one step per part of this module:
-
     text = load_text("tinyshakespeare")         # a registered corpus, or any UTF-8 text file
     enc = get_encoding("char", text)            # or "gpt2", "minbpe-gpt2", "minbpe:512", a .model
     folder = prepare("tinyshakespeare", "char") # encode once: train.bin, val.bin, meta.json
     data = TokenData(folder)                    # memory-maps the .bin files, checks every id
     x, y = data.get_batch("train", batch_size=32, block_size=256, generator=g)  # (32, 256) each
 
-Corpora (``CORPORA``, ``corpus_path``) are downloaded once and sha256-checked by
-``download.fetch``, which also reads a local mirror and keeps the cache. ``prepare`` writes the
-whole token stream once to ``train.bin`` (its first ``1 - val_fraction``) and ``val.bin`` (the
-rest), as little-endian uint16 when every id fits (``vocab_size <= 65536``) and uint32 otherwise,
-and describes them in ``meta.json``: the source and its sha256, the encoding (``Encoding.to_dict``,
-enough to rebuild it), the vocabulary size, the dtype and each split's length. A second call with
-the same source bytes, encoding and ``val_fraction`` finds the files and does not encode again.
-A minbpe tokenizer trained by ``prepare`` ("minbpe:512") is kept inside ``meta.json`` as the text
-of its ``.model`` file, so the folder alone is enough to decode its tokens.
-
-It does not stream: the text and its ids are held in memory while preparing, so a corpus must fit
-in memory (TinyShakespeare is 1 MB). It knows no document boundaries: a source is one stream of
-text, no end-of-text token is inserted, and special tokens in the text ("<|endoftext|>") are
-encoded as ordinary text. Batches are drawn with replacement from random offsets, not epochs.
+Corpora are downloaded once and sha256-checked (``download.fetch``, which reads a local mirror).
+``prepare`` writes the token stream once (uint16 when every id fits, else uint32) with a
+``meta.json`` that rebuilds the encoding, and finds the files again on a second call. It holds
+the text in memory, knows no document boundaries (special tokens are plain text), and batches
+are drawn with replacement, not by epochs. Chapters 16 and 17 use it.
 """
 
 import hashlib
@@ -39,6 +28,7 @@ import torch
 
 import minbpe
 
+from .checks import check_positive_int
 from .download import cache_dir, fetch
 
 # ---------------------------------------------------------------------------------------------
@@ -501,8 +491,7 @@ class TokenData:
             ("block_size", block_size),
             ("world_size", world_size),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if batch_size % world_size:
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by world_size={world_size}: each rank "

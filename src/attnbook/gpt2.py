@@ -4,29 +4,15 @@
     model = load_gpt2("gpt2")            # the hub (network), or a local folder: load_gpt2(path)
     folder = find_gpt2()                 # a local copy, or None; never downloads
     save_gpt2(model, "out/")             # config.json + model.safetensors for transformers
-    gqa = to_gqa(model, n_kv_head=4)     # chapter 14's mean-pooling conversion
+    gqa = to_gqa(model, n_kv_head=4)     # chapter 18's mean-pooling conversion
 
-A Hugging Face GPT-2 folder holds ``config.json`` and ``model.safetensors`` (or an older
-``pytorch_model.bin``). Its tensors have our names, because ``model.py`` uses GPT-2's names
-(nanoGPT's choice), with three differences:
-
-- GPT-2's four projections (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) are
-  ``Conv1D`` layers, which store their weight as ``(in, out)`` and compute ``x @ W + b``;
-  ``nn.Linear`` stores ``(out, in)`` and computes ``x @ W.T + b``: those weights are transposed.
-- Our learned position table is ``transformer.wpe.table.weight``, theirs ``transformer.wpe.weight``.
-- The prefix ``transformer.`` is missing in the checkpoints OpenAI's models were first published
-  with (``h.0.attn.c_attn.weight``), and ``lm_head.weight`` is left out when it is tied to
-  ``wte``. Older checkpoints also store each layer's causal mask (``attn.bias``, and
-  ``attn.masked_bias``) as if it were a weight: those are buffers, not weights, and are skipped.
-
-GPT-2 is pre-norm, LayerNorm with epsilon 1e-5, learned positions, biases everywhere, GELU's tanh
-approximation (``gelu_new``), multi-head attention and ``lm_head`` tied to ``wte``. Loading
-refuses a ``config.json`` that asks for what ``GPT`` does not compute (exact GELU and an untied
-``lm_head`` it does), and exporting refuses a ``GPT`` that ``transformers``' ``GPT2LMHeadModel``
-cannot represent. A loaded model has dropout 0 and is in eval mode.
-
-What it does not do: tokenize (``attnbook.data``'s ``"gpt2"`` encoding does), sharded
-checkpoints, other Hugging Face architectures, or cast weights (they load in the model's float32).
+``model.py`` uses GPT-2's names, so the tensors map one to one except: GPT-2's ``Conv1D``
+weights are stored ``(in, out)`` and are transposed; its position table is
+``transformer.wpe.weight`` (ours ``transformer.wpe.table.weight``); the oldest checkpoints lack
+the ``transformer.`` prefix, omit the tied ``lm_head`` and store causal masks as buffers (skipped).
+Loading refuses a config ``GPT`` cannot compute, exporting a ``GPT`` that ``GPT2LMHeadModel``
+cannot represent. No tokenizer (``attnbook.data``'s ``"gpt2"``), sharding or dtype casts.
+Chapter 19 builds the mapping step by step.
 """
 
 import json

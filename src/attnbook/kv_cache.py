@@ -5,22 +5,67 @@ step recomputes them all; with one, each step computes them for the new token on
 them. ``KVCache`` is the full cache every variant so far uses: one per attention layer,
 preallocated to ``max_len`` positions, so appending never reallocates.
 
-Protocol (shared with the other cache kinds of later chapters): ``append`` returns everything
-cached so far, ``length`` says how many positions are cached (the position of the next token),
-``reset`` empties it, ``bytes_per_token`` says what one position costs.
+``Cache`` is the protocol every cache kind of later chapters follows: ``append`` stores new
+positions and returns what attention reads, ``length`` is the position of the next token,
+``reset`` empties it, ``nbytes`` and ``bytes_per_token`` say what it costs, and one overflow check
+guards ``max_len``. Chapter 7 builds the KV cache.
 """
 
 import torch
 
+from .checks import check_positive_int
+
 
 def check_cache_sizes(**sizes: int) -> None:
-    """Raise ValueError naming the first size that is not positive (shared by every cache kind)."""
+    """Raise ValueError naming the first size that is not a positive integer (every cache kind)."""
     for name, value in sizes.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        check_positive_int(name, value)
 
 
-class KVCache:
+class Cache:
+    """What every cache kind shares: ``max_len``, ``length``, ``reset``, ``nbytes`` and the one
+    overflow check. A kind stores its tensors, lists them in ``tensors()``, says what one
+    position costs in ``bytes_per_token`` and defines ``append`` (store new positions, return
+    what attention reads), calling ``_reserve`` first.
+    """
+
+    kind = "cache"  # how the overflow message names it
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # positions seen so far: the position of the next token
+
+    def _reserve(self, T: int) -> int:
+        """Count ``T`` more positions, or raise if they would pass ``max_len``; returns where
+        they start."""
+        if self.length + T > self.max_len:
+            raise ValueError(
+                f"{self.kind} overflow: built for max_len={self.max_len} positions, {self.length} "
+                f"already seen and {T} more appended; reset() it or build it with a larger max_len"
+            )
+        start, self.length = self.length, self.length + T
+        return start
+
+    def reset(self) -> None:
+        """Forget every cached position (the memory stays allocated)."""
+        self.length = 0
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the cache allocated."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the whole cache."""
+        return sum(t.nbytes for t in self.tensors())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position of one sequence costs in this layer."""
+        raise NotImplementedError
+
+
+class KVCache(Cache):
     """Preallocated keys ``(B, n_kv_head, max_len, head_dim)`` and values for one layer.
 
     Args:
@@ -31,6 +76,8 @@ class KVCache:
             than the model computes in (e.g. bfloat16 halves its memory): appended keys and
             values are rounded to ``dtype``, and attention casts them back when it reads them.
     """
+
+    kind = "KV cache"
 
     def __init__(
         self,
@@ -45,18 +92,13 @@ class KVCache:
         check_cache_sizes(
             batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, max_len=max_len
         )
+        super().__init__(max_len)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch_size, n_kv_head, max_len, v_head_dim, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor):
-        """Store ``T`` new positions, ``k``: ``(B, n_kv_head, T, head_dim)``, ``v`` likewise.
-
-        Returns all cached keys and values, ``(B, n_kv_head, length, head_dim)`` each: views of
-        the cache's storage, which later appends (after a ``reset``) overwrite.
-        """
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """ValueError unless ``k``, ``v`` are ``(B, n_kv_head, T, ·)`` on the cache's device."""
         B, H, _, D = self.k.shape
         T = k.shape[-2]
         if k.shape != (B, H, T, D) or v.shape != (B, H, T, self.v.shape[-1]):
@@ -69,27 +111,24 @@ class KVCache:
                 f"the cache lives on {self.k.device}, got k on {k.device} and v on {v.device}: "
                 f"build it with device=..."
             )
-        if self.length + T > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: it holds max_len={self.max_len} positions, {self.length} are "
-                f"used and {T} more were appended; reset() it or build it with a larger max_len"
-            )
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store ``T`` new positions, ``k``: ``(B, n_kv_head, T, head_dim)``, ``v`` likewise.
+
+        Returns all cached keys and values, ``(B, n_kv_head, length, head_dim)`` each: views of
+        the cache's storage, which later appends (after a ``reset``) overwrite.
+        """
+        self._check(k, v)
+        start = self._reserve(k.shape[-2])
+        self.k[:, :, start : self.length] = k
+        self.v[:, :, start : self.length] = v
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
-    def reset(self) -> None:
-        """Forget every cached position (the memory stays allocated)."""
-        self.length = 0
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position of one sequence takes in this layer: its keys and values, all heads."""
         per_position = self.k[:, :, 0].numel() + self.v[:, :, 0].numel()
         return per_position * self.k.element_size() // self.k.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for the whole cache."""
-        return self.k.nbytes + self.v.nbytes

@@ -9,7 +9,7 @@
   matrices instead of two, so at equal parameter count its hidden width is 2/3 of the MLP's:
   ``swiglu_hidden(d_model)`` gives LLaMA's rule.
 
-Neither one mixes positions: that is attention's job.
+Neither one mixes positions: that is attention's job. Chapter 17 compares them.
 """
 
 import torch

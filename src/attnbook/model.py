@@ -6,18 +6,11 @@
     logits, loss = model(idx, targets)            # idx, targets: (B, T) -> logits (B, T, 65)
     out = model.generate(idx, max_new_tokens=50)  # (B, T + 50), decoded with the KV cache
 
-The layout is GPT-2's, with nanoGPT's names, so GPT-2's weights map one to one (one name
-differs: our learned position table is ``transformer.wpe.table``, see ``gpt2.py``): token
-embeddings ``transformer.wte``, position embeddings ``transformer.wpe`` (only for learned or
-sinusoidal positions: RoPE and ALiBi live in the attention layers, ``"none"`` has no positions),
-dropout ``transformer.drop``, ``n_layer`` blocks ``transformer.h``, a final norm
-``transformer.ln_f``, and ``lm_head``, tied to ``wte`` unless ``tie_weights=False``.
-``GPTConfig`` switches the parts that later models changed: the attention variant, the position
-scheme, GELU (exact or GPT-2's tanh approximation) or SwiGLU, LayerNorm or RMSNorm, pre- or
-post-norm.
-
-What it does not do: padding masks (every sequence of a batch is ``T`` real tokens), beam
-search, mixed precision or distributed training (the training loop's business).
+GPT-2's layout with nanoGPT's names (``transformer.wte``, ``wpe`` for learned or sinusoidal
+positions, ``drop``, the blocks ``h``, ``ln_f``, and ``lm_head`` tied to ``wte``), so GPT-2's
+weights map one to one (``gpt2.py``). ``GPTConfig`` switches what later models changed: the
+attention variant, positions, GELU or SwiGLU, LayerNorm or RMSNorm, pre- or post-norm. Not here:
+padding masks, beam search, mixed precision (the training loop's). Chapter 17 assembles it.
 """
 
 import math
@@ -28,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionConfig, available, build_attention
-from .attention.config import POSITIONS, check_positive_int
+from .attention.config import POSITIONS
+from .checks import check_positive_int
 from .mlp import MLP, SwiGLU, swiglu_hidden
 from .positions import PositionalEmbedding
 
@@ -268,8 +262,7 @@ class GPT(nn.Module):
         """
         if seq_len is None:
             seq_len = self.config.block_size
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        check_positive_int("seq_len", seq_len)
         cfg = self.config
         return float(6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len)
 
@@ -284,7 +277,9 @@ class GPT(nn.Module):
         """Logits of the next token at every position, and the loss if ``targets`` are given.
 
         Args:
-            idx: ``(B, T)`` token ids in ``[0, vocab_size)``, ``T <= block_size``.
+            idx: ``(B, T)`` token ids in ``[0, vocab_size)``, ``T <= block_size``. The ids are
+                checked where they enter (``generate``, the data loaders), not here: reading
+                them would wait for the device at every decoded token.
             targets: ``(B, T)`` int64 ids of the next tokens; ``-1`` marks a position left out
                 of the loss (e.g. a task that scores only its answers).
             caches: the list from ``new_caches``; ``idx`` is then the ``T`` tokens that follow
@@ -304,11 +299,6 @@ class GPT(nn.Module):
             raise ValueError(
                 f"idx has T={T} tokens, the model reads 1..block_size={cfg.block_size}: crop the "
                 f"sequence to its last block_size tokens"
-            )
-        if idx.min() < 0 or idx.max() >= cfg.vocab_size:
-            raise ValueError(
-                f"idx holds ids {idx.min().item()}..{idx.max().item()}, outside "
-                f"[0, vocab_size={cfg.vocab_size})"
             )
         if caches is not None and len(caches) != cfg.n_layer:
             raise ValueError(
@@ -403,6 +393,11 @@ class GPT(nn.Module):
     def _check_generate_args(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token):
         if idx.dim() != 2:
             raise ValueError(f"idx must be a (B, T) tensor of ids, got shape {tuple(idx.shape)}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"idx holds ids {idx.min().item()}..{idx.max().item()}, outside "
+                f"[0, vocab_size={self.config.vocab_size})"
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if max_new_tokens < 0:

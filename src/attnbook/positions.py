@@ -15,6 +15,7 @@ same way. Position information has to be put in, in one of three places:
 
 For cached decoding, ``PositionalEmbedding`` and ``RotaryEmbedding`` take a ``start`` offset
 (the position of the first new token) and ``alibi_bias`` aligns queries with the last keys.
+Chapter 6 builds them.
 """
 
 import math

@@ -1,30 +1,16 @@
 """Synthetic diagnostics: associative recall, copying and induction, generated in code.
 
-    from attnbook.tasks import build_task, accuracy, accuracy_by_gap
     task = build_task("recall", vocab_size=64, seq_len=64, n_pairs=8)
     batch = task.batch(32, torch.Generator().manual_seed(0))   # idx, targets, gaps: (32, 64) each
     logits, loss = model(batch.idx, batch.targets)             # GPT's loss skips targets == -1
-    accuracy(logits, batch)                                    # argmax right at the answers
-    accuracy_by_gap(logits, batch, edges=[0, 8, 16, 64])       # the same, by gap
+    accuracy(logits, batch), accuracy_by_gap(logits, batch, edges=[0, 8, 16, 64])
 
-Each task is a frozen dataclass, validated when built, whose ``batch`` draws a fresh batch from a
-``torch.Generator`` (the same seed gives the same batch) with a handful of batched tensor
-operations and no loop over positions. A ``TaskBatch`` holds the inputs ``idx``, the ``targets``
-(the token to predict at each position, ``-1`` where nothing is asked, so only the answers count
-in the loss) and the ``gaps``: at every answer position, how many positions back lies the
-evidence the answer needs (``-1`` elsewhere). In all three tasks that evidence is an earlier copy
-of the current input (the recall key, the copied token, the first ``A``) ``gap`` positions back,
-and the token to answer sits right after it, ``gap - 1`` positions back. Accuracy by gap is what
-separates variants: a model that cannot see far enough back fails on the long gaps only.
-
-- ``MultiQueryRecall`` ("recall"): multi-query associative recall (MQAR, from the Zoology
-  benchmark, Arora et al., 2023): key-value pairs, then queries of earlier keys.
-- ``Copy`` ("copy"): a random segment, a separator, the segment again.
-- ``Induction`` ("induction"): ``A B ... A`` -> ``B``, the pattern an induction head completes.
-
-What it does not do: hold a fixed data set (every batch is new; draw a fixed validation batch
-from a separately seeded generator), pad, or run a model (``attnbook.compare`` trains on these).
-Batches are made on the CPU; move them with ``batch.idx.to(device)``.
+Each task (``MultiQueryRecall`` "recall", Zoology's MQAR; ``Copy`` "copy"; ``Induction``
+"induction") is a validated frozen dataclass whose ``batch`` draws fresh sequences from a
+generator with batched tensor operations. ``targets`` is ``-1`` where nothing is asked, and
+``gaps`` says how far back the evidence for each answer lies, so accuracy by gap separates a
+model that cannot see far enough back. Every batch is new (draw a fixed validation batch from
+its own generator) and made on the CPU. Chapter 18 trains every variant on them.
 """
 
 import math
@@ -33,7 +19,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from .attention.config import check_positive_int
+from .checks import check_positive_int
 
 FILLER = 0  # the input at positions that ask nothing (recall, copy)
 SEPARATOR = 1  # the copy task's separator between the segment and its repetition

@@ -3,34 +3,15 @@
     from attnbook.train import TrainConfig, train
     result = train(TrainConfig(out_dir="runs/baby", max_iters=200))
 
-or ``python -m attnbook.train --max_iters 200`` (every field of ``TrainConfig`` and of its
-``GPTConfig`` but ``vocab_size``, which comes from the data, is a ``--flag``), or
-``torchrun --nproc_per_node 2 -m attnbook.train ...`` for data parallel training (gloo on CPU,
-nccl on GPU; each process takes its slice of the same global batch).
-
-What a step does: ``grad_accum`` micro-batches (forward, loss, backward; bf16 autocast if asked),
-gradient clipping, AdamW (weight decay on matrices only), learning rate from a linear warm-up
-then a cosine decay. Every ``eval_interval`` steps the loss on fixed train and validation batches;
-every ``ckpt_interval`` steps a checkpoint.
-
-Checkpoints, in ``out_dir/checkpoints/step_NNNNNNN/``: ``model.safetensors`` (the weights) and
-``state.pt`` (optimizer state, step, RNG states, configs, best validation loss), written to a
-temporary folder and renamed, so a killed run never leaves half a checkpoint; the last
-``keep_last`` are kept, and the best one (``best.json`` names it). ``state.pt`` holds only
-tensors, numbers, strings, lists and dicts, and is read with ``torch.load(weights_only=True)``:
-loading never unpickles arbitrary objects. A run restarted with the same ``out_dir`` resumes
-from the newest readable checkpoint (an unreadable one is skipped with a warning) and continues
-exactly as if it had not stopped: the same batches, dropout masks and weights, on CPU bit for bit
-with the same number of threads (a different count changes the order of float sums).
-
-Metrics go to ``out_dir/metrics.jsonl`` (one JSON object per line; on resume the lines after the
-checkpoint are dropped), to a progress bar, and to MLflow when ``mlflow_uri`` is set and MLflow is
-installed. A NaN or infinite loss stops the run with ``TrainingDiverged`` before anything else is
-written, so the last checkpoint is the last good one. Validation loss that has not improved for
-``patience`` evaluations stops the run early.
-
-Not here: mixed precision with float16 (bf16 needs no loss scaling), FSDP or tensor parallelism,
-and data other than ``TokenData``-like objects with ``get_batch``.
+or ``python -m attnbook.train --max_iters 200`` (a ``--flag`` per field of ``TrainConfig`` and
+its ``GPTConfig``), or ``torchrun --nproc_per_node 2 -m attnbook.train ...`` (data parallel).
+A step: ``grad_accum`` micro-batches (bf16 autocast if asked), clipping, AdamW (decay on
+matrices only), linear warm-up then cosine decay. Checkpoints (``out_dir/checkpoints/step_N/``:
+``model.safetensors`` and a ``weights_only`` ``state.pt``) are written atomically; restarting
+with the same ``out_dir`` resumes bit for bit (same thread count). Metrics go to
+``metrics.jsonl``, a progress bar and optionally MLflow; a non-finite loss raises
+``TrainingDiverged`` before anything is written. Not here: float16 loss scaling, FSDP, tensor
+parallelism. Chapter 17 writes the loop step by step and trains with it.
 """
 
 import argparse
@@ -50,7 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from .attention.config import check_non_negative_int, check_positive_int
+from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
 from .model import GPT, GPTConfig
 

@@ -5,6 +5,7 @@
     y = attn(x)  # x: (B, T, 64) -> y: (B, T, 64)
 
 Importing this package imports every variant module, so ``available()`` lists them all.
+Chapter 3 introduces the registry.
 """
 
 from .base import CausalSelfAttention

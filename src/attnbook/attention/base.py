@@ -1,14 +1,17 @@
 """The skeleton every self-attention variant shares: project -> positions -> cache -> attend -> output.
 
-A variant subclasses ``CausalSelfAttention`` and overrides only what differs:
+``forward`` is written once; a variant subclasses ``CausalSelfAttention`` and overrides only the
+stages it changes:
 
-- ``project(x)`` returns queries ``(B, n_head, T, head_dim)`` and keys and values
-  ``(B, n_kv_head, T, head_dim)`` (fewer key/value heads than query heads means grouped-query
-  attention, handled by the attention call);
-- ``new_cache(...)`` builds the cache the variant generates with.
+- ``project(x)``: queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T,
+  head_dim)`` (fewer key/value heads than query heads is grouped-query attention);
+- ``position(q, k, start)``: RoPE rotates q and k (ALiBi biases the scores in ``attend``; learned
+  and sinusoidal positions were added to the embeddings by the model);
+- ``attend(q, k, v, attn_mask, need_weights, cache)``: append to the cache (``new_cache`` makes
+  it), then ``softmax_attend`` over every cached position; ``out(y)`` merges the heads.
 
-Positions come from the config: RoPE rotates q and k here, ALiBi adds a bias to the scores here,
-learned and sinusoidal positions were already added to the embeddings by the model.
+Chapter 3 builds multi-head attention, its first variant; chapters 6 and 7 open it for
+positions and the cache.
 """
 
 import torch
@@ -84,20 +87,43 @@ class CausalSelfAttention(nn.Module):
         return x.shape[0], x.shape[1]
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        B, T = self.check_input(x)
+        self.check_input(x)
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.project(x)  # (B, n_head, T, hd), 2 x (B, n_kv_head, T, hd)
-        if self.rope is not None:
-            q, k = self.rope(q, start), self.rope(k, start)  # rotated by their positions
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, n_kv_head, T_k, hd): the cached positions and x's
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache may store a lower precision
-        y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, n_head, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, d_model): heads side by side
-        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
+        q, k = self.position(q, k, start)  # rotated by their positions (RoPE)
+        y, weights = self.attend(q, k, v, attn_mask, need_weights, cache)  # (B, n_head, T, hd)
+        y = self.out(y)  # (B, T, d_model)
         return (y, weights) if need_weights else y
 
-    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+    def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
+        """RoPE: ``q`` and ``k`` rotated by their positions ``start, start + 1, ...``."""
+        if self.rope is None:
+            return q, k
+        return self.rope(q, start), self.rope(k, start)
+
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
+        """With a ``cache``: append ``k``, ``v`` to it and attend over every cached position.
+
+        Returns ``softmax_attend``'s output ``(B, n_head, T, hd)`` and weights (or None).
+        """
+        if cache is not None:
+            k, v = self.read_cache(cache, k, v, q.dtype)  # (B, n_kv_head, T_k, hd)
+        return self.softmax_attend(q, k, v, attn_mask, need_weights)
+
+    @staticmethod
+    def read_cache(cache, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+        """Append ``k``, ``v`` to ``cache``; every cached position's keys and values (the cached
+        ones, then these), cast to ``dtype`` (a cache may store a lower precision)."""
+        k, v = cache.append(k, v)
+        return k.to(dtype), v.to(dtype)
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, n_head, T, hd_v)`` -> ``(B, T, d_model)``: heads side by side, ``c_proj``, dropout."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * hd_v)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
+
+    def softmax_attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
         """Softmax attention of ``q`` ``(B, n_head, T, hd)`` over ``k``, ``v``
         ``(B, n_kv_head, T_k, hd)`` with this layer's masks (causal, ALiBi, ``attn_mask``) and
         ``self.scale``; fewer key/value heads than query heads means grouped-query attention.

@@ -2,10 +2,12 @@
 
 Fields that only some variants use arrive with those variants; every field is checked in
 ``__post_init__`` so a bad value fails at construction with a message naming the field.
+Chapter 3 introduces it.
 """
 
 from dataclasses import dataclass
 
+from ..checks import check_non_negative_int, check_positive_int
 from ..positions import ROPE_PAIRINGS
 
 IMPLEMENTATIONS = ("sdpa", "reference")
@@ -134,15 +136,3 @@ class AttentionConfig:
     def head_dim(self) -> int:
         """Size of one head's queries, keys and values: ``d_model // n_head``."""
         return self.d_model // self.n_head
-
-
-def check_positive_int(name: str, value) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int > 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_non_negative_int(name: str, value) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

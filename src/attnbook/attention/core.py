@@ -1,22 +1,13 @@
 """Scaled dot-product attention: softmax(Q Kᵀ · scale + mask) · V.
 
-Two implementations with the same arguments and the same results:
-
-- ``sdpa_reference``: the explicit math, step by step; it can return the attention weights.
-  Tests compare everything against it.
-- ``sdpa``: the fast path, ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU where
-  torch has one for the inputs; its math fallback otherwise, e.g. with dropout).
-
-Masks (``attn_mask``) broadcast against the scores ``(..., T_q, T_k)`` and are either
-boolean (``True`` = may attend, see ``masks.py``) or float (added to the scores; -inf masks).
-``is_causal=True`` adds the causal mask; it needs ``T_q == T_k`` (for a query block at the end
-of a longer key sequence, as in cached decoding, pass ``causal_mask(T_q, T_k)`` instead).
-``enable_gqa=True`` lets k and v have fewer heads than q (grouped-query attention): query head
-``h`` uses key/value head ``h // (n_head // n_kv_head)``, as in PyTorch and Hugging Face.
-
-A fully masked query row (no key it may attend to) outputs zeros, and its weights are all zero:
-it attends to nothing. This is what ``F.scaled_dot_product_attention`` does from torch 2.5 on,
-and it keeps a padded batch free of NaN.
+Two implementations with the same arguments and the same results: ``sdpa_reference``, the
+explicit math (it can return the weights; tests compare everything against it), and ``sdpa``,
+``F.scaled_dot_product_attention`` (fused kernels where torch has one, its math fallback
+otherwise). Masks broadcast against the scores ``(..., T_q, T_k)``: boolean (``True`` = may
+attend) or float (added). ``is_causal=True`` needs ``T_q == T_k`` (in cached decoding pass
+``causal_mask(T_q, T_k)``). ``enable_gqa=True``: query head ``h`` reads key/value head
+``h // (n_head // n_kv_head)``. A fully masked row outputs zeros with all-zero weights, as torch
+does from 2.5 on, so a padded batch has no NaN. Chapter 2 builds it.
 """
 
 import torch

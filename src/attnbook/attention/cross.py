@@ -12,7 +12,7 @@ RoPE or ALiBi is applied here.
 - ``DecoderBlock``: pre-norm causal self-attention + cross-attention + MLP.
 
 The blocks take positions from the embeddings (``positions`` "learned", "sinusoidal" or "none");
-RoPE and ALiBi are refused rather than silently dropped.
+RoPE and ALiBi are refused rather than silently dropped. Chapter 5 builds them.
 """
 
 from dataclasses import replace

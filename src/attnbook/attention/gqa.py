@@ -6,6 +6,7 @@ Query head ``h`` reads key/value head ``h // (n_head // n_kv_head)`` (consecutiv
 form a group, as in ``F.scaled_dot_product_attention(enable_gqa=True)`` and Hugging Face);
 the attention call does the sharing (on torch's fused kernels without copying K and V;
 the math fallback, used with dropout, and the reference path repeat them). Registered as ``"gqa"``.
+Chapter 4 builds it.
 """
 
 from dataclasses import replace

@@ -1,37 +1,23 @@
 """Causal linear attention: softmax replaced by a kernel feature map, in three equal forms.
 
-Softmax attention weighs value ``s`` for query ``t`` by ``exp(q_t·k_s)``. Linear attention
-(Katharopoulos et al., 2020, "Transformers are RNNs") uses ``φ(q_t)·φ(k_s)`` instead, with the
-positive feature map ``φ(x) = elu(x) + 1``. Because the weight is now a dot product of features,
-the sum over keys can be taken *before* meeting the query:
+Linear attention (Katharopoulos et al., 2020) weighs value ``s`` for query ``t`` by
+``φ(q_t)·φ(k_s)`` with ``φ(x) = elu(x) + 1``, so the sum over keys can be taken first:
 
-    y_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s / Σ_{s≤t} φ(q_t)·φ(k_s)
-        = φ(q_t) S_t / φ(q_t)·z_t,    S_t = Σ_{s≤t} φ(k_s) v_sᵀ  (d, d_v),   z_t = Σ_{s≤t} φ(k_s)  (d,)
+    y_t = φ(q_t) S_t / φ(q_t)·z_t,    S_t = Σ_{s≤t} φ(k_s) v_sᵀ,    z_t = Σ_{s≤t} φ(k_s)
 
-Three forms compute the same ``y`` (q, k, v: ``(B, H, T, d)`` -> ``(B, H, T, d_v)``):
-
-- ``linear_attention_quadratic``: the ``(T, T)`` weight matrix with the causal mask, O(T²);
-  the reference, and the only form that can show the weights;
-- ``linear_attention_recurrent``: one token at a time, carrying the state ``(S, z)``, O(T) but
-  a Python loop; this is an RNN, and its state is all that generation needs to remember;
-- ``linear_attention_chunked``: the sequence cut into chunks of ``chunk`` tokens: the quadratic
-  form inside each chunk, the state between chunks, O(T · (chunk + d_v) · d); the fast path
-  for training.
-
-RoPE (this book's choice, the one of RoFormer, Su et al. 2021, section 3.3): rotate the
-*features* ``φ(q)``, ``φ(k)`` and use the rotated ones in the numerator only. The numerator's
-scores then depend on the offset between positions, as with softmax RoPE, and the normaliser
-keeps the unrotated features, so it stays positive (rotated dot products can be negative or zero).
-Rotating before ``φ`` would keep everything positive but lose the relative-offset property.
-ALiBi biases scores that are never formed here, so it is refused.
-
-Registered as ``"linear"``; its cache is ``LinearAttentionCache``, the state ``(S, z)``.
+``linear_attention_quadratic`` (the ``(T, T)`` weights, the reference), ``linear_attention_recurrent``
+(one token at a time carrying ``(S, z)``) and ``linear_attention_chunked`` (quadratic inside
+chunks, the state between them; the fast path) compute the same ``y``. RoPE rotates the features
+and is used in the numerator only (RoFormer's choice), so the normaliser stays positive; ALiBi
+is refused (no scores are formed). Registered as ``"linear"``; its cache is
+``LinearAttentionCache``, the state ``(S, z)``. Chapter 11 derives the three forms.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ..kv_cache import check_cache_sizes
+from ..checks import check_positive_int
+from ..kv_cache import Cache, check_cache_sizes
 from .config import AttentionConfig
 from .masks import causal_mask
 from .mha import MultiHeadAttention
@@ -116,8 +102,7 @@ def linear_attention_chunked(q, k, v, chunk, q_rot=None, k_rot=None, state=None)
     Returns:
         ``(B, H, T, d_v)`` and the state ``(S, z)`` after the last token.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    check_positive_int("chunk", chunk)
     nq, nk = _rotated(q, k, q_rot, k_rot)
     B, H, T, d = q.shape
     dv = v.shape[-1]
@@ -141,18 +126,22 @@ def linear_attention_chunked(q, k, v, chunk, q_rot=None, k_rot=None, state=None)
     return num / (norm + EPS), (S, z[:, :, -1])  # (B, H, T, d_v)
 
 
-class LinearAttentionCache:
+class LinearAttentionCache(Cache):
     """The recurrent state of one linear-attention layer: ``S`` ``(B, H, d, d_v)``, ``z`` ``(B, H, d)``.
 
-    Unlike a KV cache it does not grow: it holds two running sums, whatever the length. So
-    ``bytes_per_token`` ("what one position costs", one sequence, one layer) is here the *whole
-    state*, the same at every length: the cost of remembering any number of tokens.
+    The ``Cache`` protocol, but it does not grow: it holds two running sums, whatever the length.
+    ``append`` adds new tokens to the sums and returns the state *before* them, which is what
+    their queries read (each form adds the tokens' own contributions itself). ``bytes_per_token``
+    is here the *whole state*, the same at every length: the cost of remembering any number of
+    tokens.
 
     Args:
         batch_size, n_head, head_dim: the shape of the state; ``v_head_dim`` defaults to ``head_dim``.
         max_len: the most positions it will be fed (positions, e.g. RoPE's, stop at block_size).
         device, dtype: where and how the state is stored (a lower precision is cast back on read).
     """
+
+    kind = "linear attention cache"
 
     def __init__(
         self,
@@ -165,39 +154,42 @@ class LinearAttentionCache:
         dtype: torch.dtype = torch.float32,
     ):
         check_cache_sizes(batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len)
+        super().__init__(max_len)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.S = torch.zeros(batch_size, n_head, head_dim, v_head_dim, device=device, dtype=dtype)
         self.z = torch.zeros(batch_size, n_head, head_dim, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
 
-    def update(self, S: torch.Tensor, z: torch.Tensor, n_tokens: int) -> None:
-        """Replace the state by the one after ``n_tokens`` more tokens."""
-        if self.length + n_tokens > self.max_len:
+    def append(self, k: torch.Tensor, v: torch.Tensor, k_rot: torch.Tensor | None = None):
+        """Add ``T`` tokens, features ``k`` ``(B, H, T, d)`` (``k_rot``: rotated by RoPE, for
+        the numerator) and values ``v`` ``(B, H, T, d_v)``, to the sums; returns ``(S, z)``
+        before them."""
+        B, H, d, dv = self.S.shape
+        T = k.shape[-2]
+        expected = [(B, H, T, d), (B, H, T, dv), (B, H, T, d)]
+        given = [k, v, k if k_rot is None else k_rot]
+        if [tuple(t.shape) for t in given] != expected:
             raise ValueError(
-                f"linear attention cache overflow: it takes max_len={self.max_len} positions, "
-                f"{self.length} are used and {n_tokens} more came; reset() it or build it with "
-                f"a larger max_len"
+                f"expected k, v, k_rot of shapes {expected}, got {[tuple(t.shape) for t in given]}"
             )
-        self.S.copy_(S)
-        self.z.copy_(z)
-        self.length += n_tokens
+        self._reserve(T)
+        before = self.S, self.z
+        self.S = self.S + (given[2].transpose(-2, -1) @ v).to(self.S.dtype)  # (B, H, d, d_v)
+        self.z = self.z + k.sum(dim=2).to(self.z.dtype)  # (B, H, d)
+        return before
 
     def reset(self) -> None:
         """Back to no tokens: zero sums."""
-        self.S.zero_()
-        self.z.zero_()
-        self.length = 0
+        super().reset()
+        self.S = torch.zeros_like(self.S)
+        self.z = torch.zeros_like(self.z)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.S, self.z
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes of the whole state of one sequence in this layer, at any length (see above)."""
         return (self.S[0].numel() + self.z[0].numel()) * self.S.element_size()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for the whole cache."""
-        return self.S.nbytes + self.z.nbytes
 
 
 @register_attention("linear")
@@ -237,31 +229,34 @@ class LinearAttention(MultiHeadAttention):
             batch_size, self.n_head, self.head_dim, **self._cache_options(max_len, device, dtype)
         )
 
-    def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        B, T = self.check_input(x)
+    def project(self, x: torch.Tensor):
+        """Multi-head attention's projections, queries and keys through ``φ``: positive features
+        ``(B, n_head, T, head_dim)``, and the values."""
+        q, k, v = super().project(x)  # 3 x (B, n_head, T, hd)
+        return elu_feature_map(q), elu_feature_map(k), v
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
+        """Nothing here: RoPE rotates the features inside ``attend``, for the numerator only."""
+        return q, k
+
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
+        """A state update instead of softmax: the chunked form (the quadratic one with
+        ``impl="reference"`` or ``need_weights``, the recurrent one when decoding with it), the
+        cache's state ``(S, z)`` carrying every earlier token."""
         if attn_mask is not None:
             raise ValueError("linear attention forms no scores to mask: attn_mask must be None")
         if need_weights and cache is not None:
             raise ValueError("need_weights needs the whole sequence: call it without a cache")
-        start = 0 if cache is None else cache.length  # position of x's first token
-        q, k, v = self.project(x)  # 3 x (B, n_head, T, hd)
-        q, k = elu_feature_map(q), elu_feature_map(k)  # (B, n_head, T, hd), positive features
-        q_rot = k_rot = None
+        q_rot, k_rot = q, k  # the numerator's features: rotated by their positions with RoPE
         if self.rope is not None:
-            q_rot, k_rot = self.rope(q, start), self.rope(k, start)  # for the numerator only
-        weights = None
+            start = 0 if cache is None else cache.length
+            q_rot, k_rot = self.rope(q, start), self.rope(k, start)
         if need_weights or (self.config.impl == "reference" and cache is None):
-            y, weights = linear_attention_quadratic(q, k, v, q_rot, k_rot, return_weights=True)
-        else:
-            state = None if cache is None else (cache.S.to(q.dtype), cache.z.to(q.dtype))
-            if self.config.impl == "reference":
-                y, state = linear_attention_recurrent(q, k, v, q_rot, k_rot, state)
-            else:
-                y, state = linear_attention_chunked(
-                    q, k, v, self.config.linear_chunk, q_rot, k_rot, state
-                )  # (B, n_head, T, hd)
-            if cache is not None:
-                cache.update(*state, T)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, d_model): heads side by side
-        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
-        return (y, weights) if need_weights else y
+            return linear_attention_quadratic(q, k, v, q_rot, k_rot, return_weights=True)
+        state = None
+        if cache is not None:  # the sums before these tokens; the cache now holds them too
+            state = tuple(t.to(q.dtype) for t in cache.append(k, v, k_rot))
+        if self.config.impl == "reference":
+            return linear_attention_recurrent(q, k, v, q_rot, k_rot, state)[0], None
+        chunk = self.config.linear_chunk
+        return linear_attention_chunked(q, k, v, chunk, q_rot, k_rot, state)[0], None

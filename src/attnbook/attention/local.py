@@ -14,6 +14,7 @@ The dense path (``impl="reference"``, ``need_weights=True``, an extra ``attn_mas
 sequence no longer than the window) is attention with the band mask. Keys are rotated by RoPE at
 their true positions before they are cached, and ALiBi and the band only depend on the distance
 between query and key, so dropping old keys changes nothing. Registered as ``"local"``.
+Chapter 9 builds it.
 """
 
 import torch
@@ -104,25 +105,16 @@ class RollingKVCache(KVCache):
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Store ``k``, ``v``: ``(B, n_kv_head, T, head_dim)``; return ``(B, n_kv_head, kept + T,
         head_dim)`` each, with ``kept = min(length, window - 1)`` cached positions first."""
+        self._check(k, v)
         T = k.shape[-2]
-        if k.shape[:2] != self.k.shape[:2] or k.shape[-1] != self.k.shape[-1] or v.shape != k.shape:
-            raise ValueError(
-                f"expected k and v of shape {(*self.k.shape[:2], T, self.k.shape[-1])}, "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
-        if self.length + T > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: built for max_len={self.max_len} positions, {self.length} "
-                f"were seen and {T} more were appended; reset() it or build it with a larger max_len"
-            )
-        kept = min(self.length, self.window - 1, self.k.shape[2])
+        kept = min(self.length, self.window - 1, self.k.shape[2])  # before counting the new ones
+        self._reserve(T)
         old = slice(self.k.shape[2] - kept, None)  # the last `kept` slots hold the newest positions
         k_all = torch.cat([self.k[:, :, old], k.to(self.k.dtype)], dim=2)  # (B, H, kept + T, hd)
         v_all = torch.cat([self.v[:, :, old], v.to(self.v.dtype)], dim=2)  # (B, H, kept + T, hd)
         keep = min(kept + T, self.k.shape[2])  # right-aligned: newest position in the last slot
         self.k[:, :, -keep:] = k_all[:, :, -keep:]
         self.v[:, :, -keep:] = v_all[:, :, -keep:]
-        self.length += T
         return k_all, v_all
 
 
@@ -155,7 +147,7 @@ class LocalAttention(GroupedQueryAttention):
             **self._cache_options(max_len, device, dtype),
         )
 
-    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+    def softmax_attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
         """The band as a dense mask where that is as cheap (or needed), else the blocked path.
         Keys older than the window of the first query (a full KVCache holds them) are dropped."""
         T = q.shape[-2]
@@ -165,7 +157,7 @@ class LocalAttention(GroupedQueryAttention):
             attn_mask = attn_mask[..., -k.shape[-2] :]  # a mask over every position: the kept
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
         if dense or T <= self.window:  # one chunk: the band is already O(T * window)
-            return super().attend(q, k, v, attn_mask, need_weights)
+            return super().softmax_attend(q, k, v, attn_mask, need_weights)
         slopes = self.alibi_slopes if self.config.positions == "alibi" else None
         dropout_p = self.config.dropout if self.training else 0.0
         return blocked_local_attention(q, k, v, self.window, slopes, dropout_p), None

@@ -8,6 +8,7 @@ Orientation, everywhere in attnbook: ``True`` means "this query may attend to th
 - ``sliding_window_mask``: a causal band, each query seeing the last ``window`` positions.
 - ``additive_mask``: the same information as a float bias (0 where allowed, -inf where masked).
 - ``restrict``: a mask of either kind further restricted by a boolean one (e.g. made causal).
+Chapter 2 builds them.
 """
 
 import torch

@@ -2,7 +2,7 @@
 
 The heads are not a Python loop: the projection produces every head's queries, keys and
 values at once, a reshape splits them into ``(B, n_head, T, head_dim)``, and one attention
-call handles all heads. Registered as ``"mha"``.
+call handles all heads. Registered as ``"mha"``. Chapter 3 builds it.
 """
 
 from dataclasses import replace

@@ -1,36 +1,14 @@
 """Multi-head latent attention (DeepSeek-V2, 2024): cache a small latent, not the keys and values.
 
-Each token's keys and values are rebuilt from one latent vector ``c = RMSNorm(W_DKV x)`` of
-``kv_lora_rank`` numbers (``mla_kv_norm=False`` drops the RMSNorm), shared by all heads: head ``h`` has key ``W_UK_h c`` and value
-``W_UV_h c``. Generation then caches ``c`` instead of ``2 * n_head * head_dim`` numbers.
-
-RoPE cannot be applied to ``W_UK_h c`` without spoiling the trick below, so position gets its own
-*decoupled* coordinates: every head's query has ``qk_rope_head_dim`` extra rotated numbers, and
-one rotated key ``k_rope = RoPE(W_KR x)`` is shared by all heads. A score is
-
-    q_h · k_h = q_nope_h · (W_UK_h c) + q_rope_h · k_rope,    scaled by 1/sqrt(nope + rope),
-
-and the cache holds ``c`` and ``k_rope``: ``kv_lora_rank + qk_rope_head_dim`` numbers per token
-per layer. Queries may be compressed too (``q_lora_rank > 0``: down-projection, RMSNorm,
-up-projection); that saves parameters and activations, not cache.
-
-Two ways to attend, same outputs (``absorb``, from ``config.mla_absorb``):
-
-- naive: expand every cached latent into per-head keys and values, then ordinary attention;
-- absorbed: ``q_nope_h · (W_UK_h c) = (W_UK_hᵀ q_nope_h) · c``, so fold ``W_UK`` into the
-  query and attend over the latents themselves, one key/value "head" shared by all query heads
-  (multi-query attention in latent space; the values passed are the keys ``[c, k_rope]``, so
-  SDPA's fused kernels apply, and the first ``kv_lora_rank`` output numbers are kept: the
-  weighted latents); the output is a latent per head, and ``W_UV_h``
-  (which could be multiplied into the output projection once, though at DeepSeek-V2's
-  sizes the product is bigger than the two factors) maps it back. No per-head keys
-  or values are ever formed, which is what makes decoding cheap.
-
-Positions: ``"rope"`` rotates the decoupled part (``rope_pairing``, ``rope_base``); with
-``"learned"``, ``"sinusoidal"`` and ``"none"`` the decoupled part is left unrotated (a plain
-extra key shared by the heads); ``"alibi"`` biases the scores as in every variant, the decoupled
-part unrotated. The up-projection has no bias, so the absorption is exact (a key bias would only
-add a per-query constant to every score). Registered as ``"mla"``; cache: ``LatentCache``.
+Each token's keys and values come from one latent ``c = RMSNorm(W_DKV x)`` of ``kv_lora_rank``
+numbers shared by all heads (head ``h``: key ``W_UK_h c``, value ``W_UV_h c``). RoPE gets its own
+*decoupled* coordinates: ``qk_rope_head_dim`` rotated numbers per query head and one rotated key
+``k_rope`` shared by the heads, so a score is ``q_nope_h · W_UK_h c + q_rope_h · k_rope`` and the
+cache holds ``c`` and ``k_rope`` (``LatentCache``). Two ways to attend, same outputs (``absorb``):
+naive (expand the latents into per-head keys and values) and absorbed (fold ``W_UK`` into the
+query and attend over the latents themselves, one shared "head"; ``W_UV`` is applied to the
+output). Queries may be compressed too (``q_lora_rank > 0``). Registered as ``"mla"``;
+chapter 13 derives it.
 """
 
 from dataclasses import replace
@@ -38,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..kv_cache import check_cache_sizes
+from ..kv_cache import KVCache, check_cache_sizes
 from ..positions import RotaryEmbedding
 from .base import CausalSelfAttention
 from .config import AttentionConfig
@@ -47,61 +25,28 @@ from .registry import register_attention
 RMS_EPS = 1e-6
 
 
-class LatentCache:
-    """MLA's cache for one layer: latents ``(B, max_len, kv_lora_rank)`` and rotary keys
-    ``(B, max_len, qk_rope_head_dim)``, preallocated. Same protocol as ``KVCache``:
-    ``append`` returns everything cached so far, ``length``, ``reset``, ``bytes_per_token``.
-
-    Args:
-        batch_size, kv_lora_rank, rope_dim: the shape of what is cached.
-        max_len: the most positions it holds.
-        device, dtype: where and how it is stored (the layer casts a lower
-            precision back when it reads).
+class LatentCache(KVCache):
+    """MLA's cache for one layer: a ``KVCache`` with one head whose "keys" are the shared rotary
+    keys ``(B, 1, max_len, rope_dim)`` and whose "values" are the latents ``(B, 1, max_len,
+    kv_lora_rank)``: what MLA's ``project`` returns as k and v. ``latent`` and ``k_rope`` are
+    ``(B, max_len, ·)`` views of them.
     """
 
+    kind = "latent cache"
+
     def __init__(self, batch_size, kv_lora_rank, rope_dim, max_len, device=None, dtype=None):
-        check_cache_sizes(
-            batch_size=batch_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, max_len=max_len
+        check_cache_sizes(kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+        super().__init__(
+            batch_size, 1, rope_dim, max_len, kv_lora_rank, device, dtype or torch.float32
         )
-        dtype = dtype or torch.float32
-        self.latent = torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(batch_size, max_len, rope_dim, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
-
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor):
-        """Store ``T`` new positions, ``latent`` ``(B, T, kv_lora_rank)`` and ``k_rope``
-        ``(B, T, rope_dim)``; returns all cached ones, ``(B, length, ...)`` views of the storage."""
-        B, _, R = self.latent.shape
-        T, P = latent.shape[1], self.k_rope.shape[-1]
-        if latent.shape != (B, T, R) or k_rope.shape != (B, T, P):
-            raise ValueError(
-                f"expected latent of shape {(B, T, R)} and k_rope of shape {(B, T, P)}, got "
-                f"{tuple(latent.shape)} and {tuple(k_rope.shape)}"
-            )
-        if self.length + T > self.max_len:
-            raise ValueError(
-                f"latent cache overflow: it holds max_len={self.max_len} positions, {self.length} "
-                f"are used and {T} more were appended; reset() it or build it with a larger max_len"
-            )
-        self.latent[:, self.length : self.length + T] = latent
-        self.k_rope[:, self.length : self.length + T] = k_rope
-        self.length += T
-        return self.latent[:, : self.length], self.k_rope[:, : self.length]
-
-    def reset(self) -> None:
-        """Forget every cached position (the memory stays allocated)."""
-        self.length = 0
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes of one position of one sequence: ``(kv_lora_rank + rope_dim) * itemsize``."""
-        return (self.latent.shape[-1] + self.k_rope.shape[-1]) * self.latent.element_size()
+    def latent(self) -> torch.Tensor:
+        return self.v[:, 0]  # (B, max_len, kv_lora_rank)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes allocated for the whole cache."""
-        return self.latent.nbytes + self.k_rope.nbytes
+    def k_rope(self) -> torch.Tensor:
+        return self.k[:, 0]  # (B, max_len, rope_dim)
 
 
 @register_attention("mla")
@@ -162,16 +107,20 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             )
 
     def project(self, x: torch.Tensor):
-        """Unlike the base class: ``q_nope`` ``(B, n_head, T, nope)``, ``q_rope``
-        ``(B, n_head, T, rope)``, the latent ``(B, T, kv_lora_rank)`` and the shared,
-        not yet rotated ``k_rope`` ``(B, T, rope)``."""
+        """Queries ``(B, n_head, T, nope + rope)`` (``q_nope | q_rope`` per head), and as keys and
+        values what is cached: the shared, not yet rotated ``k_rope`` ``(B, 1, T, rope)`` and the
+        latent ``(B, 1, T, kv_lora_rank)``."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, nope+rope)
-        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # (B,H,T,nope), (B,H,T,rope)
-        latent, k_rope = self.kv_down(x).split(
-            [self.rank, self.rope_dim], dim=-1
-        )  # (B,T,r),(B,T,rope)
-        return q_nope, q_rope, self.kv_norm(latent), k_rope
+        latent, k_rope = self.kv_down(x).split([self.rank, self.rope_dim], dim=-1)  # (B, T, ·)
+        return q, k_rope[:, None], self.kv_norm(latent)[:, None]  # (B,H,T,·), (B,1,T,·) x 2
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
+        """RoPE rotates the decoupled part only: ``q_rope`` and the shared ``k_rope``."""
+        if self.rope is None:
+            return q, k
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        return torch.cat([q_nope, self.rope(q_rope, start)], dim=-1), self.rope(k, start)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty ``LatentCache`` for this layer (``max_len`` defaults to ``block_size``)."""
@@ -179,36 +128,27 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             batch_size, self.rank, self.rope_dim, **self._cache_options(max_len, device, dtype)
         )
 
-    def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        B, T = self.check_input(x)
-        start = 0 if cache is None else cache.length  # position of x's first token
-        q_nope, q_rope, latent, k_rope = self.project(x)
-        if self.rope is not None:
-            q_rope, k_rope = self.rope(q_rope, start), self.rope(k_rope, start)  # rotated
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
+        """``k``: rotary keys ``(B, 1, T, rope)``, ``v``: latents ``(B, 1, T, r)``, cached
+        first; then per-head keys and values are expanded (naive) or the queries absorbed."""
         if cache is not None:
-            latent, k_rope = cache.append(latent, k_rope)  # (B, T_k, r), (B, T_k, rope)
-            latent, k_rope = latent.to(q_nope.dtype), k_rope.to(q_nope.dtype)
+            k, v = self.read_cache(cache, k, v, q.dtype)  # (B, 1, T_k, rope), (B, 1, T_k, r)
+        k_rope, latent = k, v
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # (B, H, T, nope), (.., rope)
         w_uk, w_uv = self.kv_up.weight.view(self.n_head, -1, self.rank).split(
             [self.nope, self.v_dim], dim=1
         )  # (H, nope, r), (H, v, r)
         if self.absorb:
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
             q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)
-            k = torch.cat([latent, k_rope], dim=-1)[:, None]  # (B, 1, T_k, r + rope)
+            k = torch.cat([latent, k_rope], dim=-1)  # (B, 1, T_k, r + rope)
             # values = keys, so SDPA's fused kernels apply (they want equal key and value
             # sizes) without sdpa padding a copy of the cache; the first r output numbers are
             # the weighted latents
-            y, weights = self.attend(q, k, k, attn_mask, need_weights)  # (B, H, T, r + rope)
-            y = y[..., : self.rank]  # (B, H, T, r)
-            y = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, H, T, v): W_UV on the output side
-        else:
-            k_nope = torch.einsum("btr,hnr->bhtn", latent, w_uk)  # (B, H, T_k, nope)
-            v = torch.einsum("btr,hvr->bhtv", latent, w_uv)  # (B, H, T_k, v)
-            k_rope = k_rope[:, None].expand(-1, self.n_head, -1, -1)  # (B, H, T_k, rope)
-            q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + rope)
-            k = torch.cat([k_nope, k_rope], dim=-1)  # (B, H, T_k, nope + rope)
-            y, weights = self.attend(q, k, v, attn_mask, need_weights)  # (B, H, T, v): sdpa
-            # pads the narrower values with zeros for the fused kernel
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * v): heads side by side
-        y = self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
-        return (y, weights) if need_weights else y
+            y, weights = self.softmax_attend(q, k, k, attn_mask, need_weights)  # (B,H,T,r+rope)
+            return torch.einsum("bhtr,hvr->bhtv", y[..., : self.rank], w_uv), weights  # (B,H,T,v)
+        k_nope = torch.einsum("bctr,hnr->bhtn", latent, w_uk)  # (B, H, T_k, nope), c = 1
+        v = torch.einsum("bctr,hvr->bhtv", latent, w_uv)  # (B, H, T_k, v)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)  # (B,H,T_k,·)
+        # (B, H, T, v): sdpa pads the narrower values with zeros for the fused kernel
+        return self.softmax_attend(q, k, v, attn_mask, need_weights)

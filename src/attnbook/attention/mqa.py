@@ -2,6 +2,7 @@
 
 It is grouped-query attention with a single group (``n_kv_head = 1``): the KV cache shrinks by
 a factor ``n_head`` compared with multi-head attention. Registered as ``"mqa"``.
+Chapter 4 builds it.
 """
 
 from dataclasses import replace

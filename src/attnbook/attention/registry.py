@@ -2,6 +2,7 @@
 
 A variant registers itself with ``@register_attention("name")`` on a module class whose
 constructor takes a single ``AttentionConfig``; ``build_attention(name, config)`` builds it.
+Chapter 3 introduces it.
 """
 
 from collections.abc import Callable

@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_positive_int
 from .masks import causal_mask
-
-
-def _check_positive(**sizes):
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_dropout(dropout):
@@ -45,7 +40,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        _check_positive(d_in=d_in, d_out=d_out)
+        for name, value in (("d_in", d_in), ("d_out", d_out)):
+            check_positive_int(name, value)
         _check_dropout(dropout)
         self.d_in, self.d_out = d_in, d_out
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -78,7 +74,12 @@ class Head(nn.Module):
 
     def __init__(self, n_embd: int, head_size: int, block_size: int, dropout: float = 0.0):
         super().__init__()
-        _check_positive(n_embd=n_embd, head_size=head_size, block_size=block_size)
+        for name, value in (
+            ("n_embd", n_embd),
+            ("head_size", head_size),
+            ("block_size", block_size),
+        ):
+            check_positive_int(name, value)
         _check_dropout(dropout)
         self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
         self.key = nn.Linear(n_embd, head_size, bias=False)

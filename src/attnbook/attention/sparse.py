@@ -1,37 +1,17 @@
 """Causal BigBird-style sparse attention: global, window and random blocks.
 
-Positions are cut into blocks of ``b = sparse_block``; the pattern is chosen per block. Query
-block ``i`` may see key block ``j <= i`` if
+Positions are cut into blocks of ``b = sparse_block``. Query block ``i`` sees key block ``j <= i``
+when ``j < n_global_blocks``, when ``i - n_window_blocks < j``, or when ``j`` is one of the
+``n_random_blocks`` blocks drawn for row ``i`` (``bigbird_pattern``, ``bigbird_mask``); inside a
+block the causal rule applies. Compared with ``gqa.py``:
 
-- ``j < g`` (``g = n_global_blocks``): the first blocks of the sequence, seen by every later
-  query (causal "global" tokens: the global blocks' own queries see all their past anyway);
-- ``i - w < j`` (``w = n_window_blocks``): its own block and the ``w - 1`` before it;
-- ``j`` is one of the ``r = n_random_blocks`` random blocks drawn for row ``i`` among the
-  blocks that are neither global nor window (``g <= j <= i - w``), or all of them if fewer exist.
+- the random blocks are drawn once per layer at construction and kept in a *persistent* buffer
+  (the pattern is part of the model, so a checkpoint restores it);
+- the fast path gathers each query block's visible key blocks and attends over them in one batched
+  call (``block_sparse_attention``), never forming the ``T x T`` scores.
 
-Inside a visible block the ordinary causal rule applies (key position <= query position), which
-only matters on the diagonal block. ``bigbird_pattern`` gives the block pattern with codes
-(0 none, 1 global, 2 window, 3 random; window wins over global, global over random) for plots,
-``bigbird_mask`` the ``(t_q, t_k)`` boolean mask. Compared with ``gqa.py``:
-
-- the random blocks are drawn once per layer at construction, from torch's global generator
-  (``torch.manual_seed`` makes a model reproducible; different layers get different patterns),
-  for every query block up to ``ceil(block_size / b)``. They are a *persistent* buffer, unlike
-  the other masks of the package: the pattern is part of the model, so a checkpoint restores it;
-- the fast path never forms the ``T x T`` scores: each query block gathers its (at most
-  ``g + w + r``) visible key blocks and one batched SDPA call attends over them
-  (``block_sparse_attention``), so the work grows as ``n_blocks * min(n_blocks, g + w + r) *
-  b^2`` (the diagonal tiles' upper halves and unused slots included). A
-  sequence that is not a multiple of ``b`` is padded at the end (the padded keys come after
-  every real query, so the causal rule hides them, and the padded queries are dropped).
-
-A sequence of at most ``g + w + r`` blocks is plain causal attention (every past block is
-global, window or drawn), computed as such. Otherwise the dense path (``impl="reference"``,
-``need_weights=True``, an extra ``attn_mask``, new queries after cached ones) is attention with
-``bigbird_mask``: a decoding step scores every cached key, then masks those outside its row.
-Generation uses the ordinary ``KVCache``: global and random blocks may lie anywhere in the past,
-so every position is kept, and each new query at position ``cache.length + t`` sees the keys
-its row of the pattern allows. Registered as ``"sparse"``.
+Generation keeps the ordinary ``KVCache`` (global and random blocks may lie anywhere in the
+past). Registered as ``"sparse"``; chapter 10 builds it.
 """
 
 import torch
@@ -187,7 +167,7 @@ class SparseAttention(GroupedQueryAttention):
         ``g + w + r`` blocks, so every past block of every row is global, window or drawn."""
         return -(-t_k // self.block) <= self.n_global + self.n_window + self.random_blocks.shape[1]
 
-    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
+    def softmax_attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
         """Causal attention where the pattern covers everything, the pattern as a dense mask
         where needed (weights, reference, masks, cached keys), else block-sparse."""
         T, t_k = q.shape[-2], k.shape[-2]
@@ -198,7 +178,7 @@ class SparseAttention(GroupedQueryAttention):
             )
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
         if dense or T != t_k or self.covers_all(T):
-            return super().attend(q, k, v, attn_mask, need_weights)
+            return super().softmax_attend(q, k, v, attn_mask, need_weights)
         pad = -T % self.block  # padded positions come after every real one: causally unseen
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, hd) each
         slopes = self.alibi_slopes if self.config.positions == "alibi" else None

@@ -1,0 +1,884 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 17 — Assembling and training a GPT
+#
+# Twelve chapters built parts: attention layers of every kind behind one registry
+# (`build_attention(name, config)`), positions, the feed-forward network, the KV cache, a
+# tokenizer. None of them is a language model on its own. This chapter puts them together into
+# a GPT — a decoder-only transformer that reads a sequence of tokens and predicts, at every
+# position, the next one — and trains it.
+#
+# We first write the model in the notebook, line by line, and look closely at one detail that is
+# easy to skip: how its weights are initialised, and why the layers that write into the residual
+# stream start smaller than the others. Then we check that our model and the book's module
+# `attnbook.model.GPT` compute the same function, count its parameters and its FLOPs by hand,
+# and hand it to the book's training loop: a minute or so on a laptop CPU turns random weights
+# into a model that writes something that looks like a play. Finally we swap the attention
+# variant by its name, resume a stopped run from its checkpoint, and load a checkpoint to sample.
+#
+# **Learning goals**
+#
+# - Assemble a GPT from the book's modules: token and position embeddings, pre-norm blocks of
+#   `build_attention(...)` + `MLP`, a final LayerNorm and an output layer tied to the embeddings.
+# - Explain GPT-2's initialisation, and measure why the output projections of the residual
+#   branches are scaled by $1/\sqrt{2 n_\text{layer}}$: without it the residual stream grows like
+#   the square root of the depth and drowns the token embeddings.
+# - Count the parameters ($12 d^2 + 13 d$ per block) and the training FLOPs per token
+#   ($6N + 12\, n_\text{layer}\, d\, T$) by hand, and check both against the module and against
+#   PyTorch's FLOP counter.
+# - Prepare TinyShakespeare as character tokens, train with `attnbook.train.train`, plot the loss
+#   curves, and sample with temperature and top-k.
+# - Switch the attention variant by name (`"gqa"`, `"local"`, `"linear"`, `"mla"`, ...) and
+#   compare what each one costs in parameters and in cache memory.
+# - Resume a run from its checkpoint (exactly as if it had never stopped) and load a trained
+#   model to generate text.
+
+# %% [markdown]
+# ## Setup
+#
+# Everything random is seeded. The compared outputs are shapes, integers, booleans and rounded
+# numbers; the training losses, the timings and the samples depend on the machine's arithmetic
+# (a different number of threads adds floats in a different order), so they sit in cells whose
+# output the book's tests ignore, and each such cell asserts its claim with a tolerance instead.
+#
+# The data comes through `attnbook.data`, which downloads TinyShakespeare once and checks its
+# sha256 (a machine without a network can point it at a local copy with `ATTNBOOK_DATA_MIRROR`).
+# Training runs write their checkpoints into a temporary folder that the notebook deletes at the
+# end.
+
+# %%
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbook.attention import AttentionConfig, available, build_attention
+from attnbook.mlp import MLP
+from attnbook.positions import PositionalEmbedding
+
+torch.manual_seed(0)
+workdir = tempfile.TemporaryDirectory(prefix="attnbook-ch17-")  # removed at the end
+runs = Path(workdir.name)  # every training run of this chapter gets a folder in here
+
+# %% [markdown]
+# ## 1. Version 1: a block
+#
+# A GPT is a stack of identical **blocks** between an embedding layer and an output layer. All the
+# blocks read and write one tensor of shape `(B, T, d_model)`, the **residual stream**: each block
+# adds something to it instead of replacing it. A block has two such additions, each called a
+# residual *branch*:
+#
+# 1. `x = x + attn(ln_1(x))`: attention is the only place where positions exchange information;
+#    each position gathers what it needs from the positions before it (the layer is causal).
+# 2. `x = x + mlp(ln_2(x))`: a feed-forward network then works on every position alone, with a
+#    hidden layer four times wider than the stream (`attnbook.mlp.MLP`, GELU in the middle).
+#
+# The LayerNorms sit at the *entrance* of each branch ("pre-norm", GPT-2's layout). The branch
+# always sees an input of a sensible scale, whatever has accumulated in the stream, and the
+# stream itself is a plain sum that no normalisation ever rescales: the gradient of the loss
+# reaches every block through the additions unchanged. The original transformer normalised
+# *after* the addition ("post-norm"); Exercise 4 shows what that does to training.
+#
+# The attention layer is built by name from the registry, so the block does not know which
+# variant it holds; everything the variant needs is in its `AttentionConfig`.
+
+# %%
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, attention, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.ln_1 = nn.LayerNorm(d)  # normalises the input of the attention branch
+        self.attn = build_attention(attention, cfg)  # any registered variant
+        self.ln_2 = nn.LayerNorm(d)  # normalises the input of the MLP branch
+        self.mlp = MLP(d, 4 * d)  # d -> 4d -> GELU -> d
+
+    def forward(self, x):  # x: (B, T, d_model)
+        x = x + self.attn(self.ln_1(x))  # positions talk to earlier positions
+        return x + self.mlp(self.ln_2(x))  # each position thinks alone
+
+
+attn_cfg = AttentionConfig(d_model=128, n_head=4, block_size=64, positions="learned")
+block = Block("mha", attn_cfg)
+x = torch.randn(2, 16, 128)
+print("block:", tuple(x.shape), "->", tuple(block(x).shape))
+
+# %% [markdown]
+# ## 2. Version 2: the GPT around the blocks
+#
+# The rest of the model turns token ids into the stream and the stream into predictions:
+#
+# - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id (`n_embd` is
+#   GPT-2's name for the width `d_model` of section 1, written $d$ below).
+# - `wpe`, the position embedding: one learned vector per position `0 .. block_size - 1`
+#   (chapter 6's `PositionalEmbedding`). Attention itself is blind to order; adding a position
+#   vector to each token vector is how GPT-2 tells the model where each token sits. (RoPE and
+#   ALiBi, chapter 6, work inside the attention layers instead; the module below supports them.)
+# - `h`, the `n_layer` blocks.
+# - `ln_f`, a final LayerNorm: in a pre-norm model nothing has normalised the stream since the
+#   embeddings, and by now it is a sum of `2 n_layer + 1` terms, so it is normalised once more.
+# - `lm_head`, a linear layer from `n_embd` to `vocab_size`: one score (*logit*) per possible
+#   next token, at every position. Softmax of the logits is the predicted distribution, and the
+#   loss is its cross-entropy with the token that really comes next.
+#
+# `lm_head` is **tied** to `wte`: it uses the same weight matrix, `(vocab_size, n_embd)`. The
+# logit of token `i` is then the dot product of the final vector with token `i`'s embedding, so
+# the model predicts a token by making its final vector look like that token's embedding. GPT-2
+# does this; it saves `vocab_size × n_embd` parameters (Exercise 2 counts what that means for
+# GPT-2) and tends to help small models, whose rare tokens get little training signal otherwise.
+#
+# We name the parts as nanoGPT and GPT-2's checkpoints do (`transformer.wte`, `transformer.h.0.attn`,
+# ...), so that weights can be moved between models by name (GPT-2's checkpoints differ in one
+# name, the position table, which chapter 19 renames). Dropout is left out: a model this
+# small, trained for a few hundred steps, does not overfit.
+
+# %%
+class NotebookGPT(nn.Module):
+    """A GPT-2-style language model assembled in this notebook (learned positions, no dropout)."""
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, attention="mha",
+                 scale_residual=True, **attention_options):
+        super().__init__()
+        cfg = AttentionConfig(d_model=n_embd, n_head=n_head, block_size=block_size,
+                              positions="learned", **attention_options)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),  # token id -> vector
+            wpe=PositionalEmbedding("learned", block_size, n_embd),  # position -> vector
+            h=nn.ModuleList(Block(attention, cfg) for _ in range(n_layer)),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, two uses
+        self.init_weights(scale_residual)
+
+    def init_weights(self, scale_residual=True):
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if scale_residual:  # the projections that write into the residual stream (section 3)
+            n_branches = 2 * len(self.transformer.h)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_branches))
+
+    def forward(self, idx, targets=None):  # idx: (B, T) token ids
+        B, T = idx.shape
+        x = self.transformer.wte(idx) + self.transformer.wpe(T)  # (B, T, d) + (T, d)
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, d)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        return logits, loss
+
+
+# %% [markdown]
+# A few remarks on the lines above:
+#
+# - `init_weights` is GPT-2's initialisation: every linear and embedding weight from a normal
+#   distribution with standard deviation 0.02, every bias zero. LayerNorms keep PyTorch's
+#   initialisation (scale 1, shift 0), so at first they only standardise.
+# - The tied weight is visited twice by `self.modules()` (as `wte` and as `lm_head`) and drawn
+#   twice; that is harmless, both draws have the same distribution. `parameters()` lists it once.
+# - The last loop is the **scaled residual initialisation**; section 3 measures why it is there.
+#
+# We build a model of the size we will train in section 7: 65 characters, a context of 64, 4 blocks
+# of 4 heads, `n_embd = 128`. Before any training, every logit is close to zero, the prediction is
+# close to uniform over the 65 characters, and the loss should be close to $\ln 65 \approx 4.17$.
+
+# %%
+torch.manual_seed(0)
+ours = NotebookGPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+idx = torch.randint(0, 65, (2, 64))
+targets = torch.randint(0, 65, (2, 64))
+logits, loss = ours(idx, targets)
+print("logits:", tuple(logits.shape))
+print(f"loss at initialisation: {loss.item():.2f}   ln(65) = {math.log(65):.2f}")
+print("lm_head shares wte's weight:", ours.lm_head.weight is ours.transformer.wte.weight)
+print(f"parameters: {sum(p.numel() for p in ours.parameters()):,}")
+
+# %% [markdown]
+# ## 3. Why the residual branches start small
+#
+# Every block adds two terms to the residual stream. At initialisation they are random, roughly
+# independent of each other and of the stream, and the variance of a sum of independent terms is
+# the sum of their variances. So after $L$ blocks, the stream's variance is the embeddings' plus
+# $2L$ times what one branch adds: its standard deviation grows like $\sqrt{L}$. The branches do
+# not see that growth (each reads its input through a LayerNorm), but everything downstream
+# does: `ln_f` and `lm_head` receive a vector in which the token's own embedding is a small part
+# and the rest is noise from random blocks — the deeper the model, the smaller the part.
+#
+# GPT-2's remedy is to draw the weights of the last layer of each branch — `c_proj`, in attention
+# and in the MLP alike — with a standard deviation divided by $\sqrt{2 n_\text{layer}}$. Each
+# branch then adds $2 n_\text{layer}$ times less variance, and the total the blocks add no longer
+# depends on the depth.
+#
+# Prediction first, in symbols. Say the embeddings have variance $e$ and one branch, drawn at
+# 0.02, adds variance $v$. After $L$ blocks the stream has variance $e + 2Lv$ without the scaling,
+# and $e + 2L \cdot v/(2L) = e + v$ with it: the same at every depth. We measure the standard
+# deviation of the stream after the embeddings and after each block.
+
+# %%
+@torch.no_grad()
+def stream_stds(model, idx):
+    """Std of the residual stream after the embeddings and after each block (a list)."""
+    x = model.transformer.wte(idx) + model.transformer.wpe(idx.shape[1])
+    stds = [x.std().item()]
+    for block in model.transformer.h:
+        x = block(x)
+        stds.append(x.std().item())
+    return stds
+
+
+def build(n_layer, scale_residual):
+    torch.manual_seed(0)
+    return NotebookGPT(65, 64, n_layer, 4, 128, scale_residual=scale_residual)
+
+
+probe = torch.randint(0, 65, (8, 64), generator=torch.Generator().manual_seed(1))
+deep_plain = stream_stds(build(24, scale_residual=False), probe)
+deep_scaled = stream_stds(build(24, scale_residual=True), probe)
+depths = [2, 4, 8, 16, 32]
+final_plain = [stream_stds(build(n, False), probe)[-1] for n in depths]
+final_scaled = [stream_stds(build(n, True), probe)[-1] for n in depths]
+
+print(f"std after the embeddings: {deep_plain[0]:.3f}")
+print(f"{'n_layer':>7} {'final std, 0.02 everywhere':>27} {'final std, scaled c_proj':>25}")
+for n, a, b in zip(depths, final_plain, final_scaled, strict=True):
+    print(f"{n:>7} {a:>27.3f} {b:>25.3f}")
+assert 3.5 < final_plain[-1] / final_plain[0] < 4.5  # 16 times deeper: about sqrt(16) = 4
+assert max(final_scaled) / min(final_scaled) < 1.1  # flat
+
+# %%
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+ax0.plot(deep_plain, "o-", ms=3, color="C3", label="0.02 everywhere")
+ax0.plot(deep_scaled, "o-", ms=3, color="C0", label=r"c_proj at 0.02 / $\sqrt{2 n_{layer}}$")
+ax0.set_xlabel("blocks passed (0 = the embeddings)")
+ax0.set_ylabel("std of the residual stream")
+ax0.set_title("A 24-block GPT at initialisation")
+ax0.legend()
+ax1.plot(depths, final_plain, "o-", color="C3", label="0.02 everywhere")
+ax1.plot(depths, final_scaled, "o-", color="C0", label="scaled c_proj")
+ax1.plot(depths, [final_plain[0] * math.sqrt(n / depths[0]) for n in depths], ":", color="gray",
+         label=r"$\propto \sqrt{n_{layer}}$")
+ax1.set_xscale("log", base=2)
+ax1.set_xticks(depths, [str(n) for n in depths])
+ax1.set_xlabel("n_layer")
+ax1.set_ylabel("std of the stream after the last block")
+ax1.set_title("Entering ln_f, as a function of depth")
+ax1.legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Without the scaling, the stream grows by a constant amount of *variance* per block: its
+# standard deviation follows the $\sqrt{n_\text{layer}}$ curve, and a 32-block model enters
+# `ln_f` with a stream thirteen times the size of its embeddings. With the scaling, the final
+# standard deviation is the same at every depth. The share of the final stream's variance that
+# still comes from the token and position embeddings, $e/(e + 2Lv)$ against $e/(e + v)$, tells
+# the same story:
+
+# %%
+for label, stds in (("0.02 everywhere", deep_plain), ("scaled c_proj", deep_scaled)):
+    share = (stds[0] / stds[-1]) ** 2
+    print(f"24 blocks, {label:>15}: the embeddings are {100 * share:4.1f}% of the variance "
+          f"that ln_f sees")
+
+# %% [markdown]
+# Both shares say that $v \approx 2e$: a random branch adds about twice the variance of the
+# embeddings. This is a statement about the starting point only: training moves every weight,
+# and the stream grows anyway as the blocks learn useful things to add. But a starting point
+# where the input is buried under random noise is a slow one to learn from, and it gets worse
+# with depth; with the scaling, a 4-block and a 48-block model start from the same place.
+# `attnbook.model.GPT` applies it to every parameter named `c_proj.weight`, which covers each
+# attention variant's output projection and both feed-forward networks.
+#
+# ## 4. The same model in `attnbook.model`
+#
+# The book's module `attnbook.model` is this notebook's GPT with more switches. `GPTConfig`
+# holds the sizes and the choices; `GPT(config)` builds the model with the same part names.
+# If our `NotebookGPT` and the module's `GPT` really are the same architecture, copying our
+# weights into the module's model, by name, must give the same logits.
+
+# %%
+from attnbook.model import GPT, GPTConfig
+
+model_cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+module_gpt = GPT(model_cfg)
+same_names = set(module_gpt.state_dict()) == set(ours.state_dict())
+module_gpt.load_state_dict(ours.state_dict())  # strict: every name must match
+logits_module, loss_module = module_gpt(idx, targets)
+assert same_names
+assert torch.allclose(logits, logits_module, atol=1e-5)
+assert torch.allclose(loss, loss_module, atol=1e-5)
+print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol=1e-5): OK")
+
+# %% [markdown]
+# What `GPTConfig` adds to our version, each a field with a default that gives GPT-2:
+# `attention` and `attention_options` (any registered variant, section 8), `positions`
+# (`"learned"`, `"sinusoidal"`, or `"rope"`/`"alibi"`, which live in the attention layers, or
+# `"none"`; with these three the model has no `wpe`), `mlp="swiglu"`, `norm="rmsnorm"`,
+# `norm_position="post"`, `tie_weights=False`, `dropout` and `bias`. Exercise 1 trains the
+# combination that LLaMA made common. From here on we use the module.
+#
+# ## 5. Counting parameters and FLOPs
+#
+# **Parameters.** A block of width $d$ holds:
+#
+# | part | weights | biases |
+# | --- | --- | --- |
+# | `ln_1`, `ln_2` | $2d$ (scales) | $2d$ (shifts) |
+# | `attn.c_attn` ($d \to 3d$: q, k, v) | $3d^2$ | $3d$ |
+# | `attn.c_proj` ($d \to d$) | $d^2$ | $d$ |
+# | `mlp.c_fc` ($d \to 4d$) | $4d^2$ | $4d$ |
+# | `mlp.c_proj` ($4d \to d$) | $4d^2$ | $d$ |
+#
+# that is $12d^2 + 13d$. Around the blocks: `wte` ($V d$, shared with `lm_head`), `wpe`
+# ($T_\text{max} d$) and `ln_f` ($2d$). `num_params()` leaves out the position embeddings, as
+# nanoGPT does (they are only looked up, never multiplied, so they cost no FLOPs); it keeps the
+# token embeddings in, because as `lm_head` they are also the output layer's matrix.
+
+# %%
+def hand_count(vocab_size, block_size, n_layer, n_embd):
+    d = n_embd
+    per_block = 12 * d * d + 13 * d
+    return dict(blocks=n_layer * per_block, wte=vocab_size * d, ln_f=2 * d, wpe=block_size * d)
+
+
+counts = hand_count(65, 64, 4, 128)
+print(f"per block {12 * 128**2 + 13 * 128:,}, blocks {counts['blocks']:,}, wte {counts['wte']:,}, "
+      f"ln_f {counts['ln_f']}, wpe {counts['wpe']:,}")
+total_no_wpe = counts["blocks"] + counts["wte"] + counts["ln_f"]
+print(f"hand count without wpe: {total_no_wpe:,}   module.num_params(): {module_gpt.num_params():,}")
+print(f"hand count with wpe:    {total_no_wpe + counts['wpe']:,}   "
+      f"num_params(non_embedding=False): {module_gpt.num_params(non_embedding=False):,}")
+assert module_gpt.num_params() == total_no_wpe
+assert module_gpt.num_params(non_embedding=False) == total_no_wpe + counts["wpe"]
+
+# %% [markdown]
+# Nearly all of it (98%) is in the blocks' matrices, $12 d^2$ per block; with 65 characters the
+# embeddings are small. With GPT-2's 50,257-token vocabulary they are a third of GPT-2 small
+# (Exercise 2).
+#
+# **FLOPs.** A weight matrix of $N_w$ numbers costs $2 N_w$ floating-point operations per token in
+# the forward pass (one multiply and one add per weight). The backward pass costs twice that: one
+# product for the gradient of the input, one for the gradient of the weight. So training costs
+# about $6N$ per token, where $N$ is the number of parameters. Attention adds the products that
+# involve no weights: the scores $QK^\top$ and the weighted sum of the values, each
+# $2 \cdot T \cdot d$ per token and layer forward for a context of $T$, so $12\, n_\text{layer}\,
+# d\, T$ with the backward pass. `flops_per_token()` is that estimate (PaLM's, appendix B).
+#
+# We can check it: PyTorch's `FlopCounterMode` counts the FLOPs of every matrix product that
+# runs. We build the model with `impl="reference"` (the explicit attention math of chapter 2, so
+# the scores are plain matrix products it can see) and count one forward and backward pass.
+
+# %%
+from torch.utils.flop_counter import FlopCounterMode
+
+torch.manual_seed(0)
+ref_gpt = GPT(dataclasses.replace(model_cfg, attention_options={"impl": "reference"}))
+B, T = 2, 64
+with FlopCounterMode(display=False) as counter:
+    _, loss_ref = ref_gpt(torch.randint(0, 65, (B, T)), torch.randint(0, 65, (B, T)))
+    loss_ref.backward()
+counted = counter.get_total_flops() // (B * T)
+n_vectors = sum(p.numel() for p in ref_gpt.parameters() if p.dim() < 2)  # biases, norms
+estimate = ref_gpt.flops_per_token(seq_len=T)
+print(f"flops_per_token() estimate: {estimate:,.0f}")
+print(f"counted by FlopCounterMode: {counted:,}")
+print(f"6 * (N - {n_vectors:,} biases and norm weights) + 12 * n_layer * d * T = "
+      f"{6 * (ref_gpt.num_params() - n_vectors) + 12 * 4 * 128 * T:,}")
+assert counted == 6 * (ref_gpt.num_params() - n_vectors) + 12 * 4 * 128 * T
+assert abs(estimate - counted) / counted < 0.01
+
+# %% [markdown]
+# The count is exact once we remember that biases and LayerNorm parameters are not matrices: they
+# are in $N$ but cost a handful of additions, not $6$ FLOPs each. The estimate is off by 0.8%.
+# (The reference math computes the full $T \times T$ square of scores and masks the future half
+# afterwards; the estimate counts that square too, so the two agree on attention.) One training
+# step on a batch of 12 sequences of 64 tokens costs $768 \times 5.2$ million $\approx 4$ GFLOP;
+# we will see below how long the CPU takes for it.
+#
+# ## 6. The data: TinyShakespeare, one character per token
+#
+# TinyShakespeare is about a megabyte of Shakespeare's plays in one text file. We tokenise it by
+# character: 65 distinct characters, 65 token ids. (Chapter 16's byte-pair encoding would give
+# shorter sequences and a larger vocabulary; characters keep the model small and the first
+# results quick, and the same pipeline takes `"gpt2"` or `"minbpe:512"`.)
+
+# %%
+from attnbook.data import TokenData, load_text, prepare
+
+text = load_text("tinyshakespeare")
+print(f"{len(text):,} characters, {len(set(text))} distinct")
+print(text[:150])
+
+# %% [markdown]
+# `prepare` encodes the whole text once and writes the token ids to `train.bin` (the first 90%)
+# and `val.bin` (the last 10%), with a `meta.json` that describes the encoding; a second call
+# finds the files and returns at once. By default the folder lies in the book's download cache.
+# `TokenData` memory-maps the two files (the operating system reads them in as they are used; the
+# constructor reads them through once, to check that every id is below `vocab_size`) and draws
+# batches: `batch_size` random windows of `block_size + 1` tokens, the first `block_size` as
+# inputs `x` and the last `block_size` as targets `y`. Every position of a window is a training
+# example: from `x[:t+1]` predict `y[t]`.
+
+# %%
+folder = prepare("tinyshakespeare", "char")  # the cache's folder (we do not print its path)
+data = TokenData(folder)
+enc = data.encoding
+print({key: data.meta[key] for key in ("vocab_size", "dtype", "n_train", "n_val")})
+print("vocabulary:", repr(enc.to_dict()["chars"]))
+print("encode('To be'):", enc.encode("To be"))
+
+batch_gen = torch.Generator().manual_seed(0)
+xb, yb = data.get_batch("train", batch_size=4, block_size=64, generator=batch_gen)
+print("x, y:", tuple(xb.shape), tuple(yb.shape), xb.dtype)
+print("x[0] =", repr(enc.decode(xb[0])))
+print("y[0] =", repr(enc.decode(yb[0])))
+assert torch.equal(xb[:, 1:], yb[:, :-1])  # the targets are the inputs shifted by one
+
+# %% [markdown]
+# ## 7. Training
+#
+# `attnbook.train.train(TrainConfig(...))` is the training loop that the rest of the book (and the
+# command line) uses. A step draws a batch, runs the model forward and backward, clips the
+# gradient's norm to 1, and takes an AdamW step. The learning rate rises linearly for
+# `warmup_iters` steps, then follows a cosine down to `min_lr` at `lr_decay_iters`. Every
+# `eval_interval` steps it measures the mean loss on `eval_iters` fixed batches of each split, so
+# that the validation curve is not just noise, and it writes checkpoints into `out_dir`.
+#
+# The run below is sized for a laptop: the model of section 4 (0.8M parameters), batches of
+# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3, a minute or so on a CPU (the
+# training cell prints how long it took here). A high learning rate is fine for a model this
+# small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set `device="cpu"` so
+# the notebook behaves the same on a machine with a GPU. Training shows a progress bar with the
+# step, the latest loss and, after an evaluation, the validation loss.
+
+# %%
+from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, lr_at, read_metrics, train
+
+out_dir = runs / "shakespeare-char"
+train_cfg = TrainConfig(
+    model=model_cfg, out_dir=str(out_dir), data="tinyshakespeare", encoding="char",
+    batch_size=12, max_iters=400, lr=3e-3, min_lr=3e-4, warmup_iters=30, lr_decay_iters=400,
+    eval_interval=50, eval_iters=8, log_interval=10, ckpt_interval=200,
+    device="cpu", seed=1337,
+)
+print("learning rate at steps 0, 29, 100, 200, 399:",
+      [f"{lr_at(s, train_cfg):.2e}" for s in (0, 29, 100, 200, 399)])
+tokens_per_step = train_cfg.batch_size * model_cfg.block_size
+n_tokens = train_cfg.max_iters * tokens_per_step
+print(f"tokens per step: {tokens_per_step}, {train_cfg.max_iters} steps -> {n_tokens:,} tokens "
+      f"({n_tokens / data.meta['n_train']:.2f} passes over the training text)")
+
+# %% [markdown]
+# Now the run. The cell prints the time it took on the machine that executed this notebook
+# (evaluations and checkpoints included), and the speed of a training step (the median of the
+# logged steps) in GFLOP/s from section 5's count of FLOPs per token: unlike seconds, a rate in
+# GFLOP/s can be compared between models of different sizes, and with the peak rate of a
+# processor.
+
+# %% tags=["nbval-ignore-output"]
+t0 = time.perf_counter()
+result = train(train_cfg, data)
+seconds = time.perf_counter() - t0
+# the median training step, evaluations not included
+step_ms = statistics.median(m["ms_per_iter"] for m in read_metrics(out_dir) if "ms_per_iter" in m)
+flops = module_gpt.flops_per_token() * tokens_per_step  # one training step's FLOPs
+print(f"{result.step} steps ({result.stopped}) in {seconds:.1f} s on {torch.get_num_threads()} "
+      f"threads: {step_ms:.0f} ms per step, {flops / step_ms / 1e6:.0f} GFLOP/s")
+print(f"best validation loss: {result.best_val_loss:.4f}")
+assert result.step == 400 and result.stopped == "max_iters"
+assert result.best_val_loss < 2.35, "400 steps should take the model below the bigram level"
+
+# %% [markdown]
+# The run wrote, into `out_dir`, its configuration (`config.json`), its metrics
+# (`metrics.jsonl`, one JSON object per line) and checkpoints. `read_metrics` returns the metric
+# lines as dictionaries: every 10 steps the training loss of that step's batch (with the learning
+# rate and the speed), and every 50 steps the evaluated losses of both splits.
+#
+# Two reference levels help to read the curve. A model that ignores the context and knows only
+# how often each character occurs can reach the **unigram** entropy of the text; one that
+# predicts each character from the one before it, the **bigram** conditional entropy. We compute
+# both from the training tokens by counting (an exact count on the training text, so a slight
+# flattery of what a model could reach on unseen text).
+
+# %%
+train_ids = torch.from_numpy(data.tokens["train"].astype("int64"))  # (n_train,)
+pairs = torch.zeros(65, 65, dtype=torch.float64)  # pairs[a, b]: how often b follows a
+ones = torch.ones(len(train_ids) - 1, dtype=torch.float64)
+pairs.index_put_((train_ids[:-1], train_ids[1:]), ones, accumulate=True)
+p_first = pairs.sum(1) / pairs.sum()  # frequency of each character
+p_next = pairs / pairs.sum(1, keepdim=True).clamp(min=1)  # P(b | a)
+unigram = torch.special.entr(p_first).sum().item()
+bigram = (p_first[:, None] * torch.special.entr(p_next)).sum().item()
+print(f"uniform {math.log(65):.3f}, unigram {unigram:.3f}, bigram {bigram:.3f} nats per character")
+
+# %%
+metrics = read_metrics(out_dir)
+logged = [m for m in metrics if "loss" in m]
+evals = [m for m in metrics if "val_loss" in m]
+print(f"{len(logged)} training-loss lines, {len(evals)} evaluations, keys:",
+      sorted(logged[0]), sorted(evals[0]))
+
+fig, ax = plt.subplots(figsize=(10, 4))
+ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], color="C0", alpha=0.5,
+        label="training loss (one batch)")
+ax.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "s-", color="C0", ms=8,
+        mfc="none", label="train split (8 fixed batches)")
+ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", color="C3",
+        label="validation split (8 fixed batches)")
+for level, name, style in ((math.log(65), "uniform guess", ":"), (unigram, "unigram", "--"),
+                           (bigram, "bigram", "-.")):
+    ax.axhline(level, color="gray", ls=style, lw=1, label=f"{name} level, {level:.2f}")
+ax.set_xlabel("step")
+ax.set_ylabel("cross-entropy (nats per character)")
+ax.set_title("A 4-block GPT learning TinyShakespeare, character by character")
+ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+fig.tight_layout()
+plt.show()
+
+# %% tags=["nbval-ignore-output"]
+print("evaluated losses (step: train / val):")
+for m in evals:
+    print(f"  {m['step']:>4}: {m['train_loss']:.3f} / {m['val_loss']:.3f}")
+assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+assert abs(evals[-1]["val_loss"] - evals[-1]["train_loss"]) < 0.15, "no overfitting yet"
+
+# %% [markdown]
+# How to read the curve: within twenty steps the loss falls from $\ln 65 \approx 4.17$ past
+# the unigram level, 3.31 (spaces and `e` are common, `Z` is not). Then comes a slower stretch
+# towards the bigram level, 2.45 (after `q` comes `u`, after a newline a capital). Below that the
+# model must use the longer context — which letters make up a word, that a name in
+# capitals ends with a colon and a newline — and that is where attention starts to earn its keep.
+# The train and validation losses (squares and dots) stay together: 400 steps of 768 characters
+# see the training text a third of a time, far from memorising it.
+#
+# A loss is a number; a sample shows what it means. `train` returned a summary (`result`), not the
+# model: the trained weights are in the checkpoint it wrote last, and `load_trained(out_dir)` builds
+# the model back from it, in eval mode (section 10 looks at what else it returns). `generate` then
+# samples one character at a time. Two knobs shape the sampling: `temperature=0.8` divides the
+# logits by 0.8 before the softmax, sharpening the distribution a little, and `top_k=10` forbids
+# every character outside the ten most likely; both cut the long tail of unlikely characters that
+# makes samples noisy (Exercise 3 measures them).
+#
+# The model reads at most 64 characters, and `generate`'s KV cache (chapter 7) holds at most
+# `block_size` positions, so for a sample of 300 characters we pass `use_cache=False`: every step
+# then runs the model on the last 64 characters, a sliding window over the text.
+
+# %% tags=["nbval-ignore-output"]
+trained, _, _ = load_trained(out_dir)  # the model; its TrainConfig and data description
+prompt = torch.tensor([enc.encode("ROMEO:\n")])  # (1, 7)
+sample_gen = torch.Generator().manual_seed(42)
+out = trained.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=10,
+                       use_cache=False, generator=sample_gen)
+print(enc.decode(out[0]))
+assert out.shape == (1, 7 + 300)
+
+# %% [markdown]
+# After 400 steps the model has learnt the *look* of the text: groups of letters of a word's
+# length between spaces, the commonest short words ("the", "my", "that"), capitals at the start
+# of lines, commas and full stops, and among many near-misses a few real words. Spelling takes
+# longer, and meaning far more training and a larger model;
+# `python -m attnbook.train` (end of section 10) runs nanoGPT's longer CPU example.
+#
+# ## 8. Switching the attention variant by name
+#
+# Nothing in `GPT` knows which attention it holds: the block asks the registry for
+# `config.attention` and passes `config.attention_options` on to the variant's `AttentionConfig`.
+# So each variant of this book is a one-field change of the same configuration. Each of them also
+# brings its own cache: `model.new_caches(batch_size, max_len)` asks every layer for an empty one.
+# The loop below builds the model of section 4 with each variant and measures, without
+# special-casing any, its parameters and the bytes of its caches for one sequence of 32 and of
+# 64 positions (fp32). The difference between the two says how the cache grows with the context.
+# The options are small so that each pattern matters within 64 positions: a window of 16
+# positions (`local`), blocks of 16 (`sparse`), chunks of 16 (`linear`).
+
+# %%
+variant_options = {
+    "mha": {},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {},
+    "local": {"window": 16},
+    "sparse": {"sparse_block": 16, "n_global_blocks": 1, "n_window_blocks": 1, "n_random_blocks": 1},
+    "linear": {"linear_chunk": 16},
+    "mla": {"kv_lora_rank": 64},
+}
+assert set(variant_options) <= set(available())
+
+
+def cache_bytes(model, length):
+    return sum(cache.nbytes for cache in model.new_caches(batch_size=1, max_len=length))
+
+
+print(f"{'variant':>7} {'cache kind':>20} {'parameters':>10} {'cache at 32':>11} "
+      f"{'cache at 64':>11} {'bytes per added token':>21}")
+variant_cfgs = {}
+for name, options in variant_options.items():
+    cfg = dataclasses.replace(model_cfg, attention=name, attention_options=options)
+    variant_cfgs[name] = cfg
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    at_32, at_64 = cache_bytes(m, 32), cache_bytes(m, 64)
+    kind = type(m.new_caches(1)[0]).__name__
+    print(f"{name:>7} {kind:>20} {m.num_params():>10,} {at_32:>11,} {at_64:>11,} "
+          f"{(at_64 - at_32) // 32:>21,}")
+
+# %% [markdown]
+# What the table says, variant by variant (chapters 4 and 7 to 13 explain each):
+#
+# - **mha, gqa, mqa** grow their cache by `2 × n_layer × n_kv_head × head_dim × 4` bytes per token:
+#   4,096 with 4 key/value heads, half with 2, a quarter with 1. Sharing heads also removes
+#   parameters from the key and value projections.
+# - **local** keeps a rolling window of 16 positions: its cache stops growing once it is full, so
+#   a longer context costs nothing more. Its parameters are MHA's: only the mask differs.
+# - **sparse** has MHA's projections and MHA's full cache; its saving is in the work of the
+#   attention itself, not in memory.
+# - **linear** keeps a recurrent state of fixed size, whatever the length: zero bytes per added
+#   token. The state is as large as about 16 positions of MHA's cache, so it costs more than a KV
+#   cache for very short sequences and far less for long ones (at 1,024 tokens, 62 times less).
+# - **mla** caches one latent vector of 64 numbers per token and layer (plus a small rotary key),
+#   instead of 256 for keys and values, at the price of extra projections.
+#
+# The same switch works for training. As a check that each variant really trains, not only
+# builds, we run every one for 10 steps (the loss must fall from about 4.17) — far too short to
+# compare them; chapter 18 trains them all under identical conditions.
+
+# %% tags=["nbval-ignore-output"]
+short = dict(max_iters=10, warmup_iters=3, lr_decay_iters=10, eval_interval=10, eval_iters=2,
+             log_interval=1, ckpt_interval=10)
+print(f"{'variant':>7} {'loss at step 1':>14} {'loss at step 10':>15} {'seconds':>7}")
+for name, cfg in variant_cfgs.items():
+    run_cfg = dataclasses.replace(train_cfg, model=cfg, out_dir=str(runs / f"short-{name}"),
+                                  **short)
+    t0 = time.perf_counter()
+    train(run_cfg, data)
+    dt = time.perf_counter() - t0
+    losses = [m["loss"] for m in read_metrics(run_cfg.out_dir) if "loss" in m]
+    print(f"{name:>7} {losses[0]:>14.3f} {losses[-1]:>15.3f} {dt:>7.1f}")
+    assert losses[-1] < losses[0] - 0.3, f"{name} did not learn in 10 steps"
+
+# %% [markdown]
+# The command line takes the same fields as flags:
+#
+# ```
+# attnbook train --attention gqa --attention_options '{"n_kv_head": 2}' --positions rope
+# ```
+#
+# ## 9. Resuming a run
+#
+# A long run gets interrupted: a laptop sleeps, a job hits its time limit. `train` writes a
+# checkpoint every `ckpt_interval` steps, at every evaluation that improves the validation loss,
+# and at the end: a folder `checkpoints/step_NNNNNNN/` with the weights (`model.safetensors`)
+# and `state.pt`, which holds the optimizer's moments, the step, the random generators' states and
+# the configuration. The last `keep_last` checkpoints are kept, and the best one. Calling `train`
+# again with the same `out_dir` finds the newest checkpoint and continues from it.
+#
+# Our run ended at step 400. We call `train` again with `max_iters=420`: it must start at step
+# 401, not at 1. The learning-rate schedule was planned to end at step 400, so the extra steps
+# run at `min_lr`; to plan a longer run from the start, set `lr_decay_iters` to its last step.
+
+# %%
+print("newest checkpoint before:", checkpoint_dirs(out_dir)[-1].name)
+longer_cfg = dataclasses.replace(train_cfg, max_iters=420)
+resumed = train(longer_cfg, data)
+steps_logged = [m["step"] for m in read_metrics(out_dir) if "loss" in m]
+print("reached step:", resumed.step)
+print("training-loss lines, last five steps:", steps_logged[-5:])
+every_tenth_once = steps_logged == list(range(10, 421, 10))
+print("one line per logged step, no restart from step 1:", every_tenth_once)
+print("newest checkpoint after: ", checkpoint_dirs(out_dir)[-1].name)
+assert resumed.step == 420 and every_tenth_once
+
+# %% [markdown]
+# The metrics file holds one line per logged step, from 10 to 420, with no second step 10: the
+# second call resumed at step 401. A run that is killed rather than finished has usually logged
+# a few steps past its last checkpoint: say it died at step 330, and its last checkpoint is from
+# step 300. The resumed run then starts at step 301, drops the lines of steps 310 to 330, and
+# logs them again as it redoes those steps, so the file never holds a step twice.
+#
+# "Continues from the checkpoint" can mean something weaker than it should. A resumed run is
+# *exactly* the run that never stopped only if everything that shapes the future is restored:
+# the weights, AdamW's running averages, the step (for the learning rate), and the state of the
+# random generator that draws the batches. Let us test that claim on a tiny model, cheaply: one
+# run of 20 steps, and one of 10 steps that is then resumed to 20. On the same machine they must
+# agree bit for bit.
+
+# %%
+from attnbook.train import load_checkpoint
+
+tiny_cfg = dataclasses.replace(
+    train_cfg, model=GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32),
+    max_iters=20, warmup_iters=5, lr_decay_iters=20, eval_interval=10, eval_iters=2,
+    log_interval=1, ckpt_interval=10,
+)
+train(dataclasses.replace(tiny_cfg, out_dir=str(runs / "straight")), data)
+train(dataclasses.replace(tiny_cfg, out_dir=str(runs / "stopped"), max_iters=10), data)
+train(dataclasses.replace(tiny_cfg, out_dir=str(runs / "stopped")), data)  # resumes at 11
+
+
+def losses_and_weights(folder):
+    losses = [m["loss"] for m in read_metrics(folder) if "loss" in m]
+    model = GPT(tiny_cfg.model)
+    load_checkpoint(checkpoint_dirs(folder)[-1], model)
+    return losses, model.state_dict()
+
+
+losses_a, weights_a = losses_and_weights(runs / "straight")
+losses_b, weights_b = losses_and_weights(runs / "stopped")
+print("20 training losses identical:", len(losses_a) == 20 and losses_a == losses_b)
+print("final weights identical:", all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a))
+
+# %% [markdown]
+# ## 10. Loading a checkpoint and generating
+#
+# A trained run is a folder. `load_trained(out_dir)` reads its newest checkpoint
+# (`best=True`: the one with the lowest validation loss) and returns the model in eval mode, the
+# `TrainConfig` it was trained with, and a description of its data (the prepared folder's
+# `meta.json`, copied into every checkpoint), whose `"encoding"` entry rebuilds the tokenizer — so
+# the run's folder alone is enough to turn ids back into text.
+
+# %%
+from attnbook.data import Encoding
+
+model, cfg_loaded, meta_loaded = load_trained(out_dir)
+encoding = Encoding.from_dict(meta_loaded["encoding"])
+print("model:", type(model).__name__, "| eval mode:", not model.training,
+      "| attention:", cfg_loaded.model.attention, "| layers:", cfg_loaded.model.n_layer,
+      "| encoding:", encoding)
+print(f"parameters: {model.num_params():,}, trained for {cfg_loaded.max_iters} steps")
+
+# %% [markdown]
+# Two samples from the resumed model, now with the KV cache on (`use_cache=True`, the default):
+# the prompt and the new tokens must fit in `block_size = 64` positions, and each new token costs
+# one cached step instead of a pass over the whole context. The `generator` makes the draws
+# repeatable on one machine.
+
+# %% tags=["nbval-ignore-output"]
+prompts = ["KING RICHARD:\n", "Good morrow, "]
+gen = torch.Generator().manual_seed(7)
+for p in prompts:
+    ids = torch.tensor([encoding.encode(p)])
+    out = model.generate(ids, max_new_tokens=64 - ids.shape[1], temperature=0.8, top_k=10,
+                         generator=gen)
+    print(encoding.decode(out[0]))
+    print("-" * 40)
+    assert out.shape[1] == 64
+
+# %% [markdown]
+# **From the command line.** Training and sampling have commands: `attnbook train --help` lists
+# one flag per field of `TrainConfig` and `GPTConfig` (all but `vocab_size`, which comes from
+# the data). For instance
+#
+# ```
+# python -m attnbook.train --max_iters 2000 --out_dir runs/shakespeare-char
+# attnbook generate --out_dir runs/shakespeare-char --prompt "ROMEO:" --max_new_tokens 300
+# ```
+#
+# trains nanoGPT's CPU example (the defaults of `TrainConfig`: this chapter's model, 2000
+# steps at 1e-3) in a few minutes on a laptop and samples from it; run it again with a larger
+# `--max_iters` and it resumes. Longer runs belong in a terminal, not in a notebook.
+
+# %% [markdown]
+# ## Check against the module
+#
+# Section 4 compared our `NotebookGPT` with `attnbook.model.GPT` at initialisation. That test
+# is weaker than it looks: at initialisation every LayerNorm has scale 1 and shift 0, so all of
+# them compute the same function, and every bias is 0. A block that fed `ln_2` to the attention
+# and `ln_1` to the MLP would pass it. Trained weights have no such symmetries: every norm and
+# bias has learnt its own values. We copy the trained checkpoint's weights into a fresh
+# `NotebookGPT` and compare logits and loss on a validation batch.
+
+# %%
+ours_trained = NotebookGPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+ours_trained.load_state_dict(model.state_dict())
+xv, yv = data.get_batch("val", batch_size=8, block_size=64,
+                        generator=torch.Generator().manual_seed(3))
+with torch.no_grad():
+    logits_ours, loss_ours = ours_trained(xv, yv)
+    logits_mod, loss_mod = model(xv, yv)
+assert torch.allclose(logits_ours, logits_mod, atol=1e-5)
+assert torch.allclose(loss_ours, loss_mod, atol=1e-5)
+assert loss_mod < 2.6  # and it is a trained model
+print("NotebookGPT with the trained weights == attnbook.model.GPT: logits within atol=1e-5, OK")
+
+# %%
+workdir.cleanup()  # delete every run of this chapter
+print("temporary runs deleted:", not runs.exists())
+
+# %% [markdown]
+# ## Summary
+#
+# - A GPT is token and position embeddings, a stack of pre-norm blocks — `x + attn(ln_1(x))`,
+#   `x + mlp(ln_2(x))` — a final LayerNorm and an output layer tied to the token embeddings.
+#   `attnbook.model.GPT(GPTConfig(...))` is exactly that, with switches for positions, MLP,
+#   norm, norm position, tying and the attention variant.
+# - GPT-2 initialises weights at 0.02 and the output projections of the residual branches at
+#   $0.02/\sqrt{2 n_\text{layer}}$: without the scaling, the residual stream grows like
+#   $\sqrt{n_\text{layer}}$ and buries the embeddings under noise at initialisation.
+# - A block has $12d^2 + 13d$ parameters; training costs about $6N + 12\, n_\text{layer}\, d\, T$
+#   FLOPs per token, exactly $6$ per matrix weight plus the attention scores.
+# - `prepare` encodes a corpus once, `TokenData` draws random windows, `train(TrainConfig(...))`
+#   trains with warm-up and cosine decay, evaluates, checkpoints and logs metrics;
+#   `read_metrics` returns them. 400 steps, a minute or so on a CPU, take TinyShakespeare from
+#   4.17 nats per character to below the bigram level.
+# - The attention variant is one field, `attention`, plus its `attention_options`; each variant
+#   brings its own cache through `new_caches`.
+# - A run resumes from its newest checkpoint, bit for bit as if it had not stopped;
+#   `load_trained` returns the model, its configuration and its data's description (with the
+#   encoding), ready to `generate` and decode.
+
+# %% [markdown]
+# ## Exercises
+#
+# Worked solutions are in `chapters/solutions/17_training_a_gpt_solutions.ipynb`. Keep every run
+# tiny (a few hundred steps of a small model): the point is the comparison, not the final loss.
+#
+# 1. **LLaMA-style against GPT-2-style.** LLaMA replaced three parts of GPT-2's block: SwiGLU
+#    instead of the GELU MLP, RMSNorm instead of LayerNorm, RoPE instead of learned positions
+#    (and no biases). Build both with `GPTConfig` (`mlp="swiglu", norm="rmsnorm",
+#    positions="rope", bias=False`) at 2 blocks of width 64, and predict the difference in
+#    parameter count before you print it (where do the parameters go, and where do they come
+#    from?). Then train both for the same 200 steps and compare the validation loss. Is the
+#    difference larger than what changing the seed alone does?
+# 2. **Weight tying.** Predict how many parameters `tie_weights=False` adds to this chapter's
+#    model, and to GPT-2 small (`vocab_size=50257, block_size=1024, n_layer=12, n_head=12,
+#    n_embd=768`), and what share of GPT-2's parameters the token embeddings are. Check with
+#    `num_params()` (build GPT-2 on PyTorch's `meta` device: shapes without memory). Does a tied
+#    model's `state_dict` store the matrix twice, and does its checkpoint?
+# 3. **Temperature, top-k, top-p.** Train a small model (or reuse one from Exercise 1). For a
+#    sample generated at temperature 0.5, 0.8, 1.0 and 1.5, and with `top_k=5` and `top_p=0.9` at
+#    temperature 1, measure the average entropy (in bits) of the distribution each character was
+#    actually drawn from. Predict the order first. What entropy does `top_k=1` give, and which
+#    other setting of `generate` produces exactly the same text?
+# 4. **Post-norm without warm-up.** Train a 6-block, width-64 model (a context of 32 is enough)
+#    for 200 steps at a learning rate of 3e-3 three times: pre-norm without warm-up, post-norm
+#    (`norm_position="post"`) without warm-up, and post-norm with the learning rate warmed up
+#    over the whole run (`warmup_iters=200`). Predict which one fails, then explain what the
+#    warm-up changes. What does the failed model predict?
