@@ -145,9 +145,9 @@ class LatentKV(nn.Module):
 
     def __init__(self, d_model, n_head, rank):
         super().__init__()
-        self.n_head, self.hd, self.rank = n_head, d_model // n_head, rank
-        self.q_proj = nn.Linear(d_model, d_model)  # queries, as in MHA
-        self.kv_down = nn.Linear(d_model, rank)  # W_DKV: a token -> its latent
+        self.n_head, self.head_dim, self.kv_lora_rank = n_head, d_model // n_head, rank
+        self.wq = nn.Linear(d_model, d_model)  # queries, as in MHA
+        self.wkv_a = nn.Linear(d_model, rank)  # W_DKV: a token -> its latent
         self.kv_norm = nn.RMSNorm(rank, eps=1e-6)
         self.k_up = nn.Linear(rank, d_model, bias=False)  # W_UK: latent -> every head's key
         self.v_up = nn.Linear(rank, d_model, bias=False)  # W_UV: latent -> every head's value
@@ -159,8 +159,8 @@ class LatentKV(nn.Module):
 
     def forward(self, x, cache=None):  # x: (B, T, d_model), the new tokens
         B, T, d = x.shape
-        q = self.heads(self.q_proj(x))  # (B, H, T, hd)
-        c = self.kv_norm(self.kv_down(x))  # (B, T, r): all this layer keeps of each token
+        q = self.heads(self.wq(x))  # (B, H, T, hd)
+        c = self.kv_norm(self.wkv_a(x))  # (B, T, r): all this layer keeps of each token
         if cache is not None:
             (c,) = cache.append(c)  # (B, T_k, r): the cached latents and the new ones
         k, v = self.heads(self.k_up(c)), self.heads(self.v_up(c))  # (B, H, T_k, hd) each
@@ -173,7 +173,7 @@ torch.manual_seed(0)
 v1 = LatentKV(d_model=64, n_head=4, rank=32)
 for name, p in v1.named_parameters():
     print(f"{name:>15} {tuple(p.shape)}")
-print(f"cached per token: {v1.rank} numbers (MHA of the same shape: 2 x 64 = 128)")
+print(f"cached per token: {v1.kv_lora_rank} numbers (MHA of the same shape: 2 x 64 = 128)")
 
 # %% [markdown]
 # The latent is a quarter of what MHA would cache here. What does that cost? Stack the keys and
@@ -189,7 +189,7 @@ x200 = torch.randn(1, 200, 64)
 mha_layer = build_attention("mha", AttentionConfig(d_model=64, n_head=4, bias=False))
 with torch.no_grad():
     kv_mha = mha_layer.c_attn(x200)[0, :, 64:]  # (200, 128): keys | values, all heads
-    c200 = v1.kv_norm(v1.kv_down(x200))  # (1, 200, 32)
+    c200 = v1.kv_norm(v1.wkv_a(x200))  # (1, 200, 32)
     kv_mla = torch.cat([v1.k_up(c200), v1.v_up(c200)], dim=-1)[0]  # (200, 128)
 ranks = {name: int(torch.linalg.matrix_rank(m)) for name, m in (("MHA", kv_mha), ("MLA", kv_mla))}
 print("rank of the (200, 128) key/value matrix:", ranks)
@@ -254,8 +254,8 @@ print("one token at a time == one pass (atol=1e-5):", torch.allclose(stepwise, f
 
 # %%
 with torch.no_grad():
-    q = v1.heads(v1.q_proj(x))  # (B, H, T, hd)
-    c = v1.kv_norm(v1.kv_down(x))  # (B, T, r)
+    q = v1.heads(v1.wq(x))  # (B, H, T, hd)
+    c = v1.kv_norm(v1.wkv_a(x))  # (B, T, r)
     k, v = v1.heads(v1.k_up(c)), v1.heads(v1.v_up(c))  # (B, H, T, hd): what version 1 builds
     W_UK = v1.k_up.weight.view(4, 16, 32)  # (H, hd, r): W_UK_h for each head h
     W_UV = v1.v_up.weight.view(4, 16, 32)  # (H, hd, r): W_UV_h
@@ -386,8 +386,8 @@ print("reproduces RoPE's scores (atol=5e-5):", torch.allclose(scores_per_key, sc
 # size $d_R$, already in the cache. The cache per token and layer grows from $r$ to $r + d_R$
 # numbers.
 #
-# Version 2 below does this, in both modes. Its layout: `q_proj` makes, per head, $d_h$ position-
-# free query numbers then $d_R$ rotary ones; `kv_down` makes the latent then the shared rotary
+# Version 2 below does this, in both modes. Its layout: `wq` makes, per head, $d_h$ position-
+# free query numbers then $d_R$ rotary ones; `wkv_a` makes the latent then the shared rotary
 # key. Both modes compute the same rotary scores; they differ in the latent part, exactly as in
 # section 3. (The scores are written out explicitly here, to show the two terms.)
 
@@ -397,9 +397,10 @@ class DecoupledMLA(nn.Module):
 
     def __init__(self, d_model, n_head, rank, rope_dim):
         super().__init__()
-        self.n_head, self.hd, self.rank, self.rope_dim = n_head, d_model // n_head, rank, rope_dim
-        self.q_proj = nn.Linear(d_model, n_head * (self.hd + rope_dim))  # per head: q | q_rope
-        self.kv_down = nn.Linear(d_model, rank + rope_dim)  # latent | k_rope (one for all heads)
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.kv_lora_rank, self.qk_rope_head_dim = rank, rope_dim
+        self.wq = nn.Linear(d_model, n_head * (self.head_dim + rope_dim))  # per head: q | q_rope
+        self.wkv_a = nn.Linear(d_model, rank + rope_dim)  # latent | k_rope (one for all heads)
         self.kv_norm = nn.RMSNorm(rank, eps=1e-6)
         self.k_up = nn.Linear(rank, d_model, bias=False)  # W_UK
         self.v_up = nn.Linear(rank, d_model, bias=False)  # W_UV
@@ -407,16 +408,16 @@ class DecoupledMLA(nn.Module):
         self.absorb = False
 
     def rotate(self, t, start):  # t: (..., T, rope_dim) at positions start .. start + T - 1
-        cos, sin = rope_cos_sin(torch.arange(start, start + t.shape[-2]), self.rope_dim)
+        cos, sin = rope_cos_sin(torch.arange(start, start + t.shape[-2]), self.qk_rope_head_dim)
         return apply_rope(t, cos, sin)
 
     def forward(self, x, cache=None):  # x: (B, T, d_model)
         B, T, d = x.shape
-        H, hd, r, dr = self.n_head, self.hd, self.rank, self.rope_dim
+        H, hd, r, dr = self.n_head, self.head_dim, self.kv_lora_rank, self.qk_rope_head_dim
         start = 0 if cache is None else cache.length  # position of x's first token
-        q = self.q_proj(x).view(B, T, H, hd + dr).transpose(1, 2)  # (B, H, T, hd + dr)
+        q = self.wq(x).view(B, T, H, hd + dr).transpose(1, 2)  # (B, H, T, hd + dr)
         q, q_rope = q.split([hd, dr], dim=-1)  # (B, H, T, hd), (B, H, T, dr)
-        c, k_rope = self.kv_down(x).split([r, dr], dim=-1)  # (B, T, r), (B, T, dr)
+        c, k_rope = self.wkv_a(x).split([r, dr], dim=-1)  # (B, T, r), (B, T, dr)
         c = self.kv_norm(c)
         q_rope, k_rope = self.rotate(q_rope, start), self.rotate(k_rope, start)
         if cache is not None:
@@ -475,16 +476,18 @@ print("cache per token:", [tuple(p.shape[2:]) for p in cache.parts], "-> 32 + 8 
 # compressed) and `mla_absorb`, the starting value of the layer's attribute `absorb`, which
 # switches mode on the same weights.
 #
-# Its weights differ from version 2 in one place only: `kv_up` holds $W^{UK}$ and $W^{UV}$
-# together, per head (for each head, its key rows, then its value rows).
+# Its weights differ from version 2 in one place only: `wkv_b` holds $W^{UK}$ and $W^{UV}$
+# together, per head (for each head, its key rows, then its value rows). The modules carry the
+# names of DeepSeek's own code, as version 2's do: `wq` (or `wq_a`, `q_norm`, `wq_b` when the
+# queries are compressed), `wkv_a` ($W^{DKV}$ and $W^{KR}$), `kv_norm` and `wkv_b`.
 
 # %%
 cfg = AttentionConfig(d_model=64, n_head=4, kv_lora_rank=32, qk_rope_head_dim=8,
                       positions="rope", block_size=64)
 torch.manual_seed(4)
 mla = build_attention("mla", cfg).eval()
-print(type(mla).__name__, "| r =", mla.rank, "| d_R =", mla.rope_dim, "| nope =", mla.nope,
-      "| v =", mla.v_dim, "| absorb =", mla.absorb)
+print(type(mla).__name__, "| r =", mla.kv_lora_rank, "| d_R =", mla.qk_rope_head_dim,
+      "| nope =", mla.qk_nope_head_dim, "| v =", mla.v_head_dim, "| absorb =", mla.absorb)
 for name, p in mla.named_parameters():
     print(f"{name:>15} {tuple(p.shape)}")
 
@@ -591,7 +594,7 @@ torch.manual_seed(5)
 lm = TinyLM("mla").eval()
 attn0 = lm.blocks[0].attn
 print(f"TinyLM with MLA: {len(lm.blocks)} layers, d_model={lm.cfg.d_model}, {lm.cfg.n_head} "
-      f"heads of {lm.cfg.head_dim}, r={attn0.rank}, d_R={attn0.rope_dim}")
+      f"heads of {lm.cfg.head_dim}, r={attn0.kv_lora_rank}, d_R={attn0.qk_rope_head_dim}")
 prompt = torch.randint(0, 256, (2, 16))
 out_plain = generate(lm, prompt, n_new=40)
 for absorb in (False, True):
@@ -858,8 +861,8 @@ plt.show()
 # ## Check against the module
 #
 # Finally, version 2 and `MultiHeadLatentAttention` must be the same function. We copy version 2's
-# weights into the module built with the same sizes: `q_proj`, `kv_down`, `kv_norm` and `c_proj`
-# have the same layout; `kv_up` is version 2's `k_up` and `v_up` interleaved per head (head $h$'s
+# weights into the module built with the same sizes: `wq`, `wkv_a`, `kv_norm` and `c_proj`
+# have the same layout; `wkv_b` is version 2's `k_up` and `v_up` interleaved per head (head $h$'s
 # 16 key rows, then its 16 value rows). Then we compare one full pass in both modes, and
 # token-by-token decoding with the module's `LatentCache` against version 2 with our
 # `LatentCatCache`, including the cached latents and rotary keys themselves.
@@ -867,10 +870,10 @@ plt.show()
 # %%
 module = build_attention("mla", cfg).eval()  # d_model=64, 4 heads, r=32, d_R=8, RoPE
 with torch.no_grad():
-    for name in ("q_proj", "kv_down", "kv_norm", "c_proj"):
+    for name in ("wq", "wkv_a", "kv_norm", "c_proj"):
         getattr(module, name).load_state_dict(getattr(v2, name).state_dict())
     per_head = torch.cat([v2.k_up.weight.view(4, 16, 32), v2.v_up.weight.view(4, 16, 32)], dim=1)
-    module.kv_up.weight.copy_(per_head.reshape(4 * 32, 32))  # (H * (nope + v), r)
+    module.wkv_b.weight.copy_(per_head.reshape(4 * 32, 32))  # (H * (nope + v), r)
 
     checks = []
     for absorb in (False, True):

@@ -533,8 +533,8 @@ plt.show()
 # - `mha_to_mla(model, kv_lora_rank)`: stack the key and value projections of a layer into one
 #   matrix $W_{KV} = [W_K; W_V]$ of shape $(2d, d)$ — it maps the layer's input to all heads' keys
 #   and values — and keep its best rank-$r$ approximation, a truncated SVD
-#   $W_{KV} \approx U_r S_r V_r^\top$. Then `kv_down` $= S_r^{1/2} V_r^\top$ maps the input to a
-#   latent of $r$ numbers, the only thing cached, and `kv_up` $= U_r S_r^{1/2}$ rebuilds the keys
+#   $W_{KV} \approx U_r S_r V_r^\top$. Then `wkv_a` $= S_r^{1/2} V_r^\top$ maps the input to a
+#   latent of $r$ numbers, the only thing cached, and `wkv_b` $= U_r S_r^{1/2}$ rebuilds the keys
 #   and values from it. The latent has no RMSNorm (`mla_kv_norm=False`: the keys must stay linear
 #   in the input), and the decoupled rotary part is set to zero. Three more details make the
 #   full-rank conversion exact. The key bias is dropped: it adds the same number to all of a
@@ -727,7 +727,7 @@ mha_to_mla(rope_model, kv_lora_rank=16)
 # module's weights. GQA: the key rows of `c_attn` of each group of 2 heads averaged, likewise the
 # values (weights and biases), the query rows unchanged. MLA: the SVD of each layer's stacked
 # projection, with the rows in the module's order (per head, its 16 key rows then its 16 value
-# rows); `kv_up @ kv_down` must be the rank-$r$ approximation $U_r S_r V_r^\top$ (a product does
+# rows); `wkv_b @ wkv_a` must be the rank-$r$ approximation $U_r S_r V_r^\top$ (a product does
 # not depend on the SVD's arbitrary signs).
 
 # %%
@@ -746,11 +746,11 @@ for i, block in enumerate(base.transformer.h):
     U, S, Vh = torch.linalg.svd(w_kv.double())
     best_rank16 = (U[:, :16] * S[:16]) @ Vh[:16]  # (2d, d)
     attn = mla16.transformer.h[i].attn
-    product = attn.kv_up.weight.double() @ attn.kv_down.weight[:16].double()  # (2d, d)
+    product = attn.wkv_b.weight.double() @ attn.wkv_a.weight[:16].double()  # (2d, d)
     checks.append(torch.allclose(product, best_rank16, atol=1e-5))
-    checks.append(bool(attn.kv_down.weight[16:].eq(0).all()))  # the rotary rows start at zero
+    checks.append(bool(attn.wkv_a.weight[16:].eq(0).all()))  # the rotary rows start at zero
 assert all(checks)
-print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's kv_up @ kv_down == rank-16 SVD "
+print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == rank-16 SVD "
       f"(atol=1e-5), rotary part zero: {len(checks)} checks OK")
 
 # %% [markdown]

@@ -95,10 +95,10 @@ def test_mla_low_rank_keys_and_values_are_the_truncated_svd():
     U, S, Vh = torch.linalg.svd(w_kv.double())
     best = (U[:, :r] * S[:r]) @ Vh[:r]  # (2d, d) rank r
     w_k, w_v = best.float().split(32)  # (d, d) each
-    rebuilt = (new.kv_up.weight @ new.kv_down.weight[:r]).view(4, 2, 8, 32)  # per head: k, v
+    rebuilt = (new.wkv_b.weight @ new.wkv_a.weight[:r]).view(4, 2, 8, 32)  # per head: k, v
     torch.testing.assert_close(rebuilt[:, 0].reshape(32, 32), w_k, atol=1e-5, rtol=0)
     torch.testing.assert_close(rebuilt[:, 1].reshape(32, 32), w_v, atol=1e-5, rtol=0)
-    assert torch.linalg.matrix_rank(new.kv_up.weight @ new.kv_down.weight[:r]) == r
+    assert torch.linalg.matrix_rank(new.wkv_b.weight @ new.wkv_a.weight[:r]) == r
     # the cache holds r + rope numbers per token per layer
     cache = new.new_cache(1)
     assert cache.bytes_per_token == (r + 2) * 4

@@ -14,15 +14,13 @@ BLOCK = 12
 
 def _config(positions, **kw):
     return AttentionConfig(
-        d_model=32, n_head=4, n_kv_head=2, block_size=BLOCK, positions=positions, **kw
+        **dict(d_model=32, n_head=4, n_kv_head=2, block_size=BLOCK, positions=positions) | kw
     )
 
 
 def _layer(name, positions):
     """The variant with this position scheme; skipped where the variant refuses the scheme."""
-    cfg = _config(positions)
-    if name != "gqa":
-        cfg.n_kv_head = None
+    cfg = _config(positions, n_kv_head=2 if name == "gqa" else None)
     try:
         return build_attention(name, cfg).eval()
     except ValueError as err:

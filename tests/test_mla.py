@@ -24,7 +24,17 @@ def _both_modes(layer, x, **kw):
 def test_registered_and_defaults_derived_from_head_dim():
     assert "mla" in available()
     layer = build_attention("mla", AttentionConfig(d_model=64, n_head=4))  # head_dim 16
-    assert (layer.rank, layer.nope, layer.rope_dim, layer.v_dim) == (64, 16, 8, 16)
+    assert (
+        layer.kv_lora_rank,
+        layer.qk_nope_head_dim,
+        layer.qk_rope_head_dim,
+        layer.v_head_dim,
+    ) == (
+        64,
+        16,
+        8,
+        16,
+    )
     assert layer.config.kv_lora_rank == 64 and layer.absorb is False
     assert build_attention("mla", AttentionConfig(mla_absorb=True)).absorb is True
 
@@ -66,9 +76,9 @@ def test_naive_is_attention_over_expanded_keys_and_values():
     layer = _layer("none")
     x = torch.randn(1, 7, 32)
     H = 4
-    q = layer.q_proj(x).view(1, 7, H, 10).transpose(1, 2)  # (1, H, 7, nope + rope)
-    c, k_rope = layer.kv_down(x).split([12, 4], dim=-1)
-    kv = layer.kv_up(layer.kv_norm(c)).view(1, 7, H, 11).transpose(1, 2)  # (1, H, 7, nope + v)
+    q = layer.wq(x).view(1, 7, H, 10).transpose(1, 2)  # (1, H, 7, nope + rope)
+    c, k_rope = layer.wkv_a(x).split([12, 4], dim=-1)
+    kv = layer.wkv_b(layer.kv_norm(c)).view(1, 7, H, 11).transpose(1, 2)  # (1, H, 7, nope + v)
     k = torch.cat([kv[..., :6], k_rope[:, None].expand(1, H, 7, 4)], dim=-1)
     v = kv[..., 6:]
     scores = (q @ k.transpose(-2, -1)) / 10**0.5

@@ -232,7 +232,7 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
     train_module.main([*common, "--out_dir", str(one)])
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "attnbook.train", *common, "--out_dir", str(two)]  # fmt: skip
+           "--standalone", "-m", "attnbook.train", *common, "--out_dir", str(two)]  # fmt: skip
     subprocess.run(cmd, check=True, env=os.environ.copy(), capture_output=True)
     a = [m["loss"] for m in read_metrics(one) if "loss" in m]
     b = [m["loss"] for m in read_metrics(two) if "loss" in m]

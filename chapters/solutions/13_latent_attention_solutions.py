@@ -104,14 +104,14 @@ cfg = AttentionConfig(d_model=64, n_head=4, kv_lora_rank=32, qk_rope_head_dim=8,
 torch.manual_seed(1)
 layer = build_attention("mla", cfg).eval()
 layer.absorb = True
-H, r, nope, v_dim, d = layer.n_head, layer.rank, layer.nope, layer.v_dim, 64
+H, r, nope, v_dim, d = layer.n_head, layer.kv_lora_rank, layer.qk_nope_head_dim, layer.v_head_dim, 64
 x = torch.randn(2, 12, d)
 
 with torch.no_grad():
     q, k_rope, latent = layer.project(x)  # (B, H, T, nope + dR), (B, 1, T, dR), (B, 1, T, r)
     q, k_rope = layer.position(q, k_rope, 0)  # the rotary parts rotated: positions 0 .. 11
     q_nope, q_rope = q.split([nope, q.shape[-1] - nope], dim=-1)  # (B,H,T,nope), (B,H,T,dR)
-    w_uk, w_uv = layer.kv_up.weight.view(H, -1, r).split([nope, v_dim], dim=1)  # (H,nope,r), (H,v,r)
+    w_uk, w_uv = layer.wkv_b.weight.view(H, -1, r).split([nope, v_dim], dim=1)  # (H,nope,r), (H,v,r)
     q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
     q_all = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + dR)
     k_all = torch.cat([latent, k_rope], dim=-1)  # (B, 1, T, r + dR)
@@ -164,7 +164,8 @@ query_params, cache_bytes = {}, {}
 for q_rank in (1536, 0):
     with torch.device("meta"):
         m = build_attention("mla", AttentionConfig(**{**DS, "q_lora_rank": q_rank}))
-    query_params[q_rank] = sum(p.numel() for p in m.q_proj.parameters())
+    query = [p for name, p in m.named_parameters() if name.startswith(("wq", "q_norm"))]
+    query_params[q_rank] = sum(p.numel() for p in query)  # wq, or wq_a, q_norm and wq_b
     cache_bytes[q_rank] = m.new_cache(1, 1024, dtype=torch.bfloat16).bytes_per_token
 saved = query_params[0] - query_params[1536]
 assert query_params == {1536: 5120 * 1536 + 1536 + 1536 * 24576, 0: 5120 * 24576}

@@ -134,7 +134,7 @@ assert all(a < 0.1 for s, a in zip(segment_lengths, accs, strict=True) if s > re
 # $M$ has, so we minimise $\|W C^{1/2} - M\|_F$ over rank-$r$ matrices $M$. By the Eckart–Young
 # theorem the answer is the truncated SVD of $W C^{1/2} = U S V^\top$: $M = U_r S_r V_r^\top$, and
 # $\hat W = U_r S_r V_r^\top C^{-1/2}$. Plain SVD is the special case $C = I$. For MLA that means
-# `kv_up` $= U_r S_r^{1/2}$ as before and `kv_down` $= S_r^{1/2} V_r^\top C^{-1/2}$: the
+# `wkv_b` $= U_r S_r^{1/2}$ as before and `wkv_a` $= S_r^{1/2} V_r^\top C^{-1/2}$: the
 # down-projection now also undoes the stretching of the input space. We use the second moment,
 # not the covariance, because what must be small is the error on $x$ itself, mean included
 # (the biases are handled apart from the weights by `mha_to_mla`).
@@ -185,7 +185,7 @@ assert min(conds) > 1e4
 # hundreds of times less spread (square root of the energy ratio) in some directions than in
 # others, so weighting by $C$ could matter. We build
 # the activation-aware conversion on top of `mha_to_mla`'s (same queries, biases and output
-# projection) by replacing `kv_down` and `kv_up` in each layer. A small ridge
+# projection) by replacing `wkv_a` and `wkv_b` in each layer. A small ridge
 # $\epsilon I$ keeps $C^{-1/2}$ finite.
 
 # %%
@@ -204,9 +204,9 @@ def activation_aware_mla(model, rank, eps=1e-6):
         inv_root = evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # C^{-1/2}
         U, S, Vh = torch.linalg.svd(stacked_kv(block) @ root, full_matrices=False)
         attn = new.transformer.h[i].attn
-        attn.kv_up.weight.copy_(U[:, :rank] * S[:rank].sqrt())  # (2d, r)
+        attn.wkv_b.weight.copy_(U[:, :rank] * S[:rank].sqrt())  # (2d, r)
         down = S[:rank].sqrt()[:, None] * Vh[:rank] @ inv_root  # (r, d)
-        attn.kv_down.weight[:rank].copy_(down)
+        attn.wkv_a.weight[:rank].copy_(down)
     return new
 
 
@@ -214,8 +214,8 @@ def weighted_error(model, layer, rank_model):
     """E||(W - W_hat) x||^2 / E||W x||^2 on the calibration inputs, for one layer."""
     w = stacked_kv(model.transformer.h[layer])
     attn = rank_model.transformer.h[layer].attn
-    r = attn.kv_up.weight.shape[1]
-    w_hat = attn.kv_up.weight.double() @ attn.kv_down.weight[:r].double()
+    r = attn.wkv_b.weight.shape[1]
+    w_hat = attn.wkv_b.weight.double() @ attn.wkv_a.weight[:r].double()
     diff = w - w_hat
     return (torch.trace(diff @ C[layer] @ diff.T) / torch.trace(w @ C[layer] @ w.T)).item()
 

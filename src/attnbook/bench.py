@@ -122,10 +122,12 @@ def layer_table(lengths, repeats):
     rows = []
     for name in available():
         cfg = AttentionConfig(
-            d_model=N_HEAD * HEAD_DIM, n_head=N_HEAD, block_size=max(lengths), positions="rope"
+            d_model=N_HEAD * HEAD_DIM,
+            n_head=N_HEAD,
+            block_size=max(lengths),
+            positions="rope",
+            n_kv_head=2 if name == "gqa" else None,
         )
-        if name == "gqa":
-            cfg.n_kv_head = 2
         torch.manual_seed(0)
         layer = build_attention(name, cfg)
         times = {}

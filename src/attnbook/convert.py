@@ -113,20 +113,20 @@ def mha_to_mla(model: GPT, kv_lora_rank: int, qk_rope_head_dim: int = 2) -> GPT:
         w_kv = torch.stack([w_k.view(H, hd, d), w_v.view(H, hd, d)], dim=1)  # (H, 2, hd, d)
         U, S, Vh = torch.linalg.svd(w_kv.reshape(2 * d, d).double(), full_matrices=False)
         root = S[:r].sqrt()  # (r,)
-        kv_up = U[:, :r] * root  # (2d, r): per head its hd key rows, then its hd value rows
-        kv_down = root[:, None] * Vh[:r]  # (r, d)
+        w_kv_b = U[:, :r] * root  # (2d, r): per head its hd key rows, then its hd value rows
+        w_kv_a = root[:, None] * Vh[:r]  # (r, d)
         q = torch.cat([w_q.view(H, hd, d) * q_scale, w_q.new_zeros(H, rope, d)], dim=1)
         state = {
-            "q_proj.weight": q.reshape(H * (hd + rope), d),  # (H * (hd + rope), d)
-            "kv_down.weight": torch.cat([kv_down.to(w_q), w_q.new_zeros(rope, d)]),  # (r+rope, d)
-            "kv_up.weight": kv_up.to(w_q),  # (2d, r)
+            "wq.weight": q.reshape(H * (hd + rope), d),  # (H * (hd + rope), d)
+            "wkv_a.weight": torch.cat([w_kv_a.to(w_q), w_q.new_zeros(rope, d)]),  # (r+rope, d)
+            "wkv_b.weight": w_kv_b.to(w_q),  # (2d, r)
             "c_proj.weight": old["c_proj.weight"],  # (d, d)
         }
         if "c_attn.bias" in old:
             b_q, _, b_v = old["c_attn.bias"].split(d)  # (d,) each; the key bias drops out
             b_q = torch.cat([b_q.view(H, hd) * q_scale, b_q.new_zeros(H, rope)], dim=1)
-            state["q_proj.bias"] = b_q.flatten()  # (H * (hd + rope),)
-            state["kv_down.bias"] = b_q.new_zeros(r + rope)  # (r + rope,)
+            state["wq.bias"] = b_q.flatten()  # (H * (hd + rope),)
+            state["wkv_a.bias"] = b_q.new_zeros(r + rope)  # (r + rope,)
             state["c_proj.bias"] = old["c_proj.bias"] + old["c_proj.weight"] @ b_v  # (d,)
         return state
 

@@ -14,7 +14,7 @@ IMPLEMENTATIONS = ("sdpa", "reference")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionConfig:
     """Sizes and switches of an attention layer.
 

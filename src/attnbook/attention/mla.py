@@ -51,7 +51,7 @@ class LatentCache(KVCache):
 
 @register_attention("mla")
 class MultiHeadLatentAttention(CausalSelfAttention):
-    """DeepSeek-V2 multi-head latent attention.
+    """DeepSeek-V2 multi-head latent attention, with DeepSeek's module and size names.
 
     Args:
         config: ``d_model``, ``n_head``, ``kv_lora_rank``, ``q_lora_rank``, ``qk_nope_head_dim``,
@@ -59,10 +59,10 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             see ``AttentionConfig``), ``mla_absorb``, and the usual ``dropout``, ``bias``,
             ``causal``, ``positions``, ``impl``. ``n_kv_head``, if set, must equal ``n_head``.
 
-    Set the attribute ``absorb`` (initially ``config.mla_absorb``) to switch between the naive
-    and the absorbed computation on the same weights. ``forward`` is
-    ``CausalSelfAttention.forward``'s: ``(B, T, d_model)`` -> ``(B, T, d_model)``, with the
-    cache from ``new_cache``; ``need_weights`` gives the ``(B, n_head, T, T_k)`` weights.
+    Modules: ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b`` with ``q_lora_rank > 0``), ``wkv_a``
+    (W_DKV and W_KR), ``kv_norm``, ``wkv_b`` (W_UK and W_UV per head), ``c_proj``. Set the
+    attribute ``absorb`` to switch between the naive and the absorbed computation on the same
+    weights. ``forward`` is ``CausalSelfAttention.forward``'s.
     """
 
     def __init__(self, config: AttentionConfig):
@@ -71,39 +71,37 @@ class MultiHeadLatentAttention(CausalSelfAttention):
                 f"mla rebuilds a key/value head per query head from its latent, got "
                 f"n_kv_head={config.n_kv_head} and n_head={config.n_head}: leave n_kv_head unset"
             )
-        hd = config.head_dim
+        head_dim = config.head_dim
         config = replace(
             config,
             n_kv_head=config.n_head,
-            kv_lora_rank=config.kv_lora_rank or 4 * hd,
-            qk_nope_head_dim=config.qk_nope_head_dim or hd,
-            qk_rope_head_dim=config.qk_rope_head_dim or max(2, 2 * (hd // 4)),
-            v_head_dim=config.v_head_dim or hd,
+            kv_lora_rank=config.kv_lora_rank or 4 * head_dim,
+            qk_nope_head_dim=config.qk_nope_head_dim or head_dim,
+            qk_rope_head_dim=config.qk_rope_head_dim or max(2, 2 * (head_dim // 4)),
+            v_head_dim=config.v_head_dim or head_dim,
         )
         super().__init__(config, n_kv_head=config.n_head)
         d, H, bias = config.d_model, config.n_head, config.bias
-        self.rank, self.q_rank = config.kv_lora_rank, config.q_lora_rank
-        self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
-        self.v_dim = config.v_head_dim
-        self.scale = (self.nope + self.rope_dim) ** -0.5  # not 1/sqrt of the absorbed size
+        r, q_r = config.kv_lora_rank, config.q_lora_rank
+        nope, rope, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = r, q_r
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = nope, rope, dv
+        self.scale = (nope + rope) ** -0.5  # not 1/sqrt of the absorbed size
         self.absorb = config.mla_absorb
-        q_out = H * (self.nope + self.rope_dim)  # per head: q_nope | q_rope
-        if self.q_rank:
-            self.q_proj = nn.Sequential(
-                nn.Linear(d, self.q_rank, bias=bias),  # W_DQ
-                nn.RMSNorm(self.q_rank, eps=RMS_EPS),
-                nn.Linear(self.q_rank, q_out, bias=bias),  # W_UQ and W_QR
-            )
+        if q_r:  # compressed queries: down, RMSNorm, up
+            self.wq_a = nn.Linear(d, q_r, bias=bias)  # W_DQ
+            self.q_norm = nn.RMSNorm(q_r, eps=RMS_EPS)
+            self.wq_b = nn.Linear(q_r, H * (nope + rope), bias=bias)  # W_UQ | W_QR per head
         else:
-            self.q_proj = nn.Linear(d, q_out, bias=bias)
-        self.kv_down = nn.Linear(d, self.rank + self.rope_dim, bias=bias)  # W_DKV | W_KR
-        self.kv_norm = nn.RMSNorm(self.rank, eps=RMS_EPS) if config.mla_kv_norm else nn.Identity()
-        self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # W_UK|W_UV
-        self.c_proj = nn.Linear(H * self.v_dim, d, bias=bias)  # values are v_head_dim wide
+            self.wq = nn.Linear(d, H * (nope + rope), bias=bias)  # W_Q | W_QR per head
+        self.wkv_a = nn.Linear(d, r + rope, bias=bias)  # W_DKV | W_KR
+        self.kv_norm = nn.RMSNorm(r, eps=RMS_EPS) if config.mla_kv_norm else nn.Identity()
+        self.wkv_b = nn.Linear(r, H * (nope + dv), bias=False)  # W_UK | W_UV per head
+        self.c_proj = nn.Linear(H * dv, d, bias=bias)  # values are v_head_dim wide
         self.rope = None  # the decoupled part alone is rotated
         if config.positions == "rope":
             self.rope = RotaryEmbedding(
-                self.rope_dim, config.block_size, config.rope_base, config.rope_pairing
+                rope, config.block_size, config.rope_base, config.rope_pairing
             )
 
     def project(self, x: torch.Tensor):
@@ -111,22 +109,22 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         values what is cached: the shared, not yet rotated ``k_rope`` ``(B, 1, T, rope)`` and the
         latent ``(B, 1, T, kv_lora_rank)``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, nope+rope)
-        latent, k_rope = self.kv_down(x).split([self.rank, self.rope_dim], dim=-1)  # (B, T, ·)
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, nope + rope)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return q, k_rope[:, None], self.kv_norm(latent)[:, None]  # (B,H,T,·), (B,1,T,·) x 2
 
     def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
         """RoPE rotates the decoupled part only: ``q_rope`` and the shared ``k_rope``."""
         if self.rope is None:
             return q, k
-        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return torch.cat([q_nope, self.rope(q_rope, start)], dim=-1), self.rope(k, start)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty ``LatentCache`` for this layer (``max_len`` defaults to ``block_size``)."""
-        return LatentCache(
-            batch_size, self.rank, self.rope_dim, **self._cache_options(max_len, device, dtype)
-        )
+        options = self._cache_options(max_len, device, dtype)
+        return LatentCache(batch_size, self.kv_lora_rank, self.qk_rope_head_dim, **options)
 
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
         """``k``: rotary keys ``(B, 1, T, rope)``, ``v``: latents ``(B, 1, T, r)``, cached
@@ -134,9 +132,10 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         if cache is not None:
             k, v = self.read_cache(cache, k, v, q.dtype)  # (B, 1, T_k, rope), (B, 1, T_k, r)
         k_rope, latent = k, v
-        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)  # (B, H, T, nope), (.., rope)
-        w_uk, w_uv = self.kv_up.weight.view(self.n_head, -1, self.rank).split(
-            [self.nope, self.v_dim], dim=1
+        r, nope, rope = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q_nope, q_rope = q.split([nope, rope], dim=-1)  # (B, H, T, nope), (B, H, T, rope)
+        w_uk, w_uv = self.wkv_b.weight.view(self.n_head, -1, r).split(
+            [nope, self.v_head_dim], dim=1
         )  # (H, nope, r), (H, v, r)
         if self.absorb:
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
@@ -146,7 +145,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
             # sizes) without sdpa padding a copy of the cache; the first r output numbers are
             # the weighted latents
             y, weights = self.softmax_attend(q, k, k, attn_mask, need_weights)  # (B,H,T,r+rope)
-            return torch.einsum("bhtr,hvr->bhtv", y[..., : self.rank], w_uv), weights  # (B,H,T,v)
+            return torch.einsum("bhtr,hvr->bhtv", y[..., :r], w_uv), weights  # (B, H, T, v)
         k_nope = torch.einsum("bctr,hnr->bhtn", latent, w_uk)  # (B, H, T_k, nope), c = 1
         v = torch.einsum("bctr,hvr->bhtv", latent, w_uv)  # (B, H, T_k, v)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)  # (B,H,T_k,·)
