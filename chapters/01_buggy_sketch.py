@@ -97,8 +97,9 @@ def reference_attention(x, W_q, W_k, W_v):
 # Four properties follow from the definition, and each will become a test:
 #
 # - **shape**: `(B, T, d_in)` in, `(B, T, d_out)` out;
-# - **weighted average**: the weights of a row are non-negative and sum to 1, so no output
-#   coordinate can be larger in size than the largest value coordinate;
+# - **weighted average**: the weights of a row are non-negative and sum to 1 (in eval mode:
+#   dropout, in training, zeroes some weights and scales up the rest), so no output coordinate
+#   can be larger in size than the largest value coordinate;
 # - **causality**: changing token $T-1$ must not change outputs $0, \dots, T-2$;
 # - **determinism**: in eval mode, the same input gives the same output every time.
 #
@@ -600,7 +601,7 @@ plt.show()
 # %% [markdown]
 # One caution that comes with $-\infty$: if *every* position of a row is masked, the softmax
 # computes $0/0$ and returns NaN. A causal mask always leaves the diagonal visible, so it cannot
-# happen here, but padding masks (chapter 5) can produce such rows.
+# happen here, but padding masks can produce such rows (chapter 2 shows one and how to handle it).
 
 # %%
 print(torch.softmax(torch.full((3,), float("-inf")), dim=0))
@@ -726,7 +727,7 @@ assert torch.allclose(y9, y_ref, atol=1e-5)
 # 5. **Mask with $-\infty$** (or a very negative finite number), never with a number near 0 such
 #    as `1e-10`.
 #    Beware rows where everything is masked: they turn into NaN.
-# 6. **Softmax over the keys**, the last axis: every row of the weights sums to 1.
+# 6. **Softmax over the keys**, the last axis: every row of the weights sums to 1 (before dropout).
 # 7. **Return `weights @ V`.** Test: `max|y| <= max|V|`, and scaling the input by $c$ must not
 #    scale the output by $c^3$.
 # 8. **Causality test.** Change the future tokens; past outputs must not move. And remember

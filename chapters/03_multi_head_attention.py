@@ -31,8 +31,9 @@
 #
 # **Learning goals**
 #
-# - Explain why a layer uses several heads: each head has one softmax per query, so one head
-#   can only look in one "direction" at a time; several heads look in several.
+# - Explain why a layer uses several heads: each head has one softmax per query, so it mixes
+#   whatever it attends to into one average. One head can spread its weight over several
+#   positions, but it cannot keep two different relations apart; several heads can.
 # - Build multi-head attention as a list of `Head`s plus an output projection.
 # - Build the batched version: one fused `c_attn` projection (d → 3d), the
 #   `view`/`transpose` into `(B, n_head, T, head_dim)`, one attention call, the merge back.
@@ -715,8 +716,8 @@ plt.show()
 # %% [markdown]
 # What to take from the table (your numbers will differ):
 #
-# - The fused SDPA kernel comes out ahead of both hand-written versions (in our runs by anything
-#   from about 1.4× to 3.5×, depending on the version and on what else the machine was doing):
+# - The fused SDPA kernel comes out ahead of both hand-written versions (the last column gives
+#   this machine's ratios; they varied from run to run with what else the machine was doing):
 #   it does the least memory traffic, and for causal attention it skips the masked half of the
 #   attention work.
 # - Neither the loop of heads nor the batched reference wins consistently: which one is ahead,

@@ -28,7 +28,7 @@
 #   cosines, added the same way;
 # - **RoPE**, rotary position embedding (GPT-J, GPT-NeoX, LLaMA and most models since):
 #   queries and keys are *rotated* by an angle proportional to their position, so that a score
-#   depends only on how far apart the two tokens are;
+#   depends on the two tokens' contents and on how far apart they are, not on where they sit;
 # - **ALiBi** (BLOOM, MPT): no vectors at all, just a penalty on each score that grows with the
 #   distance between query and key, a different slope per head.
 #
@@ -42,9 +42,9 @@
 # - Build the sinusoidal table, read it as a set of clocks, and see that its dot products
 #   depend only on the distance between positions.
 # - Build RoPE step by step, in both pairings found in real checkpoints (interleaved, as in
-#   GPT-J/RoFormer, and half-split with `rotate_half`, as in GPT-NeoX/LLaMA), prove numerically
-#   that its scores depend only on the offset $m - n$, and convert weights from one pairing to
-#   the other.
+#   GPT-J/RoFormer, and half-split with `rotate_half`, as in GPT-NeoX/LLaMA), show numerically
+#   that, for given query and key vectors, its scores depend on their positions only through the
+#   offset $m - n$, and convert weights from one pairing to the other.
 # - Continue positions at an offset, as cached decoding needs (`start`).
 # - Compute ALiBi slopes for any number of heads, including the paper's rule for counts that
 #   are not powers of two, and draw the per-head biases.
