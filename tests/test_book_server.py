@@ -73,7 +73,7 @@ def server(tmp_path):
             try:
                 call("GET", "")
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(
                         f"JupyterLab did not start:\n{(tmp_path / 'server.log').read_text()}"
@@ -82,7 +82,11 @@ def server(tmp_path):
         yield root, call
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()
 
 

@@ -105,9 +105,11 @@ def test_every_cache_follows_the_protocol(name):
     assert cache.length == 5
     layer(x[:, 5:], cache=cache)
     assert cache.length == 8
+    stored = [t.clone() for t in cache.tensors()]
     with pytest.raises(ValueError, match=r"overflow: built for max_len=8 positions, 8 already"):
         layer(x[:, :1], cache=cache)
     assert cache.length == 8  # a refused append stores nothing
+    assert all(torch.equal(a, b) for a, b in zip(stored, cache.tensors(), strict=True))
     cache.reset()
     assert cache.length == 0
     torch.testing.assert_close(layer(x[:, :5], cache=cache), first, rtol=0, atol=0)  # forgotten

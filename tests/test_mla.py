@@ -24,17 +24,8 @@ def _both_modes(layer, x, **kw):
 def test_registered_and_defaults_derived_from_head_dim():
     assert "mla" in available()
     layer = build_attention("mla", AttentionConfig(d_model=64, n_head=4))  # head_dim 16
-    assert (
-        layer.kv_lora_rank,
-        layer.qk_nope_head_dim,
-        layer.qk_rope_head_dim,
-        layer.v_head_dim,
-    ) == (
-        64,
-        16,
-        8,
-        16,
-    )
+    sizes = (layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim, layer.v_head_dim)
+    assert sizes == (64, 16, 8, 16)
     assert layer.config.kv_lora_rank == 64 and layer.absorb is False
     assert build_attention("mla", AttentionConfig(mla_absorb=True)).absorb is True
 

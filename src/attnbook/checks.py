@@ -3,7 +3,8 @@
     check_positive_int("n_head", n_head)  # ValueError: n_head must be a positive integer, got 0
 
 They run where values enter (constructors, configs, ``generate``, data loading, the command
-line), never per call in a hot path.
+line, a public function's arguments) and read Python values only, never tensor contents, so
+they never wait for the device.
 """
 
 

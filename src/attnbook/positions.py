@@ -1,21 +1,18 @@
 """Position schemes: how a transformer learns where each token sits.
 
-Attention by itself is permutation-equivariant: shuffle the tokens and the outputs shuffle the
-same way. Position information has to be put in, in one of three places:
+Attention by itself is permutation-equivariant, so position has to be put in, in one of three
+places:
 
-- ``learned`` and ``sinusoidal``: a vector per position *added to the token embeddings*
-  (``PositionalEmbedding``), before the first block.
-- ``rope``: queries and keys *rotated* by an angle proportional to their position
-  (``RotaryEmbedding``), so that a score depends only on the offset between the two positions.
-  Two pairings of the coordinates exist in the wild (``"interleaved"``: (0,1), (2,3), ... as in
-  GPT-J and RoFormer; ``"half"``: (i, i + head_dim/2) with ``rotate_half``, as in GPT-NeoX and
-  Hugging Face LLaMA); ``interleaved_to_half`` and ``half_to_interleaved`` convert q/k weights.
-- ``alibi``: a per-head linear penalty on the *scores*, proportional to the distance
-  (``alibi_slopes`` and ``alibi_bias``).
+- ``learned`` and ``sinusoidal``: a vector per position added to the token embeddings
+  (``PositionalEmbedding``);
+- ``rope``: queries and keys rotated by an angle proportional to their position
+  (``RotaryEmbedding``), so a score depends on the positions only through their offset; both
+  pairings found in checkpoints (``"interleaved"``, GPT-J; ``"half"``, GPT-NeoX and LLaMA), with
+  ``interleaved_to_half`` and ``half_to_interleaved`` to convert q/k weights;
+- ``alibi``: a per-head penalty on the scores, linear in the distance (``alibi_bias``).
 
-For cached decoding, ``PositionalEmbedding`` and ``RotaryEmbedding`` take a ``start`` offset
-(the position of the first new token) and ``alibi_bias`` aligns queries with the last keys.
-Chapter 6 builds them.
+For cached decoding the embeddings take a ``start`` offset and ``alibi_bias`` aligns queries
+with the last keys. Chapter 6 builds them.
 """
 
 import math

@@ -1,12 +1,12 @@
-"""The skeleton every self-attention variant shares: project -> positions -> cache -> attend -> output.
+"""The skeleton every self-attention variant shares: project -> position -> attend -> out.
 
 ``forward`` is written once; a variant subclasses ``CausalSelfAttention`` and overrides only the
 stages it changes:
 
 - ``project(x)``: queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T,
   head_dim)`` (fewer key/value heads than query heads is grouped-query attention);
-- ``position(q, k, start)``: RoPE rotates q and k (ALiBi biases the scores in ``attend``; learned
-  and sinusoidal positions were added to the embeddings by the model);
+- ``position(q, k, start)``: RoPE rotates q and k (ALiBi biases the scores in
+  ``softmax_attend``; learned and sinusoidal positions were added to the embeddings by the model);
 - ``attend(q, k, v, attn_mask, need_weights, cache)``: append to the cache (``new_cache`` makes
   it), then ``softmax_attend`` over every cached position; ``out(y)`` merges the heads.
 

@@ -171,10 +171,17 @@ class LinearAttentionCache(Cache):
             raise ValueError(
                 f"expected k, v, k_rot of shapes {expected}, got {[tuple(t.shape) for t in given]}"
             )
-        self._reserve(T)
+        if any(t.device != self.S.device for t in given):
+            raise ValueError(
+                f"the cache lives on {self.S.device}, got k, v, k_rot on "
+                f"{[str(t.device) for t in given]}: build it with device=..."
+            )
+        # the new sums in the compute dtype, rounded to the cache's dtype once
+        S = self.S.to(v.dtype) + given[2].transpose(-2, -1) @ v  # (B, H, d, d_v)
+        z = self.z.to(k.dtype) + k.sum(dim=2)  # (B, H, d)
+        self._reserve(T)  # nothing is stored if this raises
         before = self.S, self.z
-        self.S = self.S + (given[2].transpose(-2, -1) @ v).to(self.S.dtype)  # (B, H, d, d_v)
-        self.z = self.z + k.sum(dim=2).to(self.z.dtype)  # (B, H, d)
+        self.S, self.z = S.to(self.S.dtype), z.to(self.z.dtype)
         return before
 
     def reset(self) -> None:

@@ -10,11 +10,9 @@ positions before it. Compared with ``gqa.py`` three things change:
 - generation keeps only the last ``window`` positions (``RollingKVCache``), so the cache stops
   growing once the sequence is longer than the window.
 
-The dense path (``impl="reference"``, ``need_weights=True``, an extra ``attn_mask``, or a
-sequence no longer than the window) is attention with the band mask. Keys are rotated by RoPE at
-their true positions before they are cached, and ALiBi and the band only depend on the distance
-between query and key, so dropping old keys changes nothing. Registered as ``"local"``.
-Chapter 9 builds it.
+The dense path (reference, weights, an extra mask, or a short sequence) uses the band mask.
+Keys are rotated at their true positions before they are cached, so dropping old keys changes
+nothing. Registered as ``"local"``; chapter 9 builds it.
 """
 
 import torch
