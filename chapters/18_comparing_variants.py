@@ -564,8 +564,8 @@ with torch.no_grad():
     same_mla = mha_to_mla(base, kv_lora_rank=64)(probe)[0]
 print("gqa, n_kv_head = n_head = 4, same logits (atol=1e-5):",
       torch.allclose(same_gqa, reference, atol=1e-5))
-print("mla, kv_lora_rank = n_embd = 64, same logits (atol=1e-4):",
-      torch.allclose(same_mla, reference, atol=1e-4))
+print("mla, kv_lora_rank = n_embd = 64, same logits (atol=2e-4, logits of size ~10):",
+      torch.allclose(same_mla, reference, atol=2e-4))
 
 # %% [markdown]
 # A rank of 64 is exact and already a saving: the latent has 64 numbers (plus the 2 of the zero
