@@ -14,6 +14,12 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_positive_ints(**values) -> None:
+    """``check_positive_int`` for each ``name=value``, in order."""
+    for name, value in values.items():
+        check_positive_int(name, value)
+
+
 def check_non_negative_int(name: str, value, meaning: str = "") -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 0 (not a bool);
     ``meaning`` (e.g. ``"0: one per core"``) goes into the message."""

@@ -28,7 +28,7 @@ import torch
 
 import minbpe
 
-from .checks import check_positive_int
+from .checks import check_positive_ints
 from .download import cache_dir, fetch
 
 # ---------------------------------------------------------------------------------------------
@@ -486,12 +486,7 @@ class TokenData:
         """
         if split not in self.tokens:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("block_size", block_size),
-            ("world_size", world_size),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(batch_size=batch_size, block_size=block_size, world_size=world_size)
         if batch_size % world_size:
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by world_size={world_size}: each rank "

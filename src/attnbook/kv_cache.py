@@ -13,13 +13,7 @@ guards ``max_len``. Chapter 7 builds the KV cache.
 
 import torch
 
-from .checks import check_positive_int
-
-
-def check_cache_sizes(**sizes: int) -> None:
-    """Raise ValueError naming the first size that is not a positive integer (every cache kind)."""
-    for name, value in sizes.items():
-        check_positive_int(name, value)
+from .checks import check_positive_ints
 
 
 class Cache:
@@ -89,7 +83,7 @@ class KVCache(Cache):
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        check_cache_sizes(
+        check_positive_ints(
             batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, max_len=max_len
         )
         super().__init__(max_len)

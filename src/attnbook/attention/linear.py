@@ -16,8 +16,8 @@ is refused (no scores are formed). Registered as ``"linear"``; its cache is
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_positive_int
-from ..kv_cache import Cache, check_cache_sizes
+from ..checks import check_positive_int, check_positive_ints
+from ..kv_cache import Cache
 from .config import AttentionConfig
 from .masks import causal_mask
 from .mha import MultiHeadAttention
@@ -153,7 +153,9 @@ class LinearAttentionCache(Cache):
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        check_cache_sizes(batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len)
+        check_positive_ints(
+            batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len
+        )
         super().__init__(max_len)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.S = torch.zeros(batch_size, n_head, head_dim, v_head_dim, device=device, dtype=dtype)

@@ -18,7 +18,8 @@ nothing. Registered as ``"local"``; chapter 9 builds it.
 import torch
 import torch.nn.functional as F
 
-from ..kv_cache import KVCache, check_cache_sizes
+from ..checks import check_positive_ints
+from ..kv_cache import KVCache
 from .config import AttentionConfig
 from .core import sdpa
 from .gqa import GroupedQueryAttention
@@ -95,7 +96,7 @@ class RollingKVCache(KVCache):
     """
 
     def __init__(self, batch_size, n_kv_head, head_dim, window, max_len, device=None, dtype=None):
-        check_cache_sizes(window=window, max_len=max_len)
+        check_positive_ints(window=window, max_len=max_len)
         slots = min(window, max_len)  # the storage never holds more than the window
         super().__init__(batch_size, n_kv_head, head_dim, slots, device=device, dtype=dtype)
         self.window, self.max_len = window, max_len

@@ -16,7 +16,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..kv_cache import KVCache, check_cache_sizes
+from ..checks import check_positive_ints
+from ..kv_cache import KVCache
 from ..positions import RotaryEmbedding
 from .base import CausalSelfAttention
 from .config import AttentionConfig
@@ -35,7 +36,7 @@ class LatentCache(KVCache):
     kind = "latent cache"
 
     def __init__(self, batch_size, kv_lora_rank, rope_dim, max_len, device=None, dtype=None):
-        check_cache_sizes(kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+        check_positive_ints(kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
         super().__init__(
             batch_size, 1, rope_dim, max_len, kv_lora_rank, device, dtype or torch.float32
         )

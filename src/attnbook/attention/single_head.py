@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_positive_int
+from ..checks import check_positive_ints
 from .masks import causal_mask
 
 
@@ -40,8 +40,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_out", d_out)):
-            check_positive_int(name, value)
+        check_positive_ints(d_in=d_in, d_out=d_out)
         _check_dropout(dropout)
         self.d_in, self.d_out = d_in, d_out
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -74,12 +73,7 @@ class Head(nn.Module):
 
     def __init__(self, n_embd: int, head_size: int, block_size: int, dropout: float = 0.0):
         super().__init__()
-        for name, value in (
-            ("n_embd", n_embd),
-            ("head_size", head_size),
-            ("block_size", block_size),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(n_embd=n_embd, head_size=head_size, block_size=block_size)
         _check_dropout(dropout)
         self.n_embd, self.head_size, self.block_size = n_embd, head_size, block_size
         self.key = nn.Linear(n_embd, head_size, bias=False)
