@@ -96,7 +96,7 @@ features = torch.tensor(
         [0.0, 0.0, 0.0, 0.0],  # <pad>
     ]
 )
-embedding = features + 0.1 * torch.randn(features.shape)  # (vocab, d_model)
+embedding = features + 0.1 * torch.randn(features.shape)  # (vocab, n_embd)
 
 
 def encode(words):
@@ -105,10 +105,10 @@ def encode(words):
 
 
 sentence = "the cat ate and it slept".split()
-x = embedding[encode(sentence)]  # (T, d_model)
-T, d_model = x.shape
+x = embedding[encode(sentence)]  # (T, n_embd)
+T, n_embd = x.shape
 print("sentence:", sentence)
-print("x shape (T, d_model):", tuple(x.shape))
+print("x shape (T, n_embd):", tuple(x.shape))
 print(x)
 
 # %% [markdown]
@@ -121,7 +121,8 @@ print(x)
 # - a **key** $k_j$: what position $j$ offers to be found by,
 # - a **value** $v_j$: what position $j$ hands over if it is chosen.
 #
-# The projections are matrices ($d_\text{model} \times d$) that a real model learns. Here $d$,
+# The projections are matrices ($d_\text{model} \times d$, the width $d_\text{model}$ of the paper
+# is `n_embd` in code, as in GPT-2) that a real model learns. Here $d$,
 # the size of each query, key and value vector, is what chapter 1 called `d_out`; this chapter
 # writes $d$ because that is the letter in $\sqrt{d}$. An untrained model starts with random
 # projections, which would give us a random pattern to look at. So we take seeded random
@@ -131,9 +132,9 @@ print(x)
 
 # %%
 d = 4  # size of each query / key / value vector (the "head dimension")
-W_q = 0.3 * torch.randn(d_model, d)  # (d_model, d)
-W_k = 0.3 * torch.randn(d_model, d)  # (d_model, d)
-W_v = torch.randn(d_model, d)  # (d_model, d)
+W_q = 0.3 * torch.randn(n_embd, d)  # (n_embd, d)
+W_k = 0.3 * torch.randn(n_embd, d)  # (n_embd, d)
+W_v = torch.randn(n_embd, d)  # (n_embd, d)
 W_q[3, 0] += 3.0  # pronoun feature -> query component 0: "looking for a thing"
 W_k[0, 0] += 3.0  # thing feature   -> key component 0:   "I am a thing"
 
@@ -445,7 +446,7 @@ batch_words = [
     "the dog barked <pad> <pad> <pad>".split(),
 ]
 lengths = torch.tensor([6, 3])  # real tokens per sentence
-xb = embedding[torch.stack([encode(ws) for ws in batch_words])]  # (B, T, d_model)
+xb = embedding[torch.stack([encode(ws) for ws in batch_words])]  # (B, T, n_embd)
 Qb, Kb, Vb = xb @ W_q, xb @ W_k, xb @ W_v  # each (B, T, d)
 print("batch x:", tuple(xb.shape), " Q, K, V:", tuple(Qb.shape))
 
@@ -646,7 +647,7 @@ print(torch.softmax(torch.tensor([float("-inf")] * 4), dim=-1))
 
 # %%
 left_words = "<pad> <pad> <pad> the dog barked".split()
-xl = embedding[encode(left_words)]  # (T, d_model)
+xl = embedding[encode(left_words)]  # (T, n_embd)
 Ql, Kl, Vl = xl @ W_q, xl @ W_k, xl @ W_v  # each (T, d)
 left_real = torch.arange(T) >= T - 3  # (T_k,): the last 3 keys are real
 left_mask = causal & left_real[None, :]  # (T, T)

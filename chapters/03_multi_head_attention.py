@@ -415,20 +415,20 @@ def causal_attention(q, k, v, dropout_p=0.0):
 class MultiHeadAttentionV2(nn.Module):
     """Causal multi-head attention with a fused QKV projection and all heads in one call."""
 
-    def __init__(self, d_model, n_head, dropout=0.0, bias=True, impl="reference"):
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True, impl="reference"):
         super().__init__()
-        if d_model % n_head != 0:
-            raise ValueError(f"d_model={d_model} must be divisible by n_head={n_head}")
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         if impl not in ("reference", "sdpa"):
             raise ValueError(f"impl must be 'reference' or 'sdpa', got {impl!r}")
-        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.n_head, self.head_dim = n_head, n_embd // n_head
         self.dropout, self.impl = dropout, impl
-        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # q | k | v, all heads
-        self.c_proj = nn.Linear(d_model, d_model, bias=bias)  # mixes the heads
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q | k | v, all heads
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        B, T, C = x.shape  # C = d_model
+        B, T, C = x.shape  # C = n_embd
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -747,19 +747,23 @@ plt.show()
 # `state_dict` loads into it directly. We check both of its kernels against our version 2 (whose
 # weights are copied from version 1), and build it once more through the registry with
 # `build_attention("mha", cfg)`, the way later chapters will choose an attention variant by
-# name.
+# name. The config holds what every variant shares (sizes, positions, dropout, bias, causality,
+# the kernel); a variant's own settings are keyword options next to it, declared in the
+# variant's file: chapter 4's grouped-query attention is `build_attention("gqa", cfg,
+# n_kv_head=2)`, chapter 9's sliding window `build_attention("local", cfg, window=16)`.
+# Multi-head attention has none.
 
 # %%
 from attnbook.attention import AttentionConfig, MultiHeadAttention, available, build_attention
 
 y_v2 = v2(x)  # v2 holds version 1's weights (section 5)
 for impl in ("reference", "sdpa"):
-    cfg = AttentionConfig(d_model=d, n_head=n_head, dropout=0.0, bias=True, causal=True, impl=impl)
+    cfg = AttentionConfig(n_embd=d, n_head=n_head, dropout=0.0, bias=True, causal=True, impl=impl)
     module = MultiHeadAttention(cfg)
     module.load_state_dict(v2.state_dict())
     assert torch.allclose(module(x), y_v2, atol=1e-5), impl
 
-built = build_attention("mha", AttentionConfig(d_model=d, n_head=n_head))
+built = build_attention("mha", AttentionConfig(n_embd=d, n_head=n_head))
 built.load_state_dict(v2.state_dict())
 assert isinstance(built, MultiHeadAttention) and torch.allclose(built(x), y1, atol=1e-5)
 print("'mha' registered:", "mha" in available())

@@ -95,7 +95,7 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # and GQA: keep all the query heads, store fewer key/value heads.
 #
 # Take a 7B-parameter model with the shape of LLaMA-2 7B: 32 layers, 32 heads of size 128
-# (`d_model = 4096`), weights and cache in 16-bit floats (2 bytes). With MHA it has 32
+# (`n_embd = 4096`), weights and cache in 16-bit floats (2 bytes). With MHA it has 32
 # key/value heads per layer. Mistral 7B has the same attention shape (32 layers, 32 query heads
 # of size 128) with GQA and 8 key/value heads (its MLP is wider, and its first release also
 # limited attention to a 4096-token sliding window, which caps its cache; chapter 9). MQA
@@ -108,14 +108,14 @@ def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
 
 
 n_layer_7b, n_head_7b, head_dim_7b, fp16 = 32, 32, 128, 2
-d_model_7b, mlp_hidden_7b, vocab_7b = n_head_7b * head_dim_7b, 11008, 32000
+n_embd_7b, mlp_hidden_7b, vocab_7b = n_head_7b * head_dim_7b, 11008, 32000
 variants_7b = {"MHA": 32, "GQA-8": 8, "MQA": 1}  # name -> number of key/value heads
 
 # Parameters of the MHA model: attention 4 d^2 and a SwiGLU MLP 3 d h per layer (three d x h
 # matrices: gate, up, down; see the GPT chapter, 13), no biases, plus input embeddings and an
 # untied output layer (norms are negligible and left out).
-params_7b = n_layer_7b * (4 * d_model_7b**2 + 3 * d_model_7b * mlp_hidden_7b)
-params_7b += 2 * vocab_7b * d_model_7b
+params_7b = n_layer_7b * (4 * n_embd_7b**2 + 3 * n_embd_7b * mlp_hidden_7b)
+params_7b += 2 * vocab_7b * n_embd_7b
 weights_gib = params_7b * fp16 / 2**30
 print(f"parameters: {params_7b / 1e9:.2f} billion -> weights in fp16: {weights_gib:.1f} GiB")
 print()
@@ -166,7 +166,7 @@ plt.show()
 # %% [markdown]
 # ## 2. From MHA to MQA: one key head for every query head
 #
-# We work with a small layer from here on: `d_model = 64`, 8 query heads of size 8, a batch of
+# We work with a small layer from here on: `n_embd = 64`, 8 query heads of size 8, a batch of
 # 2 sequences of 6 tokens. Recall chapter 3's projection: one `Linear(d, 3d)` whose output
 # holds the queries, keys and values of all heads, `d` features each.
 #
@@ -377,15 +377,15 @@ plt.show()
 class GQA(nn.Module):
     """Causal grouped-query self-attention: n_head query heads, n_kv_head key/value heads."""
 
-    def __init__(self, d_model, n_head, n_kv_head, impl="sdpa"):
+    def __init__(self, n_embd, n_head, n_kv_head, impl="sdpa"):
         super().__init__()
-        if d_model % n_head or n_head % n_kv_head:
-            raise ValueError("n_head must divide d_model, and n_kv_head must divide n_head")
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        if n_embd % n_head or n_head % n_kv_head:
+            raise ValueError("n_head must divide n_embd, and n_kv_head must divide n_head")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
         self.impl = impl
         kv = n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(d_model, d_model + 2 * kv)  # rows: q (d) | k (kv) | v (kv)
-        self.c_proj = nn.Linear(d_model, d_model)
+        self.c_attn = nn.Linear(n_embd, n_embd + 2 * kv)  # rows: q (d) | k (kv) | v (kv)
+        self.c_proj = nn.Linear(n_embd, n_embd)
 
     def forward(self, x):
         B, T, d = x.shape
@@ -455,12 +455,12 @@ for n_kv in (8, 2, 1):
 # tokens run through it:
 
 # %%
-cfg_small = AttentionConfig(d_model=d, n_head=n_head, n_kv_head=2, block_size=16)
-small = build_attention("gqa", cfg_small)
+cfg_small = AttentionConfig(n_embd=d, n_head=n_head, block_size=16)
+small = build_attention("gqa", cfg_small, n_kv_head=2)  # n_kv_head: gqa's own option
 cache = small.new_cache(batch_size=B)  # room for block_size = 16 positions
 _ = small(x, cache=cache)  # fills positions 0..5
 print("cached positions:", cache.length, " cache.k:", tuple(cache.k.shape),
-      " layer's config.n_kv_head:", small.config.n_kv_head)
+      " layer's options:", small.options)
 held = (cache.k.nbytes + cache.v.nbytes) // (B * cache.max_len)  # bytes per position, sequence
 print("bytes per token (one layer, fp32): measured", held,
       "  bytes_per_token", cache.bytes_per_token,
@@ -479,10 +479,9 @@ assert held == cache.bytes_per_token == kv_bytes_per_token(1, 2, head_dim, 4)
 # %%
 measured = {}
 for n_kv in (32, 16, 8, 4, 2, 1):
-    cfg = AttentionConfig(d_model=d_model_7b, n_head=n_head_7b, n_kv_head=n_kv, block_size=4096,
-                          bias=False)
+    cfg = AttentionConfig(n_embd=n_embd_7b, n_head=n_head_7b, block_size=4096, bias=False)
     with torch.device("meta"):
-        layer_7b = build_attention("gqa", cfg)  # shapes only, no weights in memory
+        layer_7b = build_attention("gqa", cfg, n_kv_head=n_kv)  # shapes only, no weights
     cache = layer_7b.new_cache(batch_size=1, max_len=4096, device="cpu", dtype=torch.float16)
     assert cache.k.device.type == "cpu" and cache.k.dtype == torch.float16
     held = cache.k.nbytes + cache.v.nbytes  # what the two tensors really occupy
@@ -599,13 +598,13 @@ print(f"loss of the bag-of-values guess: {bag_loss:.2f}")
 
 # %%
 class Block(nn.Module):
-    def __init__(self, d_model, n_head, n_kv_head):
+    def __init__(self, n_embd, n_head, n_kv_head):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = GQA(d_model, n_head, n_kv_head)
-        self.mlp = MLP(d_model, 4 * d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = GQA(n_embd, n_head, n_kv_head)
+        self.mlp = MLP(n_embd, 4 * n_embd)
 
-    def forward(self, x):  # (B, T, d_model)
+    def forward(self, x):  # (B, T, n_embd)
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -613,16 +612,16 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A minimal two-layer transformer for this chapter's experiment (not chapter 17's GPT)."""
 
-    def __init__(self, n_kv_head, d_model=64, n_head=8, n_layer=2):
+    def __init__(self, n_kv_head, n_embd=64, n_head=8, n_layer=2):
         super().__init__()
-        self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = PositionalEmbedding("learned", seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, n_kv_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size)
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = PositionalEmbedding("learned", seq_len, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, n_kv_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size)
 
     def forward(self, idx):  # (B, T) token ids
-        x = self.tok(idx) + self.pos(idx.shape[1])  # (B, T, d_model)
+        x = self.tok(idx) + self.pos(idx.shape[1])  # (B, T, n_embd)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -701,9 +700,9 @@ print(f"MHA model solved the task after {len(mha_losses)} steps: evaluation loss
 # %%
 def pool_kv_rows(t, n_head, n_kv_head, how="mean"):
     """An MHA c_attn weight (3d, d) or bias (3d,) -> the GQA one (d + 2 * n_kv_head * hd, ...)."""
-    d_model = t.shape[0] // 3
-    hd, group = d_model // n_head, n_head // n_kv_head
-    q, k, v = t.split(d_model, dim=0)  # (d, ...) each: n_head blocks of hd rows
+    n_embd = t.shape[0] // 3
+    hd, group = n_embd // n_head, n_head // n_kv_head
+    q, k, v = t.split(n_embd, dim=0)  # (d, ...) each: n_head blocks of hd rows
 
     def pool(rows):
         rows = rows.reshape(n_kv_head, group, hd, *rows.shape[1:])  # head h at (h // g, h % g)
@@ -894,22 +893,22 @@ from attnbook.attention import GroupedQueryAttention, MultiHeadAttention, MultiQ
 
 torch.manual_seed(0)
 x = torch.randn(2, 12, d)
-cases = [(2, GroupedQueryAttention, 2), (8, MultiHeadAttention, None), (1, MultiQueryAttention, None)]
+cases = [(2, GroupedQueryAttention, {"n_kv_head": 2}), (8, MultiHeadAttention, {}),
+         (1, MultiQueryAttention, {})]
 for ours_impl in ("repeat", "sdpa"):
     for impl in ("reference", "sdpa"):
-        for n_kv, cls, cfg_n_kv in cases:
+        for n_kv, cls, options in cases:
             ours = GQA(d, n_head, n_kv, impl=ours_impl)
-            cfg = AttentionConfig(d_model=d, n_head=n_head, n_kv_head=cfg_n_kv, impl=impl)
-            module = cls(cfg)
+            module = cls(AttentionConfig(n_embd=d, n_head=n_head, impl=impl), **options)
             module.load_state_dict(ours.state_dict())
-            assert module.n_kv_head == module.config.n_kv_head == n_kv
+            assert module.n_kv_head == n_kv
             assert torch.allclose(module(x), ours(x), atol=1e-5), (ours_impl, impl, cls.__name__)
 
 # A trained layer of the MHA model, converted in the notebook and in the module.
 trained = mha_model.blocks[1].attn
-mha_module = build_attention("mha", AttentionConfig(d_model=d, n_head=n_head))
+mha_module = build_attention("mha", AttentionConfig(n_embd=d, n_head=n_head))
 mha_module.load_state_dict(trained.state_dict())
-gqa_module = build_attention("gqa", AttentionConfig(d_model=d, n_head=n_head, n_kv_head=2))
+gqa_module = build_attention("gqa", AttentionConfig(n_embd=d, n_head=n_head), n_kv_head=2)
 gqa_module.load_state_dict({name: pool_kv_rows(t, n_head, 2) if "c_attn" in name else t
                             for name, t in mha_module.state_dict().items()})
 assert isinstance(gqa_module, GroupedQueryAttention)

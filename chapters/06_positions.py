@@ -78,15 +78,15 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # Feed it six token vectors, then the same six vectors in a shuffled order.
 
 # %%
-d_model, n_head, T = 16, 2, 6
+n_embd, n_head, T = 16, 2, 6
 encoder_attn = build_attention(
-    "mha", AttentionConfig(d_model=d_model, n_head=n_head, causal=False, positions="none")
+    "mha", AttentionConfig(n_embd=n_embd, n_head=n_head, causal=False, positions="none")
 )
-x = torch.randn(1, T, d_model)  # (B, T, d_model)
+x = torch.randn(1, T, n_embd)  # (B, T, n_embd)
 perm = torch.randperm(T)
 print("permutation:", perm.tolist())
 
-y = encoder_attn(x)  # (1, T, d_model)
+y = encoder_attn(x)  # (1, T, n_embd)
 y_shuffled_input = encoder_attn(x[:, perm])  # shuffle the tokens first
 print("attn(x[perm]) == attn(x)[perm]:", torch.allclose(y_shuffled_input, y[:, perm], atol=1e-5))
 print("attn(x[perm]) == attn(x):      ", torch.allclose(y_shuffled_input, y, atol=1e-5))
@@ -106,7 +106,7 @@ print("attn(x[perm]) == attn(x):      ", torch.allclose(y_shuffled_input, y, ato
 
 # %%
 decoder_attn = build_attention(
-    "mha", AttentionConfig(d_model=d_model, n_head=n_head, causal=True, positions="none")
+    "mha", AttentionConfig(n_embd=n_embd, n_head=n_head, causal=True, positions="none")
 )
 earlier = torch.randperm(T - 1)  # shuffle tokens 0..T-2, keep the last one in place
 order = torch.cat([earlier, torch.tensor([T - 1])])
@@ -131,12 +131,12 @@ print("other tokens' outputs unchanged:", same[:-1].tolist())
 # %% [markdown]
 # ## 2. Absolute positions added to the embeddings
 #
-# The simplest idea: give every position $p$ a vector $P_p$ of width `d_model` and add it to
+# The simplest idea: give every position $p$ a vector $P_p$ of width `n_embd` and add it to
 # the token embedding, $x_p = E[\text{token}_p] + P_p$. Now two copies of the same word at
 # different positions are different vectors, and shuffling the tokens changes the inputs
 # themselves (exercise 3 checks that this breaks the equivariance).
 #
-# **Learned positions** (GPT-2, BERT) make $P$ an `nn.Embedding(block_size, d_model)`, trained
+# **Learned positions** (GPT-2, BERT) make $P$ an `nn.Embedding(block_size, n_embd)`, trained
 # with the rest of the model. It is as flexible as a table can be, and it has a hard limit: a
 # model with `block_size` rows has no vector for position `block_size`. GPT-2 has 1,024 rows,
 # so GPT-2 cannot read token 1,025. (When training sequences vary in length, rows near the end
@@ -144,14 +144,14 @@ print("other tokens' outputs unchanged:", same[:-1].tolist())
 
 # %%
 block_size = 8
-learned = nn.Embedding(block_size, d_model)  # one trainable vector per position
-tokens = torch.randn(1, 5, d_model)  # (B, T, d_model) token embeddings of 5 tokens
-x_with_pos = tokens + learned.weight[:5]  # (1, 5, d_model): rows 0..4, broadcast over B
+learned = nn.Embedding(block_size, n_embd)  # one trainable vector per position
+tokens = torch.randn(1, 5, n_embd)  # (B, T, n_embd) token embeddings of 5 tokens
+x_with_pos = tokens + learned.weight[:5]  # (1, 5, n_embd): rows 0..4, broadcast over B
 print("table:", tuple(learned.weight.shape), " inputs with positions:", tuple(x_with_pos.shape))
 
 # %% [markdown]
 # **Sinusoidal positions** ("Attention Is All You Need") use a fixed table instead. Split the
-# `d_model` columns into `d_model/2` pairs. Pair $i$ is a clock hand that turns at angular
+# `n_embd` columns into `n_embd/2` pairs. Pair $i$ is a clock hand that turns at angular
 # frequency $\omega_i = 10000^{-2i/d}$ radians per position: at position $p$ its angle is
 # $p\,\omega_i$, and the table stores where the hand points,
 #
@@ -694,27 +694,27 @@ class TinyLM(nn.Module):
     """Minimal causal LM for this chapter's experiment: embeddings (+ positions), one pre-norm
     block of attnbook attention + MLP, final LayerNorm, linear head."""
 
-    def __init__(self, positions, block_size, d_model=32, n_head=4, rope_pairing="half"):
+    def __init__(self, positions, block_size, n_embd=32, n_head=4, rope_pairing="half"):
         super().__init__()
         cfg = AttentionConfig(
-            d_model=d_model,
+            n_embd=n_embd,
             n_head=n_head,
             block_size=block_size,
             positions=positions,
             rope_pairing=rope_pairing,  # used only by positions="rope"
         )
-        self.tok = nn.Embedding(V, d_model)
+        self.tok = nn.Embedding(V, n_embd)
         self.pos = None
         if positions in ("learned", "sinusoidal"):
-            self.pos = PositionalEmbedding(positions, block_size, d_model)
-        self.ln1, self.attn = nn.LayerNorm(d_model), build_attention("mha", cfg)
-        self.ln2, self.mlp = nn.LayerNorm(d_model), MLP(d_model, 4 * d_model)
-        self.ln_f, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, V)
+            self.pos = PositionalEmbedding(positions, block_size, n_embd)
+        self.ln1, self.attn = nn.LayerNorm(n_embd), build_attention("mha", cfg)
+        self.ln2, self.mlp = nn.LayerNorm(n_embd), MLP(n_embd, 4 * n_embd)
+        self.ln_f, self.head = nn.LayerNorm(n_embd), nn.Linear(n_embd, V)
 
     def forward(self, idx, attn_mask=None):  # idx: (B, T) token ids
-        x = self.tok(idx)  # (B, T, d_model)
+        x = self.tok(idx)  # (B, T, n_embd)
         if self.pos is not None:
-            x = x + self.pos(idx.shape[1])  # (T, d_model), broadcast over the batch
+            x = x + self.pos(idx.shape[1])  # (T, n_embd), broadcast over the batch
         x = x + self.attn(self.ln1(x), attn_mask=attn_mask)
         x = x + self.mlp(self.ln2(x))
         return self.head(self.ln_f(x))  # (B, T, V) logits
@@ -932,7 +932,7 @@ assert windowed["sinusoidal"] < 0.8  # sinusoidal not repaired
 # ## Check against the module
 #
 # `attnbook.positions` holds the tested versions of everything in this chapter, and
-# `CausalSelfAttention` (the base of `mha`, `gqa` and `mqa`) applies RoPE and ALiBi inside
+# `Attention` (the base of `mha`, `gqa` and `mqa`) applies RoPE and ALiBi inside
 # the layer. We check the functions against ours, then take a real `MultiHeadAttention` layer,
 # run its weights through our own RoPE and ALiBi code by hand, and compare with the layer's
 # output, to `atol=1e-5` (the values are of size 1 to 8, and the layer's fast path sums in a
@@ -1003,7 +1003,7 @@ torch.manual_seed(1)
 x_layer = torch.randn(2, 10, 48)
 for positions, pairing in [("rope", "half"), ("rope", "interleaved"), ("alibi", "half")]:
     cfg = AttentionConfig(
-        d_model=48, n_head=6, block_size=16, positions=positions, rope_pairing=pairing
+        n_embd=48, n_head=6, block_size=16, positions=positions, rope_pairing=pairing
     )
     layer = MultiHeadAttention(cfg).eval()
     with torch.no_grad():

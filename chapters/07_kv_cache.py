@@ -86,44 +86,45 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # position of the first token it is given: with learned positions the model itself adds the
 # position vectors, so it must know where the tokens sit in the sequence; with RoPE the attention
 # layers rotate queries and keys, and read the position from their cache themselves. (`attn_mask`
-# and `impl` are passed through to the attention layers; only the exercises use them.)
+# and `impl` are passed through to the attention layers, and so are a variant's own options such
+# as gqa's `n_kv_head`; only the exercises and section 8 use them.)
 
 # %%
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, attention, cfg):
+    def __init__(self, attention, cfg, options):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention(attention, cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention(attention, cfg, **options)  # the variant's own options
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None, attn_mask=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None, attn_mask=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache)
-        return x + self.mlp(self.ln_2(x))  # (B, T, d_model)
+        return x + self.mlp(self.ln_2(x))  # (B, T, n_embd)
 
 
 class TinyLM(nn.Module):
     """A minimal causal LM for this chapter: embeddings, n_layer blocks, LM head. Random weights."""
 
-    def __init__(self, attention="mha", positions="rope", n_kv_head=None, vocab_size=256,
-                 d_model=128, n_head=4, n_layer=4, block_size=512, impl="sdpa"):
+    def __init__(self, attention="mha", positions="rope", vocab_size=256, n_embd=128, n_head=4,
+                 n_layer=4, block_size=512, impl="sdpa", **options):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
-                                   block_size=block_size, positions=positions, impl=impl)
-        self.wte = nn.Embedding(vocab_size, d_model)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions=positions, impl=impl)
+        self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = None  # RoPE (or no positions): the attention layers handle positions
         if positions == "learned":
-            self.wpe = PositionalEmbedding("learned", block_size, d_model)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+            self.wpe = PositionalEmbedding("learned", block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def embed(self, idx, start=0):  # idx: (B, T) token ids at positions start .. start+T-1
-        x = self.wte(idx)  # (B, T, d_model)
+        x = self.wte(idx)  # (B, T, n_embd)
         if self.wpe is not None:
-            x = x + self.wpe(idx.shape[1], start)  # (T, d_model), broadcast over the batch
+            x = x + self.wpe(idx.shape[1], start)  # (T, n_embd), broadcast over the batch
         return x
 
     def forward(self, idx, caches=None, attn_mask=None):
@@ -137,7 +138,7 @@ class TinyLM(nn.Module):
 torch.manual_seed(0)
 model = TinyLM(positions="rope").eval()
 n_params = sum(p.numel() for p in model.parameters())
-print(f"TinyLM: {len(model.blocks)} layers, d_model={model.cfg.d_model}, "
+print(f"TinyLM: {len(model.blocks)} layers, n_embd={model.cfg.n_embd}, "
       f"{model.cfg.n_head} heads of {model.cfg.head_dim}, {n_params:,} parameters")
 
 # %% [markdown]
@@ -410,7 +411,7 @@ except ValueError as err:
     print("ValueError:", err)
 
 # %% [markdown]
-# And its attention layers (`CausalSelfAttention.forward`, the base of MHA, GQA and MQA) already
+# And its attention layers (`Attention.forward`, the base of MHA, GQA and MQA) already
 # do what `HandAttention` does with `align="bottom-right"`: with `cache=...` they rotate q and k
 # from position `cache.length`, call `cache.append(k, v)`, and build `causal_mask(T, T_k)` for
 # a block of `T > 1` new tokens on top of a cache. For a single new token (`T = 1`, every
@@ -698,7 +699,7 @@ ax.plot(lengths, ms_cached, "o-", color="C0", label="with cache: 1 token, T - 1 
 ax.set_xlabel("sequence length T at this step (tokens attended over)")
 ax.set_ylabel("time for one step, ms (fastest of 5)")
 ax.set_ylim(0, 1.1 * max(ms_plain))
-ax.set_title(f"One decoding step, TinyLM ({len(model.blocks)} layers, d={model.cfg.d_model}), "
+ax.set_title(f"One decoding step, TinyLM ({len(model.blocks)} layers, d={model.cfg.n_embd}), "
              f"batch 1, CPU, 1 thread")
 ax.legend(loc="upper left")
 plt.show()
@@ -743,8 +744,8 @@ def cache_bytes(m, max_len):
 
 print(f"{'variant':>7} {'n_kv_head':>9} {'bytes/token':>11} {'KiB at 512 tokens':>17}")
 tiny_bytes = {}
-for name, kv in (("mha", None), ("gqa", 2), ("mqa", None)):
-    m = TinyLM(attention=name, n_kv_head=kv)
+for name, options in (("mha", {}), ("gqa", {"n_kv_head": 2}), ("mqa", {})):
+    m = TinyLM(attention=name, **options)
     per_token, total = cache_bytes(m, max_len=512)
     tiny_bytes[name] = per_token
     n_kv = m.blocks[0].attn.n_kv_head
@@ -868,6 +869,6 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 #    be sure, from the fp32 run and the size of the error alone, that none does?
 # 4. **Count the FLOPs saved.** Write the number of matrix-multiply FLOPs of generating `N`
 #    tokens after a `P`-token prompt, with and without the cache, as a formula in `P`, `N`,
-#    `d_model`, `n_layer` and the vocabulary size. Check it exactly with
+#    `n_embd`, `n_layer` and the vocabulary size. Check it exactly with
 #    `torch.utils.flop_counter.FlopCounterMode` on a model built with `impl="reference"`. What is
 #    the ratio for `P = 16, N = 256`, and which term dominates without the cache?

@@ -261,9 +261,9 @@ assert earliest == predicted
 
 # %%
 torch.manual_seed(2)
-cfg_rf = AttentionConfig(d_model=32, n_head=4, block_size=64, positions="rope", window=w_rf)
-stack = nn.ModuleList(build_attention("local", cfg_rf) for _ in range(L_max))
-print(type(stack[0]).__name__, "window", stack[0].window)
+cfg_rf = AttentionConfig(n_embd=32, n_head=4, block_size=64, positions="rope")
+stack = nn.ModuleList(build_attention("local", cfg_rf, window=w_rf) for _ in range(L_max))
+print(type(stack[0]).__name__, "window", stack[0].options.window)
 
 x_rf = torch.randn(1, T_rf, 32, requires_grad=True)
 probe = torch.randn(32)  # a fixed random direction of the last output
@@ -638,8 +638,8 @@ class RollingCache:
 
 # %%
 torch.manual_seed(6)
-cfg_one = AttentionConfig(d_model=32, n_head=4, block_size=64, positions="rope", window=4)
-layer = build_attention("local", cfg_one).eval()
+cfg_one = AttentionConfig(n_embd=32, n_head=4, block_size=64, positions="rope")
+layer = build_attention("local", cfg_one, window=4).eval()
 x = torch.randn(1, 20, 32)
 with torch.no_grad():
     y_full = layer(x)  # (1, 20, 32): no cache
@@ -667,13 +667,13 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, window):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention("local", cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention("local", cfg, window=window)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -681,17 +681,18 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A minimal causal LM with sliding-window attention and RoPE. Random weights."""
 
-    def __init__(self, window=8, vocab_size=256, d_model=64, n_head=4, n_layer=3, block_size=128):
+    def __init__(self, window=8, vocab_size=256, n_embd=64, n_head=4, n_layer=3, block_size=128):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=block_size,
-                                   positions="rope", window=window)
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions="rope")
+        self.window = window
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(self.cfg, window) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, d_model); RoPE inside attention handles positions
+        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention handles positions
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -710,8 +711,8 @@ def generate(model, prompt, n_new, caches=None):
 
 torch.manual_seed(7)
 model = TinyLM().eval()
-print(f"TinyLM: {len(model.blocks)} layers of local attention, window {model.cfg.window}, "
-      f"d_model={model.cfg.d_model}, {sum(p.numel() for p in model.parameters()):,} parameters")
+print(f"TinyLM: {len(model.blocks)} layers of local attention, window {model.window}, "
+      f"n_embd={model.cfg.n_embd}, {sum(p.numel() for p in model.parameters()):,} parameters")
 
 # %% [markdown]
 # Generate 48 tokens after a 12-token prompt (longer than the window), for a batch of two, once
@@ -721,7 +722,7 @@ print(f"TinyLM: {len(model.blocks)} layers of local attention, window {model.cfg
 torch.manual_seed(8)
 prompt = torch.randint(0, 256, (2, 12))
 out_plain = generate(model, prompt, n_new=48)
-rolling = [RollingCache(model.cfg.window) for _ in model.blocks]
+rolling = [RollingCache(model.window) for _ in model.blocks]
 out_rolling = generate(model, prompt, n_new=48, caches=rolling)
 assert torch.equal(out_rolling, out_plain)
 print("generated:", tuple(out_plain.shape), "| first new tokens of row 0:",
@@ -760,7 +761,7 @@ print("full KVCache gives the same tokens:", torch.equal(out_full, out_plain),
 
 # %%
 seq = out_plain[:1]  # (1, 60): one sequence
-rolling = [RollingCache(model.cfg.window) for _ in model.blocks]
+rolling = [RollingCache(model.window) for _ in model.blocks]
 full = [KVCache(1, n_kv, hd_m, max_len=seq.shape[1]) for _ in model.blocks]
 rolling_bytes, full_bytes = [], []
 with torch.no_grad():
@@ -776,14 +777,14 @@ print(f"bytes after {seen[-1]} positions: rolling {rolling_bytes[-1]:,}, full {f
 
 fig, ax = plt.subplots(figsize=(7.5, 4))
 ax.plot(seen, full_bytes, color="C3", label="full KVCache (positions in use)")
-ax.plot(seen, rolling_bytes, color="C0", label=f"rolling cache, window {model.cfg.window}")
-ax.axvline(model.cfg.window, color="0.5", ls=":", label="sequence length = window")
+ax.plot(seen, rolling_bytes, color="C0", label=f"rolling cache, window {model.window}")
+ax.axvline(model.window, color="0.5", ls=":", label="sequence length = window")
 ax.set_xlabel("positions seen")
 ax.set_ylabel("bytes (3 layers, 1 sequence, fp32)")
 ax.set_title("Cache memory while generating, TinyLM")
 ax.legend()
 plt.show()
-assert rolling_bytes[model.cfg.window - 1] == rolling_bytes[-1]  # flat from the window on
+assert rolling_bytes[model.window - 1] == rolling_bytes[-1]  # flat from the window on
 assert full_bytes[-1] == seen[-1] * full_bytes[0]  # linear in the positions seen
 
 # %% [markdown]
@@ -838,9 +839,8 @@ for t_q, t_k, w_c in [(12, 12, 4), (3, 12, 4), (1, 9, 5), (20, 20, 1), (6, 6, 10
 torch.manual_seed(9)
 x = torch.randn(2, 30, 64)
 for impl in ("sdpa", "reference"):
-    cfg_chk = AttentionConfig(d_model=64, n_head=4, block_size=128, positions="rope", window=6,
-                              impl=impl)
-    mod_layer = build_attention("local", cfg_chk).eval()
+    cfg_chk = AttentionConfig(n_embd=64, n_head=4, block_size=128, positions="rope", impl=impl)
+    mod_layer = build_attention("local", cfg_chk, window=6).eval()
     mod_layer.load_state_dict(model.blocks[0].attn.state_dict())  # the notebook model's weights
     with torch.no_grad():
         q_h, k_h, v_h = mod_layer.project(x)  # (2, 4, 30, 16) each
@@ -860,7 +860,7 @@ assert ours.length == theirs.length == 24 and theirs.k.shape == (2, 4, 5, 16)
 module_caches = [block.attn.new_cache(batch_size=2, max_len=64) for block in model.blocks]
 out_module = generate(model, prompt, n_new=48, caches=module_caches)
 assert torch.equal(out_module, out_plain)
-assert all(type(c) is RollingKVCache and c.k.shape[2] == model.cfg.window for c in module_caches)
+assert all(type(c) is RollingKVCache and c.k.shape[2] == model.window for c in module_caches)
 print("sliding_window_mask == our band; LocalAttention (sdpa and reference) == by hand with our "
       "blocked path (atol=1e-5); RollingKVCache == RollingCache (exact); module caches generate "
       "the same tokens: OK")

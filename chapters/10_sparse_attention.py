@@ -702,21 +702,22 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 #
 # We build a **minimal causal language model** for this experiment only, as in chapters 7 and 9:
 # token embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head,
-# random weights. The attention is `build_attention("sparse", cfg)` with RoPE, blocks of 4
-# tokens, 1 global block, a window of 2 blocks and 2 random blocks, so that a generation of 64
+# random weights. The attention is `build_attention("sparse", cfg, **pattern)` with RoPE in
+# `cfg` and the pattern as the variant's options: blocks of 4 tokens (`sparse_block`), 1 global
+# block, a window of 2 blocks and 2 random blocks, so that a generation of 64
 # tokens (16 blocks) is far from causal attention.
 
 # %%
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, pattern):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention("sparse", cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention("sparse", cfg, **pattern)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -724,18 +725,19 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A minimal causal LM with BigBird sparse attention and RoPE. Random weights."""
 
-    def __init__(self, vocab_size=256, d_model=64, n_head=4, n_layer=3, block_size=128):
+    def __init__(self, vocab_size=256, n_embd=64, n_head=4, n_layer=3, block_size=128):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=block_size,
-                                   positions="rope", sparse_block=4, n_global_blocks=1,
-                                   n_window_blocks=2, n_random_blocks=2)
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions="rope")
+        self.pattern = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2,
+                            n_random_blocks=2)  # the options of "sparse"
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(self.cfg, self.pattern) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, d_model); RoPE inside attention handles positions
+        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention handles positions
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -788,7 +790,7 @@ print("cached greedy decoding == full recomputation:", torch.equal(out_cached, o
 # its own random draw, so each layer needs different blocks:
 
 # %%
-n_seen = out_plain.shape[1] // model.cfg.sparse_block  # 16 blocks generated so far
+n_seen = out_plain.shape[1] // model.pattern["sparse_block"]  # 16 blocks generated so far
 for layer_i, block in enumerate(model.blocks):
     row = block.attn.pattern(n_seen + 1)[-1]  # codes of query block 16
     print(f"layer {layer_i}: global {(row == 1).nonzero().flatten().tolist()}, "
@@ -821,7 +823,7 @@ print("not needed any more:", (~still_needed).nonzero().flatten().tolist())
 bytes_per_token = sum(c.bytes_per_token for c in caches)  # 3 layers, one sequence
 print(f"per token: {bytes_per_token:,} bytes (3 layers x K and V x 4 heads x 16 x 4 bytes)")
 for length in (16, 32, 64, 128):
-    window = model.cfg.n_window_blocks * model.cfg.sparse_block  # 8 positions
+    window = model.pattern["n_window_blocks"] * model.pattern["sparse_block"]  # 8 positions
     print(f"  {length:>3} positions: {length * bytes_per_token:>7,} bytes in use "
           f"(a window of {window} would keep {min(length, window) * bytes_per_token:,})")
 assert caches[0].length == out_plain.shape[1] - 1  # the last token was never fed back
@@ -887,9 +889,9 @@ print("first 20 positions identical:", bool((gap[:20] < 1e-5).all()))
 # sequence longer than `block_size`: it would need rows of the pattern that were never drawn.
 
 # %%
-layer_alibi = build_attention("sparse", replace(model.cfg, positions="alibi"))
+layer_alibi = build_attention("sparse", replace(model.cfg, positions="alibi"), **model.pattern)
 try:
-    layer_alibi(torch.randn(1, model.cfg.block_size + 1, model.cfg.d_model))  # 129 positions
+    layer_alibi(torch.randn(1, model.cfg.block_size + 1, model.cfg.n_embd))  # 129 positions
 except ValueError as err:
     print("ValueError:", err)
 
@@ -932,21 +934,21 @@ for n_c, g_c, w_c, r_c, b_c in [(16, 2, 3, 2, 4), (30, 1, 2, 3, 8), (12, 0, 1, 4
     assert torch.equal(token_mask, bigbird_mask(T_m, T_m, b_c, g_c, w_c, ours))
 
 torch.manual_seed(11)
-cfg_m = model.cfg
+cfg_m, pattern_m = model.cfg, model.blocks[1].attn.options  # SparseOptions(sparse_block=4, ...)
 for impl in ("sdpa", "reference"):
-    layer = build_attention("sparse", replace(cfg_m, impl=impl)).eval()
+    layer = build_attention("sparse", replace(cfg_m, impl=impl), **model.pattern).eval()
     layer.load_state_dict(model.blocks[1].attn.state_dict())  # weights and random blocks
     assert torch.equal(layer.random_blocks, model.blocks[1].attn.random_blocks)
     for T_m in (20, 45):  # 5 blocks of 4: plain causal; 12 blocks, the last one partial
-        x = torch.randn(2, T_m, cfg_m.d_model)
+        x = torch.randn(2, T_m, cfg_m.n_embd)
         with torch.no_grad():
             q_h, k_h, v_h = layer.project(x)  # (2, 4, T, 16) each
             q_h, k_h = layer.rope(q_h), layer.rope(k_h)  # rotated at positions 0..T-1
-            n_m = -(-T_m // cfg_m.sparse_block)
-            visible = block_pattern(n_m, cfg_m.n_global_blocks, cfg_m.n_window_blocks,
+            n_m = -(-T_m // pattern_m.sparse_block)
+            visible = block_pattern(n_m, pattern_m.n_global_blocks, pattern_m.n_window_blocks,
                                     layer.random_blocks) > 0
-            y_h = block_sparse(q_h, k_h, v_h, cfg_m.sparse_block, visible)  # (2, 4, T, 16)
-            by_hand = layer.c_proj(y_h.transpose(1, 2).reshape(2, T_m, cfg_m.d_model))
+            y_h = block_sparse(q_h, k_h, v_h, pattern_m.sparse_block, visible)  # (2, 4, T, 16)
+            by_hand = layer.c_proj(y_h.transpose(1, 2).reshape(2, T_m, cfg_m.n_embd))
             assert torch.allclose(layer(x), by_hand, atol=1e-5), (impl, T_m)
 assert torch.equal(out_cached, out_plain)
 print("draw, pattern and mask == module's; SparseAttention (sdpa and reference, 20 and 45 "

@@ -479,13 +479,13 @@ print("same output when every position is shifted by 100:", torch.allclose(y0, y
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, attention, cfg):
+    def __init__(self, attention, cfg, options):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention(attention, cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention(attention, cfg, **options)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -493,18 +493,18 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A minimal causal LM for this chapter: embedding, n_layer blocks, LM head. RoPE positions."""
 
-    def __init__(self, attention="linear", vocab_size=256, d_model=128, n_head=4, n_layer=4,
-                 block_size=512, linear_chunk=16):
+    def __init__(self, attention="linear", vocab_size=256, n_embd=128, n_head=4, n_layer=4,
+                 block_size=512, **options):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=block_size,
-                                   positions="rope", linear_chunk=linear_chunk)
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions="rope")
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, d_model); RoPE inside attention reads cache.length
+        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention reads cache.length
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -522,9 +522,10 @@ def generate(model, prompt, n_new, caches=None):
 
 
 torch.manual_seed(0)
-model = TinyLM("linear").eval()
-print(f"TinyLM with linear attention: {len(model.blocks)} layers, d_model={model.cfg.d_model}, "
-      f"{model.cfg.n_head} heads of {model.cfg.head_dim}, chunks of {model.cfg.linear_chunk}")
+model = TinyLM("linear", linear_chunk=16).eval()  # linear_chunk: the option of "linear"
+print(f"TinyLM with linear attention: {len(model.blocks)} layers, n_embd={model.cfg.n_embd}, "
+      f"{model.cfg.n_head} heads of {model.cfg.head_dim}, "
+      f"chunks of {model.blocks[0].attn.options.linear_chunk}")
 
 # %% [markdown]
 # Without a cache, every step runs the chunked form over the whole sequence. With one, the first
@@ -782,7 +783,7 @@ assert ms_rec > 3 * ms_chk, "the Python loop of the recurrent form should be muc
 # triangle of scores — while chunked linear attention grows about linearly. At short sequences
 # softmax wins, because its fused kernel is tight and linear attention pays fixed costs
 # (padding, the per-chunk states, several separate operations). In the runs on the 2-core CPU
-# this book was written on (shared with other jobs), the lines crossed between 256 and 512
+# this book was written on (shared with other jobs), the lines crossed between 128 and 512
 # tokens, and at 4096 tokens linear attention was 5 to 9 times faster. The recurrent form does
 # the fewest FLOPs of all, yet its Python loop over 1024 tokens is many times slower than the
 # chunked form: work that comes in a few big matrix products beats less work in many small ones.
@@ -795,8 +796,8 @@ assert ms_rec > 3 * ms_chk, "the Python loop of the recurrent form should be muc
 #
 # `LinearAttention` (registered as `"linear"`) is multi-head attention's projections with the
 # chunked form in place of softmax: `c_attn` makes $q, k, v$, the layer applies $\phi$, rotates
-# the features with RoPE for the numerator, runs `linear_attention_chunked` with
-# `config.linear_chunk`, merges the heads and applies `c_proj`. With `impl="reference"` it runs
+# the features with RoPE for the numerator, runs `linear_attention_chunked` with its option
+# `linear_chunk`, merges the heads and applies `c_proj`. With `impl="reference"` it runs
 # the quadratic form instead, and the recurrent form when it has a cache.
 #
 # We rebuild that forward pass from this chapter's pieces, using the module's weights: our
@@ -829,17 +830,16 @@ def our_forward(layer, x):
     q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in layer.c_attn(x).split(dm, dim=2))
     qf, kf = phi(q), phi(k)  # (B, H, T, hd)
     qr, kr = layer.rope(qf), layer.rope(kf)  # rotated features, numerator only
-    y = chunked_form_rope(qf, kf, qr, kr, v, layer.config.linear_chunk)
+    y = chunked_form_rope(qf, kf, qr, kr, v, layer.options.linear_chunk)
     return layer.c_proj(y.transpose(1, 2).reshape(B, T, dm))
 
 
 torch.manual_seed(7)
 x = torch.randn(2, 37, 64)  # 37 tokens: 4 chunks of 8, and 5
 for impl in ("sdpa", "reference"):  # chunked form; or quadratic form, recurrent with a cache
-    cfg = AttentionConfig(d_model=64, n_head=4, block_size=64, positions="rope",
-                          linear_chunk=8, impl=impl)
+    cfg = AttentionConfig(n_embd=64, n_head=4, block_size=64, positions="rope", impl=impl)
     torch.manual_seed(8)  # the same weights for both implementations
-    layer = build_attention("linear", cfg).eval()
+    layer = build_attention("linear", cfg, linear_chunk=8).eval()
     assert isinstance(layer, LinearAttention)
     with torch.no_grad():
         ours = our_forward(layer, x)

@@ -143,21 +143,21 @@ class LatentCatCache:
 class LatentKV(nn.Module):
     """Version 1: every head's keys and values rebuilt from one cached latent. No positions."""
 
-    def __init__(self, d_model, n_head, rank):
+    def __init__(self, n_embd, n_head, rank):
         super().__init__()
-        self.n_head, self.head_dim, self.kv_lora_rank = n_head, d_model // n_head, rank
-        self.wq = nn.Linear(d_model, d_model)  # queries, as in MHA
-        self.wkv_a = nn.Linear(d_model, rank)  # W_DKV: a token -> its latent
+        self.n_head, self.head_dim, self.kv_lora_rank = n_head, n_embd // n_head, rank
+        self.wq = nn.Linear(n_embd, n_embd)  # queries, as in MHA
+        self.wkv_a = nn.Linear(n_embd, rank)  # W_DKV: a token -> its latent
         self.kv_norm = nn.RMSNorm(rank, eps=1e-6)
-        self.k_up = nn.Linear(rank, d_model, bias=False)  # W_UK: latent -> every head's key
-        self.v_up = nn.Linear(rank, d_model, bias=False)  # W_UV: latent -> every head's value
-        self.c_proj = nn.Linear(d_model, d_model)
+        self.k_up = nn.Linear(rank, n_embd, bias=False)  # W_UK: latent -> every head's key
+        self.v_up = nn.Linear(rank, n_embd, bias=False)  # W_UV: latent -> every head's value
+        self.c_proj = nn.Linear(n_embd, n_embd)
 
     def heads(self, t):  # (B, T, n_head * hd) -> (B, n_head, T, hd)
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, -1).transpose(1, 2)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model), the new tokens
+    def forward(self, x, cache=None):  # x: (B, T, n_embd), the new tokens
         B, T, d = x.shape
         q = self.heads(self.wq(x))  # (B, H, T, hd)
         c = self.kv_norm(self.wkv_a(x))  # (B, T, r): all this layer keeps of each token
@@ -166,11 +166,11 @@ class LatentKV(nn.Module):
         k, v = self.heads(self.k_up(c)), self.heads(self.v_up(c))  # (B, H, T_k, hd) each
         mask = causal_mask(T, c.shape[1])  # (T, T_k), bottom-right aligned (chapter 7)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d_model)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, n_embd)
 
 
 torch.manual_seed(0)
-v1 = LatentKV(d_model=64, n_head=4, rank=32)
+v1 = LatentKV(n_embd=64, n_head=4, rank=32)
 for name, p in v1.named_parameters():
     print(f"{name:>15} {tuple(p.shape)}")
 print(f"cached per token: {v1.kv_lora_rank} numbers (MHA of the same shape: 2 x 64 = 128)")
@@ -186,7 +186,7 @@ print(f"cached per token: {v1.kv_lora_rank} numbers (MHA of the same shape: 2 x 
 # %%
 torch.manual_seed(1)
 x200 = torch.randn(1, 200, 64)
-mha_layer = build_attention("mha", AttentionConfig(d_model=64, n_head=4, bias=False))
+mha_layer = build_attention("mha", AttentionConfig(n_embd=64, n_head=4, bias=False))
 with torch.no_grad():
     kv_mha = mha_layer.c_attn(x200)[0, :, 64:]  # (200, 128): keys | values, all heads
     c200 = v1.kv_norm(v1.wkv_a(x200))  # (1, 200, 32)
@@ -395,23 +395,23 @@ print("reproduces RoPE's scores (atol=5e-5):", torch.allclose(scores_per_key, sc
 class DecoupledMLA(nn.Module):
     """Version 2: position-free latent keys/values plus decoupled RoPE; naive or absorbed."""
 
-    def __init__(self, d_model, n_head, rank, rope_dim):
+    def __init__(self, n_embd, n_head, rank, rope_dim):
         super().__init__()
-        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.n_head, self.head_dim = n_head, n_embd // n_head
         self.kv_lora_rank, self.qk_rope_head_dim = rank, rope_dim
-        self.wq = nn.Linear(d_model, n_head * (self.head_dim + rope_dim))  # per head: q | q_rope
-        self.wkv_a = nn.Linear(d_model, rank + rope_dim)  # latent | k_rope (one for all heads)
+        self.wq = nn.Linear(n_embd, n_head * (self.head_dim + rope_dim))  # per head: q | q_rope
+        self.wkv_a = nn.Linear(n_embd, rank + rope_dim)  # latent | k_rope (one for all heads)
         self.kv_norm = nn.RMSNorm(rank, eps=1e-6)
-        self.k_up = nn.Linear(rank, d_model, bias=False)  # W_UK
-        self.v_up = nn.Linear(rank, d_model, bias=False)  # W_UV
-        self.c_proj = nn.Linear(d_model, d_model)
+        self.k_up = nn.Linear(rank, n_embd, bias=False)  # W_UK
+        self.v_up = nn.Linear(rank, n_embd, bias=False)  # W_UV
+        self.c_proj = nn.Linear(n_embd, n_embd)
         self.absorb = False
 
     def rotate(self, t, start):  # t: (..., T, rope_dim) at positions start .. start + T - 1
         cos, sin = rope_cos_sin(torch.arange(start, start + t.shape[-2]), self.qk_rope_head_dim)
         return apply_rope(t, cos, sin)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None):  # x: (B, T, n_embd)
         B, T, d = x.shape
         H, hd, r, dr = self.n_head, self.head_dim, self.kv_lora_rank, self.qk_rope_head_dim
         start = 0 if cache is None else cache.length  # position of x's first token
@@ -437,11 +437,11 @@ class DecoupledMLA(nn.Module):
             y = torch.einsum("bhtr,hvr->bhtv", weights @ c[:, None], W_UV)  # (B, H, T, hd)
         else:
             y = weights @ torch.einsum("btr,hvr->bhtv", c, W_UV)  # (B, H, T, hd)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d_model)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, n_embd)
 
 
 torch.manual_seed(3)
-v2 = DecoupledMLA(d_model=64, n_head=4, rank=32, rope_dim=8)
+v2 = DecoupledMLA(n_embd=64, n_head=4, rank=32, rope_dim=8)
 outputs = {}
 with torch.no_grad():
     for absorb in (False, True):
@@ -470,11 +470,12 @@ print("cache per token:", [tuple(p.shape[2:]) for p in cache.parts], "-> 32 + 8 
 # ## 5. The module: `MultiHeadLatentAttention`
 #
 # `attnbook.attention.mla` implements version 2 with the full set of DeepSeek-V2's sizes, under
-# the name `"mla"`. The config fields are `kv_lora_rank` ($r$, default $4 d_h$),
-# `qk_rope_head_dim` ($d_R$, default about $d_h/2$), `qk_nope_head_dim` (the position-free part of
-# a query/key head, default $d_h$), `v_head_dim` (default $d_h$), `q_lora_rank` (0: queries not
-# compressed) and `mla_absorb`, the starting value of the layer's attribute `absorb`, which
-# switches mode on the same weights.
+# the name `"mla"`. Its options, given next to the `AttentionConfig`, are `kv_lora_rank` ($r$,
+# default $4 d_h$), `qk_rope_head_dim` ($d_R$, default about $d_h/2$), `qk_nope_head_dim` (the
+# position-free part of a query/key head, default $d_h$), `v_head_dim` (default $d_h$),
+# `q_lora_rank` (0: queries not compressed), `kv_norm` (the latent's RMSNorm, on by default) and
+# `absorb`, the starting value of the layer's attribute `absorb`, which switches mode on the same
+# weights.
 #
 # Its weights differ from version 2 in one place only: `wkv_b` holds $W^{UK}$ and $W^{UV}$
 # together, per head (for each head, its key rows, then its value rows). The modules carry the
@@ -482,10 +483,9 @@ print("cache per token:", [tuple(p.shape[2:]) for p in cache.parts], "-> 32 + 8 
 # queries are compressed), `wkv_a` ($W^{DKV}$ and $W^{KR}$), `kv_norm` and `wkv_b`.
 
 # %%
-cfg = AttentionConfig(d_model=64, n_head=4, kv_lora_rank=32, qk_rope_head_dim=8,
-                      positions="rope", block_size=64)
+cfg = AttentionConfig(n_embd=64, n_head=4, positions="rope", block_size=64)
 torch.manual_seed(4)
-mla = build_attention("mla", cfg).eval()
+mla = build_attention("mla", cfg, kv_lora_rank=32, qk_rope_head_dim=8).eval()
 print(type(mla).__name__, "| r =", mla.kv_lora_rank, "| d_R =", mla.qk_rope_head_dim,
       "| nope =", mla.qk_nope_head_dim, "| v =", mla.v_head_dim, "| absorb =", mla.absorb)
 for name, p in mla.named_parameters():
@@ -548,13 +548,13 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, attention, cfg):
+    def __init__(self, attention, cfg, options):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention(attention, cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention(attention, cfg, **options)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -562,18 +562,18 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A minimal causal LM for this chapter's experiments: RoPE, random weights."""
 
-    def __init__(self, attention="mla", vocab_size=256, d_model=128, n_head=4, n_layer=4,
-                 block_size=128, **attention_sizes):
+    def __init__(self, attention="mla", vocab_size=256, n_embd=128, n_head=4, n_layer=4,
+                 block_size=128, **options):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=block_size,
-                                   positions="rope", **attention_sizes)
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions="rope")
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, d_model); positions come from RoPE inside attention
+        x = self.wte(idx)  # (B, T, n_embd); positions come from RoPE inside attention
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if caches is None else caches[i])
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -593,7 +593,7 @@ def generate(model, prompt, n_new, caches=None):
 torch.manual_seed(5)
 lm = TinyLM("mla").eval()
 attn0 = lm.blocks[0].attn
-print(f"TinyLM with MLA: {len(lm.blocks)} layers, d_model={lm.cfg.d_model}, {lm.cfg.n_head} "
+print(f"TinyLM with MLA: {len(lm.blocks)} layers, n_embd={lm.cfg.n_embd}, {lm.cfg.n_head} "
       f"heads of {lm.cfg.head_dim}, r={attn0.kv_lora_rank}, d_R={attn0.qk_rope_head_dim}")
 prompt = torch.randint(0, 256, (2, 16))
 out_plain = generate(lm, prompt, n_new=40)
@@ -673,7 +673,7 @@ def mla_flops(d, H, nope, rope, v, r, T, T_k, absorb):
 def counted_flops(layer, T, T_k):
     """FLOPs counted by PyTorch for T new tokens on a cache holding T_k - T positions."""
     cache = layer.new_cache(batch_size=1, max_len=T_k)
-    x = torch.randn(1, T_k, layer.config.d_model)
+    x = torch.randn(1, T_k, layer.config.n_embd)
     with torch.no_grad():
         if T_k > T:
             layer(x[:, : T_k - T], cache=cache)
@@ -683,7 +683,7 @@ def counted_flops(layer, T, T_k):
 
 
 torch.manual_seed(6)
-ref_layer = build_attention("mla", AttentionConfig(d_model=128, n_head=4, positions="rope",
+ref_layer = build_attention("mla", AttentionConfig(n_embd=128, n_head=4, positions="rope",
                                                    block_size=64, impl="reference")).eval()
 sizes = dict(d=128, H=4, nope=32, rope=16, v=32, r=128)  # the TinyLM layer's sizes
 for label, T, T_k in (("decode step", 1, 48), ("prefill", 48, 48)):
@@ -751,7 +751,7 @@ def fastest_ms(fn, reps=5):
 
 
 torch.manual_seed(7)
-timed = build_attention("mla", AttentionConfig(d_model=512, n_head=4, positions="rope",
+timed = build_attention("mla", AttentionConfig(n_embd=512, n_head=4, positions="rope",
                                                block_size=1024)).eval()
 x_long = torch.randn(1, 1024, 512)
 timed_cache = timed.new_cache(batch_size=1, max_len=1024)
@@ -794,12 +794,12 @@ assert ms[False][1] < ms[True][1], "naive should be faster for a full pass"
 # the layer itself with `new_cache`; `bytes_per_token` is one sequence and one layer.
 
 # %%
-small = dict(d_model=128, n_head=4, block_size=128, positions="rope")
+small = dict(n_embd=128, n_head=4, block_size=128, positions="rope")
 variants = [("MHA", "mha", {}, "2 H d_h"), ("GQA-2", "gqa", {"n_kv_head": 2}, "2 G d_h"),
             ("MQA", "mqa", {}, "2 d_h"), ("MLA", "mla", {}, "r + d_R")]
 print(f"{'variant':>7} {'cache':>11} {'formula':>8} {'numbers':>7} {'bytes':>5}")
 for label, name, extra, formula in variants:
-    layer_cache = build_attention(name, AttentionConfig(**small, **extra)).new_cache(1, 128)
+    layer_cache = build_attention(name, AttentionConfig(**small), **extra).new_cache(1, 128)
     n_numbers = layer_cache.bytes_per_token // 4  # fp32
     print(f"{label:>7} {type(layer_cache).__name__:>11} {formula:>8} {n_numbers:>7} "
           f"{layer_cache.bytes_per_token:>5}")
@@ -818,11 +818,11 @@ for label, name, extra, formula in variants:
 
 # %%
 n_layer_ds, ctx = 60, 32 * 1024
-ds_cfg = AttentionConfig(d_model=5120, n_head=128, block_size=ctx, positions="rope", bias=False,
-                         kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
-                         qk_rope_head_dim=64, v_head_dim=128)
+ds_cfg = AttentionConfig(n_embd=5120, n_head=128, block_size=ctx, positions="rope", bias=False)
+ds_sizes = dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128)
 with torch.device("meta"):
-    ds_mla = build_attention("mla", ds_cfg)
+    ds_mla = build_attention("mla", ds_cfg, **ds_sizes)
 per_layer = {}  # bytes per token, one layer
 for label, n_kv_head in (("MHA", 128), ("GQA-8", 8), ("GQA-2", 2), ("MQA", 1)):
     kv_cache = KVCache(1, n_kv_head, 128, ctx, device="meta", dtype=torch.bfloat16)
@@ -868,7 +868,7 @@ plt.show()
 # `LatentCatCache`, including the cached latents and rotary keys themselves.
 
 # %%
-module = build_attention("mla", cfg).eval()  # d_model=64, 4 heads, r=32, d_R=8, RoPE
+module = build_attention("mla", cfg, kv_lora_rank=32, qk_rope_head_dim=8).eval()  # 4 heads, RoPE
 with torch.no_grad():
     for name in ("wq", "wkv_a", "kv_norm", "c_proj"):
         getattr(module, name).load_state_dict(getattr(v2, name).state_dict())

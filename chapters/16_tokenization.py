@@ -622,7 +622,7 @@ plt.show()
 # (`block_size`) of 256 tokens:
 
 # %%
-d_model, block_size = 384, 256
+n_embd, block_size = 384, 256
 rows = [
     ("characters", 65, 1.0),
     ("BPE 1024", 1024, bytes_per_token[1024]),
@@ -631,8 +631,8 @@ rows = [
 ]
 print(f"{'tokenizer':<11}{'vocab':>7}{'tokens in corpus':>18}{'chars per context':>19}{'embedding params':>18}")
 for name, size, bpt in rows:
-    print(f"{name:<11}{size:>7,}{round(len(data) / bpt):>18,}{round(block_size * bpt):>19,}{size * d_model:>18,}")
-print(f"for scale: six transformer blocks of width {d_model} hold {6 * 12 * d_model**2:,} weights")
+    print(f"{name:<11}{size:>7,}{round(len(data) / bpt):>18,}{round(block_size * bpt):>19,}{size * n_embd:>18,}")
+print(f"for scale: six transformer blocks of width {n_embd} hold {6 * 12 * n_embd**2:,} weights")
 
 # %% [markdown]
 # Reading across:

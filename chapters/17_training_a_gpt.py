@@ -85,7 +85,7 @@ runs = Path(workdir.name)  # every training run of this chapter gets a folder in
 # ## 1. Version 1: a block
 #
 # A GPT is a stack of identical **blocks** between an embedding layer and an output layer. All the
-# blocks read and write one tensor of shape `(B, T, d_model)`, the **residual stream**: each block
+# blocks read and write one tensor of shape `(B, T, n_embd)`, the **residual stream**: each block
 # adds something to it instead of replacing it. A block has two such additions, each called a
 # residual *branch*:
 #
@@ -107,20 +107,20 @@ runs = Path(workdir.name)  # every training run of this chapter gets a folder in
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, attention, cfg):
+    def __init__(self, attention, cfg, **options):
         super().__init__()
-        d = cfg.d_model
+        d = cfg.n_embd
         self.ln_1 = nn.LayerNorm(d)  # normalises the input of the attention branch
-        self.attn = build_attention(attention, cfg)  # any registered variant
+        self.attn = build_attention(attention, cfg, **options)  # any variant, its own options
         self.ln_2 = nn.LayerNorm(d)  # normalises the input of the MLP branch
         self.mlp = MLP(d, 4 * d)  # d -> 4d -> GELU -> d
 
-    def forward(self, x):  # x: (B, T, d_model)
+    def forward(self, x):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x))  # positions talk to earlier positions
         return x + self.mlp(self.ln_2(x))  # each position thinks alone
 
 
-attn_cfg = AttentionConfig(d_model=128, n_head=4, block_size=64, positions="learned")
+attn_cfg = AttentionConfig(n_embd=128, n_head=4, block_size=64, positions="learned")
 block = Block("mha", attn_cfg)
 x = torch.randn(2, 16, 128)
 print("block:", tuple(x.shape), "->", tuple(block(x).shape))
@@ -130,8 +130,8 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 #
 # The rest of the model turns token ids into the stream and the stream into predictions:
 #
-# - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id (`n_embd` is
-#   GPT-2's name for the width `d_model` of section 1, written $d$ below).
+# - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id (`n_embd`,
+#   GPT-2's name for the width of section 1, is the book's name for it too; $d$ below).
 # - `wpe`, the position embedding: one learned vector per position `0 .. block_size - 1`
 #   (chapter 6's `PositionalEmbedding`). Attention itself is blind to order; adding a position
 #   vector to each token vector is how GPT-2 tells the model where each token sits. (RoPE and
@@ -161,12 +161,12 @@ class NotebookGPT(nn.Module):
     def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, attention="mha",
                  scale_residual=True, **attention_options):
         super().__init__()
-        cfg = AttentionConfig(d_model=n_embd, n_head=n_head, block_size=block_size,
-                              positions="learned", **attention_options)
+        cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                              positions="learned")
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),  # token id -> vector
             wpe=PositionalEmbedding("learned", block_size, n_embd),  # position -> vector
-            h=nn.ModuleList(Block(attention, cfg) for _ in range(n_layer)),
+            h=nn.ModuleList(Block(attention, cfg, **attention_options) for _ in range(n_layer)),
             ln_f=nn.LayerNorm(n_embd),
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
@@ -611,9 +611,11 @@ assert out.shape == (1, 7 + 300)
 # ## 8. Switching the attention variant by name
 #
 # Nothing in `GPT` knows which attention it holds: the block asks the registry for
-# `config.attention` and passes `config.attention_options` on to the variant's `AttentionConfig`.
-# So each variant of this book is a one-field change of the same configuration. Each of them also
-# brings its own cache: `model.new_caches(batch_size, max_len)` asks every layer for an empty one.
+# `config.attention` and passes `config.attention_options` on to the variant, which declares them
+# in its own file (gqa's `n_kv_head`, local's `window`, ...; an option the variant does not know
+# is refused when the config is built, with the list of those it does). So each variant of this
+# book is a one-field change of the same configuration. Each of them also brings its own cache:
+# `model.new_caches(batch_size, max_len)` asks every layer for an empty one.
 # The loop below builds the model of section 4 with each variant and measures, without
 # special-casing any, its parameters and the bytes of its caches for one sequence of 32 and of
 # 64 positions (fp32). The difference between the two says how the cache grows with the context.

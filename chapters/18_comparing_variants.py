@@ -94,7 +94,8 @@ print("registered variants:", available())
 #
 # Two things cannot be the same. First, most variants need options, and "the same" option does
 # not exist: a window or a block size only means something relative to the sequence length.
-# `variant_options` chooses them from the configuration so that each variant's saving is real at
+# `variant_options` asks each variant for its own choice at the configuration's sequence length
+# (`options_for_length`, written in the variant's file), so that each variant's saving is real at
 # that length: GQA keeps half of the key/value heads, a window of an eighth of the sequence,
 # BigBird blocks of a sixteenth of it with each query block seeing at most 6 of the 16 (1 global,
 # 3 window, 2 random), a linear-attention chunk of at most 64 positions; MLA keeps its

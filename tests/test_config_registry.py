@@ -1,8 +1,11 @@
+from dataclasses import fields
+
 import pytest
 
 from attnbook.attention import (
     AttentionConfig,
     MultiHeadAttention,
+    attention_class,
     available,
     build_attention,
     register_attention,
@@ -10,36 +13,21 @@ from attnbook.attention import (
 
 
 def test_head_dim():
-    assert AttentionConfig(d_model=96, n_head=12).head_dim == 8
+    assert AttentionConfig(n_embd=96, n_head=12).head_dim == 8
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"d_model": 10, "n_head": 3}, "d_model=10 is not divisible by n_head=3"),
-        ({"d_model": 0}, "d_model must be a positive integer"),
-        ({"d_model": -8}, "d_model must be a positive integer"),
-        ({"d_model": 8.0}, "d_model must be a positive integer"),
+        ({"n_embd": 10, "n_head": 3}, "n_embd=10 is not divisible by n_head=3"),
+        ({"n_embd": 0}, "n_embd must be a positive integer"),
+        ({"n_embd": -8}, "n_embd must be a positive integer"),
+        ({"n_embd": 8.0}, "n_embd must be a positive integer"),
         ({"n_head": 0}, "n_head must be a positive integer"),
         ({"n_head": True}, "n_head must be a positive integer"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"dropout": -0.1}, "dropout must be in"),
         ({"impl": "flash"}, "impl must be one of"),
-        ({"window": 0}, "window must be a positive integer"),
-        ({"linear_chunk": -4}, "linear_chunk must be a positive integer"),
-        ({"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer"),
-        ({"q_lora_rank": -1}, "q_lora_rank must be an integer >= 0"),
-        ({"q_lora_rank": 2.0}, "q_lora_rank must be an integer >= 0"),
-        ({"qk_nope_head_dim": 0}, "qk_nope_head_dim must be a positive integer"),
-        ({"qk_rope_head_dim": 3}, "qk_rope_head_dim must be even"),
-        ({"qk_rope_head_dim": 0}, "qk_rope_head_dim must be a positive integer"),
-        ({"v_head_dim": -2}, "v_head_dim must be a positive integer"),
-        ({"mla_absorb": 1}, "mla_absorb must be True or False"),
-        ({"mla_kv_norm": "yes"}, "mla_kv_norm must be True or False"),
-        ({"sparse_block": 0}, "sparse_block must be a positive integer"),
-        ({"n_window_blocks": 0}, "n_window_blocks must be a positive integer"),
-        ({"n_global_blocks": -1}, "n_global_blocks must be an integer >= 0"),
-        ({"n_random_blocks": 1.5}, "n_random_blocks must be an integer >= 0"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):
@@ -47,9 +35,57 @@ def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):
         AttentionConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("gqa", {"n_kv_head": 0}, "n_kv_head must be a positive integer"),
+        ("gqa", {"n_kv_head": 3}, "n_kv_head=3 does not divide n_head=4"),
+        ("local", {"window": 0}, "window must be a positive integer"),
+        ("linear", {"linear_chunk": -4}, "linear_chunk must be a positive integer"),
+        ("mla", {"kv_lora_rank": 0}, "kv_lora_rank must be a positive integer"),
+        ("mla", {"q_lora_rank": -1}, "q_lora_rank must be an integer >= 0"),
+        ("mla", {"q_lora_rank": 2.0}, "q_lora_rank must be an integer >= 0"),
+        ("mla", {"qk_nope_head_dim": 0}, "qk_nope_head_dim must be a positive integer"),
+        ("mla", {"qk_rope_head_dim": 3}, "qk_rope_head_dim must be even"),
+        ("mla", {"qk_rope_head_dim": 0}, "qk_rope_head_dim must be a positive integer"),
+        ("mla", {"v_head_dim": -2}, "v_head_dim must be a positive integer"),
+        ("mla", {"absorb": 1}, "absorb must be True or False"),
+        ("mla", {"kv_norm": "yes"}, "kv_norm must be True or False"),
+        ("sparse", {"sparse_block": 0}, "sparse_block must be a positive integer"),
+        ("sparse", {"n_window_blocks": 0}, "n_window_blocks must be a positive integer"),
+        ("sparse", {"n_global_blocks": -1}, "n_global_blocks must be an integer >= 0"),
+        ("sparse", {"n_random_blocks": 1.5}, "n_random_blocks must be an integer >= 0"),
+    ],
+)
+def test_invalid_option_raises_value_error_naming_it(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_attention(name, AttentionConfig(n_embd=32, n_head=4), **options)
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("mha", {"n_kv_head": 2}, r"has no option n_kv_head \(its options: none\); gqa, "),
+        ("local", {"windw": 8}, r"no option windw \(its options: n_kv_head, window\)$"),
+        ("gqa", {"window": 8, "absorb": True}, r"no option window, absorb .*\)$"),
+    ],
+)
+def test_unknown_options_name_the_known_ones_and_who_takes_them(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_attention(name, AttentionConfig(n_embd=32, n_head=4), **options)
+
+
+@pytest.mark.parametrize("name", available())
+def test_options_for_length_build_and_are_the_variants_own(name):
+    options = attention_class(name).options_for_length(64, 4)
+    layer = build_attention(name, AttentionConfig(n_embd=32, n_head=4, block_size=64), **options)
+    assert set(options) <= {f.name for f in fields(layer.options)}
+    assert all(getattr(layer.options, key) == value for key, value in options.items())
+
+
 def test_registry_builds_mha():
     assert "mha" in available()
-    attn = build_attention("mha", AttentionConfig(d_model=32, n_head=4))
+    attn = build_attention("mha", AttentionConfig(n_embd=32, n_head=4))
     assert isinstance(attn, MultiHeadAttention)
 
 
@@ -60,7 +96,7 @@ def test_unknown_name_lists_the_registered_names():
 
 def test_build_needs_a_config():
     with pytest.raises(ValueError, match="AttentionConfig"):
-        build_attention("mha", {"d_model": 32})
+        build_attention("mha", {"n_embd": 32})
 
 
 def test_a_name_cannot_be_taken_twice():

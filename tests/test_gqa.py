@@ -15,17 +15,17 @@ from attnbook.attention import (
 
 
 def test_gqa_with_as_many_kv_heads_as_query_heads_is_mha():
-    cfg = AttentionConfig(d_model=32, n_head=4)
+    cfg = AttentionConfig(n_embd=32, n_head=4)
     mha = MultiHeadAttention(cfg)
-    gqa = GroupedQueryAttention(AttentionConfig(d_model=32, n_head=4, n_kv_head=4))
+    gqa = GroupedQueryAttention(AttentionConfig(n_embd=32, n_head=4), n_kv_head=4)
     gqa.load_state_dict(mha.state_dict())
     x = torch.randn(2, 7, 32)
     torch.testing.assert_close(gqa(x), mha(x))
 
 
 def test_gqa_with_one_kv_head_is_mqa():
-    mqa = MultiQueryAttention(AttentionConfig(d_model=32, n_head=4))
-    gqa = GroupedQueryAttention(AttentionConfig(d_model=32, n_head=4, n_kv_head=1))
+    mqa = MultiQueryAttention(AttentionConfig(n_embd=32, n_head=4))
+    gqa = GroupedQueryAttention(AttentionConfig(n_embd=32, n_head=4), n_kv_head=1)
     gqa.load_state_dict(mqa.state_dict())
     x = torch.randn(2, 7, 32)
     torch.testing.assert_close(gqa(x), mqa(x))
@@ -36,8 +36,8 @@ def test_gqa_is_mha_with_kv_heads_repeated_per_group(n_kv_head):
     """Query head h reads K/V head h // (n_head // n_kv_head): build that MHA explicitly."""
     n_head, hd = 8, 4
     d = n_head * hd
-    gqa = GroupedQueryAttention(AttentionConfig(d_model=d, n_head=n_head, n_kv_head=n_kv_head))
-    mha = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head))
+    gqa = GroupedQueryAttention(AttentionConfig(n_embd=d, n_head=n_head), n_kv_head=n_kv_head)
+    mha = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head))
     wq, wk, wv = gqa.c_attn.weight.split([d, n_kv_head * hd, n_kv_head * hd])
     bq, bk, bv = gqa.c_attn.bias.split([d, n_kv_head * hd, n_kv_head * hd])
     group = n_head // n_kv_head
@@ -76,9 +76,9 @@ def test_enable_gqa_equals_explicit_repeat(n_kv_head, t, masked, seed):
 
 @pytest.mark.parametrize("name", ["gqa", "mqa"])
 def test_fast_and_reference_paths_agree(name):
-    cfg = dict(d_model=48, n_head=6, n_kv_head=2 if name == "gqa" else None)
-    fast = build_attention(name, AttentionConfig(**cfg))
-    ref = build_attention(name, AttentionConfig(**cfg, impl="reference"))
+    options = {"n_kv_head": 2} if name == "gqa" else {}
+    fast = build_attention(name, AttentionConfig(n_embd=48, n_head=6), **options)
+    ref = build_attention(name, AttentionConfig(n_embd=48, n_head=6, impl="reference"), **options)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 11, 48)
     torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_fast_and_reference_paths_agree(name):
 
 def test_fewer_kv_heads_fewer_parameters():
     def count(name, **kw):
-        attn = build_attention(name, AttentionConfig(d_model=64, n_head=8, bias=False, **kw))
+        attn = build_attention(name, AttentionConfig(n_embd=64, n_head=8, bias=False), **kw)
         return sum(p.numel() for p in attn.parameters())
 
     d, hd = 64, 8
@@ -96,24 +96,24 @@ def test_fewer_kv_heads_fewer_parameters():
 
 
 def test_gradients_reach_every_parameter():
-    attn = build_attention("gqa", AttentionConfig(d_model=16, n_head=4, n_kv_head=2))
+    attn = build_attention("gqa", AttentionConfig(n_embd=16, n_head=4), n_kv_head=2)
     attn(torch.randn(2, 5, 16)).square().sum().backward()
     for name, p in attn.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, match",
+    "name, n_kv_head, match",
     [
-        ("gqa", {"n_head": 8, "n_kv_head": 3}, "n_kv_head=3 does not divide n_head=8"),
-        ("gqa", {"n_head": 8, "n_kv_head": 0}, "n_kv_head must be a positive integer"),
-        ("mha", {"n_head": 8, "n_kv_head": 2}, "use 'gqa'"),
-        ("mqa", {"n_head": 8, "n_kv_head": 2}, "mqa has a single key/value head"),
+        ("gqa", 3, "n_kv_head=3 does not divide n_head=8"),
+        ("gqa", 0, "n_kv_head must be a positive integer"),
+        ("mha", 2, "MultiHeadAttention has no option n_kv_head .* gqa, local, mqa, sparse"),
+        ("mqa", 2, "mqa has a single key/value head, got n_kv_head=2: use 'gqa'"),
     ],
 )
-def test_bad_kv_head_counts(name, kwargs, match):
+def test_bad_kv_head_counts(name, n_kv_head, match):
     with pytest.raises(ValueError, match=match):
-        build_attention(name, AttentionConfig(d_model=64, **kwargs))
+        build_attention(name, AttentionConfig(n_embd=64, n_head=8), n_kv_head=n_kv_head)
 
 
 def test_core_rejects_kv_heads_that_do_not_divide():

@@ -83,9 +83,9 @@ def test_rope_numerator_depends_on_offsets_only():
     )
 
 
-def _layer(positions="rope", **kw):
-    cfg = dict(d_model=32, n_head=4, block_size=20, positions=positions, linear_chunk=4)
-    return build_attention("linear", AttentionConfig(**{**cfg, **kw})).eval()
+def _layer(positions="rope", linear_chunk=4, **kw):
+    cfg = AttentionConfig(**dict(n_embd=32, n_head=4, block_size=20, positions=positions) | kw)
+    return build_attention("linear", cfg, linear_chunk=linear_chunk).eval()
 
 
 def test_registered():
@@ -168,7 +168,6 @@ def test_gradients_reach_every_parameter():
     [
         ({"positions": "alibi"}, "positions"),
         ({"causal": False}, "causal=True"),
-        ({"n_kv_head": 2}, "n_kv_head=2"),
         ({"linear_chunk": 0}, "linear_chunk must be a positive integer"),
     ],
 )
@@ -184,7 +183,7 @@ def test_bad_arguments():
         layer(x, attn_mask=torch.ones(6, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="need_weights"):
         layer(x, need_weights=True, cache=layer.new_cache(1))
-    with pytest.raises(ValueError, match=r"x must have shape \(B, T, d_model=32\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, n_embd=32\)"):
         layer(torch.randn(1, 6, 31))
     with pytest.raises(ValueError, match="max_len must be in 1..block_size=20, got 21"):
         layer.new_cache(1, max_len=21)

@@ -17,17 +17,10 @@ from attnbook.positions import alibi_bias, alibi_slopes
 
 def _pair(window, positions="none", n_kv_head=None, block_size=32, **kw):
     """The fast ("sdpa", blocked) and reference ("reference", dense) layers, same weights."""
-    cfg = dict(
-        d_model=32,
-        n_head=4,
-        n_kv_head=n_kv_head,
-        block_size=block_size,
-        window=window,
-        positions=positions,
-        **kw,
-    )
-    fast = LocalAttention(AttentionConfig(**cfg)).eval()
-    ref = LocalAttention(AttentionConfig(**cfg, impl="reference")).eval()
+    cfg = dict(n_embd=32, n_head=4, block_size=block_size, positions=positions, **kw)
+    options = dict(window=window, n_kv_head=n_kv_head)
+    fast = LocalAttention(AttentionConfig(**cfg), **options).eval()
+    ref = LocalAttention(AttentionConfig(**cfg, impl="reference"), **options).eval()
     ref.load_state_dict(fast.state_dict())
     return fast, ref
 
@@ -104,9 +97,9 @@ def test_blocked_path_gradients_equal_the_dense_ones_and_reach_every_parameter()
 @pytest.mark.parametrize("positions", ["rope", "alibi", "none"])
 @pytest.mark.parametrize("window", [9, 40])
 def test_a_window_at_least_the_sequence_length_is_full_causal_attention(positions, window):
-    cfg = dict(d_model=32, n_head=4, n_kv_head=2, block_size=40, positions=positions)
-    local = LocalAttention(AttentionConfig(**cfg, window=window)).eval()
-    full = GroupedQueryAttention(AttentionConfig(**cfg)).eval()
+    cfg = AttentionConfig(n_embd=32, n_head=4, block_size=40, positions=positions)
+    local = LocalAttention(cfg, n_kv_head=2, window=window).eval()
+    full = GroupedQueryAttention(cfg, n_kv_head=2).eval()
     full.load_state_dict(local.state_dict())  # same projections, same layout as "gqa"
     x = torch.randn(2, 9, 32)
     torch.testing.assert_close(local(x), full(x), atol=1e-5, rtol=1e-5)
@@ -210,11 +203,11 @@ def test_training_with_dropout_runs_the_blocked_path_and_backpropagates():
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
-        AttentionConfig(d_model=32, n_head=4, window=0)
+        LocalAttention(AttentionConfig(n_embd=32, n_head=4), window=0)
     with pytest.raises(ValueError, match="window must be a positive integer, got -3"):
-        AttentionConfig(d_model=32, n_head=4, window=-3)
+        LocalAttention(AttentionConfig(n_embd=32, n_head=4), window=-3)
     with pytest.raises(ValueError, match="causal must be True"):
-        LocalAttention(AttentionConfig(d_model=32, n_head=4, causal=False))
+        LocalAttention(AttentionConfig(n_embd=32, n_head=4, causal=False))
     fast, _ = _pair(window=4, block_size=8)
     with pytest.raises(ValueError, match="max_len must be in 1..block_size=8, got 9"):
         fast.new_cache(1, max_len=9)

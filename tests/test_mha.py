@@ -35,7 +35,7 @@ def _pair(**kwargs):
 )
 def test_fast_and_reference_paths_agree(n_head, head_dim, batch, t, causal, bias, padded, seed):
     torch.manual_seed(seed)
-    fast, ref = _pair(d_model=n_head * head_dim, n_head=n_head, causal=causal, bias=bias)
+    fast, ref = _pair(n_embd=n_head * head_dim, n_head=n_head, causal=causal, bias=bias)
     x = torch.randn(batch, t, n_head * head_dim)
     mask = None
     if padded:
@@ -46,7 +46,7 @@ def test_fast_and_reference_paths_agree(n_head, head_dim, batch, t, causal, bias
 
 def test_agrees_with_torch_multihead_attention():
     d, n_head, T = 48, 6, 10
-    ours = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head))
+    ours = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head))
     theirs = nn.MultiheadAttention(d, n_head, batch_first=True)
     with torch.no_grad():
         theirs.in_proj_weight.copy_(ours.c_attn.weight)  # q|k|v stacked the same way
@@ -65,7 +65,7 @@ def test_agrees_with_torch_multihead_attention():
 
 def test_agrees_with_concatenated_single_heads():
     d, n_head, T = 32, 4, 9
-    cfg = AttentionConfig(d_model=d, n_head=n_head, bias=False)
+    cfg = AttentionConfig(n_embd=d, n_head=n_head, bias=False)
     mha = MultiHeadAttention(cfg)
     heads = [Head(d, cfg.head_dim, block_size=T) for _ in range(n_head)]
     wq, wk, wv = mha.c_attn.weight.split(d, dim=0)  # each (d, d): rows grouped head by head
@@ -82,7 +82,7 @@ def test_agrees_with_concatenated_single_heads():
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_causality(impl):
-    attn = build_attention("mha", AttentionConfig(d_model=16, n_head=2, impl=impl))
+    attn = build_attention("mha", AttentionConfig(n_embd=16, n_head=2, impl=impl))
     x = torch.randn(2, 8, 16)
     x2 = x.clone()
     x2[:, 5:] = torch.randn(2, 3, 16)
@@ -91,7 +91,7 @@ def test_causality(impl):
 
 
 def test_non_causal_sees_the_future():
-    attn = build_attention("mha", AttentionConfig(d_model=16, n_head=2, causal=False))
+    attn = build_attention("mha", AttentionConfig(n_embd=16, n_head=2, causal=False))
     x = torch.randn(1, 6, 16)
     x2 = x.clone()
     x2[:, -1] += 1
@@ -100,7 +100,7 @@ def test_non_causal_sees_the_future():
 
 @pytest.mark.parametrize("impl", ["sdpa", "reference"])
 def test_gradients_reach_every_parameter(impl):
-    attn = build_attention("mha", AttentionConfig(d_model=16, n_head=4, impl=impl))
+    attn = build_attention("mha", AttentionConfig(n_embd=16, n_head=4, impl=impl))
     attn(torch.randn(2, 5, 16)).square().sum().backward()
     for name, p in attn.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -108,14 +108,14 @@ def test_gradients_reach_every_parameter(impl):
 
 def test_parameter_count():
     d = 64
-    with_bias = MultiHeadAttention(AttentionConfig(d_model=d, n_head=8))
-    without = MultiHeadAttention(AttentionConfig(d_model=d, n_head=8, bias=False))
+    with_bias = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=8))
+    without = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=8, bias=False))
     assert sum(p.numel() for p in with_bias.parameters()) == 4 * d * d + 4 * d
     assert sum(p.numel() for p in without.parameters()) == 4 * d * d
 
 
 def test_need_weights_returns_per_head_causal_maps():
-    attn = MultiHeadAttention(AttentionConfig(d_model=16, n_head=4))
+    attn = MultiHeadAttention(AttentionConfig(n_embd=16, n_head=4))
     x = torch.randn(2, 6, 16)
     y, w = attn(x, need_weights=True)
     assert w.shape == (2, 4, 6, 6)
@@ -125,7 +125,7 @@ def test_need_weights_returns_per_head_causal_maps():
 
 
 def test_dropout_only_in_training():
-    attn = MultiHeadAttention(AttentionConfig(d_model=16, n_head=2, dropout=0.3))
+    attn = MultiHeadAttention(AttentionConfig(n_embd=16, n_head=2, dropout=0.3))
     x = torch.randn(2, 6, 16)
     attn.eval()
     assert torch.equal(attn(x), attn(x))
@@ -136,12 +136,12 @@ def test_dropout_only_in_training():
 @pytest.mark.parametrize(
     "x, mask, match",
     [
-        (torch.randn(2, 5, 15), None, r"x must have shape \(B, T, d_model=16\)"),
+        (torch.randn(2, 5, 15), None, r"x must have shape \(B, T, n_embd=16\)"),
         (torch.randn(5, 16), None, r"x must have shape"),
         (torch.randn(2, 5, 16), torch.ones(2, 4, dtype=torch.bool), "attn_mask of shape"),
     ],
 )
 def test_bad_inputs_raise_value_error(x, mask, match):
-    attn = MultiHeadAttention(AttentionConfig(d_model=16, n_head=2))
+    attn = MultiHeadAttention(AttentionConfig(n_embd=16, n_head=2))
     with pytest.raises(ValueError, match=match):
         attn(x, mask)

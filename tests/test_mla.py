@@ -8,10 +8,9 @@ from attnbook.attention.mla import LatentCache, MultiHeadLatentAttention
 SIZES = dict(kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
 
 
-def _layer(positions="rope", q_lora_rank=0, **kw):
-    cfg = dict(d_model=32, n_head=4, block_size=16, positions=positions, **SIZES)
-    cfg.update(kw)
-    return MultiHeadLatentAttention(AttentionConfig(q_lora_rank=q_lora_rank, **cfg)).eval()
+def _layer(positions="rope", q_lora_rank=0, absorb=False, impl="sdpa"):
+    cfg = AttentionConfig(n_embd=32, n_head=4, block_size=16, positions=positions, impl=impl)
+    return MultiHeadLatentAttention(cfg, q_lora_rank=q_lora_rank, absorb=absorb, **SIZES).eval()
 
 
 def _both_modes(layer, x, **kw):
@@ -23,11 +22,11 @@ def _both_modes(layer, x, **kw):
 
 def test_registered_and_defaults_derived_from_head_dim():
     assert "mla" in available()
-    layer = build_attention("mla", AttentionConfig(d_model=64, n_head=4))  # head_dim 16
+    layer = build_attention("mla", AttentionConfig(n_embd=64, n_head=4))  # head_dim 16
     sizes = (layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim, layer.v_head_dim)
     assert sizes == (64, 16, 8, 16)
-    assert layer.config.kv_lora_rank == 64 and layer.absorb is False
-    assert build_attention("mla", AttentionConfig(mla_absorb=True)).absorb is True
+    assert layer.options.kv_lora_rank is None and layer.absorb is False
+    assert build_attention("mla", AttentionConfig(), absorb=True).absorb is True
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
@@ -116,7 +115,7 @@ def test_cache_holds_only_the_latent_and_the_rotary_key(dtype, itemsize):
 
 
 def test_mla_cache_is_smaller_than_mha_cache():
-    cfg = AttentionConfig(d_model=64, n_head=8, positions="rope")  # head_dim 8
+    cfg = AttentionConfig(n_embd=64, n_head=8, positions="rope")  # head_dim 8
     mla = build_attention("mla", cfg).new_cache(1)
     mha = build_attention("mha", cfg).new_cache(1)
     assert mla.bytes_per_token == (32 + 4) * 4 < mha.bytes_per_token == 2 * 64 * 4
@@ -125,7 +124,7 @@ def test_mla_cache_is_smaller_than_mha_cache():
 @pytest.mark.parametrize("absorb", [False, True])
 def test_changing_the_future_never_changes_the_past(absorb):
     torch.manual_seed(0)
-    layer = _layer(q_lora_rank=10, mla_absorb=absorb)
+    layer = _layer(q_lora_rank=10, absorb=absorb)
     x = torch.randn(1, 12, 32)
     y = x.clone()
     y[:, 7:] = torch.randn(1, 5, 32)
@@ -137,7 +136,7 @@ def test_changing_the_future_never_changes_the_past(absorb):
 @pytest.mark.parametrize("q_lora_rank", [0, 10])
 def test_gradients_reach_every_parameter(absorb, q_lora_rank):
     torch.manual_seed(0)
-    layer = _layer(q_lora_rank=q_lora_rank, mla_absorb=absorb).train()
+    layer = _layer(q_lora_rank=q_lora_rank, absorb=absorb).train()
     layer(torch.randn(2, 8, 32)).pow(2).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -177,10 +176,10 @@ def test_padding_mask_with_cache_in_both_modes():
 
 
 def test_invalid_arguments_are_refused():
-    with pytest.raises(ValueError, match="n_kv_head=2"):
-        MultiHeadLatentAttention(AttentionConfig(d_model=32, n_head=4, n_kv_head=2))
+    with pytest.raises(ValueError, match="has no option n_kv_head"):
+        MultiHeadLatentAttention(AttentionConfig(n_embd=32, n_head=4), n_kv_head=2)
     layer = _layer()
-    with pytest.raises(ValueError, match=r"x must have shape \(B, T, d_model=32\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, n_embd=32\)"):
         layer(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="max_len must be in 1..block_size=16, got 17"):
         layer.new_cache(1, max_len=17)

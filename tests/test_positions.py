@@ -31,7 +31,7 @@ def test_sinusoidal_table_follows_the_formula():
 
 @pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
 def test_positional_embedding_offsets_and_limits(kind):
-    pe = PositionalEmbedding(kind, block_size=10, d_model=8)
+    pe = PositionalEmbedding(kind, block_size=10, n_embd=8)
     torch.testing.assert_close(pe(3, start=4), pe(10)[4:7])
     with pytest.raises(ValueError, match="block_size=10"):
         pe(3, start=8)
@@ -89,9 +89,10 @@ def test_the_two_pairings_agree_after_the_permutation():
 
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 def test_converting_weights_between_pairings_keeps_the_layer(name):
-    cfg = dict(d_model=32, n_head=4, n_kv_head=2 if name == "gqa" else None, positions="rope")
-    inter = build_attention(name, AttentionConfig(**cfg, rope_pairing="interleaved"))
-    half = build_attention(name, AttentionConfig(**cfg, rope_pairing="half"))
+    cfg = dict(n_embd=32, n_head=4, positions="rope")
+    options = {"n_kv_head": 2} if name == "gqa" else {}
+    inter = build_attention(name, AttentionConfig(**cfg, rope_pairing="interleaved"), **options)
+    half = build_attention(name, AttentionConfig(**cfg, rope_pairing="half"), **options)
     d, kv = 32, inter.n_kv_head * inter.head_dim
     state = inter.state_dict()
     for key in ("c_attn.weight", "c_attn.bias"):
@@ -147,7 +148,7 @@ def test_alibi_bias_is_minus_slope_times_distance_bottom_right():
     "kwargs, match",
     [
         ({"positions": "relative"}, "positions must be one of"),
-        ({"positions": "rope", "d_model": 36, "n_head": 4}, "head_dim=9"),
+        ({"positions": "rope", "n_embd": 36, "n_head": 4}, "head_dim=9"),
         ({"rope_pairing": "zigzag"}, "rope_pairing must be one of"),
         ({"rope_base": 1.0}, "rope_base"),
         ({"block_size": 0}, "block_size must be a positive integer"),
@@ -155,14 +156,14 @@ def test_alibi_bias_is_minus_slope_times_distance_bottom_right():
 )
 def test_bad_position_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        AttentionConfig(**{"d_model": 32, "n_head": 4, **kwargs})
+        AttentionConfig(**{"n_embd": 32, "n_head": 4, **kwargs})
 
 
 @pytest.mark.parametrize("positions", ["none", "learned", "rope", "alibi"])
 def test_attention_without_positions_is_permutation_equivariant(positions):
     """Only RoPE and ALiBi put positions inside attention; the others leave it equivariant."""
     attn = build_attention(
-        "mha", AttentionConfig(d_model=16, n_head=2, causal=False, positions=positions)
+        "mha", AttentionConfig(n_embd=16, n_head=2, causal=False, positions=positions)
     )
     x = torch.randn(1, 6, 16)
     perm = torch.randperm(6)

@@ -28,10 +28,10 @@ PATTERN = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2, n_random_bl
 def _pair(positions="none", n_kv_head=None, block_size=24, **kw):
     """The fast ("sdpa", block-sparse) and reference ("reference", dense) layers, same weights
     and the same random blocks."""
-    cfg = dict(d_model=32, n_head=4, n_kv_head=n_kv_head, block_size=block_size)
-    cfg.update(PATTERN, positions=positions, **kw)
-    fast = SparseAttention(AttentionConfig(**cfg)).eval()
-    ref = SparseAttention(AttentionConfig(**cfg, impl="reference")).eval()
+    cfg = dict(n_embd=32, n_head=4, block_size=block_size, positions=positions, **kw)
+    options = dict(PATTERN, n_kv_head=n_kv_head)
+    fast = SparseAttention(AttentionConfig(**cfg), **options).eval()
+    ref = SparseAttention(AttentionConfig(**cfg, impl="reference"), **options).eval()
     ref.load_state_dict(fast.state_dict())
     return fast, ref
 
@@ -77,11 +77,11 @@ def test_each_row_draws_min_r_eligible_distinct_blocks_in_the_eligible_range(g, 
 
 
 def test_random_blocks_are_seeded_per_layer_fixed_and_restored_from_a_checkpoint():
-    cfg = AttentionConfig(d_model=32, n_head=4, block_size=256, **PATTERN)
+    cfg = AttentionConfig(n_embd=32, n_head=4, block_size=256)
     torch.manual_seed(1)
-    a, b = SparseAttention(cfg), SparseAttention(cfg)
+    a, b = SparseAttention(cfg, **PATTERN), SparseAttention(cfg, **PATTERN)
     torch.manual_seed(1)
-    again = SparseAttention(cfg)
+    again = SparseAttention(cfg, **PATTERN)
     assert not torch.equal(a.random_blocks, b.random_blocks)  # layers differ
     assert torch.equal(a.random_blocks, again.random_blocks)  # the seed reproduces them
     assert a.random_blocks.shape == (256 // 4, 1)
@@ -157,8 +157,8 @@ def test_block_sparse_gradients_equal_the_dense_ones_and_reach_every_parameter()
 @pytest.mark.parametrize("g, w, r", [(0, 6, 0), (5, 1, 0), (0, 1, 5), (1, 2, 3)])
 def test_blocks_covering_the_whole_past_are_full_causal_attention(positions, g, w, r):
     blocks = dict(sparse_block=4, n_global_blocks=g, n_window_blocks=w, n_random_blocks=r)
-    cfg = dict(d_model=32, n_head=4, block_size=24, positions=positions)
-    sparse = SparseAttention(AttentionConfig(**cfg, **blocks)).eval()
+    cfg = dict(n_embd=32, n_head=4, block_size=24, positions=positions)
+    sparse = SparseAttention(AttentionConfig(**cfg), **blocks).eval()
     full = MultiHeadAttention(AttentionConfig(**cfg)).eval()
     weights = {k: v for k, v in sparse.state_dict().items() if k != "random_blocks"}
     full.load_state_dict(weights)  # same projections, same layout as "mha"
@@ -252,20 +252,20 @@ def test_training_with_dropout_runs_the_block_sparse_path_and_backpropagates():
 
 
 def test_registered_as_sparse():
-    layer = build_attention("sparse", AttentionConfig(d_model=32, n_head=4, block_size=64))
+    layer = build_attention("sparse", AttentionConfig(n_embd=32, n_head=4, block_size=64))
     assert isinstance(layer, SparseAttention)
     assert layer.random_blocks.shape == (1, 3)  # one block of the default 64 positions
 
 
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="sparse_block must be a positive integer, got 0"):
-        AttentionConfig(d_model=32, n_head=4, sparse_block=0)
+        SparseAttention(AttentionConfig(n_embd=32, n_head=4), sparse_block=0)
     with pytest.raises(ValueError, match="n_window_blocks must be a positive integer, got 0"):
-        AttentionConfig(d_model=32, n_head=4, n_window_blocks=0)
+        SparseAttention(AttentionConfig(n_embd=32, n_head=4), n_window_blocks=0)
     with pytest.raises(ValueError, match="n_random_blocks must be an integer >= 0, got -1"):
-        AttentionConfig(d_model=32, n_head=4, n_random_blocks=-1)
+        SparseAttention(AttentionConfig(n_embd=32, n_head=4), n_random_blocks=-1)
     with pytest.raises(ValueError, match="causal must be True"):
-        SparseAttention(AttentionConfig(d_model=32, n_head=4, causal=False))
+        SparseAttention(AttentionConfig(n_embd=32, n_head=4, causal=False))
     q, k, v = torch.randn(3, 1, 2, 10, 4)
     with pytest.raises(ValueError, match="multiple of sparse_block=4, got T=10"):
         block_sparse_attention(q, k, v, 4, 1, 2, draw_random_blocks(3, 1, 2, 1))

@@ -51,18 +51,18 @@ features = torch.tensor(
         [0.0, 0.0, 0.0, 0.0],  # <pad>
     ]
 )
-embedding = features + 0.1 * torch.randn(features.shape)  # (vocab, d_model)
-d_model, d = 4, 4
-W_q = 0.3 * torch.randn(d_model, d)
-W_k = 0.3 * torch.randn(d_model, d)
-W_v = torch.randn(d_model, d)
+embedding = features + 0.1 * torch.randn(features.shape)  # (vocab, n_embd)
+n_embd, d = 4, 4
+W_q = 0.3 * torch.randn(n_embd, d)
+W_k = 0.3 * torch.randn(n_embd, d)
+W_v = torch.randn(n_embd, d)
 W_q[3, 0] += 3.0  # pronoun -> "looking for a thing"
 W_k[0, 0] += 3.0  # thing   -> "I am a thing"
 
 
 def qkv(words):
     """Queries, keys and values, each (T, d), of a list of words."""
-    x = embedding[torch.tensor([vocab.index(w) for w in words])]  # (T, d_model)
+    x = embedding[torch.tensor([vocab.index(w) for w in words])]  # (T, n_embd)
     return x @ W_q, x @ W_k, x @ W_v
 
 

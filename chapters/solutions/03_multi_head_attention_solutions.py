@@ -70,7 +70,7 @@ def flops_formula(B, T, d):
 
 def flops_counted(module, B, T):
     """FLOPs of one forward pass, split by operation: addmm = projections, bmm = attention."""
-    x = torch.randn(B, T, module.config.d_model)
+    x = torch.randn(B, T, module.config.n_embd)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
@@ -81,13 +81,13 @@ def flops_counted(module, B, T):
 
 d = 64
 Ts = [16, 32, 64, 128, 256, 512]
-sdpa_module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=4))  # impl="sdpa"
+sdpa_module = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=4))  # impl="sdpa"
 print("impl='sdpa', B=2, T=128, counted:", flops_counted(sdpa_module, 2, 128))
 print("                         formula:", flops_formula(2, 128, d))
 assert flops_counted(sdpa_module, 2, 128)["attention"] == 0  # the fused kernel is invisible
 
 for n_head in (1, 4, 16):
-    module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head, impl="reference"))
+    module = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head, impl="reference"))
     for T in Ts:
         assert flops_counted(module, 2, T) == flops_formula(2, T, d), (n_head, T)
 print(f"impl='reference': formula == FlopCounterMode for d={d}, n_head in (1, 4, 16), T in {Ts}")
@@ -97,7 +97,7 @@ print(f"impl='reference': formula == FlopCounterMode for d={d}, n_head in (1, 4,
 # attention FLOPs against the counted projection FLOPs, for one sequence.
 
 # %%
-module = MultiHeadAttention(AttentionConfig(d_model=d, n_head=4, impl="reference"))
+module = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=4, impl="reference"))
 parts = {T: flops_counted(module, 1, T) for T in Ts}
 crossover = next(T for T in Ts if parts[T]["attention"] >= parts[T]["projections"])
 print("first T where counted attention >= counted projections:", crossover)
@@ -149,7 +149,7 @@ def permute_heads(module, perm, permute_proj=True):
 
 
 torch.manual_seed(0)
-mha = MultiHeadAttention(AttentionConfig(d_model=32, n_head=4))
+mha = MultiHeadAttention(AttentionConfig(n_embd=32, n_head=4))
 x = torch.randn(2, 10, 32)
 perm = torch.tensor([2, 0, 3, 1])
 y = mha(x)
@@ -179,7 +179,7 @@ assert not torch.allclose(y, y_attn_only, atol=1e-3)
 torch.manual_seed(0)
 T, d = 10, 32
 lengths = torch.tensor([6, 10])
-cfg = AttentionConfig(d_model=d, n_head=4, causal=False)  # an encoder-style layer
+cfg = AttentionConfig(n_embd=d, n_head=4, causal=False)  # an encoder-style layer
 enc = MultiHeadAttention(cfg)
 x = torch.randn(2, T, d)
 x[0, 6:] = 100.0  # garbage in the padding, to make any leak obvious
@@ -219,7 +219,7 @@ assert torch.allclose(y_masked, y_torch, atol=1e-5)
 # pads come first and the causal mask does not hide them.
 
 # %%
-dec = MultiHeadAttention(AttentionConfig(d_model=d, n_head=4, causal=True))
+dec = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=4, causal=True))
 dec.load_state_dict(enc.state_dict())
 y_causal = dec(x)
 y_causal_masked = dec(x, attn_mask=keys_ok[:, None, None, :])
@@ -237,7 +237,7 @@ assert same and torch.allclose(y_causal[0, :6], dec(x[:1, :6])[0], atol=1e-5)
 # %%
 torch.manual_seed(0)
 T, d, n_head = 8, 32, 4
-m = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head))
+m = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head))
 with torch.no_grad():
     m.c_attn.weight[: 2 * d] *= 4.0  # sharper q·k scores, for visible maps
 x = torch.randn(1, T, d)
@@ -321,7 +321,7 @@ def is_causal_layer(fn, x):
 
 
 torch.manual_seed(0)
-m = MultiHeadAttention(AttentionConfig(d_model=32, n_head=4))
+m = MultiHeadAttention(AttentionConfig(n_embd=32, n_head=4))
 x = torch.randn(2, 12, 32)
 right = m(x)
 for merge_bug in (False, True):

@@ -44,7 +44,7 @@ def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
 # %% [markdown]
 # ## Exercise 1 — the cache of a model you choose
 #
-# LLaMA-2-70B's shape: 80 layers, 64 query heads of size 128 (`d_model = 8192`), 8 key/value
+# LLaMA-2-70B's shape: 80 layers, 64 query heads of size 128 (`n_embd = 8192`), 8 key/value
 # heads, bf16 (2 bytes). Per token:
 #
 # $$2 \cdot 80 \cdot 8 \cdot 128 \cdot 2 = 327{,}680 \text{ bytes} = 320 \text{ KiB}.$$
@@ -67,9 +67,9 @@ n_layer, n_head, head_dim, bf16 = 80, 64, 128, 2
 batch, seq = 16, 4096
 per_token = {}
 for name, n_kv in (("GQA-8", 8), ("MHA", 64)):
-    cfg = AttentionConfig(d_model=n_head * head_dim, n_head=n_head, n_kv_head=n_kv, bias=False)
+    cfg = AttentionConfig(n_embd=n_head * head_dim, n_head=n_head, bias=False)
     with torch.device("meta"):
-        layer = GroupedQueryAttention(cfg)
+        layer = GroupedQueryAttention(cfg, n_kv_head=n_kv)
     cache = layer.new_cache(batch_size=batch, max_len=16, device="cpu", dtype=torch.bfloat16)
     assert cache.nbytes == batch * 16 * cache.bytes_per_token  # what is allocated, per position
     per_token[name] = n_layer * cache.bytes_per_token
@@ -108,7 +108,7 @@ def forward_tiled(module, x):
 d, n_head, n_kv = 64, 8, 2
 group = n_head // n_kv
 torch.manual_seed(0)
-gqa = GroupedQueryAttention(AttentionConfig(d_model=d, n_head=n_head, n_kv_head=n_kv))
+gqa = GroupedQueryAttention(AttentionConfig(n_embd=d, n_head=n_head), n_kv_head=n_kv)
 x = torch.randn(2, 10, d)
 y_module = gqa(x)
 y_tiled = forward_tiled(gqa, x)
@@ -131,7 +131,7 @@ assert [perm[p] // group for p in range(n_head)] == [p % n_kv for p in range(n_h
 
 hd = d // n_head
 rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in perm])  # query rows, head blocks
-moved = GroupedQueryAttention(AttentionConfig(d_model=d, n_head=n_head, n_kv_head=n_kv))
+moved = GroupedQueryAttention(AttentionConfig(n_embd=d, n_head=n_head), n_kv_head=n_kv)
 with torch.no_grad():
     moved.load_state_dict(gqa.state_dict())
     moved.c_attn.weight[:d] = gqa.c_attn.weight[:d][rows]  # query rows only
@@ -152,8 +152,7 @@ for n_kv_test in (n_head, 1):
     g = n_head // n_kv_test
     same = [h // g for h in range(n_head)] == [h % n_kv_test for h in range(n_head)]
     torch.manual_seed(1)
-    cfg = AttentionConfig(d_model=d, n_head=n_head, n_kv_head=n_kv_test)
-    layer = GroupedQueryAttention(cfg)
+    layer = GroupedQueryAttention(AttentionConfig(n_embd=d, n_head=n_head), n_kv_head=n_kv_test)
     assert same and torch.allclose(forward_tiled(layer, x), layer(x), atol=1e-5)
     print(f"n_kv_head={n_kv_test}: the two conventions agree: {same}")
 
@@ -184,9 +183,10 @@ def model_params(n_kv_7b, mlp_hidden=mlp_7b):
 
 
 for n_kv_7b in (32, 8, 1):  # the formula against the module, built on the meta device
-    cfg = AttentionConfig(d_model=d_7b, n_head=n_head_7b, n_kv_head=n_kv_7b, bias=False)
+    cfg = AttentionConfig(n_embd=d_7b, n_head=n_head_7b, bias=False)
     with torch.device("meta"):
-        counted = sum(p.numel() for p in GroupedQueryAttention(cfg).parameters())
+        layer = GroupedQueryAttention(cfg, n_kv_head=n_kv_7b)
+        counted = sum(p.numel() for p in layer.parameters())
     assert counted == attention_params(n_kv_7b), (n_kv_7b, counted)
 
 print(f"{'variant':>7} {'attention/layer':>16} {'model':>8} {'params saved':>13} {'cache saved':>12}")
@@ -221,9 +221,9 @@ assert mistral_like - model_params(8) > model_params(32) - model_params(8)  # ad
 # %%
 def pool_kv_rows(t, n_head, n_kv_head, how="mean"):
     """An MHA c_attn weight (3d, d) or bias (3d,) -> the GQA one (d + 2 * n_kv_head * hd, ...)."""
-    d_model = t.shape[0] // 3
-    hd, group = d_model // n_head, n_head // n_kv_head
-    q, k, v = t.split(d_model, dim=0)
+    n_embd = t.shape[0] // 3
+    hd, group = n_embd // n_head, n_head // n_kv_head
+    q, k, v = t.split(n_embd, dim=0)
 
     def pool(rows):
         rows = rows.reshape(n_kv_head, group, hd, *rows.shape[1:])  # head h at (h // g, h % g)
@@ -234,8 +234,8 @@ def pool_kv_rows(t, n_head, n_kv_head, how="mean"):
 
 
 def convert(mha, n_kv_head, how="mean"):
-    cfg = AttentionConfig(d_model=mha.config.d_model, n_head=mha.n_head, n_kv_head=n_kv_head)
-    gqa = GroupedQueryAttention(cfg)
+    cfg = AttentionConfig(n_embd=mha.config.n_embd, n_head=mha.n_head)
+    gqa = GroupedQueryAttention(cfg, n_kv_head=n_kv_head)
     gqa.load_state_dict({name: pool_kv_rows(t, mha.n_head, n_kv_head, how) if "c_attn" in name
                          else t for name, t in mha.state_dict().items()})
     return gqa
@@ -250,7 +250,7 @@ def convert(mha, n_kv_head, how="mean"):
 
 # %%
 torch.manual_seed(0)
-mha = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head))
+mha = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head))
 with torch.no_grad():
     for part in (1, 2):  # 1: key rows, 2: value rows, in c_attn's q | k | v layout
         for h in range(n_head):
@@ -295,7 +295,7 @@ def group_average(y):
 
 
 torch.manual_seed(1)
-mha = MultiHeadAttention(AttentionConfig(d_model=d, n_head=n_head))  # a generic random layer
+mha = MultiHeadAttention(AttentionConfig(n_embd=d, n_head=n_head))  # a generic random layer
 y_orig, y_conv = head_outputs(mha, x), head_outputs(convert(mha, n_kv), x)
 general = torch.allclose(y_conv, group_average(y_orig), atol=1e-4)
 print("generic layer: converted head outputs == group averages of the originals:", general)

@@ -73,18 +73,18 @@ def to_text(tokens):
 
 
 class TinySeq2Seq(nn.Module):
-    def __init__(self, d_model=64, n_head=4, n_enc=2, n_dec=1, max_len=16):
+    def __init__(self, n_embd=64, n_head=4, n_enc=2, n_dec=1, max_len=16):
         super().__init__()
-        cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=max_len, positions="none")
-        self.src_tok = nn.Embedding(VOCAB, d_model)
-        self.src_pos = PositionalEmbedding("learned", max_len, d_model)
+        cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=max_len, positions="none")
+        self.src_tok = nn.Embedding(VOCAB, n_embd)
+        self.src_pos = PositionalEmbedding("learned", max_len, n_embd)
         self.encoder = nn.ModuleList([EncoderBlock(cfg) for _ in range(n_enc)])
-        self.ln_enc = nn.LayerNorm(d_model)
-        self.tgt_tok = nn.Embedding(VOCAB, d_model)
-        self.tgt_pos = PositionalEmbedding("learned", max_len, d_model)
+        self.ln_enc = nn.LayerNorm(n_embd)
+        self.tgt_tok = nn.Embedding(VOCAB, n_embd)
+        self.tgt_pos = PositionalEmbedding("learned", max_len, n_embd)
         self.decoder = nn.ModuleList([DecoderBlock(cfg) for _ in range(n_dec)])
-        self.ln_dec = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, VOCAB)
+        self.ln_dec = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, VOCAB)
 
     def encode(self, src, src_mask):
         h = self.src_tok(src) + self.src_pos(src.shape[1])
@@ -270,8 +270,7 @@ assert ok_sort[i_distinct] and ok_sort[i_repeat]  # both strings are decoded cor
 # With repeated digits (right) the map is fuzzier, and the rows of a repeated digit are where
 # it shows. Their weight is shared between the copies of the digit (reading either gives the
 # right answer) and, often, the next larger digit, so such a row may have no clear peak at
-# all, and its brightest cell may even be that next digit rather than a copy: in this plot,
-# the second row of each repeated digit is brightest on the next larger digit. (The details
+# all, and its brightest cell may even be that next digit rather than a copy. (The details
 # of these soft rows can change on another CPU type.) The model still decodes this string
 # correctly, so the rest of the decision comes from the decoder itself: through its causal
 # self-attention it can see how many copies it has already written.
@@ -346,8 +345,8 @@ assert reads_7 > 0.9 and ends_at_9 > 0.9 and tail_ok[padded].float().mean().item
 # %% [markdown]
 # That is what happens: the model reverses the whole padded row, turning the `PAD`s into
 # made-up tokens at the front of its answer, and ends it where a string of 8 would end. The
-# made-up tokens are mostly digits, sometimes an `EOS` (the printed answer then stops after
-# a few made-up digits). The `PAD` token's embedding was never trained (with the mask no one
+# made-up tokens are digits or, for some strings and some trained weights, an `EOS` (the
+# printed answer then stops after a few made-up digits; the share is printed above). The `PAD` token's embedding was never trained (with the mask no one
 # ever reads a padded position, so it gets no gradient), and the model decodes it as some
 # token or other. Even the real part of the answer is right only in part of the cases (exact
 # figure above): the unmasked `PAD`s also take some attention in the encoder, and so disturb
@@ -394,23 +393,23 @@ print(f"without the mask, {changed_unmasked.float().mean().item():.1%} of the an
 # queries. Nothing else changes: the scores, the padding mask and the softmax are computed
 # from the same `q`, `k`, `v` as before, so the result is the same up to rounding.
 #
-# `attnbook`'s layers are written for this. `CrossAttention.project_memory(memory)` returns
-# the `(k, v)` pair, each `(B, n_head, T_k, head_dim)`, and `DecoderBlock` accepts it as
-# `memory_kv=` in place of `memory`, passing it on to its cross-attention as `kv=`. The
-# decoding loop below calls `project_memory` once per layer and then runs each block with
-# `memory_kv`.
+# `attnbook`'s layers are written for this. `CrossAttention.project_memory(memory,
+# memory_mask)` returns a `CrossCache`: the keys and values, each `(B, n_kv_head, T_k,
+# head_dim)`, and the mask. `DecoderBlock` accepts it as `memory_kv=` in place of `memory` and
+# `memory_mask`, and passes it to its cross-attention as the layer's cache. The decoding loop
+# below calls `project_memory` once per layer and then runs each block with `memory_kv`.
 
 # %%
 @torch.no_grad()
 def greedy_decode_cached(model, src, src_mask, steps):
     memory = model.encode(src, src_mask)
-    kvs = [block.cross_attn.project_memory(memory) for block in model.decoder]  # once per layer
+    kvs = [block.cross_attn.project_memory(memory, src_mask) for block in model.decoder]
     out = torch.full((src.shape[0], 1), BOS)
     all_logits = []
     for _ in range(steps):
         h = model.tgt_tok(out) + model.tgt_pos(out.shape[1])
         for block, kv in zip(model.decoder, kvs, strict=True):
-            h = block(h, memory_mask=src_mask, memory_kv=kv)  # no memory: its k, v instead
+            h = block(h, memory_kv=kv)  # no memory: its keys, values and mask instead
         logits = model.lm_head(model.ln_dec(h))[:, -1]  # (B, VOCAB)
         all_logits.append(logits)
         out = torch.cat([out, logits.argmax(dim=-1, keepdim=True)], dim=1)

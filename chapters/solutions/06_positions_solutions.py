@@ -137,7 +137,7 @@ perm = torch.randperm(T)
 P = sinusoidal_embedding(T, d)  # (T, d)
 
 plain = build_attention(
-    "mha", AttentionConfig(d_model=d, n_head=2, causal=False, positions="none")
+    "mha", AttentionConfig(n_embd=d, n_head=2, causal=False, positions="none")
 )
 y = plain(x + P)
 
@@ -154,7 +154,7 @@ assert not torch.allclose(tokens_moved, y[:, perm], atol=1e-3)
 assert torch.allclose(pairs_moved, y[:, perm], atol=1e-5)
 
 rope_layer = build_attention(
-    "mha", AttentionConfig(d_model=d, n_head=2, causal=False, positions="rope", block_size=T)
+    "mha", AttentionConfig(n_embd=d, n_head=2, causal=False, positions="rope", block_size=T)
 )
 y_rope = rope_layer(x)
 rope_moved = rope_layer(x[:, perm])
@@ -220,18 +220,18 @@ def fibonacci_batch(batch, T, generator):
 class TinyRopeLM(nn.Module):
     """Token embedding, one pre-norm block (RoPE attention + MLP), LayerNorm, linear head."""
 
-    def __init__(self, pairing, d_model=32, n_head=4):
+    def __init__(self, pairing, n_embd=32, n_head=4):
         super().__init__()
         cfg = AttentionConfig(
-            d_model=d_model, n_head=n_head, block_size=L, positions="rope", rope_pairing=pairing
+            n_embd=n_embd, n_head=n_head, block_size=L, positions="rope", rope_pairing=pairing
         )
-        self.tok = nn.Embedding(V, d_model)
-        self.ln1, self.attn = nn.LayerNorm(d_model), build_attention("mha", cfg)
-        self.ln2, self.mlp = nn.LayerNorm(d_model), MLP(d_model, 4 * d_model)
-        self.ln_f, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, V)
+        self.tok = nn.Embedding(V, n_embd)
+        self.ln1, self.attn = nn.LayerNorm(n_embd), build_attention("mha", cfg)
+        self.ln2, self.mlp = nn.LayerNorm(n_embd), MLP(n_embd, 4 * n_embd)
+        self.ln_f, self.head = nn.LayerNorm(n_embd), nn.Linear(n_embd, V)
 
     def forward(self, idx):
-        x = self.tok(idx)  # (B, T, d_model)
+        x = self.tok(idx)  # (B, T, n_embd)
         x = x + self.attn(self.ln1(x))
         x = x + self.mlp(self.ln2(x))
         return self.head(self.ln_f(x))  # (B, T, V)
@@ -261,10 +261,10 @@ print("trained with interleaved RoPE")
 # with `interleaved_to_half`; the value rows stay.
 
 # %%
-def convert_state(state, n_head, d_model):
+def convert_state(state, n_head, n_embd):
     state = dict(state)
     for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        w_q, w_k, w_v = state[name].split(d_model)  # rows q | k | v
+        w_q, w_k, w_v = state[name].split(n_embd)  # rows q | k | v
         state[name] = torch.cat(
             [interleaved_to_half(w_q, n_head), interleaved_to_half(w_k, n_head), w_v]
         )
@@ -274,7 +274,7 @@ def convert_state(state, n_head, d_model):
 unconverted = TinyRopeLM("half").eval()
 unconverted.load_state_dict(trained.state_dict())
 converted = TinyRopeLM("half").eval()
-converted.load_state_dict(convert_state(trained.state_dict(), n_head=4, d_model=32))
+converted.load_state_dict(convert_state(trained.state_dict(), n_head=4, n_embd=32))
 
 x_test, y_test = fibonacci_batch(512, L, torch.Generator().manual_seed(1234))
 with torch.no_grad():
@@ -323,7 +323,7 @@ assert abs(accuracy["half, converted"] - accuracy["interleaved (trained)"]) < 0.
 # cache.length`, its true position. First the correct layer:
 
 # %%
-cfg = AttentionConfig(d_model=32, n_head=4, block_size=16, positions="rope")
+cfg = AttentionConfig(n_embd=32, n_head=4, block_size=16, positions="rope")
 layer = MultiHeadAttention(cfg).eval()
 x = torch.randn(1, 12, 32)
 
@@ -360,7 +360,7 @@ buggy = MultiHeadAttention(cfg).eval()
 buggy.load_state_dict(layer.state_dict())
 buggy.rope = ForgetfulRotary(cfg.head_dim, cfg.block_size, cfg.rope_base, cfg.rope_pairing)
 no_positions = MultiHeadAttention(
-    AttentionConfig(d_model=32, n_head=4, block_size=16, positions="none")
+    AttentionConfig(n_embd=32, n_head=4, block_size=16, positions="none")
 ).eval()
 no_positions.load_state_dict(layer.state_dict())
 

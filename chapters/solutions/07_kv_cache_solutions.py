@@ -38,13 +38,13 @@ torch.set_printoptions(precision=3, sci_mode=False)
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
 
-    def __init__(self, attention, cfg):
+    def __init__(self, attention, cfg, options):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention(attention, cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention(attention, cfg, **options)  # the variant's own options
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
-    def forward(self, x, cache=None, attn_mask=None):  # x: (B, T, d_model)
+    def forward(self, x, cache=None, attn_mask=None):  # x: (B, T, n_embd)
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -52,21 +52,21 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """The chapter's minimal causal LM: embeddings, n_layer blocks, LM head. Random weights."""
 
-    def __init__(self, attention="mha", positions="rope", n_kv_head=None, vocab_size=256,
-                 d_model=128, n_head=4, n_layer=4, block_size=512, impl="sdpa"):
+    def __init__(self, attention="mha", positions="rope", vocab_size=256, n_embd=128, n_head=4,
+                 n_layer=4, block_size=512, impl="sdpa", **options):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
-                                   block_size=block_size, positions=positions, impl=impl)
-        self.wte = nn.Embedding(vocab_size, d_model)
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions=positions, impl=impl)
+        self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = None
         if positions == "learned":
-            self.wpe = PositionalEmbedding("learned", block_size, d_model)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+            self.wpe = PositionalEmbedding("learned", block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def embed(self, idx, start=0):
-        x = self.wte(idx)  # (B, T, d_model)
+        x = self.wte(idx)  # (B, T, n_embd)
         if self.wpe is not None:
             x = x + self.wpe(idx.shape[1], start)
         return x
@@ -179,7 +179,7 @@ alone_l = generate(learned, short, n_new, module_caches(learned, 1))[:, 5:]
 def forward_per_row(idx, caches, mask, real):
     """TinyLM.forward, with each row's positions counted over its real tokens only."""
     pos = (real.cumsum(dim=1) - 1).clamp(min=0)[:, -idx.shape[1]:]  # (B, T): positions of idx
-    x = learned.wte(idx) + learned.wpe.table.weight[pos]  # (B, T, d_model)
+    x = learned.wte(idx) + learned.wpe.table.weight[pos]  # (B, T, n_embd)
     for block, cache in zip(learned.blocks, caches, strict=True):
         x = block(x, cache=cache, attn_mask=mask)
     return learned.lm_head(learned.ln_f(x))
@@ -381,7 +381,7 @@ assert same[:first_risk].all()
 # %% [markdown]
 # ## Exercise 4 — count the FLOPs saved
 #
-# Count matrix-multiply FLOPs, 2 per multiply-add, with $d$ = `d_model`, $L$ = `n_layer`, $V$ the
+# Count matrix-multiply FLOPs, 2 per multiply-add, with $d$ = `n_embd`, $L$ = `n_layer`, $V$ the
 # vocabulary size, for one sequence.
 #
 # - **Per position**, every layer runs `c_attn` ($2 \cdot d \cdot 3d$), `c_proj` ($2d^2$) and the
@@ -422,7 +422,7 @@ def flops_counted(model, prompt, n_new, cached):
 
 torch.manual_seed(0)
 ref_model = TinyLM(impl="reference").eval()
-d, L, V = ref_model.cfg.d_model, len(ref_model.blocks), ref_model.lm_head.out_features
+d, L, V = ref_model.cfg.n_embd, len(ref_model.blocks), ref_model.lm_head.out_features
 P_small, N_small = 8, 12
 for cached in (False, True):
     counted = flops_counted(ref_model, prompt[:, :P_small], N_small, cached)

@@ -75,8 +75,8 @@ def reached(influence):
 
 # %%
 torch.manual_seed(1)
-cfg = dict(d_model=32, n_head=4, block_size=64, positions="rope")
-local = build_attention("local", AttentionConfig(**cfg, window=16)).eval()
+cfg = dict(n_embd=32, n_head=4, block_size=64, positions="rope")
+local = build_attention("local", AttentionConfig(**cfg), window=16).eval()
 full = build_attention("gqa", AttentionConfig(**cfg)).eval()
 full.load_state_dict(local.state_dict())  # same c_attn / c_proj layout
 with torch.no_grad():
@@ -101,7 +101,7 @@ with torch.no_grad():
 
 # %%
 torch.manual_seed(2)
-one = build_attention("local", AttentionConfig(**cfg, window=1)).eval()
+one = build_attention("local", AttentionConfig(**cfg), window=1).eval()
 d = 32
 W_v, b_v = one.c_attn.weight[2 * d :], one.c_attn.bias[2 * d :]  # (d, d), (d,): the value rows
 x = torch.randn(2, 20, d)
@@ -116,7 +116,7 @@ print("window 1: layer(x) == c_proj(W_v x + b_v) at every position (atol=1e-5)")
 # last input only.
 
 # %%
-stack_1 = [build_attention("local", AttentionConfig(**cfg, window=1)) for _ in range(5)]
+stack_1 = [build_attention("local", AttentionConfig(**cfg), window=1) for _ in range(5)]
 inputs = reached(influence_on_last(stack_1, torch.randn(1, 20, d)))
 print("inputs that influence the last output through 5 window-1 layers:", inputs)
 assert inputs == [19]
@@ -131,7 +131,7 @@ assert inputs == [19]
 
 # %%
 torch.manual_seed(3)
-stack_a = [build_attention("local", AttentionConfig(**cfg, window=6)) for _ in range(4)]
+stack_a = [build_attention("local", AttentionConfig(**cfg), window=6) for _ in range(4)]
 inputs = reached(influence_on_last(stack_a, torch.randn(1, 51, d)))
 print(f"4 layers of window 6: inputs {inputs[0]}..{inputs[-1]} reach output 50, "
       f"{len(inputs)} positions")
@@ -146,7 +146,7 @@ assert inputs == list(range(30, 51))
 # %%
 torch.manual_seed(4)
 windows = [2, 3, 5, 9]
-stack_b = [build_attention("local", AttentionConfig(**cfg, window=w)) for w in windows]
+stack_b = [build_attention("local", AttentionConfig(**cfg), window=w) for w in windows]
 x_b = torch.randn(1, 40, d)
 predicted_reach = sum(w - 1 for w in windows)
 for name, layers in (("2, 3, 5, 9", stack_b), ("9, 5, 3, 2", stack_b[::-1])):
@@ -212,7 +212,7 @@ print("dilated attention: weights zero outside the mask, rows sum to 1; keys per
 # %%
 T_d = 224  # long enough for the widest reach below (219)
 torch.manual_seed(6)
-cfg_d = AttentionConfig(d_model=32, n_head=4, block_size=T_d, positions="rope")
+cfg_d = AttentionConfig(n_embd=32, n_head=4, block_size=T_d, positions="rope")
 layers_d = [build_attention("gqa", cfg_d) for _ in range(3)]
 x_d = torch.randn(1, T_d, d)
 for dilations in ((1, 4, 16), (1, 1, 1), (1, 8, 64)):
@@ -378,11 +378,11 @@ print(f"window 4, 11 positions appended: same keys and values returned; length: 
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, window):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = build_attention("local", cfg)
-        self.mlp = MLP(cfg.d_model, 4 * cfg.d_model)
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = build_attention("local", cfg, window=window)
+        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache=cache)
@@ -392,21 +392,21 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """The chapter's minimal local-attention LM, with a choice of positions. Random weights."""
 
-    def __init__(self, positions="rope", window=8, vocab_size=256, d_model=64, n_head=4,
+    def __init__(self, positions="rope", window=8, vocab_size=256, n_embd=64, n_head=4,
                  n_layer=3, block_size=128):
         super().__init__()
-        self.cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=block_size,
-                                   positions=positions, window=window)
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.wpe = PositionalEmbedding("learned", block_size, d_model) if positions == "learned" \
+        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
+                                   positions=positions)
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = PositionalEmbedding("learned", block_size, n_embd) if positions == "learned" \
             else None
-        self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.blocks = nn.ModuleList(Block(self.cfg, window) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
     def forward(self, idx, caches=None):
         start = 0 if caches is None else caches[0].length
-        x = self.wte(idx)  # (B, T, d_model)
+        x = self.wte(idx)  # (B, T, n_embd)
         if self.wpe is not None:
             x = x + self.wpe(idx.shape[1], start)
         for i, block in enumerate(self.blocks):

@@ -99,9 +99,9 @@ assert all(complete) and set(missed) == {1}
 
 # %%
 torch.manual_seed(1)
-base = dict(d_model=32, n_head=4, block_size=64, positions="rope")
+base = dict(n_embd=32, n_head=4, block_size=64, positions="rope")
 pattern = dict(sparse_block=4, n_global_blocks=g1, n_window_blocks=w1, n_random_blocks=r1)
-sparse = build_attention("sparse", AttentionConfig(**base, **pattern)).eval()
+sparse = build_attention("sparse", AttentionConfig(**base), **pattern).eval()
 full = build_attention("gqa", AttentionConfig(**base)).eval()
 full.load_state_dict({name: t for name, t in sparse.state_dict().items()
                       if name != "random_blocks"})

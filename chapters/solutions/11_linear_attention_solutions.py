@@ -351,18 +351,18 @@ def recall_batch(batch_size, gen, n_pairs=N_PAIRS):
 class RecallModel(nn.Module):
     """One attention layer over (key + value) tokens, read out as a value id at each query."""
 
-    def __init__(self, attention, d_model=32, n_head=2):
+    def __init__(self, attention, n_embd=32, n_head=2):
         super().__init__()
-        cfg = AttentionConfig(d_model=d_model, n_head=n_head, block_size=64, positions="none",
-                              linear_chunk=16)
-        self.key_emb = nn.Embedding(N_SYM, d_model)
-        self.val_emb = nn.Embedding(N_SYM + 1, d_model)  # the last one is "?"
-        self.attn = build_attention(attention, cfg)
-        self.ln = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, N_SYM)
+        cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=64, positions="none")
+        options = {"linear_chunk": 16} if attention == "linear" else {}  # linear's own option
+        self.key_emb = nn.Embedding(N_SYM, n_embd)
+        self.val_emb = nn.Embedding(N_SYM + 1, n_embd)  # the last one is "?"
+        self.attn = build_attention(attention, cfg, **options)
+        self.ln = nn.LayerNorm(n_embd)
+        self.out = nn.Linear(n_embd, N_SYM)
 
     def forward(self, key_ids, val_ids):  # (B, T) each
-        h = self.attn(self.key_emb(key_ids) + self.val_emb(val_ids))  # (B, T, d_model)
+        h = self.attn(self.key_emb(key_ids) + self.val_emb(val_ids))  # (B, T, n_embd)
         return self.out(self.ln(h[:, -N_QUERIES:]))  # (B, Q, N_SYM): logits at the queries
 
 

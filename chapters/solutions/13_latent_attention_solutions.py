@@ -39,9 +39,9 @@ torch.manual_seed(0)
 torch.set_printoptions(precision=3, sci_mode=False)
 
 # DeepSeek-V2's attention (the chapter's section 8), to be built on the meta device
-DS = dict(d_model=5120, n_head=128, block_size=32 * 1024, positions="rope", bias=False,
-          kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
-          v_head_dim=128)
+DS = AttentionConfig(n_embd=5120, n_head=128, block_size=32 * 1024, positions="rope", bias=False)
+DS_SIZES = dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128)  # MLA's options
 N_LAYER = 60
 
 # %% [markdown]
@@ -66,9 +66,9 @@ N_LAYER = 60
 # in freedom, since every head keeps its own rotary *query* and can weigh positions its own way.
 
 # %%
-ctx = DS["block_size"]
+ctx = DS.block_size
 with torch.device("meta"):
-    ds_mla = build_attention("mla", AttentionConfig(**DS))
+    ds_mla = build_attention("mla", DS, **DS_SIZES)
 per_layer = {  # bytes per token, one layer, bf16
     "MLA": ds_mla.new_cache(1, ctx, dtype=torch.bfloat16).bytes_per_token,
     "MLA, rotary key per head": LatentCache(1, 512, 128 * 64, ctx, device="meta",
@@ -99,10 +99,9 @@ for name, b in per_layer.items():
 # passes $[c, k^R]$ and keeps the first $r$ output numbers, which are the same.
 
 # %%
-cfg = AttentionConfig(d_model=64, n_head=4, kv_lora_rank=32, qk_rope_head_dim=8,
-                      positions="rope", block_size=64)
+cfg = AttentionConfig(n_embd=64, n_head=4, positions="rope", block_size=64)
 torch.manual_seed(1)
-layer = build_attention("mla", cfg).eval()
+layer = build_attention("mla", cfg, kv_lora_rank=32, qk_rope_head_dim=8).eval()
 layer.absorb = True
 H, r, nope, v_dim, d = layer.n_head, layer.kv_lora_rank, layer.qk_nope_head_dim, layer.v_head_dim, 64
 x = torch.randn(2, 12, d)
@@ -163,7 +162,7 @@ print(f"per layer: unfolded {unfolded / 1e6:.1f} M weights, folded {folded / 1e6
 query_params, cache_bytes = {}, {}
 for q_rank in (1536, 0):
     with torch.device("meta"):
-        m = build_attention("mla", AttentionConfig(**{**DS, "q_lora_rank": q_rank}))
+        m = build_attention("mla", DS, **{**DS_SIZES, "q_lora_rank": q_rank})
     query = [p for name, p in m.named_parameters() if name.startswith(("wq", "q_norm"))]
     query_params[q_rank] = sum(p.numel() for p in query)  # wq, or wq_a, q_norm and wq_b
     cache_bytes[q_rank] = m.new_cache(1, 1024, dtype=torch.bfloat16).bytes_per_token
@@ -199,7 +198,7 @@ class CopyModel(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(V, D)
         self.ln = nn.LayerNorm(D)
-        self.attn = build_attention("mha", AttentionConfig(d_model=D, n_head=4, block_size=2 * P,
+        self.attn = build_attention("mha", AttentionConfig(n_embd=D, n_head=4, block_size=2 * P,
                                                            positions="rope", bias=False))
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, V)
@@ -348,7 +347,7 @@ print(f"T_k = {T_k}: naive is cheaper from chunks of {crossover} tokens "
 
 # %%
 torch.manual_seed(4)
-ref = build_attention("mla", AttentionConfig(d_model=512, n_head=4, positions="rope",
+ref = build_attention("mla", AttentionConfig(n_embd=512, n_head=4, positions="rope",
                                              block_size=256, impl="reference")).eval()
 xs = torch.randn(1, 256, 512)
 for absorb in (False, True):

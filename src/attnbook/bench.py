@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionConfig, available, build_attention
+from .attention import AttentionConfig, attention_class, available, build_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
@@ -118,23 +118,21 @@ def attention_table(lengths, repeats):
 
 
 def layer_table(lengths, repeats):
-    """Rows ``(variant, {T: seconds}, cache bytes per token)`` for every registered variant."""
+    """Rows ``(variant, options, {T: seconds}, cache bytes per token)`` for every registered
+    variant, built with its ``options_for_length`` at the longest length."""
     rows = []
     for name in available():
         cfg = AttentionConfig(
-            d_model=N_HEAD * HEAD_DIM,
-            n_head=N_HEAD,
-            block_size=max(lengths),
-            positions="rope",
-            n_kv_head=2 if name == "gqa" else None,
+            n_embd=N_HEAD * HEAD_DIM, n_head=N_HEAD, block_size=max(lengths), positions="rope"
         )
+        options = attention_class(name).options_for_length(max(lengths), N_HEAD)
         torch.manual_seed(0)
-        layer = build_attention(name, cfg)
+        layer = build_attention(name, cfg, **options)
         times = {}
         for T in lengths:
-            x = torch.randn(1, T, cfg.d_model, requires_grad=True)
+            x = torch.randn(1, T, cfg.n_embd, requires_grad=True)
             times[T] = fwd_bwd_seconds(layer, (x,), repeats)
-        rows.append((name, times, layer.new_cache(1).bytes_per_token))
+        rows.append((name, options, times, layer.new_cache(1).bytes_per_token))
     return rows
 
 
@@ -158,14 +156,16 @@ def print_attention(lengths, repeats):
         print(f"target: {name} at T={T} <= {target}x: {ratios[name][T]:.2f}x, {verdict}")
     print()
     print(
-        f"whole layer (projections included, d_model {N_HEAD * HEAD_DIM}, RoPE), forward + "
+        f"whole layer (projections included, n_embd {N_HEAD * HEAD_DIM}, RoPE), forward + "
         f"backward, ms; cache bytes per token of one sequence in one layer (float32)"
     )
-    print("| variant | " + " | ".join(f"T={T}" for T in lengths) + " | cache bytes/token |")
-    print("|---|" + "---|" * (len(lengths) + 1))
-    for name, times, cache_bytes in layer_table(lengths, repeats):
+    header = " | ".join(f"T={T}" for T in lengths)
+    print(f"| variant | options | {header} | cache bytes/token |")
+    print("|---|---|" + "---|" * (len(lengths) + 1))
+    for name, options, times, cache_bytes in layer_table(lengths, repeats):
         row = " | ".join(f"{s * 1e3:.0f}" for s in times.values())
-        print(f"| {name} | {row} | {cache_bytes} |")
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+        print(f"| {name} | {shown} | {row} | {cache_bytes} |")
     print("(linear's cache is its whole state, the same at every length)")
 
 

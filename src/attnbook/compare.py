@@ -3,9 +3,9 @@
     rows = compare(CompareConfig(preset="quick"))  # or: attnbook compare --quick
 
 Every variant gets the same GPT shape, seed, data order, steps, optimiser and schedule; only
-``GPTConfig.attention`` and its options change (``variant_options``: each saving scaled to the
-sequence length). Workloads: ``"recall"`` (``attnbook.tasks``' recall, copying and induction,
-accuracy per task and recall by gap) and ``"lm"`` (validation loss on a corpus). Each variant
+``GPTConfig.attention`` and its options change (``variant_options``: each variant's own choice
+for the sequence length). Workloads: ``"recall"`` (``attnbook.tasks``' recall, copying and
+induction, accuracy per task and recall by gap) and ``"lm"`` (validation loss on a corpus). Each variant
 trains in a spawned child process (call ``compare`` under ``if __name__ == "__main__":`` in a
 script), ``jobs`` at a time, into ``out_dir/<workload>/<variant>/``; finished variants with the
 same settings are reused. ``out_dir/<workload>/`` then holds ``results.csv``, ``results.md`` and
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .attention import available, build_attention
+from .attention import attention_class, available
 from .attention.config import POSITIONS
 from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
@@ -123,19 +123,9 @@ class CompareConfig:
 
 
 def variant_options(name: str, cfg: CompareConfig) -> dict:
-    """Attention options of ``name`` for this comparison (see the module docstring)."""
-    T, H = cfg.block_size, cfg.n_head
-    return {
-        "gqa": {"n_kv_head": max(1, H // 2)},
-        "local": {"window": max(1, T // 8)},
-        "sparse": {
-            "sparse_block": max(1, T // 16),
-            "n_global_blocks": 1,
-            "n_window_blocks": 3,
-            "n_random_blocks": 2,
-        },  # fmt: skip
-        "linear": {"linear_chunk": min(64, T)},
-    }.get(name, {})
+    """Attention options of ``name`` for this comparison: the variant's ``options_for_length``
+    at ``block_size``."""
+    return attention_class(name).options_for_length(cfg.block_size, cfg.n_head)
 
 
 # --- the data of each workload ------------------------------------------------------------
@@ -184,9 +174,7 @@ def model_config(name: str, cfg: CompareConfig, vocab_size: int) -> GPTConfig:
 
 def cache_bytes_per_token(model_cfg: GPTConfig, T: int = CACHE_T) -> float:
     """Bytes of all layers' caches for one ``T``-token sequence in float32, divided by ``T``."""
-    layer = build_attention(
-        model_cfg.attention, replace(model_cfg.attention_config(), block_size=T)
-    )
+    layer = replace(model_cfg, block_size=T).build_attention()
     return layer.new_cache(1, T).nbytes * model_cfg.n_layer / T
 
 

@@ -5,7 +5,7 @@
 
 Every weight outside attention is copied. ``mha_to_gqa`` is the GQA paper's mean pooling
 (``n_kv_head == n_head`` changes nothing). ``mha_to_mla`` factors the key and value projections
-through a rank-``kv_lora_rank`` latent (exact at full rank; ``mla_kv_norm=False``), drops the
+through a rank-``kv_lora_rank`` latent (exact at full rank; ``kv_norm=False``), drops the
 key bias (softmax ignores it), moves the value bias into ``c_proj`` and zeroes the decoupled
 rotary part, scaling the queries so the softmax scale is unchanged. It refuses ``positions=
 "rope"``: a rotated key is not a fixed linear map of a position-free latent. Neither trains;
@@ -62,12 +62,12 @@ def mha_to_gqa(model: GPT, n_kv_head: int) -> GPT:
     H, d = model.config.n_head, model.config.n_embd
     if not isinstance(n_kv_head, int) or n_kv_head < 1 or H % n_kv_head:
         raise ValueError(f"n_kv_head must be a positive divisor of n_head={H}, got {n_kv_head!r}")
-    hd, group = d // H, H // n_kv_head
+    head_dim, group = d // H, H // n_kv_head
 
-    def pool(t):  # (3 * d, ...) -> (d + 2 * n_kv_head * hd, ...): q kept, k and v pooled
+    def pool(t):  # (3 * d, ...) -> (d + 2 * n_kv_head * head_dim, ...): q kept, k and v pooled
         q, k, v = t.split(d)  # (d, ...) each, rows head by head
-        k, v = (x.view(n_kv_head, group, hd, *x.shape[1:]).mean(1) for x in (k, v))
-        return torch.cat([q, k.flatten(0, 1), v.flatten(0, 1)])  # (d + 2 * n_kv_head * hd, ...)
+        k, v = (x.view(n_kv_head, group, head_dim, *x.shape[1:]).mean(1) for x in (k, v))
+        return torch.cat([q, k.flatten(0, 1), v.flatten(0, 1)])
 
     def attn_state(old):
         return {k: pool(v) if k.startswith("c_attn.") else v for k, v in old.items()}
@@ -87,7 +87,7 @@ def mha_to_mla(model: GPT, kv_lora_rank: int, qk_rope_head_dim: int = 2) -> GPT:
         qk_rope_head_dim: the decoupled rotary size (even); its weights are zero, so it only
             shapes the cache, ``r + qk_rope_head_dim`` numbers per token, until fine-tuning.
 
-    Returns a new ``GPT`` (attention ``"mla"``, ``q_lora_rank=0``, ``mla_kv_norm=False``,
+    Returns a new ``GPT`` (attention ``"mla"``, ``q_lora_rank=0``, ``kv_norm=False``,
     ``qk_nope_head_dim = v_head_dim = head_dim``), in ``model``'s mode, device and dtype.
     """
     _check_source(model)
@@ -99,33 +99,34 @@ def mha_to_mla(model: GPT, kv_lora_rank: int, qk_rope_head_dim: int = 2) -> GPT:
             "from scratch, or convert a model with learned, sinusoidal, ALiBi or no positions"
         )
     H, d = cfg.n_head, cfg.n_embd
-    hd, r, rope = d // H, kv_lora_rank, qk_rope_head_dim
+    head_dim, r, rope = d // H, kv_lora_rank, qk_rope_head_dim
     if not isinstance(r, int) or not 1 <= r <= d:
         raise ValueError(f"kv_lora_rank must be an integer in [1, n_embd={d}], got {r!r}")
     options = dict(
-        kv_lora_rank=r, q_lora_rank=0, qk_nope_head_dim=hd, qk_rope_head_dim=rope,
-        v_head_dim=hd, mla_kv_norm=False,
+        kv_lora_rank=r, q_lora_rank=0, qk_nope_head_dim=head_dim, qk_rope_head_dim=rope,
+        v_head_dim=head_dim, kv_norm=False,
     )  # fmt: skip
-    q_scale = math.sqrt((hd + rope) / hd)  # undoes MLA's larger softmax denominator
+    q_scale = math.sqrt((head_dim + rope) / head_dim)  # undoes MLA's larger softmax denominator
 
     def attn_state(old):
         w_q, w_k, w_v = old["c_attn.weight"].split(d)  # (d, d) each, rows head by head
-        w_kv = torch.stack([w_k.view(H, hd, d), w_v.view(H, hd, d)], dim=1)  # (H, 2, hd, d)
+        w_kv = torch.stack([w_k.view(H, head_dim, d), w_v.view(H, head_dim, d)], dim=1)
+        # w_kv: (H, 2, head_dim, d)
         U, S, Vh = torch.linalg.svd(w_kv.reshape(2 * d, d).double(), full_matrices=False)
         root = S[:r].sqrt()  # (r,)
-        w_kv_b = U[:, :r] * root  # (2d, r): per head its hd key rows, then its hd value rows
+        w_kv_b = U[:, :r] * root  # (2d, r): per head its key rows, then its value rows
         w_kv_a = root[:, None] * Vh[:r]  # (r, d)
-        q = torch.cat([w_q.view(H, hd, d) * q_scale, w_q.new_zeros(H, rope, d)], dim=1)
+        q = torch.cat([w_q.view(H, head_dim, d) * q_scale, w_q.new_zeros(H, rope, d)], dim=1)
         state = {
-            "wq.weight": q.reshape(H * (hd + rope), d),  # (H * (hd + rope), d)
+            "wq.weight": q.reshape(H * (head_dim + rope), d),  # (H * (head_dim + rope), d)
             "wkv_a.weight": torch.cat([w_kv_a.to(w_q), w_q.new_zeros(rope, d)]),  # (r+rope, d)
             "wkv_b.weight": w_kv_b.to(w_q),  # (2d, r)
             "c_proj.weight": old["c_proj.weight"],  # (d, d)
         }
         if "c_attn.bias" in old:
             b_q, _, b_v = old["c_attn.bias"].split(d)  # (d,) each; the key bias drops out
-            b_q = torch.cat([b_q.view(H, hd) * q_scale, b_q.new_zeros(H, rope)], dim=1)
-            state["wq.bias"] = b_q.flatten()  # (H * (hd + rope),)
+            b_q = torch.cat([b_q.view(H, head_dim) * q_scale, b_q.new_zeros(H, rope)], dim=1)
+            state["wq.bias"] = b_q.flatten()  # (H * (head_dim + rope),)
             state["wkv_a.bias"] = b_q.new_zeros(r + rope)  # (r + rope,)
             state["c_proj.bias"] = old["c_proj.bias"] + old["c_proj.weight"] @ b_v  # (d,)
         return state

@@ -1,13 +1,13 @@
 """The position-wise feed-forward networks of a transformer block, applied to every position alone.
 
-- ``MLP``: ``Linear(d_model -> hidden) -> GELU -> Linear(hidden -> d_model) -> dropout``, the
-  feed-forward network of GPT-2 (``hidden = 4 * d_model``). GELU is exact,
+- ``MLP``: ``Linear(n_embd -> hidden) -> GELU -> Linear(hidden -> n_embd) -> dropout``, the
+  feed-forward network of GPT-2 (``hidden = 4 * n_embd``). GELU is exact,
   ``x * Phi(x)``, or GPT-2's tanh approximation (``approximate="tanh"``), which GPT-2's
   weights were trained with.
 - ``SwiGLU``: a gated network (Shazeer, 2020, "GLU Variants Improve Transformer"; used by
   PaLM and LLaMA): ``(SiLU(x W_gate) * (x W_up)) W_down -> dropout``. It has three weight
   matrices instead of two, so at equal parameter count its hidden width is 2/3 of the MLP's:
-  ``swiglu_hidden(d_model)`` gives LLaMA's rule.
+  ``swiglu_hidden(n_embd)`` gives LLaMA's rule.
 
 Neither one mixes positions: that is attention's job. Chapter 17 compares them.
 """
@@ -17,19 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _check_sizes(d_model: int, hidden: int, dropout: float) -> None:
-    if d_model <= 0 or hidden <= 0:
-        raise ValueError(f"d_model and hidden must be positive, got {d_model}, {hidden}")
+def _check_sizes(n_embd: int, hidden: int, dropout: float) -> None:
+    if n_embd <= 0 or hidden <= 0:
+        raise ValueError(f"n_embd and hidden must be positive, got {n_embd}, {hidden}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 class MLP(nn.Module):
-    """Feed-forward block: ``(B, T, d_model) -> (B, T, d_model)``.
+    """Feed-forward block: ``(B, T, n_embd) -> (B, T, n_embd)``.
 
     Args:
-        d_model: input and output width.
-        hidden: inner width (4 * d_model in GPT-2 and the original transformer).
+        n_embd: input and output width.
+        hidden: inner width (4 * n_embd in GPT-2 and the original transformer).
         dropout: dropout on the output, in [0, 1).
         bias: whether the two linear layers have biases.
         approximate: ``"none"`` (exact GELU) or ``"tanh"``:
@@ -38,62 +38,62 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        d_model: int,
+        n_embd: int,
         hidden: int,
         dropout: float = 0.0,
         bias: bool = True,
         approximate: str = "none",
     ):
         super().__init__()
-        _check_sizes(d_model, hidden, dropout)
+        _check_sizes(n_embd, hidden, dropout)
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-        self.c_fc = nn.Linear(d_model, hidden, bias=bias)
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.gelu = nn.GELU(approximate=approximate)
-        self.c_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gelu(self.c_fc(x))  # (B, T, hidden)
-        return self.dropout(self.c_proj(h))  # (B, T, d_model)
+        return self.dropout(self.c_proj(h))  # (B, T, n_embd)
 
 
-def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
-    """LLaMA's hidden width for SwiGLU: ``2/3 * 4 * d_model``, rounded up to ``multiple_of``.
+def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
+    """LLaMA's hidden width for SwiGLU: ``2/3 * 4 * n_embd``, rounded up to ``multiple_of``.
 
-    Two thirds of the MLP's ``4 * d_model`` keep the parameter count of the three matrices
-    (``3 * d_model * hidden``) close to the MLP's two (``2 * d_model * 4 * d_model``); the
-    rounding makes the matrices friendly to hardware. Like LLaMA, ``int(8 * d_model / 3)`` is
+    Two thirds of the MLP's ``4 * n_embd`` keep the parameter count of the three matrices
+    (``3 * n_embd * hidden``) close to the MLP's two (``2 * n_embd * 4 * n_embd``); the
+    rounding makes the matrices friendly to hardware. Like LLaMA, ``int(8 * n_embd / 3)`` is
     rounded up: 768 -> 2048, 32 -> 128.
     """
-    if d_model <= 0 or multiple_of <= 0:
-        raise ValueError(f"d_model and multiple_of must be positive, got {d_model}, {multiple_of}")
-    hidden = 8 * d_model // 3
+    if n_embd <= 0 or multiple_of <= 0:
+        raise ValueError(f"n_embd and multiple_of must be positive, got {n_embd}, {multiple_of}")
+    hidden = 8 * n_embd // 3
     return multiple_of * -(-hidden // multiple_of)
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward block: ``(B, T, d_model) -> (B, T, d_model)``.
+    """Gated feed-forward block: ``(B, T, n_embd) -> (B, T, n_embd)``.
 
-    ``c_fc`` is the gate and up projections fused into one ``Linear(d_model -> 2 * hidden)``:
+    ``c_fc`` is the gate and up projections fused into one ``Linear(n_embd -> 2 * hidden)``:
     its first ``hidden`` output rows are ``W_gate`` (LLaMA's ``gate_proj``), the last ``hidden``
     rows ``W_up`` (``up_proj``). ``c_proj`` is ``W_down`` (``down_proj``).
 
     Args:
-        d_model: input and output width.
-        hidden: inner width (``swiglu_hidden(d_model)`` in the GPT of this book).
+        n_embd: input and output width.
+        hidden: inner width (``swiglu_hidden(n_embd)`` in the GPT of this book).
         dropout: dropout on the output, in [0, 1).
         bias: whether the linear layers have biases (LLaMA has none).
     """
 
-    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        _check_sizes(d_model, hidden, dropout)
-        self.c_fc = nn.Linear(d_model, 2 * hidden, bias=bias)  # gate | up
-        self.c_proj = nn.Linear(hidden, d_model, bias=bias)
+        _check_sizes(n_embd, hidden, dropout)
+        self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # gate | up
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # 2 x (B, T, hidden)
         h = F.silu(gate) * up  # (B, T, hidden): the gate scales each hidden unit
-        return self.dropout(self.c_proj(h))  # (B, T, d_model)
+        return self.dropout(self.c_proj(h))  # (B, T, n_embd)

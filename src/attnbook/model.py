@@ -32,7 +32,8 @@ NORM_POSITIONS = ("pre", "post")
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used for RMSNorm too
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix
 # AttentionConfig fields that GPTConfig sets itself (a GPT is causal by construction).
-SET_BY_GPT = ("d_model", "n_head", "block_size", "dropout", "bias", "positions", "causal")
+SET_BY_GPT = ("n_embd", "n_head", "block_size", "dropout", "bias", "positions", "causal")
+CONFIG_FIELDS = [f.name for f in fields(AttentionConfig)]
 
 
 @dataclass
@@ -50,9 +51,9 @@ class GPTConfig:
             every attention and MLP, in [0, 1).
         bias: whether linear layers and LayerNorms have biases.
         attention: a name in ``attnbook.attention.available()``.
-        attention_options: further ``AttentionConfig`` fields for the variant, e.g.
-            ``{"n_kv_head": 2}`` ("gqa"), ``{"window": 64}`` ("local"); not the fields this class
-            sets (``SET_BY_GPT``). JSON-safe values only.
+        attention_options: the variant's own options, e.g. ``{"n_kv_head": 2}`` ("gqa"),
+            ``{"window": 64}`` ("local"), and ``AttentionConfig`` fields this class does not
+            set (``rope_base``, ``rope_pairing``, ``impl``). JSON-safe values only.
         positions: ``"learned"`` or ``"sinusoidal"`` (added to the token embeddings),
             ``"rope"`` or ``"alibi"`` (done in every attention layer) or ``"none"``.
         mlp: ``"gelu"`` (``MLP``, hidden width ``4 * n_embd``), ``"gelu_tanh"`` (the same with
@@ -64,7 +65,7 @@ class GPTConfig:
         tie_weights: whether ``lm_head`` shares its weight with the token embeddings.
 
     A variant that refuses a combination (e.g. "linear" with ``positions="alibi"``) says so when
-    ``GPT`` builds its layers.
+    the config is built (one layer is built on the meta device to check).
     """
 
     vocab_size: int = 50304
@@ -114,27 +115,34 @@ class GPTConfig:
             raise ValueError(
                 f"attention_options must be a dict, got {type(self.attention_options).__name__}"
             )
-        allowed = [f.name for f in fields(AttentionConfig) if f.name not in SET_BY_GPT]
-        wrong = [key for key in self.attention_options if key not in allowed]
-        if wrong:
+        refused = [key for key in self.attention_options if key in SET_BY_GPT]
+        if refused:
             raise ValueError(
-                f"attention_options has keys {wrong} that are unknown or set by GPTConfig itself "
-                f"({', '.join(SET_BY_GPT)}); allowed keys: {', '.join(allowed)}"
+                f"attention_options has keys {refused} that GPTConfig sets itself "
+                f"({', '.join(SET_BY_GPT)}): set the GPTConfig fields instead"
             )
-        self.attention_config()  # AttentionConfig's own checks, now rather than at build time
+        with torch.device("meta"):  # every check of the config and the variant, no memory
+            self.build_attention()
 
     def attention_config(self) -> AttentionConfig:
         """The ``AttentionConfig`` every block's attention is built from."""
+        shared = {k: v for k, v in self.attention_options.items() if k in CONFIG_FIELDS}
         return AttentionConfig(
-            d_model=self.n_embd,
+            n_embd=self.n_embd,
             n_head=self.n_head,
             block_size=self.block_size,
             dropout=self.dropout,
             bias=self.bias,
             causal=True,
             positions=self.positions,
-            **self.attention_options,
+            **shared,
         )
+
+    def build_attention(self) -> nn.Module:
+        """One block's attention layer: ``attention_config()`` and the variant's own options
+        (the ``attention_options`` that are not ``AttentionConfig`` fields)."""
+        options = {k: v for k, v in self.attention_options.items() if k not in CONFIG_FIELDS}
+        return build_attention(self.attention, self.attention_config(), **options)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-safe dict; ``GPTConfig.from_dict`` builds the config back."""
@@ -174,7 +182,7 @@ class Block(nn.Module):
         d = config.n_embd
         self.pre_norm = config.norm_position == "pre"
         self.ln_1 = _norm(config)
-        self.attn = build_attention(config.attention, config.attention_config())
+        self.attn = config.build_attention()
         self.ln_2 = _norm(config)
         if config.mlp in ("gelu", "gelu_tanh"):
             approximate = "tanh" if config.mlp == "gelu_tanh" else "none"

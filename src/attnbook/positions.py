@@ -26,42 +26,42 @@ ROPE_PAIRINGS = ("half", "interleaved")
 # ---- learned and sinusoidal: vectors added to the embeddings ----------------------------------
 
 
-def sinusoidal_embedding(n_positions: int, d_model: int) -> torch.Tensor:
-    """The fixed table of "Attention Is All You Need": ``(n_positions, d_model)``.
+def sinusoidal_embedding(n_positions: int, n_embd: int) -> torch.Tensor:
+    """The fixed table of "Attention Is All You Need": ``(n_positions, n_embd)``.
 
-    Even columns ``2i`` hold ``sin(pos / 10000^(2i/d_model))``, odd columns ``2i+1`` the cosine
+    Even columns ``2i`` hold ``sin(pos / 10000^(2i/n_embd))``, odd columns ``2i+1`` the cosine
     of the same angle, so each pair of columns is a clock running at its own frequency.
     """
-    if n_positions <= 0 or d_model <= 0:
-        raise ValueError(f"n_positions and d_model must be positive, got {n_positions}, {d_model}")
+    if n_positions <= 0 or n_embd <= 0:
+        raise ValueError(f"n_positions and n_embd must be positive, got {n_positions}, {n_embd}")
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
     inv_freq = 10000.0 ** (
-        -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model
+        -torch.arange(0, n_embd, 2, dtype=torch.float64) / n_embd
     )  # (ceil(d/2),)
     angles = pos * inv_freq  # (P, ceil(d/2))
-    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table = torch.zeros(n_positions, n_embd, dtype=torch.float64)
     table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
-    return table.float()  # (P, d_model)
+    table[:, 1::2] = torch.cos(angles[:, : n_embd // 2])
+    return table.float()  # (P, n_embd)
 
 
 class PositionalEmbedding(nn.Module):
     """A vector per position, learned (``nn.Embedding``) or sinusoidal (a fixed buffer).
 
-    ``forward(T, start=0)`` returns the ``(T, d_model)`` vectors of positions
-    ``start .. start + T - 1``, to be added to ``(B, T, d_model)`` token embeddings.
+    ``forward(T, start=0)`` returns the ``(T, n_embd)`` vectors of positions
+    ``start .. start + T - 1``, to be added to ``(B, T, n_embd)`` token embeddings.
     """
 
-    def __init__(self, kind: str, block_size: int, d_model: int):
+    def __init__(self, kind: str, block_size: int, n_embd: int):
         super().__init__()
         if kind not in ("learned", "sinusoidal"):
             raise ValueError(f"kind must be 'learned' or 'sinusoidal', got {kind!r}")
         self.kind, self.block_size = kind, block_size
         if kind == "learned":
-            self.table = nn.Embedding(block_size, d_model)
+            self.table = nn.Embedding(block_size, n_embd)
         else:
             self.register_buffer(
-                "sinusoid", sinusoidal_embedding(block_size, d_model), persistent=False
+                "sinusoid", sinusoidal_embedding(block_size, n_embd), persistent=False
             )
 
     def forward(self, T: int, start: int = 0) -> torch.Tensor:
@@ -71,8 +71,8 @@ class PositionalEmbedding(nn.Module):
                 f"{self.block_size} positions"
             )
         if self.kind == "learned":
-            return self.table.weight[start : start + T]  # (T, d_model)
-        return self.sinusoid[start : start + T]  # (T, d_model)
+            return self.table.weight[start : start + T]  # (T, n_embd)
+        return self.sinusoid[start : start + T]  # (T, n_embd)
 
 
 # ---- RoPE: rotate queries and keys ----------------------------------------------------------
@@ -87,8 +87,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
         raise ValueError(
             f"RoPE rotates pairs of coordinates: head_dim must be even, got {head_dim}"
         )
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
-    angles = positions.to(torch.float64)[:, None] * inv_freq  # (T, hd/2)
+    pairs = torch.arange(0, head_dim, 2, dtype=torch.float64)  # (head_dim/2,)
+    inv_freq = base ** (-pairs / head_dim)  # (head_dim/2,)
+    angles = positions.to(torch.float64)[:, None] * inv_freq  # (T, head_dim/2)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -103,17 +104,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
             f"RoPE rotates pairs of coordinates: head_dim must be even, got {x.shape[-1]}"
         )
     if pairing == "half":
-        x1, x2 = x.chunk(2, dim=-1)  # 2 x (..., T, hd/2)
+        x1, x2 = x.chunk(2, dim=-1)  # 2 x (..., T, head_dim/2)
     elif pairing == "interleaved":
-        x1, x2 = x[..., 0::2], x[..., 1::2]  # 2 x (..., T, hd/2)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # 2 x (..., T, head_dim/2)
     else:
         raise ValueError(f"pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    r1 = x1 * cos - x2 * sin  # (..., T, hd/2)
-    r2 = x1 * sin + x2 * cos  # (..., T, hd/2)
+    r1 = x1 * cos - x2 * sin  # (..., T, head_dim/2)
+    r2 = x1 * sin + x2 * cos  # (..., T, head_dim/2)
     if pairing == "half":
-        return torch.cat([r1, r2], dim=-1)  # (..., T, hd)
-    return torch.stack([r1, r2], dim=-1).flatten(-2)  # (..., T, hd), pairs back side by side
+        return torch.cat([r1, r2], dim=-1)  # (..., T, head_dim)
+    return torch.stack([r1, r2], dim=-1).flatten(-2)  # (..., T, head_dim), pairs back side by side
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:
@@ -137,7 +138,7 @@ def _permute_heads(weight: torch.Tensor, n_head: int, inverse: bool) -> torch.Te
     head_dim = weight.shape[0] // n_head
     perm = rope_permutation(head_dim)
     perm = perm.argsort() if inverse else perm
-    per_head = weight.reshape(n_head, head_dim, *weight.shape[1:])  # (n_head, hd, ...)
+    per_head = weight.reshape(n_head, head_dim, *weight.shape[1:])  # (n_head, head_dim, ...)
     return per_head[:, perm].reshape(weight.shape)
 
 
@@ -164,7 +165,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if pairing not in ROPE_PAIRINGS:
             raise ValueError(f"rope_pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
-        cos, sin = rope_cos_sin(torch.arange(max_len), head_dim, base)  # 2 x (max_len, hd/2)
+        cos, sin = rope_cos_sin(torch.arange(max_len), head_dim, base)  # 2 x (max_len, head_dim/2)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.pairing, self.max_len = pairing, max_len

@@ -1,17 +1,18 @@
 """Attention variants and the registry that builds them by name.
 
     from attnbook.attention import AttentionConfig, available, build_attention
-    attn = build_attention("mha", AttentionConfig(d_model=64, n_head=4))
+    attn = build_attention("mha", AttentionConfig(n_embd=64, n_head=4))
     y = attn(x)  # x: (B, T, 64) -> y: (B, T, 64)
+    gqa = build_attention("gqa", AttentionConfig(n_embd=64, n_head=4), n_kv_head=2)  # its option
 
 Importing this package imports every variant module, so ``available()`` lists them all.
 Chapter 3 introduces the registry.
 """
 
-from .base import CausalSelfAttention
+from .base import Attention
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
-from .cross import CrossAttention, DecoderBlock, EncoderBlock
+from .cross import CrossAttention, CrossCache, DecoderBlock, EncoderBlock
 from .gqa import GroupedQueryAttention
 from .linear import LinearAttention
 from .local import LocalAttention
@@ -19,14 +20,15 @@ from .masks import additive_mask, causal_mask, padding_mask, restrict, sliding_w
 from .mha import MultiHeadAttention
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
-from .registry import available, build_attention, register_attention
+from .registry import attention_class, available, build_attention, register_attention
 from .single_head import Head, SelfAttention
 from .sparse import SparseAttention
 
 __all__ = [
     "AttentionConfig",
-    "CausalSelfAttention",
+    "Attention",
     "CrossAttention",
+    "CrossCache",
     "DecoderBlock",
     "EncoderBlock",
     "GroupedQueryAttention",
@@ -39,6 +41,7 @@ __all__ = [
     "SelfAttention",
     "SparseAttention",
     "additive_mask",
+    "attention_class",
     "available",
     "build_attention",
     "causal_mask",

@@ -1,7 +1,7 @@
-"""The skeleton every self-attention variant shares: project -> position -> attend -> out.
+"""The skeleton every attention variant shares: project -> position -> attend -> out.
 
-``forward`` is written once; a variant subclasses ``CausalSelfAttention`` and overrides only the
-stages it changes:
+``forward`` is written once; a variant subclasses ``Attention`` and overrides only the stages it
+changes, and declares its own settings as an ``Options`` dataclass (see ``registry``):
 
 - ``project(x)``: queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T,
   head_dim)`` (fewer key/value heads than query heads is grouped-query attention);
@@ -22,13 +22,18 @@ from ..positions import RotaryEmbedding, alibi_bias, alibi_slopes
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
 from .masks import causal_mask, restrict
+from .registry import NoOptions, make_options
 
 
-class CausalSelfAttention(nn.Module):
-    """Self-attention (causal unless ``config.causal`` is False) with positions and a KV cache.
+class Attention(nn.Module):
+    """Self-attention (causal unless ``config.causal`` is False) with positions and a KV cache;
+    ``CrossAttention`` runs the same stages over a source's keys and values.
+
+    ``Attention(config, **options)``: ``options`` are the fields of the variant's ``Options``
+    (none here), kept as ``self.options``.
 
     ``forward(x, attn_mask=None, need_weights=False, cache=None)``:
-        x: ``(B, T, d_model)``.
+        x: ``(B, T, n_embd)``.
         attn_mask: optional extra mask (boolean, ``True`` = may attend, or additive float)
             broadcastable to ``(B, n_head, T, T_k)``, combined with the causal mask; for a key
             padding mask ``m`` of shape ``(B, T_k)`` pass ``m[:, None, None, :]``.
@@ -36,14 +41,17 @@ class CausalSelfAttention(nn.Module):
             the reference path, whatever ``config.impl`` says).
         cache: a cache from ``new_cache``; ``x`` is then the next ``T`` tokens after the
             ``cache.length`` already cached, and ``T_k = cache.length + T``.
-    Returns ``(B, T, d_model)``, or ``(output, weights)`` with ``need_weights``.
+    Returns ``(B, T, n_embd)``, or ``(output, weights)`` with ``need_weights``.
     """
 
-    def __init__(self, config: AttentionConfig, n_kv_head: int):
+    Options = NoOptions
+
+    def __init__(self, config: AttentionConfig, **options):
         super().__init__()
-        self.config = config
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, n_kv_head, config.head_dim
-        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)  # mixes heads
+        self.config, self.options = config, make_options(type(self), options)
+        # one key/value head per query head unless a variant shares them (gqa.py)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_head, config.head_dim
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes heads
         self.resid_dropout = nn.Dropout(config.dropout)
         self.scale = None  # softmax scale: None means 1/sqrt(the queries' size)
         self.rope = None
@@ -51,8 +59,14 @@ class CausalSelfAttention(nn.Module):
             self.rope = RotaryEmbedding(
                 config.head_dim, config.block_size, config.rope_base, config.rope_pairing
             )
-        if config.positions == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        slopes = alibi_slopes(config.n_head) if config.positions == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)  # (n_head,) or None
+
+    @classmethod
+    def options_for_length(cls, T: int, n_head: int) -> dict:
+        """The options this variant would choose for sequences of ``T`` tokens and ``n_head``
+        heads (``compare`` and ``bench`` build every variant with them)."""
+        return {}
 
     def project(self, x: torch.Tensor):
         """Queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T, head_dim)``."""
@@ -79,20 +93,20 @@ class CausalSelfAttention(nn.Module):
             dtype=dtype or self.c_proj.weight.dtype,
         )
 
-    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
-        """``(B, T)`` of an input ``x`` of shape ``(B, T, d_model)``; ValueError otherwise."""
-        d = self.config.d_model
+    def check_input(self, x: torch.Tensor, name: str = "x") -> tuple[int, int]:
+        """``(B, T)`` of an input ``x`` of shape ``(B, T, n_embd)``; ValueError otherwise."""
+        d = self.config.n_embd
         if x.dim() != 3 or x.shape[-1] != d:
-            raise ValueError(f"x must have shape (B, T, d_model={d}), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape (B, T, n_embd={d}), got {tuple(x.shape)}")
         return x.shape[0], x.shape[1]
 
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
         self.check_input(x)
         start = 0 if cache is None else cache.length  # position of x's first token
-        q, k, v = self.project(x)  # (B, n_head, T, hd), 2 x (B, n_kv_head, T, hd)
+        q, k, v = self.project(x)  # (B, n_head, T, head_dim), 2 x (B, n_kv_head, T, head_dim)
         q, k = self.position(q, k, start)  # rotated by their positions (RoPE)
-        y, weights = self.attend(q, k, v, attn_mask, need_weights, cache)  # (B, n_head, T, hd)
-        y = self.out(y)  # (B, T, d_model)
+        y, weights = self.attend(q, k, v, attn_mask, need_weights, cache)  # like q
+        y = self.out(y)  # (B, T, n_embd)
         return (y, weights) if need_weights else y
 
     def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
@@ -104,10 +118,10 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
         """With a ``cache``: append ``k``, ``v`` to it and attend over every cached position.
 
-        Returns ``softmax_attend``'s output ``(B, n_head, T, hd)`` and weights (or None).
+        Returns ``softmax_attend``'s output ``(B, n_head, T, head_dim)`` and weights (or None).
         """
         if cache is not None:
-            k, v = self.read_cache(cache, k, v, q.dtype)  # (B, n_kv_head, T_k, hd)
+            k, v = self.read_cache(cache, k, v, q.dtype)  # (B, n_kv_head, T_k, head_dim)
         return self.softmax_attend(q, k, v, attn_mask, need_weights)
 
     @staticmethod
@@ -118,24 +132,25 @@ class CausalSelfAttention(nn.Module):
         return k.to(dtype), v.to(dtype)
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
-        """``(B, n_head, T, hd_v)`` -> ``(B, T, d_model)``: heads side by side, ``c_proj``, dropout."""
+        """``(B, n_head, T, v_head_dim)`` -> ``(B, T, n_embd)``: heads side by side, ``c_proj``,
+        dropout."""
         B, _, T, _ = y.shape
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * hd_v)
-        return self.resid_dropout(self.c_proj(y))  # (B, T, d_model)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * v_head_dim)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, n_embd)
 
     def softmax_attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
-        """Softmax attention of ``q`` ``(B, n_head, T, hd)`` over ``k``, ``v``
-        ``(B, n_kv_head, T_k, hd)`` with this layer's masks (causal, ALiBi, ``attn_mask``) and
+        """Softmax attention of ``q`` ``(B, n_head, T, head_dim)`` over ``k``, ``v``
+        ``(B, n_kv_head, T_k, head_dim)`` with this layer's masks (causal, ALiBi, ``attn_mask``) and
         ``self.scale``; fewer key/value heads than query heads means grouped-query attention.
 
-        Returns the ``(B, n_head, T, hd)`` output and the ``(B, n_head, T, T_k)`` weights if
+        Returns the ``(B, n_head, T, head_dim)`` output and the ``(B, n_head, T, T_k)`` weights if
         ``need_weights`` (else None).
         """
         attn_mask, is_causal = self._mask(attn_mask, q.shape[-2], k.shape[-2], q.device)
         args = dict(
             attn_mask=attn_mask,
             is_causal=is_causal,
-            dropout_p=self.config.dropout if self.training else 0.0,
+            dropout_p=self.attn_dropout,
             scale=self.scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
@@ -143,9 +158,14 @@ class CausalSelfAttention(nn.Module):
             return sdpa_reference(q, k, v, **args, return_weights=True)
         return sdpa(q, k, v, **args), None
 
+    @property
+    def attn_dropout(self) -> float:
+        """Dropout probability on the attention weights: ``config.dropout`` in training, else 0."""
+        return self.config.dropout if self.training else 0.0
+
     def _mask(self, attn_mask, t_q, t_k, device):
         """The mask to attend with, and whether SDPA's own (top-left) causal flag can do it."""
-        if self.config.positions == "alibi":  # a float bias per head, the masks folded into it
+        if self.alibi_slopes is not None:  # a float bias per head, the masks folded into it
             bias = alibi_bias(self.alibi_slopes, t_q, t_k).to(dtype=self.c_proj.weight.dtype)
             if attn_mask is not None and attn_mask.dtype == torch.bool:
                 bias = restrict(bias, attn_mask)  # (.., n_head, t_q, t_k)

@@ -143,7 +143,7 @@ def sdpa(
         is_causal = False
     v_dim = v.shape[-1]
     if v_dim < k.shape[-1]:  # the fused kernels want values as wide as keys, else torch takes
-        v = F.pad(v, (0, k.shape[-1] - v_dim))  # its slow path: pad with zeros (..., T_k, hd)
+        v = F.pad(v, (0, k.shape[-1] - v_dim))  # its slow path: pad with zeros (..., T_k, head_dim)
     return F.scaled_dot_product_attention(
         q,
         k,

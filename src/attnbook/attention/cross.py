@@ -1,81 +1,68 @@
 """Cross-attention and the encoder-decoder blocks built around it.
 
-In cross-attention the queries come from one sequence (the decoder's, ``x``: ``(B, T_q, d)``)
-and the keys and values from another (the encoder's output, ``memory``: ``(B, T_k, d)``), of any
-lengths. No causal mask: the whole source is known. A key padding mask hides the padded
-positions of the source. Position information is already inside ``x`` and ``memory``, so no
-RoPE or ALiBi is applied here.
+In cross-attention the queries come from one sequence (the decoder's, ``x``: ``(B, T_q, n_embd)``)
+and the keys and values from another (the encoder's output, ``memory``: ``(B, T_k, n_embd)``), of
+any lengths. Compared with ``gqa.py`` (whose ``n_kv_head`` option it shares), three things change:
 
-- ``CrossAttention``: the layer. ``project_memory`` computes the source's keys and values once,
-  so a decoder generating token by token can reuse them (``kv=``) instead of recomputing them.
-- ``EncoderBlock``: pre-norm self-attention (not causal) + MLP.
-- ``DecoderBlock``: pre-norm causal self-attention + cross-attention + MLP.
+- the source's keys and values are projected once, by ``project_memory``, into a ``CrossCache``
+  that the layer reads as its cache at every step (``project`` makes only the queries);
+- there is no causal mask (the whole source is known), only the source's padding mask;
+- no RoPE or ALiBi: positions are already inside ``x`` and ``memory``.
 
-The blocks take positions from the embeddings (``positions`` "learned", "sinusoidal" or "none");
-RoPE and ALiBi are refused rather than silently dropped. Chapter 5 builds them.
+``EncoderBlock`` (pre-norm self-attention, not causal, + MLP) and ``DecoderBlock`` (pre-norm
+causal self-attention + cross-attention + MLP) take positions from the embeddings (``positions``
+"learned", "sinusoidal" or "none"); RoPE and ALiBi are refused. Chapter 5 builds them.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..mlp import MLP
+from .base import Attention
 from .config import AttentionConfig
-from .core import sdpa, sdpa_reference
+from .gqa import GQAOptions
+from .masks import restrict
 from .mha import MultiHeadAttention
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from ``x`` (queries) to ``memory`` (keys and values).
+@dataclass(frozen=True)
+class CrossCache:
+    """What cross-attention reads at every decoding step: the source's keys and values
+    ``(B, n_kv_head, T_k, head_dim)`` and its padding mask ``(B, T_k)`` (``True`` = real token)
+    or None. ``length`` is ``T_k``."""
 
-    Args:
-        config: ``d_model``, ``n_head``, ``dropout``, ``bias`` and ``impl`` are used.
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
 
-    ``forward(x, memory=None, memory_mask=None, need_weights=False, kv=None)``:
-        x: ``(B, T_q, d_model)``; memory: ``(B, T_k, d_model)``, or instead ``kv``, the
-        ``(k, v)`` pair ``project_memory(memory)`` returned.
-        memory_mask: ``(B, T_k)`` boolean, ``True`` at real (not padded) source positions.
-        need_weights: also return the ``(B, n_head, T_q, T_k)`` weights.
-    Returns ``(B, T_q, d_model)``, or ``(output, weights)`` with ``need_weights``.
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class CrossAttention(Attention):
+    """Multi-head (or grouped-query, option ``n_kv_head``) attention from ``x`` to a source.
+
+    ``forward(x, attn_mask=None, need_weights=False, cache)`` is ``Attention.forward`` with
+    ``cache = project_memory(memory, memory_mask)``: x ``(B, T_q, n_embd)`` -> ``(B, T_q,
+    n_embd)``, and the ``(B, n_head, T_q, T_k)`` weights with ``need_weights``.
     """
 
-    def __init__(self, config: AttentionConfig):
-        super().__init__()
-        if config.n_kv_head not in (None, config.n_head):
-            raise ValueError(
-                f"CrossAttention has one key/value head per query head, got "
-                f"n_kv_head={config.n_kv_head} and n_head={config.n_head}"
-            )
-        self.config = config
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        d = config.d_model
+    Options = GQAOptions
+
+    def __init__(self, config: AttentionConfig, **options):
+        super().__init__(_block_config(config, causal=False), **options)
+        self.n_kv_head = self.options.heads(config.n_head)
+        d, kv = config.n_embd, self.n_kv_head * self.head_dim
         self.c_q = nn.Linear(d, d, bias=config.bias)  # queries from the decoder
-        self.c_kv = nn.Linear(d, 2 * d, bias=config.bias)  # keys and values from the encoder
-        self.c_proj = nn.Linear(d, d, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_kv = nn.Linear(d, 2 * kv, bias=config.bias)  # keys and values from the source
 
-    def project_memory(self, memory: torch.Tensor):
-        """Keys and values of the source, ``(B, n_head, T_k, head_dim)`` each."""
-        _check_sequence("memory", memory, self.config.d_model)
-        B, T_k, d = memory.shape
-        k, v = self.c_kv(memory).split(d, dim=2)  # 2 x (B, T_k, d)
-        k = k.view(B, T_k, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T_k, hd)
-        v = v.view(B, T_k, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T_k, hd)
-        return k, v
-
-    def forward(self, x, memory=None, memory_mask=None, need_weights: bool = False, kv=None):
-        d = self.config.d_model
-        _check_sequence("x", x, d)
-        if (memory is None) == (kv is None):
-            raise ValueError("pass either memory or kv=project_memory(memory), not both or neither")
-        k, v = self.project_memory(memory) if kv is None else kv  # 2 x (B, nh, T_k, hd)
-        B, T_q, _ = x.shape
-        if k.shape[0] != B:
-            raise ValueError(
-                f"x and memory must have the same batch size, got {B} and {k.shape[0]}"
-            )
-        T_k = k.shape[2]
+    def project_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None):
+        """The ``CrossCache`` of a source ``memory`` ``(B, T_k, n_embd)`` with its optional
+        boolean padding mask ``memory_mask`` ``(B, T_k)``."""
+        B, T_k = self.check_input(memory, "memory")
         if memory_mask is not None and (
             memory_mask.shape != (B, T_k) or memory_mask.dtype != torch.bool
         ):
@@ -83,28 +70,38 @@ class CrossAttention(nn.Module):
                 f"memory_mask must be a boolean (B, T_k) = {(B, T_k)} tensor, got "
                 f"{memory_mask.dtype} {tuple(memory_mask.shape)}"
             )
-        q = self.c_q(x).view(B, T_q, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T_q, hd)
-        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, T_k)
-        dropout_p = self.config.dropout if self.training else 0.0
-        weights = None
-        if need_weights or self.config.impl == "reference":
-            y, weights = sdpa_reference(q, k, v, mask, dropout_p=dropout_p, return_weights=True)
-        else:
-            y = sdpa(q, k, v, mask, dropout_p=dropout_p)  # (B, nh, T_q, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T_q, d)  # (B, T_q, d)
-        y = self.resid_dropout(self.c_proj(y))
-        return (y, weights) if need_weights else y
+        k, v = self.c_kv(memory).split(self.n_kv_head * self.head_dim, dim=2)  # 2 x (B, T_k, kv)
+        # keys and values: (B, n_kv_head, T_k, head_dim)
+        k = k.view(B, T_k, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T_k, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return CrossCache(k, v, memory_mask)
 
+    def project(self, x: torch.Tensor):
+        """Queries ``(B, n_head, T_q, head_dim)``; the keys and values are the cache's."""
+        B, T, d = x.shape
+        return self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), None, None
 
-def _check_sequence(name, t, d):
-    if t.dim() != 3 or t.shape[-1] != d:
-        raise ValueError(f"{name} must have shape (B, T, d_model={d}), got {tuple(t.shape)}")
+    def attend(self, q, k, v, attn_mask=None, need_weights: bool = False, cache=None):
+        """Softmax attention over the source in ``cache``, its padding mask applied."""
+        if not isinstance(cache, CrossCache):
+            raise ValueError(
+                "cross-attention reads the source from its cache: call it with "
+                "cache=layer.project_memory(memory, memory_mask)"
+            )
+        if cache.k.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"x and memory must have the same batch size, got {q.shape[0]} and "
+                f"{cache.k.shape[0]}"
+            )
+        if cache.mask is not None:
+            attn_mask = restrict(attn_mask, cache.mask[:, None, None, :])  # (B, 1, 1, T_k)
+        return self.softmax_attend(q, cache.k, cache.v, attn_mask, need_weights)
 
 
 def _block_config(config: AttentionConfig, causal: bool) -> AttentionConfig:
     if config.positions in ("rope", "alibi"):
         raise ValueError(
-            f"the encoder-decoder blocks take positions from the embeddings: use positions "
+            f"the encoder-decoder layers take positions from the embeddings: use positions "
             f"'learned', 'sinusoidal' or 'none', got {config.positions!r}"
         )
     return replace(config, causal=causal, positions="none")
@@ -113,12 +110,12 @@ def _block_config(config: AttentionConfig, causal: bool) -> AttentionConfig:
 class EncoderBlock(nn.Module):
     """Pre-norm encoder block: ``x + SelfAttn(LN(x))`` then ``x + MLP(LN(x))``, not causal.
 
-    ``forward(x, mask=None)``: x ``(B, T, d_model)``, mask ``(B, T)`` boolean (True = real token).
+    ``forward(x, mask=None)``: x ``(B, T, n_embd)``, mask ``(B, T)`` boolean (True = real token).
     """
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
-        d = config.d_model
+        d = config.n_embd
         self.ln_1 = nn.LayerNorm(d)
         self.attn = MultiHeadAttention(_block_config(config, causal=False))
         self.ln_2 = nn.LayerNorm(d)
@@ -138,14 +135,15 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm decoder block: causal self-attention, cross-attention to the source, MLP.
 
-    ``forward(x, memory=None, memory_mask=None, memory_kv=None)``: x ``(B, T_q, d_model)``;
-    memory ``(B, T_k, d_model)``, or ``memory_kv = block.cross_attn.project_memory(memory)``
-    computed once and reused; memory_mask ``(B, T_k)`` boolean (True = real source token).
+    ``forward(x, memory=None, memory_mask=None, memory_kv=None)``: x ``(B, T_q, n_embd)``;
+    memory ``(B, T_k, n_embd)`` with its optional boolean padding mask memory_mask ``(B, T_k)``,
+    or instead ``memory_kv = block.cross_attn.project_memory(memory, memory_mask)``, computed
+    once and reused at every decoding step.
     """
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
-        d = config.d_model
+        d = config.n_embd
         self.ln_1 = nn.LayerNorm(d)
         self.self_attn = MultiHeadAttention(_block_config(config, causal=True))
         self.ln_2 = nn.LayerNorm(d)
@@ -154,6 +152,12 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(d, 4 * d, config.dropout, config.bias)
 
     def forward(self, x, memory=None, memory_mask=None, memory_kv=None):
+        if (memory is None) == (memory_kv is None):
+            raise ValueError("pass either memory or memory_kv=project_memory(memory), not both")
+        if memory_kv is None:
+            memory_kv = self.cross_attn.project_memory(memory, memory_mask)
+        elif memory_mask is not None:
+            raise ValueError("memory_kv carries its mask: pass memory_mask to project_memory")
         x = x + self.self_attn(self.ln_1(x))
-        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask, kv=memory_kv)
+        x = x + self.cross_attn(self.ln_2(x), cache=memory_kv)
         return x + self.mlp(self.ln_3(x))

@@ -13,6 +13,8 @@ is refused (no scores are formed). Registered as ``"linear"``; its cache is
 ``LinearAttentionCache``, the state ``(S, z)``. Chapter 11 derives the three forms.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -201,12 +203,22 @@ class LinearAttentionCache(Cache):
         return (self.S[0].numel() + self.z[0].numel()) * self.S.element_size()
 
 
+@dataclass(frozen=True)
+class LinearOptions:
+    """linear_chunk: chunk length of the chunked form (the fast path)."""
+
+    linear_chunk: int = 64
+
+    def __post_init__(self):
+        check_positive_int("linear_chunk", self.linear_chunk)
+
+
 @register_attention("linear")
 class LinearAttention(MultiHeadAttention):
     """Causal multi-head linear attention with the ``elu + 1`` feature map.
 
     Multi-head attention's projections; only the attention changes: ``φ(q)``, ``φ(k)`` instead
-    of softmax, computed with the chunked form (``config.linear_chunk`` tokens per chunk), or
+    of softmax, computed with the chunked form (``linear_chunk`` tokens per chunk, its option), or
     with ``impl="reference"`` the quadratic form (the recurrent form when decoding with a cache).
     ``need_weights`` returns the quadratic form's normalised weights ``(B, n_head, T, T)``
     (see ``linear_attention_quadratic``; not with a cache, which keeps no keys).
@@ -217,7 +229,9 @@ class LinearAttention(MultiHeadAttention):
     and ``attn_mask``. ``config.dropout`` drops the output only (there are no weights to drop).
     """
 
-    def __init__(self, config: AttentionConfig):
+    Options = LinearOptions
+
+    def __init__(self, config: AttentionConfig, **options):
         if config.positions == "alibi":
             raise ValueError(
                 "linear attention never forms the scores that ALiBi biases: choose positions "
@@ -225,12 +239,11 @@ class LinearAttention(MultiHeadAttention):
             )
         if not config.causal:
             raise ValueError("linear attention here is causal (a running state): set causal=True")
-        if config.n_kv_head not in (None, config.n_head):
-            raise ValueError(
-                f"linear attention has one key/value head per query head, got "
-                f"n_kv_head={config.n_kv_head} and n_head={config.n_head}"
-            )
-        super().__init__(config)
+        super().__init__(config, **options)
+
+    @classmethod
+    def options_for_length(cls, T: int, n_head: int) -> dict:
+        return {"linear_chunk": min(64, T)}
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """An empty state ``(S, z)`` for this layer; ``max_len`` defaults to ``block_size``."""
@@ -241,7 +254,7 @@ class LinearAttention(MultiHeadAttention):
     def project(self, x: torch.Tensor):
         """Multi-head attention's projections, queries and keys through ``φ``: positive features
         ``(B, n_head, T, head_dim)``, and the values."""
-        q, k, v = super().project(x)  # 3 x (B, n_head, T, hd)
+        q, k, v = super().project(x)  # 3 x (B, n_head, T, head_dim)
         return elu_feature_map(q), elu_feature_map(k), v
 
     def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
@@ -267,5 +280,5 @@ class LinearAttention(MultiHeadAttention):
             state = tuple(t.to(q.dtype) for t in cache.append(k, v, k_rot))
         if self.config.impl == "reference":
             return linear_attention_recurrent(q, k, v, q_rot, k_rot, state)[0], None
-        chunk = self.config.linear_chunk
+        chunk = self.options.linear_chunk
         return linear_attention_chunked(q, k, v, chunk, q_rot, k_rot, state)[0], None

@@ -1,7 +1,8 @@
 """Sliding-window (local) attention: each query sees only the last ``window`` positions.
 
 Query ``i`` attends to keys ``j`` with ``i - window < j <= i``: itself and the ``window - 1``
-positions before it. Compared with ``gqa.py`` three things change:
+positions before it (``window`` is its option, next to gqa's ``n_kv_head``). Compared with
+``gqa.py`` three things change:
 
 - the mask is a band (``sliding_window_mask``) instead of a triangle;
 - the fast path never forms the ``T x T`` scores: queries are cut into chunks of ``window``
@@ -10,19 +11,20 @@ positions before it. Compared with ``gqa.py`` three things change:
 - generation keeps only the last ``window`` positions (``RollingKVCache``), so the cache stops
   growing once the sequence is longer than the window.
 
-The dense path (reference, weights, an extra mask, or a short sequence) uses the band mask.
-Keys are rotated at their true positions before they are cached, so dropping old keys changes
-nothing. Registered as ``"local"``; chapter 9 builds it.
+The dense path (reference, weights, an extra mask, a short sequence) uses the band mask. Keys
+are rotated before they are cached, so dropping old ones changes nothing. Chapter 9 builds it.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_positive_ints
+from ..checks import check_positive_int, check_positive_ints
 from ..kv_cache import KVCache
 from .config import AttentionConfig
 from .core import sdpa
-from .gqa import GroupedQueryAttention
+from .gqa import GQAOptions, GroupedQueryAttention
 from .masks import restrict, sliding_window_mask
 from .registry import register_attention
 
@@ -44,7 +46,7 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
     ``c + 1``; each query chunk then reads key chunks ``c`` and ``c + 1`` (``2W`` keys), and the
     same ``(W, 2W)`` band selects its keys in every chunk.
     """
-    B, H, T, hd = q.shape
+    B, H, T, head_dim = q.shape
     W, P = window, k.shape[-2] - T  # P: keys before the first query, at most W - 1
     if not 0 <= P < W:
         raise ValueError(
@@ -53,16 +55,16 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
         )
     n = -(-T // W)  # number of query chunks
     pad = n * W - T  # the last chunk is padded to W queries; their outputs are dropped
-    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, hd)  # (B, H, n, W, hd)
-    q = q.transpose(1, 2).reshape(B * n, H, W, hd)  # (B * n, H, W, hd): chunks as a batch
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, head_dim)  # (B, H, n, W, head_dim)
+    q = q.transpose(1, 2).reshape(B * n, H, W, head_dim)  # chunks as a batch: (B * n, H, W, ·)
 
-    def pairs(x):  # (B, n_kv_head, T_k, hd) -> (B * n, n_kv_head, 2W, hd): chunks c and c + 1
-        x = F.pad(x, (0, 0, W - P, pad))  # (B, n_kv_head, (n + 1) * W, hd)
-        x = x.view(B, x.shape[1], n + 1, W, hd)  # (B, n_kv_head, n + 1, W, hd)
-        x = torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)  # (B, n_kv_head, n, 2W, hd)
-        return x.transpose(1, 2).reshape(B * n, -1, 2 * W, hd)  # (B * n, n_kv_head, 2W, hd)
+    def pairs(x):  # (B, n_kv_head, T_k, head_dim) -> (B * n, n_kv_head, 2W, head_dim)
+        x = F.pad(x, (0, 0, W - P, pad))  # (B, n_kv_head, (n + 1) * W, head_dim)
+        x = x.view(B, x.shape[1], n + 1, W, head_dim)  # (B, n_kv_head, n + 1, W, head_dim)
+        x = torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)  # chunks c and c + 1 side by side
+        return x.transpose(1, 2).reshape(B * n, -1, 2 * W, head_dim)
 
-    k, v = pairs(k), pairs(v)  # (B * n, n_kv_head, 2W, hd) each
+    k, v = pairs(k), pairs(v)  # (B * n, n_kv_head, 2W, head_dim) each
     row = torch.arange(W, device=q.device)[:, None]  # (W, 1): query r of a chunk
     col = torch.arange(2 * W, device=q.device)[None, :]  # (1, 2W): key l of the pair
     distance = W + row - col  # (W, 2W): how far back key l is from query r
@@ -74,8 +76,8 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
         bias = -alibi_slopes[:, None, None].to(q.dtype) * distance  # (H, W, 2W)
         mask = restrict(bias, mask)  # (B * n, H, W, 2W): -inf outside the band
     y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
-    y = y.view(B, n, H, W, hd).transpose(1, 2).reshape(B, H, n * W, hd)  # (B, H, n * W, hd)
-    return y[:, :, :T]  # (B, n_head, T, hd)
+    y = y.view(B, n, H, W, head_dim).transpose(1, 2).reshape(B, H, n * W, head_dim)
+    return y[:, :, :T]  # (B, n_head, T, head_dim)
 
 
 class RollingKVCache(KVCache):
@@ -109,31 +111,48 @@ class RollingKVCache(KVCache):
         kept = min(self.length, self.window - 1, self.k.shape[2])  # before counting the new ones
         self._reserve(T)
         old = slice(self.k.shape[2] - kept, None)  # the last `kept` slots hold the newest positions
-        k_all = torch.cat([self.k[:, :, old], k.to(self.k.dtype)], dim=2)  # (B, H, kept + T, hd)
-        v_all = torch.cat([self.v[:, :, old], v.to(self.v.dtype)], dim=2)  # (B, H, kept + T, hd)
+        # what the new queries may see: (B, n_kv_head, kept + T, head_dim) each
+        k_all = torch.cat([self.k[:, :, old], k.to(self.k.dtype)], dim=2)
+        v_all = torch.cat([self.v[:, :, old], v.to(self.v.dtype)], dim=2)
         keep = min(kept + T, self.k.shape[2])  # right-aligned: newest position in the last slot
         self.k[:, :, -keep:] = k_all[:, :, -keep:]
         self.v[:, :, -keep:] = v_all[:, :, -keep:]
         return k_all, v_all
 
 
+@dataclass(frozen=True)
+class LocalOptions(GQAOptions):
+    """window: how many positions each query sees, itself included."""
+
+    window: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int("window", self.window)
+
+
 @register_attention("local")
 class LocalAttention(GroupedQueryAttention):
-    """Causal sliding-window self-attention: each query sees the last ``config.window`` positions.
+    """Causal sliding-window self-attention: each query sees the last ``window`` positions.
 
     Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
     MHA's state_dict layout). ``forward(x, attn_mask=None, need_weights=False, cache=None)`` as in
-    ``CausalSelfAttention``. It decodes with the ``RollingKVCache`` of ``new_cache``, or with a
+    ``Attention``. It decodes with the ``RollingKVCache`` of ``new_cache``, or with a
     full ``KVCache``, of which it reads only the last ``window - 1 + T`` keys; ``attn_mask`` may
     cover every position so far (``cache.length + T`` keys) or only those, and the
     ``need_weights`` weights cover only those: ``(B, n_head, T, min(T_k, window - 1 + T))``.
     """
 
-    def __init__(self, config: AttentionConfig):
+    Options = LocalOptions
+
+    def __init__(self, config: AttentionConfig, **options):
         if not config.causal:
             raise ValueError("local attention is a causal sliding window: causal must be True")
-        super().__init__(config)
-        self.window = config.window
+        super().__init__(config, **options)
+
+    @classmethod
+    def options_for_length(cls, T: int, n_head: int) -> dict:
+        return {"window": max(1, T // 8)}
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """A ``RollingKVCache`` of ``min(window, max_len)`` positions (``max_len`` defaults to
@@ -142,7 +161,7 @@ class LocalAttention(GroupedQueryAttention):
             batch_size,
             self.n_kv_head,
             self.head_dim,
-            self.window,
+            self.options.window,
             **self._cache_options(max_len, device, dtype),
         )
 
@@ -150,18 +169,19 @@ class LocalAttention(GroupedQueryAttention):
         """The band as a dense mask where that is as cheap (or needed), else the blocked path.
         Keys older than the window of the first query (a full KVCache holds them) are dropped."""
         T = q.shape[-2]
-        keep = self.window - 1 + T  # the keys some query of this chunk may see
-        k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, T_k <= keep, hd)
+        window = self.options.window
+        keep = window - 1 + T  # the keys some query of this chunk may see
+        k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, T_k <= keep, head_dim)
         if attn_mask is not None and attn_mask.shape[-1] > k.shape[-2]:
             attn_mask = attn_mask[..., -k.shape[-2] :]  # a mask over every position: the kept
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
-        if dense or T <= self.window:  # one chunk: the band is already O(T * window)
+        if dense or T <= window:  # one chunk: the band is already O(T * window)
             return super().softmax_attend(q, k, v, attn_mask, need_weights)
-        slopes = self.alibi_slopes if self.config.positions == "alibi" else None
-        dropout_p = self.config.dropout if self.training else 0.0
-        return blocked_local_attention(q, k, v, self.window, slopes, dropout_p), None
+        y = blocked_local_attention(q, k, v, window, self.alibi_slopes, self.attn_dropout)
+        return y, None
 
     def _mask(self, attn_mask, t_q, t_k, device):
         """The base class's mask (ALiBi, extra mask) restricted to the sliding window."""
         attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
-        return restrict(attn_mask, sliding_window_mask(t_q, t_k, self.window, device)), False
+        band = sliding_window_mask(t_q, t_k, self.options.window, device)  # (t_q, t_k)
+        return restrict(attn_mask, band), False

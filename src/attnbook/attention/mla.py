@@ -11,15 +11,15 @@ output). Queries may be compressed too (``q_lora_rank > 0``). Registered as ``"m
 chapter 13 derives it.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..checks import check_positive_ints
+from ..checks import check_non_negative_int, check_positive_int, check_positive_ints
 from ..kv_cache import KVCache
 from ..positions import RotaryEmbedding
-from .base import CausalSelfAttention
+from .base import Attention
 from .config import AttentionConfig
 from .registry import register_attention
 
@@ -50,45 +50,74 @@ class LatentCache(KVCache):
         return self.k[:, 0]  # (B, max_len, rope_dim)
 
 
+@dataclass(frozen=True)
+class MLAOptions:
+    """MLA's sizes, with DeepSeek's names (``None`` sizes are derived from ``head_dim``).
+
+    kv_lora_rank: size of the cached key/value latent; ``None`` means ``4 * head_dim``.
+    q_lora_rank: size of the query latent; 0 means the queries are not compressed.
+    qk_nope_head_dim: per-head query/key size without RoPE; ``None`` means ``head_dim``.
+    qk_rope_head_dim: per-head size of the decoupled rotary query and shared rotary key, even;
+        ``None`` means about ``head_dim / 2`` (``max(2, 2 * (head_dim // 4))``).
+    v_head_dim: per-head value size; ``None`` means ``head_dim``.
+    absorb: start in the absorbed mode (attend in latent space) instead of the naive one.
+    kv_norm: RMSNorm on the latent (DeepSeek-V2 has it); ``False`` keeps keys and values linear
+        in the input, as a model converted from multi-head attention needs (``convert.py``).
+    """
+
+    kv_lora_rank: int | None = None
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    absorb: bool = False
+    kv_norm: bool = True
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_non_negative_int("q_lora_rank", self.q_lora_rank)
+        if self.qk_rope_head_dim is not None and self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"RoPE rotates pairs of coordinates: qk_rope_head_dim must be even, got "
+                f"{self.qk_rope_head_dim}"
+            )
+        for name in ("absorb", "kv_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
 @register_attention("mla")
-class MultiHeadLatentAttention(CausalSelfAttention):
+class MultiHeadLatentAttention(Attention):
     """DeepSeek-V2 multi-head latent attention, with DeepSeek's module and size names.
 
     Args:
-        config: ``d_model``, ``n_head``, ``kv_lora_rank``, ``q_lora_rank``, ``qk_nope_head_dim``,
-            ``qk_rope_head_dim``, ``v_head_dim`` (``None`` sizes are derived from ``head_dim``,
-            see ``AttentionConfig``), ``mla_absorb``, and the usual ``dropout``, ``bias``,
-            ``causal``, ``positions``, ``impl``. ``n_kv_head``, if set, must equal ``n_head``.
+        config: the usual ``n_embd``, ``n_head``, ``dropout``, ``bias``, ``causal``,
+            ``positions``, ``impl``.
+        options: ``MLAOptions``' fields; the sizes they resolve to are the attributes
+            ``kv_lora_rank``, ``q_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+            ``v_head_dim``.
 
     Modules: ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b`` with ``q_lora_rank > 0``), ``wkv_a``
     (W_DKV and W_KR), ``kv_norm``, ``wkv_b`` (W_UK and W_UV per head), ``c_proj``. Set the
     attribute ``absorb`` to switch between the naive and the absorbed computation on the same
-    weights. ``forward`` is ``CausalSelfAttention.forward``'s.
+    weights. ``forward`` is ``Attention.forward``'s.
     """
 
-    def __init__(self, config: AttentionConfig):
-        if config.n_kv_head not in (None, config.n_head):
-            raise ValueError(
-                f"mla rebuilds a key/value head per query head from its latent, got "
-                f"n_kv_head={config.n_kv_head} and n_head={config.n_head}: leave n_kv_head unset"
-            )
-        head_dim = config.head_dim
-        config = replace(
-            config,
-            n_kv_head=config.n_head,
-            kv_lora_rank=config.kv_lora_rank or 4 * head_dim,
-            qk_nope_head_dim=config.qk_nope_head_dim or head_dim,
-            qk_rope_head_dim=config.qk_rope_head_dim or max(2, 2 * (head_dim // 4)),
-            v_head_dim=config.v_head_dim or head_dim,
-        )
-        super().__init__(config, n_kv_head=config.n_head)
-        d, H, bias = config.d_model, config.n_head, config.bias
-        r, q_r = config.kv_lora_rank, config.q_lora_rank
-        nope, rope, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    Options = MLAOptions
+
+    def __init__(self, config: AttentionConfig, **options):
+        super().__init__(config, **options)
+        o, head_dim = self.options, config.head_dim
+        d, H, bias = config.n_embd, config.n_head, config.bias
+        r, q_r = o.kv_lora_rank or 4 * head_dim, o.q_lora_rank
+        nope, dv = o.qk_nope_head_dim or head_dim, o.v_head_dim or head_dim
+        rope = o.qk_rope_head_dim or max(2, 2 * (head_dim // 4))
         self.kv_lora_rank, self.q_lora_rank = r, q_r
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = nope, rope, dv
         self.scale = (nope + rope) ** -0.5  # not 1/sqrt of the absorbed size
-        self.absorb = config.mla_absorb
+        self.absorb = o.absorb
         if q_r:  # compressed queries: down, RMSNorm, up
             self.wq_a = nn.Linear(d, q_r, bias=bias)  # W_DQ
             self.q_norm = nn.RMSNorm(q_r, eps=RMS_EPS)
@@ -96,7 +125,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         else:
             self.wq = nn.Linear(d, H * (nope + rope), bias=bias)  # W_Q | W_QR per head
         self.wkv_a = nn.Linear(d, r + rope, bias=bias)  # W_DKV | W_KR
-        self.kv_norm = nn.RMSNorm(r, eps=RMS_EPS) if config.mla_kv_norm else nn.Identity()
+        self.kv_norm = nn.RMSNorm(r, eps=RMS_EPS) if o.kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(r, H * (nope + dv), bias=False)  # W_UK | W_UV per head
         self.c_proj = nn.Linear(H * dv, d, bias=bias)  # values are v_head_dim wide
         self.rope = None  # the decoupled part alone is rotated
@@ -135,9 +164,8 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         k_rope, latent = k, v
         r, nope, rope = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim
         q_nope, q_rope = q.split([nope, rope], dim=-1)  # (B, H, T, nope), (B, H, T, rope)
-        w_uk, w_uv = self.wkv_b.weight.view(self.n_head, -1, r).split(
-            [nope, self.v_head_dim], dim=1
-        )  # (H, nope, r), (H, v, r)
+        w_kv_b = self.wkv_b.weight.view(self.n_head, -1, r)  # (H, nope + v, r)
+        w_uk, w_uv = w_kv_b.split([nope, self.v_head_dim], dim=1)  # (H, nope, r), (H, v, r)
         if self.absorb:
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
             q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)

@@ -5,8 +5,6 @@ a factor ``n_head`` compared with multi-head attention. Registered as ``"mqa"``.
 Chapter 4 builds it.
 """
 
-from dataclasses import replace
-
 from .config import AttentionConfig
 from .gqa import GroupedQueryAttention
 from .registry import register_attention
@@ -16,10 +14,15 @@ from .registry import register_attention
 class MultiQueryAttention(GroupedQueryAttention):
     """Multi-query self-attention: ``n_head`` query heads, one key/value head."""
 
-    def __init__(self, config: AttentionConfig):
-        if config.n_kv_head not in (None, 1):
+    def __init__(self, config: AttentionConfig, **options):
+        n_kv_head = options.pop("n_kv_head", 1)
+        if n_kv_head not in (None, 1):
             raise ValueError(
-                f"mqa has a single key/value head, got n_kv_head={config.n_kv_head}: "
-                f"use 'gqa' for {config.n_kv_head} key/value heads"
+                f"mqa has a single key/value head, got n_kv_head={n_kv_head}: "
+                f"use 'gqa' for {n_kv_head} key/value heads"
             )
-        super().__init__(replace(config, n_kv_head=1))
+        super().__init__(config, n_kv_head=1, **options)
+
+    @classmethod
+    def options_for_length(cls, T: int, n_head: int) -> dict:
+        return {}

@@ -14,12 +14,15 @@ Generation keeps the ordinary ``KVCache`` (global and random blocks may lie anyw
 past). Registered as ``"sparse"``; chapter 10 builds it.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_non_negative_int, check_positive_ints
 from .config import AttentionConfig
 from .core import sdpa
-from .gqa import GroupedQueryAttention
+from .gqa import GQAOptions, GroupedQueryAttention
 from .masks import restrict
 from .registry import register_attention
 
@@ -99,7 +102,7 @@ def block_sparse_attention(
     Each query block gathers the ``K = g + w + r`` (at most) key blocks its row of the pattern
     shows, in increasing order; rows that see fewer fill the rest with masked slots.
     """
-    B, H, T, hd = q.shape
+    B, H, T, head_dim = q.shape
     if k.shape[-2] != T:
         raise ValueError(
             f"block_sparse_attention needs the keys of the T queries only, got T={T} queries "
@@ -124,15 +127,34 @@ def block_sparse_attention(
         bias = -alibi_slopes[:, None, None, None].to(q.dtype) * distance  # (H, n, b, K * b)
         mask = restrict(bias.transpose(0, 1), mask)  # (n, H, b, K * b): -inf outside the pattern
 
-    def gather(x):  # (B, h, T, hd) -> (B * n, h, K * b, hd): each query block's key blocks
-        x = x.transpose(1, 2).reshape(B, n, block, -1, hd)  # (B, n, b, h, hd)
-        x = x.index_select(1, idx.flatten())  # (B, n * K, b, h, hd)
-        return x.view(B * n, K * block, -1, hd).transpose(1, 2)  # (B * n, h, K * b, hd)
+    def gather(x):  # (B, h, T, head_dim) -> (B * n, h, K * b, head_dim): the visible key blocks
+        x = x.transpose(1, 2).reshape(B, n, block, -1, head_dim)  # (B, n, b, h, head_dim)
+        x = x.index_select(1, idx.flatten())  # (B, n * K, b, h, head_dim)
+        return x.view(B * n, K * block, -1, head_dim).transpose(1, 2)
 
-    q = q.transpose(1, 2).reshape(B * n, block, H, hd).transpose(1, 2)  # (B * n, H, b, hd)
+    q = q.transpose(1, 2).reshape(B * n, block, H, head_dim).transpose(1, 2)  # (B * n, H, b, ·)
     mask = mask.repeat(B, 1, 1, 1)  # (B * n, 1 or H, b, K * b)
     y = sdpa(q, gather(k), gather(v), mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
-    return y.transpose(1, 2).reshape(B, T, H, hd).transpose(1, 2)  # (B, n_head, T, hd)
+    return y.transpose(1, 2).reshape(B, T, H, head_dim).transpose(1, 2)  # (B, H, T, head_dim)
+
+
+@dataclass(frozen=True)
+class SparseOptions(GQAOptions):
+    """sparse_block: block length (the pattern is chosen per block of queries and keys);
+    n_global_blocks: the first blocks, seen by every query; n_window_blocks: each query block
+    sees itself and the ``n_window_blocks - 1`` blocks before it; n_random_blocks: how many
+    further past blocks each query block sees, drawn at random once per layer."""
+
+    sparse_block: int = 64
+    n_global_blocks: int = 2
+    n_window_blocks: int = 3
+    n_random_blocks: int = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_ints(sparse_block=self.sparse_block, n_window_blocks=self.n_window_blocks)
+        check_non_negative_int("n_global_blocks", self.n_global_blocks)
+        check_non_negative_int("n_random_blocks", self.n_random_blocks)
 
 
 @register_attention("sparse")
@@ -141,31 +163,40 @@ class SparseAttention(GroupedQueryAttention):
 
     Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
     MHA's state_dict layout, plus the ``random_blocks`` buffer). ``forward(x, attn_mask=None,
-    need_weights=False, cache=None)`` as in ``CausalSelfAttention``. ``pattern(n_blocks)`` is
+    need_weights=False, cache=None)`` as in ``Attention``. ``pattern(n_blocks)`` is
     this layer's ``bigbird_pattern``, ``random_blocks`` its ``(ceil(block_size /
     sparse_block), n_random_blocks)`` draw.
     """
 
-    def __init__(self, config: AttentionConfig):
+    Options = SparseOptions
+
+    def __init__(self, config: AttentionConfig, **options):
         if not config.causal:
             raise ValueError("sparse attention is causal BigBird: causal must be True")
-        super().__init__(config)
-        self.block = config.sparse_block
-        self.n_global, self.n_window = config.n_global_blocks, config.n_window_blocks
-        n_rows = -(-config.block_size // self.block)  # query blocks of the longest sequence
+        super().__init__(config, **options)
+        o = self.options
+        n_rows = -(-config.block_size // o.sparse_block)  # query blocks of the longest sequence
         random_blocks = draw_random_blocks(
-            n_rows, self.n_global, self.n_window, config.n_random_blocks
+            n_rows, o.n_global_blocks, o.n_window_blocks, o.n_random_blocks
         )
         self.register_buffer("random_blocks", random_blocks)  # persistent: in the state_dict
 
+    @classmethod
+    def options_for_length(cls, T: int, n_head: int) -> dict:
+        block = max(1, T // 16)
+        return dict(sparse_block=block, n_global_blocks=1, n_window_blocks=3, n_random_blocks=2)
+
     def pattern(self, n_blocks: int) -> torch.Tensor:
         """This layer's ``(n_blocks, n_blocks)`` block pattern (codes of ``bigbird_pattern``)."""
-        return bigbird_pattern(n_blocks, self.n_global, self.n_window, self.random_blocks)
+        o = self.options
+        return bigbird_pattern(n_blocks, o.n_global_blocks, o.n_window_blocks, self.random_blocks)
 
     def covers_all(self, t_k: int) -> bool:
         """Whether the pattern over ``t_k`` positions is the whole causal triangle: at most
         ``g + w + r`` blocks, so every past block of every row is global, window or drawn."""
-        return -(-t_k // self.block) <= self.n_global + self.n_window + self.random_blocks.shape[1]
+        o = self.options
+        seen = o.n_global_blocks + o.n_window_blocks + self.random_blocks.shape[1]
+        return -(-t_k // o.sparse_block) <= seen
 
     def softmax_attend(self, q, k, v, attn_mask=None, need_weights: bool = False):
         """Causal attention where the pattern covers everything, the pattern as a dense mask
@@ -179,14 +210,14 @@ class SparseAttention(GroupedQueryAttention):
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
         if dense or T != t_k or self.covers_all(T):
             return super().softmax_attend(q, k, v, attn_mask, need_weights)
-        pad = -T % self.block  # padded positions come after every real one: causally unseen
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, hd) each
-        slopes = self.alibi_slopes if self.config.positions == "alibi" else None
-        dropout_p = self.config.dropout if self.training else 0.0
+        o = self.options
+        pad = -T % o.sparse_block  # padded positions come after every real one: causally unseen
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, head_dim) each
         y = block_sparse_attention(
-            q, k, v, self.block, self.n_global, self.n_window, self.random_blocks, slopes, dropout_p
-        )
-        return y[:, :, :T], None  # (B, n_head, T, hd)
+            q, k, v, o.sparse_block, o.n_global_blocks, o.n_window_blocks, self.random_blocks,
+            self.alibi_slopes, self.attn_dropout,
+        )  # fmt: skip
+        return y[:, :, :T], None  # (B, n_head, T, head_dim)
 
     def _mask(self, attn_mask, t_q, t_k, device):
         """The base class's mask (causal, ALiBi, extra mask), restricted to the BigBird pattern
@@ -194,7 +225,8 @@ class SparseAttention(GroupedQueryAttention):
         if self.covers_all(t_k):
             return super()._mask(attn_mask, t_q, t_k, device)  # SDPA's causal kernel may apply
         attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
+        o = self.options
         allowed = bigbird_mask(
-            t_q, t_k, self.block, self.n_global, self.n_window, self.random_blocks
+            t_q, t_k, o.sparse_block, o.n_global_blocks, o.n_window_blocks, self.random_blocks
         )
         return restrict(attn_mask, allowed), False
