@@ -636,7 +636,8 @@ for width, heads in [(32, 1), (32, 4), (32, 32), (768, 12)]:
 #   1 GB of memory at its peak: on a laptop short of memory, lower `Bb` in the cell below;
 # - **SDPA fast path** (version 2, `impl="sdpa"`): with no dropout, the CPU picks the fused
 #   flash kernel, which works through the keys in tiles and never stores the full weights;
-#   with `is_causal=True` it also skips the tiles that lie entirely above the diagonal;
+#   with `is_causal=True` it also skips the tiles that lie entirely above the diagonal
+#   (chapter 8 builds that algorithm);
 # - **`nn.MultiheadAttention`, eval + mask**: PyTorch's module as you would call it for
 #   inference, in `eval()` mode under `torch.no_grad()`, with the causal mask. Those are the
 #   conditions for its native "fast path" (`torch._native_multi_head_attention`). On CPU with a

@@ -1,5 +1,5 @@
-"""The ``attnbook`` command: prepare, train, generate, bench attention and baby's estimates, and
---help for each."""
+"""The ``attnbook`` command: prepare, train, generate, bench attention, flash and baby's
+estimates, and --help for each."""
 
 import pytest
 import torch
@@ -54,6 +54,14 @@ def test_bench_attention_prints_every_kernel_and_variant(capsys):
     for name in ["full causal SDPA", "local", "sparse", "linear", *available()]:
         assert f"| {name} |" in out
     assert "not measured (add T=4096 to --lengths)" in out
+
+
+def test_bench_flash_measures_each_kernel_in_a_fresh_process(capsys):
+    cli.main(["bench", "flash", "--lengths", "256", "--block", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| T | reference MiB | reference ms | flash MiB | flash ms | sdpa MiB | sdpa ms |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 256 |"))
+    assert len(row.split("|")) == 10  # T, 3 x (MiB, ms), the ratio, and the two ends
 
 
 def test_baby_bench_val_estimates_are_independent_means_of_random_batches(tmp_path, monkeypatch):

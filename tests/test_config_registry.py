@@ -27,7 +27,7 @@ def test_head_dim():
         ({"n_head": True}, "n_head must be a positive integer"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"dropout": -0.1}, "dropout must be in"),
-        ({"impl": "flash"}, "impl must be one of"),
+        ({"impl": "triton"}, "impl must be one of"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):

@@ -10,7 +10,9 @@
 - ``baby``: nanoGPT's CPU training run with our trainer, the validation loss on nanoGPT's 20
   batches, on 100 independent draws of them and on 2000;
 - ``generate``: greedy decoding at GPT-2 small's shape against ``transformers`` (same weights,
-  same tokens checked), with the memory-bandwidth bound measured on the same machine.
+  same tokens checked), with the memory-bandwidth bound measured on the same machine;
+- ``flash``: causal attention forward + backward by the reference math, ``flash_attention``'s
+  tiles and SDPA's fused kernel: the peak bytes of the tensors each creates, and time.
 
 It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
@@ -24,8 +26,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from .attention import AttentionConfig, attention_class, available, build_attention
+from .attention import AttentionConfig, attention_class, available, build_attention, sdpa_reference
+from .attention.flash import flash_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
@@ -369,6 +375,73 @@ def print_generate(prompt_len: int, new_tokens: int, repeats: int) -> None:
     print(f"same tokens: {torch.equal(ours_ids, hf_ids)}")
 
 
+# Causal attention three ways, on (q, k, v) with tiles of `block` positions for flash.
+CAUSAL = {
+    "reference": lambda q, k, v, block: sdpa_reference(q, k, v, is_causal=True),
+    "flash": lambda q, k, v, block: flash_attention(q, k, v, block_q=block, block_k=block),
+    "sdpa": lambda q, k, v, block: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+}
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """While active, the peak of the bytes held by tensor storages created inside it (``peak``).
+
+    Every PyTorch operation, the backward pass's too, passes through ``__torch_dispatch__``; new
+    storages are counted when an operation returns them and dropped when they are freed.
+    Temporaries an operation creates and frees internally (a fused kernel's scratch) are not
+    seen, nor are tensors made before the region (the inputs).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0  # data_ptr -> (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ptr, (ref, n_bytes) in list(self.live.items()):
+            if ref.expired():  # freed since the last operation
+                del self.live[ptr]
+                self.current -= n_bytes
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_bytes(kernel: str, T: int, block: int) -> int:
+    """Peak bytes of the tensors that causal attention's forward + backward by ``kernel`` (a key
+    of ``CAUSAL``) creates, one head of ``HEAD_DIM``, ``T`` positions."""
+    q, k, v = (torch.randn(1, 1, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+    with PeakTensorMemory() as memory:
+        CAUSAL[kernel](q, k, v, block).sum().backward()
+    return memory.peak
+
+
+def print_flash(lengths, block: int, repeats: int) -> None:
+    print(
+        f"causal attention forward + backward, B=1, 1 head of {HEAD_DIM}, float32, flash tiles "
+        f"of {block}, {torch.get_num_threads()} threads: peak MiB of the tensors it creates (not "
+        f"a fused kernel's internal scratch), time (ms, best of {repeats})"
+    )
+    print(
+        "| T | "
+        + " | ".join(f"{name} MiB | {name} ms" for name in CAUSAL)
+        + " | flash/ref memory |"
+    )
+    print("|---|" + "---|---|" * len(CAUSAL) + "---|")
+    for T in lengths:
+        q, k, v = (torch.randn(1, 1, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+        mib, ms = {}, {}
+        for name, fn in CAUSAL.items():
+            mib[name] = peak_bytes(name, T, block) / 2**20
+            ms[name] = fwd_bwd_seconds(functools.partial(fn, block=block), (q, k, v), repeats) * 1e3
+        cells = " | ".join(f"{mib[n]:.1f} | {ms[n]:.0f}" for n in CAUSAL)
+        print(f"| {T} | {cells} | {mib['flash'] / max(mib['reference'], 1e-9):.3f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -393,8 +466,20 @@ def main(argv=None):
     gen.add_argument("--new_tokens", type=int, default=128)
     gen.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
     gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    fla = sub.add_parser("flash", help="causal attention fwd+bwd: peak memory and time, 3 ways")
+    fla.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    fla.add_argument("--block", type=int, default=128, help="flash's query and key tile size")
+    fla.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up")
     args = parser.parse_args(argv)
-    for name in ("repeats", "batch_size", "max_iters", "prompt_len", "new_tokens", "threads"):
+    for name in (
+        "repeats",
+        "batch_size",
+        "max_iters",
+        "prompt_len",
+        "new_tokens",
+        "threads",
+        "block",
+    ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -411,6 +496,10 @@ def main(argv=None):
         print_train(args.batch_size, args.repeats)
     elif args.command == "baby":
         print_baby(args.max_iters, args.seeds)
+    elif args.command == "flash":
+        if min(args.lengths) < 1:
+            parser.error(f"--lengths must be positive, got {args.lengths}")
+        print_flash(args.lengths, args.block, args.repeats)
     else:
         if args.prompt_len + args.new_tokens > gpt2_config().block_size:
             parser.error("--prompt_len plus --new_tokens must be at most GPT-2's 1024 positions")

@@ -13,6 +13,7 @@ from .base import Attention
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
 from .cross import CrossAttention, CrossCache, DecoderBlock, EncoderBlock
+from .flash import flash_attention, merge_partial
 from .gqa import GroupedQueryAttention
 from .linear import LinearAttention
 from .local import LocalAttention
@@ -45,6 +46,8 @@ __all__ = [
     "available",
     "build_attention",
     "causal_mask",
+    "flash_attention",
+    "merge_partial",
     "padding_mask",
     "register_attention",
     "restrict",

@@ -21,6 +21,7 @@ from ..kv_cache import KVCache
 from ..positions import RotaryEmbedding, alibi_bias, alibi_slopes
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
+from .flash import flash_attention
 from .masks import causal_mask, restrict
 from .registry import NoOptions, make_options
 
@@ -45,6 +46,7 @@ class Attention(nn.Module):
     """
 
     Options = NoOptions
+    window = None  # how many positions a query sees, itself included (None: all; local.py)
 
     def __init__(self, config: AttentionConfig, **options):
         super().__init__()
@@ -146,6 +148,14 @@ class Attention(nn.Module):
         Returns the ``(B, n_head, T, head_dim)`` output and the ``(B, n_head, T, T_k)`` weights if
         ``need_weights`` (else None).
         """
+        if self.config.impl == "flash" and not need_weights:
+            if attn_mask is not None:
+                raise ValueError(
+                    "impl='flash' masks by position only (causal, window): it takes no attn_mask; "
+                    "use impl='sdpa' for a padding or other mask"
+                )
+            causal, window = self.config.causal, self.window
+            return flash_attention(q, k, v, causal=causal, window=window, scale=self.scale), None
         attn_mask, is_causal = self._mask(attn_mask, q.shape[-2], k.shape[-2], q.device)
         args = dict(
             attn_mask=attn_mask,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..checks import check_positive_ints
 from ..positions import ROPE_PAIRINGS
 
-IMPLEMENTATIONS = ("sdpa", "reference")
+IMPLEMENTATIONS = ("sdpa", "reference", "flash")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
@@ -32,8 +32,9 @@ class AttentionConfig:
             the scores) or ``"none"``.
         rope_base: RoPE's base wavelength (10000 in most models).
         rope_pairing: ``"half"`` (GPT-NeoX / LLaMA) or ``"interleaved"`` (GPT-J / RoFormer).
-        impl: ``"sdpa"`` (the fast path on ``F.scaled_dot_product_attention``) or
-            ``"reference"`` (the explicit math of ``attnbook.attention.core``).
+        impl: ``"sdpa"`` (the fast path on ``F.scaled_dot_product_attention``), ``"reference"``
+            (the explicit math of ``attnbook.attention.core``) or ``"flash"`` (the tiles of
+            ``attnbook.attention.flash``: no ALiBi, no attention dropout, no ``attn_mask``).
     """
 
     n_embd: int = 768
@@ -71,6 +72,12 @@ class AttentionConfig:
             )
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        if self.impl == "flash" and (self.positions == "alibi" or self.dropout > 0):
+            raise ValueError(
+                f"impl='flash' masks by position only and drops no attention weights: it takes "
+                f"neither positions='alibi' nor dropout > 0, got positions={self.positions!r}, "
+                f"dropout={self.dropout}; use impl='sdpa'"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -239,6 +239,11 @@ class LinearAttention(MultiHeadAttention):
             )
         if not config.causal:
             raise ValueError("linear attention here is causal (a running state): set causal=True")
+        if config.impl == "flash":
+            raise ValueError(
+                "linear attention has no softmax for impl='flash' to tile: use impl='sdpa' (the "
+                "chunked form) or 'reference'"
+            )
         super().__init__(config, **options)
 
     @classmethod

@@ -154,6 +154,10 @@ class LocalAttention(GroupedQueryAttention):
     def options_for_length(cls, T: int, n_head: int) -> dict:
         return {"window": max(1, T // 8)}
 
+    @property
+    def window(self) -> int:
+        return self.options.window
+
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """A ``RollingKVCache`` of ``min(window, max_len)`` positions (``max_len`` defaults to
         ``block_size``)."""
@@ -161,7 +165,7 @@ class LocalAttention(GroupedQueryAttention):
             batch_size,
             self.n_kv_head,
             self.head_dim,
-            self.options.window,
+            self.window,
             **self._cache_options(max_len, device, dtype),
         )
 
@@ -169,13 +173,13 @@ class LocalAttention(GroupedQueryAttention):
         """The band as a dense mask where that is as cheap (or needed), else the blocked path.
         Keys older than the window of the first query (a full KVCache holds them) are dropped."""
         T = q.shape[-2]
-        window = self.options.window
+        window = self.window
         keep = window - 1 + T  # the keys some query of this chunk may see
         k, v = k[:, :, -keep:], v[:, :, -keep:]  # (B, n_kv_head, T_k <= keep, head_dim)
         if attn_mask is not None and attn_mask.shape[-1] > k.shape[-2]:
             attn_mask = attn_mask[..., -k.shape[-2] :]  # a mask over every position: the kept
-        dense = need_weights or self.config.impl == "reference" or attn_mask is not None
-        if dense or T <= window:  # one chunk: the band is already O(T * window)
+        dense = need_weights or self.config.impl != "sdpa" or attn_mask is not None
+        if dense or T <= window:  # one chunk: the band is already O(T * window); or flash
             return super().softmax_attend(q, k, v, attn_mask, need_weights)
         y = blocked_local_attention(q, k, v, window, self.alibi_slopes, self.attn_dropout)
         return y, None
@@ -183,5 +187,5 @@ class LocalAttention(GroupedQueryAttention):
     def _mask(self, attn_mask, t_q, t_k, device):
         """The base class's mask (ALiBi, extra mask) restricted to the sliding window."""
         attn_mask, _ = super()._mask(attn_mask, t_q, t_k, device)
-        band = sliding_window_mask(t_q, t_k, self.options.window, device)  # (t_q, t_k)
+        band = sliding_window_mask(t_q, t_k, self.window, device)  # (t_q, t_k)
         return restrict(attn_mask, band), False

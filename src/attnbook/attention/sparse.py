@@ -173,6 +173,11 @@ class SparseAttention(GroupedQueryAttention):
     def __init__(self, config: AttentionConfig, **options):
         if not config.causal:
             raise ValueError("sparse attention is causal BigBird: causal must be True")
+        if config.impl == "flash":
+            raise ValueError(
+                "impl='flash' masks by position only (causal, window), not by BigBird's block "
+                "pattern: use impl='sdpa' or 'reference' for sparse attention"
+            )
         super().__init__(config, **options)
         o = self.options
         n_rows = -(-config.block_size // o.sparse_block)  # query blocks of the longest sequence

@@ -1,0 +1,26 @@
+"""bench.PeakTensorMemory counts what operations create and forget what is freed; the peak
+bytes of causal attention's forward + backward grow quadratically for the explicit math and
+linearly for flash_attention's tiles."""
+
+import torch
+
+from attnbook.bench import PeakTensorMemory, peak_bytes
+
+
+def test_peak_counts_new_storages_once_and_forgets_freed_ones():
+    x = torch.ones(1000)  # made before the region: not counted
+    with PeakTensorMemory() as memory:
+        a = x * 2  # 4000 bytes
+        b = a + 1  # 8000 held
+        view = b[:10]  # a view: no new storage
+        del a
+        c = b * 3  # a is freed: still 8000 held
+        assert memory.current == 8000 and view.untyped_storage().nbytes() == 4000
+    assert memory.peak == 8000 and c.shape == (1000,)
+
+
+def test_the_explicit_math_peaks_quadratically_and_the_tiles_linearly():
+    ref = [peak_bytes("reference", T, block=64) for T in (512, 1024)]
+    flash = [peak_bytes("flash", T, block=64) for T in (512, 1024)]
+    assert 3.5 < ref[1] / ref[0] < 4.5 and 1.5 < flash[1] / flash[0] < 2.5
+    assert ref[1] > 5 * flash[1] and ref[1] >= 3 * 1024 * 1024 * 4  # several T x T float tensors
