@@ -687,10 +687,12 @@ for name, cfg in variant_cfgs.items():
     assert losses[-1] < losses[0] - 0.3, f"{name} did not learn in 10 steps"
 
 # %% [markdown]
-# The command line takes the same fields as flags:
+# The command line takes the same fields as flags, and each variant's options as flags of their
+# own (named as the variant names them; `--attention_options '{"n_kv_head": 2}'` is the same in
+# JSON):
 #
 # ```
-# attnbook train --attention gqa --attention_options '{"n_kv_head": 2}' --positions rope
+# attnbook train --attention gqa --n_kv_head 2 --positions rope --run_name gqa-2
 # ```
 #
 # ## 9. Resuming a run

@@ -44,8 +44,33 @@ def test_prepare_train_generate(tmp_path, monkeypatch, capsys):
 
 
 def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint in .*: train there first"):
+    with pytest.raises(SystemExit, match="attnbook generate: error: no checkpoint in .*: train"):
         cli.main(["generate", "--out_dir", str(tmp_path)])
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--lr", "inf", "--out_dir", str(tmp_path / "run")])
+    assert (
+        exit_.value.code == 2 and "lr must be a finite number, got inf" in capsys.readouterr().err
+    )
+    with pytest.raises(
+        SystemExit, match="attnbook prepare: error: .* is neither a registered corpus"
+    ):
+        cli.main(["prepare", "--data", str(tmp_path / "missing.txt")])
+
+
+def test_generate_refuses_what_it_cannot_do_in_one_line(monkeypatch):
+    with pytest.raises(SystemExit, match="--num_samples must be >= 1"):
+        cli.main(["generate", "--num_samples", "0"])
+    model = GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    monkeypatch.setattr(
+        cli.train, "load_trained", lambda *a, **k: (model, None, {"tasks": ["recall"]})
+    )
+    with pytest.raises(SystemExit, match="without a text encoding to decode with"):
+        cli.main(["generate", "--out_dir", "runs/compare/recall/mha"])
+    with pytest.raises(ValueError, match="temperature must be 0 .* or a finite number >= 1e-06"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=1e-45)
 
 
 def test_bench_attention_prints_every_kernel_and_variant(capsys):

@@ -50,9 +50,11 @@ def test_outputs_lse_and_gradients_equal_the_reference(causal, window, t_q, t_k,
     ref, ref_lse = _reference(q, k, v, causal, window)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-12)
-    d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), d_out)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), d_out)
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    seen = torch.isfinite(ref_lse)  # the log-sum-exp of a query that sees no key is -inf
+    grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse)[seen].sum(), (q, k, v))
+    ref_loss = (ref * d_out).sum() + (ref_lse * d_lse)[seen].sum()
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
     for name, a, b in zip("qkv", grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
 
@@ -91,6 +93,24 @@ def test_split_kv_parts_merge_into_one_pass():
     empty = (torch.zeros_like(whole), torch.full_like(whole_lse, float("-inf")))  # no keys
     out_e, _ = merge_partial([whole, empty[0]], [whole_lse, empty[1]])
     torch.testing.assert_close(out_e, whole, atol=1e-12, rtol=1e-12)
+
+
+def test_merged_parts_train_like_one_pass():
+    """The log-sum-exp is differentiable, so causal attention computed in pieces and merged
+    with merge_partial has one pass's gradients (ring attention merges during training)."""
+    q, k, v = _qkv(t_q=50, t_k=50)
+    head = flash_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], return_lse=True)
+    old = flash_attention(q[:, :, 20:], k[:, :, :20], v[:, :, :20], causal=False, return_lse=True)
+    new = flash_attention(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], return_lse=True)
+    tail = merge_partial([old[0], new[0]], [old[1], new[1]])  # queries 20..49: all their keys
+    out, lse = (torch.cat([h, t], dim=2) for h, t in zip(head, tail, strict=True))
+    whole, whole_lse = flash_attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, whole, atol=1e-12, rtol=1e-12)
+    d_out, d_lse = torch.randn_like(whole), torch.randn_like(whole_lse)
+    grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((whole * d_out).sum() + (whole_lse * d_lse).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
 
 
 def _saved_numel(fn, *args):

@@ -190,3 +190,30 @@ def test_cached_decoding_with_a_left_padding_mask(positions):
     ]
     out = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(out[:, 4:], full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(2, 1, 1, 7, dtype=torch.long), "attn_mask must be boolean .* or float"),
+        (torch.ones(3, 1, 1, 7, dtype=torch.bool), r"attn_mask of shape \(3, 1, 1, 7\)"),
+        (torch.ones(2, 1, 1, 9, dtype=torch.bool), r"with T_k in \(1, 7"),
+        (torch.ones(2, 1, 5, 7, dtype=torch.bool), r"does not broadcast to \(B=2, n_head=4, T=7"),
+    ],
+)
+@pytest.mark.parametrize("positions", ["alibi", "none"])
+@pytest.mark.parametrize("name", available())
+def test_a_bad_mask_is_refused_by_every_variant_before_torch_sees_it(name, positions, mask, match):
+    layer = _layer(name, positions)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(2, 7, 32), attn_mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm, bf16
+@pytest.mark.parametrize("name", available())
+def test_an_input_of_another_dtype_is_refused_unless_under_autocast(name):
+    layer = _layer(name, "rope")
+    with pytest.raises(ValueError, match="x is torch.float16 but the layer's weights are"):
+        layer(torch.randn(1, 5, 32, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 5, 32, dtype=torch.bfloat16)).shape == (1, 5, 32)

@@ -364,7 +364,7 @@ def test_forward_reads_no_token_value(name):
     [
         (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
         (dict(max_new_tokens=2.0), "max_new_tokens must be an integer >= 0"),
-        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(temperature=-0.5), "temperature must be 0 \\(greedy\\) or a finite number"),
         (dict(top_k=0), "top_k must be None or an integer >= 1"),
         (dict(top_p=0.0), "top_p must be None or in \\(0, 1\\]"),
         (dict(top_p=1.5), "top_p must be None or in \\(0, 1\\]"),

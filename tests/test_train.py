@@ -90,6 +90,11 @@ def test_weight_decay_on_matrices_only():
         ({"dtype": "float16"}, "dtype must be"),
         ({"device": "tpu"}, "device must be"),
         ({"patience": -1}, "patience must be an integer >= 0"),
+        ({"lr": float("inf"), "min_lr": 1e-4}, "lr must be a finite number, got inf"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number, got nan"),
+        ({"grad_clip": float("nan")}, "grad_clip must be a finite number, got nan"),
+        ({"beta2": float("inf")}, "beta2 must be a finite number"),
+        ({"lr": "1e-3"}, "lr must be a number, got '1e-3'"),
     ],
 )
 def test_invalid_train_config(kwargs, match):
@@ -163,7 +168,7 @@ def test_resuming_into_another_model_shape_is_refused(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "run", max_iters=6)
     train(cfg)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_embd=64))
-    with pytest.raises(CheckpointMismatch, match="other n_embd than this one.*resume=False"):
+    with pytest.raises(CheckpointMismatch, match="other n_embd than this one.*another out_dir"):
         train(wider)
 
 
@@ -184,6 +189,104 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, mon
     with pytest.raises(TrainingDiverged, match="loss is nan at step 8.*step_0000006"):
         train(cfg)
     assert [p.name for p in checkpoint_dirs(cfg.out_dir)][-1] == "step_0000006"
+
+
+def test_non_finite_weights_are_never_saved_as_a_good_checkpoint(corpus, tmp_path, monkeypatch):
+    """A step whose loss is finite but after which a weight is NaN (what an overflowing update
+    leaves): the checkpoint due then is refused, and the error names the last good one."""
+
+    real_make_optimizer = train_module.make_optimizer
+
+    def corrupting_optimizer(model, cfg):
+        optimizer = real_make_optimizer(model, cfg)
+        real_step, steps = optimizer.step, []
+
+        def step(*args, **kwargs):
+            real_step(*args, **kwargs)
+            steps.append(1)
+            if len(steps) == 8:
+                with torch.no_grad():
+                    model.lm_head.weight[0, 0] = float("nan")
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", corrupting_optimizer)
+    cfg = tiny(corpus, tmp_path / "run", ckpt_interval=2)
+    with pytest.raises(TrainingDiverged, match="no longer finite after step 8.*step_0000006"):
+        train(cfg)
+    assert [p.name for p in checkpoint_dirs(cfg.out_dir)][-1] == "step_0000006"
+
+
+def test_two_trainings_cannot_share_an_out_dir(corpus, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    cfg = tiny(corpus, tmp_path / "run")
+    Path(cfg.out_dir).mkdir()
+    with open(Path(cfg.out_dir) / ".lock", "w") as other:  # a training running there
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another training is running in"):
+            train(cfg)
+    assert train(cfg).step == cfg.max_iters  # once it is gone, the folder is free
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6, lr_decay_iters=12)
+    train(cfg)
+    corpus.write_text(TEXT.replace("pigs", "pigz"), encoding="utf-8")  # an edited corpus
+    with pytest.raises(ValueError, match="trained on other data .*differing: .*source_sha256"):
+        train(dataclasses.replace(cfg, max_iters=12))
+
+
+def test_a_split_shorter_than_one_block_fails_before_any_step(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", val_fraction=0.01)  # about 100 validation tokens
+    long = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_size=4096))
+    with pytest.raises(ValueError, match="the val split holds .* tokens, shorter than one block"):
+        train(long)
+    assert not Path(cfg.out_dir).exists()  # nothing trained, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_so(corpus, tmp_path):
+    with pytest.raises(ValueError, match="device='cuda', but this machine has no CUDA GPU"):
+        train(tiny(corpus, tmp_path / "run", device="cuda"))
+
+
+def test_no_resume_refuses_a_folder_with_an_earlier_runs_checkpoints(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run")
+    train(cfg)
+    before = checkpoint_dirs(cfg.out_dir)
+    with pytest.raises(ValueError, match="resume=False, but .* holds checkpoints of an earlier"):
+        train(dataclasses.replace(cfg, resume=False, max_iters=6, lr_decay_iters=6))
+    assert checkpoint_dirs(cfg.out_dir) == before  # nothing of the old run lost or mixed
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume_and_a_damaged_one_is_named(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6, lr_decay_iters=12)
+    train(cfg)
+    path = Path(cfg.out_dir) / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 7, "lo')  # what a crash mid-write leaves
+    with pytest.warns(UserWarning, match="dropping its torn last line"):
+        train(dataclasses.replace(cfg, max_iters=12))
+    assert [m["step"] for m in read_metrics(cfg.out_dir) if "loss" in m] == list(range(1, 13))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not JSON"):
+        read_metrics(cfg.out_dir)
+
+
+def test_load_trained_falls_back_past_a_torn_checkpoint_and_checks_best_json(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", eval_interval=100)
+    train(cfg)
+    latest = checkpoint_dirs(cfg.out_dir)[-1]
+    (latest / "state.pt").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_0000012"):
+        model, loaded, _ = load_trained(cfg.out_dir)
+    assert isinstance(model, GPT) and loaded.max_iters == cfg.max_iters
+    (Path(cfg.out_dir) / "checkpoints" / "best.json").write_text(
+        '{"checkpoint": "../../elsewhere"}'
+    )
+    with pytest.raises(ValueError, match="names '../../elsewhere', which is not a checkpoint"):
+        load_trained(cfg.out_dir, best=True)
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(corpus, tmp_path):
@@ -264,3 +367,33 @@ def test_command_line_flags_cover_both_configs():
     assert cfg.model.n_layer == 3 and cfg.model.attention == "gqa"
     assert cfg.model.attention_options == {"n_kv_head": 1}
     assert cfg.progress is False and cfg.lr == 0.01 and cfg.batch_size == TrainConfig().batch_size
+
+
+def _parse(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_every_attention_option_is_a_flag_named_as_its_variant_names_it():
+    cfg = _parse("--attention_type", "mla", "--kv_lora_rank", "32", "--qk_rope_head_dim", "8",
+                 "--no-kv_norm", "--impl", "flash", "--positions", "rope")  # fmt: skip
+    assert cfg.model.attention == "mla"
+    assert cfg.model.attention_options == {
+        "kv_lora_rank": 32, "qk_rope_head_dim": 8, "kv_norm": False, "impl": "flash"
+    }  # fmt: skip
+    cfg = _parse("--attention", "local", "--attention_options", '{"window": 4}', "--window", "8")
+    assert cfg.model.attention_options == {"window": 8}  # the flag wins over the JSON
+    assert _parse("--attention", "gqa", "--n_kv_head", "2").model.attention_options == {
+        "n_kv_head": 2
+    }
+    with pytest.raises(ValueError, match="MultiHeadAttention has no option window"):
+        _parse("--attention", "mha", "--window", "8")
+
+
+def test_run_name_trains_under_runs():
+    assert _parse("--run_name", "gqa-2").out_dir == str(Path("runs") / "gqa-2")
+    with pytest.raises(ValueError, match="give it or --out_dir 'elsewhere', not both"):
+        _parse("--run_name", "gqa-2", "--out_dir", "elsewhere")

@@ -83,8 +83,9 @@ for name, order in orders.items():
     assert same
 
 # %% [markdown]
-# This is what lets the backward pass (and split-KV decoding) visit tiles in any order, and a
-# GPU run many tiles of one row at once.
+# This is what lets split-KV decoding (and ring attention) read the keys in any split and any
+# order. (The backward pass is order-free for a simpler reason: with the final log-sum-exp
+# saved, each tile's probabilities need nothing from the other tiles.)
 #
 # ## Exercise 2 — the tile size
 #

@@ -1,7 +1,7 @@
 """The ``attnbook`` command: ``prepare``, ``train``, ``generate``, ``compare``, ``bench``.
 
     attnbook prepare --data tinyshakespeare --encoding char
-    attnbook train --max_iters 2000 --attention gqa --attention_options '{"n_kv_head": 2}'
+    attnbook train --max_iters 2000 --attention gqa --n_kv_head 2 --run_name gqa-2
     attnbook generate --out_dir runs/default --prompt "ROMEO:" --max_new_tokens 200
     attnbook compare --quick
     attnbook bench attention
@@ -31,9 +31,17 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise SystemExit(
+            f"--num_samples must be >= 1 and --max_new_tokens >= 0, got {args.num_samples} and "
+            f"{args.max_new_tokens}"
+        )
     model, cfg, meta = train.load_trained(args.out_dir, best=args.best)
-    if meta is None:
-        raise SystemExit(f"{args.out_dir} was trained on data without an encoding to decode with")
+    if not isinstance(meta, dict) or "encoding" not in meta:
+        raise SystemExit(
+            f"{args.out_dir} was trained on data without a text encoding to decode with (its "
+            f"data: {meta}); generate samples runs trained on a corpus (attnbook train)"
+        )
     encoding = Encoding.from_dict(meta["encoding"])
     ids = encoding.encode(args.prompt) if args.prompt else [0]
     idx = torch.tensor([ids] * args.num_samples)  # (num_samples, T)
@@ -92,10 +100,11 @@ def main(argv=None) -> None:
         bench.main(argv[1:])
         return
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        cmd_prepare(args)
-    elif args.command == "generate":
-        cmd_generate(args)
+    command = cmd_prepare if args.command == "prepare" else cmd_generate
+    try:
+        command(args)
+    except ValueError as err:  # the operator's to fix: one line, no traceback
+        raise SystemExit(f"attnbook {args.command}: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used for RMSNorm too
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix
+MIN_TEMPERATURE = 1e-6  # logits of size ~100 divided by less would overflow float32
 # AttentionConfig fields that GPTConfig sets itself (a GPT is causal by construction).
 SET_BY_GPT = ("n_embd", "n_head", "block_size", "dropout", "bias", "positions", "causal")
 CONFIG_FIELDS = [f.name for f in fields(AttentionConfig)]
@@ -410,8 +411,12 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (below "
+                f"that sampling is greedy anyway, and dividing the logits overflows), got "
+                f"{temperature!r}"
+            )
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
         if top_k is not None and top_k < 1:

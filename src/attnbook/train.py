@@ -4,14 +4,16 @@
     result = train(TrainConfig(out_dir="runs/baby", max_iters=200))
 
 or ``python -m attnbook.train --max_iters 200`` (a ``--flag`` per field of ``TrainConfig`` and
-its ``GPTConfig``), or ``torchrun --nproc_per_node 2 -m attnbook.train ...`` (data parallel).
-A step: ``grad_accum`` micro-batches (bf16 autocast if asked), clipping, AdamW (decay on
-matrices only), linear warm-up then cosine decay. Checkpoints (``out_dir/checkpoints/step_N/``:
-``model.safetensors`` and a ``weights_only`` ``state.pt``) are written atomically; restarting
-with the same ``out_dir`` resumes bit for bit (same thread count). Metrics go to
-``metrics.jsonl``, a progress bar and optionally MLflow; a non-finite loss raises
-``TrainingDiverged`` before anything is written. Not here: float16 loss scaling, FSDP, tensor
-parallelism. Chapter 17 writes the loop step by step and trains with it.
+its ``GPTConfig``, and per attention option: ``--n_kv_head``, ``--window``, ``--impl``, ...), or
+``torchrun --nproc_per_node 2 -m attnbook.train ...`` (data parallel). A step: ``grad_accum``
+micro-batches (bf16 autocast if asked), clipping, AdamW (decay on matrices only), linear warm-up
+then cosine decay. Checkpoints (``out_dir/checkpoints/step_N/``: ``model.safetensors`` and a
+``weights_only`` ``state.pt``) are written atomically; restarting with the same ``out_dir``
+resumes bit for bit (same thread count); ``resume=False`` refuses a folder holding another run's
+checkpoints. Metrics go to ``metrics.jsonl``, a progress bar and optionally MLflow; a non-finite
+loss, or non-finite weights when a checkpoint is due, raise ``TrainingDiverged`` before anything
+is written. Not here: float16 loss scaling, FSDP, tensor parallelism. Chapter 17 writes the loop
+step by step and trains with it.
 """
 
 import argparse
@@ -31,9 +33,10 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from .attention import AttentionConfig, attention_class, available
 from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
-from .model import GPT, GPTConfig
+from .model import GPT, SET_BY_GPT, GPTConfig
 
 CHECKPOINT_FORMAT = 1
 
@@ -125,6 +128,12 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "patience", "seed"):
             check_non_negative_int(name, getattr(self, name))
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -230,7 +239,7 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         changed = sorted(k for k in saved if saved[k] != model.config.to_dict().get(k))
         raise CheckpointMismatch(
             f"{path} holds a model with other {', '.join(changed)} than this one: train it in "
-            f"another out_dir, or with resume=False to start over"
+            f"another out_dir (or delete that run's checkpoints to start over there)"
         )
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
@@ -256,6 +265,39 @@ def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
     return None
 
 
+def _lock(out_dir: Path):
+    """An exclusive lock on ``out_dir/.lock`` (the open file; closing it, or the process ending,
+    releases it), or ValueError if another training holds it. Where the system has no
+    ``fcntl`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".lock", "w")  # kept open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(
+            f"another training is running in {out_dir} (it holds {out_dir / '.lock'}): wait for "
+            f"it, or train in another out_dir"
+        ) from None
+    return handle
+
+
+def _check_same_data(out_dir, saved: dict | None, current: dict | None) -> None:
+    """ValueError unless the data a run resumes on is described as the data it was trained on
+    (same source sha256, encoding, sizes): other data would silently shift the token ids."""
+    if saved != current:
+        saved, current = saved or {}, current or {}
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"{out_dir} was trained on other data than it would resume on (differing: "
+            f"{', '.join(changed)}): restore that data, or train in another out_dir"
+        )
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
@@ -270,6 +312,8 @@ def _distributed(device: str):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda', but this machine has no CUDA GPU: use 'cpu' or 'auto'")
     if world_size == 1:
         return 0, 1, torch.device(device)
     if not dist.is_initialized():
@@ -342,15 +386,25 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     cfg = dataclasses.replace(
         cfg, model=GPTConfig.from_dict({**cfg.model.to_dict(), "vocab_size": data.vocab_size})
     )
+    for split in ("train", "val"):  # a split too short for one block fails now, not at step N
+        data.get_batch(split, cfg.batch_size, cfg.model.block_size, torch.Generator(), 0, 1)
     out_dir = Path(cfg.out_dir)
+    lock = _lock(out_dir) if rank == 0 else None  # held until the run ends or its process dies
     torch.manual_seed(cfg.seed)
     raw_model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(raw_model, cfg)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks
+    if not cfg.resume and checkpoint_dirs(out_dir):
+        raise ValueError(
+            f"resume=False, but {out_dir} holds checkpoints of an earlier run ("
+            f"{checkpoint_dirs(out_dir)[-1].name}): a new run there would mix with them; "
+            f"choose another out_dir, or delete {out_dir / 'checkpoints'} yourself"
+        )
     state = latest_checkpoint(out_dir, raw_model, optimizer) if cfg.resume else None
     step, best_val, bad_evals = 0, math.inf, 0
     if state is not None:
+        _check_same_data(out_dir, json.loads(state["data_meta"]), getattr(data, "meta", None))
         step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
         data_gen.set_state(state["data_rng"])
         if rank == 0:
@@ -361,6 +415,12 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     metrics = _Metrics(out_dir, cfg, step, enabled=rank == 0)
 
     def save(best: bool):
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            last = checkpoint_dirs(out_dir)
+            raise TrainingDiverged(
+                f"the weights are no longer finite after step {step} (lr {cfg.lr}): nothing "
+                f"saved; the last good checkpoint is {last[-1] if last else 'none (none written)'}"
+            )
         if rank == 0:
             ckpt = {
                 "format": CHECKPOINT_FORMAT,
@@ -434,6 +494,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             save(is_best)
     bar.close()
     metrics.close()
+    if lock is not None:
+        lock.close()
     return TrainResult(step=step, best_val_loss=best_val, stopped=stopped, out_dir=out_dir)
 
 
@@ -447,9 +509,8 @@ class _Metrics:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.path = out_dir / "metrics.jsonl"
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [m for m in read_metrics(out_dir) if m["step"] <= step] if self.path.exists() else []
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         if cfg.mlflow_uri:
             try:
                 import mlflow
@@ -482,9 +543,19 @@ class _Metrics:
 
 
 def read_metrics(out_dir) -> list[dict]:
-    """The lines of ``out_dir/metrics.jsonl`` as dicts."""
+    """The lines of ``out_dir/metrics.jsonl`` as dicts; a torn last line (what a crash or a full
+    disk leaves) is dropped with a warning, a damaged line elsewhere raises ValueError."""
     path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    lines = path.read_text().splitlines()
+    metrics = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not JSON ({err}): {line!r}") from err
+            warnings.warn(f"{path}: dropping its torn last line {line!r}", stacklevel=2)
+    return metrics
 
 
 def load_trained(out_dir, best: bool = False):
@@ -493,55 +564,106 @@ def load_trained(out_dir, best: bool = False):
     root = Path(out_dir) / "checkpoints"
     paths = checkpoint_dirs(out_dir)
     if best and (root / "best.json").exists():
-        paths = [root / json.loads((root / "best.json").read_text())["checkpoint"]]
+        name = json.loads((root / "best.json").read_text()).get("checkpoint")
+        if root / str(name) not in paths:
+            raise ValueError(
+                f"{root / 'best.json'} names {name!r}, which is not a checkpoint of {out_dir}: "
+                f"load the newest one instead (best=False)"
+            )
+        paths = [root / name]
     if not paths:
         raise ValueError(f"no checkpoint in {out_dir}: train there first (attnbook train)")
-    state = torch.load(paths[-1] / "state.pt", weights_only=True)
-    cfg = TrainConfig(**json.loads(state["train_config"]))
-    model = GPT(cfg.model)
-    load_checkpoint(paths[-1], model)
-    return model.eval(), cfg, json.loads(state["data_meta"])
+    for path in reversed(paths):
+        try:
+            state = torch.load(path / "state.pt", weights_only=True)
+            cfg = TrainConfig(**json.loads(state["train_config"]))
+            model = GPT(cfg.model)
+            load_checkpoint(path, model)
+            return model.eval(), cfg, json.loads(state["data_meta"])
+        except Exception as err:  # a torn or corrupt file: fall back to the one before
+            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+    raise ValueError(f"no checkpoint of {out_dir} reads back (see the warnings)")
 
 
 # --- command line ----------------------------------------------------------------------------
 
 
+def attention_flags() -> dict[str, tuple[type, str]]:
+    """Every attention option as a flag: ``name -> (type, help)`` for the ``AttentionConfig``
+    fields a ``GPTConfig`` leaves open and the ``Options`` fields of every registered variant."""
+    flags = {
+        f.name: (f.type, "AttentionConfig's, for every variant")
+        for f in dataclasses.fields(AttentionConfig)
+        if f.name not in SET_BY_GPT
+    }
+    takers: dict[str, list[str]] = {}
+    for name in available():
+        for f in dataclasses.fields(attention_class(name).Options):
+            takers.setdefault(f.name, []).append(name)
+            flags[f.name] = (f.type, "")
+    for option, names in takers.items():
+        flags[option] = (flags[option][0], f"an option of {', '.join(names)}")
+    return flags
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field of ``TrainConfig`` and of ``GPTConfig`` (but ``vocab_size``,
-    which comes from the data); defaults are the dataclasses'."""
+    which comes from the data), defaults the dataclasses'; one per attention option (see
+    ``attention_flags``), which go into ``attention_options``; and ``--run_name``."""
     defaults = TrainConfig()
     fields = [(f, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig)]
     fields += [(f, getattr(defaults.model, f.name)) for f in dataclasses.fields(GPTConfig)]
     for f, default in fields:
         if f.name in ("model", "vocab_size"):
             continue
+        names = [f"--{f.name}"] + (["--attention_type"] if f.name == "attention" else [])
         kind = type(default)
         if kind is bool:
-            parser.add_argument(
-                f"--{f.name}", action=argparse.BooleanOptionalAction, default=default
-            )
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default)
         elif kind is dict:
             parser.add_argument(
-                f"--{f.name}",
+                *names,
                 type=json.loads,
                 default=default,
                 metavar="JSON",
-                help=f"a JSON object, e.g. '{{\"n_kv_head\": 2}}' (default {json.dumps(default)})",
+                help=f"a JSON object, e.g. '{{\"n_kv_head\": 2}}' (default {json.dumps(default)}); "
+                f"each key is also a flag of its own",
             )
         else:
             parser.add_argument(
-                f"--{f.name}",
-                type=str if default is None else kind,
-                default=default,
+                *names, type=str if default is None else kind, default=default,
                 help=f"default {default}",
+            )  # fmt: skip
+    group = parser.add_argument_group("attention options (given ones go into attention_options)")
+    for name, (annotation, help_) in attention_flags().items():
+        if annotation is bool:
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            kind = next(
+                t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)
             )
+            group.add_argument(f"--{name}", type=kind, default=None, help=help_)
+    parser.add_argument(
+        "--run_name",
+        default=None,
+        help="train in runs/RUN_NAME (instead of --out_dir), resuming there",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` the parsed ``--flags`` describe."""
     values = vars(args)
+    if values["run_name"] is not None:
+        if values["out_dir"] != TrainConfig().out_dir:
+            raise ValueError(
+                f"--run_name {values['run_name']!r} names the folder runs/{values['run_name']}: "
+                f"give it or --out_dir {values['out_dir']!r}, not both"
+            )
+        values = {**values, "out_dir": str(Path("runs") / values["run_name"])}
+    given = {name: values[name] for name in attention_flags() if values[name] is not None}
     model_names = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
     model = {**TrainConfig().model.to_dict(), **{k: values[k] for k in model_names}}
+    model["attention_options"] = {**model["attention_options"], **given}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     return TrainConfig(model=GPTConfig.from_dict(model), **{k: values[k] for k in train_names})
 
@@ -551,7 +673,14 @@ def main(argv=None) -> TrainResult:
         prog="attnbook train", description="Train a GPT (see attnbook.train's docstring)."
     )
     add_config_arguments(parser)
-    result = train(config_from_args(parser.parse_args(argv)))
+    try:
+        cfg = config_from_args(parser.parse_args(argv))
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        result = train(cfg)
+    except (ValueError, TrainingDiverged) as err:  # the operator's to fix: one line, no traceback
+        raise SystemExit(f"attnbook train: error: {err}") from None
     if dist.is_initialized():
         dist.destroy_process_group()
     return result

@@ -96,14 +96,48 @@ class Attention(nn.Module):
         )
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> tuple[int, int]:
-        """``(B, T)`` of an input ``x`` of shape ``(B, T, n_embd)``; ValueError otherwise."""
-        d = self.config.n_embd
+        """``(B, T)`` of an input ``x`` of shape ``(B, T, n_embd)`` in the weights' dtype (or
+        under autocast); ValueError otherwise."""
+        d, dtype = self.config.n_embd, self.c_proj.weight.dtype
         if x.dim() != 3 or x.shape[-1] != d:
             raise ValueError(f"{name} must have shape (B, T, n_embd={d}), got {tuple(x.shape)}")
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{name} is {x.dtype} but the layer's weights are {dtype}: convert one to the "
+                f"other (layer.to(dtype) or x.to(dtype)), or run under torch.autocast"
+            )
         return x.shape[0], x.shape[1]
 
+    def mask_widths(self, T: int, cache) -> tuple[int, ...]:
+        """The key counts an ``attn_mask``'s last dimension may have for ``T`` new queries (1
+        broadcasts): every position so far."""
+        return 1, T + (0 if cache is None else cache.length)
+
+    def check_mask(self, attn_mask, B: int, T: int, cache) -> None:
+        """ValueError unless ``attn_mask`` is None, or boolean or float and broadcastable to
+        ``(B, n_head, T, T_k)`` with ``T_k`` one of ``mask_widths``."""
+        if attn_mask is None:
+            return
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"attn_mask must be boolean (True = may attend) or float (added to the scores), "
+                f"got {attn_mask.dtype}"
+            )
+        widths = self.mask_widths(T, cache)
+        leading = list(zip(attn_mask.shape[-2::-1], (T, self.n_head, B), strict=False))
+        if (
+            attn_mask.dim() > 4
+            or attn_mask.shape[-1] not in widths
+            or any(n not in (1, full) for n, full in leading)
+        ):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B={B}, "
+                f"n_head={self.n_head}, T={T}, T_k) with T_k in {widths}"
+            )
+
     def forward(self, x: torch.Tensor, attn_mask=None, need_weights: bool = False, cache=None):
-        self.check_input(x)
+        B, T = self.check_input(x)
+        self.check_mask(attn_mask, B, T, cache)
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.project(x)  # (B, n_head, T, head_dim), 2 x (B, n_kv_head, T, head_dim)
         q, k = self.position(q, k, start)  # rotated by their positions (RoPE)

@@ -76,6 +76,10 @@ class CrossAttention(Attention):
         v = v.view(B, T_k, self.n_kv_head, self.head_dim).transpose(1, 2)
         return CrossCache(k, v, memory_mask)
 
+    def mask_widths(self, T: int, cache) -> tuple[int, ...]:
+        """The source's positions (the cache holds them all)."""
+        return 1, cache.length if isinstance(cache, CrossCache) else 1
+
     def project(self, x: torch.Tensor):
         """Queries ``(B, n_head, T_q, head_dim)``; the keys and values are the cache's."""
         B, T, d = x.shape

@@ -7,8 +7,8 @@ The forward pass (FlashAttention-2's loop order) walks query tiles, and for each
 keeping a running maximum, a running sum and an unnormalised output (the online softmax); tiles
 that the causal rule or the window hide entirely are skipped, only tiles on the edge are masked.
 It saves q, k, v, the output and the log-sum-exp; the backward pass recomputes each tile's
-probabilities from them. ``merge_partial`` joins attentions over disjoint key sets (split-KV
-decoding). Queries are the last ``T_q`` of the ``T_k`` positions (bottom-right, as in cached
+probabilities from them (the log-sum-exp is differentiable too). ``merge_partial`` joins
+attentions over disjoint key sets (split-KV decoding). Queries are the last ``T_q`` of the ``T_k`` positions (bottom-right, as in cached
 decoding); a query that sees no key outputs zeros. Chapter 8 builds it; ``impl="flash"`` uses it.
 """
 
@@ -91,7 +91,7 @@ def _forward(q, k, v, causal, window, scale, block_q, block_k):
     for q0, q1, keys in _tiles(t_q, t_k, causal, window, block_q, block_k):
         qi = qg[..., q0:q1, :]  # (B, H_kv, g, bq, D)
         m = q.new_full(qi.shape[:-1], NEG_INF)  # running maximum of the scores
-        s_sum = q.new_zeros(qi.shape[:-1])  # running sum of exp(score - m)
+        ell = q.new_zeros(qi.shape[:-1])  # running sum of exp(score - m)
         acc = q.new_zeros(*qi.shape[:-1], v.shape[-1])  # running sum of exp(score - m) v
         for k0, k1, partial in keys:
             s = qi @ kg[..., k0:k1, :].transpose(-2, -1) * scale  # (B, H_kv, g, bq, bk)
@@ -102,17 +102,18 @@ def _forward(q, k, v, causal, window, scale, block_q, block_k):
             m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)  # rows with no key yet: exp -> 0
             p = torch.exp(s - m_safe[..., None])  # (B, H_kv, g, bq, bk)
             rescale = torch.exp(m - m_safe)  # shrinks what was summed under the old maximum
-            s_sum = s_sum * rescale + p.sum(dim=-1)
+            ell = ell * rescale + p.sum(dim=-1)
             acc = acc * rescale[..., None] + p @ vg[..., k0:k1, :]  # (B, H_kv, g, bq, D_v)
             m = m_new
-        seen = s_sum > 0  # (B, H_kv, g, bq): rows that saw at least one key
-        out[..., q0:q1, :] = acc / torch.where(seen, s_sum, 1.0)[..., None]
-        lse[..., q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, s_sum, 1.0)), NEG_INF)
+        seen = ell > 0  # (B, H_kv, g, bq): rows that saw at least one key
+        out[..., q0:q1, :] = acc / torch.where(seen, ell, 1.0)[..., None]
+        lse[..., q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, ell, 1.0)), NEG_INF)
     return out.view(B, H, t_q, -1), lse.view(B, H, t_q)
 
 
-def _backward(q, k, v, out, lse, d_out, causal, window, scale, block_q, block_k):
-    """Gradients of q, k, v: each tile's probabilities recomputed as ``exp(score - lse)``."""
+def _backward(q, k, v, out, lse, d_out, d_lse, causal, window, scale, block_q, block_k):
+    """Gradients of q, k, v, given those of the output and the log-sum-exp: each tile's
+    probabilities recomputed as ``exp(score - lse)``."""
     B, H, t_q, _ = q.shape
     H_kv, t_k = k.shape[1], k.shape[2]
     g = H // H_kv
@@ -120,7 +121,10 @@ def _backward(q, k, v, out, lse, d_out, causal, window, scale, block_q, block_k)
     kg, vg = k[:, :, None], v[:, :, None]
     lse = lse.view(B, H_kv, g, t_q, 1)
     lse = lse.masked_fill(lse == NEG_INF, 0.0)  # rows that saw no key: every p below is 0
-    D = (d_out * out).sum(dim=-1).view(B, H_kv, g, t_q, 1)  # rowsum(dO * O) = Σ_j p_ij dp_ij
+    delta = (d_out * out).sum(dim=-1)  # (B, H, T_q): rowsum(dO * O) = Σ_j p_ij dp_ij
+    if d_lse is not None:  # d lse_i / d s_ij = p_ij, so dS gains p_ij * d_lse_i
+        delta = delta - d_lse
+    delta = delta.view(B, H_kv, g, t_q, 1)
     dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(k), torch.zeros_like(v)
     for q0, q1, keys in _tiles(t_q, t_k, causal, window, block_q, block_k):
         qi, doi = qg[..., q0:q1, :], dog[..., q0:q1, :]  # (B, H_kv, g, bq, D), (.., D_v)
@@ -131,9 +135,9 @@ def _backward(q, k, v, out, lse, d_out, causal, window, scale, block_q, block_k)
             if partial:
                 allowed = _tile_mask(q0, q1, k0, k1, t_k - t_q, causal, window, q.device)
                 p = p.masked_fill(~allowed, 0.0)
-            dv[:, :, k0:k1] += (p.transpose(-2, -1) @ doi).sum(dim=2)  # summed over the group
+            dv[:, :, k0:k1] += (p.transpose(-2, -1) @ doi).sum(dim=2)  # a group shares K, V
             dp = doi @ vj.transpose(-2, -1)  # (B, H_kv, g, bq, bk)
-            ds = p * (dp - D[..., q0:q1, :])  # softmax's backward, with D in place of Σ p dp
+            ds = p * (dp - delta[..., q0:q1, :])  # softmax's backward, delta for Σ_j p dp
             dq[..., q0:q1, :] += ds @ kj * scale
             dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi).sum(dim=2) * scale
     return dq.view_as(q), dk, dv
@@ -147,13 +151,12 @@ class FlashAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, causal, window, scale, block_q, block_k)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.settings = (causal, window, scale, block_q, block_k)
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, d_out.contiguous(), *ctx.settings)
+        dq, dk, dv = _backward(q, k, v, out, lse, d_out.contiguous(), d_lse, *ctx.settings)
         return dq, dk, dv, None, None, None, None, None
 
 

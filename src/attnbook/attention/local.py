@@ -158,6 +158,11 @@ class LocalAttention(GroupedQueryAttention):
     def window(self) -> int:
         return self.options.window
 
+    def mask_widths(self, T: int, cache) -> tuple[int, ...]:
+        """Every position so far, or only the last ``window - 1 + T`` (those the queries see)."""
+        everything = super().mask_widths(T, cache)[1]
+        return 1, everything, min(everything, self.window - 1 + T)
+
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         """A ``RollingKVCache`` of ``min(window, max_len)`` positions (``max_len`` defaults to
         ``block_size``)."""
