@@ -13,11 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import minbpe
 from attnbook import data
-from attnbook.data import Encoding, TokenData, get_encoding, load_text, prepare, write_tokens
+from attnbook.data import (
+    Encoding,
+    SlidingWindowDataset,
+    TokenData,
+    create_dataloader,
+    get_encoding,
+    load_text,
+    prepare,
+    write_tokens,
+)
 from attnbook.download import cache_dir
 
 TEXT = (
@@ -332,3 +342,42 @@ def test_tinyshakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
     assert d.meta["source"] == "tinyshakespeare" and d.meta["dtype"] == "uint16"
     assert d.encoding.decode(d.tokens["train"][:14]) == "First Citizen:"
     assert _decoded(d.folder) == load_text("tinyshakespeare")
+
+
+def test_sliding_windows_are_the_stream_cut_every_stride_tokens():
+    tokens = list(range(100, 130))  # 30 ids
+    ds = SlidingWindowDataset(tokens, block_size=8, stride=5)
+    assert len(ds) == (30 - 8 - 1) // 5 + 1 == 5
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert (
+            x.tolist() == tokens[5 * i : 5 * i + 8] and y.tolist() == tokens[5 * i + 1 : 5 * i + 9]
+        )
+        assert x.dtype == torch.int64
+    disjoint = SlidingWindowDataset(tokens, block_size=8, stride=8)
+    assert [disjoint[i][0][0].item() for i in range(len(disjoint))] == [100, 108, 116]
+    with pytest.raises(IndexError):
+        ds[5]
+    with pytest.raises(ValueError, match="30 tokens are shorter than one window: block_size=30"):
+        SlidingWindowDataset(tokens, block_size=30, stride=1)
+    with pytest.raises(ValueError, match="stride must be a positive integer, got 0"):
+        SlidingWindowDataset(tokens, block_size=8, stride=0)
+
+
+def test_create_dataloader_encodes_text_with_gpt2_and_shuffles_reproducibly():
+    text = "In the beginning the Universe was created. This has made a lot of people angry. " * 9
+    ids = tiktoken.get_encoding("gpt2").encode(text)
+    in_order = next(iter(create_dataloader(text, batch_size=2, block_size=16, stride=8,
+                                           shuffle=False)))  # fmt: skip
+    assert in_order[0].tolist() == [ids[:16], ids[8:24]] and in_order[1].tolist()[0] == ids[1:17]
+    stream = list(range(1000, 1200))  # distinct ids: a window is known by its first one
+    loader = create_dataloader(stream, batch_size=4, block_size=16, stride=8, seed=3)
+    batches = list(loader)
+    n_windows = len(SlidingWindowDataset(stream, 16, 8))
+    assert len(batches) == n_windows // 4  # drop_last
+    firsts = [row[0].item() - 1000 for x, _ in batches for row in x]
+    assert all(f % 8 == 0 for f in firsts) and len(set(firsts)) == len(firsts)  # no repeats
+    assert firsts != sorted(firsts)  # shuffled
+    again = [row[0].item() - 1000 for x, _ in create_dataloader(stream, 4, 16, 8, seed=3)
+             for row in x]  # fmt: skip
+    assert again == firsts  # the same seed, the same order

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from attnbook.attention import available
 from attnbook.attention.config import POSITIONS
-from attnbook.mlp import MLP, SwiGLU, swiglu_hidden
+from attnbook.mlp import ACTIVATIONS, MLP, SwiGLU, register_activation, swiglu_hidden
 from attnbook.model import GPT, GPTConfig, _sample, sampling_probs
 
 VOCAB, BLOCK = 61, 16
@@ -126,9 +126,9 @@ def test_swiglu_hidden_size_follows_llama():
 
 
 def test_gelu_tanh_is_gpt2s_approximation_and_a_config_choice():
-    """GPT-2's gelu_new, written out, against MLP(approximate="tanh") and GPTConfig's
+    """GPT-2's gelu_new, written out, against MLP(activation="gelu_tanh") and GPTConfig's
     mlp="gelu_tanh"; exact GELU differs from it."""
-    mlp = MLP(8, 32, approximate="tanh")
+    mlp = MLP(8, 32, activation="gelu_tanh")
     x = 3 * torch.randn(2, 5, 8)
     h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias  # (2, 5, 32)
     h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
@@ -136,13 +136,41 @@ def test_gelu_tanh_is_gpt2s_approximation_and_a_config_choice():
     exact = MLP(8, 32)
     exact.load_state_dict(mlp.state_dict())
     assert not torch.allclose(exact(x), mlp(x), atol=1e-5)
-    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'fast'"):
-        MLP(8, 32, approximate="fast")
+    with pytest.raises(ValueError, match="unknown activation 'fast'; registered: gelu, gelu_tanh"):
+        MLP(8, 32, activation="fast")
     model = _model(mlp="gelu_tanh")
-    assert all(block.mlp.gelu.approximate == "tanh" for block in model.transformer.h)
+    assert all(block.mlp.act.name == "gelu_tanh" for block in model.transformer.h)
     prompt = _ids(2, 3)
     cached = model.generate(prompt, 6, temperature=0)
     assert torch.equal(cached, model.generate(prompt, 6, temperature=0, use_cache=False))
+
+
+def test_a_registered_activation_is_an_mlp_choice_and_d_ff_its_width():
+    @register_activation("squared_relu")  # Primer (So et al., 2021)
+    def squared_relu(x):
+        return F.relu(x) ** 2
+
+    try:
+        model = _model(mlp="squared_relu", d_ff=48)
+        mlp = model.transformer.h[0].mlp
+        assert isinstance(mlp, MLP) and mlp.c_fc.out_features == 48 and mlp.act.fn is squared_relu
+        x = torch.randn(2, 3, 32)
+        h = F.relu(mlp.c_fc(x)) ** 2
+        torch.testing.assert_close(mlp(x), mlp.c_proj(h))
+        gated = _model(mlp="geglu", d_ff=40).transformer.h[0].mlp
+        assert (
+            isinstance(gated, SwiGLU)
+            and gated.act.name == "gelu"
+            and gated.c_proj.in_features == 40
+        )
+        with pytest.raises(ValueError, match="already registered"):
+            register_activation("relu")(squared_relu)
+        with pytest.raises(ValueError, match="d_ff must be a positive integer"):
+            _config(d_ff=0)
+    finally:
+        del ACTIVATIONS["squared_relu"]
+    with pytest.raises(ValueError, match=r"mlp must be one of \('gelu', 'gelu_tanh', 'relu'"):
+        _config(mlp="squared_relu")
 
 
 def test_swiglu_is_silu_gate_times_up_then_down():
@@ -391,7 +419,10 @@ def test_generate_rejects_bad_arguments(kwargs, match):
         (dict(tie_weights=1), "tie_weights must be True or False"),
         (dict(attention="nope"), "unknown attention 'nope'; registered names: .*mha"),
         (dict(positions="xyz"), "positions must be one of"),
-        (dict(mlp="relu"), "mlp must be one of \\('gelu', 'gelu_tanh', 'swiglu'\\)"),
+        (
+            dict(mlp="tanh"),
+            "mlp must be one of \\('gelu', 'gelu_tanh', 'relu', 'silu', 'swiglu', 'geglu'\\)",
+        ),
         (dict(norm="batchnorm"), "norm must be one of"),
         (dict(norm_position="middle"), "norm_position must be one of \\('pre', 'post'\\)"),
         (dict(attention_options={"foo": 1}), "MultiHeadAttention has no option foo"),

@@ -3,6 +3,7 @@ stopping, divergence, corrupt checkpoints, torchrun data parallelism, MLflow, th
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,7 +88,7 @@ def test_weight_decay_on_matrices_only():
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"batch_size": 6, "grad_accum": 4}, "not divisible by grad_accum"),
         ({"min_lr": 2e-3, "lr": 1e-3}, "min_lr <= lr"),
-        ({"dtype": "float16"}, "dtype must be"),
+        ({"dtype": "half"}, "dtype must be one of"),
         ({"device": "tpu"}, "device must be"),
         ({"patience": -1}, "patience must be an integer >= 0"),
         ({"lr": float("inf"), "min_lr": 1e-4}, "lr must be a finite number, got inf"),
@@ -237,12 +238,88 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(corpus, tmp_path)
         train(dataclasses.replace(cfg, max_iters=12))
 
 
+def test_resume_refuses_another_learning_rate_or_seed(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6, lr_decay_iters=12)
+    train(cfg)
+    config_json = (Path(cfg.out_dir) / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"other settings .*lr 0.003 -> 0.001; seed 1337 -> 7"):
+        train(dataclasses.replace(cfg, max_iters=12, lr=1e-3, seed=7))
+    assert (Path(cfg.out_dir) / "config.json").read_text() == config_json  # not overwritten
+    assert train(dataclasses.replace(cfg, max_iters=12, eval_iters=3)).step == 12  # may change
+
+
+def test_fine_tuning_starts_from_a_trained_run_or_a_gpt2_folder(corpus, tmp_path):
+    pretrained = tiny(corpus, tmp_path / "pretrained", dropout=0.0)
+    train(pretrained)
+    still = dict(lr=1e-12, min_lr=1e-12, max_iters=1, lr_decay_iters=1, warmup_iters=0)
+    tuned = tiny(corpus, tmp_path / "tuned", dropout=0.0, init_from=str(tmp_path / "pretrained"),
+                 **still)  # fmt: skip
+    train(tuned)
+    for (name, a), b in zip(weights(pretrained.out_dir).items(), weights(tuned.out_dir).values(),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)  # one step of lr 1e-12
+    fresh = tiny(corpus, tmp_path / "fresh", dropout=0.0, **still)
+    train(fresh)
+    first = {run.out_dir: read_metrics(run.out_dir)[0]["loss"] for run in (tuned, fresh)}
+    assert first[tuned.out_dir] < first[fresh.out_dir] - 0.5  # it starts where training ended
+    wider = dataclasses.replace(tuned, out_dir=str(tmp_path / "wider"),
+                                model=dataclasses.replace(tuned.model, n_embd=64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"another shape: n_embd 32 \(ours 64\)"):
+        train(wider)
+    with pytest.raises(ValueError, match="neither a training run's folder, a GPT-2 folder"):
+        train(dataclasses.replace(tuned, out_dir=str(tmp_path / "x"), init_from="nowhere"))
+
+
+def test_fine_tuning_from_a_hugging_face_gpt2_folder(corpus, tmp_path):
+    from attnbook.gpt2 import save_gpt2
+
+    model_cfg = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                          mlp="gelu_tanh", dropout=0.0)  # fmt: skip
+    torch.manual_seed(3)
+    save_gpt2(GPT(model_cfg), tmp_path / "hf")
+    cfg = tiny(corpus, tmp_path / "run", encoding="gpt2", init_from=str(tmp_path / "hf"),
+               lr=1e-12, min_lr=1e-12, max_iters=1, lr_decay_iters=1, warmup_iters=0)  # fmt: skip
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    train(cfg)
+    torch.manual_seed(3)
+    expected = GPT(model_cfg).state_dict()
+    for name, tensor in weights(cfg.out_dir).items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_a_split_shorter_than_one_block_fails_before_any_step(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "run", val_fraction=0.01)  # about 100 validation tokens
     long = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, block_size=4096))
     with pytest.raises(ValueError, match="the val split holds .* tokens, shorter than one block"):
         train(long)
     assert not Path(cfg.out_dir).exists()  # nothing trained, nothing written
+
+
+def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", dtype="float16", dropout=0.0)
+    result = train(cfg)
+    losses = [m["loss"] for m in read_metrics(cfg.out_dir) if "loss" in m]
+    assert result.step == 12 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    state = torch.load(checkpoint_dirs(cfg.out_dir)[-1] / "state.pt", weights_only=True)
+    assert state["grad_scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
+    half = tiny(corpus, tmp_path / "half", dtype="float16", dropout=0.0, max_iters=6)
+    train(half)
+    train(dataclasses.replace(half, max_iters=12))
+    resumed = [m["loss"] for m in read_metrics(half.out_dir) if "loss" in m]
+    assert resumed == losses  # the same 12 steps, interrupted or not
+
+
+def test_the_text_log_reads_like_the_metrics(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_iters=6, lr_decay_iters=12)
+    train(cfg)
+    train(dataclasses.replace(cfg, max_iters=12))
+    lines = (Path(cfg.out_dir) / "train.log").read_text().splitlines()
+    assert " started: mha {}, 2 layers x 2 heads x 32" in lines[0]
+    assert any(" resumed at step 6: " in line for line in lines)
+    assert sum(" step " in line and " loss=" in line for line in lines) == 12
+    best = min(m["val_loss"] for m in read_metrics(cfg.out_dir) if "val_loss" in m)
+    assert lines[-1].endswith(f"stopped (max_iters) at step 12, best val_loss {best:.4f}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -354,6 +431,22 @@ def test_mlflow_logs_to_a_local_file_store(corpus, tmp_path, monkeypatch):
     logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert logged == [m["loss"] for m in read_metrics(cfg.out_dir) if "loss" in m]
     assert run.data.params["model.n_layer"] == "2"
+
+
+def test_mlflow_uri_and_credentials_come_from_a_dot_env_file(corpus, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("dotenv")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME"):
+        monkeypatch.setenv(name, "")  # so that what .env sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI={uri}\nMLFLOW_TRACKING_USERNAME=ann\n")
+    monkeypatch.chdir(tmp_path)
+    train(tiny(corpus, tmp_path / "run", max_iters=2))
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("attnbook").experiment_id])
+    assert run.info.run_name == "run" and os.environ["MLFLOW_TRACKING_USERNAME"] == "ann"
 
 
 def test_command_line_flags_cover_both_configs():

@@ -5,12 +5,14 @@
     folder = prepare("tinyshakespeare", "char") # encode once: train.bin, val.bin, meta.json
     data = TokenData(folder)                    # memory-maps the .bin files, checks every id
     x, y = data.get_batch("train", batch_size=32, block_size=256, generator=g)  # (32, 256) each
+    loader = create_dataloader(text, batch_size=8, block_size=256, stride=128)  # by epochs
 
 Corpora are downloaded once and sha256-checked (``download.fetch``, which reads a local mirror).
 ``prepare`` writes the token stream once (uint16 when every id fits, else uint32) with a
 ``meta.json`` that rebuilds the encoding, and finds the files again on a second call. It holds
-the text in memory, knows no document boundaries (special tokens are plain text), and batches
-are drawn with replacement, not by epochs. Chapters 16 and 17 use it.
+the text in memory and knows no document boundaries (special tokens are plain text).
+``get_batch`` draws windows with replacement; ``SlidingWindowDataset`` and ``create_dataloader``
+walk the stream by epochs, in windows ``stride`` apart. Chapters 16 and 17 use it.
 """
 
 import hashlib
@@ -510,3 +512,63 @@ class TokenData:
         )
         rows = torch.from_numpy(rows.astype(np.int64))  # (b, block_size + 1)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (b, block_size) each
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows with a stride: the dataset-and-loader way to batch a token stream.
+
+
+class SlidingWindowDataset(torch.utils.data.Dataset):
+    """Overlapping windows of a token stream (seed 002's ``GPTDatasetV1``).
+
+    Item ``i`` is ``(x, y)``: the ``block_size`` tokens from ``i * stride`` on, and the same
+    shifted by one (the next-token targets), each ``(block_size,)`` int64. ``stride ==
+    block_size`` gives disjoint windows; a smaller stride overlaps them (more items, each token
+    seen in several contexts). ``tokens`` is any 1-D sequence of ids (a list, an array, a
+    ``TokenData`` split's memmap, which stays on disk).
+    """
+
+    def __init__(self, tokens, block_size: int, stride: int):
+        check_positive_ints(block_size=block_size, stride=stride)
+        if len(tokens) < block_size + 1:
+            raise ValueError(
+                f"{len(tokens)} tokens are shorter than one window: block_size={block_size} "
+                f"needs at least {block_size + 1} (inputs and targets one token on)"
+            )
+        self.tokens, self.block_size, self.stride = tokens, block_size, stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.block_size - 1) // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")
+        start = i * self.stride
+        chunk = np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64)
+        chunk = torch.from_numpy(chunk)  # (block_size + 1,)
+        return chunk[:-1], chunk[1:]  # (block_size,) each
+
+
+def create_dataloader(
+    source,
+    batch_size: int = 4,
+    block_size: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    seed: int | None = None,
+    encoding: str = "gpt2",
+) -> torch.utils.data.DataLoader:
+    """Batches ``(x, y)``, each ``(batch_size, block_size)``, of a ``SlidingWindowDataset``
+    (seed 002's ``create_dataloader_v1``). ``source``: text (encoded with ``encoding``) or token
+    ids. ``shuffle`` reorders the windows every epoch (from ``seed``, if given, reproducibly);
+    ``drop_last`` drops a last, smaller batch; ``num_workers`` loads in subprocesses."""
+    check_positive_ints(batch_size=batch_size)
+    if isinstance(source, str):
+        source = get_encoding(encoding, source).encode(source)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        SlidingWindowDataset(source, block_size, stride), batch_size=batch_size,
+        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, generator=generator,
+    )  # fmt: skip

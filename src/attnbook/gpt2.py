@@ -87,15 +87,12 @@ def config_from_hf(hf: dict) -> GPTConfig:
     for name, (default, ours) in FIXED.items():
         if hf.get(name, default) != ours:
             raise ValueError(f"{name}={hf[name]!r} is not supported: GPT computes {name}={ours!r}")
-    n_embd = hf["n_embd"]
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(
-            f"n_inner={hf['n_inner']} is not supported: GPT's MLP is 4 * n_embd = {4 * n_embd} wide"
-        )
+    n_embd, d_ff = hf["n_embd"], hf.get("n_inner")
     return GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
         n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True, attention="mha",
-        positions="learned", mlp=ACTIVATIONS[activation], norm="layernorm",
+        positions="learned", mlp=ACTIVATIONS[activation], d_ff=None if d_ff == 4 * n_embd else d_ff,
+        norm="layernorm",
         norm_position="pre", tie_weights=hf.get("tie_word_embeddings", True),
     )  # fmt: skip
 
@@ -226,7 +223,7 @@ def config_to_hf(config: GPTConfig) -> dict:
     return dict(
         model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size,
         n_positions=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
-        n_embd=config.n_embd, n_inner=None,
+        n_embd=config.n_embd, n_inner=config.d_ff,
         activation_function="gelu_new" if config.mlp == "gelu_tanh" else "gelu",
         layer_norm_epsilon=NORM_EPS, attn_pdrop=config.dropout, embd_pdrop=config.dropout,
         resid_pdrop=config.dropout, tie_word_embeddings=config.tie_weights,

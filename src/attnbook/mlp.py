@@ -1,20 +1,65 @@
 """The position-wise feed-forward networks of a transformer block, applied to every position alone.
 
-- ``MLP``: ``Linear(n_embd -> hidden) -> GELU -> Linear(hidden -> n_embd) -> dropout``, the
-  feed-forward network of GPT-2 (``hidden = 4 * n_embd``). GELU is exact,
-  ``x * Phi(x)``, or GPT-2's tanh approximation (``approximate="tanh"``), which GPT-2's
-  weights were trained with.
+- ``MLP``: ``Linear(n_embd -> hidden) -> activation -> Linear(hidden -> n_embd) -> dropout``,
+  the feed-forward network of GPT-2 (``hidden = 4 * n_embd``, GELU's tanh approximation).
 - ``SwiGLU``: a gated network (Shazeer, 2020, "GLU Variants Improve Transformer"; used by
-  PaLM and LLaMA): ``(SiLU(x W_gate) * (x W_up)) W_down -> dropout``. It has three weight
-  matrices instead of two, so at equal parameter count its hidden width is 2/3 of the MLP's:
-  ``swiglu_hidden(n_embd)`` gives LLaMA's rule.
+  PaLM and LLaMA): ``(act(x W_gate) * (x W_up)) W_down -> dropout`` with SiLU (GeGLU: GELU).
+  It has three weight matrices instead of two, so at equal parameter count its hidden width is
+  2/3 of the MLP's: ``swiglu_hidden(n_embd)`` gives LLaMA's rule.
+- Activations by name (``ACTIVATIONS``: gelu, gelu_tanh, relu, silu); ``register_activation``
+  adds one, and every ``MLP`` and ``GPTConfig.mlp`` can then use it.
 
-Neither one mixes positions: that is attention's job. Chapter 17 compares them.
+Neither network mixes positions: that is attention's job. Chapter 17 compares them.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+def register_activation(name: str):
+    """Decorator registering an elementwise function ``Tensor -> Tensor`` under ``name``."""
+
+    def decorator(fn):
+        if ACTIVATIONS.get(name, fn) is not fn:
+            raise ValueError(f"activation {name!r} is already registered: pick another name")
+        ACTIVATIONS[name] = fn
+        return fn
+
+    return decorator
+
+
+register_activation("gelu")(F.gelu)  # exact: x * Phi(x)
+register_activation("relu")(F.relu)
+register_activation("silu")(F.silu)  # x * sigmoid(x), also called swish
+
+
+@register_activation("gelu_tanh")
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``: ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
+    return F.gelu(x, approximate="tanh")
+
+
+class Activation(nn.Module):
+    """The registered activation ``name`` as a module (no parameters)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {name!r}; registered: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        self.name, self.fn = name, ACTIVATIONS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
 
 
 def _check_sizes(n_embd: int, hidden: int, dropout: float) -> None:
@@ -32,8 +77,8 @@ class MLP(nn.Module):
         hidden: inner width (4 * n_embd in GPT-2 and the original transformer).
         dropout: dropout on the output, in [0, 1).
         bias: whether the two linear layers have biases.
-        approximate: ``"none"`` (exact GELU) or ``"tanh"``:
-            ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, GPT-2's ``gelu_new``.
+        activation: a name in ``ACTIVATIONS`` (``"gelu"``, exact; GPT-2's weights were trained
+            with ``"gelu_tanh"``).
     """
 
     def __init__(
@@ -42,19 +87,17 @@ class MLP(nn.Module):
         hidden: int,
         dropout: float = 0.0,
         bias: bool = True,
-        approximate: str = "none",
+        activation: str = "gelu",
     ):
         super().__init__()
         _check_sizes(n_embd, hidden, dropout)
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
-        self.gelu = nn.GELU(approximate=approximate)
+        self.act = Activation(activation)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gelu(self.c_fc(x))  # (B, T, hidden)
+        h = self.act(self.c_fc(x))  # (B, T, hidden)
         return self.dropout(self.c_proj(h))  # (B, T, n_embd)
 
 
@@ -84,16 +127,25 @@ class SwiGLU(nn.Module):
         hidden: inner width (``swiglu_hidden(n_embd)`` in the GPT of this book).
         dropout: dropout on the output, in [0, 1).
         bias: whether the linear layers have biases (LLaMA has none).
+        activation: the gate's activation, a name in ``ACTIVATIONS`` (SiLU; GeGLU uses GELU).
     """
 
-    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        n_embd: int,
+        hidden: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        activation: str = "silu",
+    ):
         super().__init__()
         _check_sizes(n_embd, hidden, dropout)
+        self.act = Activation(activation)
         self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # gate | up
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # 2 x (B, T, hidden)
-        h = F.silu(gate) * up  # (B, T, hidden): the gate scales each hidden unit
+        h = self.act(gate) * up  # (B, T, hidden): the gate scales each hidden unit
         return self.dropout(self.c_proj(h))  # (B, T, n_embd)

@@ -23,10 +23,10 @@ from torch import nn
 from .attention import AttentionConfig, available, build_attention
 from .attention.config import POSITIONS
 from .checks import check_positive_int
-from .mlp import MLP, SwiGLU, swiglu_hidden
+from .mlp import ACTIVATIONS, MLP, SwiGLU, swiglu_hidden
 from .positions import PositionalEmbedding
 
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+GATED = {"swiglu": "silu", "geglu": "gelu"}  # gated MLPs and the activation of their gate
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon, used for RMSNorm too
@@ -57,9 +57,11 @@ class GPTConfig:
             set (``rope_base``, ``rope_pairing``, ``impl``). JSON-safe values only.
         positions: ``"learned"`` or ``"sinusoidal"`` (added to the token embeddings),
             ``"rope"`` or ``"alibi"`` (done in every attention layer) or ``"none"``.
-        mlp: ``"gelu"`` (``MLP``, hidden width ``4 * n_embd``), ``"gelu_tanh"`` (the same with
-            GELU's tanh approximation, as GPT-2) or ``"swiglu"`` (``SwiGLU``, hidden width
-            ``swiglu_hidden(n_embd)``: ``8 * n_embd / 3`` rounded up to 64).
+        mlp: an activation of ``attnbook.mlp.ACTIVATIONS`` for an ``MLP`` (``"gelu"``,
+            ``"gelu_tanh"`` as GPT-2, ``"relu"``, ``"silu"``, or one registered with
+            ``register_activation``), or a gated ``SwiGLU``: ``"swiglu"`` or ``"geglu"``.
+        d_ff: the MLP's hidden width; None means ``4 * n_embd``, or for a gated MLP
+            ``swiglu_hidden(n_embd)`` (``8 * n_embd / 3`` rounded up to 64).
         norm: ``"layernorm"`` or ``"rmsnorm"`` (no mean subtraction, no bias).
         norm_position: ``"pre"`` (GPT-2: ``x + f(norm(x))``) or ``"post"`` (the original
             transformer: ``norm(x + f(x))``).
@@ -80,6 +82,7 @@ class GPTConfig:
     attention_options: dict = field(default_factory=dict)
     positions: str = "learned"
     mlp: str = "gelu"
+    d_ff: int | None = None
     norm: str = "layernorm"
     norm_position: str = "pre"
     tie_weights: bool = True
@@ -106,12 +109,14 @@ class GPTConfig:
             )
         for name, allowed in (
             ("positions", POSITIONS),
-            ("mlp", MLPS),
+            ("mlp", tuple(sorted(ACTIVATIONS)) + tuple(GATED)),
             ("norm", NORMS),
             ("norm_position", NORM_POSITIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_ff is not None:
+            check_positive_int("d_ff", self.d_ff)
         if not isinstance(self.attention_options, dict):
             raise ValueError(
                 f"attention_options must be a dict, got {type(self.attention_options).__name__}"
@@ -185,11 +190,11 @@ class Block(nn.Module):
         self.ln_1 = _norm(config)
         self.attn = config.build_attention()
         self.ln_2 = _norm(config)
-        if config.mlp in ("gelu", "gelu_tanh"):
-            approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
-            self.mlp = MLP(d, 4 * d, config.dropout, config.bias, approximate)
+        if config.mlp in GATED:
+            hidden = config.d_ff or swiglu_hidden(d)
+            self.mlp = SwiGLU(d, hidden, config.dropout, config.bias, GATED[config.mlp])
         else:
-            self.mlp = SwiGLU(d, swiglu_hidden(d), config.dropout, config.bias)
+            self.mlp = MLP(d, config.d_ff or 4 * d, config.dropout, config.bias, config.mlp)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         if self.pre_norm:

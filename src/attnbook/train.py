@@ -6,14 +6,14 @@
 or ``python -m attnbook.train --max_iters 200`` (a ``--flag`` per field of ``TrainConfig`` and
 its ``GPTConfig``, and per attention option: ``--n_kv_head``, ``--window``, ``--impl``, ...), or
 ``torchrun --nproc_per_node 2 -m attnbook.train ...`` (data parallel). A step: ``grad_accum``
-micro-batches (bf16 autocast if asked), clipping, AdamW (decay on matrices only), linear warm-up
-then cosine decay. Checkpoints (``out_dir/checkpoints/step_N/``: ``model.safetensors`` and a
-``weights_only`` ``state.pt``) are written atomically; restarting with the same ``out_dir``
-resumes bit for bit (same thread count); ``resume=False`` refuses a folder holding another run's
-checkpoints. Metrics go to ``metrics.jsonl``, a progress bar and optionally MLflow; a non-finite
-loss, or non-finite weights when a checkpoint is due, raise ``TrainingDiverged`` before anything
-is written. Not here: float16 loss scaling, FSDP, tensor parallelism. Chapter 17 writes the loop
-step by step and trains with it.
+micro-batches (under bf16 autocast, or fp16 with a gradient scaler, if asked), clipping, AdamW
+(decay on matrices only), linear warm-up then cosine decay. Checkpoints
+(``out_dir/checkpoints/step_N/``: ``model.safetensors`` and a ``weights_only`` ``state.pt``) are
+written atomically; restarting with the same ``out_dir`` resumes bit for bit (same thread
+count); ``resume=False`` refuses a folder holding another run's checkpoints. Metrics go to
+``metrics.jsonl``, a progress bar and optionally MLflow; a non-finite loss, or non-finite weights
+when a checkpoint is due, raise ``TrainingDiverged`` before anything is written. Not here: FSDP,
+tensor parallelism. Chapter 17 writes the loop step by step and trains with it.
 """
 
 import argparse
@@ -33,12 +33,15 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from . import gpt2
 from .attention import AttentionConfig, attention_class, available
 from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
 from .model import GPT, SET_BY_GPT, GPTConfig
+from .presets import PRESETS, preset
 
 CHECKPOINT_FORMAT = 1
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,14 +77,23 @@ class TrainConfig:
         ckpt_interval: write a checkpoint every so many steps (and at the end).
         keep_last: how many recent checkpoints to keep (the best is kept as well).
         patience: stop when validation loss has not improved for this many evaluations (0: never).
-        dtype: "float32", or "bfloat16" for bf16 autocast where the device supports it.
+        dtype: "float32"; "bfloat16" for bf16 autocast where the device supports it; "float16"
+            for fp16 autocast with a gradient scaler (the loss is scaled up before the backward
+            pass so that small gradients do not flush to zero in fp16, and a step whose
+            gradients overflow is skipped while the scale is lowered).
         compile: wrap the model in ``torch.compile``.
         device: "auto" (CUDA if available), "cpu" or "cuda".
         seed: seeds the weights, the data order and dropout.
         resume: continue from the newest checkpoint in ``out_dir`` if there is one.
         progress: show a progress bar.
-        mlflow_uri: MLflow tracking URI to log params and metrics to (None: no MLflow).
+        mlflow_uri: MLflow tracking URI to log params and metrics to; None: the environment's
+            ``MLFLOW_TRACKING_URI`` (a ``.env`` file in the working directory may set it and the
+            credentials), else no MLflow.
         mlflow_experiment: the MLflow experiment name.
+        init_from: start from pretrained weights instead of random ones (fine-tuning): a trained
+            run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
+            ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
+            downloads). The model must have the same shape. Ignored when the run resumes.
     """
 
     model: GPTConfig = field(
@@ -118,6 +130,7 @@ class TrainConfig:
     progress: bool = True
     mlflow_uri: str | None = None
     mlflow_experiment: str = "attnbook"
+    init_from: str | None = None
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -146,8 +159,8 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
             )
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
@@ -265,6 +278,24 @@ def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
     return None
 
 
+# The settings a resumed run must keep: they decide which batches and which updates come next.
+TRAJECTORY = ("data", "encoding", "val_fraction", "batch_size", "grad_accum", "lr", "min_lr",
+              "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
+              "dtype", "seed")  # fmt: skip
+
+
+def _check_same_trajectory(out_dir, saved: dict, current: dict) -> None:
+    """ValueError unless a resumed run keeps the ``TRAJECTORY`` settings of its checkpoint
+    (``max_iters``, intervals, ``patience`` and the like may change)."""
+    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY
+               if saved.get(k) != current[k]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{out_dir} would resume with other settings than it was trained with "
+            f"({'; '.join(changed)}): resume with the same ones, or train in another out_dir"
+        )
+
+
 def _lock(out_dir: Path):
     """An exclusive lock on ``out_dir/.lock`` (the open file; closing it, or the process ending,
     releases it), or ValueError if another training holds it. Where the system has no
@@ -284,6 +315,38 @@ def _lock(out_dir: Path):
             f"it, or train in another out_dir"
         ) from None
     return handle
+
+
+def _load_pretrained(model: GPT, source: str) -> None:
+    """Copy into ``model`` the weights ``init_from`` names (see ``TrainConfig``); ValueError if
+    there are none or their model has another shape (dropout aside)."""
+    if (Path(source) / "checkpoints").is_dir():
+        pretrained = load_trained(source)[0]
+    elif source in gpt2.SIZES:
+        folder = gpt2.find_gpt2(source)
+        if folder is None:
+            raise ValueError(
+                f"init_from={source!r}: no local copy of {source} (gpt2.find_gpt2 never "
+                f"downloads): fetch it once with gpt2.load_gpt2({source!r}), or set "
+                f"{gpt2.ENV_DIR} to its folder"
+            )
+        pretrained = gpt2.load_gpt2(folder)
+    elif (Path(source) / "config.json").is_file():
+        pretrained = gpt2.load_gpt2(source)
+    else:
+        raise ValueError(
+            f"init_from={source!r} is neither a training run's folder, a GPT-2 folder nor one "
+            f"of {', '.join(gpt2.SIZES)}"
+        )
+    theirs, ours = pretrained.config.to_dict(), model.config.to_dict()
+    changed = [f"{k} {theirs[k]!r} (ours {ours[k]!r})" for k in ours
+               if k != "dropout" and theirs[k] != ours[k]]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"init_from={source!r} holds a model of another shape: {'; '.join(changed)}; build "
+            f"the run with the same model (for GPT-2, --preset and --encoding gpt2)"
+        )
+    model.load_state_dict(pretrained.state_dict())
 
 
 def _check_same_data(out_dir, saved: dict | None, current: dict | None) -> None:
@@ -334,12 +397,12 @@ def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast when asked (and supported), else nothing."""
+    """bf16 or fp16 autocast when asked (and supported), else nothing."""
     if cfg.dtype == "float32":
         return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 support: use dtype='float32'")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support: use dtype='float16' or 'float32'")
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype))
 
 
 @torch.no_grad()
@@ -393,6 +456,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     raw_model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(raw_model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # else no-ops
     data_gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks
     if not cfg.resume and checkpoint_dirs(out_dir):
@@ -403,9 +467,13 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         )
     state = latest_checkpoint(out_dir, raw_model, optimizer) if cfg.resume else None
     step, best_val, bad_evals = 0, math.inf, 0
+    if state is None and cfg.init_from is not None:
+        _load_pretrained(raw_model, cfg.init_from)
     if state is not None:
         _check_same_data(out_dir, json.loads(state["data_meta"]), getattr(data, "meta", None))
+        _check_same_trajectory(out_dir, json.loads(state["train_config"]), cfg.to_dict())
         step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         data_gen.set_state(state["data_rng"])
         if rank == 0:
             torch.set_rng_state(state["torch_rng"])
@@ -431,6 +499,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 "data_rng": data_gen.get_state(),
                 "train_config": json.dumps(cfg.to_dict()),
                 "data_meta": json.dumps(getattr(data, "meta", None)),
+                "grad_scaler": scaler.state_dict(),
             }
             save_checkpoint(out_dir, raw_model, optimizer, ckpt, cfg.keep_last, best)
         if world_size > 1:
@@ -455,7 +524,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             sync = world_size == 1 or i == cfg.grad_accum - 1  # all-reduce on the last only
             with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
                 _, loss = model(x[part], y[part])
-            (loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach().float() / cfg.grad_accum
         loss_value = _mean_over_ranks(total, world_size)
         if not math.isfinite(loss_value):
@@ -464,9 +533,11 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 f"loss is {loss_value} at step {step + 1}: lower lr (now {cfg.lr}) or check the "
                 f"data; the last good checkpoint is {last[-1] if last else 'none (none written)'}"
             )
+        scaler.unscale_(optimizer)  # the true gradients, for clipping
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if fp16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
@@ -493,14 +564,30 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         if is_best or last or step % cfg.ckpt_interval == 0:
             save(is_best)
     bar.close()
+    metrics.note(f"stopped ({stopped}) at step {step}, best val_loss {best_val:.4f}")
     metrics.close()
     if lock is not None:
         lock.close()
     return TrainResult(step=step, best_val_loss=best_val, stopped=stopped, out_dir=out_dir)
 
 
+def _tracking_uri_from_env() -> str | None:
+    """``MLFLOW_TRACKING_URI`` from the environment, after a ``.env`` file in the working
+    directory (python-dotenv, if installed) has added what the environment does not already set:
+    the URI and the credentials MLflow reads itself (``MLFLOW_TRACKING_USERNAME``, ...)."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:
+        pass
+    else:
+        load_dotenv(Path.cwd() / ".env", override=False)
+    return os.environ.get("MLFLOW_TRACKING_URI")
+
+
 class _Metrics:
-    """``metrics.jsonl`` (cut back to ``step`` on resume) and, if configured, MLflow."""
+    """``metrics.jsonl`` (cut back to ``step`` on resume), the same as readable lines in
+    ``train.log`` (appended, with when the run started, resumed and stopped) and, if
+    configured, MLflow."""
 
     def __init__(self, out_dir: Path, cfg: TrainConfig, step: int, enabled: bool):
         self.enabled, self.mlflow = enabled, None
@@ -511,25 +598,40 @@ class _Metrics:
         self.path = out_dir / "metrics.jsonl"
         kept = [m for m in read_metrics(out_dir) if m["step"] <= step] if self.path.exists() else []
         self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        if cfg.mlflow_uri:
+        self.text_log = out_dir / "train.log"
+        model = cfg.model
+        self.note(
+            f"{'resumed at step ' + str(step) if step else 'started'}: {model.attention} "
+            f"{model.attention_options}, {model.n_layer} layers x {model.n_head} heads x "
+            f"{model.n_embd}, block {model.block_size}, {cfg.dtype}, data {cfg.data}"
+        )
+        uri = cfg.mlflow_uri or _tracking_uri_from_env()
+        if uri:
             try:
                 import mlflow
             except ImportError as err:
                 raise ValueError(
-                    f"mlflow_uri={cfg.mlflow_uri!r} needs MLflow: pip install mlflow-skinny, or "
-                    f"leave mlflow_uri unset"
+                    f"MLflow tracking URI {uri!r} (mlflow_uri or MLFLOW_TRACKING_URI) needs "
+                    f"MLflow: pip install 'attnbook[mlflow]', or leave both unset"
                 ) from err
-            mlflow.set_tracking_uri(cfg.mlflow_uri)
+            mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(cfg.mlflow_experiment)
             self.mlflow = mlflow.start_run(run_name=out_dir.name)
             flat = {k: v for k, v in cfg.to_dict().items() if k != "model"}
             mlflow.log_params({**flat, **{f"model.{k}": v for k, v in cfg.model.to_dict().items()}})
+
+    def note(self, text: str) -> None:
+        """A line of ``train.log``, with the time."""
+        if self.enabled:
+            with open(self.text_log, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        self.note(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
         if self.mlflow is not None:
             import mlflow
 
@@ -648,6 +750,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="train in runs/RUN_NAME (instead of --out_dir), resuming there",
     )
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="start from a named model shape (attnbook.presets); other flags override it",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -668,13 +776,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=GPTConfig.from_dict(model), **{k: values[k] for k in train_names})
 
 
+def parse_config(argv: list[str], parser: argparse.ArgumentParser | None = None) -> TrainConfig:
+    """The ``TrainConfig`` of command-line ``argv``: ``--preset`` first sets the model's fields,
+    then every flag given overrides them."""
+    parser = parser or argparse.ArgumentParser(prog="attnbook train")
+    add_config_arguments(parser)
+    name = parser.parse_known_args(argv)[0].preset
+    if name is not None:
+        shape = {k: v for k, v in preset(name).to_dict().items() if k != "vocab_size"}
+        parser.set_defaults(**shape)  # the data sets vocab_size
+    return config_from_args(parser.parse_args(argv))
+
+
 def main(argv=None) -> TrainResult:
     parser = argparse.ArgumentParser(
         prog="attnbook train", description="Train a GPT (see attnbook.train's docstring)."
     )
-    add_config_arguments(parser)
     try:
-        cfg = config_from_args(parser.parse_args(argv))
+        cfg = parse_config(argv, parser)
     except ValueError as err:
         parser.error(str(err))
     try:
