@@ -310,6 +310,21 @@ def test_float16_trains_with_a_gradient_scaler_and_resumes_exactly(corpus, tmp_p
     assert resumed == losses  # the same 12 steps, interrupted or not
 
 
+def test_mfu_is_logged_against_a_given_or_measured_peak(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "given", max_iters=3, peak_flops=1e12)
+    train(cfg)
+    model = GPT(saved_model_config(cfg.out_dir))
+    for m in (m for m in read_metrics(cfg.out_dir) if "loss" in m):
+        expected = model.flops_per_token() * m["tokens_per_s"] / 1e12
+        assert m["mfu"] == pytest.approx(expected, rel=1e-9)
+    measured = tiny(corpus, tmp_path / "measured", max_iters=2, peak_flops=0)
+    train(measured)
+    assert all(0 < m["mfu"] < 1 for m in read_metrics(measured.out_dir) if "loss" in m)
+    assert "mfu" not in read_metrics(train(tiny(corpus, tmp_path / "none", max_iters=1)).out_dir)[0]
+    with pytest.raises(ValueError, match="peak_flops must be None, 0 .measure. or a positive"):
+        TrainConfig(peak_flops=-1.0)
+
+
 def test_the_text_log_reads_like_the_metrics(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path / "run", max_iters=6, lr_decay_iters=12)
     train(cfg)
@@ -423,6 +438,7 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
 def test_mlflow_logs_to_a_local_file_store(corpus, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # mlflow.set_tracking_uri sets it: undo after
     uri = (tmp_path / "mlruns").as_uri()
     cfg = tiny(corpus, tmp_path / "run", max_iters=4, mlflow_uri=uri)
     train(cfg)
@@ -447,6 +463,10 @@ def test_mlflow_uri_and_credentials_come_from_a_dot_env_file(corpus, tmp_path, m
     client = mlflow.tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("attnbook").experiment_id])
     assert run.info.run_name == "run" and os.environ["MLFLOW_TRACKING_USERNAME"] == "ann"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///elsewhere")  # the environment alone
+    (tmp_path / ".env").unlink()
+    train(tiny(corpus, tmp_path / "quiet", max_iters=2))  # logs nowhere: no .env, no mlflow_uri
+    assert len(client.search_runs([client.get_experiment_by_name("attnbook").experiment_id])) == 1
 
 
 def test_command_line_flags_cover_both_configs():

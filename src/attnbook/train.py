@@ -86,10 +86,13 @@ class TrainConfig:
         seed: seeds the weights, the data order and dropout.
         resume: continue from the newest checkpoint in ``out_dir`` if there is one.
         progress: show a progress bar.
-        mlflow_uri: MLflow tracking URI to log params and metrics to; None: the environment's
-            ``MLFLOW_TRACKING_URI`` (a ``.env`` file in the working directory may set it and the
-            credentials), else no MLflow.
+        mlflow_uri: MLflow tracking URI to log params and metrics to; None: the
+            ``MLFLOW_TRACKING_URI`` of a ``.env`` file in the working directory (which may also
+            hold the credentials), else no MLflow.
         mlflow_experiment: the MLflow experiment name.
+        peak_flops: the machine's peak FLOP/s, for model FLOPs utilisation (``mfu``) in the log
+            (``GPT.flops_per_token`` times tokens/s over it); 0 measures it once at the start
+            (a matrix multiply in the run's dtype, ``bench.matmul_peak``); None: no MFU.
         init_from: start from pretrained weights instead of random ones (fine-tuning): a trained
             run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
             ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
@@ -130,6 +133,7 @@ class TrainConfig:
     progress: bool = True
     mlflow_uri: str | None = None
     mlflow_experiment: str = "attnbook"
+    peak_flops: float | None = None
     init_from: str | None = None
 
     def __post_init__(self):
@@ -141,6 +145,13 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "patience", "seed"):
             check_non_negative_int(name, getattr(self, name))
+        if self.peak_flops is not None and not (
+            isinstance(self.peak_flops, int | float) and 0 <= self.peak_flops < math.inf
+        ):
+            raise ValueError(
+                f"peak_flops must be None, 0 (measure) or a positive FLOP/s, got "
+                f"{self.peak_flops!r}"
+            )
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -315,6 +326,16 @@ def _lock(out_dir: Path):
             f"it, or train in another out_dir"
         ) from None
     return handle
+
+
+def _peak_flops(cfg: TrainConfig) -> float:
+    """``cfg.peak_flops``, or when it is 0 the matrix-multiply peak measured now in the run's
+    dtype (``bench.matmul_peak``; on a CPU, whose threads it uses)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    from .bench import matmul_peak  # bench builds on this module: imported when needed
+
+    return matmul_peak(torch.float32 if cfg.dtype == "float32" else getattr(torch, cfg.dtype))
 
 
 def _load_pretrained(model: GPT, source: str) -> None:
@@ -507,6 +528,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
 
     micro = cfg.batch_size // world_size // cfg.grad_accum
     tokens_per_step = cfg.batch_size * cfg.model.block_size
+    peak = _peak_flops(cfg) if cfg.peak_flops is not None else None
+    flops_per_token = raw_model.flops_per_token()
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not cfg.progress or rank != 0)
     stopped = "early_stopping" if cfg.patience and bad_evals >= cfg.patience else "max_iters"
     model.train()
@@ -549,6 +572,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 lr=lr_at(step - 1, cfg),
                 ms_per_iter=dt * 1e3,
                 tokens_per_s=tokens_per_step / dt,
+                **({} if peak is None else {"mfu": flops_per_token * tokens_per_step / dt / peak}),
             )
             bar.set_postfix(loss=f"{loss_value:.4f}")
         is_best = False
@@ -572,16 +596,19 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
 
 
 def _tracking_uri_from_env() -> str | None:
-    """``MLFLOW_TRACKING_URI`` from the environment, after a ``.env`` file in the working
-    directory (python-dotenv, if installed) has added what the environment does not already set:
-    the URI and the credentials MLflow reads itself (``MLFLOW_TRACKING_USERNAME``, ...)."""
+    """The ``MLFLOW_TRACKING_URI`` of a ``.env`` file in the working directory (python-dotenv,
+    if installed), or None. When there is one, the file's other variables that the environment
+    does not set yet (the credentials MLflow reads itself: ``MLFLOW_TRACKING_USERNAME``, ...)
+    are added to it."""
     try:
-        from dotenv import load_dotenv
+        from dotenv import dotenv_values, load_dotenv
     except ImportError:
-        pass
-    else:
-        load_dotenv(Path.cwd() / ".env", override=False)
-    return os.environ.get("MLFLOW_TRACKING_URI")
+        return None
+    path = Path.cwd() / ".env"
+    uri = dotenv_values(path).get("MLFLOW_TRACKING_URI") if path.is_file() else None
+    if uri:
+        load_dotenv(path, override=False)
+    return uri
 
 
 class _Metrics:
@@ -611,7 +638,7 @@ class _Metrics:
                 import mlflow
             except ImportError as err:
                 raise ValueError(
-                    f"MLflow tracking URI {uri!r} (mlflow_uri or MLFLOW_TRACKING_URI) needs "
+                    f"MLflow tracking URI {uri!r} (mlflow_uri or .env's MLFLOW_TRACKING_URI) needs "
                     f"MLflow: pip install 'attnbook[mlflow]', or leave both unset"
                 ) from err
             mlflow.set_tracking_uri(uri)
