@@ -908,6 +908,16 @@ assert torch.allclose(lib_head(x_check), model9.eval()(x_check), atol=1e-5)
 print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1e-5)")
 
 # %% [markdown]
+# ## Further reading
+#
+# - Vaswani et al., *Attention Is All You Need* (NeurIPS 2017): scaled dot-product attention, the
+#   formula the fixed sketch computes.
+# - Bahdanau, Cho and Bengio, *Neural Machine Translation by Jointly Learning to Align and
+#   Translate* (ICLR 2015): where attention began, as alignment in translation.
+# - Karpathy, *nanoGPT* (github.com/karpathy/nanoGPT) and the lecture *Let's build GPT*: the single
+#   causal head this chapter's `Head` follows.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions, each checked with an `assert`, are in

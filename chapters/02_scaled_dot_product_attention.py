@@ -898,6 +898,14 @@ print("notebook attention == sdpa_reference (outputs and weights) == sdpa (outpu
 #   scores before the softmax and zero their weights after it, so that neither the forward nor
 #   the backward pass sees $0/0$.
 #
+# ## Further reading
+#
+# - Vaswani et al., *Attention Is All You Need* (2017), section 3.2: scaled dot-product attention
+#   and the $\sqrt{d_k}$ argument.
+# - Luong, Pham and Manning, *Effective Approaches to Attention-based Neural Machine Translation*
+#   (EMNLP 2015): dot-product scores against additive ones.
+# - Bahdanau, Cho and Bengio (ICLR 2015): the first attention weights drawn as maps.
+#
 # ## Exercises
 #
 # Worked solutions, with code and checks, are in

@@ -771,6 +771,15 @@ print("'mha' registered:", "mha" in available())
 print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (atol=1e-5)")
 
 # %% [markdown]
+# ## Further reading
+#
+# - Vaswani et al., *Attention Is All You Need* (2017), section 3.2.2: multi-head attention.
+# - Michel, Levy and Neubig, *Are Sixteen Heads Really Better than One?* (NeurIPS 2019): many heads
+#   can be pruned after training.
+# - Voita, Talbot, Moiseev, Sennrich and Titov, *Analyzing Multi-Head Self-Attention* (ACL 2019):
+#   what individual heads specialise in.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/03_multi_head_attention_solutions.ipynb`. Try

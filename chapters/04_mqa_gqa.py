@@ -917,6 +917,17 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
       "(both impls each side), and the converted layer agrees: OK (atol=1e-5)")
 
 # %% [markdown]
+# ## Further reading
+#
+# - Shazeer, *Fast Transformer Decoding: One Write-Head is All You Need* (2019): multi-query
+#   attention.
+# - Ainslie, Lee-Thorp, de Jong, Zemlyanskiy, Lebrón and Sanghai, *GQA: Training Generalized
+#   Multi-Query Transformer Models from Multi-Head Checkpoints* (EMNLP 2023): grouped-query
+#   attention and mean-pooled conversion.
+# - Pope et al., *Efficiently Scaling Transformer Inference* (MLSys 2023): why decoding is bound by
+#   reading the KV cache.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/04_mqa_gqa_solutions.ipynb`. Predict first,

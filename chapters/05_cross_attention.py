@@ -785,6 +785,16 @@ for impl in ("reference", "sdpa"):
 print("attnbook CrossAttention (reference, sdpa; with and without padding) == ours: OK (atol=1e-5)")
 
 # %% [markdown]
+# ## Further reading
+#
+# - Bahdanau, Cho and Bengio (ICLR 2015): attention from a decoder to an encoder, the first
+#   cross-attention.
+# - Vaswani et al., *Attention Is All You Need* (2017): the encoder-decoder transformer and its
+#   three attention layers.
+# - Raffel et al., *Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+#   Transformer* (JMLR 2020): T5, a modern encoder-decoder.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/05_cross_attention_solutions.ipynb`. Try each

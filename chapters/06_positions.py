@@ -1033,6 +1033,18 @@ print("MultiHeadAttention, RoPE (half, interleaved) and ALiBi (6 heads) == our c
 #   seen.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Vaswani et al. (2017), section 3.5: sinusoidal positions; Shaw, Uszkoreit and Vaswani,
+#   *Self-Attention with Relative Position Representations* (NAACL 2018).
+# - Su, Lu, Pan, Murtadha, Wen and Liu, *RoFormer: Enhanced Transformer with Rotary Position
+#   Embedding* (2021).
+# - Press, Smith and Lewis, *Train Short, Test Long: Attention with Linear Biases Enables Input
+#   Length Extrapolation* (ICLR 2022): ALiBi.
+# - Kazemnejad et al., *The Impact of Positional Encoding on Length Generalization in Transformers*
+#   (NeurIPS 2023): causal models without positions.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/06_positions_solutions.ipynb`. Write down your

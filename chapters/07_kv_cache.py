@@ -843,6 +843,15 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 #   (chapter 4), which quickly rivals the weights; MQA and GQA shrink it by `n_head / n_kv_head`.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Pope et al., *Efficiently Scaling Transformer Inference* (MLSys 2023): the KV cache's memory and
+#   bandwidth at scale.
+# - Kwon et al., *Efficient Memory Management for Large Language Model Serving with PagedAttention*
+#   (SOSP 2023): vLLM's cache in pages.
+# - Shazeer (2019), multi-query attention: shrinking the cache by sharing keys and values.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/07_kv_cache_solutions.ipynb`. Predict first, then

@@ -910,6 +910,16 @@ with torch.no_grad():
 #   `KVCache` too, with the same outputs; that cache just keeps keys no query will read again.)
 
 # %% [markdown]
+# ## Further reading
+#
+# - Beltagy, Peters and Cohan, *Longformer: The Long-Document Transformer* (2020): sliding windows
+#   with global tokens.
+# - Child, Gray, Radford and Sutskever, *Generating Long Sequences with Sparse Transformers* (2019):
+#   local and strided patterns.
+# - Jiang et al., *Mistral 7B* (2023): a 4096-token window in every layer and its rolling buffer
+#   cache.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/09_sliding_window_solutions.ipynb`. Predict

@@ -976,6 +976,15 @@ print("draw, pattern and mask == module's; SparseAttention (sdpa and reference, 
 #   buffer.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Zaheer et al., *Big Bird: Transformers for Longer Sequences* (NeurIPS 2020): global, window and
+#   random blocks, and why they keep the model expressive.
+# - Child, Gray, Radford and Sutskever (2019): fixed sparse patterns and their kernels.
+# - Ainslie et al., *ETC: Encoding Long and Structured Inputs in Transformers* (EMNLP 2020):
+#   global-local attention.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/10_sparse_attention_solutions.ipynb`. Predict

@@ -873,6 +873,16 @@ print("LinearAttention, impl 'sdpa' and 'reference', full pass and cached decodi
 # - Measured: chunked linear attention beats causal SDPA from a few hundred tokens on (CPU).
 
 # %% [markdown]
+# ## Further reading
+#
+# - Katharopoulos, Vyas, Pappas and Fleuret, *Transformers are RNNs: Fast Autoregressive
+#   Transformers with Linear Attention* (ICML 2020): the elu + 1 feature map and the recurrent form.
+# - Choromanski et al., *Rethinking Attention with Performers* (ICLR 2021): random features that
+#   approximate softmax.
+# - Arora et al., *Zoology: Measuring and Improving Recall in Efficient Language Models* (ICLR
+#   2024): the recall limit of a fixed-size state.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/11_linear_attention_solutions.ipynb`. Predict

@@ -909,6 +909,14 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 #   2.25 key/value heads.
 
 # %% [markdown]
+# ## Further reading
+#
+# - DeepSeek-AI, *DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language
+#   Model* (2024), section 2.1: multi-head latent attention and decoupled RoPE.
+# - DeepSeek-AI, *DeepSeek-V3 Technical Report* (2024): MLA at scale, with the same sizes.
+# - Ainslie et al. (2023), GQA: the cache-size baseline MLA is compared with.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/13_latent_attention_solutions.ipynb`. Predict

@@ -679,6 +679,16 @@ assert torch.equal(ours_ids, package_ids) and package.decode(package_ids.tolist(
 print(f"notebook BPE == minbpe.BasicTokenizer: 60 merges, {len(package_ids)} ids identical (exact)")
 
 # %% [markdown]
+# ## Further reading
+#
+# - Sennrich, Haddow and Birch, *Neural Machine Translation of Rare Words with Subword Units* (ACL
+#   2016): byte-pair encoding for language models.
+# - Radford et al., *Language Models are Unsupervised Multitask Learners* (2019), section 2.2:
+#   GPT-2's byte-level BPE.
+# - Gage, *A New Algorithm for Data Compression* (C Users Journal, 1994): the original byte-pair
+#   encoding.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/16_tokenization_solutions.ipynb`. Write down a

@@ -859,6 +859,17 @@ print("temporary runs deleted:", not runs.exists())
 #   encoding), ready to `generate` and decode.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Radford et al., *Language Models are Unsupervised Multitask Learners* (2019): GPT-2, the model
+#   assembled here.
+# - Loshchilov and Hutter, *Decoupled Weight Decay Regularization* (ICLR 2019): AdamW.
+# - Xiong et al., *On Layer Normalization in the Transformer Architecture* (ICML 2020): pre-norm
+#   against post-norm.
+# - Shazeer, *GLU Variants Improve Transformer* (2020), and Zhang and Sennrich, *Root Mean Square
+#   Layer Normalization* (NeurIPS 2019): SwiGLU and RMSNorm.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/17_training_a_gpt_solutions.ipynb`. Keep every run

@@ -779,6 +779,16 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == r
 #   cannot be converted to MLA exactly: a rotated key is not a fixed linear map of a latent.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Arora et al., *Zoology: Measuring and Improving Recall in Efficient Language Models* (ICLR
+#   2024): multi-query associative recall as a diagnostic.
+# - Olsson et al., *In-context Learning and Induction Heads* (Transformer Circuits, 2022): the
+#   induction task.
+# - Tay et al., *Long Range Arena: A Benchmark for Efficient Transformers* (ICLR 2021): comparing
+#   efficient attention under one protocol.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/18_comparing_variants_solutions.ipynb`.

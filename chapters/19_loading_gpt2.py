@@ -671,6 +671,15 @@ print("temporary checkpoints deleted:", not tmp.exists())
 #   model's predictions change.
 
 # %% [markdown]
+# ## Further reading
+#
+# - Radford et al., *Language Models are Unsupervised Multitask Learners* (2019): GPT-2's
+#   architecture and sizes.
+# - Wolf et al., *Transformers: State-of-the-Art Natural Language Processing* (EMNLP 2020): the
+#   library whose checkpoints this chapter reads and writes.
+# - Ainslie et al. (2023), GQA: converting multi-head checkpoints by mean pooling.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked solutions are in `chapters/solutions/19_loading_gpt2_solutions.ipynb`. None of them
