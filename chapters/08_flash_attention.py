@@ -128,19 +128,12 @@ print(f"total {total / 2**20:.2f} MiB")
 # measure it we let every operation report what it creates: `attnbook.bench.PeakTensorMemory`
 # is a `TorchDispatchMode`, through which PyTorch passes every operation (the backward pass's
 # too); it counts each new tensor storage when an operation returns it and drops it when it is
-# freed, and records the largest total. It sees what Python-visible operations create, not
+# freed, and records the largest total. `attnbook.bench.peak_bytes(fn, q, k, v)` runs
+# `fn(q, k, v).sum().backward()` inside it. It sees what Python-visible operations create, not
 # scratch memory a fused kernel uses inside itself.
 
 # %%
-from attnbook.bench import PeakTensorMemory  # noqa: E402
-
-
-def peak_of_forward_backward(fn, q, k, v):
-    """Peak bytes of the tensors fn's forward and backward pass create (inputs not counted)."""
-    with PeakTensorMemory() as memory:
-        fn(q, k, v).sum().backward()
-    return memory.peak
-
+from attnbook.bench import peak_bytes  # noqa: E402
 
 lengths = [256, 512, 1024, 2048, 4096]
 kept = {"explicit math": [], "flash_attention": []}
@@ -148,7 +141,7 @@ peak = {"explicit math": [], "flash_attention": []}
 for T in lengths:
     for name, fn in (("explicit math", explicit_causal), ("flash_attention", flash_attention)):
         kept[name].append(saved_for_backward(fn, *qkv(T))[1] / 2**20)
-        peak[name].append(peak_of_forward_backward(fn, *qkv(T)) / 2**20)
+        peak[name].append(peak_bytes(fn, *qkv(T)) / 2**20)
 print(f"{'T':>5} {'explicit: kept':>15} {'peak':>7} {'flash: kept':>12} {'peak':>6}   (MiB)")
 for i, T in enumerate(lengths):
     print(f"{T:>5} {kept['explicit math'][i]:>15.2f} {peak['explicit math'][i]:>7.1f} "

@@ -411,12 +411,11 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def peak_bytes(kernel: str, T: int, block: int) -> int:
-    """Peak bytes of the tensors that causal attention's forward + backward by ``kernel`` (a key
-    of ``CAUSAL``) creates, one head of ``HEAD_DIM``, ``T`` positions."""
-    q, k, v = (torch.randn(1, 1, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+def peak_bytes(fn, *inputs) -> int:
+    """Peak bytes of the tensors that ``fn(*inputs).sum().backward()`` creates (forward and
+    backward; the inputs, made before, are not counted)."""
     with PeakTensorMemory() as memory:
-        CAUSAL[kernel](q, k, v, block).sum().backward()
+        fn(*inputs).sum().backward()
     return memory.peak
 
 
@@ -436,7 +435,8 @@ def print_flash(lengths, block: int, repeats: int) -> None:
         q, k, v = (torch.randn(1, 1, T, HEAD_DIM, requires_grad=True) for _ in range(3))
         mib, ms = {}, {}
         for name, fn in CAUSAL.items():
-            mib[name] = peak_bytes(name, T, block) / 2**20
+            fresh = (torch.randn(1, 1, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+            mib[name] = peak_bytes(functools.partial(fn, block=block), *fresh) / 2**20
             ms[name] = fwd_bwd_seconds(functools.partial(fn, block=block), (q, k, v), repeats) * 1e3
         cells = " | ".join(f"{mib[n]:.1f} | {ms[n]:.0f}" for n in CAUSAL)
         print(f"| {T} | {cells} | {mib['flash'] / max(mib['reference'], 1e-9):.3f} |")
