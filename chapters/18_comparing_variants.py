@@ -16,8 +16,10 @@
 # %% [markdown]
 # # Chapter 18 — Comparing attention variants
 #
-# Chapters 3 to 13 built seven attention layers that the registry knows by name: `mha`, `mqa`,
-# `gqa`, `mla`, `local`, `sparse` and `linear`. Each chapter measured its own variant against
+# Chapters 3 to 13 built the attention layers that the registry knows by name. This chapter
+# compares seven of them: `mha`, `mqa`, `gqa`, `mla`, `local`, `sparse` and `linear` (chapter
+# 12's `deltanet` and `gated_deltanet` came after the runs quoted here; `CompareConfig` with no
+# `variants` takes every registered layer, theirs included). Each chapter measured its own variant against
 # full multi-head attention on its own terms: a cache that is smaller, a kernel that is faster at
 # 4,096 positions, a probe of how much a fixed-size state can recall. Chapter 17 put any of them
 # into a GPT and trained it. What is missing is the question a researcher asks first: *trained
@@ -123,6 +125,7 @@ from attnbook.model import GPT
 cfg = CompareConfig(
     workload="recall", n_layer=2, n_head=4, n_embd=64, block_size=32, max_iters=200,
     batch_size=12, eval_batches=2, out_dir=str(runs / "compare"),
+    variants=("mha", "mqa", "gqa", "mla", "local", "sparse", "linear"),  # chapters 3-11 and 13
 )
 suite = recall_suite(cfg)  # the three tasks at 32 positions (section 2)
 suite_data = SuiteData(suite)

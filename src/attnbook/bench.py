@@ -2,8 +2,9 @@
 
     attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
-- ``attention``: the long-context kernels (sliding window, block-sparse, chunked linear) as a
-  ratio to full causal SDPA, then every registered layer forward + backward with its cache bytes
+- ``attention``: the long-context kernels (sliding window, block-sparse, chunked linear, chunked
+  Gated DeltaNet) as a ratio to full causal SDPA, Gated DeltaNet's recurrent form against its
+  chunked one, then every registered layer forward + backward with its cache bytes
   per token (glibc keeps freed memory unless ``--system-malloc``, as PyTorch's CPU guide advises);
 - ``train``: one training step of nanoGPT's two Shakespeare shapes, float32 and bf16 autocast,
   with model FLOPs utilisation against the matrix-multiply peak measured in the same run;
@@ -31,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .attention import AttentionConfig, attention_class, available, build_attention, sdpa_reference
+from .attention.deltanet import delta_rule_chunked, delta_rule_recurrent
 from .attention.flash import flash_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
@@ -62,7 +64,23 @@ KERNELS = {
         lambda q, k, v: linear_attention_chunked(elu_feature_map(q), elu_feature_map(k), v, 64)[0],
         (8192, 0.5),
     ),
+    "gated_deltanet": (
+        "chunked, chunk 64",
+        lambda q, k, v: gated_delta_rule(q, k, v, chunk=64),
+        (8192, 0.5),
+    ),
 }
+
+
+def gated_delta_rule(q, k, v, chunk=None):
+    """The Gated DeltaNet kernel on ``(q, k, v)``: unit keys, a scaled query, write strengths and
+    decays made from the inputs (so that the backward pass covers them too); chunked, or the
+    recurrent form with ``chunk=None``."""
+    q, k = q / HEAD_DIM**0.5, F.normalize(k, dim=-1)
+    beta, g = q[..., 0].sigmoid(), F.logsigmoid(v[..., 0])  # (B, H, T) each
+    if chunk is None:
+        return delta_rule_recurrent(q, k, v, beta, g)[0]
+    return delta_rule_chunked(q, k, v, beta, chunk, g)[0]
 
 
 @functools.cache
@@ -161,6 +179,8 @@ def print_attention(lengths, repeats):
         verdict = "met" if ratios[name][T] <= target else "NOT met"
         print(f"target: {name} at T={T} <= {target}x: {ratios[name][T]:.2f}x, {verdict}")
     print()
+    print_recurrent_vs_chunked([T for T in lengths if T <= RECURRENT_MAX_T], repeats)
+    print()
     print(
         f"whole layer (projections included, n_embd {N_HEAD * HEAD_DIM}, RoPE), forward + "
         f"backward, ms; cache bytes per token of one sequence in one layer (float32)"
@@ -172,7 +192,30 @@ def print_attention(lengths, repeats):
         row = " | ".join(f"{s * 1e3:.0f}" for s in times.values())
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
         print(f"| {name} | {shown} | {row} | {cache_bytes} |")
-    print("(linear's cache is its whole state, the same at every length)")
+    print("(linear's and the DeltaNets' caches are their whole state, the same at every length)")
+
+
+RECURRENT_MAX_T, RECURRENT_TARGET = 4096, (4096, 10.0)  # the loop is slow: shorter lengths only
+
+
+def print_recurrent_vs_chunked(lengths, repeats):
+    """Gated DeltaNet's recurrent form (a loop over tokens) against its chunked form."""
+    print("gated_deltanet forward + backward, same shapes: recurrent form vs chunked (chunk 64)")
+    print("| T | recurrent ms | chunked ms | recurrent/chunked |")
+    print("|---|---|---|---|")
+    speedups = {}
+    for T in lengths:
+        q, k, v = (torch.randn(1, N_HEAD, T, HEAD_DIM, requires_grad=True) for _ in range(3))
+        loop = fwd_bwd_seconds(gated_delta_rule, (q, k, v), min(repeats, 1))
+        chunked = fwd_bwd_seconds(functools.partial(gated_delta_rule, chunk=64), (q, k, v), repeats)
+        speedups[T] = loop / chunked
+        print(f"| {T} | {loop * 1e3:.0f} | {chunked * 1e3:.0f} | {speedups[T]:.1f}x |")
+    T, target = RECURRENT_TARGET
+    if T in speedups:
+        verdict = "met" if speedups[T] >= target else "NOT met"
+        print(
+            f"target: chunked >= {target}x faster than recurrent at T={T}: {speedups[T]:.1f}x, {verdict}"
+        )
 
 
 # --- training -------------------------------------------------------------------------------

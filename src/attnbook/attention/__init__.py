@@ -13,6 +13,7 @@ from .base import Attention
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
 from .cross import CrossAttention, CrossCache, DecoderBlock, EncoderBlock
+from .deltanet import DeltaNet, GatedDeltaNet
 from .flash import flash_attention, merge_partial
 from .gqa import GroupedQueryAttention
 from .linear import LinearAttention
@@ -31,7 +32,9 @@ __all__ = [
     "CrossAttention",
     "CrossCache",
     "DecoderBlock",
+    "DeltaNet",
     "EncoderBlock",
+    "GatedDeltaNet",
     "GroupedQueryAttention",
     "Head",
     "LinearAttention",
