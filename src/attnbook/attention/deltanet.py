@@ -42,7 +42,8 @@ def delta_rule_recurrent(q, k, v, beta, g=None, state=None, delta=True):
         q, k: ``(B, H, T, d_k)`` queries (scaled as they should be read) and keys (unit length
             for the delta rule to be stable).
         v: ``(B, H, T, d_v)`` values.
-        beta: ``(B, H, T)`` write strengths in [0, 1].
+        beta: ``(B, H, T)`` write strengths: the layers' are in (0, 1); with unit keys any
+            ``β`` in [0, 2] keeps the state bounded (2 reflects it along ``k``).
         g: ``(B, H, T)`` log decays ``<= 0`` (``α_t = exp(g_t)``), or None for no decay.
         state: ``(B, H, d_k, d_v)`` the state before these tokens, or None for zeros.
         delta: False writes ``β_t k_t v_tᵀ`` (gated linear attention) instead of the error.
