@@ -141,10 +141,12 @@ def test_chunked_recurrent_weights_and_cached_by_chunks_agree(name, positions, u
     full = chunked(x)
     torch.testing.assert_close(recurrent(x), full, rtol=0, atol=1e-12)
     torch.testing.assert_close(chunked(x, need_weights=True)[0], full, rtol=0, atol=1e-12)
+    token_by_token = [(t, t + 1) for t in range(45)]
     for layer in (chunked, recurrent):
-        cache = layer.new_cache(2)
-        parts = [layer(x[:, a:b], cache=cache) for a, b in [(0, 19), (19, 20), (20, 21), (21, 45)]]
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
+        for bounds in ([(0, 19), (19, 20), (20, 21), (21, 45)], token_by_token):
+            cache = layer.new_cache(2)
+            parts = [layer(x[:, a:b], cache=cache) for a, b in bounds]
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
 
 
 def test_the_short_convolution_is_causal_and_reaches_conv_size_tokens_back():

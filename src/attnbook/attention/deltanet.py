@@ -217,7 +217,7 @@ class DeltaNetCache(Cache):
 
     def write_state(self, S: torch.Tensor) -> None:
         """Store the state ``(B, H, d_k, d_v)`` after the appended tokens."""
-        self.S = S.detach().to(self.S.dtype)
+        self.S = S.to(self.S.dtype)
 
     def reset(self) -> None:
         """Back to no tokens: a zero state and zero convolution inputs."""
