@@ -908,6 +908,40 @@ assert torch.allclose(lib_head(x_check), model9.eval()(x_check), atol=1e-5)
 print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1e-5)")
 
 # %% [markdown]
+# ## Summary
+#
+# - Causal single-head self-attention makes each output $y_t$ a softmax-weighted average of the
+#   values at positions $j \le t$. A plain loop over positions, `reference_attention`, is the slow
+#   reference, and four properties become tests: shape, weighted average (`value_ratio`),
+#   causality (`past_change`) and determinism in eval mode.
+# - The sketch was fixed one bug per version, `SketchV1` to `SketchV9`. The loud bugs crash: no
+#   `super().__init__()` (`AttributeError`), `W_query` without `self.` and `mask` instead of
+#   `self.tril` (`NameError`, both flagged by the linter), `torch.sqrt(..., dim=-1)`
+#   (`TypeError`), and `K.T` on a 3-D tensor (a deprecation warning in torch 2.13, then a shape
+#   error; for one sequence as long as `d_out` it runs, and an input of shape `(1, 4, 8)` gives an
+#   output of shape `(4, 4, 4)`).
+# - `return scores @ V` is silent: max|y| / max|V| = 1.2 at the toy input, and the input x10
+#   multiplies the output by 1000, the mark of a product of $Q$, $K$ and $V$. Returning
+#   `weights @ V` brings the ratio down to 0.24 (1.00 for the input x10).
+# - Masking with `1e-10` is silent too: a masked score of `1e-10` has $e^s$ = 1.00, right among
+#   the visible positions, so the future leaks (change in past outputs 0.33; row 0 of the weights
+#   reads 0.13 0.17 0.17 0.17 0.17 0.17). The causality test had passed before (0.0000) only
+#   because `scores @ V` hid the leak: re-run every test after every fix. With $-\infty$ the change
+#   is 0.0000 and the weights above the diagonal are all 0; a row with nothing visible then gives
+#   `tensor([nan, nan, nan])`, which a causal mask never produces but padding masks can (chapter 2).
+# - The functional `F.dropout` ignores `eval()`: its `training` argument defaults to `True`, so two
+#   eval calls of version 8 differed. With `nn.Dropout`, version 9's eval outputs are identical and
+#   equal to the dropout-0 model's, training calls still differ, and `SketchV9` equals the loop
+#   reference (atol 1e-5).
+# - `SelfAttention` drops the mask (past outputs move by 1.43: not causal, by design). The causal
+#   `Head` keeps a boolean `causal_mask` in a non-persistent buffer, which follows `.to()` (to
+#   `meta`, where a plain attribute stays on `cpu`), is not a parameter and stays out of
+#   `state_dict()`. Replacing tokens 3..5 leaves outputs 0..2 unchanged.
+# - Both classes match `attnbook.attention.SelfAttention` and `Head` (atol 1e-5), and the fixed
+#   sketch's weights load into `Head` by renaming. The chapter's checklist turns these bugs into
+#   quick checks for any attention code.
+
+# %% [markdown]
 # ## Further reading
 #
 # - Vaswani et al., *Attention Is All You Need* (NeurIPS 2017): scaled dot-product attention, the

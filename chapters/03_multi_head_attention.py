@@ -771,6 +771,41 @@ print("'mha' registered:", "mha" in available())
 print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (atol=1e-5)")
 
 # %% [markdown]
+# ## Summary
+#
+# - One head has one softmax per query, so it blends whatever it attends to into one average. Two
+#   hand-built heads on `abcabdac` keep two relations apart: head A finds the previous token (at
+#   t=6, `d`), head B the same token (its row for the last `a`, t=6, puts 0.33 on positions 0, 3
+#   and 6). One head scoring both blurs them; concatenating the heads keeps each answer in its own
+#   features.
+# - Version 1 is a `ModuleList` of causal `Head`s whose outputs are concatenated and mixed by a
+#   `proj` layer; changing the last token leaves every earlier output unchanged.
+# - Version 2 runs all heads at once: one fused `c_attn` (q | k | v, each cut into heads in order),
+#   `view` and `transpose(1, 2)` to `(B, n_head, T, head_dim)`, one attention call, and the merge
+#   back. After the transpose `n_head` and `head_dim` are no longer adjacent in memory (strides
+#   `(24, 4, 8, 1)`), so `view(B, T, d)` raises a `RuntimeError` until `.contiguous()` copies the
+#   tensor.
+# - Both versions compute one function: with version 1's weights copied into `c_attn` and `c_proj`,
+#   version 1 == version 2 and its `"reference"` kernel == its `"sdpa"` kernel; a version 2 with
+#   random biases == `torch.nn.MultiheadAttention` with the same weights in `in_proj` /
+#   `out_proj`; all at atol=1e-5.
+# - `nn.MultiheadAttention`'s boolean masks mean `True` = masked out, the opposite of attnbook's:
+#   handed our causal mask unchanged, each query looked only at later positions and the last row
+#   came out NaN. Invert it (`~causal_mask(T)`) or pass a float mask with `-inf` where masked.
+# - The layer has $4d^2 + 4d$ parameters whatever the number of heads: 4,224 at d = 32 with 1, 4
+#   or 32 heads, 2,362,368 at GPT-2 small's d = 768 (version 1, without q/k/v biases, has
+#   $4d^2 + d$). More heads means narrower heads, not more weights.
+# - Timed on this machine at B=8, T=1024, d=768, n_head=12 (forward only): the fused SDPA kernel
+#   was the fastest; the loop of heads and the batched reference, which stores the full
+#   `(B, n_head, T, T)` weights, were well behind it. `nn.MultiheadAttention` is as fast as the
+#   path it takes: in eval mode with a mask it formed the full weights and ran with the
+#   hand-written versions; in training mode with `is_causal=True` it ran the fused kernel, next to
+#   our fast path.
+# - `attnbook.attention.MultiHeadAttention`, built from an `AttentionConfig` or by name with
+#   `build_attention("mha", cfg)`, has the same `c_attn` / `c_proj` layout: our weights load into
+#   it, and both its kernels match versions 2 and 1 (atol=1e-5).
+
+# %% [markdown]
 # ## Further reading
 #
 # - Vaswani et al., *Attention Is All You Need* (2017), section 3.2.2: multi-head attention.

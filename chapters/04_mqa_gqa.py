@@ -112,7 +112,7 @@ n_embd_7b, mlp_hidden_7b, vocab_7b = n_head_7b * head_dim_7b, 11008, 32000
 variants_7b = {"MHA": 32, "GQA-8": 8, "MQA": 1}  # name -> number of key/value heads
 
 # Parameters of the MHA model: attention 4 d^2 and a SwiGLU MLP 3 d h per layer (three d x h
-# matrices: gate, up, down; see the GPT chapter, 13), no biases, plus input embeddings and an
+# matrices: gate, up, down; see chapter 17), no biases, plus input embeddings and an
 # untied output layer (norms are negligible and left out).
 params_7b = n_layer_7b * (4 * n_embd_7b**2 + 3 * n_embd_7b * mlp_hidden_7b)
 params_7b += 2 * vocab_7b * n_embd_7b
@@ -236,6 +236,78 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # PyTorch, Hugging Face and `attnbook` is that *consecutive* query heads form a group: query head
 # `h` reads key/value head `h // group`. With 8 query heads and 2 key/value heads, heads 0–3
 # read key/value head 0 and heads 4–7 read key/value head 1.
+#
+# The picture shows the three variants side by side, for 8 query heads. On top are the query
+# heads, below them the key/value heads, and an arrow runs from each query head to the
+# key/value head it reads. A colour marks a group: the query heads that share one key/value
+# head (the tinted band behind them) and the head they share. MHA is GQA with
+# `n_kv_head = n_head`, eight groups of one; GQA here has two groups of four; MQA is GQA with
+# `n_kv_head = 1`, one group of all eight. Look at the two rows separately. The top row is the
+# same in all three panels: every variant still asks 8 different questions. Only the bottom
+# row is cached (queries are used once and dropped, section 1), so the cache per token is
+# proportional to the number of boxes in it: `n_kv_head / n_head` of MHA's, written under
+# each panel.
+
+# %%
+from fractions import Fraction
+
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+
+def draw_sharing(ax, n_q, n_kv, name, label_rows=False):
+    """One panel: n_q query heads on top, n_kv key/value heads below, an arrow from query head h
+    to key/value head h // group, one colour per group."""
+    group = n_q // n_kv
+    bw, bh = 0.74, 0.55  # width and height of one head's box
+    for j in range(n_kv):
+        colour = plt.cm.tab10(j)
+        kv_x = j * group + (group - 1) / 2  # centred under its group
+        ax.add_patch(FancyBboxPatch((j * group - 0.46, 2.55), group - 0.08, 0.9,  # the group
+                                    boxstyle="round,pad=0,rounding_size=0.15", facecolor=colour,
+                                    alpha=0.25, edgecolor="none"))
+        ax.add_patch(FancyBboxPatch((kv_x - bw / 2, -bh / 2), bw, bh, boxstyle="round,pad=0.02",
+                                    facecolor=colour, edgecolor="black"))
+        ax.text(kv_x, 0, f"kv{j}", ha="center", va="center", fontsize=9, color="white",
+                fontweight="bold")
+        for i in range(group):  # query heads h = j * group + i all read key/value head j
+            h = j * group + i
+            ax.add_patch(FancyBboxPatch((h - bw / 2, 3 - bh / 2), bw, bh,
+                                        boxstyle="round,pad=0.02", facecolor="white",
+                                        edgecolor=colour, linewidth=2))
+            ax.text(h, 3, f"q{h}", ha="center", va="center", fontsize=9)
+            land = kv_x + (i - (group - 1) / 2) * bw / max(group, 2)  # spread over the box top
+            ax.add_patch(FancyArrowPatch((h, 3 - bh / 2 - 0.03), (land, bh / 2 + 0.03),
+                                         arrowstyle="-|>", mutation_scale=8, color=colour,
+                                         linewidth=1.3, shrinkA=0, shrinkB=0))
+    middle = (n_q - 1) / 2
+    ax.text(middle, -0.75, f"K/V cache per token: {Fraction(n_kv, n_q)} × MHA", ha="center",
+            va="top", fontsize=11, fontweight="bold")
+    ax.text(middle, -1.3, f"({n_kv} key + {n_kv} value vectors per layer)", ha="center",
+            va="top", fontsize=10, color="dimgray")
+    if label_rows:
+        ax.text(-0.6, 3, "query heads\n(not cached)", ha="right", va="center", fontsize=9)
+        ax.text(-0.6, 0, "key/value\nheads\n(cached)", ha="right", va="center", fontsize=9)
+    ax.set_title(f"{name}: {n_q} query heads, {n_kv} K/V head{'s' if n_kv > 1 else ''}")
+    ax.set_xlim(-0.6, n_q - 0.4)
+    ax.set_ylim(-1.8, 3.55)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+draw_sharing(axes[0], n_head, n_kv=8, name="MHA", label_rows=True)
+draw_sharing(axes[1], n_head, n_kv=2, name="GQA")
+draw_sharing(axes[2], n_head, n_kv=1, name="MQA")
+plt.show()
+
+# %% [markdown]
+# In the code, the arrows are the list `[h // group for h in range(n_head)]`, which the next
+# cell prints for the GQA panel. Each way of computing GQA below follows these arrows.
+# `repeat_interleave(group, dim=1)`, way (a), turns the GQA panel into an MHA panel by copying:
+# it writes `kv0` into slots 0–3 and `kv1` into slots 4–7, one copy per arrow, so that ordinary
+# multi-head attention can pair slot `h` with query head `h`. `F.scaled_dot_product_attention`
+# with `enable_gqa=True`, way (d), follows the same arrows and, in the right kernel, makes no
+# copy. Either way, the cache holds only the bottom row.
 
 # %%
 n_kv_head = 2
@@ -322,46 +394,13 @@ print("bytes of k:", k.nbytes, "  bytes of k_rep (a copy per query head):", k_re
 # `Tensor.repeat` tiles the whole head dimension, `kv0, kv1, kv0, kv1, …`, so query head `h`
 # would read key/value head `h % n_kv_head`. Both are "GQA", but they are different models:
 # weights trained under one convention give wrong outputs under the other (exercise 2). We can
-# see the two mappings by feeding in key heads that hold their own index:
+# see the two mappings by feeding in key heads that hold their own index (the first is the
+# GQA panel of the picture above):
 
 # %%
 labels = torch.arange(n_kv_head).view(1, n_kv_head, 1, 1)  # kv head j holds the number j
 print("repeat_interleave (h // group):", labels.repeat_interleave(group, dim=1).flatten().tolist())
 print("repeat            (h % n_kv):  ", labels.repeat(1, group, 1, 1).flatten().tolist())
-
-# %% [markdown]
-# The three variants side by side, for 8 query heads: each line joins a query head to the
-# key/value head it reads. MHA is GQA with `n_kv_head = n_head` (groups of one), MQA is GQA with
-# `n_kv_head = 1` (one group of everything).
-
-# %%
-def draw_mapping(ax, n_q, n_kv, title):
-    """Query heads on top, key/value heads below, a line from each query head to its kv head."""
-    g = n_q // n_kv
-    kv_x = [(j * g + (j + 1) * g - 1) / 2 for j in range(n_kv)]  # centre of each group
-    for h in range(n_q):
-        j = h // g
-        colour = plt.cm.tab10(j % 10)
-        ax.plot([h, kv_x[j]], [1, 0], color=colour, linewidth=1.5, zorder=1)
-        ax.scatter(h, 1, s=260, color=colour, edgecolor="black", zorder=2)
-        ax.text(h, 1.13, f"q{h}", ha="center", va="bottom", fontsize=9)
-    for j in range(n_kv):
-        ax.scatter(kv_x[j], 0, s=420, marker="s", color=plt.cm.tab10(j % 10), edgecolor="black",
-                   zorder=2)
-        ax.text(kv_x[j], -0.17, f"kv{j}", ha="center", va="top", fontsize=9)
-    ax.set_xlim(-0.7, n_q - 0.3)
-    ax.set_ylim(-0.45, 1.4)
-    ax.set_title(title)
-    ax.axis("off")
-
-
-fig, axes = plt.subplots(1, 3, figsize=(13, 2.8))
-draw_mapping(axes[0], 8, 8, "MHA: 8 query heads, 8 KV heads")
-draw_mapping(axes[1], 8, 2, "GQA: 8 query heads, 2 KV heads")
-draw_mapping(axes[2], 8, 1, "MQA: 8 query heads, 1 KV head")
-fig.text(0.5, 0.01, "circles: query heads (top); squares: key/value heads, i.e. what is cached "
-         "(bottom); query head h reads kv head h // (n_head // n_kv_head)", ha="center")
-plt.show()
 
 # %% [markdown]
 # ## 4. A GQA layer
@@ -766,7 +805,7 @@ assert all(min(right_after[n]) > 10 * mha_loss for n in (4, 2, 1))  # sharing br
 
 # %% [markdown]
 # The trained model does not survive the conversion unharmed. With groups of two heads
-# (`n_kv_head = 4`), the mean-pooled model still gets about 70% of the answers right and the
+# (`n_kv_head = 4`), the mean-pooled model still gets about three quarters of the answers right and the
 # first-head model under half. With groups of four (`n_kv_head = 2`) or one group of
 # eight (MQA), both lose nearly everything: the loss lands around or above uniform guessing,
 # $\ln 8 \approx 2.08$, because the model still answers confidently, but often with the wrong
@@ -822,8 +861,9 @@ assert scratch_loss > 1.0  # from scratch, 100 steps is not even past the platea
 # context, let alone which goes with which key.
 #
 # The random-K/V control tells us where the converted model's head start comes from. It keeps
-# every trained weight except the key and value rows, yet after the same 100 steps it is barely
-# better off than the model trained from scratch (in the six seeds, losses from 1.06 to 1.54).
+# every trained weight except the key and value rows, yet after the same 100 steps it is hardly
+# better off than the model trained from scratch (about the same loss in this run; in six
+# earlier seeds, losses from 1.06 to 1.54).
 # The trained queries, output projection, MLPs and embeddings are not enough on their own. So
 # the short further training does not teach the converted model the task: the pooled key and
 # value rows carry what the trained ones knew, the conversion keeps it together with the rest
@@ -915,6 +955,34 @@ assert isinstance(gqa_module, GroupedQueryAttention)
 assert torch.allclose(gqa_module(x), gqa_mean.blocks[1].attn(x), atol=1e-5)
 print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our GQA "
       "(both impls each side), and the converted layer agrees: OK (atol=1e-5)")
+
+# %% [markdown]
+# ## Summary
+#
+# - Generation caches the keys and values of every token, `2 · n_layer · n_kv_head · head_dim ·
+#   bytes per element` per token; the number of query heads does not enter. For the 7B-style
+#   model in fp16 that is 512 KiB per token with MHA, 128 with GQA-8 and 16 with MQA, and
+#   8 x 4k tokens of MHA cache take 16.000 GiB, more than the 12.6 GiB of weights.
+# - MQA and GQA change only the key/value part of the fused projection: `c_attn` shrinks from
+#   MHA's (192, 64) to (96, 64) with 2 key/value heads and (80, 64) with one, and query head `h`
+#   reads key/value head `h // group`.
+# - We shared the key/value heads four ways, `repeat_interleave`, a 5-D broadcast, queries
+#   folded into a longer sequence, and `F.scaled_dot_product_attention(..., enable_gqa=True)`,
+#   all with the same output. The first two copy K and V for every call (`k_rep`: 3072 bytes for
+#   768 bytes of `k`), and `repeat` in place of `repeat_interleave` gives a different model.
+# - Our `GQA` layer, with `impl="repeat"` or `"sdpa"`, is causal, has 16,640, 10,400 and 9,360
+#   parameters with 8, 2 and 1 key/value heads, and computes the same as `attnbook`'s
+#   `MultiHeadAttention`, `GroupedQueryAttention` and `MultiQueryAttention`.
+# - Measured from real `KVCache` tensors, the cache equals the formula for every `n_kv_head`
+#   from 32 down to 1 (512 down to 16 KiB per token in the 7B-style shape).
+# - A two-layer MHA model that solved associative recall (after 375 steps in this run) does not
+#   survive conversion to 2 key/value heads unharmed: right after it, the mean-pooled model's
+#   loss is 2.592 and the first-head one's 2.961. After 100 more steps the mean-pooled model is
+#   at 0.008 (100.0% accuracy) and the first-head one at 0.026, while the model with random
+#   key/value rows (1.566) and the GQA model trained from scratch (1.560) have barely started.
+# - The random-K/V control shows where the converted model's head start comes from: the trained
+#   key and value rows carry what the model knows, the pooled rows keep it, and so a converted
+#   model needs a short uptraining rather than a full training.
 
 # %% [markdown]
 # ## Further reading

@@ -679,6 +679,45 @@ assert torch.equal(ours_ids, package_ids) and package.decode(package_ids.tolist(
 print(f"notebook BPE == minbpe.BasicTokenizer: 60 merges, {len(package_ids)} ids identical (exact)")
 
 # %% [markdown]
+# ## Summary
+#
+# - A character vocabulary fits one file (TinyShakespeare has 65 distinct characters) and has no id
+#   for the first emoji. A byte-level tokenizer starts from the 256 byte values and never meets an
+#   unknown symbol (👋🏽 is the bytes `f0 9f 91 8b f0 9f 8f bd`); bytes cut inside a character
+#   decode with `errors="replace"` to `'�'` instead of raising `UnicodeDecodeError`.
+# - BPE by hand on `aaabdaaabac`: count adjacent pairs (overlapping, so `aa` 4 times), merge the
+#   most frequent one into the next id, break ties by the smallest pair. `aa` → Z, `ab` → Y,
+#   `ZY` → X give `XdXac`, `[258, 100, 258, 97, 99]`. Encoding replays the merges in the order
+#   learned, decoding joins their bytes, and `minbpe.BasicTokenizer` learns the same merges.
+# - Naive training recounts every pair after every merge, a full pass over the text per merge;
+#   `minbpe`'s trainer updates only the counts a merge changes (linked symbols, an index of
+#   positions, a heap) and learns the same merges. On this machine it did 768 merges on 1.1 MB in
+#   seconds, where the naive loop's estimate ran to minutes. The notebook's loop and `encode` agree
+#   exactly with `BasicTokenizer`: 60 merges, 3309 ids identical.
+# - Without pre-splitting, BPE glues words, punctuation and speaker names together
+#   (`.\n\nKING RICHARD I`, `DUKE VINCENTIO:\n`): 337 of 768 merged tokens cross a chunk boundary.
+#   GPT-2's regex cuts the text into 297,833 chunks (15,057 distinct) and never merges across
+#   them: 0 of 768 cross, the tokens are word pieces and names (`CORIOLANUS`, ` daughter`), at
+#   2.415 instead of 2.536 bytes per token on a 100 KB slice. GPT-4's pattern keeps `:\n`
+#   together and cuts `12345` into `123` and `45`.
+# - A special token such as `<|endoftext|>` is one id outside the learned vocabulary (1024 here;
+#   vocab_size and n_vocab 1025). Like `tiktoken`, `encode` raises a `ValueError` unless
+#   `allowed_special` says which special tokens to expect (`"all"` gives the id, `"none"` encodes
+#   ordinary text).
+# - GPT-2's tokenizer, rebuilt from `vocab.bpe` and `encoder.json` (printable stand-ins for bytes,
+#   `Ġ` for a space and `Ċ` for a newline, and its own byte order: `A`, space and `!` are 32, 220
+#   and 0), has 50,000 merges and vocab_size 50,257. On a test string plus all of TinyShakespeare
+#   it gives 338,072 tokens identical to `tiktoken`'s `gpt2` and decodes back to the text; on this
+#   machine our pure-Python encoder was slower than `tiktoken`.
+# - Each doubling of the vocabulary gains less: 1.000 bytes per token at 256, 1.939 at 512, 2.426
+#   at 1024, 2.871 at 2048, 3.242 at 4096; GPT-2's 50,257 tokens, learned on web text, reach only
+#   3.300 on this play.
+# - For a GPT of width 384, BPE 1024 shortens the corpus from 1,115,394 tokens (characters) to
+#   459,792 and fits 621 characters in a context instead of 256. GPT-2's tokens cost an embedding
+#   table of 19,298,688 parameters (six transformer blocks hold 10,616,832), and on this text it
+#   uses only 11,706 of its ids, 8,947 of them seen fewer than 10 times.
+
+# %% [markdown]
 # ## Further reading
 #
 # - Sennrich, Haddow and Birch, *Neural Machine Translation of Rare Words with Subword Units* (ACL

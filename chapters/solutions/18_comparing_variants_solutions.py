@@ -54,6 +54,7 @@ runs = Path(workdir.name)
 cfg = CompareConfig(
     workload="recall", n_layer=2, n_head=4, n_embd=64, block_size=32, max_iters=200,
     batch_size=12, eval_batches=2, out_dir=str(runs / "compare"),
+    variants=("gqa", "linear", "local", "mha", "mla", "mqa", "sparse"),  # the seven compared
 )
 segment_lengths = (3, 6, 9, 12)
 copy_tasks = [build_task("copy", vocab_size=64, seq_len=32, segment_len=s)
