@@ -286,6 +286,140 @@ for m, n in [(3, 1), (10, 8), (52, 50), (1, 3), (8, 10)]:
 # product is a sum over pairs, each pair's term depends only on $m - n$, so the whole score
 # does.
 #
+# The picture below draws this for a head of 8 coordinates (4 pairs), with a query at position
+# $m = 5$ and a key at position $n = 2$. It is drawn by code: arrows, arcs and boxes, no data.
+# Each disc is the plane of one pair. The query's two coordinates of pair $i$ are a point in
+# it, drawn as the blue arrow $q_m$, and the key's as the red arrow $k_n$. We chose them
+# pointing the same way at position 0 (the dotted line), with different lengths. RoPE turns the
+# query's arrow by $m\theta_i$ and the key's by $n\theta_i$, so the black arc between them is
+# $(m - n)\theta_i$. What to look at:
+#
+# - **The speed drops from panel to panel.** With `head_dim = 8`, $\theta_i = 10000^{-2i/8}$
+#   is 1, 0.1, 0.01 and 0.001 radians per position. Three positions apart, pair 0's arrows
+#   point almost opposite ways (3 rad, about 172°), pair 1's are 17° apart, and the two slow
+#   pairs have hardly moved: they need offsets in the hundreds or thousands to turn as far.
+#   This is the sinusoidal table's ladder of clocks again: fast pairs tell neighbours apart,
+#   slow pairs distant regions.
+# - **Only the arc reaches the score.** Pair $i$ adds the dot product of its two arrows, their
+#   lengths times the cosine of the angle between them, $|q^{(i)}|\,|k^{(i)}|\cos(\varphi_i +
+#   (m-n)\theta_i)$, where $\varphi_i$ is the angle the two pairs already make at position 0
+#   (0 in the drawing). Move both tokens on by the same number of positions and both arrows
+#   turn by the same extra angle: the arc, and the score, stay as they are. What is left is the
+#   content (the lengths and $\varphi_i$) and the offset $m - n$.
+# - **The boxes at the bottom: which coordinates form a pair.** The same 8 coordinates,
+#   coloured by the pair, and so the panel, they belong to. The RoFormer paper, and GPT-J,
+#   pair neighbours: $(0, 1), (2, 3), \dots$, pair $i = (2i, 2i+1)$. GPT-NeoX and Hugging
+#   Face's LLaMA pair coordinate $i$ with $i + \text{head\_dim}/2$, here $i + 4$. Either way
+#   every pair turns by its own $\theta_i$; only the choice of coordinates differs, and
+#   section 3.4 shows that this makes them different functions of the same vector.
+
+# %%
+from matplotlib.patches import Arc, Circle, FancyArrowPatch, FancyBboxPatch
+
+Q_COL, K_COL = "tab:blue", "tab:red"  # the query's and the key's arrows
+PAIR_COLS = ["#8dd3c7", "#fdb462", "#bebada", "#fccde5"]  # one fill colour per pair i = 0..3
+
+
+def box(ax, x, y, text, color, w=0.62, h=0.5):
+    """A rounded box of size (w, h) centred at (x, y), with centred text."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.03",
+                                facecolor=color, edgecolor="black", lw=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=10)
+
+
+def arrow(ax, start, end, color, lw=2):
+    """An arrow from start to end."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, lw=lw,
+                                 color=color, shrinkA=0, shrinkB=0))
+
+
+def rotation_panel(ax, cx, i, theta_i, m, n, y=0.0, r=1.0):
+    """Pair i as a plane: the query's pair at position m turned by m*theta_i, the key's pair at
+    position n turned by n*theta_i, and the angle between them, (m - n)*theta_i. Both pairs
+    start (position 0) along the dotted line; their lengths stand for their content."""
+    ax.add_patch(Circle((cx, y), r, facecolor=PAIR_COLS[i], alpha=0.35, edgecolor="grey"))
+    ax.plot([cx, cx + r], [y, y], color="grey", ls=":", lw=1)  # where position 0 points
+    a_q, a_k = m * theta_i, n * theta_i  # radians, counter-clockwise from position 0
+    q_tip = (cx + r * math.cos(a_q), y + r * math.sin(a_q))
+    k_tip = (cx + 0.7 * r * math.cos(a_k), y + 0.7 * r * math.sin(a_k))
+    arrow(ax, (cx, y), q_tip, Q_COL)
+    arrow(ax, (cx, y), k_tip, K_COL)
+    # labels: q's beyond its tip, k's beside its tip on the side away from q (clockwise)
+    ax.text(cx + 1.2 * r * math.cos(a_q), y + 1.2 * r * math.sin(a_q), r"$q_m$", color=Q_COL,
+            ha="center", va="center", fontsize=12)
+    ax.text(k_tip[0] + 0.22 * math.sin(a_k), k_tip[1] - 0.22 * math.cos(a_k), r"$k_n$",
+            color=K_COL, ha="center", va="center", fontsize=12)
+    ax.add_patch(Arc((cx, y), 0.5 * r, 0.5 * r, theta1=math.degrees(a_k),
+                     theta2=math.degrees(a_q), lw=2, color="black"))
+    if a_q - a_k > 0.5:  # room for a label beside the arc
+        mid = (a_q + a_k) / 2
+        ax.text(cx + 0.45 * r * math.cos(mid), y + 0.45 * r * math.sin(mid),
+                rf"$(m-n)\theta_{i}$", ha="right" if math.cos(mid) < 0 else "left",
+                va="center", fontsize=11)
+    ax.text(cx, y + r + 0.3, rf"pair {i}:  $\theta_{i} = {theta_i:g}$", ha="center",
+            fontsize=12)
+    ax.text(cx, y - r - 0.3, rf"$m\theta_{i} = {a_q:.3g}$,  $n\theta_{i} = {a_k:.3g}$",
+            ha="center", va="top", fontsize=10)
+    ax.text(cx, y - r - 0.7, rf"$(m-n)\theta_{i} = {a_q - a_k:.3g}$ rad "
+            rf"$\approx {math.degrees(a_q - a_k):.3g}°$", ha="center", va="top", fontsize=10)
+
+
+def pairing_row(ax, y, pair_of, title, code, x0=3.4, step=0.85):
+    """The 8 coordinates of one head as boxes, coloured by the pair they belong to
+    (pair_of[j] is coordinate j's pair), the two coordinates of each pair joined by an arc."""
+    for j, i in enumerate(pair_of):
+        box(ax, x0 + j * step, y, str(j), PAIR_COLS[i])
+    for i in range(len(pair_of) // 2):
+        a, b = [x0 + j * step for j, p in enumerate(pair_of) if p == i]  # the pair's two boxes
+        ax.add_patch(FancyArrowPatch((a, y + 0.3), (b, y + 0.3), arrowstyle="-",
+                                     connectionstyle="arc3,rad=-0.4", color="black", lw=1.2))
+    ax.text(x0 - 0.6, y, title, ha="right", va="center", fontsize=11)
+    ax.text(x0 + 3.5 * step, y - 0.4, code, ha="center", va="top", fontsize=10,
+            family="monospace")
+
+
+m_fig, n_fig, hd_fig = 5, 2, 8  # query position, key position, head_dim
+theta_fig = 10000.0 ** (-torch.arange(0, hd_fig, 2, dtype=torch.float64) / hd_fig)  # (hd/2,)
+
+fig, ax = plt.subplots(figsize=(12, 8.3))
+fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
+ax.set(xlim=(-1.4, 10.6), ylim=(-7.7, 2.5), aspect="equal")
+ax.axis("off")
+ax.text(4.6, 2.1, rf"a query at position $m = {m_fig}$, a key at position $n = {n_fig}$, "
+        rf"head_dim = {hd_fig}: {hd_fig // 2} pairs, pair $i$ turning by $\theta_i$ "
+        "rad per position", ha="center", fontsize=12)
+for i, theta_i in enumerate(theta_fig.tolist()):  # pair i turns by theta_i per position
+    rotation_panel(ax, 3.1 * i, i, theta_i, m_fig, n_fig)
+arrow(ax, (0.4, -2.35), (8.9, -2.35), "grey", lw=1.2)
+ax.text(0.2, -2.35, "fast", ha="right", va="center", fontsize=10, color="dimgrey")
+ax.text(9.1, -2.35, "slow", ha="left", va="center", fontsize=10, color="dimgrey")
+ax.text(4.6, -2.6, r"each pair adds $|q^{(i)}|\,|k^{(i)}|\,\cos(\varphi_i + (m-n)\theta_i)$ "
+        r"to the score: content (lengths, and the angle $\varphi_i$ between the pairs "
+        r"before turning, 0 here)" "\nand the offset $m - n$, never $m$ or $n$ alone",
+        ha="center", va="top", fontsize=10.5)
+
+ax.text(4.6, -3.75, r"which coordinates form pair $i$ (colours as above), in a head of 8 "
+        "coordinates x[..., 0] … x[..., 7]", ha="center", va="center", fontsize=11)
+pairing_row(ax, -4.75, [0, 0, 1, 1, 2, 2, 3, 3],
+            "interleaved (RoFormer, GPT-J)\n" r"pair $i$ = $(2i,\ 2i+1)$",
+            "rope_interleaved: a, b = x[..., 0::2], x[..., 1::2]")
+pairing_row(ax, -6.75, [0, 1, 2, 3, 0, 1, 2, 3],
+            "half-split (GPT-NeoX, HF LLaMA)\n" r"pair $i$ = $(i,\ i + 4)$",
+            "rotate_half (in rope_half): x1, x2 = x.chunk(2, dim=-1)")
+plt.show()
+
+# %% [markdown]
+# In code, a panel is a column and a row of boxes is an indexing pattern. The angle tables
+# computed next have one row per position and one column per pair: column $i$ holds
+# $\cos(p\theta_i)$ and $\sin(p\theta_i)$, the turn of panel $i$ at position $p$ (the arrows
+# above use rows 5 and 2 of such tables for `head_dim = 8`). `rope_interleaved` below takes the
+# pairs of the top row of boxes with `x[..., 0::2]` and `x[..., 1::2]`. Section 3.4's
+# `rope_half` takes those of the bottom row: `rotate_half` splits the vector into its two
+# halves with `x.chunk(2, dim=-1)`, and the angles are repeated, `torch.cat([cos, cos],
+# dim=-1)`, so that coordinates $i$ and $i + \text{head\_dim}/2$ turn by the same angle. The
+# code uses `head_dim = 16`: eight pairs in the same two patterns, with speeds that fall by
+# $\sqrt{10} \approx 3.16$ from one pair to the next instead of 10.
+#
 # First the angles. For positions $p$ and pairs $i$, we need $\cos(p\theta_i)$ and
 # $\sin(p\theta_i)$, two `(T, head_dim/2)` tables.
 
@@ -867,7 +1001,7 @@ plt.show()
 #   those positions, but the model never saw them during training; whatever it learned about
 #   "the previous position" was learned for the first 32 rows of the table.
 # - **RoPE** solves the task at length 32, holds for a few positions beyond it, then degrades
-#   steadily. Its mean on positions 32..63 (about 0.54) is above the sinusoidal model's only
+#   steadily. Its mean on positions 32..63 (about 0.56) is above the sinusoidal model's only
 #   thanks to those first few positions: by the end of the sequence it has fallen below it.
 #   That may be surprising: its scores depend only on offsets, so a head that looks one token
 #   back should work at any position. The next cell finds the culprit.
@@ -883,7 +1017,7 @@ plt.show()
 #   regular as these (every Fibonacci sequence mod 16 repeats with a period dividing 24). It is
 #   clearly worse than every position scheme at length 32.
 # - Beyond the training length, however, **no positions beat both sinusoidal and RoPE** (a mean
-#   of about 0.69 on positions 32..63, against 0.44 and 0.54). Not because it found a better
+#   of about 0.69 on positions 32..63, against 0.44 and 0.56). Not because it found a better
 #   solution, but because it has nothing position-specific to break: no table rows it never
 #   trained, no rotation angles it never saw. It still loses some accuracy (from about 0.80),
 #   probably because the one weak order signal it has, how spread out the attention is,
@@ -1027,7 +1161,7 @@ print("MultiHeadAttention, RoPE (half, interleaved) and ALiBi (6 heads) == our c
 # - ALiBi adds $-m_h \cdot$ distance to the scores with fixed geometric slopes per head (the
 #   paper's rule fills in non-powers of two).
 # - Trained at 32 and tested at 64 on a local task, the mean accuracies on positions 32..63
-#   were: ALiBi about 0.98 (it held up), no positions 0.69, RoPE 0.54 and sinusoidal 0.44;
+#   were: ALiBi about 0.97 (it held up), no positions 0.69, RoPE 0.56 and sinusoidal 0.44;
 #   learned positions could not run at all. RoPE's loss came from offsets it had never seen
 #   (it recovered when they were hidden), the sinusoidal model's from positions it had never
 #   seen.

@@ -244,6 +244,151 @@ for key in ("tokens", "scores"):
 # the new query attends over all keys. The cache also knows its `length`: the number of cached
 # positions, which is the position of the next token to arrive.
 #
+# Before we write one, here is the whole life of a cache in one picture, drawn by code (cells
+# and arrows, no data): one layer, a prompt of 5 tokens, then the first three decoding steps.
+# Time runs downwards; each band is one call of the model.
+
+# %%
+from matplotlib.patches import FancyArrowPatch, Rectangle
+
+NEW, CACHED, SCORE, MASKED = "#fdbf6f", "#a6cee3", "#b2df8a", "#e6e6e6"  # fill of each role
+PROMPT, N_DECODE, MAX_LEN = 5, 3, 8  # prompt tokens, decoding steps drawn, cache slots drawn
+X_Q, X_K, X_NOTE = 4.5, 6.0, 14.4  # left edge of the query boxes, of slot 0, of the shape notes
+ROW = 0.8  # height of one row: the K or V cache, or one query's scores
+
+
+def cell(ax, x, y, text="", color="white", dashed=False, bold=False):
+    """A 1 × ROW cell (a cache slot, a query, a score) with its lower-left corner at (x, y)."""
+    ax.add_patch(Rectangle((x, y), 1, ROW, facecolor=color, lw=1.6 if bold else 0.8,
+                           edgecolor="grey" if dashed else "black",
+                           linestyle="--" if dashed else "-"))
+    ax.text(x + 0.5, y + ROW / 2, text, ha="center", va="center", fontsize=11)
+
+
+def arrow(ax, start, end, color="black", lw=1.1, **kw):
+    """An arrow from point start to point end."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, lw=lw,
+                                 color=color, shrinkA=2, shrinkB=2, **kw))
+
+
+def cache_rows(ax, y, start, T):
+    """K and V after this step's append, (B, n_kv_head, T_cached, head_dim) each, drawn along
+    T_cached = start + T only: one slot is one position, a (B, n_kv_head, head_dim) slice."""
+    for r, name in enumerate("kv"):
+        row_y = y - r * ROW
+        ax.text(X_K - 0.15, row_y + ROW / 2, f"{name.upper()} cache", ha="right", va="center",
+                fontsize=10)
+        for j in range(MAX_LEN):
+            if j < start:  # computed at an earlier step, read from the cache now
+                cell(ax, X_K + j, row_y, rf"${name}_{j}$", CACHED)
+            elif j < start + T:  # computed at this step and appended
+                cell(ax, X_K + j, row_y, rf"${name}_{j}$", NEW, bold=True)
+            else:  # not written yet
+                cell(ax, X_K + j, row_y, dashed=True)
+
+
+def score_rows(ax, y, start, T):
+    """The (T, start + T) strip of the causal score matrix (per batch row and head): query i
+    sits at position start + i and may see keys 0 .. start + i."""
+    for i in range(T):
+        row_y, pos = y - i * ROW, start + i
+        cell(ax, X_Q, row_y, rf"$q_{pos}$", NEW, bold=True)
+        arrow(ax, (X_Q + 1, row_y + ROW / 2), (X_K, row_y + ROW / 2), color="grey")
+        for j in range(start + T):  # one score per cached key; keys after pos are masked
+            cell(ax, X_K + j, row_y, color=SCORE if j <= pos else MASKED)
+
+
+def draw_step(ax, y, start, T, title, notes):
+    """One call of the model: T new tokens on top of `start` cached positions, the top of its
+    K row at y. Writes `notes` (the shapes) beside it; returns the y of its last query row."""
+    ax.text(0.9, y + ROW, title, ha="left", va="top", fontsize=10.5, linespacing=1.5)
+    cache_rows(ax, y, start, T)
+    score_rows(ax, y - 2 * ROW - 0.25, start, T)
+    for i, line in enumerate(notes):
+        ax.text(X_NOTE, y + ROW / 2 - i * 0.45, line, ha="left", va="center", fontsize=9,
+                family="monospace")
+    return y - (T + 1) * ROW - 0.25
+
+
+fig, ax = plt.subplots(figsize=(13, 10.5))
+fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
+ax.set(xlim=(0, 24), ylim=(1.3, 22.4))
+ax.axis("off")
+
+y_top = 20.0  # top of the prefill's K row
+for j in range(MAX_LEN):  # column headers: the position of each key
+    ax.text(X_K + j + 0.5, y_top + ROW + 0.35, str(j), ha="center", va="center", fontsize=10)
+ax.text(X_K + MAX_LEN / 2, y_top + ROW + 0.95, "position in the sequence = cache slot = key",
+        ha="center", va="center", fontsize=10)
+
+# Step 0, the prefill: the whole prompt at once into an empty cache.
+last_q = draw_step(ax, y_top, 0, PROMPT, "step 0: prefill\nfeed the prompt: $T = 5$\nstart = 0",
+                   ["computed: q          (B, n_head,    5, head_dim)",
+                    "          k, v       (B, n_kv_head, 5, head_dim)",
+                    "read from the cache: nothing (it is empty)",
+                    "append returns k, v  (B, n_kv_head, T_cached=5, head_dim)",
+                    "scores (B, n_head, 5, 5), causal_mask(5, 5):",
+                    "a triangle, keys after the query masked"])
+
+# Steps 1..3, decoding: one token each, the one just predicted.
+for s in range(1, N_DECODE + 1):
+    n_cached = PROMPT + s - 1  # cache.length before this step
+    y_top = last_q - 1.9  # leave room for the red next-token arrow
+    ax.text(X_Q + 0.55, y_top + ROW + 0.5, f"token {n_cached} = argmax of the logits at "
+            f"position {n_cached - 1}, fed next", color="C3", fontsize=9, va="center")
+    arrow(ax, (X_Q, last_q + ROW / 2), (X_Q, y_top - 2 * ROW - 0.25 + ROW / 2), color="C3",
+          connectionstyle="arc3,rad=0.5")
+    last_q = draw_step(ax, y_top, n_cached, 1,
+                       f"step {s}: decode\nfeed 1 token: $T = 1$\nstart = {n_cached}",
+                       ["computed: q          (B, n_head,    1, head_dim)",
+                        "          k, v       (B, n_kv_head, 1, head_dim)",
+                        f"read from the cache: k, v of positions 0..{n_cached - 1}",
+                        f"append returns k, v  (B, n_kv_head, T_cached={n_cached + 1}, head_dim)",
+                        f"scores (B, n_head, 1, {n_cached + 1}): one full row, no mask"])
+
+arrow(ax, (0.45, 21.2), (0.45, last_q), lw=1.5)  # the time axis, top to bottom
+ax.text(0.2, 21.0, "time", rotation=90, ha="center", va="top", fontsize=10)
+
+legend = [(NEW, False, "computed at this step"), (CACHED, False, "read from the cache"),
+          ("white", True, "free slot"), (SCORE, False, r"score $q_i \cdot k_j$ computed"),
+          (MASKED, False, r"masked: key after the query ($j > i$)")]
+for x, (color, dashed, label) in zip((1.0, 5.4, 9.6, 12.6, 17.2), legend, strict=True):
+    ax.add_patch(Rectangle((x, 1.6), 0.6, 0.45, facecolor=color, lw=0.8,
+                           edgecolor="grey" if dashed else "black",
+                           linestyle="--" if dashed else "-"))
+    ax.text(x + 0.8, 1.82, label, va="center", fontsize=10)
+plt.show()
+
+
+# %% [markdown]
+# What to look at:
+#
+# - **Two kinds of step.** Step 0, the **prefill**, feeds the whole prompt at once: its 5
+#   queries, keys and values are all computed (orange), and nothing is read, since the cache is
+#   empty. Every later step is a **decoding step**: it feeds the one token just predicted from
+#   the logits at the last position (the red arrows), computes one query, one key and one value
+#   (orange), and *reads* the keys and values of every earlier position from the cache (blue)
+#   instead of computing them again.
+# - **The cache rows.** K and V are `(B, n_kv_head, T_cached, head_dim)` tensors; the drawing
+#   shows only their time axis, one slot per position. `T_cached` grows 5, 6, 7, 8: each step
+#   appends its new positions at the end, and `start`, the cache's `length` before the step, is
+#   the position of the first token it feeds. The dashed slots are not written yet: a growing
+#   cache does not have them, a preallocated one (section 4) reserves them in advance.
+# - **The score strips.** Under each cache, one row per query and one column per key: the
+#   scores that step computes. The prefill fills a $5 \times 5$ causal triangle. A decoding
+#   step fills one full row: its query is the newest position, so it may see every cached key
+#   and needs no mask. In general a call with `T` new tokens on `start` cached ones fills a
+#   `(T, start + T)` strip whose triangle sits in the **bottom-right** corner: that is the mask
+#   this section is named after. Stack the strips and you get the $8 \times 8$ causal matrix of
+#   one forward pass over positions 0..7. If generation stops after step 3, whose prediction
+#   (token 8) is never fed back, that is one pass over the final sequence minus its last token:
+#   §2's count, drawn.
+#
+# In the code below, `HandAttention.forward` is one band: `layer.project(x)` computes the
+# orange `q`, `k` and `v` of the tokens fed, `cache.append(k, v)` writes the orange slots and
+# returns all of K and V (blue and orange), and `causal_mask(T, k.shape[2])` is the strip.
+# `generate`, further down, makes the calls: the whole prompt first, then one token per step.
+#
 # Version 1 appends with `torch.cat`:
 
 # %%
@@ -346,7 +491,7 @@ print("causal_mask(1, 12), what a cache needs:      ", causal_mask(1, 12).int().
 # A mistake like this does not crash. In a whole model it just produces different text, as
 # generating with the hand-written layers in place of the model's own shows. We deep-copy the
 # model, wrap each block's attention, and give each layer a `CatCache`. The generation loop now
-# feeds the whole prompt on the first step (the **prefill**: it fills the caches with the
+# feeds the whole prompt on the first step (the prefill: it fills the caches with the
 # prompt's keys and values) and only the newest token on every later step. The last generated
 # token is never fed back, so the caches end up holding `P + N - 1` positions.
 

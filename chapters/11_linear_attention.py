@@ -193,6 +193,135 @@ for T_ in (64, 256, 1024, 4096, 16384):
     print(f"{T_:>6} {flops_left:>14,} {flops_right:>12,} {flops_left / flops_right:>7.0f}")
 
 # %% [markdown]
+# The same two orders as a picture, drawn by code (no data): every matrix is a rectangle with
+# one square per number, to scale, for $T = 12$ tokens, features of size $d = 4$ and values of
+# size $d_v = 3$. The intermediate product of each order is orange; $Y$ (green) is the
+# numerator of every output, the same in both rows (the normaliser, not drawn, follows the same
+# two orders with a column of ones in place of $V$). Each arrow carries the FLOPs of its
+# product, the terms of the table above, and the line under each row adds them up. What to
+# look at:
+#
+# - **Top row, the left order** — the cell above's `A = PhiQ @ PhiK.T`, then `A @ V`. The first
+#   product makes the orange $(T, T)$ matrix $A$: one number per (query, key) pair, so it grows
+#   with the square of the sequence, and the second product has to read all of it.
+# - **Middle row, the right order** — `S_all = PhiK.T @ V`, then `PhiQ @ S_all`. The first
+#   product squeezes all keys and values into the orange $(d, d_v)$ matrix $S$, whose size does
+#   not depend on $T$; then every query reads it. Same inputs, same $Y$, but 576 FLOPs instead
+#   of 2,016 even at this tiny $T$, and the gap grows in proportion to $T$ (the ratio column
+#   printed above).
+# - **Bottom row, the causal version** — what section 3 builds next. With the causal mask,
+#   query $t$ may read only keys $s \le t$, so instead of one $S$ it reads its own prefix state
+#   $S_t$. These states form a running sum: start from zeros and add one outer product per
+#   token, $\phi(k_t)v_t^\top$, a column of size $d$ times a row of size $d_v$. The state never
+#   grows; only the number of terms summed into it does. In code this is one line of section
+#   3.2's `recurrent_form`, `S = S + kf[..., t, :, None] * v[..., t, None, :]`, followed by the
+#   read `qf[..., t, None, :] @ S`; the chunked form of section 3.3 adds a whole chunk of these
+#   outer products at once, `S + kc.transpose(-2, -1) @ vc`. The normaliser grows alike,
+#   $z_t = z_{t-1} + \phi(k_t)$.
+
+# %%
+from matplotlib.patches import FancyArrowPatch, Rectangle
+
+INPUT, MIDDLE, OUTPUT = "#dbe8f6", "#f6a04d", "#d9f0d3"  # inputs, the intermediate, outputs
+
+
+def matrix(ax, x, y, rows, cols, name, shape, color=INPUT, bold=False):
+    """A rows x cols matrix drawn to scale (one square per entry), its left edge at x and its
+    middle at height y; its name above it, its shape below. Returns its right edge."""
+    bottom = y - rows / 2
+    for i in range(rows):
+        for j in range(cols):
+            ax.add_patch(Rectangle((x + j, bottom + i), 1, 1, facecolor=color,
+                                   edgecolor="white", lw=0.6))
+    ax.add_patch(Rectangle((x, bottom), cols, rows, fill=False, edgecolor="black",
+                           lw=2.2 if bold else 1.0))
+    ax.text(x + cols / 2, bottom + rows + 0.4, name, ha="center", va="bottom", fontsize=12)
+    if shape:
+        ax.text(x + cols / 2, bottom - 0.4, shape, ha="center", va="top", fontsize=9.5,
+                color="dimgray")
+    return x + cols
+
+
+def symbol(ax, x, y, text, width=2.0):
+    """An operator or a word centred in a gap of the given width. Returns the gap's end."""
+    ax.text(x + width / 2, y, text, ha="center", va="center", fontsize=15)
+    return x + width
+
+
+def arrow(ax, x, y, label="", length=4.0):
+    """A horizontal arrow from x, its label (the FLOPs of the step) under it. Returns its end."""
+    ax.add_patch(FancyArrowPatch((x + 0.4, y), (x + length - 0.4, y), arrowstyle="-|>",
+                                 mutation_scale=16, lw=1.4, color="black"))
+    ax.text(x + length / 2, y - 0.5, label, ha="center", va="top", fontsize=10.5)
+    return x + length
+
+
+T_pic, d_pic, dv_pic = 12, 4, 3  # T = 12 tokens, features d = 4, values d_v = 3
+fig, ax = plt.subplots(figsize=(9.5, 11.4))
+fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99)
+ax.set_aspect("equal")
+ax.axis("off")
+
+# Left order: (Phi_Q Phi_K^T) V. The first product forms the (T, T) matrix A.
+y = 42
+ax.text(0, y + 8.5, r"Left order $(\Phi_Q \Phi_K^\top)\,V$: forms a $T \times T$ matrix",
+        fontsize=13, fontweight="bold")
+x = matrix(ax, 0, y, T_pic, d_pic, r"$\Phi_Q$", r"$(T, d)$")  # (T, d)
+x = symbol(ax, x, y, r"$\times$")
+x = matrix(ax, x, y, d_pic, T_pic, r"$\Phi_K^\top$", r"$(d, T)$")  # (d, T)
+x = arrow(ax, x, y, r"$2T^2 d$")
+x = matrix(ax, x, y, T_pic, T_pic, r"$A = \Phi_Q \Phi_K^\top$", r"$(T, T)$", MIDDLE,
+           bold=True)  # (T, T)
+x = symbol(ax, x, y, r"$\times$")
+x = matrix(ax, x, y, T_pic, dv_pic, r"$V$", r"$(T, d_v)$")  # (T, d_v)
+x = arrow(ax, x, y, r"$2T^2 d_v$")
+x = matrix(ax, x, y, T_pic, dv_pic, r"$Y$", r"$(T, d_v)$", OUTPUT)  # (T, d_v)
+left_flops = 2 * T_pic**2 * d_pic + 2 * T_pic**2 * dv_pic
+ax.text(0, y - 8.6, rf"FLOPs: $2T^2 d + 2T^2 d_v$ = {left_flops:,} "
+        rf"at $T = {T_pic}$, $d = {d_pic}$, $d_v = {dv_pic}$", fontsize=12)
+
+# Right order: Phi_Q (Phi_K^T V). The first product forms the (d, d_v) matrix S.
+y = 22
+ax.text(0, y + 8.5, r"Right order $\Phi_Q\,(\Phi_K^\top V)$: forms a $d \times d_v$ state",
+        fontsize=13, fontweight="bold")
+x = matrix(ax, 0, y, d_pic, T_pic, r"$\Phi_K^\top$", r"$(d, T)$")  # (d, T)
+x = symbol(ax, x, y, r"$\times$")
+x = matrix(ax, x, y, T_pic, dv_pic, r"$V$", r"$(T, d_v)$")  # (T, d_v)
+x = arrow(ax, x, y, r"$2T d\, d_v$")
+x = matrix(ax, x, y, d_pic, dv_pic, r"$S$", r"$(d, d_v)$", MIDDLE, bold=True)  # (d, d_v)
+x = symbol(ax, x, y, "then", width=4.5)
+x = matrix(ax, x, y, T_pic, d_pic, r"$\Phi_Q$", r"$(T, d)$")  # (T, d)
+x = symbol(ax, x, y, r"$\times$")
+x = matrix(ax, x, y, d_pic, dv_pic, r"$S$", r"$(d, d_v)$", MIDDLE, bold=True)  # (d, d_v)
+x = arrow(ax, x, y, r"$2T d\, d_v$")
+x = matrix(ax, x, y, T_pic, dv_pic, r"$Y$", r"$(T, d_v)$", OUTPUT)  # (T, d_v)
+right_flops = 2 * T_pic * d_pic * dv_pic + 2 * T_pic * d_pic * dv_pic
+ax.text(0, y - 8.6, rf"FLOPs: $2Td\,d_v + 2Td\,d_v$ = {right_flops:,}, "
+        rf"{left_flops / right_flops:.1f} times fewer", fontsize=12)
+
+# Causal: S_t = S_{t-1} + phi(k_t) v_t^T, one outer product per token; S stays (d, d_v).
+y = 1
+ax.text(0, y + 9, r"Causal: the state is a running sum, $S_t = S_{t-1} + \phi(k_t)\, v_t^\top$",
+        fontsize=13, fontweight="bold")
+x = matrix(ax, 0, y, d_pic, dv_pic, r"$S_0 = 0$", r"$(d, d_v)$", "white")  # (d, d_v)
+for t in (1, 2, 3):
+    # above the arrow: what token t adds, phi(k_t) (d, 1) times v_t^T (1, d_v)
+    term_x = matrix(ax, x + 0.3, y + 4.5, d_pic, 1, rf"$\phi(k_{t})$", "")  # (d, 1)
+    term_x = symbol(ax, term_x, y + 4.5, r"$\times$", width=1.4)
+    matrix(ax, term_x, y + 4.5, 1, dv_pic, rf"$v_{t}^\top$", "")  # (1, d_v)
+    x = arrow(ax, x, y, rf"$+\,\phi(k_{t})\,v_{t}^\top$", length=6.5)
+    x = matrix(ax, x, y, d_pic, dv_pic, rf"$S_{t}$", "", MIDDLE, bold=True)  # (d, d_v)
+x = symbol(ax, x, y, r"$\cdots$", width=4.5)
+x = matrix(ax, x, y, d_pic, dv_pic, r"$S_T = S$", r"$(d, d_v)$", MIDDLE, bold=True)
+ax.text(0, y - 4.2, r"per token: $2d\,d_v$ to add $\phi(k_t)\,v_t^\top$, $2d\,d_v$ to read "
+        r"$\phi(q_t)^\top S_t$; in all $2Td\,d_v + 2Td\,d_v$, as the right order,"
+        "\n" r"and the state stays $d \times d_v$ however long the sequence grows",
+        fontsize=11.5, va="top")
+
+ax.set(xlim=(-0.5, 47), ylim=(-6.5, 51.5))
+plt.show()
+
+# %% [markdown]
 # The matrix $S = \Phi_K^\top V = \sum_s \phi(k_s) v_s^\top$ is a sum of outer products, one per
 # key-value pair. It is an **associative memory**: reading it with $\phi(q)$ gives
 # $\sum_s (\phi(q)\cdot\phi(k_s))\, v_s$, every stored value weighted by how well its key

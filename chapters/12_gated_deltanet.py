@@ -343,7 +343,8 @@ for C in (1, 8, 16, 64):
 # a loss, $L(S) = \tfrac12 \|S^\top k - v\|^2$, and take one gradient step with step size
 # $\beta$: the gradient is $k\,(S^\top k - v)^\top$, so
 #
-# $$S \leftarrow S + \beta\, k\,(v - S^\top k)^\top = (I - \beta\, k k^\top)\,S + \beta\, k v^\top.$$
+# $$S \leftarrow S + \beta\, k\,(v - S^\top k)^\top
+#     = (I - \beta\, k k^\top)\,S + \beta\, k v^\top.$$
 #
 # This is the **delta rule** of Widrow and Hoff (1960), used as a memory write by Schlag, Irie
 # and Schmidhuber (2021) and made trainable at scale by DeltaNet (Yang et al. 2024). Read it
@@ -362,8 +363,10 @@ def delta_write(S, k, v, beta=1.0):
 S_sum, S_delta = torch.zeros(d, d), torch.zeros(d, d)
 for k_i, v_i in zip(keys3, vals3, strict=True):  # section 1's three pairs
     S_sum, S_delta = S_sum + torch.outer(k_i, v_i), delta_write(S_delta, k_i, v_i)
-print("read k_2 right after its write: sum error", round((S_sum.T @ keys3[2] - vals3[2]).norm().item(), 3),
-      "| delta error", round((S_delta.T @ keys3[2] - vals3[2]).norm().item(), 6))
+err_sum = (S_sum.T @ keys3[2] - vals3[2]).norm().item()
+err_delta = (S_delta.T @ keys3[2] - vals3[2]).norm().item()
+print("read k_2 right after its write: sum error", round(err_sum, 3),
+      "| delta error", round(err_delta, 6))
 
 v_new = torch.randn(d)  # the value of key 0 changes
 S_sum, S_delta = S_sum + torch.outer(keys3[0], v_new), delta_write(S_delta, keys3[0], v_new)
@@ -526,7 +529,8 @@ eye = torch.eye(dk, **f64)
 states, u_rec, S = [], [], S0  # the recurrence, keeping every state and a by-product
 for i in range(C):
     u_i = bc[i] * (vc[i] - gc[i].exp() * S.T @ kc[i])  # beta (v - what the decayed memory says)
-    S_next = gc[i].exp() * (eye - bc[i] * torch.outer(kc[i], kc[i])) @ S + bc[i] * torch.outer(kc[i], vc[i])
+    erase = eye - bc[i] * torch.outer(kc[i], kc[i])
+    S_next = gc[i].exp() * erase @ S + bc[i] * torch.outer(kc[i], vc[i])  # the rule
     assert torch.allclose(S_next, gc[i].exp() * S + torch.outer(kc[i], u_i), atol=1e-12)
     states.append(S_next)
     u_rec.append(u_i)
@@ -641,14 +645,16 @@ def gated_delta_chunked(q, k, v, beta, g, C):
         qc, kc, vc = q[..., s:s + C, :], k[..., s:s + C, :], v[..., s:s + C, :]
         bc, b = beta[..., s:s + C], g[..., s:s + C].cumsum(-1)  # (..., c)
         c = b.shape[-1]
-        Gamma = (b[..., :, None] - b[..., None, :]).masked_fill(~causal_mask(c), float("-inf")).exp()
+        future = ~causal_mask(c)  # (c, c): j > i
+        Gamma = (b[..., :, None] - b[..., None, :]).masked_fill(future, float("-inf")).exp()
         A = (bc[..., None] * (kc @ kc.transpose(-2, -1)) * Gamma).tril(-1)  # step 3
         I_A = torch.eye(c, dtype=k.dtype) + A
         U_prime = torch.linalg.solve_triangular(I_A, bc[..., None] * vc, upper=False)  # step 4
         W = torch.linalg.solve_triangular(I_A, (bc * b.exp())[..., None] * kc, upper=False)
         U = U_prime - W @ S
         outs.append((b.exp()[..., None] * qc) @ S + ((qc @ kc.transpose(-2, -1)) * Gamma) @ U)
-        S = b[..., -1, None, None].exp() * S + ((b[..., -1:] - b).exp()[..., None] * kc).transpose(-2, -1) @ U
+        k_end = (b[..., -1:] - b).exp()[..., None] * kc  # (gamma_C / gamma_j) k_j
+        S = b[..., -1, None, None].exp() * S + k_end.transpose(-2, -1) @ U
     return torch.cat(outs, dim=-2), S
 
 
@@ -676,8 +682,8 @@ for i in range(n_chunks):
         ax.text(j + 0.5, n_chunks - 0.5 - i, label, ha="center", va="center", fontsize=8)
 ax.set_xlim(0, n_chunks)
 ax.set_ylim(0, n_chunks)
-ax.set_xticks([k_ + 0.5 for k_ in range(n_chunks)], [f"keys of chunk {k_}" for k_ in range(n_chunks)],
-              fontsize=8)
+ax.set_xticks([k_ + 0.5 for k_ in range(n_chunks)],
+              [f"keys of chunk {k_}" for k_ in range(n_chunks)], fontsize=8)
 ax.set_yticks([n_chunks - 0.5 - k_ for k_ in range(n_chunks)],
               [f"queries of\nchunk {k_}" for k_ in range(n_chunks)], fontsize=8)
 ax.set_title("Who reaches whom: inside a chunk directly, earlier chunks through S")
@@ -824,8 +830,8 @@ for T_ in (1024, 8192, 32768, 131072):
 
 # %% [markdown]
 # The state is the size of a KV cache of about 68 tokens (548 KiB against 8 KiB per token); at
-# 128k tokens the KV cache is 1,914 times larger. That is why Qwen3-Next can keep three of every four layers as
-# Gated DeltaNet: only the fourth layer's cache grows with the context.
+# 128k tokens the KV cache is 1913.5 times larger. That is why Qwen3-Next can keep three of
+# every four layers as Gated DeltaNet: only the fourth layer's cache grows with the context.
 #
 # ## 8. Speed: the chunked form, the recurrence and causal SDPA
 #

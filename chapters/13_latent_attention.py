@@ -390,6 +390,128 @@ print("reproduces RoPE's scores (atol=5e-5):", torch.allclose(scores_per_key, sc
 # free query numbers then $d_R$ rotary ones; `wkv_a` makes the latent then the shared rotary
 # key. Both modes compute the same rotary scores; they differ in the latent part, exactly as in
 # section 3. (The scores are written out explicitly here, to show the two terms.)
+#
+# The picture below puts the two modes side by side, at the sizes version 2 is built with in a
+# moment ($d = 64$, 4 heads of $d_h = 16$, $r = 32$, $d_R = 8$): naive on the left, absorbed on
+# the right. It is drawn by code (boxes and arrows, no data); each arrow names the weight it
+# applies and the sizes it maps between, per token.
+
+# %%
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+
+QUERY, LATENT, ROPE, HEADS = "#fde6cc", "#dbe8f6", "#d9f0d3", "#f8d0d0"  # fill colour of each role
+
+
+def box(ax, x, y, text, color, w=2.6, h=0.9, fontsize=9.5):
+    """A rounded box centred at (x, y); returns the midpoints of its top and bottom edges."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                facecolor=color, edgecolor="black", lw=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
+    return (x, y + h / 2 + 0.05), (x, y - h / 2 - 0.05)
+
+
+def arrow(ax, start, end, label="", dx=0.12, at=0.5):
+    """An arrow from start to end; its label sits beside the point a fraction `at` along it,
+    moved right by dx (left of the arrow when dx < 0)."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=13, lw=1.2,
+                                 shrinkA=0, shrinkB=0, color="black"))
+    if label:
+        x = start[0] + at * (end[0] - start[0]) + dx
+        y = start[1] + at * (end[1] - start[1])
+        ax.text(x, y, label, fontsize=8.5, va="center", ha="left" if dx >= 0 else "right")
+
+
+def shared_part(ax):
+    """What both modes compute from a token x and cache: queries, latent c, rotary key k^R."""
+    _, x_bottom = box(ax, 5, 9.7, "token $x$: 64 numbers", "white", w=3.4, h=0.5)  # (B, T, 64)
+    ax.add_patch(Rectangle((3.6, 6.25), 6.3, 2.2, fill=False, linestyle="--",
+                           edgecolor="grey"))  # the cache
+    ax.text(7.55, 6.62, "cached per token:\n32 + 8 = 40 numbers", ha="center", va="center",
+            fontsize=8.5, color="dimgrey", style="italic")
+    q_top, q_bottom = box(ax, 1.6, 7.7, "queries, per head:\n$q_h$ (16) | $q^R_h$ (8, RoPE)",
+                          QUERY, w=2.9)  # q, q_rope: (B, H, T, 16), (B, H, T, 8)
+    c_top, c_bottom = box(ax, 5.0, 7.7, "latent $c$\n32 numbers", LATENT, w=2.2)  # (B, T_k, 32)
+    r_top, r_bottom = box(ax, 8.4, 7.7, "$k^R$: 8 numbers, RoPE,\none for all heads", ROPE,
+                          w=2.7)  # k_rope: (B, T_k, 8)
+    arrow(ax, (4.0, x_bottom[1]), q_top, "wq\n64 → 4 × (16 + 8)", dx=-0.6)
+    arrow(ax, x_bottom, c_top, "wkv_a, kv_norm\n64 → 32")
+    arrow(ax, (6.2, x_bottom[1]), r_top, "wkv_a, RoPE\n64 → 8", dx=0.45)
+    return q_bottom, c_bottom, r_bottom
+
+
+fig, (left, right) = plt.subplots(1, 2, figsize=(13, 7))
+for ax in (left, right):
+    ax.set(xlim=(0, 10), ylim=(0, 10.1))
+    ax.axis("off")
+
+# Left, naive: every step rebuilds all heads' keys and values from the cached latents.
+left.set_title("naive: per-head keys and values rebuilt from $c$")
+q_bottom, c_bottom, r_bottom = shared_part(left)
+k_top, k_bottom = box(left, 3.3, 4.8, "keys $k_h$: 4 heads × 16,\nfor every cached position",
+                      HEADS, w=3.0)  # k: (B, H, T_k, 16)
+v_top, v_bottom = box(left, 6.7, 4.8, "values $v_h$: 4 heads × 16,\nfor every cached position",
+                      HEADS, w=3.0)  # (B, H, T_k, 16)
+arrow(left, (4.6, c_bottom[1]), (3.9, k_top[1]), "k_up ($W^{UK}$)\n32 → 4 × 16", dx=-0.2, at=0.7)
+arrow(left, (5.4, c_bottom[1]), (6.1, v_top[1]), "v_up ($W^{UV}$)\n32 → 4 × 16", dx=0.2, at=0.7)
+att_top, att_bottom = box(left, 5, 3.0, r"$\mathrm{softmax}((q_h \cdot k_h + q^R_h \cdot k^R)"
+                          r"\,/\,\sqrt{16 + 8})\; v_h$", "white", w=9.6, h=0.7, fontsize=11)
+arrow(left, q_bottom, (1.6, att_top[1]), "$q_h$, $q^R_h$", at=0.25)
+arrow(left, k_bottom, (3.3, att_top[1]))
+arrow(left, v_bottom, (6.7, att_top[1]))
+arrow(left, (9.2, r_bottom[1]), (9.2, att_top[1]))
+o_top, o_bottom = box(left, 5, 1.7, "$o_h$: 4 heads × 16", "white", w=3.4, h=0.5)  # (B, H, T, 16)
+arrow(left, att_bottom, o_top)
+y_top, _ = box(left, 5, 0.4, "output: 64 numbers", "white", w=3.4, h=0.5)  # (B, T, 64)
+arrow(left, o_bottom, y_top, "c_proj: 4 × 16 → 64")
+left.text(0.05, 1.05, "k_up and v_up: one weight,\nwkv_b, in the module of\n"
+          "section 5: 32 → 4 × (16 + 16)", fontsize=8.5, color="dimgrey", style="italic",
+          va="center")
+
+# Right, absorbed: W_UK moves into the queries, W_UV after the weighted sum of latents.
+right.set_title("absorbed: attention over the latents $c$ themselves")
+q_bottom, c_bottom, r_bottom = shared_part(right)
+qt_top, qt_bottom = box(right, 2.0, 4.8, r"$\tilde q_h = W^{UK\top}_h q_h$" "\n4 heads × 32",
+                        QUERY)  # q_lat: (B, H, T, 32)
+arrow(right, (2.0, q_bottom[1]), qt_top, "k_up moved into\nthe query: 16 → 32", at=0.7)
+att_top, att_bottom = box(right, 5, 3.0, r"$\mathrm{softmax}((\tilde q_h \cdot c + q^R_h \cdot "
+                          r"k^R)\,/\,\sqrt{16 + 8})\; c$", "white", w=9.6, h=0.7, fontsize=11)
+arrow(right, (0.45, q_bottom[1]), (0.45, att_top[1]), "$q^R_h$", at=0.2)
+arrow(right, c_bottom, (5.0, att_top[1]), "keys = values = $c$:\none latent 'head' for all 4\n"
+      "(MQA); no $k_h$, no $v_h$", at=0.55)
+arrow(right, qt_bottom, (2.0, att_top[1]))
+arrow(right, (9.2, r_bottom[1]), (9.2, att_top[1]))
+o_top, o_bottom = box(right, 5, 1.7, r"$\tilde o_h$: 4 heads × 32 (latent)", "white", w=3.4,
+                      h=0.5)  # weights @ c[:, None]: (B, H, T, 32)
+arrow(right, att_bottom, o_top)
+y_top, _ = box(right, 5, 0.4, "output: 64 numbers", "white", w=3.4, h=0.5)  # (B, T, 64)
+arrow(right, o_bottom, y_top, "v_up ($W^{UV}_h$): 32 → 16 per head, then c_proj\n"
+      r"(or both at once: $W^O_h W^{UV}_h$, Exercise 2)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Start at the top, which the two modes share. From a token's 64 numbers, `wq` makes each
+# head's query: 16 position-free numbers $q_h$ and 8 rotary ones $q^R_h$. `wkv_a` makes, from the
+# same token, the latent $c$ (32 numbers, normalised by `kv_norm`) and the rotary key $k^R$
+# (8 numbers, rotated, one for all heads). Only these two, inside the dashed frame, are cached:
+# 40 numbers per token.
+#
+# Below the frame the modes part. On the left, `k_up` and `v_up` turn the latents into every
+# head's keys and values (the red boxes), for each cached position and at every step: the
+# arithmetic that section 2 complained about. On the right there are no red boxes. $W^{UK}_h$
+# has moved into the query, which becomes $\tilde q_h$ of 32 numbers (section 3.1); the latents
+# serve as the keys and also as the values, one sequence shared by the 4 query heads as in MQA;
+# and $W^{UV}_h$ is applied to each head's weighted sum of latents $\tilde o_h$, on its way to
+# `c_proj` (section 3.2). The rotary term $q^R_h \cdot k^R$ is the same on both sides, and both
+# sides divide by $\sqrt{16 + 8}$, the size of a query head with its rotary part.
+#
+# The picture is also a map of `DecoupledMLA.forward` below. The top row is its first lines
+# (`self.wq`, `self.wkv_a`, `self.kv_norm`, `self.rotate`), and `cache.append(c, k_rope)` fills
+# the dashed frame. The rotary scores `q_rope @ k_rope[:, None].transpose(-2, -1)` are computed
+# once, before the modes part. The left column is the two `else:` branches (`k` is the `einsum`
+# of `c` with `W_UK`; the values, the `einsum` of `c` with `W_UV`); the right column is the two
+# `if self.absorb:` branches (`q_lat`, the `einsum` of `q` with `W_UK`, is $\tilde q_h$, and
+# the last `einsum` applies `W_UV` to `weights @ c[:, None]`, which is $\tilde o_h$).
 
 # %%
 class DecoupledMLA(nn.Module):
