@@ -1,12 +1,16 @@
-"""Fail when a chapter notebook is not committed executed, or has no jupytext pair.
+"""Fail when a chapter notebook is not committed executed, or has no jupytext pair, or a chapter
+lacks a part every chapter has.
 
 nbval only compares cells that have a stored execution count, so an unexecuted cell would pass
-unchecked; an error output is only acceptable in a cell tagged ``raises-exception``.
+unchecked; an error output is only acceptable in a cell tagged ``raises-exception``. Every chapter
+has the headings in ``SECTIONS`` and a solutions notebook.
 """
 
 import json
 import sys
 from pathlib import Path
+
+SECTIONS = ("Check against the module", "Summary", "Further reading", "Exercises")
 
 problems = []
 notebooks = sorted(Path("chapters").glob("**/*.ipynb"))
@@ -28,5 +32,17 @@ for nb_path in notebooks:
 for py_path in sorted(Path("chapters").glob("**/*.py")):
     if not py_path.with_suffix(".ipynb").exists():
         problems.append(f"{py_path}: no executed notebook {py_path.with_suffix('.ipynb')}")
-print("\n".join(problems) or f"{len(notebooks)} notebooks: executed and paired")
+for chapter in sorted(Path("chapters").glob("[0-9][0-9]_*.py")):
+    headings = [line for line in chapter.read_text().splitlines() if line.startswith("# ## ")]
+    missing = [name for name in SECTIONS if not any(name in line for line in headings)]
+    if missing:
+        problems.append(f"{chapter}: no heading {', '.join(repr(m) for m in missing)}")
+    solutions = Path("chapters/solutions") / f"{chapter.stem}_solutions.ipynb"
+    if not solutions.exists():
+        problems.append(f"{chapter}: no worked solutions {solutions}")
+print(
+    "\n".join(problems)
+    or f"{len(notebooks)} notebooks: executed and paired; every chapter "
+    f"has {', '.join(SECTIONS)} and solutions"
+)
 sys.exit(1 if problems else 0)
