@@ -144,6 +144,119 @@ V = x @ W_v  # (T, d)
 print("Q, K, V shapes:", tuple(Q.shape), tuple(K.shape), tuple(V.shape))
 
 # %% [markdown]
+# ## The whole computation in one picture
+#
+# Before we take the formula apart step by step, here is all of it as a map, drawn by code
+# (boxes and arrows, no data). Square blue boxes are tensors, labelled with the names the code
+# of this chapter gives them and with their shapes; rounded orange boxes are operations, with
+# the formula on top and the code that computes it underneath. Read it from left to right:
+#
+# - `x` is projected three times, into `Q`, `K` and `V`: that is the cell above, `Q = x @ W_q`
+#   and so on, each `W` of shape `(n_embd, d)`. All three keep one row per word, `(T, d)`.
+#   (The paper calls the width of queries and keys $d_k$ and that of values $d_v$; here both
+#   are $d = 4$.)
+# - Only `Q` and `K` go into the top row. Their product is the table of `scores` (Step 1),
+#   which is multiplied by `scale` $= 1/\sqrt{d}$ (Step 2), gets the mask $M$ added and goes
+#   through a softmax along each row (Step 3), giving the `weights`. Every tensor from `scores`
+#   to `weights` is a $T \times T$ matrix, one row per query $i$ and one column per key $j$: $d$
+#   has disappeared from the shapes.
+# - `V` takes no part in choosing where to look. It travels along the bottom and is used only
+#   in Step 4, `out = weights @ V`, where row $i$ of the output is the weighted average
+#   $o_i = \sum_j w_{ij} v_j$ of the rows of `V`. So `out` has one row per query and the width
+#   of the values, `(T, d)`.
+# - The mask in the dashed box is optional: Steps 1–4 below use none. It enters the code as the
+#   `mask` argument of the function `attention` written after them, and is first used in the
+#   section on the causal mask. The picture shows that causal mask for our six words: query $i$
+#   may see the keys $j \le i$ (blue, where $0$ is added) and none after it (white, where
+#   $-\infty$ is added, so that the softmax gives them a weight of exactly 0). A boolean `mask`
+#   has the same effect: `masked_fill` writes the $-\infty$ into the scores instead of adding it.
+
+# %%
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+
+TENSOR, OP = "#dbe8f6", "#fde6cc"  # fill colours: tensors (square boxes), operations (rounded)
+BOX_H = 0.8  # height of every box
+MID = {"ha": "center", "va": "center"}  # text centred on its point
+ARROW = {"arrowstyle": "-|>", "mutation_scale": 13, "lw": 1.2, "shrinkA": 0, "shrinkB": 0}
+
+
+def tensor_box(ax, x, y, name, shape, w=1.3):
+    """A square box centred at (x, y) for a tensor: its name in the code, its shape below."""
+    corner = (x - w / 2, y - BOX_H / 2)
+    ax.add_patch(Rectangle(corner, w, BOX_H, facecolor=TENSOR, edgecolor="black"))
+    ax.text(x, y + 0.15, name, fontsize=11, family="monospace", fontweight="bold", **MID)
+    ax.text(x, y - 0.18, shape, fontsize=9.5, family="monospace", **MID)
+
+
+def op_box(ax, x, y, formula, code, w=1.3):
+    """A rounded box centred at (x, y) for an operation: its formula, the code below it."""
+    corner, style = (x - w / 2, y - BOX_H / 2), "round,pad=0,rounding_size=0.2"
+    ax.add_patch(FancyBboxPatch(corner, w, BOX_H, boxstyle=style, facecolor=OP, edgecolor="black"))
+    ax.text(x, y + 0.15, formula, fontsize=11, **MID)
+    ax.text(x, y - 0.18, code, fontsize=8.5, family="monospace", **MID)
+
+
+def arrow(ax, start, end):
+    """An arrow from the point start to the point end."""
+    ax.add_patch(FancyArrowPatch(start, end, color="black", **ARROW))
+
+
+fig, ax = plt.subplots(figsize=(13, 5.6))
+fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
+ax.set(xlim=(0, 16.4), ylim=(0, 7.0))
+ax.axis("off")
+title = "Scaled dot-product attention: data flow and shapes (here T = 6, n_embd = d = 4)"
+ax.text(8.2, 6.6, title, fontsize=12, **MID)
+y_q, y_k, y_v, y_s = 5.7, 4.1, 1.9, 4.9  # the rows of Q, K, V and of the scores
+
+# x -> three projections -> Q, K, V
+tensor_box(ax, 0.9, 3.9, "x", "(T, n_embd)", w=1.5)  # (T, n_embd)
+for y, name in [(y_q, "q"), (y_k, "k"), (y_v, "v")]:
+    arrow(ax, (1.65, 3.9), (2.4, y))
+    op_box(ax, 3.1, y, rf"$x\,W_{name}$", f"x @ W_{name}", w=1.4)  # W_q: (n_embd, d)
+    arrow(ax, (3.8, y), (4.35, y))
+    tensor_box(ax, 5.0, y, name.upper(), "(T, d)")  # (T, d)
+
+# Q, K -> scores -> scale -> + mask -> softmax -> weights
+arrow(ax, (5.65, y_q), (6.35, y_s + 0.15))
+arrow(ax, (5.65, y_k), (6.35, y_s - 0.15))
+op_box(ax, 6.95, y_s, r"$Q\,K^\top$", "Q @ K.T", w=1.2)
+arrow(ax, (7.55, y_s), (8.05, y_s))
+tensor_box(ax, 8.75, y_s, "scores", "(T, T)", w=1.4)  # (T, T)
+arrow(ax, (9.45, y_s), (9.75, y_s))
+op_box(ax, 10.35, y_s, r"$\times\,1/\sqrt{d}$", "* scale", w=1.2)  # (T, T)
+arrow(ax, (10.95, y_s), (11.35, y_s))
+op_box(ax, 11.85, y_s, r"$+\,M$", "+ mask", w=1.0)  # (T, T)
+arrow(ax, (12.35, y_s), (12.65, y_s))
+op_box(ax, 13.55, y_s, "softmax per row", "dim=-1", w=1.8)  # (T, T), each row sums to 1
+arrow(ax, (14.45, y_s), (14.7, y_s))
+tensor_box(ax, 15.45, y_s, "weights", "(T, T)", w=1.5)  # (T, T)
+note = "from scores to weights: (T, T) matrices,\nrow i = query i, column j = key j"
+ax.text(8.9, 3.3, note, fontsize=9, style="italic", color="dimgray", **MID)
+
+# the mask M, a (T, T) tensor, drawn for T = 6: the causal triangle, key j allowed if j <= i
+mx, my, cell = 11.85, 2.95, 0.16  # centre of the mask's box, size of one cell of the grid
+ax.add_patch(Rectangle((mx - 0.8, my - 0.85), 1.6, 1.7, fill=False, linestyle="--"))
+ax.text(mx, my + 0.64, "mask  (T, T)", fontsize=9, family="monospace", **MID)
+for i in range(6):  # query (row)
+    for j in range(6):  # key (column)
+        colour = "steelblue" if j <= i else "white"
+        corner = (mx + (j - 3) * cell, my + 0.38 - (i + 1) * cell)
+        ax.add_patch(Rectangle(corner, cell, cell, facecolor=colour, edgecolor="lightgray", lw=0.6))
+ax.text(mx, my - 0.7, "causal, optional", fontsize=8.5, style="italic", **MID)
+legend = "\n".join(["blue: 0", "(may attend)", r"white: $-\infty$", "(masked)"])
+ax.text(mx + 0.95, my + 0.1, legend, fontsize=8.5, ha="left", va="center")
+arrow(ax, (mx, my + 0.85), (mx, y_s - BOX_H / 2))
+
+# weights, V -> weighted sum of the values -> out
+arrow(ax, (15.45, y_s - BOX_H / 2), (15.45, y_v + BOX_H / 2))
+arrow(ax, (5.65, y_v), (14.7, y_v))
+op_box(ax, 15.45, y_v, r"$\Sigma_j\, w_{ij}\, v_j$", "weights @ V", w=1.5)  # (T, d)
+arrow(ax, (15.45, y_v - BOX_H / 2), (15.45, 0.95))
+tensor_box(ax, 15.45, 0.55, "out", "(T, d)")  # (T, d)
+plt.show()
+
+# %% [markdown]
 # ## Step 1: scores
 #
 # How well does query $i$ match key $j$? The dot product $q_i \cdot k_j$ is large when the two
@@ -784,7 +897,7 @@ plt.show()
 # fallback, used for some inputs, does form it, as ours does. Let us check that ours agrees on
 # random multi-head inputs `(B, H, T, d)` under a range of masks, including per-head masks,
 # additive masks, fewer queries than keys, and rows with nothing to attend to. Every case,
-# including the last two, asserts a maximum absolute difference below $10^{-6}$.
+# including the last two, asserts a maximum absolute difference below $10^{-5}$.
 
 # %%
 torch.manual_seed(3)
@@ -837,7 +950,7 @@ for name, (ours, theirs) in pairs.items():
 #   `padding_mask(lengths, t)` → `(B, t)` for right padding, and `additive_mask(mask)`.
 #
 # The cell below feeds the same tensors to our notebook functions and to the module, and asserts
-# that masks agree exactly and outputs and weights agree within an absolute tolerance of $10^{-6}$.
+# that masks agree exactly and outputs and weights agree within an absolute tolerance of $10^{-5}$.
 # Every case is compared with both `sdpa_reference` and `sdpa`. One case passes a padding mask
 # *and* `is_causal=True`: `F.scaled_dot_product_attention` itself refuses that combination
 # ("Explicit attn_mask should not be set when is_causal=True"), so `attnbook`'s `sdpa` first folds

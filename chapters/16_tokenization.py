@@ -188,6 +188,123 @@ for new_id, letter in zip(range(256, 259), "ZYX", strict=True):
           + "".join(names[i] for i in ids), ids)
 
 # %% [markdown]
+# Here is that loop as a picture, drawn by code (boxes and arrows, not a plot of data). Time runs
+# downwards: the top row is the 11 bytes, and each row below is the list `ids` after one more
+# pass of the loop (9, 7 and 5 ids). Each box is one id, its name large and its number small, and it is as wide as the bytes
+# it stands for, so a new token sits exactly under the two tokens it joins and the rows stack up
+# like a tree. On the right of each row are the counts of `get_stats(ids)`, most frequent first;
+# the red one is the pair `most_frequent` picks. The red frames show where `merge` finds that pair,
+# scanning left to right, and the arrows lead to the new id one row down, which keeps its colour
+# from then on. The label on the left of a row names the merge that made it and the count that
+# chose it, the same numbers the loop printed. Two details to look for, explained below: the
+# first row counts `aa` four times but frames it only twice, and the second row has a tie.
+
+# %%
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+
+BYTE, PAIR = "white", "#e31a1c"  # fill of a byte token, colour of the pair merged next
+NEW = {256: "#a6cee3", 257: "#b2df8a", 258: "#fdbf6f"}  # fill of each merged token: Z, Y, X
+ROW_H, STEP = 0.9, 2.4  # height of a token box, vertical distance from one row to the next
+X_STATS = 12.0  # left edge of the pair counts, right of the 11 byte columns
+
+
+def token_box(ax, x, y, width, name, token_id, color):
+    """One token covering `width` bytes, lower-left corner at (x, y): its name and its id."""
+    ax.add_patch(Rectangle((x + 0.06, y), width - 0.12, ROW_H, facecolor=color,
+                           edgecolor="black", lw=1.0))
+    ax.text(x + width / 2, y + 0.58, name, ha="center", va="center", fontsize=15)
+    ax.text(x + width / 2, y + 0.2, str(token_id), ha="center", va="center", fontsize=8,
+            color="dimgray")
+
+
+def pair_frame(ax, x, y, width):
+    """A red frame around one occurrence of the pair about to be merged."""
+    ax.add_patch(FancyBboxPatch((x, y - 0.06), width, ROW_H + 0.12, boxstyle="round,pad=0.04",
+                                fill=False, edgecolor=PAIR, lw=2.2))
+
+
+def arrow(ax, start, end, color=PAIR):
+    """An arrow from point start to point end."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, lw=1.6,
+                                 color=color, shrinkA=0, shrinkB=0))
+
+
+def pair_name(pair):
+    return names[pair[0]] + names[pair[1]]
+
+
+# Replay the training loop above with the same functions, keeping every row.
+bpe_rows = [list(b"aaabdaaabac")]  # the ids after 0, 1, 2, 3 merges: lengths 11, 9, 7, 5
+bpe_steps = []  # (pair, stats) of each merge: the pair chosen and the counts it was chosen from
+width = {i: 1 for i in range(256)}  # how many bytes each id stands for: its width in the picture
+for new_id in range(256, 259):
+    stats = get_stats(bpe_rows[-1])
+    pair = most_frequent(stats)
+    bpe_steps.append((pair, stats))
+    bpe_rows.append(merge(bpe_rows[-1], pair, new_id))
+    width[new_id] = width[pair[0]] + width[pair[1]]
+
+fig, ax = plt.subplots(figsize=(13, 7.4))
+ax.text(5.5, 1.35, "one column = one byte of 'aaabdaaabac'", ha="center", fontsize=10,
+        color="dimgray")
+ax.text(X_STATS, 1.35, "get_stats(ids), most frequent first", fontsize=10, color="dimgray")
+for r, row in enumerate(bpe_rows):
+    y = -r * STEP  # bottom of this row's boxes
+    # left: the merge that produced this row and the count that chose it
+    if r == 0:
+        label = f"start: the bytes\n{len(row)} ids"
+    else:
+        pair, stats = bpe_steps[r - 1]
+        label = (rf"merge {r}: $\mathrm{{{pair_name(pair)}}} \rightarrow "
+                 rf"\mathrm{{{names[255 + r]}}}$ (id {255 + r})" + "\n"
+                 + f"chosen: seen {stats[pair]} times\n{len(row)} ids left")
+    ax.text(-0.4, y + ROW_H / 2, label, ha="right", va="center", fontsize=11)
+    # middle: the row's ids, each box as wide as the bytes it stands for
+    x, starts = 0, []
+    for token in row:
+        starts.append(x)
+        token_box(ax, x, y, width[token], names[token], token, NEW.get(token, BYTE))
+        x += width[token]
+    if r == len(bpe_steps):  # the last row: no merge left to learn
+        ax.text(X_STATS, y + ROW_H / 2, f"loop done: 3 merges, ids 256 to 258\nids = {row}",
+                va="center", fontsize=10.5, family="monospace")
+        continue
+    # the pair merged next: framed where merge() finds it (left to right, skipping past a
+    # replaced pair), with an arrow from each occurrence down to its new id in the next row
+    pair, stats = bpe_steps[r]
+    i = 0
+    while i < len(row) - 1:
+        if (row[i], row[i + 1]) == pair:
+            span = width[row[i]] + width[row[i + 1]]
+            pair_frame(ax, starts[i], y, span)
+            arrow(ax, (starts[i] + span / 2, y - 0.12), (starts[i] + span / 2, y - STEP + ROW_H))
+            i += 2
+        else:
+            i += 1
+    # right: the pair counts most_frequent() chooses from (the winner first, in red), the call
+    ranked = sorted(stats, key=lambda p: (-stats[p], p))  # most_frequent's order
+    ax.text(X_STATS, y + 0.62, f"{pair_name(pair)} {stats[pair]}", color=PAIR, fontsize=11,
+            fontweight="bold", va="center", family="monospace")
+    others = ", ".join(f"{pair_name(p)} {stats[p]}" for p in ranked[1:])
+    ax.text(X_STATS + 1.1, y + 0.62, others, fontsize=10.5, va="center", family="monospace")
+    ties = [p for p in ranked[1:] if stats[p] == stats[pair]]
+    if ties:
+        ax.text(X_STATS, y + 0.15, f"tie with {pair_name(ties[0])}: {pair} < {ties[0]}, "
+                "the smaller pair wins", fontsize=9.5, va="center", color="dimgray")
+    ax.text(X_STATS, y - (STEP - ROW_H) / 2, f"ids = merge(ids, {pair}, {256 + r})",
+            color=PAIR, fontsize=10.5, va="center", family="monospace")
+ax.text(-4.7, -len(bpe_steps) * STEP - 0.45,
+        "red frame: each occurrence of the pair merged next, found left to right as in "
+        "merge(); coloured box: a merged id, as wide as the bytes it stands for",
+        fontsize=9.5, color="dimgray", va="top")
+ax.set_xlim(-4.8, 20.5)
+ax.set_ylim(-len(bpe_steps) * STEP - 0.9, 1.8)
+ax.set_aspect("equal")
+ax.axis("off")
+ax.set_title("BPE training on 'aaabdaaabac': three merges, 11 bytes become 5 ids", fontsize=13)
+plt.show()
+
+# %% [markdown]
 # The same three steps as on Wikipedia: `aa` becomes Z, then `ab` becomes Y, then `ZY` becomes
 # X, and eleven bytes have become five tokens. The second step was a tie: after the first merge,
 # `Za` and `ab` both occur twice, and the rule picks `ab` because `(97, 98)` is smaller than

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Chapter 17 — Assembling and training a GPT
 #
-# Twelve chapters built parts: attention layers of every kind behind one registry
+# The chapters before this one built parts: attention layers of every kind behind one registry
 # (`build_attention(name, config)`), positions, the feed-forward network, the KV cache, a
 # tokenizer. None of them is a language model on its own. This chapter puts them together into
 # a GPT — a decoder-only transformer that reads a sequence of tokens and predicts, at every
@@ -153,6 +153,151 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 # ...), so that weights can be moved between models by name (GPT-2's checkpoints differ in one
 # name, the position table, which chapter 19 renames). Dropout is left out: a model this
 # small, trained for a few hundred steps, does not overfit.
+
+# %% [markdown]
+# Before we write the class, here is the whole model in one picture, drawn by code (boxes and
+# arrows, no data), with the shape of the tensor on each arrow; $d$ is `n_embd`. Read the left
+# column from the bottom up. The token ids `idx`, `(B, T)`, pick rows of `wte`, one vector per
+# token: `(B, T, d)`. The position table `wpe` gives one `(T, d)` block, the same for every
+# sequence of the batch, and is added to it. The sum, the residual stream, goes through the
+# `n_layer` blocks of `h` without changing shape, then through `ln_f`, and `lm_head` turns each
+# position's vector into `vocab_size` logits, `(B, T, vocab_size)`. `F.cross_entropy` compares
+# them with the targets (the same text shifted by one token) and returns one number, the mean
+# loss over the `B × T` predictions. The blue dashed line is the tie: `lm_head` has no weight of
+# its own. Dashed boxes depend on the configuration: `wpe` exists only for learned (or
+# sinusoidal) positions, and `drop`, a dropout on the embeddings that `attnbook.model.GPT` has
+# (`GPTConfig.dropout`, 0 by default), is left out of our version.
+#
+# The right side zooms into one block, section 1's `Block`. The stream goes straight up through
+# two additions; each branch reads it through its LayerNorm, transforms it and adds the result
+# back: `x = x + attn(ln_1(x))`, then `x = x + mlp(ln_2(x))`. The attention box is whichever
+# variant the name asks for (`build_attention(attention, ...)` here, `GPTConfig.attention` in the
+# module): the block only needs it to map `(B, T, d)` to `(B, T, d)`. In red, the last layer of
+# each branch, `c_proj`: the only layers of a block whose output is added to the stream, and the
+# ones that the last loop of `init_weights` draws with a smaller standard deviation (section 3
+# measures why). In the class below, `__init__` builds the boxes under these names and `forward`
+# follows the arrows from the bottom up.
+
+# %%
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle
+
+EMB, BLOCK, HEAD, PROJ = "#dbe8f6", "#fde6cc", "#d9f0d3", "#f4a6a6"  # fill colour of each role
+
+
+def box(ax, x, y, w, h, text, color, dashed=False, bold=False, fontsize=9, text_y=None):
+    """A rounded box of size (w, h) centred at (x, y); its text centred at (x, text_y or y)."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                facecolor=color, edgecolor="black", lw=1.6 if bold else 0.8,
+                                linestyle="--" if dashed else "-"))
+    ax.text(x, y if text_y is None else text_y, text, ha="center", va="center",
+            fontsize=fontsize, fontweight="bold" if bold else "normal")
+
+
+def arrow(ax, start, end, label="", dx=0.12, dy=0.0, **kw):
+    """An arrow from start to end; its label (a tensor shape) sits beside the middle, moved by
+    (dx, dy)."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, lw=1.2,
+                                 shrinkA=0, shrinkB=2, color="black", **kw))
+    x, y = (start[0] + end[0]) / 2 + dx, (start[1] + end[1]) / 2 + dy
+    ax.text(x, y, label, fontsize=8.5, family="monospace", va="center",
+            ha="left" if dx > 0 else "right" if dx < 0 else "center")
+
+
+def plus(ax, x, y, r=0.2):
+    """A circled +: an addition into the residual stream."""
+    ax.add_patch(Circle((x, y), r, facecolor="white", edgecolor="black", lw=1.2))
+    ax.text(x, y, "+", ha="center", va="center", fontsize=13)
+
+
+fig, ax = plt.subplots(figsize=(12, 8.4))
+fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
+ax.set(xlim=(0, 16), ylim=(0, 11.2))
+ax.axis("off")
+
+# Left: the whole model, bottom to top (token ids in, loss out).
+cx, W = 3.0, 3.6  # the column's centre and its boxes' width
+px = 6.1  # the column of wpe and targets
+box(ax, cx, 0.45, W, 0.5, "idx: token ids  (B, T)", "white")  # the input: (B, T) integers
+box(ax, cx, 1.6, W, 0.7, "wte = nn.Embedding(vocab_size, d)\none row per token id", EMB)
+box(ax, px, 1.6, 2.2, 0.7, "wpe: one row per\nposition 0 … T−1", EMB, dashed=True)
+ax.text(px, 0.75, "only for learned or\nsinusoidal positions", ha="center", va="center",
+        fontsize=8, color="dimgrey")
+plus(ax, cx, 2.65)  # (B, T, d) + (T, d): the positions broadcast over the batch
+box(ax, cx, 3.55, W, 0.6, "drop = Dropout(GPTConfig.dropout)\n0 by default; NotebookGPT has none",
+    "white", dashed=True, fontsize=8.5)
+for k in (2, 1):  # two shadows behind the stack: the same block, n_layer times
+    ax.add_patch(Rectangle((cx - W / 2 + 0.1 * k, 4.55 + 0.1 * k), W, 1.0, facecolor=BLOCK,
+                           edgecolor="grey", lw=0.6))
+box(ax, cx, 5.05, W, 0.9, "h: n_layer × Block\n(B, T, d) → (B, T, d)", BLOCK, bold=True)
+box(ax, cx, 6.6, W, 0.5, "ln_f = LayerNorm(d)", HEAD)
+box(ax, cx, 7.75, W, 0.7, "lm_head = Linear(d, vocab_size)\nweight tied to wte", HEAD)
+box(ax, cx, 8.9, W, 0.5, "logits  (B, T, vocab_size)", "white")  # one score per next token
+box(ax, cx, 10.3, W, 0.7, "F.cross_entropy(logits, targets)\nloss: the mean over B × T positions",
+    HEAD, bold=True)
+box(ax, px, 9.55, 2.2, 0.7, "targets  (B, T)\nidx shifted by one", "white")
+arrow(ax, (cx, 0.7), (cx, 1.25), "(B, T)")
+arrow(ax, (cx, 1.95), (cx, 2.45), "(B, T, d)")
+arrow(ax, (px, 1.95), (cx + 0.2, 2.65), "(T, d)", dx=0.9, dy=0.5,
+      connectionstyle="angle,angleA=90,angleB=0")
+arrow(ax, (cx, 2.85), (cx, 3.25), "(B, T, d)")
+arrow(ax, (cx, 3.85), (cx, 4.6), "(B, T, d)")
+arrow(ax, (cx, 5.5 + 0.2), (cx, 6.35), "(B, T, d)")
+arrow(ax, (cx, 6.85), (cx, 7.4), "(B, T, d)")
+arrow(ax, (cx, 8.1), (cx, 8.65), "(B, T, vocab_size)")
+arrow(ax, (cx, 9.15), (cx, 9.95))
+arrow(ax, (px, 9.9), (cx + W / 2 + 0.05, 10.3), connectionstyle="angle,angleA=90,angleB=0")
+# The tie: lm_head's weight is wte's weight, one (vocab_size, d) tensor used twice.
+tie_x = cx - W / 2 - 0.45
+ax.plot([cx - W / 2 - 0.05, tie_x, tie_x, cx - W / 2 - 0.05], [1.6, 1.6, 7.75, 7.75], ls="--",
+        color="C0", lw=1.4)
+ax.text(tie_x - 0.12, 4.7, "tied: one (vocab_size, d) tensor", rotation=90, ha="center",
+        va="center", fontsize=8.5, color="C0")
+
+# Right: one block, the residual stream going up, the two branches beside it.
+fl, fr, fb, ft = 7.6, 15.8, 0.9, 9.3  # the frame of the zoomed block
+ax.add_patch(Rectangle((fl, fb), fr - fl, ft - fb, fill=False, ls="--", edgecolor="grey"))
+ax.text((fl + fr) / 2, ft + 0.25, "one Block of h (pre-norm), the same n_layer times",
+        ha="center", va="center", fontsize=10, style="italic")
+ax.plot([cx + W / 2 + 0.2, fl], [5.5 + 0.2, ft], ":", color="grey")  # zoom lines
+ax.plot([cx + W / 2 + 0.2, fl], [4.6 + 0.2, fb], ":", color="grey")
+sx, bx, bw = 8.7, 12.5, 5.6  # the stream's x; the branches' centre and width
+ax.text(sx, 1.15, "x: (B, T, d)", ha="center", va="center", fontsize=9, family="monospace")
+box(ax, bx, 1.85, bw, 0.45, "ln_1 = LayerNorm(d)", BLOCK)
+box(ax, bx, 3.25, bw, 1.6, "attn = build_attention(GPTConfig.attention, ...)\n"
+    "any registered variant: mha, gqa, mqa, local, linear, mla, ...\n"
+    r"c_attn, then causal $\mathrm{softmax}(QK^\top/\sqrt{d_h} + \mathrm{mask})\,V$",
+    BLOCK, text_y=3.0)
+box(ax, bx, 3.8, 2.4, 0.3, r"c_proj  $(d \to d)$", PROJ, fontsize=8.5)
+plus(ax, sx, 4.55)  # (B, T, d) + (B, T, d)
+box(ax, bx, 5.3, bw, 0.45, "ln_2 = LayerNorm(d)", BLOCK)
+box(ax, bx, 6.6, bw, 1.2, "mlp = MLP(d, 4d)\n" r"c_fc $(d \to 4d)$, then GELU", BLOCK,
+    text_y=6.4)
+box(ax, bx, 6.95, 2.4, 0.3, r"c_proj  $(4d \to d)$", PROJ, fontsize=8.5)
+plus(ax, sx, 7.9)  # (B, T, d) + (B, T, d)
+ax.text(sx + 0.15, 8.85, "x: (B, T, d), to the next block (after the last one: to ln_f)",
+        ha="left", va="center", fontsize=9, family="monospace")
+# The stream: straight up through the two additions (the skip paths).
+arrow(ax, (sx, 1.35), (sx, 4.35))
+arrow(ax, (sx, 4.75), (sx, 7.7))
+arrow(ax, (sx, 8.1), (sx, 8.65))
+# The branches: read the stream, normalise, transform, add back.
+arrow(ax, (sx, 1.85), (bx - bw / 2 - 0.05, 1.85), "(B, T, d)", dx=0, dy=0.2)
+arrow(ax, (bx, 2.08), (bx, 2.4))
+arrow(ax, (bx, 4.1), (sx + 0.2, 4.55), connectionstyle="angle,angleA=90,angleB=0")
+ax.text(sx + 0.4, 4.72, "x = x + attn(ln_1(x))", fontsize=8.5, family="monospace",
+        ha="left", va="bottom")
+arrow(ax, (sx, 5.3), (bx - bw / 2 - 0.05, 5.3), "(B, T, d)", dx=0, dy=0.2)
+arrow(ax, (bx, 5.53), (bx, 5.95))
+arrow(ax, (bx, 7.25), (sx + 0.2, 7.9), connectionstyle="angle,angleA=90,angleB=0")
+ax.text(sx + 0.4, 8.07, "x = x + mlp(ln_2(x))", fontsize=8.5, family="monospace",
+        ha="left", va="bottom")
+ax.text(sx - 0.3, 3.1, "residual stream", rotation=90, ha="center", va="center", fontsize=8.5,
+        color="dimgrey")
+ax.text((fl + fr) / 2, 0.45, "red: the layers that write into the stream, drawn with std "
+        r"$0.02/\sqrt{2\,n_\mathrm{layer}}$" "\n(scale_residual, section 3); "
+        "every other weight matrix: std 0.02", ha="center", va="center", fontsize=8.5,
+        color="firebrick")
+plt.show()
 
 # %%
 class NotebookGPT(nn.Module):
