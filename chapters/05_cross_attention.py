@@ -41,6 +41,8 @@
 #   result no longer depends on what it was batched with.
 # - Match `torch.nn.MultiheadAttention(query, key, value, key_padding_mask=...)`, whose boolean
 #   mask means the opposite of ours.
+# - Write the decoder block (causal self-attention, cross-attention, MLP, each a pre-norm
+#   residual layer) and the encoder block, and match them with the package's.
 # - Train an encoder–decoder with teacher forcing, decode greedily, measure exact-match accuracy
 #   on held-out strings, and read its cross-attention map.
 
@@ -454,18 +456,98 @@ print("sequence 0 == out_proj.bias:", torch.allclose(y_quiet[0], bias_rows, atol
 # %% [markdown]
 # ## 5. Encoder and decoder blocks
 #
-# `attnbook.attention` provides the two blocks of a pre-norm encoder–decoder (the same
-# pre-norm residual layout as GPT-2):
+# An attention layer is not yet a transformer layer. Each block of an encoder–decoder wraps
+# its attention in the same pattern as GPT-2's *pre-norm* blocks: normalise a copy of the
+# stream, transform it, add the result back. We now write the decoder block ourselves from
+# pieces we already have, then the encoder block, and check both against `DecoderBlock` and
+# `EncoderBlock` from `attnbook.attention`, the blocks the model of section 7 is built from.
 #
-# - `EncoderBlock(cfg)(x, mask)`: `x + SelfAttn(LN(x))` with **no** causal mask (every source
-#   token may look at every other) and the key padding mask `mask`, then `x + MLP(LN(x))`.
-# - `DecoderBlock(cfg)(y, memory, memory_mask)`: `y + CausalSelfAttn(LN(y))`, then
-#   `y + CrossAttn(LN(y), memory, memory_mask)`, then `y + MLP(LN(y))`.
+# The decoder block takes the decoder's stream `y`, `(B, T_q, d)`, and the encoder's output
+# `memory`, `(B, T_k, d)`, with its padding mask `memory_mask`, and applies three layers in
+# turn:
 #
-# Its cross-attention layer is `attnbook.attention.CrossAttention`, the module this chapter
-# ends in; we compare it with our `MyCrossAttention` in the last section. The decoder block
-# reads `memory` but never changes it: the encoder runs once per source, and every decoder
-# layer and every decoding step reuses its output.
+# 1. **Causal self-attention**, `y = y + CausalSelfAttn(LN(y))`: the target positions exchange
+#    information, each one with itself and the positions before it only. This is chapter 3's
+#    layer, `attnbook.attention.MultiHeadAttention`, built with `causal=True`.
+# 2. **Cross-attention**, `y = y + CrossAttn(LN(y), memory, memory_mask)`: every target
+#    position reads the source. This is section 2's `MyCrossAttention`; its queries come from
+#    the normalised `y`, its keys and values from `memory` as it is (the encoder ends in a
+#    LayerNorm of its own, section 7). It returns `(output, weights)`; the block keeps the
+#    output.
+# 3. **MLP**, `y = y + MLP(LN(y))`: `Linear(d → 4d)`, GELU, `Linear(4d → d)`, applied to every
+#    position on its own. It mixes nothing between positions; that is attention's job.
+#
+# Each layer reads a normalised copy of the stream and *adds* its result to the stream (the
+# residual connection), so `y` keeps its shape `(B, T_q, d)` from start to end and every
+# layer contributes a correction to it. "Pre-norm" means that the LayerNorm sits before the
+# layer, inside its branch; each of the three has its own LayerNorm (`ln_1`, `ln_2`, `ln_3`),
+# with its own learned scale and shift. The block reads `memory` but never changes it: the
+# encoder runs once per source, and every decoder block and every decoding step reuses its
+# output.
+#
+# We give the parts the names the package uses (`ln_1`, `self_attn`, `ln_2`, `cross_attn`,
+# `ln_3`, `mlp`, and `c_fc`, `c_proj` inside the MLP), so that its weights can be copied in by
+# name.
+
+# %%
+from collections import OrderedDict
+
+from attnbook.attention import MultiHeadAttention
+
+
+def feed_forward(n_embd):
+    """Linear(d -> 4d) -> GELU -> Linear(4d -> d), applied to every position on its own."""
+    return nn.Sequential(OrderedDict(c_fc=nn.Linear(n_embd, 4 * n_embd), act=nn.GELU(),
+                                     c_proj=nn.Linear(4 * n_embd, n_embd)))
+
+
+class MyDecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal self-attention, cross-attention to memory, MLP."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        causal = AttentionConfig(n_embd=n_embd, n_head=n_head, causal=True, positions="none")
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.self_attn = MultiHeadAttention(causal)  # chapter 3's layer, causal
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.cross_attn = MyCrossAttention(n_embd, n_head)  # section 2's layer
+        self.ln_3 = nn.LayerNorm(n_embd)
+        self.mlp = feed_forward(n_embd)
+
+    def forward(self, y, memory, memory_mask=None):  # y: (B, T_q, d), memory: (B, T_k, d)
+        y = y + self.self_attn(self.ln_1(y))  # 1. the target positions mix, causally
+        y = y + self.cross_attn(self.ln_2(y), memory, memory_mask)[0]  # 2. read the source
+        return y + self.mlp(self.ln_3(y))  # 3. every position on its own
+
+# %% [markdown]
+# The encoder block is the decoder block without the middle layer: there is no second
+# sequence to read. Its self-attention differs in two ways. It is **not** causal: the whole
+# source is known before anything is decoded, so every source token may look at every other,
+# later ones included. And it takes the source's padding mask, `(B, T)` with `True` = real
+# token, reshaped to `(B, 1, 1, T)` as in section 2, so that it hides whole key columns: no
+# position, real or padded, reads the padded ones.
+
+# %%
+class MyEncoderBlock(nn.Module):
+    """Pre-norm encoder block: self-attention (not causal, padding mask), then MLP."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        both_ways = AttentionConfig(n_embd=n_embd, n_head=n_head, causal=False, positions="none")
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = MultiHeadAttention(both_ways)  # no causal mask
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = feed_forward(n_embd)
+
+    def forward(self, x, mask=None):  # x: (B, T, d), mask: (B, T), True = real token
+        keys = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): whole columns
+        x = x + self.attn(self.ln_1(x), keys)
+        return x + self.mlp(self.ln_2(x))
+
+# %% [markdown]
+# The package's blocks are built from an `AttentionConfig`: `EncoderBlock(cfg)(x, mask)` and
+# `DecoderBlock(cfg)(y, memory, memory_mask)`. The next cell builds one of each, lists the
+# decoder block's layers (the names we used) and runs both on the tensors of sections 1–3.
 
 # %%
 cfg = AttentionConfig(n_embd=d, n_head=n_head, positions="none")
@@ -477,6 +559,79 @@ print("encoder:", tuple(memory.shape), "->", tuple(mem_out.shape))
 print("decoder:", tuple(x.shape), "->", tuple(dec_out.shape))
 
 # %% [markdown]
+# Do they compute what ours compute? We build our two blocks, copy the package blocks'
+# weights into them and compare the outputs to `atol=1e-5`, without and with the padding
+# mask. The LayerNorms, the self-attention and the MLP have the same parameters under the
+# same names and load as they are. The cross-attention needs the mapping of the last section,
+# the other way round: `c_q` → `W_q`, the rows `k | v` of the fused `c_kv` → `W_k` and `W_v`,
+# `c_proj` → `W_o`.
+#
+# A third comparison uses the green path of the picture at the start. Instead of `memory` and
+# `memory_mask`, `DecoderBlock` also accepts
+# `memory_kv = block.cross_attn.project_memory(memory, memory_mask)`: the `CrossCache` that
+# holds the source's keys, values and padding mask, projected once per source and read at
+# every decoding step. It must give the same output as projecting the memory on the spot.
+#
+# Creating our blocks draws random initial weights, which the copy overwrites. We draw them
+# inside `torch.random.fork_rng()`, which restores the random state afterwards, so every cell
+# after this one draws the same random numbers as it would without these checks. The last
+# lines repeat section 1's experiment on the whole block: change decoder position 3 and see
+# which output rows move. (Section 1 added 1.0 to every coordinate. Here that change would
+# not even reach the attention layers: a LayerNorm subtracts each row's mean, so it cancels a
+# shift of all coordinates by the same amount. We flip the row's sign instead.)
+
+# %%
+@torch.no_grad()
+def copy_block_weights(mine, theirs):
+    """Load a package EncoderBlock's or DecoderBlock's weights into our block, layer by layer."""
+    for name, layer in mine.named_children():
+        source = getattr(theirs, name)
+        if isinstance(layer, MyCrossAttention):  # c_q, c_kv (rows k | v), c_proj
+            (w_k, w_v), (b_k, b_v) = source.c_kv.weight.chunk(2), source.c_kv.bias.chunk(2)
+            layer.W_q.load_state_dict(source.c_q.state_dict())
+            layer.W_k.load_state_dict({"weight": w_k, "bias": b_k})
+            layer.W_v.load_state_dict({"weight": w_v, "bias": b_v})
+            layer.W_o.load_state_dict(source.c_proj.state_dict())
+        else:  # LayerNorm, self-attention, MLP: the same parameters under the same names
+            layer.load_state_dict(source.state_dict())
+
+
+with torch.random.fork_rng():  # random initial weights, overwritten below
+    my_enc, my_dec = MyEncoderBlock(d, n_head), MyDecoderBlock(d, n_head)
+
+with torch.no_grad():
+    same = torch.allclose(my_dec(x, mem_out, memory_mask), dec_out, atol=1e-5)
+    print("before copying the weights, decoder blocks agree:", same)
+    copy_block_weights(my_enc, enc_block)
+    copy_block_weights(my_dec, dec_block)
+    for mask in (None, memory_mask):
+        mem = enc_block(memory, mask)  # (B, T_k, d)
+        ours = my_dec(x, mem, mask)  # (B, T_q, d)
+        cache = dec_block.cross_attn.project_memory(mem, mask)  # CrossCache: k, v, mask
+        checks = {
+            "encoder": torch.allclose(my_enc(memory, mask), mem, atol=1e-5),
+            "decoder": torch.allclose(dec_block(x, mem, mask), ours, atol=1e-5),
+            "decoder, memory_kv=cache": torch.allclose(dec_block(x, memory_kv=cache), ours,
+                                                       atol=1e-5),
+        }
+        print("padding mask:" if mask is not None else "no mask:     ", checks)
+        assert all(checks.values()), (mask, checks)
+    x_flipped = x.clone()
+    x_flipped[:, 3] *= -1  # change decoder position 3
+    moved = my_dec(x_flipped, mem_out, memory_mask) - my_dec(x, mem_out, memory_mask)
+    rows_moved = moved.abs().amax(dim=(0, 2)) > 1e-6  # (T_q,)
+    print("output rows that changed:", rows_moved.nonzero().flatten().tolist())
+
+# %% [markdown]
+# Before the copy the two decoder blocks disagree (different random weights); after it, every
+# comparison is `True`, with and without the padding mask, and with the precomputed
+# `CrossCache`. So the package's `EncoderBlock` and `DecoderBlock` are the blocks we just wrote
+# (their MLP ends in a dropout, which does nothing at `dropout=0`), and from here on the
+# chapter uses them: the model of section 7 stacks them, and section 10 looks inside the
+# package block's `cross_attn`. Changing decoder position 3 moved output rows `[3, 4]` only:
+# the whole block is causal, as section 1 argued, because its only layer that mixes target
+# positions is the causal self-attention.
+#
 # `positions="none"` because the blocks add no position information themselves: like GPT-2,
 # our model will add a position vector to each token embedding before the first block.
 
@@ -933,6 +1088,12 @@ print("attnbook CrossAttention (reference, sdpa; with and without padding) == ou
 #   weights agree), but its `key_padding_mask` means `True` = ignore. Passed without inverting
 #   it, it turned the unpadded sequence into NaN with `need_weights=True` and, silently, into
 #   nothing but the output bias with `need_weights=False`.
+# - A pre-norm decoder block is three residual layers, `y + Layer(LN(y))`: causal
+#   self-attention, cross-attention, MLP; the encoder block has no cross-attention and a
+#   self-attention that is not causal. Written out from chapter 3's layer, our
+#   `MyCrossAttention` and an MLP, they match the package's `EncoderBlock` and `DecoderBlock`
+#   (atol=1e-5, with and without the padding mask, and with the decoder reading a precomputed
+#   `CrossCache`), and changing decoder position 3 moved the block's output rows `[3, 4]` only.
 # - `EncoderBlock` (self-attention, not causal, then an MLP) and `DecoderBlock` (causal
 #   self-attention, cross-attention, MLP) make a tiny encoder–decoder of 171533 parameters.
 #   Trained with teacher forcing for 160 steps on 20000 strings, it reverses held-out strings of
