@@ -25,10 +25,12 @@
 # We first write the model in the notebook, line by line, and look closely at one detail that is
 # easy to skip: how its weights are initialised, and why the layers that write into the residual
 # stream start smaller than the others. Then we check that our model and the book's module
-# `attnbook.model.GPT` compute the same function, count its parameters and its FLOPs by hand,
-# and hand it to the book's training loop: a minute or so on a laptop CPU turns random weights
-# into a model that writes something that looks like a play. Finally we swap the attention
-# variant by its name, resume a stopped run from its checkpoint, and load a checkpoint to sample.
+# `attnbook.model.GPT` compute the same function, and count its parameters and its FLOPs by
+# hand. We write the training loop in the notebook too, and check it against the book's
+# `attnbook.train.train` to the last bit. Then `train` runs for real: a minute or so on a laptop
+# CPU turns random weights into a model that writes something that looks like a play. Finally
+# we swap the attention variant by its name, resume a stopped run from its checkpoint, and load
+# a checkpoint to sample.
 #
 # **Learning goals**
 #
@@ -40,6 +42,10 @@
 # - Count the parameters ($12 d^2 + 13 d$ per block) and the training FLOPs per token
 #   ($6N + 12\, n_\text{layer}\, d\, T$) by hand, and check both against the module and against
 #   PyTorch's FLOP counter.
+# - Write the training loop: AdamW with weight decay on matrices only, a linear warm-up and a
+#   cosine decay of the learning rate, a step (forward, backward, clip, update, zero the
+#   gradients) and an evaluation on fixed batches. Check it against `attnbook.train.train` bit
+#   for bit.
 # - Prepare TinyShakespeare as character tokens, train with `attnbook.train.train`, plot the loss
 #   curves, and sample with temperature and top-k.
 # - Switch the attention variant by name (`"gqa"`, `"local"`, `"linear"`, `"mla"`, ...) and
@@ -352,7 +358,7 @@ class NotebookGPT(nn.Module):
 #   twice; that is harmless, both draws have the same distribution. `parameters()` lists it once.
 # - The last loop is the **scaled residual initialisation**; section 3 measures why it is there.
 #
-# We build a model of the size we will train in section 7: 65 characters, a context of 64, 4 blocks
+# We build a model of the size we will train in section 8: 65 characters, a context of 64, 4 blocks
 # of 4 heads, `n_embd = 128`. Before any training, every logit is close to zero, the prediction is
 # close to uniform over the 65 characters, and the loss should be close to $\ln 65 \approx 4.17$.
 
@@ -485,7 +491,7 @@ print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol
 
 # %% [markdown]
 # What `GPTConfig` adds to our version, each a field with a default that gives GPT-2:
-# `attention` and `attention_options` (any registered variant, section 8), `positions`
+# `attention` and `attention_options` (any registered variant, section 9), `positions`
 # (`"learned"`, `"sinusoidal"`, or `"rope"`/`"alibi"`, which live in the attention layers, or
 # `"none"`; with these three the model has no `wpe`), `mlp="swiglu"`, `norm="rmsnorm"`,
 # `norm_position="post"`, `tie_weights=False`, `dropout` and `bias`. Exercise 1 trains the
@@ -609,14 +615,322 @@ print("y[0] =", repr(enc.decode(yb[0])))
 assert torch.equal(xb[:, 1:], yb[:, :-1])  # the targets are the inputs shifted by one
 
 # %% [markdown]
-# ## 7. Training
+# ## 7. The training loop, written out
+#
+# Section 8 trains with `attnbook.train.train`, the loop that the rest of the book and the
+# command line use. Before we use it as a black box, we write the loop ourselves, in the pieces
+# it is made of: the optimizer, the learning-rate schedule, one step, an evaluation, and the
+# loop that calls them. Then we run `train` with the same settings and ask it for the same
+# numbers: not roughly the same, the same bits.
+#
+# The settings live in a `TrainConfig`. It is only a dataclass and does nothing by itself: our
+# loop reads its fields, and `train` gets the same object. Twenty steps are enough for the
+# comparison and take a few seconds. We use the model of section 4 and batches of 12 windows
+# of 64 characters. The learning rate peaks at 3e-3 after 5 warm-up steps and falls to 3e-4 at
+# step 20. After steps 10 and 20 we evaluate on 4 fixed batches per split. The training loss
+# is logged at every step (`log_interval=1`), so that each step can be compared. The fields we
+# leave at their defaults are printed below.
+
+# %%
+from attnbook.train import TrainConfig, load_trained, lr_at, make_optimizer, read_metrics, train
+
+loop_cfg = TrainConfig(
+    model=model_cfg, out_dir=str(runs / "loop-check"), batch_size=12, max_iters=20, lr=3e-3,
+    min_lr=3e-4, warmup_iters=5, lr_decay_iters=20, eval_interval=10, eval_iters=4,
+    log_interval=1, ckpt_interval=20, device="cpu", seed=1337, progress=False,
+)
+print(f"defaults: weight_decay {loop_cfg.weight_decay}, betas ({loop_cfg.beta1}, "
+      f"{loop_cfg.beta2}), grad_clip {loop_cfg.grad_clip}, grad_accum {loop_cfg.grad_accum}, "
+      f"dtype {loop_cfg.dtype}")
+
+# %% [markdown]
+# **The optimizer.** AdamW is Adam with *decoupled* weight decay. Adam keeps two running
+# averages for every parameter. One, $m$, averages the gradient ($\beta_1 = 0.9$: roughly the
+# last 10 steps). The other, $v$, averages its square ($\beta_2 = 0.99$: roughly the last 100).
+# Each step moves the parameter by $\text{lr} \cdot \hat m / (\sqrt{\hat v} + \epsilon)$, where
+# the hats mark the averages corrected for having started at zero. The result is a step of
+# about `lr` in every coordinate, whatever the scale of its gradient. Weight decay pulls the
+# weights towards zero: with $\lambda$ = `weight_decay`, AdamW multiplies each weight by
+# $1 - \text{lr} \cdot \lambda$ at every step, apart from the gradient step. (Adam with an L2 penalty in the loss would pass
+# that pull through $\sqrt{\hat v}$ too, so weights with large gradients would hardly decay.)
+#
+# Only the **matrices** are decayed: the token and position tables and the weights of the
+# linear layers. They hold nearly all the parameters, and their size decides how sharp the
+# model's function can be. The vectors get no decay: biases and LayerNorm scales and shifts.
+# There are few of them, and pulling a LayerNorm's scale towards zero would fight its purpose
+# (scale 1 means plain standardisation). The rule is `p.dim() >= 2`, one test that finds every
+# matrix of any attention variant without a list of names. AdamW takes *parameter groups*, each
+# with its own settings, so this makes two groups with their own `weight_decay`. The learning
+# rate is set in both groups at every step by the schedule. `make_optimizer(model, cfg)` in
+# `attnbook.train` does exactly this. We write it again, and check that it builds the same two
+# groups of the same tensors.
+
+# %%
+def build_optimizer(model, cfg):
+    """AdamW with weight decay on the matrices (dim >= 2) only."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied matrix once
+    matrices = [p for p in params if p.dim() >= 2]  # embeddings, linear weights
+    vectors = [p for p in params if p.dim() < 2]  # biases, LayerNorm scales and shifts
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+torch.manual_seed(0)
+probe_model = GPT(model_cfg)  # a model to look at (we train another one below)
+ours_opt = build_optimizer(probe_model, loop_cfg)
+module_opt = make_optimizer(probe_model, loop_cfg)
+for name, group in zip(("decayed", "not decayed"), ours_opt.param_groups, strict=True):
+    print(f"{name:>11}: {len(group['params'])} tensors, "
+          f"{sum(p.numel() for p in group['params']):>7,} numbers, "
+          f"weight_decay {group['weight_decay']}")
+
+
+def settings(group):  # everything but the tensors: lr, betas, eps, weight_decay, ...
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+same_groups = all(
+    [id(p) for p in a["params"]] == [id(p) for p in b["params"]] and settings(a) == settings(b)
+    for a, b in zip(ours_opt.param_groups, module_opt.param_groups, strict=True)
+)
+print("the same groups, with the same settings, as make_optimizer:", same_groups)
+assert same_groups
+
+# %% [markdown]
+# **The learning-rate schedule** has two phases. At first the weights are random, and Adam's
+# $v$ rests on a handful of gradients, so the first steps point in directions it knows poorly.
+# A full-size step there can throw the model somewhere it is slow to recover from (Exercise 4
+# shows a model that fails without a warm-up). So for $W$ = `warmup_iters` steps the rate
+# rises linearly, $\text{lr} \cdot (s + 1) / (W + 1)$ at step $s$. It starts at
+# $\text{lr}/(W+1)$, not at 0, because a step at rate 0 would be wasted. Then
+# half a cosine takes it from `lr` at step `warmup_iters` down to `min_lr` at
+# `lr_decay_iters`. The curve is flat at both ends and steepest in the middle, so the last steps
+# are small and careful. After `lr_decay_iters` the rate stays at `min_lr` (section 10's resumed
+# run is there). Steps count from 0 here; the step that `train` logs as step 1 ran at rate
+# `lr_at(0)`. We write the schedule and compare it with `lr_at` at every step, for our 20 steps
+# and for the 400 steps that section 8 runs.
+
+# %%
+def lr_schedule(step, cfg):
+    """The learning rate of step `step` (from 0): linear warm-up, then cosine decay."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+long_cfg = dataclasses.replace(loop_cfg, max_iters=400, warmup_iters=30, lr_decay_iters=400)
+same_lr = all(lr_schedule(s, cfg) == lr_at(s, cfg) for cfg in (loop_cfg, long_cfg)
+              for s in range(450))
+print("lr_schedule(s) == lr_at(s) at every step s < 450, for both schedules:", same_lr)
+print("our run, steps 0, 4, 5, 12, 20:",
+      [f"{lr_schedule(s, loop_cfg):.2e}" for s in (0, 4, 5, 12, 20)])
+assert same_lr
+
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.2))
+ax0.plot(range(20), [lr_schedule(s, loop_cfg) for s in range(20)], "o-", ms=4)
+ax0.set_title("this section: 20 steps (warm-up 5)")
+ax1.plot(range(420), [lr_schedule(s, long_cfg) for s in range(420)])
+ax1.axvline(30, color="gray", ls=":", lw=1)
+ax1.axvline(400, color="gray", ls=":", lw=1)
+ax1.set_title("section 8: 400 steps (warm-up 30), then min_lr")
+for ax in (ax0, ax1):
+    ax.set_xlabel("step (from 0)")
+    ax.set_ylabel("learning rate")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# **One step** takes a batch of inputs `x` and targets `y`, both `(12, 64)`:
+#
+# 1. Set the learning rate in every parameter group (the optimizer reads it from there at each
+#    step).
+# 2. Forward: `model(x, y)` returns the logits and the loss, the mean cross-entropy over the
+#    $12 \times 64$ predictions.
+# 3. Backward: `loss.backward()` adds the gradient of the loss to every parameter's `.grad`.
+# 4. Clip: `clip_grad_norm_` treats all the gradients as one long vector. If its length (its L2
+#    norm) is above `grad_clip = 1`, every gradient is scaled by $1/\text{norm}$ (precisely
+#    $1/(\text{norm} + 10^{-6})$). The direction is kept and only the length is cut. One unusual
+#    batch then cannot move the weights far, or swamp Adam's running averages. The function
+#    returns the norm from before the clip, which we keep to look at.
+# 5. `optimizer.step()`: AdamW updates every parameter from its gradient, as described above.
+# 6. `optimizer.zero_grad(set_to_none=True)` drops the gradients. `backward` *adds* into
+#    `.grad`, so without this the next step would use the sum of two steps' gradients.
+#
+# The loss we return is the one from before the update: this batch, under the weights the step
+# started from. That is the number `train` logs as the step's `loss`.
+
+# %%
+def train_step(model, optimizer, x, y, lr, grad_clip):
+    """One optimizer step on the batch (x, y); returns (loss, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # 1. this step's learning rate
+    _, loss = model(x, y)  # 2. forward: mean cross-entropy over (B, T)
+    loss.backward()  # 3. gradients into p.grad
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # 4. clip
+    optimizer.step()  # 5. AdamW
+    optimizer.zero_grad(set_to_none=True)  # 6. ready for the next backward
+    return loss.item(), norm.item()
+
+# %% [markdown]
+# **Evaluation on fixed batches.** The loss of one training batch is noisy: 12 windows out of
+# a million characters. To see whether the model improves, an evaluation averages the loss over
+# `eval_iters` batches of each split. The batches come from a generator that is seeded afresh
+# at every evaluation (`seed + 1` for the training split, `seed + 2` for validation). So every
+# evaluation sees the same batches, and a change between two evaluations comes from the model,
+# not from which windows were drawn. The evaluation needs no gradients (`torch.no_grad()`), and
+# it runs in eval mode: `model.eval()` turns dropout off. Our model has no dropout, but a model
+# with dropout would otherwise be judged at its noisiest. `model.train()` switches training
+# mode back on at the end.
+#
+# One detail matters for exact agreement. `attnbook.train.evaluate` adds the batch losses in a
+# float32 tensor and divides the sum by `eval_iters`. Adding them as Python floats (float64)
+# could round differently in the last bits, so we do the same as `evaluate`. Evaluating the
+# untrained probe model twice must give the same numbers, close to $\ln 65$.
+
+# %%
+@torch.no_grad()
+def evaluate_fixed(model, data, cfg):
+    """Mean loss over cfg.eval_iters fixed batches of each split: {"train": ..., "val": ...}."""
+    model.eval()
+    out = {}
+    for i, split in enumerate(("train", "val")):
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + i)  # the same batches every time
+        total = torch.zeros(())  # a float32 sum, as attnbook.train.evaluate keeps it
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(split, cfg.batch_size, cfg.model.block_size, gen)
+            total += model(x, y)[1]
+        out[split] = (total / cfg.eval_iters).item()
+    model.train()
+    return out
+
+
+first = evaluate_fixed(probe_model, data, loop_cfg)
+second = evaluate_fixed(probe_model, data, loop_cfg)
+print("the same numbers twice:", first == second)
+print("both splits within 0.1 of ln(65) before training:",
+      all(abs(v - math.log(65)) < 0.1 for v in first.values()))
+assert first == second
+
+# %% [markdown]
+# **The loop.** To get `train`'s numbers, the loop must start the way `train` starts:
+#
+# - `torch.manual_seed(seed)` and then `GPT(cfg.model)`. The initial weights come from torch's
+#   global generator, in the order in which the model builds its layers.
+# - The optimizer (it draws nothing at random).
+# - A generator of its own for the batches, seeded with `seed`. The order of the batches then
+#   depends on nothing else: not on how many random numbers the initialisation took, and not on
+#   the evaluations, which use generators of their own.
+# - `torch.manual_seed(seed + rank)` once more. `train` does this for dropout, which must
+#   differ between the processes of a data-parallel run. Here the rank is 0 and there is no
+#   dropout, so it changes nothing; we keep it so that the two loops match line for line.
+#
+# Each step then draws one batch from that generator, calls `train_step` with
+# `lr_schedule(step)`, and evaluates after every `eval_interval`-th step and after the last.
+# `train` counts steps from 1 once they are done: the `loss` it logs for step 1 is the one that
+# `train_step` returned for step 0.
+#
+# The cell below prints losses and a time, which depend on the machine's arithmetic, so the
+# book's tests ignore its output. The asserts check the claims with a margin.
+
+# %% tags=["nbval-ignore-output"]
+t0 = time.perf_counter()
+torch.manual_seed(loop_cfg.seed)  # the initial weights: torch's global generator
+loop_model = GPT(loop_cfg.model)
+loop_opt = build_optimizer(loop_model, loop_cfg)
+data_gen = torch.Generator().manual_seed(loop_cfg.seed)  # the batches: a generator of their own
+torch.manual_seed(loop_cfg.seed + 0)  # as train does, for dropout (rank 0; we have no dropout)
+loop_model.train()
+loop_losses, loop_norms, loop_evals = [], [], {}
+for step in range(loop_cfg.max_iters):
+    xs, ys = data.get_batch("train", loop_cfg.batch_size, loop_cfg.model.block_size, data_gen)
+    loss_value, norm = train_step(loop_model, loop_opt, xs, ys, lr_schedule(step, loop_cfg),
+                                  loop_cfg.grad_clip)
+    loop_losses.append(loss_value)
+    loop_norms.append(norm)
+    done = step + 1  # steps completed, as train counts them
+    if done % loop_cfg.eval_interval == 0 or done == loop_cfg.max_iters:
+        loop_evals[done] = evaluate_fixed(loop_model, data, loop_cfg)
+seconds = time.perf_counter() - t0
+print(f"{loop_cfg.max_iters} steps in {seconds:.1f} s; training loss {loop_losses[0]:.3f} at "
+      f"step 1, {loop_losses[-1]:.3f} at step {loop_cfg.max_iters}")
+for done, losses in loop_evals.items():
+    print(f"evaluated after step {done}: train {losses['train']:.3f}, val {losses['val']:.3f}")
+print(f"gradient norm before clipping: {loop_norms[0]:.2f} at step 1; clipped at "
+      f"{sum(n > loop_cfg.grad_clip for n in loop_norms)} of {loop_cfg.max_iters} steps")
+assert abs(loop_losses[0] - math.log(65)) < 0.2
+assert loop_losses[-1] < loop_losses[0] - 0.5
+assert loop_evals[20]["val"] < loop_evals[10]["val"] < math.log(65)
+
+# %% [markdown]
+# **The check.** Now `train` runs with the same `TrainConfig` on the same data, and we read back
+# what it recorded. `metrics.jsonl` holds, for each step, its training loss and the learning
+# rate that step used. It also holds the evaluated losses after steps 10 and 20. The checkpoint
+# written at step 20 holds the final weights. JSON stores a float as the shortest decimal that
+# reads back to the same number, so comparing with `==` compares bits. We ask for four
+# equalities: the 20 training losses, the 20 learning rates, the two evaluations, and every
+# final weight.
+
+# %%
+train(loop_cfg, data)
+loop_metrics = read_metrics(loop_cfg.out_dir)
+step_lines = [m for m in loop_metrics if "loss" in m]
+eval_lines = [m for m in loop_metrics if "val_loss" in m]
+trained_by_train = load_trained(loop_cfg.out_dir)[0].state_dict()  # the checkpoint of step 20
+checks = {
+    "training loss of each of the 20 steps": [m["step"] for m in step_lines] == list(range(1, 21))
+    and [m["loss"] for m in step_lines] == loop_losses,
+    "learning rate of each step": [m["lr"] for m in step_lines]
+    == [lr_schedule(s, loop_cfg) for s in range(20)],
+    "evaluated losses after steps 10 and 20": loop_evals
+    == {m["step"]: {"train": m["train_loss"], "val": m["val_loss"]} for m in eval_lines},
+    "every final weight": all(torch.equal(w, loop_model.state_dict()[name])
+                              for name, w in trained_by_train.items()),
+}
+for what, equal in checks.items():
+    print(f"{what:>40}, bit for bit: {equal}")
+assert all(checks.values())
+
+# %% [markdown]
+# All four agree bit for bit, so our loop does everything that `train` does to the weights in
+# this run. The two runs start from the same weights, see the same batches in the same order,
+# use the same learning rate at every step, and make the same update. Had any detail differed,
+# the numbers would have parted from the first step it touched, at the latest in their last
+# bits. Decaying the biases and norm weights too, clipping after the optimizer step, or
+# shifting the schedule by one step would each break the equality. Averaging the evaluation in
+# float64 would break the evaluated losses. One slip would go unnoticed here: drawing the
+# batches from torch's global generator. `train` reseeds that generator with the same seed just
+# before the loop, and without dropout nothing else draws from it, so it happens to give the
+# same batches. With dropout it would not, because the dropout masks would take numbers from
+# between the batches.
+#
+# The check does not cover the parts of `train` that this configuration leaves idle: gradient
+# accumulation, mixed precision, data parallelism, `torch.compile`. In this run they are exact
+# no-ops, which is why we can ask for equality and not for a tolerance:
+#
+# - with `grad_accum=1` the loss is divided by 1, and the batch is one micro-batch;
+# - with `dtype="float32"` autocast is off, and the disabled `GradScaler` passes the loss and
+#   the optimizer step through unchanged;
+# - with one process there is no gradient to average across processes.
+#
+# What `train` adds around the loop is bookkeeping: checkpoints, the metrics file, the progress
+# bar, the stop on a non-finite loss, and resuming, which section 10 tests in the same bit-for-bit
+# way. The equality holds on one machine with one number of threads. On another machine both
+# loops change their last bits together.
+
+# %% [markdown]
+# ## 8. Training
 #
 # `attnbook.train.train(TrainConfig(...))` is the training loop that the rest of the book (and the
-# command line) uses. A step draws a batch, runs the model forward and backward, clips the
-# gradient's norm to 1, and takes an AdamW step. The learning rate rises linearly for
-# `warmup_iters` steps, then follows a cosine down to `min_lr` at `lr_decay_iters`. Every
-# `eval_interval` steps it measures the mean loss on `eval_iters` fixed batches of each split, so
-# that the validation curve is not just noise, and it writes checkpoints into `out_dir`.
+# command line) uses: section 7's loop, with checkpoints, metrics and resuming around it. A step
+# draws a batch, runs the model forward and backward, clips the gradient's norm to 1, and takes
+# an AdamW step. The learning rate rises linearly for `warmup_iters` steps, then follows a
+# cosine down to `min_lr` at `lr_decay_iters`. Every `eval_interval` steps it measures the mean
+# loss on `eval_iters` fixed batches of each split, so that the validation curve is not just
+# noise, and it writes checkpoints into `out_dir`.
 #
 # The run below is sized for a laptop: the model of section 4 (0.8M parameters), batches of
 # 12 × 64 characters, 400 steps at a peak learning rate of 3e-3, a minute or so on a CPU (the
@@ -727,7 +1041,7 @@ assert abs(evals[-1]["val_loss"] - evals[-1]["train_loss"]) < 0.15, "no overfitt
 #
 # A loss is a number; a sample shows what it means. `train` returned a summary (`result`), not the
 # model: the trained weights are in the checkpoint it wrote last, and `load_trained(out_dir)` builds
-# the model back from it, in eval mode (section 10 looks at what else it returns). `generate` then
+# the model back from it, in eval mode (section 11 looks at what else it returns). `generate` then
 # samples one character at a time. Two knobs shape the sampling: `temperature=0.8` divides the
 # logits by 0.8 before the softmax, sharpening the distribution a little, and `top_k=10` forbids
 # every character outside the ten most likely; both cut the long tail of unlikely characters that
@@ -751,9 +1065,9 @@ assert out.shape == (1, 7 + 300)
 # length between spaces, the commonest short words ("the", "my", "that"), capitals at the start
 # of lines, commas and full stops, and among many near-misses a few real words. Spelling takes
 # longer, and meaning far more training and a larger model;
-# `python -m attnbook.train` (end of section 10) runs nanoGPT's longer CPU example.
+# `python -m attnbook.train` (end of section 11) runs nanoGPT's longer CPU example.
 #
-# ## 8. Switching the attention variant by name
+# ## 9. Switching the attention variant by name
 #
 # Nothing in `GPT` knows which attention it holds: the block asks the registry for
 # `config.attention` and passes `config.attention_options` on to the variant, which declares them
@@ -840,7 +1154,7 @@ for name, cfg in variant_cfgs.items():
 # attnbook train --attention gqa --n_kv_head 2 --positions rope --run_name gqa-2
 # ```
 #
-# ## 9. Resuming a run
+# ## 10. Resuming a run
 #
 # A long run gets interrupted: a laptop sleeps, a job hits its time limit. `train` writes a
 # checkpoint every `ckpt_interval` steps, at every evaluation that improves the validation loss,
@@ -905,7 +1219,7 @@ print("20 training losses identical:", len(losses_a) == 20 and losses_a == losse
 print("final weights identical:", all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a))
 
 # %% [markdown]
-# ## 10. Loading a checkpoint and generating
+# ## 11. Loading a checkpoint and generating
 #
 # A trained run is a folder. `load_trained(out_dir)` reads its newest checkpoint
 # (`best=True`: the one with the lowest validation loss) and returns the model in eval mode, the
@@ -993,6 +1307,11 @@ print("temporary runs deleted:", not runs.exists())
 #   $\sqrt{n_\text{layer}}$ and buries the embeddings under noise at initialisation.
 # - A block has $12d^2 + 13d$ parameters; training costs about $6N + 12\, n_\text{layer}\, d\, T$
 #   FLOPs per token, exactly $6$ per matrix weight plus the attention scores.
+# - A training loop is a few pieces. AdamW decays the matrices only. The learning rate warms up
+#   linearly and then decays along a cosine. A step runs forward and backward, clips the
+#   gradient norm, updates the weights and zeroes the gradients. An evaluation averages the loss
+#   over fixed batches. Written in the notebook with the same seeds, generators and order of
+#   operations, the loop reproduces `train`'s losses and weights bit for bit.
 # - `prepare` encodes a corpus once, `TokenData` draws random windows, `train(TrainConfig(...))`
 #   trains with warm-up and cosine decay, evaluates, checkpoints and logs metrics;
 #   `read_metrics` returns them. 400 steps, a minute or so on a CPU, take TinyShakespeare from
