@@ -8,7 +8,7 @@ preallocated to ``max_len`` positions, so appending never reallocates.
 ``Cache`` is the protocol every cache kind of later chapters follows: ``append`` stores new
 positions and returns what attention reads, ``length`` is the position of the next token,
 ``reset`` empties it, ``nbytes`` and ``bytes_per_token`` say what it costs, and one overflow check
-guards ``max_len``. Chapter 7 builds the KV cache.
+guards ``max_len``; ``StateCache`` is the kind that keeps a fixed-size state instead. Chapter 7 builds the KV cache.
 """
 
 import torch
@@ -57,6 +57,25 @@ class Cache:
     def bytes_per_token(self) -> int:
         """Bytes one position of one sequence costs in this layer."""
         raise NotImplementedError
+
+
+class StateCache(Cache):
+    """A cache that does not grow: a recurrent layer's state (linear attention, DeltaNet) in
+    place of keys and values. ``reset`` zeroes every tensor it holds; ``bytes_per_token`` is the
+    whole state of one sequence, the same at every length: the cost of remembering any number
+    of tokens."""
+
+    def reset(self) -> None:
+        """Back to no tokens: every tensor of the state zero (the memory stays allocated)."""
+        super().reset()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, torch.zeros_like(value))
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one sequence's whole state in this layer, at any length."""
+        return sum(t[0].numel() * t.element_size() for t in self.tensors())
 
 
 class KVCache(Cache):

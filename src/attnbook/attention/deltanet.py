@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_positive_int, check_positive_ints
-from ..kv_cache import Cache
+from ..kv_cache import StateCache
 from .config import AttentionConfig
 from .masks import causal_mask
 from .mha import MultiHeadAttention
@@ -158,7 +158,7 @@ def delta_rule_weights(q, k, beta, g=None, delta=True):
     return attn @ u_  # (B, H, T, T)
 
 
-class DeltaNetCache(Cache):
+class DeltaNetCache(StateCache):
     """The decoding state of one DeltaNet layer: ``S`` ``(B, H, d_k, d_v)`` and, with a short
     convolution, its last ``conv_size - 1`` inputs ``(B, channels, conv_size - 1)``.
 
@@ -219,19 +219,8 @@ class DeltaNetCache(Cache):
         """Store the state ``(B, H, d_k, d_v)`` after the appended tokens."""
         self.S = S.to(self.S.dtype)
 
-    def reset(self) -> None:
-        """Back to no tokens: a zero state and zero convolution inputs."""
-        super().reset()
-        self.S = torch.zeros_like(self.S)
-        self.conv = torch.zeros_like(self.conv)
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.S, self.conv
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes of one sequence's whole state in this layer, at any length (see above)."""
-        return (self.S[0].numel() + self.conv[0].numel()) * self.S.element_size()
 
 
 @dataclass(frozen=True)

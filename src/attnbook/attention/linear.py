@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_positive_int, check_positive_ints
-from ..kv_cache import Cache
+from ..kv_cache import StateCache
 from .config import AttentionConfig
 from .masks import causal_mask
 from .mha import MultiHeadAttention
@@ -128,7 +128,7 @@ def linear_attention_chunked(q, k, v, chunk, q_rot=None, k_rot=None, state=None)
     return num / (norm + EPS), (S, z[:, :, -1])  # (B, H, T, d_v)
 
 
-class LinearAttentionCache(Cache):
+class LinearAttentionCache(StateCache):
     """The recurrent state of one linear-attention layer: ``S`` ``(B, H, d, d_v)``, ``z`` ``(B, H, d)``.
 
     The ``Cache`` protocol, but it does not grow: it holds two running sums, whatever the length.
@@ -188,19 +188,8 @@ class LinearAttentionCache(Cache):
         self.S, self.z = S.to(self.S.dtype), z.to(self.z.dtype)
         return before
 
-    def reset(self) -> None:
-        """Back to no tokens: zero sums."""
-        super().reset()
-        self.S = torch.zeros_like(self.S)
-        self.z = torch.zeros_like(self.z)
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.S, self.z
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes of the whole state of one sequence in this layer, at any length (see above)."""
-        return (self.S[0].numel() + self.z[0].numel()) * self.S.element_size()
 
 
 @dataclass(frozen=True)
