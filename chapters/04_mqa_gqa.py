@@ -812,8 +812,8 @@ assert all(min(right_after[n]) > 10 * mha_loss for n in (4, 2, 1))  # sharing br
 # value, and cross-entropy punishes confident mistakes hard. The heads of a trained MHA model are
 # not interchangeable: replacing a group's keys by their average, or by one of them, breaks the
 # patterns the queries were trained to find, and averaging the values blurs what the heads
-# return. In this run mean-pooling is the better of the two at every size, but that is not a
-# rule: in two of six seeds we tried, keeping the first head did better right after conversion
+# return. In this run mean-pooling has the lower loss wherever the two differ (at 8 key/value
+# heads nothing is pooled and they tie), but that is not a rule: in two of six seeds we tried, keeping the first head did better right after conversion
 # at some sizes (once by a wide margin, 0.26 against 0.95 at 4 key/value heads). At 2
 # key/value heads neither model is usable as it is. What matters is how quickly each recovers.
 #
@@ -907,8 +907,8 @@ plt.show()
 # mean-pooling was the best of the conversions they tried (the others: keeping the first head,
 # and random initialisation). Trained from scratch, a GQA model also learns this task: in six
 # seeded re-runs, the same model with 2 key/value heads got past the plateau after anything from
-# about 230 to more than 600 steps (the one in this chapter is still at a loss of 0.64 after 600
-# steps), about as long as the MHA model needed or longer. That is the cost the conversion
+# about 230 to more than 600 steps, about as long as the MHA model needed or longer (the one in
+# this chapter trained only the 100 steps of the table above). That is the cost the conversion
 # avoids.
 
 # %% [markdown]

@@ -709,8 +709,8 @@ for n in (8, 12):
 
 # %% [markdown]
 # For 12 heads: the eight slopes of the 8-head model, then $2^{-0.5}, 2^{-1.5}, 2^{-2.5},
-# 2^{-3.5}$ from the 16-head sequence, which sit between the slopes already present at the
-# steep end. A useful way to read a slope is its *half-distance* $\ln 2 / m$: how many tokens
+# 2^{-3.5}$ from the 16-head sequence: one steeper than any of the eight, three between them at
+# the steep end. A useful way to read a slope is its *half-distance* $\ln 2 / m$: how many tokens
 # back a key's weight has been halved relative to an otherwise equal key at the query itself.
 
 # %%

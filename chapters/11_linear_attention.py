@@ -158,8 +158,9 @@ print("linear-attention similarities all >= 0:", bool((sim_lin >= 0).all()),
 # $$\underbrace{(\Phi_Q \Phi_K^\top)}_{(T,\,T)} V \;=\; \Phi_Q \underbrace{(\Phi_K^\top V)}_{(d,\,d_v)}$$
 #
 # — the same product, only bracketed differently (matrix multiplication is associative). With
-# softmax this is impossible: $\exp(q\cdot k)$ is not a product of something of $q$ and
-# something of $k$, so the $T \times T$ matrix must be formed and exponentiated entry by entry.
+# softmax this is impossible: $\exp(q\cdot k)$ is not a dot product of finite feature vectors of
+# $q$ and of $k$ (only of infinitely long ones, which Performers approximate with random
+# features), so the $T \times T$ matrix must be formed and exponentiated entry by entry.
 # With features, the right-hand side first squeezes all keys and values into one small
 # $d \times d_v$ matrix, then lets every query read it. The normaliser reorders the same way:
 # $\Phi_Q \Phi_K^\top \mathbf 1 = \Phi_Q (\Phi_K^\top \mathbf 1)$, where $\Phi_K^\top \mathbf 1 =

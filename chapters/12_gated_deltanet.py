@@ -26,8 +26,8 @@
 # The models of 2025 took the second way, twice over, and kept a few softmax layers as well:
 #
 # - a **forget gate**: before each write the state decays by a factor $\alpha_t \le 1$ that the
-#   token itself chooses (RetNet with a constant, then GLA, Mamba-2 and Lightning Attention with
-#   one made from the input);
+#   token itself chooses (RetNet and Lightning Attention with a constant per head, then GLA and
+#   Mamba-2 with one made from the input);
 # - the **delta rule** (DeltaNet): instead of adding $v_t$, write the *error*
 #   $v_t - S^\top k_t$, the difference between what the memory should return for $k_t$ and
 #   what it does return.
@@ -174,8 +174,9 @@ print("weights == gamma^(t-s) (q_t . k_s), zero above the diagonal:",
 # read each back, and measure the relative error $\|o - v\|^2 / \|v\|^2$ by the pair's *age*
 # (how many writes came after it). Without decay every pair is read through the crosstalk of
 # 255 others. With a decay, the newest pairs are read almost cleanly — the old ones, whose
-# crosstalk would have buried them, are faded out — and the oldest are simply gone (error 1, the
-# error of answering zero).
+# crosstalk would have buried them, are faded out — and the oldest are gone: their read returns
+# little of their value and some crosstalk, an error near or above 1 (1 is the error of
+# answering zero).
 
 # %%
 d_mem, n_store = 64, 256
@@ -259,8 +260,8 @@ for gamma in (1.0, 0.99):
 # a per-head rate $\exp(A_{\log}) > 0$ times a positive, input-dependent step: $g_t < 0$ for
 # every input, so $\alpha_t < 1$ always, and a step near zero means "keep everything" for this
 # token. At initialisation, $A$ is drawn in $(0, 16]$ and the step in $[0.001, 0.1]$, so
-# different heads start with memories from a few tokens to thousands. The module's
-# `GatedDeltaNet.log_decay` computes it:
+# different heads start with different memories: in the layer below, from 9 to 163 tokens (the
+# ranges allow a few tokens to thousands). The module's `GatedDeltaNet.log_decay` computes it:
 
 # %%
 torch.manual_seed(5)
@@ -315,8 +316,8 @@ def gated_linear_chunked(q, k, v, g, C):
     S = k.new_zeros(*batch, dk, v.shape[-1])  # (..., d_k, d_v)
     outs = []
     for s in range(0, T, C):
-        qc, kc, vc, bc = q[..., s:s + C, :], k[..., s:s + C, :], v[..., s:s + C, :], g[..., s:s + C]
-        b = bc.cumsum(-1)  # (..., c): log gamma_i
+        qc, kc, vc = q[..., s:s + C, :], k[..., s:s + C, :], v[..., s:s + C, :]
+        b = g[..., s:s + C].cumsum(-1)  # (..., c): log gamma_i
         c = b.shape[-1]
         ratio = (b[..., :, None] - b[..., None, :]).masked_fill(~causal_mask(c), float("-inf"))
         inside = (qc @ kc.transpose(-2, -1)) * ratio.exp()  # (..., c, c)
@@ -518,6 +519,15 @@ print("our recurrence == delta_rule_recurrent (float64):",
 # Take one chunk of $C$ tokens, entering with the state $S_0$ the earlier chunks left, and write
 # $\gamma_i = \alpha_1 \cdots \alpha_i$ for the decay since the chunk began (computed in log
 # space, section 2.3). We go in five small steps, each checked on one chunk in float64.
+#
+# **Step 1 — pseudo-values.** Expand the rule: $\alpha_i (I - \beta_i k_i k_i^\top) S_{i-1} +
+# \beta_i k_i v_i^\top = \alpha_i S_{i-1} + k_i u_i^\top$ with
+#
+# $$u_i = \beta_i\,(v_i - \alpha_i S_{i-1}^\top k_i).$$
+#
+# So the delta rule *is* gated linear attention, with the value $v_i$ replaced by a
+# **pseudo-value** $u_i$ — the weighted error. The next cell runs the recurrence over one chunk,
+# keeping every state and every $u_i$, and checks that identity at every token.
 
 # %%
 torch.manual_seed(12)
@@ -539,15 +549,8 @@ states, U_rec = torch.stack(states), torch.stack(u_rec)  # (C, d_k, d_v), (C, d_
 print("step 1: S_i == alpha_i S_{i-1} + k_i u_i^T for every token of the chunk: True")
 
 # %% [markdown]
-# **Step 1 — pseudo-values.** Expand the rule: $\alpha_i (I - \beta_i k_i k_i^\top) S_{i-1} +
-# \beta_i k_i v_i^\top = \alpha_i S_{i-1} + k_i u_i^\top$ with
-#
-# $$u_i = \beta_i\,(v_i - \alpha_i S_{i-1}^\top k_i).$$
-#
-# So the delta rule *is* gated linear attention, with the value $v_i$ replaced by a
-# **pseudo-value** $u_i$ — the weighted error. The cell above checked that identity at every
-# token. If we knew the $u_i$, section 2.3's chunked form would finish the job. The rest is
-# about computing them without the loop.
+# If we knew the $u_i$, section 2.3's chunked form would finish the job. The rest is about
+# computing them without the loop.
 #
 # **Step 2 — unroll the chunk.** Gated linear attention from $S_0$ with values $u$ gives
 #
@@ -570,7 +573,8 @@ print("step 2: unrolled S_i == recurrence's S_i for every i:",
 #
 # Each $u_i$ depends on the earlier $u_j$ of the chunk, linearly. With
 # $A_{ij} = \beta_i\,(\gamma_i/\gamma_j)\,(k_i\cdot k_j)$ for $j < i$ (zero elsewhere), all $C$
-# equations at once read
+# equations at once read (this $A$ is a $C \times C$ matrix, not the decay rate $A$ of section
+# 2.2)
 #
 # $$(I + A)\,U = \mathrm{diag}(\beta)\,V - \mathrm{diag}(\beta\gamma)\,K S_0 ,$$
 #
@@ -591,10 +595,11 @@ print("step 3: (I + A) U == diag(beta) V - diag(beta gamma) K S_0:",
 #
 # $U'$ and $W$ need only the chunk's own tokens, so every chunk computes them at the same time,
 # in parallel; only the cheap product $W S_0$ waits for the state. Inverting a unit
-# lower-triangular matrix is **forward substitution**, row by row: $T_i = e_i - \sum_{j<i}
-# A_{ij} T_j$. Yang et al. call the result the *UT transform*; $W$ is the $W$ of the classic
-# *WY representation* of a product of Householder-like matrices (Exercise 4). The module lets
-# `torch.linalg.solve_triangular` do the substitution.
+# lower-triangular matrix is **forward substitution**, row by row: row $i$ of $(I + A)^{-1}$ is
+# $e_i - \sum_{j<i} A_{ij}\,(\text{row } j)$. Yang et al. call the result the *UT transform*.
+# $W$ is the $W$ of the classic *WY representation*, which writes a product of matrices
+# $I - \beta k k^\top$ as one $I - K^\top W$ (Exercise 4 proves it). The module lets
+# `torch.linalg.solve_triangular` do the substitution, for all chunks at once.
 
 # %%
 def forward_substitution(A):
@@ -632,7 +637,9 @@ print("step 5: outputs == S_i^T q_i:", torch.allclose(O, O_rec, atol=1e-12),
 
 # %% [markdown]
 # Put together over every chunk, with the state carried from chunk to chunk, that is the whole
-# chunked form. Written for any leading dimensions (batch, heads), and checked against the
+# chunked form. For readability our version solves each chunk's system inside the loop; the
+# module's `delta_rule_chunked` solves all of them before its loop, which then only carries the
+# state. Written for any leading dimensions (batch, heads), and checked against the
 # recurrence for several chunk sizes, on a length that is not a multiple of any of them:
 
 # %%
@@ -691,8 +698,8 @@ ax.set_aspect("equal")
 
 for n in range(n_chunks):
     bx.add_patch(Rectangle((n * 2.4, 0.6), 1.6, 1.2, facecolor="#f4a259", edgecolor="k"))
-    bx.text(n * 2.4 + 0.8, 1.2, f"chunk {n}\nsolve for\nU', W", ha="center", va="center",
-            fontsize=8)
+    bx.text(n * 2.4 + 0.8, 1.2, f"chunk {n}\nU = U' - W S_{n}\noutputs", ha="center",
+            va="center", fontsize=8)
     bx.add_patch(Rectangle((n * 2.4 + 0.3, -1.2), 1.0, 0.8, facecolor="#8cb8d8", edgecolor="k"))
     bx.text(n * 2.4 + 0.8, -0.8, f"$S_{n}$", ha="center", va="center")
     bx.add_patch(FancyArrowPatch((n * 2.4 + 0.8, -0.4), (n * 2.4 + 0.8, 0.6),
@@ -700,7 +707,7 @@ for n in range(n_chunks):
     if n < n_chunks - 1:
         bx.add_patch(FancyArrowPatch((n * 2.4 + 1.6, 1.0), (n * 2.4 + 2.7, -0.8),
                                      arrowstyle="-|>", mutation_scale=12, color="gray"))
-bx.text(4.6, 2.4, r"parallel over chunks: $A$, $U' = (I + A)^{-1}\beta V$, "
+bx.text(4.6, 2.4, r"before the loop, all chunks at once: $A$, $U' = (I + A)^{-1}\beta V$, "
         r"$W = (I + A)^{-1}\beta\gamma K$", ha="center")
 bx.text(4.6, -1.9, r"sequential, $T/C$ steps: $U = U' - W S_n$, outputs, "
         r"$S_{n+1} = \gamma_C S_n + (\frac{\gamma_C}{\gamma} K)^\top U$", ha="center")
@@ -969,7 +976,7 @@ assert mean_acc("linear", 64) > max(mean_acc("deltanet", 64), mean_acc("gated_de
 #
 # - **Softmax over its cache** recalls every pair, 16 or 64: it keeps them all, separately.
 # - **At 16 pairs**, as many as a head has dimensions, the three layers with a state all learn
-#   the task; linear attention best (0.87 and 0.84 for the two seeds), DeltaNet next (0.82 and
+#   much of the task (a blind guess is $1/128$); linear attention best (0.87 and 0.84 for the two seeds), DeltaNet next (0.82 and
 #   0.67), Gated DeltaNet last (0.49 and 0.40). The decays it starts with (section 2.2) forget
 #   within tens of tokens in some heads, and with two heads that costs.
 # - **At 64 pairs**, four times the state's size, linear attention falls to 0.38 and 0.36 — the
@@ -978,7 +985,12 @@ assert mean_acc("linear", 64) > max(mean_acc("deltanet", 64), mean_acc("gated_de
 #   DeltaNet, 0.01 for Gated DeltaNet. Not even the 16 newest pairs are recalled, so this is
 #   not the probe's picture past capacity (recent pairs kept, old ones overwritten): in 300
 #   steps the trained DeltaNets have not found keys and write strengths with which the rule
-#   works under this load.
+#   works under this load. One feature of this task weighs on the delta rule in particular: the
+#   query tokens write too (every token writes, then reads, $o_t = S_t^\top q_t$), and a query
+#   holds the key it asks for, so its write replaces part of the stored answer by the query's
+#   own value before the read — and for every later query of the same key. A layer can learn to
+#   give queries a small $\beta$ (the "?" embedding tells them apart), but that is one more thing
+#   to learn; the plain sum only adds its query's value on top.
 #
 # So the probe's argument — correcting errors beats piling values up, below capacity — is about
 # what a state *can* hold, and this run measures how fast a layer learns to use its state. They
@@ -1009,8 +1021,8 @@ assert mean_acc("linear", 64) > max(mean_acc("deltanet", 64), mean_acc("gated_de
 #   $U'$ and $W$ (the UT transform) leaves $U = U' - W S_0$, and the rest is matrix products.
 # - The layer adds a short causal convolution, L2-normalised $q$ and $k$, and an RMSNorm and
 #   gate on the output. Decoding keeps a state the size of a KV cache of a few dozen tokens.
-# - Trained for 300 steps on one-token-per-pair recall, the layers with a state recall well up
-#   to their state's size and fall beyond it; in this short run linear attention's additive
+# - Trained for 300 steps on one-token-per-pair recall, the layers with a state recall far better
+#   below their state's size than beyond it; in this short run linear attention's additive
 #   write learned fastest, and the DeltaNets had not learned 64 pairs at all: what a state can
 #   hold and how fast training finds it are separate measurements.
 
