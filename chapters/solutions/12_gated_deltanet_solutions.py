@@ -21,8 +21,8 @@
 # on one thread, and the exact checks run in float64.
 
 # %%
+import functools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from attnbook.attention.deltanet import (
     delta_rule_recurrent,
     delta_rule_weights,
 )
+from attnbook.bench import fwd_bwd_seconds, gated_delta_rule
 
 torch.set_num_threads(1)
 _ = torch.manual_seed(0)  # (manual_seed returns the generator; `_ =` keeps it out of the output)
@@ -561,31 +562,16 @@ for C5 in chunks:
 
 # %% [markdown]
 # **Measurement**: forward + backward at $T = 2048$, 4 heads of 64, $\beta$ and $g$ computed
-# from the inputs (so gradients reach them) as in the chapter's section 8, best of 2 runs after
-# a warm-up. Timings vary from machine to machine, so the output is not compared by the book's
+# from the inputs (so gradients reach them) by the chapter's section 8 kernel `gated_delta_rule`,
+# timed by `fwd_bwd_seconds`: best of 2 runs after a warm-up. Timings vary from machine to machine, so the output is not compared by the book's
 # tests; the cell asserts only what held on every run while this was written: the largest chunk
 # is not the fastest, and it is at least 25% slower than the best.
 
 # %% tags=["nbval-ignore-output"]
-def best_ms(fn, reps=2):
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best
-
-
-def fwd_bwd(q, k, v, chunk):
-    qn, kn = q / math.sqrt(q.shape[-1]), F.normalize(k, dim=-1)
-    beta, g = q[..., 0].sigmoid(), F.logsigmoid(v[..., 0])  # from the inputs: gradients reach them
-    delta_rule_chunked(qn, kn, v, beta, chunk, g)[0].sum().backward()
-
-
 torch.manual_seed(51)
 qkv = [torch.randn(1, H5, T5, d5, requires_grad=True) for _ in range(3)]
-ms = {C5: best_ms(lambda C5=C5: fwd_bwd(*qkv, C5)) for C5 in chunks}
+ms = {C5: 1e3 * fwd_bwd_seconds(functools.partial(gated_delta_rule, chunk=C5), qkv, repeats=2)
+      for C5 in chunks}  # the chapter's kernel and timer, from attnbook.bench
 fastest = min(ms, key=ms.get)
 for C5, t in ms.items():
     flops = C5 * (5 * d5 + 3 * d5) + 6 * d5 * d5
@@ -596,11 +582,11 @@ assert fastest != 256 and ms[256] > 1.25 * ms[fastest]
 
 # %% [markdown]
 # The curve is the predicted U, shallow on the left and steep on the right. In the run stored
-# above, chunks of 32 were the fastest and 64 was 1.12 times slower (over the runs made while
+# above, chunks of 32 were the fastest and 64 was 1.04 times slower (over the runs made while
 # this was written, 32 and 64 each won some, never by more than about 20%): the bottom of the U
-# is at 32–64. Chunks of 16, with the fewest FLOPs, were 1.23 times slower than the best (1.1 to
+# is at 32–64. Chunks of 16, with the fewest FLOPs, were 1.25 times slower than the best (1.1 to
 # 1.3 over those runs) — 128 sequential steps of small operations and their backward — and
-# chunks of 256 2.92 times slower (2 to 3 over those runs), with 4.75 times the forward FLOPs
+# chunks of 256 2.27 times slower (2 to 3 over those runs), with 4.75 times the forward FLOPs
 # of chunk 16 and 2.7 times those of chunk 64. The bottom sits where the $C^2$ work and the
 # state work are of the same size, $C \approx$ 32–64 for heads of 64, which is why the module's
 # default `chunk_size = 64` suits this head size. On a GPU a fused kernel makes each step's

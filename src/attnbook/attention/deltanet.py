@@ -28,6 +28,7 @@ from torch import nn
 from ..checks import check_positive_int, check_positive_ints
 from ..kv_cache import StateCache
 from .config import AttentionConfig
+from .linear import check_state_config
 from .masks import causal_mask
 from .mha import MultiHeadAttention
 from .registry import register_attention
@@ -279,18 +280,7 @@ class DeltaNet(MultiHeadAttention):
     Options = DeltaNetOptions
 
     def __init__(self, config: AttentionConfig, **options):
-        if config.positions == "alibi":
-            raise ValueError(
-                "DeltaNet never forms the scores that ALiBi biases: choose positions 'none' "
-                "(the papers' choice), 'rope', 'learned' or 'sinusoidal', not 'alibi'"
-            )
-        if not config.causal:
-            raise ValueError("DeltaNet is causal (a running state): set causal=True")
-        if config.impl == "flash":
-            raise ValueError(
-                "DeltaNet has no softmax for impl='flash' to tile: use impl='sdpa' (the chunked "
-                "form) or 'reference' (the recurrent one)"
-            )
+        check_state_config(config, "DeltaNet")
         super().__init__(config, **options)
         d, o = config.n_embd, self.options
         self.b_proj = nn.Linear(d, config.n_head, bias=config.bias)  # β per head

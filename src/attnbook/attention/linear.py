@@ -192,6 +192,24 @@ class LinearAttentionCache(StateCache):
         return self.S, self.z
 
 
+def check_state_config(config: AttentionConfig, name: str) -> None:
+    """ValueError for what a layer that keeps a running state instead of scores cannot do:
+    ALiBi (no scores to bias), ``causal=False`` (the state holds the past only) and
+    ``impl="flash"`` (no softmax to tile). ``name`` names the layer in the message."""
+    if config.positions == "alibi":
+        raise ValueError(
+            f"{name} never forms the scores that ALiBi biases: choose positions 'none', 'rope', "
+            f"'learned' or 'sinusoidal', not 'alibi'"
+        )
+    if not config.causal:
+        raise ValueError(f"{name} is causal (a running state): set causal=True")
+    if config.impl == "flash":
+        raise ValueError(
+            f"{name} has no softmax for impl='flash' to tile: use impl='sdpa' (the chunked "
+            f"form) or 'reference'"
+        )
+
+
 @dataclass(frozen=True)
 class LinearOptions:
     """linear_chunk: chunk length of the chunked form (the fast path)."""
@@ -221,18 +239,7 @@ class LinearAttention(MultiHeadAttention):
     Options = LinearOptions
 
     def __init__(self, config: AttentionConfig, **options):
-        if config.positions == "alibi":
-            raise ValueError(
-                "linear attention never forms the scores that ALiBi biases: choose positions "
-                "'rope', 'learned', 'sinusoidal' or 'none', not 'alibi'"
-            )
-        if not config.causal:
-            raise ValueError("linear attention here is causal (a running state): set causal=True")
-        if config.impl == "flash":
-            raise ValueError(
-                "linear attention has no softmax for impl='flash' to tile: use impl='sdpa' (the "
-                "chunked form) or 'reference'"
-            )
+        check_state_config(config, "linear attention")
         super().__init__(config, **options)
 
     @classmethod
