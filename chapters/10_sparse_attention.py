@@ -831,8 +831,10 @@ assert caches[0].length == out_plain.shape[1] - 1  # the last token was never fe
 # %% [markdown]
 # BigBird saves *compute* in training and prefill, where the block-sparse path applies; it does
 # not save cache *memory* in generation. (And in this implementation a decoding step scores its
-# single query against every cached key and then masks; that step is cheap anyway, one row of
-# scores, and gathering the visible blocks instead would only pay off for very long caches.)
+# single query against every cached key and then masks. That is few FLOPs, one row of scores,
+# but the step still *reads* every cached key and value, and at long context reading the cache
+# is what a decoding step's time is made of: chapter 14 measures it, and decodes by reading only
+# the keys a query selects.)
 # For generation, the tools that shrink memory are others: the rolling cache of a sliding window
 # (chapter 9) and smaller caches per token (chapters 4 and 13).
 #
