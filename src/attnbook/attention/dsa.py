@@ -312,7 +312,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             return torch.stack(rows).view(B, T, n, -1).to(q.dtype)
 
         kv = torch.cat([gather(latent), gather(k_rope)], dim=-1)  # (B, T, n, r + rope)
-        mask = (picked > 0)[:, :, None].expand(B, T, H, n)  # CPU SDPA is slow with (·, 1, n)
+        mask = (picked > 0)[:, :, None]  # (B, T, 1, n): every head sees the same tokens
         if per_query is not None:  # the attn_mask at the chosen positions
             gathered = per_query.expand(B, T, -1).gather(-1, idx)[:, :, None]  # (B, T, 1, n)
             mask = mask & gathered if gathered.dtype == torch.bool else restrict(gathered, mask)
