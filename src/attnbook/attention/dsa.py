@@ -9,7 +9,7 @@ MLA's latents (``IndexedLatentCache``); a decoding step reads every index key bu
 selected latents. The indexer learns by distillation, its input detached: in training the
 layer keeps ``indexer_loss``, the KL from the main attention (summed over heads) to
 ``softmax(I_t)``, over every past token during the dense warm-up (``dense_warmup``: attention
-dense, the main weights frozen) and over the selected tokens afterwards. Registered as
+dense, the indexer trained alone) and over the selected tokens afterwards. Registered as
 ``"dsa"``; chapter 14 builds it.
 """
 
