@@ -13,7 +13,9 @@
 - ``generate``: greedy decoding at GPT-2 small's shape against ``transformers`` (same weights,
   same tokens checked), with the memory-bandwidth bound measured on the same machine;
 - ``flash``: causal attention forward + backward by the reference math, ``flash_attention``'s
-  tiles and SDPA's fused kernel: the peak bytes of the tensors each creates, and time.
+  tiles and SDPA's fused kernel: the peak bytes of the tensors each creates, and time;
+- ``dsa``: one decoding step of DeepSeek Sparse Attention against dense MLA (absorbed) over the
+  same cache, at DeepSeek-V3.2-Exp's per-layer sizes with fewer heads: time and bytes read.
 
 It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
@@ -33,9 +35,11 @@ from torch.utils._pytree import tree_leaves
 
 from .attention import AttentionConfig, attention_class, available, build_attention, sdpa_reference
 from .attention.deltanet import delta_rule_chunked, delta_rule_recurrent
+from .attention.dsa import DeepSeekSparseAttention, IndexedLatentCache
 from .attention.flash import flash_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
+from .attention.mla import LatentCache, MultiHeadLatentAttention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
@@ -485,6 +489,111 @@ def print_flash(lengths, block: int, repeats: int) -> None:
         print(f"| {T} | {cells} | {mib['flash'] / max(mib['reference'], 1e-9):.3f} |")
 
 
+# --- DeepSeek Sparse Attention: one decoding step ---------------------------------------------
+
+# DeepSeek-V3.2-Exp's per-layer sizes (its config_671B_v3.2.json: 128 heads, indexer 64 x 128)
+# with both head counts divided by 8 for a CPU: the per-token sizes, so a cached token's bytes,
+# are DeepSeek's, and so is the indexer's share of the work per cached token (index_n_heads x
+# index_head_dim multiply-adds against n_head x (2 kv_lora_rank + qk_rope_head_dim): 6%).
+DSA_SIZES = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                 index_head_dim=128)  # fmt: skip
+DSA_TARGET = (32768, 0.5, 0.25)  # at this many cached tokens: most time ratio, most bytes ratio
+MLA_ROW, SDPA_ROW = "MLA, absorbed (mla.py)", "dense, one SDPA call"
+DSA_ROWS = {torch.float32: "DSA, float32 index keys", torch.bfloat16: "DSA, bfloat16 index keys"}
+
+
+def dsa_step_runs(L: int, n_head: int, index_n_heads: int, topk: int) -> tuple[dict, dict]:
+    """One decoding step after ``L`` cached (random) tokens, as ``name -> fn``: ``attend`` of
+    MLA (absorbed) and of DSA with its index keys in float32 and in bfloat16 (the new token's
+    projections, the same for all and at every length, made once beforehand), and dense
+    absorbed attention as one SDPA call over latents and rotary keys stored side by side, the
+    heads as the query rows (it checks MLA's output). Also ``name -> bytes of the cache read``."""
+    cfg = AttentionConfig(n_embd=1024, n_head=n_head, block_size=L + 1, positions="rope")
+    mla_sizes = {k: v for k, v in DSA_SIZES.items() if not k.startswith("index")}
+    dsa = DeepSeekSparseAttention(cfg, absorb=True, index_n_heads=index_n_heads, index_topk=topk,
+                                  **DSA_SIZES).eval()  # fmt: skip
+    mla = MultiHeadLatentAttention(cfg, absorb=True, **mla_sizes).eval()
+    mla.load_state_dict(dsa.state_dict(), strict=False)  # the same weights, the indexer aside
+    r, nope, rope, d_index = dsa.kv_lora_rank, dsa.qk_nope_head_dim, dsa.qk_rope_head_dim, 128
+    caches = {MLA_ROW: LatentCache(1, r, rope, L + 1)}
+    for dtype, name in DSA_ROWS.items():
+        caches[name] = IndexedLatentCache(1, r, rope, d_index, L + 1, index_dtype=dtype)
+    for cache in caches.values():
+        cache.k[:, :, :L], cache.v[:, :, :L] = torch.randn(1, 1, L, rope), torch.randn(1, 1, L, r)
+        if isinstance(cache, IndexedLatentCache):
+            cache.index_k[:, :L] = torch.randn(1, L, d_index)
+    with torch.no_grad():
+        q, k, inputs = dsa.project(torch.randn(1, 1, cfg.n_embd))
+        q, k = dsa.position(q, k, L)
+
+    @torch.no_grad()
+    def step(layer, cache, v):  # back to L cached tokens, then the new one
+        cache.length = L
+        return layer.attend(q, k, v, cache=cache)[0]  # (1, n_head, 1, v_head_dim)
+
+    expected = step(mla, caches[MLA_ROW], inputs.latent)
+    side_by_side = torch.cat([caches[MLA_ROW].v, caches[MLA_ROW].k], dim=-1)  # (1, 1, L+1, ·)
+    w_uk, w_uv = mla.wkv_b.weight.view(n_head, -1, r).split([nope, dsa.v_head_dim], dim=1)
+
+    @torch.no_grad()
+    def one_sdpa():
+        q_nope, q_rope = q.split([nope, rope], dim=-1)
+        q_abs = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
+        y = F.scaled_dot_product_attention(  # (1, 1, n_head, r + rope): read the cache once
+            q_abs.transpose(1, 2), side_by_side, side_by_side, scale=mla.scale
+        )
+        return torch.einsum("bthr,hvr->bhtv", y[..., :r], w_uv)
+
+    if not torch.allclose(one_sdpa(), expected, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the one-SDPA dense step disagrees with MLA's")
+    runs = {MLA_ROW: lambda: step(mla, caches[MLA_ROW], inputs.latent), SDPA_ROW: one_sdpa}
+    for name in DSA_ROWS.values():
+        runs[name] = functools.partial(step, dsa, caches[name], inputs)
+    latent_bytes = L * (r + rope) * 4  # every latent and its rotary key, float32
+    read = {MLA_ROW: latent_bytes, SDPA_ROW: latent_bytes}
+    for dtype, name in DSA_ROWS.items():  # every index key, the chosen latents and rotary keys
+        read[name] = L * d_index * dtype.itemsize + topk * (r + rope) * 4
+    return runs, read
+
+
+def print_dsa(lengths, repeats: int, n_head: int, index_n_heads: int) -> None:
+    """DSA's decoding step against dense MLA's, with index_topk = L / 16."""
+    print(
+        f"one decoding step (batch 1, one new query) after L cached tokens, float32 weights and "
+        f"latents, {torch.get_num_threads()} threads, best of {repeats} (alternating): n_head "
+        f"{n_head}, kv_lora_rank 512, qk_rope_head_dim 64, qk_nope_head_dim 128, v_head_dim 128;"
+        f" indexer {index_n_heads} heads x 128, index_topk L/16. Timed: the layer's attend stage"
+        f" (the new token's projections excluded); bytes: of the cache, read by the step"
+    )
+    print("| L | variant | ms | time / MLA | time / one SDPA | MB read | bytes / dense |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = {}
+    for L in lengths:
+        runs, read = dsa_step_runs(L, n_head, index_n_heads, L // 16)
+        times = {name: s for name, (s, _) in best_of_alternating(runs, repeats).items()}
+        for name, seconds in times.items():
+            ratios[L, name] = (seconds / times[MLA_ROW], seconds / times[SDPA_ROW],
+                               read[name] / read[MLA_ROW])  # fmt: skip
+            t_mla, t_sdpa, b = ratios[L, name]
+            print(f"| {L} | {name} | {seconds * 1e3:.2f} | {t_mla:.3f} | {t_sdpa:.3f} | "
+                  f"{read[name] / 1e6:.1f} | {b:.3f} |")  # fmt: skip
+    L, most_time, most_bytes = DSA_TARGET
+    for name in DSA_ROWS.values():
+        if (L, name) not in ratios:
+            print(f"target: {name} at L={L}: not measured (add {L} to --lengths)")
+            continue
+        verdicts = [
+            (f"time / MLA {ratios[L, name][0]:.3f}", ratios[L, name][0] <= most_time, most_time),
+            (f"time / one SDPA {ratios[L, name][1]:.3f}", ratios[L, name][1] <= most_time,
+             most_time),
+            (f"bytes / dense {ratios[L, name][2]:.3f}", ratios[L, name][2] <= most_bytes,
+             most_bytes),
+        ]  # fmt: skip
+        shown = "; ".join(f"{what} <= {bound}: {'met' if ok else 'NOT met'}"
+                          for what, ok, bound in verdicts)  # fmt: skip
+        print(f"target: {name} at L={L}: {shown}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -513,6 +622,11 @@ def main(argv=None):
     fla.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     fla.add_argument("--block", type=int, default=128, help="flash's query and key tile size")
     fla.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up")
+    dsa = sub.add_parser("dsa", help="a DeepSeek Sparse Attention decoding step vs dense MLA")
+    dsa.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    dsa.add_argument("--repeats", type=int, default=10, help="timed runs after the warm-up")
+    dsa.add_argument("--n_head", type=int, default=16, help="DeepSeek-V3.2-Exp: 128")
+    dsa.add_argument("--index_n_heads", type=int, default=8, help="DeepSeek-V3.2-Exp: 64")
     args = parser.parse_args(argv)
     for name in (
         "repeats",
@@ -522,6 +636,8 @@ def main(argv=None):
         "new_tokens",
         "threads",
         "block",
+        "n_head",
+        "index_n_heads",
     ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -543,6 +659,10 @@ def main(argv=None):
         if min(args.lengths) < 1:
             parser.error(f"--lengths must be positive, got {args.lengths}")
         print_flash(args.lengths, args.block, args.repeats)
+    elif args.command == "dsa":
+        if min(args.lengths) < 16:
+            parser.error(f"--lengths must be at least 16 (index_topk = L/16), got {args.lengths}")
+        print_dsa(args.lengths, args.repeats, args.n_head, args.index_n_heads)
     else:
         if args.prompt_len + args.new_tokens > gpt2_config().block_size:
             parser.error("--prompt_len plus --new_tokens must be at most GPT-2's 1024 positions")

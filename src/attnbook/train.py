@@ -6,8 +6,10 @@
 or ``python -m attnbook.train --max_iters 200`` (a ``--flag`` per field of ``TrainConfig`` and
 its ``GPTConfig``, and per attention option: ``--n_kv_head``, ``--window``, ``--impl``, ...), or
 ``torchrun --nproc_per_node 2 -m attnbook.train ...`` (data parallel). A step: ``grad_accum``
-micro-batches (under bf16 autocast, or fp16 with a gradient scaler, if asked), clipping, AdamW
-(decay on matrices only), linear warm-up then cosine decay. Checkpoints
+micro-batches (under bf16 autocast, or fp16 with a gradient scaler, if asked; with "dsa"
+layers their indexers' KL losses join the loss, after a warm-up that trains the indexers
+alone, ``dsa_warmup_iters``), clipping, AdamW (decay on matrices only), linear warm-up then
+cosine decay. Checkpoints
 (``out_dir/checkpoints/step_N/``: ``model.safetensors`` and a ``weights_only`` ``state.pt``) are
 written atomically; restarting with the same ``out_dir`` resumes bit for bit (same thread
 count); ``resume=False`` refuses a folder holding another run's checkpoints. Metrics go to
@@ -34,7 +36,7 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from . import gpt2
-from .attention import AttentionConfig, attention_class, available
+from .attention import AttentionConfig, DeepSeekSparseAttention, attention_class, available
 from .checks import check_non_negative_int, check_positive_int
 from .data import TokenData, prepare
 from .model import GPT, SET_BY_GPT, GPTConfig
@@ -97,6 +99,11 @@ class TrainConfig:
             run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
             ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
             downloads). The model must have the same shape. Ignored when the run resumes.
+        dsa_warmup_iters: for a model with DeepSeek Sparse Attention ("dsa") layers, the first
+            so many steps are its dense warm-up: attention over every past token, and only the
+            indexers learn, from their KL losses (``indexer_loss``). Afterwards, and from the
+            start when 0, the step minimises the loss plus the indexers' KL losses (each reaches
+            only its indexer). One process only while warming up.
     """
 
     model: GPTConfig = field(
@@ -135,6 +142,7 @@ class TrainConfig:
     mlflow_experiment: str = "attnbook"
     peak_flops: float | None = None
     init_from: str | None = None
+    dsa_warmup_iters: int = 0
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -143,7 +151,7 @@ class TrainConfig:
         positive += ("log_interval", "ckpt_interval", "keep_last", "lr_decay_iters")
         for name in positive:
             check_positive_int(name, getattr(self, name))
-        for name in ("warmup_iters", "patience", "seed"):
+        for name in ("warmup_iters", "patience", "seed", "dsa_warmup_iters"):
             check_non_negative_int(name, getattr(self, name))
         if self.peak_flops is not None and not (
             isinstance(self.peak_flops, int | float) and 0 <= self.peak_flops < math.inf
@@ -292,14 +300,17 @@ def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
 # The settings a resumed run must keep: they decide which batches and which updates come next.
 TRAJECTORY = ("data", "encoding", "val_fraction", "batch_size", "grad_accum", "lr", "min_lr",
               "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
-              "dtype", "seed")  # fmt: skip
+              "dtype", "seed", "dsa_warmup_iters")  # fmt: skip
 
 
 def _check_same_trajectory(out_dir, saved: dict, current: dict) -> None:
     """ValueError unless a resumed run keeps the ``TRAJECTORY`` settings of its checkpoint
-    (``max_iters``, intervals, ``patience`` and the like may change)."""
-    changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY
-               if saved.get(k) != current[k]]  # fmt: skip
+    (``max_iters``, intervals, ``patience`` and the like may change). A setting newer than the
+    checkpoint counts as its default."""
+    defaults = TrainConfig().to_dict()
+    saved = {k: saved.get(k, defaults[k]) for k in TRAJECTORY}
+    changed = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in TRAJECTORY
+               if saved[k] != current[k]]  # fmt: skip
     if changed:
         raise ValueError(
             f"{out_dir} would resume with other settings than it was trained with "
@@ -476,6 +487,18 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     lock = _lock(out_dir) if rank == 0 else None  # held until the run ends or its process dies
     torch.manual_seed(cfg.seed)
     raw_model = GPT(cfg.model).to(device)
+    indexed = [m for m in raw_model.modules() if isinstance(m, DeepSeekSparseAttention)]
+    if cfg.dsa_warmup_iters and not indexed:
+        raise ValueError(
+            f"dsa_warmup_iters={cfg.dsa_warmup_iters} warms up the indexers of 'dsa' layers, and "
+            f"this model has none: use attention 'dsa' or dsa_warmup_iters=0"
+        )
+    if cfg.dsa_warmup_iters and world_size > 1:
+        raise ValueError(
+            "the dsa warm-up trains the indexers alone, which DistributedDataParallel cannot "
+            "do (it waits for every weight's gradient): warm up in one process, or set "
+            "dsa_warmup_iters=0"
+        )
     optimizer = make_optimizer(raw_model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")  # else no-ops
     data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -541,13 +564,21 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             "train", cfg.batch_size, cfg.model.block_size, data_gen, rank, world_size
         )  # (batch_size / world_size, block_size) each
         x, y = x.to(device), y.to(device)
-        total = torch.zeros((), device=device)
+        total, total_kl = torch.zeros((), device=device), torch.zeros((), device=device)
+        warming = step < cfg.dsa_warmup_iters  # dsa's dense warm-up: the indexers learn alone
+        for layer in indexed:
+            layer.dense_warmup = warming
         for i in range(cfg.grad_accum):
             part = slice(i * micro, (i + 1) * micro)
             sync = world_size == 1 or i == cfg.grad_accum - 1  # all-reduce on the last only
             with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, device):
                 _, loss = model(x[part], y[part])
-            scaler.scale(loss / cfg.grad_accum).backward()
+                objective = loss
+                if indexed:  # each indexer's KL reaches that indexer only
+                    kl = sum(layer.indexer_loss for layer in indexed)
+                    objective = kl if warming else loss + kl
+                    total_kl += kl.detach().float() / cfg.grad_accum
+            scaler.scale(objective / cfg.grad_accum).backward()
             total += loss.detach().float() / cfg.grad_accum
         loss_value = _mean_over_ranks(total, world_size)
         if not math.isfinite(loss_value):
@@ -573,6 +604,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 ms_per_iter=dt * 1e3,
                 tokens_per_s=tokens_per_step / dt,
                 **({} if peak is None else {"mfu": flops_per_token * tokens_per_step / dt / peak}),
+                **({"indexer_loss": _mean_over_ranks(total_kl, world_size)} if indexed else {}),
             )
             bar.set_postfix(loss=f"{loss_value:.4f}")
         is_best = False

@@ -14,6 +14,7 @@ from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
 from .cross import CrossAttention, CrossCache, DecoderBlock, EncoderBlock
 from .deltanet import DeltaNet, GatedDeltaNet
+from .dsa import DeepSeekSparseAttention, IndexedLatentCache, Indexer
 from .flash import flash_attention, merge_partial
 from .gqa import GroupedQueryAttention
 from .linear import LinearAttention
@@ -32,11 +33,14 @@ __all__ = [
     "CrossAttention",
     "CrossCache",
     "DecoderBlock",
+    "DeepSeekSparseAttention",
     "DeltaNet",
     "EncoderBlock",
     "GatedDeltaNet",
     "GroupedQueryAttention",
     "Head",
+    "IndexedLatentCache",
+    "Indexer",
     "LinearAttention",
     "LocalAttention",
     "MultiHeadAttention",
