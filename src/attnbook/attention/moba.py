@@ -118,6 +118,92 @@ class PartialAttention(torch.autograd.Function):
         return dq, dk.sum_to_size(k.shape), dv.sum_to_size(v.shape), None, None
 
 
+def own_chunk_parts(q, k, v, chunk_size, alibi_slopes=None, dropout_p=0.0):
+    """Each query's attention to its own chunk, causal, as parts for ``merge_partial``.
+
+    ``q`` ``(B, n_head, T, head_dim)`` already scaled; ``k``, ``v`` and the rest as in
+    ``moba_attention``. Returns a list of outputs ``(B, n_head, T, head_dim)`` and a list of
+    log-sum-exps ``(B, n_head, T)``, one of each per part (``-inf``: the part is empty there).
+
+    The chunks are a batch, the last one padded (the padding comes after every real query, so no
+    real query sees it; the padded queries' outputs are dropped). A chunk of even size goes in
+    two halves: each half attends itself causally, the second also attends the first whole, so
+    the quarter of the scores above the halves' diagonals is never computed.
+    """
+    B, H, T, D = q.shape
+    H_kv, C = k.shape[1], chunk_size
+    n, sub = -(-T // C), C // 2 if C % 2 == 0 else C  # chunks; halves, or the whole chunk
+
+    def pieces(x):  # (B, h, T, D) -> (B, H_kv, h / H_kv, n, C / sub, sub, D)
+        return F.pad(x, (0, 0, 0, n * C - T)).view(B, H_kv, -1, n, C // sub, sub, D)
+
+    def queries(x):  # (B, H_kv, group, n, C / sub, sub, ...) -> (B, n_head, T, ...): real ones
+        return x.reshape(B, H, n * C, *x.shape[6:])[:, :, :T]
+
+    def bias(distance):  # additive bias at these (query - key) distances: ALiBi's, or 0
+        if alibi_slopes is None:
+            return torch.zeros(distance.shape, dtype=q.dtype, device=q.device)
+        return -alibi_slopes.to(q.dtype).view(H_kv, -1, 1, 1, 1, 1) * distance
+
+    qs, ks, vs = pieces(q), pieces(k), pieces(v)  # a group of query heads per key/value head
+    distance = torch.arange(sub, device=q.device)[:, None] - torch.arange(sub, device=q.device)
+    causal = bias(distance).masked_fill(distance < 0, float("-inf"))
+    y, lse = PartialAttention.apply(qs, ks, vs, causal, dropout_p)  # each piece, itself
+    outputs, lses = [queries(y)], [queries(lse)]
+    if sub < C:  # the second halves attend the first halves: (B, H_kv, group, n, 1, sub, ·)
+        y, lse = PartialAttention.apply(
+            qs[..., 1:, :, :], ks[..., :1, :, :], vs[..., :1, :, :], bias(distance + sub), dropout_p
+        )
+        outputs.append(queries(torch.cat([torch.zeros_like(y), y], dim=4)))  # first halves: none
+        lses.append(queries(torch.cat([torch.full_like(lse, float("-inf")), lse], dim=4)))
+    return outputs, lses
+
+
+def past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes=None, dropout_p=0.0):
+    """Each query's attention to each past chunk it chose, as parts for ``merge_partial``.
+
+    ``q`` ``(B, n_head, T, head_dim)`` already scaled; ``past`` ``(B, n_head, T, n_chunks)``
+    boolean, the chosen chunks that lie wholly before each query's own; the rest as in
+    ``moba_attention``. Returns outputs ``(B, n_head, T, S, head_dim)`` and log-sum-exps ``(B,
+    n_head, T, S)``, ``S`` the most past chunks a query chose (``-inf``: fewer chosen).
+
+    Past chunk ``j`` is attended whole by the queries that chose it (FlashAttention's
+    variable-length call in the official code): they are gathered as its rows, in order, padded
+    to the most that any head sends it.
+    """
+    B, H, T, D = q.shape
+    H_kv, C, n = k.shape[1], chunk_size, past.shape[-1]
+    widths = past.sum(dim=2).amax(dim=(0, 1)).tolist()  # (n,): the most a head sends chunk j
+    R = sum(widths)  # rows of every chunk; row R is an empty part
+    first = torch.tensor([sum(widths[:j]) for j in range(n)], device=q.device)  # (n,)
+    row = torch.where(past, past.cumsum(dim=2) - 1 + first, R)  # (B, H, T, n): row of (t, j)
+    t = torch.arange(T, device=q.device)[:, None].expand(T, n).reshape(1, 1, T * n)
+    query = torch.zeros(B, H, R + 1, dtype=torch.long, device=q.device)  # padding rows: query 0
+    query = query.scatter(2, row.view(B, H, T * n), t.expand(B, H, -1))[..., :R]  # row -> t
+    q_rows = q.gather(2, query[..., None].expand(-1, -1, -1, D)).view(B, H_kv, -1, R, D)
+    kc, vc = (F.pad(x, (0, 0, 0, n * C - T)).view(B, H_kv, 1, n, C, D) for x in (k, v))
+    ys, lses = [], []
+    parts = q_rows.split(widths, dim=3), query.split(widths, dim=2), kc.unbind(3), vc.unbind(3)
+    for j, (qj, tj, kj, vj) in enumerate(zip(*parts, strict=True)):  # (B, H_kv, g, M, D), ...
+        if not widths[j]:
+            continue
+        bias = None  # every key of a past chunk is before its queries: nothing to mask
+        if alibi_slopes is not None:  # (B, H_kv, g, M, C): minus slope times the distance
+            key = torch.arange(j * C, (j + 1) * C, device=q.device)  # (C,)
+            slopes = alibi_slopes.to(q.dtype).view(H_kv, -1, 1, 1)
+            bias = -slopes * (tj.view(B, H_kv, -1, widths[j], 1) - key)
+        y, lse = PartialAttention.apply(qj, kj, vj, bias, dropout_p)  # (B, H_kv, g, M, ·)
+        ys.append(y.reshape(B, H, -1, D))
+        lses.append(lse.reshape(B, H, -1))
+    ys.append(q.new_zeros(B, H, 1, D))  # row R: an empty part
+    lses.append(q.new_full((B, H, 1), float("-inf")))
+    y_rows, lse_rows = torch.cat(ys, dim=2), torch.cat(lses, dim=2)  # (B, H, R + 1, ·)
+    S = past.sum(dim=-1).max().item()
+    row = row.sort(dim=-1).values[..., :S].reshape(B, H, T * S)  # each query's rows first
+    y_past = y_rows.gather(2, row[..., None].expand(-1, -1, -1, D)).view(B, H, T, S, D)
+    return y_past, lse_rows.gather(2, row).view(B, H, T, S)
+
+
 def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, scale=None):
     """MoBA without forming the ``T x T`` scores: ``O(T * topk * chunk_size)``.
 
@@ -132,76 +218,25 @@ def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, 
 
     Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``moba_mask`` returns.
 
-    As in the official code, two parts joined by ``merge_partial``: every query's own chunk
-    (chunks as a batch, causal inside), and each past chunk attended whole by the queries that
-    chose it (FlashAttention's variable-length call there; here one row per such query, the
-    rows of chunk ``j`` padded to the most that any head sends it).
+    As in the official code, the parts of each query's keys are attended apart and joined by
+    ``merge_partial``: its own chunk (``own_chunk_parts``) and each past chunk it chose
+    (``past_chunk_parts``).
     """
-    B, H, T, D = q.shape
-    H_kv, C = k.shape[1], chunk_size
+    T, D = q.shape[-2:]
     if k.shape[-2] != T:
         raise ValueError(
             f"moba_attention needs the keys of the T queries only, got T={T} queries and "
             f"T_k={k.shape[-2]} keys: use moba_mask for queries after cached keys"
         )
-    g = H // H_kv
-    selected = moba_gate(q, k, C, topk)  # (B, H, T, n)
-    n = selected.shape[-1]
+    selected = moba_gate(q, k, chunk_size, topk)  # (B, n_head, T, n_chunks)
     q = q * (D**-0.5 if scale is None else scale)
-    slopes = None if alibi_slopes is None else alibi_slopes.to(q.dtype).view(H_kv, g, 1, 1)
-    position = torch.arange(n * C, device=q.device)  # (n * C,)
-
-    # 1. the own chunk, causal: positions cut into n chunks, the last padded (padding comes after
-    # every real query, so no real query sees it; the padded queries' outputs are dropped)
-    def chunks(x):  # (B, h, T, D) -> (B, h, n, C, D)
-        return F.pad(x, (0, 0, 0, n * C - T)).view(B, x.shape[1], n, C, D)
-
-    qc = chunks(q).view(B, H_kv, g, n, C, D)  # a group of query heads per key head
-    kc, vc = chunks(k)[:, :, None], chunks(v)[:, :, None]  # (B, H_kv, 1, n, C, D)
-    distance = position[:C, None] - position[:C]  # (C, C): query row minus key column
-    bias = torch.zeros(C, C, dtype=q.dtype, device=q.device)
-    if slopes is not None:
-        bias = -slopes[..., None] * distance  # (H_kv, g, 1, C, C)
-    bias = bias.masked_fill(distance < 0, float("-inf"))
-    y_own, lse_own = PartialAttention.apply(qc, kc, vc, bias, dropout_p)  # (.., n, C, D), (.., C)
-    y_own = y_own.reshape(B, H, n * C, D)[:, :, :T]  # (B, H, T, D)
-    lse_own = lse_own.reshape(B, H, n * C)[:, :, :T]  # (B, H, T)
-    if topk == 1 or n == 1:
-        return y_own
-
-    # 2. the past chunks: chunk j's rows hold, in order, the queries that chose it
-    own = position[:T, None] // C  # (T, 1)
-    past = selected & (position[:n] < own)  # (B, H, T, n): the chosen past chunks
-    widths = past.sum(dim=2).amax(dim=(0, 1)).tolist()  # (n,): the most a head sends chunk j
-    R = sum(widths)  # rows of every chunk; row R stands for "no chunk" below
-    first = torch.tensor([sum(widths[:j]) for j in range(n)], device=q.device)  # (n,)
-    row = torch.where(past, past.cumsum(dim=2) - 1 + first, R)  # (B, H, T, n): row of (t, j)
-    t = position[:T, None].expand(T, n).reshape(1, 1, T * n).expand(B, H, -1)  # query of (t, j)
-    query = torch.zeros(B, H, R + 1, dtype=torch.long, device=q.device)  # padding rows: query 0
-    query = query.scatter(2, row.view(B, H, T * n), t)[..., :R]  # (B, H, R): each row's query
-    q_rows = q.gather(2, query[..., None].expand(-1, -1, -1, D)).view(B, H_kv, g, R, D)
-    ys, lses = [], []
-    rows = q_rows.split(widths, dim=3), query.split(widths, dim=2), kc.unbind(3), vc.unbind(3)
-    for j, (qj, tj, kj, vj) in enumerate(zip(*rows, strict=True)):  # (B, H_kv, g, M, D), ...
-        if not widths[j]:
-            continue
-        bias = None  # every key of a past chunk is before its queries: nothing to mask
-        if slopes is not None:  # (B, H_kv, g, M, C): minus slope times the distance
-            bias = -slopes * (tj.view(B, H_kv, g, -1, 1) - position[j * C : (j + 1) * C])
-        y, lse = PartialAttention.apply(qj, kj, vj, bias, dropout_p)  # (B, H_kv, g, M, ·)
-        ys.append(y.reshape(B, H, -1, D))
-        lses.append(lse.reshape(B, H, -1))
-    ys.append(q.new_zeros(B, H, 1, D))  # row R: an empty part
-    lses.append(q.new_full((B, H, 1), float("-inf")))
-    y_rows, lse_rows = torch.cat(ys, dim=2), torch.cat(lses, dim=2)  # (B, H, R + 1, ·)
-
-    # 3. each query's parts side by side, joined by their log-sum-exps
-    slots = min(topk - 1, n - 1)  # past chunks a query has at most
-    row = row.sort(dim=-1).values[..., :slots].reshape(B, H, T * slots)  # chosen ones first
-    y_past = y_rows.gather(2, row[..., None].expand(-1, -1, -1, D)).view(B, H, T, slots, D)
-    lse_past = lse_rows.gather(2, row).view(B, H, T, slots)
-    y, _ = merge_partial([y_own, *y_past.unbind(3)], [lse_own, *lse_past.unbind(3)])
-    return y  # (B, H, T, D)
+    outputs, lses = own_chunk_parts(q, k, v, chunk_size, alibi_slopes, dropout_p)
+    own = torch.arange(T, device=q.device)[:, None] // chunk_size  # (T, 1)
+    past = selected & (torch.arange(selected.shape[-1], device=q.device) < own)  # chosen, past
+    if past.any():
+        y_past, lse_past = past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes, dropout_p)
+        outputs, lses = outputs + list(y_past.unbind(3)), lses + list(lse_past.unbind(3))
+    return merge_partial(outputs, lses)[0]  # (B, n_head, T, head_dim)
 
 
 @dataclass(frozen=True)
