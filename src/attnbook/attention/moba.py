@@ -121,24 +121,24 @@ class PartialAttention(torch.autograd.Function):
 def own_chunk_parts(q, k, v, chunk_size, alibi_slopes=None, dropout_p=0.0):
     """Each query's attention to its own chunk, causal, as parts for ``merge_partial``.
 
-    ``q`` ``(B, n_head, T, head_dim)`` already scaled; ``k``, ``v`` and the rest as in
-    ``moba_attention``. Returns a list of outputs ``(B, n_head, T, head_dim)`` and a list of
-    log-sum-exps ``(B, n_head, T)``, one of each per part (``-inf``: the part is empty there).
+    ``q`` ``(B, n_head, T, head_dim)`` already scaled, ``T`` a multiple of ``chunk_size``;
+    ``k``, ``v`` and the rest as in ``moba_attention``. Returns a list of outputs ``(B, n_head,
+    T, head_dim)`` and a list of log-sum-exps ``(B, n_head, T)``, one of each per part
+    (``-inf``: the part is empty there).
 
-    The chunks are a batch, the last one padded (the padding comes after every real query, so no
-    real query sees it; the padded queries' outputs are dropped). A chunk of even size goes in
-    two halves: each half attends itself causally, the second also attends the first whole, so
-    the quarter of the scores above the halves' diagonals is never computed.
+    The chunks are a batch. A chunk of even size goes in two halves: each half attends itself
+    causally, the second also attends the first whole, so the quarter of the scores above the
+    halves' diagonals is never computed.
     """
     B, H, T, D = q.shape
     H_kv, C = k.shape[1], chunk_size
-    n, sub = -(-T // C), C // 2 if C % 2 == 0 else C  # chunks; halves, or the whole chunk
+    n, sub = T // C, C // 2 if C % 2 == 0 else C  # chunks; halves, or the whole chunk
 
     def pieces(x):  # (B, h, T, D) -> (B, H_kv, h / H_kv, n, C / sub, sub, D)
-        return F.pad(x, (0, 0, 0, n * C - T)).view(B, H_kv, -1, n, C // sub, sub, D)
+        return x.view(B, H_kv, -1, n, C // sub, sub, D)
 
-    def queries(x):  # (B, H_kv, group, n, C / sub, sub, ...) -> (B, n_head, T, ...): real ones
-        return x.reshape(B, H, n * C, *x.shape[6:])[:, :, :T]
+    def queries(x):  # (B, H_kv, group, n, C / sub, sub, ...) -> (B, n_head, T, ...)
+        return x.reshape(B, H, T, *x.shape[6:])
 
     def bias(distance):  # additive bias at these (query - key) distances: ALiBi's, or 0
         if alibi_slopes is None:
@@ -162,9 +162,9 @@ def own_chunk_parts(q, k, v, chunk_size, alibi_slopes=None, dropout_p=0.0):
 def past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes=None, dropout_p=0.0):
     """Each query's attention to each past chunk it chose, as parts for ``merge_partial``.
 
-    ``q`` ``(B, n_head, T, head_dim)`` already scaled; ``past`` ``(B, n_head, T, n_chunks)``
-    boolean, the chosen chunks that lie wholly before each query's own; the rest as in
-    ``moba_attention``. Returns outputs ``(B, n_head, T, S, head_dim)`` and log-sum-exps ``(B,
+    ``q`` ``(B, n_head, T, head_dim)`` already scaled, ``T`` a multiple of ``chunk_size``;
+    ``past`` ``(B, n_head, T, T / chunk_size)`` boolean, the chosen chunks that lie wholly
+    before each query's own; the rest as in ``moba_attention``. Returns outputs ``(B, n_head, T, S, head_dim)`` and log-sum-exps ``(B,
     n_head, T, S)``, ``S`` the most past chunks a query chose (``-inf``: fewer chosen).
 
     Past chunk ``j`` is attended whole by the queries that chose it (FlashAttention's
@@ -181,7 +181,7 @@ def past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes=None, dropout_p=0.0
     query = torch.zeros(B, H, R + 1, dtype=torch.long, device=q.device)  # padding rows: query 0
     query = query.scatter(2, row.view(B, H, T * n), t.expand(B, H, -1))[..., :R]  # row -> t
     q_rows = q.gather(2, query[..., None].expand(-1, -1, -1, D)).view(B, H_kv, -1, R, D)
-    kc, vc = (F.pad(x, (0, 0, 0, n * C - T)).view(B, H_kv, 1, n, C, D) for x in (k, v))
+    kc, vc = (x.view(B, H_kv, 1, n, C, D) for x in (k, v))
     ys, lses = [], []
     parts = q_rows.split(widths, dim=3), query.split(widths, dim=2), kc.unbind(3), vc.unbind(3)
     for j, (qj, tj, kj, vj) in enumerate(zip(*parts, strict=True)):  # (B, H_kv, g, M, D), ...
@@ -228,15 +228,20 @@ def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, 
             f"moba_attention needs the keys of the T queries only, got T={T} queries and "
             f"T_k={k.shape[-2]} keys: use moba_mask for queries after cached keys"
         )
-    selected = moba_gate(q, k, chunk_size, topk)  # (B, n_head, T, n_chunks)
+    C = chunk_size
+    selected = moba_gate(q, k, C, topk)  # (B, n_head, T, n)
+    n = selected.shape[-1]
+    own = torch.arange(n * C, device=q.device)[:, None] // C  # (n * C, 1): each one's chunk
+    chunk = torch.arange(n, device=q.device)  # (n,)
+    # in whole chunks: the padding comes after every real query, so no real query sees it
+    past = F.pad(selected, (0, 0, 0, n * C - T)) & (chunk < own)  # (B, n_head, n * C, n)
     q = q * (D**-0.5 if scale is None else scale)
-    outputs, lses = own_chunk_parts(q, k, v, chunk_size, alibi_slopes, dropout_p)
-    own = torch.arange(T, device=q.device)[:, None] // chunk_size  # (T, 1)
-    past = selected & (torch.arange(selected.shape[-1], device=q.device) < own)  # chosen, past
+    q, k, v = (F.pad(x, (0, 0, 0, n * C - T)) if T % C else x for x in (q, k, v))
+    outputs, lses = own_chunk_parts(q, k, v, C, alibi_slopes, dropout_p)
     if past.any():
-        y_past, lse_past = past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes, dropout_p)
+        y_past, lse_past = past_chunk_parts(q, k, v, past, C, alibi_slopes, dropout_p)
         outputs, lses = outputs + list(y_past.unbind(3)), lses + list(lse_past.unbind(3))
-    return merge_partial(outputs, lses)[0]  # (B, n_head, T, head_dim)
+    return merge_partial(outputs, lses)[0][:, :, :T]  # (B, n_head, T, head_dim)
 
 
 @dataclass(frozen=True)
