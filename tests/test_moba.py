@@ -338,3 +338,12 @@ def test_what_it_cannot_honour_is_refused():
         moba_gate(k, q, 4, 2)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
         moba_gate(q, k, 0, 2)
+
+
+def test_bfloat16_autocast_runs_the_fast_path_like_the_dense_one():
+    fast, ref = _pair("rope")
+    x = torch.randn(2, 24, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = fast(x), ref(x)  # the same rounded q and k: the same chunks chosen
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2, rtol=3e-2)

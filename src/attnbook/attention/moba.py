@@ -268,7 +268,8 @@ class MoBAAttention(GroupedQueryAttention):
 
     Projections as in "gqa" (``n_kv_head=None`` means one key/value head per query head, with
     MHA's state_dict layout). ``forward(x, attn_mask=None, need_weights=False, cache=None)`` as in
-    ``Attention``; the weights are zero outside the chosen chunks.
+    ``Attention``; the weights are zero outside the chosen chunks. Cached decoding chooses chunks
+    too (the official code decodes with full attention), so it gives what the full pass gives.
     """
 
     Options = MoBAOptions
