@@ -40,6 +40,7 @@ from .attention.flash import flash_attention
 from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
 from .attention.mla import LatentCache, MultiHeadLatentAttention
+from .attention.moba import moba_attention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
@@ -71,6 +72,11 @@ KERNELS = {
     "gated_deltanet": (
         "chunked, chunk 64",
         lambda q, k, v: gated_delta_rule(q, k, v, chunk=64),
+        (8192, 0.5),
+    ),
+    "moba": (
+        "chunk 512, top-3 (the paper's 8K setting)",
+        lambda q, k, v: moba_attention(q, k, v, 512, 3),
         (8192, 0.5),
     ),
 }

@@ -22,6 +22,7 @@ from .local import LocalAttention
 from .masks import additive_mask, causal_mask, padding_mask, restrict, sliding_window_mask
 from .mha import MultiHeadAttention
 from .mla import MultiHeadLatentAttention
+from .moba import MoBAAttention
 from .mqa import MultiQueryAttention
 from .registry import attention_class, available, build_attention, register_attention
 from .single_head import Head, SelfAttention
@@ -43,6 +44,7 @@ __all__ = [
     "Indexer",
     "LinearAttention",
     "LocalAttention",
+    "MoBAAttention",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "MultiQueryAttention",
