@@ -22,6 +22,7 @@ from .masks import additive_mask, causal_mask, padding_mask, restrict, sliding_w
 from .mha import MultiHeadAttention
 from .mla import MultiHeadLatentAttention
 from .mqa import MultiQueryAttention
+from .nsa import NativeSparseAttention
 from .registry import attention_class, available, build_attention, register_attention
 from .single_head import Head, SelfAttention
 from .sparse import SparseAttention
@@ -42,6 +43,7 @@ __all__ = [
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "MultiQueryAttention",
+    "NativeSparseAttention",
     "SelfAttention",
     "SparseAttention",
     "additive_mask",
