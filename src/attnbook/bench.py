@@ -3,7 +3,7 @@
     attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
 - ``attention``: the long-context kernels (sliding window, block-sparse, chunked linear, chunked
-  Gated DeltaNet) as a ratio to full causal SDPA, Gated DeltaNet's recurrent form against its
+  Gated DeltaNet, NSA) as a ratio to full causal SDPA, Gated DeltaNet's recurrent form against its
   chunked one, then every registered layer forward + backward with its cache bytes
   per token (glibc keeps freed memory unless ``--system-malloc``, as PyTorch's CPU guide advises);
 - ``train``: one training step of nanoGPT's two Shakespeare shapes, float32 and bf16 autocast,
@@ -41,6 +41,7 @@ from .attention.linear import elu_feature_map, linear_attention_chunked
 from .attention.local import blocked_local_attention
 from .attention.mla import LatentCache, MultiHeadLatentAttention
 from .attention.moba import moba_attention
+from .attention.nsa import NSAOptions, compress, nsa_attention
 from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
@@ -79,7 +80,16 @@ KERNELS = {
         lambda q, k, v: moba_attention(q, k, v, 512, 3),
         (8192, 0.5),
     ),
+    "nsa": (
+        "l 32, d 16, l' 64, n 16, w 512 (the paper's)",
+        lambda q, k, v: native_sparse_attention(q, k, v, NSA_SIZES),
+        (8192, 0.5),
+    ),
 }
+
+NSA_SIZES = NSAOptions(
+    compress_block=32, compress_stride=16, select_block=64, select_count=16, window=512
+)
 
 
 def gated_delta_rule(q, k, v, chunk=None):
@@ -91,6 +101,25 @@ def gated_delta_rule(q, k, v, chunk=None):
     if chunk is None:
         return delta_rule_recurrent(q, k, v, beta, g)[0]
     return delta_rule_chunked(q, k, v, beta, chunk, g)[0]
+
+
+def native_sparse_attention(q, k, v, sizes: NSAOptions):
+    """NSA's fast path on ``(q, k, v)``: keys and values compressed by a fixed random linear
+    ``φ`` (``nsa_phi``), gates made from the queries (so that the backward pass covers them)."""
+    phi = nsa_phi(sizes.compress_block * HEAD_DIM)
+    k_cmp = compress(k, phi, sizes.compress_block, sizes.compress_stride)
+    v_cmp = compress(v, phi, sizes.compress_block, sizes.compress_stride)
+    return nsa_attention(q, k, v, k_cmp, v_cmp, q[..., :3].sigmoid(), sizes)
+
+
+@functools.cache
+def nsa_phi(block_dim: int):
+    """A fixed random ``φ`` from a flattened block of ``block_dim`` numbers to ``HEAD_DIM``
+    (seed 0): a matrix product, as the layer's ``phi_k``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        weight = torch.randn(block_dim, HEAD_DIM) / block_dim**0.5  # (block_dim, HEAD_DIM)
+    return lambda blocks: blocks @ weight
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from .mha import MultiHeadAttention
 from .mla import MultiHeadLatentAttention
 from .moba import MoBAAttention
 from .mqa import MultiQueryAttention
+from .nsa import NativeSparseAttention
 from .registry import attention_class, available, build_attention, register_attention
 from .single_head import Head, SelfAttention
 from .sparse import SparseAttention
@@ -48,6 +49,7 @@ __all__ = [
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "MultiQueryAttention",
+    "NativeSparseAttention",
     "SelfAttention",
     "SparseAttention",
     "additive_mask",
