@@ -181,14 +181,19 @@ for block, keep in [(64, 3), (16, 12), (4, 48), (1, 192)]:
 # $T/16$ selected positions, gathered first (`index_select`, the gather included in the time).
 
 # %% tags=["nbval-ignore-output"]
-def best_ms(fn, repeats=20):
-    """Best wall time of fn() over repeats runs, in milliseconds."""
+def best_ms(fn, *args, repeats=20):
+    """Best wall time of fn(*args) over repeats runs, in milliseconds."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         best = min(best, time.perf_counter() - start)
     return 1e3 * best
+
+
+def attend_selected(q, k, v, keep):
+    """Attention over the positions keep only: gathered first, then SDPA."""
+    return F.scaled_dot_product_attention(q, k.index_select(2, keep), v.index_select(2, keep))
 
 
 H, hd = 8, 64
@@ -198,9 +203,8 @@ for T_ in lengths:
     k, v = torch.randn(2, 1, H, T_, hd).unbind(0)  # (1, H, T_, hd) each: the cache
     q = torch.randn(1, H, 1, hd)  # one new query
     keep = torch.randperm(T_)[: T_ // 16].sort().values  # (T_ / 16,) selected positions
-    dense_ms.append(best_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
-    selected_ms.append(best_ms(lambda: F.scaled_dot_product_attention(
-        q, k.index_select(2, keep), v.index_select(2, keep))))
+    dense_ms.append(best_ms(F.scaled_dot_product_attention, q, k, v))
+    selected_ms.append(best_ms(attend_selected, q, k, v, keep))
     gb = (k.nbytes + v.nbytes) / 1e9
     print(f"T={T_:>6}: dense {dense_ms[-1]:6.2f} ms ({gb / dense_ms[-1] * 1e3:5.1f} GB/s read), "
           f"T/16 selected {selected_ms[-1]:5.2f} ms, ratio {selected_ms[-1] / dense_ms[-1]:.2f}")

@@ -174,22 +174,52 @@ def test_new_cache_max_len_is_checked():
         layer.new_cache(1, max_len=13)
 
 
+# Options under which each variant's choice of keys is real at 24 positions (sparse paths taken).
+SPARSE_AT_24 = {
+    "gqa": dict(n_kv_head=2),
+    "local": dict(window=5),
+    "sparse": dict(sparse_block=4, n_global_blocks=1, n_window_blocks=1, n_random_blocks=1),
+    "moba": dict(moba_chunk_size=4, moba_topk=2),
+    "nsa": dict(compress_block=4, compress_stride=2, select_block=4, select_count=3, window=4),
+    "dsa": dict(index_topk=4),
+}
+
+
 @pytest.mark.parametrize("positions", ["rope", "alibi", "none"])
-def test_cached_decoding_with_a_left_padding_mask(positions):
-    """Left-padded prompts of different lengths: masking the pads, cached equals full."""
-    layer = _layer("gqa", positions)
-    x = torch.randn(2, BLOCK, 32)
-    real = torch.ones(2, BLOCK, dtype=torch.bool)
-    real[1, :4] = False  # row 1 starts with 4 pad positions
-    full = layer(x, attn_mask=real[:, None, None, :])
-    cache = layer.new_cache(2)
-    prefill = layer(x[:, :6], attn_mask=real[:, None, None, :6], cache=cache)
+@pytest.mark.parametrize("name", available())
+def test_cached_decoding_with_a_left_padding_mask(name, positions):
+    """Left-padded prompts of different lengths: masking the pads, a cached prefill and steps on
+    the fast path equal the full pass on the reference path (same weights), for every variant
+    that takes a mask, with options that make its sparsity real."""
+    options = SPARSE_AT_24.get(name, {})
+    layers = []
+    for impl in ("sdpa", "reference"):
+        config = AttentionConfig(32, 4, block_size=24, positions=positions, impl=impl)
+        torch.manual_seed(0)  # the same weights (and random blocks) for both
+        try:
+            layers.append(build_attention(name, config, **options).eval())
+        except ValueError as err:
+            if "positions" not in str(err):
+                raise
+            pytest.skip(f"{name} does not support positions={positions!r}: {err}")
+    fast, ref = layers
+    x = torch.randn(2, 24, 32)
+    real = torch.ones(2, 24, dtype=torch.bool)
+    real[1, :5] = False  # row 1 starts with 5 pad positions
+    try:
+        full = ref(x, attn_mask=real[:, None, None, :])
+    except ValueError as err:
+        if "attn_mask" not in str(err):
+            raise
+        pytest.skip(f"{name} takes no attn_mask: {err}")
+    cache = fast.new_cache(2)
+    prefill = fast(x[:, :9], attn_mask=real[:, None, None, :9], cache=cache)
     steps = [
-        layer(x[:, t : t + 1], attn_mask=real[:, None, None, : t + 1], cache=cache)
-        for t in range(6, BLOCK)
+        fast(x[:, t : t + 1], attn_mask=real[:, None, None, : t + 1], cache=cache)
+        for t in range(9, 24)
     ]
     out = torch.cat([prefill, *steps], dim=1)
-    torch.testing.assert_close(out[:, 4:], full[:, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 5:], full[:, 5:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -225,22 +225,6 @@ def test_cache_size_is_every_position_of_keys_and_values(n_kv_head, max_len):
     assert half.bytes_per_token == cache.bytes_per_token // 2
 
 
-def test_cached_decoding_with_a_left_padding_mask():
-    fast, ref = _pair("rope")
-    x = torch.randn(2, 20, 32)
-    real = torch.ones(2, 20, dtype=torch.bool)
-    real[1, :3] = False  # row 1 starts with 3 pad positions
-    full = ref(x, attn_mask=real[:, None, None, :])
-    cache = fast.new_cache(2)
-    prefill = fast(x[:, :9], attn_mask=real[:, None, None, :9], cache=cache)
-    steps = [
-        fast(x[:, t : t + 1], attn_mask=real[:, None, None, : t + 1], cache=cache)
-        for t in range(9, 20)
-    ]
-    out = torch.cat([prefill, *steps], dim=1)
-    torch.testing.assert_close(out[:, 3:], full[:, 3:], atol=1e-5, rtol=1e-5)
-
-
 def test_training_with_dropout_runs_the_block_sparse_path_and_backpropagates():
     fast, _ = _pair(dropout=0.5)
     fast.train()
