@@ -1,9 +1,9 @@
-"""Speed and memory measurements: ``attnbook bench attention | train | baby | generate``.
+"""Speed and memory measurements: ``attnbook bench attention | train | baby | generate | flash | dsa``.
 
     attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
 - ``attention``: the long-context kernels (sliding window, block-sparse, chunked linear, chunked
-  Gated DeltaNet, NSA) as a ratio to full causal SDPA, Gated DeltaNet's recurrent form against its
+  Gated DeltaNet, MoBA, NSA) as a ratio to full causal SDPA, Gated DeltaNet's recurrent form against its
   chunked one, then every registered layer forward + backward with its cache bytes
   per token (glibc keeps freed memory unless ``--system-malloc``, as PyTorch's CPU guide advises);
 - ``train``: one training step of nanoGPT's two Shakespeare shapes, float32 and bf16 autocast,
