@@ -286,7 +286,7 @@ class NSAValues(NamedTuple):
 class NSAWeights(NamedTuple):
     """Each branch's attention weights, before the gates."""
 
-    cmp: torch.Tensor  # (B, n_head, T, n_cmp) over the compressed blocks
+    cmp: torch.Tensor  # (B, n_head, T, n_cmp) over the compressed blocks (no gradient)
     slc: torch.Tensor  # (B, n_head, T, T_k) over the selected blocks' positions
     win: torch.Tensor  # (B, n_head, T, T_k) over the window
 
