@@ -107,7 +107,7 @@ def test_gradients_reach_every_parameter():
     [
         ("gqa", 3, "n_kv_head=3 does not divide n_head=8"),
         ("gqa", 0, "n_kv_head must be a positive integer"),
-        ("mha", 2, "MultiHeadAttention has no option n_kv_head .* gqa, local, mqa, sparse"),
+        ("mha", 2, "has no option n_kv_head .* gqa, local, moba, mqa, nsa, sparse"),
         ("mqa", 2, "mqa has a single key/value head, got n_kv_head=2: use 'gqa'"),
     ],
 )
