@@ -20,9 +20,8 @@
 # tokens (a sliding window), or a few global, neighbouring and random blocks (BigBird). Which
 # keys a query sees depends only on *positions*. That is cheap to compute and easy to reason
 # about, and windows are everywhere in 2025–2026 models (Gemma 3's and gpt-oss's local layers,
-# one of NSA's branches below). But to reach *distant* tokens, no current model uses a fixed
-# pattern such as BigBird's: the sparse attention those models run chooses distant keys by
-# **content**. Each query scores the past cheaply, keeps the few places that look relevant,
+# one of NSA's branches below). But the sparse attention that recent models run to reach
+# *distant* tokens (Kimi's MoBA, DeepSeek's NSA and DSA) chooses those keys by **content**. Each query scores the past cheaply, keeps the few places that look relevant,
 # and runs exact softmax attention over those alone.
 #
 # This chapter builds the three designs that define the field:
@@ -177,7 +176,7 @@ for block, keep in [(64, 3), (16, 12), (4, 48), (1, 192)]:
 # then masks, so that it reads the whole cache. In FLOPs that step is cheap: one query against
 # $T$ keys of $H$ heads of $d$ is $4THd$ floating-point operations. But the step must also *read* the keys
 # and values, $2THd$ numbers, 4 bytes each in float32: half a FLOP per byte read. A CPU core
-# does dozens of FLOPs in the time it reads one byte from memory, a GPU hundreds, so the step
+# does several to dozens of FLOPs in the time it reads one byte from memory, a GPU hundreds, so the step
 # waits on memory, and its time grows with the bytes it reads. A step that reads only the
 # selected keys should then be faster in proportion. We time one decoding step with 8 heads of
 # 64 over caches of 2k to 32k tokens: dense attention over the whole cache, and attention over
@@ -280,9 +279,10 @@ print("moba_gate == our gate:", torch.equal(moba_gate(q, k, chunk_size=C, topk=t
 #
 # Spread each query's chosen chunks over the key positions and intersect with the causal mask:
 # that is a boolean $T \times T$ mask, and attention with it is MoBA. (`moba_mask` returns it.)
-# The figure shows it next to chapter 9's window and chapter 10's BigBird pattern, with a similar
-# number of keys per query (printed under the figure): the fixed patterns are the same for every
-# input, MoBA's choice moves with the content.
+# The figure shows it next to chapter 9's window and chapter 10's BigBird pattern (which sees
+# about 40% more keys per query here; the counts are printed under the figure): the fixed
+# patterns are the same for every input, MoBA's choice moves with the content. (MoBA's gate has
+# no weights: "another input" is simply other queries and keys.)
 
 # %%
 mask = gate[..., torch.arange(T) // C] & causal_mask(T, T)  # (1, 1, T, T): True = may attend
@@ -293,7 +293,7 @@ fixed = {
     "window of 12 (chapter 9)": sliding_window_mask(T, T, 12),
     "BigBird, blocks of 8 (chapter 10)": bigbird_mask(T, T, 8, 1, 1, draw_random_blocks(n, 1, 1, 1)),
     "MoBA, chunks of 8, top-2 (input 1)": mask[0, 0],
-    "MoBA, same layer, another input": moba_mask(*torch.randn(2, 1, 1, T, hd).unbind(0), C, topk)[0, 0],
+    "MoBA, other queries and keys": moba_mask(*torch.randn(2, 1, 1, T, hd).unbind(0), C, topk)[0, 0],
 }
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
 for ax, (title, m) in zip(axes, fixed.items(), strict=True):
@@ -354,10 +354,11 @@ assert torch.allclose(y_parts, y_dense, atol=1e-6)
 # `moba_attention` turns the loop around, as Moonshot's implementation does: for each past chunk
 # it collects the queries that chose it and attends them to that chunk in one call (a
 # variable-length batch), then scatters the outputs and LSEs back to their queries and merges.
-# Its backward pass uses chapter 8's identity for the gradient of a softmax part whose LSE is
-# also used ($\partial s = p \odot (\partial p - \delta)$ with $\delta$ corrected by the LSE's
-# gradient), from the weights it kept. The two forms agree, with several heads and grouped
-# key/value heads too:
+# Its backward pass is chapter 8's with one more term. A part's output $o = \sum_j p_j v_j$ and
+# its LSE both depend on the scores $s_j$, and $\partial\,\text{lse} / \partial s_j = p_j$, so
+# the gradient of a score is $p_j\,(dO \cdot v_j - \delta)$ with
+# $\delta = dO \cdot o - d\text{lse}$: chapter 8's $\delta$ minus the gradient that reaches the
+# LSE through the merge. The two forms agree, with several heads and grouped key/value heads too:
 
 # %%
 torch.manual_seed(2)
@@ -459,17 +460,17 @@ print(f"query {t}, head 0: importance of the 8 selection blocks "
       f"{importance[0, 0, t].numpy().round(2)}")
 
 # %% [markdown]
-# Query 29 lives in block 7 (positions 28–31), which gets little: the compressed blocks that
-# cover it are not complete yet, and those ending after the query get nothing. That is why the
-# paper always selects the query's own two latest blocks, and the first block (the "attention
-# sink" where many heads park their weight): the latest blocks' importance cannot be measured yet. The rest of the
-# $n$ go by importance. With $n = 4$, query 29 keeps blocks 0, 6 and 7 by rule and one more by
+# Query 29 lives in block 7 (positions 28–31), which gets little: only one complete compressed
+# block (positions 26–29) covers part of it, and blocks ending after the query get nothing.
+# That is why the paper always selects the query's own two latest blocks, whose importance is
+# only partly measured yet, and the first block (the "attention sink" where many heads park
+# their weight). The rest of the $n$ go by importance. With $n = 4$, query 29 keeps blocks 0, 6 and 7 by rule and one more by
 # rank, the best of blocks 1–5 (checked after the figure below).
 #
 # ### 4.3 The three branches and the gates
 #
 # The figure shows, for query 29 of head 0, what each branch attends to, and the gates that mix
-# them (all near 0.5: the layer is untrained, and $\sigma(0) = 0.5$). Then we rebuild the
+# them (printed below the figure; an untrained layer's gates stay close to $\sigma(0) = 0.5$). Then we rebuild the
 # layer's output by hand: the selection from section 4.2's importances (the forced blocks, then
 # the best by rank), three softmaxes, and the gates.
 
@@ -488,6 +489,7 @@ for ax, (title, weights, where), gate_value in zip(axes, panels, g[0, 0, t], str
 axes[0].set_ylabel(f"weight (query {t})")
 plt.tight_layout()
 plt.show()
+print("gates of query 29, head 0 (compression, selection, window):", g[0, 0, t].numpy().round(2))
 
 # %%
 def branch(scores, allowed, values):
@@ -523,8 +525,8 @@ print(f"query {t}, head 0 selected blocks {picked}; the best of 1-5 by importanc
 #
 # DeepSeek-V3.2-Exp (DeepSeek-AI, 2025, "DeepSeek-V3.2-Exp: Boosting Long-Context Efficiency with
 # DeepSeek Sparse Attention") took a trained DeepSeek-V3.1-Terminus and made its MLA layers
-# (chapter 13) sparse without changing them. Section 1's probe says how: score every past *token* (no block
-# dilutes the signal) with a scorer small enough that scoring all of them costs little, keep the
+# (chapter 13) sparse without changing their architecture (the weights then kept training).
+# Section 1's probe says how: score every past *token* (no block dilutes the signal) with a scorer small enough that scoring all of them costs little, keep the
 # top $k$, and run the unchanged attention over those. The scorer, the **lightning indexer**,
 # has a few heads $j$ of its own with queries $q^I_{t,j}$, one key $k^I_s$ per token shared by
 # its heads, and a weight $w_{t,j}$ per head made from the token:
@@ -797,8 +799,8 @@ assert all(r[0] < dense_val for name, r in rows.items() if "150" in name)  # all
 # model's validation loss jumps from the dense model's 2.33 to 3.10. After 150 steps that
 # trained the indexer alone, the chosen tokens hold 0.63 of the mass and the sparse model is at
 # 2.36, within a few hundredths of the dense model *before any sparse training*. The next 150
-# sparse steps bring both sparse models level with the dense model trained for as long: with
-# 64 positions a model recovers from a bad start quickly, so the run without a warm-up catches
+# sparse steps bring both sparse models to within a few hundredths of the dense model trained
+# for as long: with 64 positions a model recovers from a bad start quickly, so the run without a warm-up catches
 # up. The warm-up matters where recovering would cost more than distilling, as for a large model
 # trained on long sequences; a toy run cannot show that, and we do not claim it. (The KL column
 # is the warm-up's KL, over every past token. It rises again in sparse training, where the
@@ -813,12 +815,13 @@ assert all(r[0] < dense_val for name, r in rows.items() if "150" in name)  # all
 #
 # With a cache, a dsa decoding step in the absorbed mode reads every cached *index key*, picks
 # the top $k$, gathers only their latents and rotary keys and attends over those (the tests
-# check that the other latents are never read: set to NaN, they change nothing). Section 2's
-# argument then gives the speed-up. `attnbook bench dsa` times one decoding step at
-# DeepSeek-V3.2's per-token sizes (latent 512, rotary key 64, index key 128; heads divided by 8
-# for a CPU) with `index_topk` $= L/16$, against dense absorbed attention over the same cache
-# (one SDPA call, the heads as query rows); we run its measurement at three cache lengths. Bytes read count the cache only: for dense, every latent and rotary key; for dsa,
-# every index key plus the chosen latents and rotary keys.
+# check that the other latents are never read: set to NaN, they change nothing). Choosing fewer
+# tokens cuts both what the step reads and what it computes. `attnbook bench dsa` times one
+# decoding step at DeepSeek-V3.2's per-token sizes (latent 512, rotary key 64, index key 128;
+# heads divided by 8 for a CPU) with `index_topk` $= L/16$, against dense absorbed attention
+# over the same cache (one SDPA call, the heads as query rows); we run its measurement at three
+# cache lengths. Bytes read count the cache only: for dense, every latent and rotary key; for
+# dsa, every index key plus the chosen latents and rotary keys.
 
 # %% tags=["nbval-ignore-output"]
 from attnbook.bench import DSA_ROWS, SDPA_ROW, best_of_alternating, dsa_step_runs
@@ -832,7 +835,7 @@ for L in cache_lengths:
         step_ms.setdefault(name, []).append(1e3 * seconds)
         step_bytes.setdefault(name, []).append(read[name])
 for name in step_ms:
-    print(f"{name:<26}" + "".join(f"  L={L}: {ms:6.2f} ms {b / 1e6:5.1f} MB"
+    print(f"{name:<26}" + "".join(f"  L={L}: {ms:6.2f} ms {b / 1e6:5.1f} MB ({b / ms / 1e6:.1f} GB/s)"
                                   for L, ms, b in zip(cache_lengths, step_ms[name],
                                                       step_bytes[name], strict=True)))
 dsa_name = DSA_ROWS[torch.float32]
@@ -854,13 +857,17 @@ plt.show()
 
 # %% [markdown]
 # The bytes fall to 0.28 of dense at every length: every index key (128 numbers, 22% of a
-# latent and rotary key's 576) plus the chosen sixteenth. The time falls less at 4k, to about
-# two thirds of dense or more, and further as the cache grows (well under half at 16k in the
-# run stored here): a step also pays costs that do not grow with the cache (scoring the new
-# query, the top-$k$ selection, launching the gather), and the longer the cache, the smaller
-# their share. With
-# DeepSeek's formats the ratio falls further, since an FP8 index key (128 bytes and a scale) is
-# about a ninth of a bfloat16 latent and rotary key (1,152 bytes); exercise 4 counts them.
+# latent and rotary key's 576) plus the chosen sixteenth. Unlike section 2's step, this one is
+# not waiting on memory on this CPU: its dense rate is a few GB/s, not section 2's 18. The 16
+# heads all read the same latents, so each number read feeds 16 heads' arithmetic (about 15
+# FLOPs per byte), and the step is bound by arithmetic as much as by reading; selection cuts
+# both. The time falls less than the bytes at 4k (two thirds to three quarters of dense in our
+# runs) and more as the cache grows (under half at 16k): a step also pays costs that
+# do not grow with the cache (scoring the new query, the top-$k$ selection, launching the
+# gather), and the longer the cache, the smaller their share. With FP8 index keys, as DeepSeek
+# keeps them, the ratio of bytes falls further: an FP8 index key (128 bytes
+# and a scale) is about a ninth of a bfloat16 latent and rotary key (1,152 bytes); exercise 4
+# counts them.
 
 # %% [markdown]
 # ## 6. Check against the module
@@ -962,8 +969,9 @@ with torch.no_grad():
 #    $w = 512$), count the keys a query attends to at $T$ = 8k, 64k and 1M positions over the
 #    three branches, and the fraction of full attention's. Which branch dominates at 1M, and what
 #    does that say about the compression stride?
-# 4. **DSA's bytes at DeepSeek's scale.** DeepSeek stores latents and rotary keys in bfloat16
-#    and index keys in FP8 (one byte each, plus a 4-byte scale per token). Compute the bytes a
+# 4. **DSA's bytes at DeepSeek's scale.** Suppose latents and rotary keys are cached in
+#    bfloat16 and index keys in FP8 (one byte each, plus a 4-byte scale per token), as
+#    DeepSeek's indexer does. Compute the bytes a
 #    decoding step reads per layer at 128k cached tokens with `index_topk = 2048`, dense and
 #    sparse, and the cache length above which reading the index keys costs more than reading the
 #    chosen latents. Check the float32 case against `IndexedLatentCache`'s `bytes_per_token`.
