@@ -100,7 +100,7 @@ class IndexedLatentCache(LatentCache):
         return k, v, self.index_k[:, : self.length]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.k, self.v, self.index_k
+        return self.kv, self.index_k
 
     @property
     def bytes_per_token(self) -> int:

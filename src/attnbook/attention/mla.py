@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..checks import check_non_negative_int, check_positive_int, check_positive_ints
-from ..kv_cache import KVCache
+from ..kv_cache import Cache, KVCache
 from ..positions import RotaryEmbedding
 from .base import Attention
 from .config import AttentionConfig
+from .core import sdpa
 from .registry import register_attention
 
 RMS_EPS = 1e-6
@@ -29,17 +30,43 @@ RMS_EPS = 1e-6
 class LatentCache(KVCache):
     """MLA's cache for one layer: a ``KVCache`` with one head whose "keys" are the shared rotary
     keys ``(B, 1, max_len, rope_dim)`` and whose "values" are the latents ``(B, 1, max_len,
-    kv_lora_rank)``: what MLA's ``project`` returns as k and v. ``latent`` and ``k_rope`` are
-    ``(B, max_len, ·)`` views of them.
+    kv_lora_rank)``: what MLA's ``project`` returns as k and v. Both are stored side by side in
+    one tensor ``kv`` ``(B, 1, max_len, kv_lora_rank + rope_dim)`` (latent, then rotary key),
+    which the absorbed mode reads as it is, without copying the cache; ``k``, ``v``, ``latent``
+    and ``k_rope`` are views of it.
     """
 
     kind = "latent cache"
 
     def __init__(self, batch_size, kv_lora_rank, rope_dim, max_len, device=None, dtype=None):
-        check_positive_ints(kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
-        super().__init__(
-            batch_size, 1, rope_dim, max_len, kv_lora_rank, device, dtype or torch.float32
+        check_positive_ints(
+            batch_size=batch_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, max_len=max_len
         )
+        Cache.__init__(self, max_len)
+        self.kv_lora_rank = kv_lora_rank
+        self.kv = torch.zeros(
+            batch_size, 1, max_len, kv_lora_rank + rope_dim, device=device,
+            dtype=dtype or torch.float32,
+        )  # fmt: skip
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[..., self.kv_lora_rank :]  # (B, 1, max_len, rope_dim)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[..., : self.kv_lora_rank]  # (B, 1, max_len, kv_lora_rank)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store ``T`` new rotary keys ``(B, 1, T, rope_dim)`` and latents ``(B, 1, T,
+        kv_lora_rank)``; returns every cached one, as ``KVCache.append`` does."""
+        self._check(k, v)
+        start = self._reserve(k.shape[-2])
+        self.kv[:, :, start : self.length] = torch.cat([v, k], dim=-1)
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.kv,)
 
     @property
     def latent(self) -> torch.Tensor:
@@ -169,14 +196,32 @@ class MultiHeadLatentAttention(Attention):
         if self.absorb:
             q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
             q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)
-            k = torch.cat([latent, k_rope], dim=-1)  # (B, 1, T_k, r + rope)
+            if cache is not None:  # latents and rotary keys side by side, as cached: no copy
+                k = cache.kv[:, :, : cache.length].to(q.dtype)  # (B, 1, T_k, r + rope)
+            else:
+                k = torch.cat([latent, k_rope], dim=-1)  # (B, 1, T_k, r + rope)
             # values = keys, so SDPA's fused kernels apply (they want equal key and value
             # sizes) without sdpa padding a copy of the cache; the first r output numbers are
             # the weighted latents
-            y, weights = self.softmax_attend(q, k, k, attn_mask, need_weights)  # (B,H,T,r+rope)
+            if q.shape[-2] == 1 and not need_weights and self.config.impl == "sdpa":
+                y, weights = self._decode_step(q, k, attn_mask), None
+            else:
+                y, weights = self.softmax_attend(q, k, k, attn_mask, need_weights)
             return torch.einsum("bhtr,hvr->bhtv", y[..., :r], w_uv), weights  # (B, H, T, v)
         k_nope = torch.einsum("bctr,hnr->bhtn", latent, w_uk)  # (B, H, T_k, nope), c = 1
         v = torch.einsum("bctr,hvr->bhtv", latent, w_uv)  # (B, H, T_k, v)
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)  # (B,H,T_k,·)
         # (B, H, T, v): sdpa pads the narrower values with zeros for the fused kernel
         return self.softmax_attend(q, k, v, attn_mask, need_weights)
+
+    def _decode_step(self, q: torch.Tensor, kv: torch.Tensor, attn_mask) -> torch.Tensor:
+        """Absorbed attention of one new token: its heads' queries ``(B, H, 1, r + rope)`` as the
+        query *rows* of one SDPA call over the shared ``kv`` ``(B, 1, T_k, r + rope)``, which is
+        then read once for all heads (grouped-query SDPA expands it per head). The layer's mask
+        for one query (``attn_mask``, ALiBi) moves from the head dimension to the rows.
+        Returns ``(B, H, 1, r + rope)``."""
+        mask, _ = self._mask(attn_mask, 1, kv.shape[-2], q.device)  # (.., H or 1, 1, T_k)
+        if mask is not None:
+            mask = mask[(None,) * (4 - mask.dim())].transpose(-3, -2)  # (.., 1, H or 1, T_k)
+        y = sdpa(q.transpose(1, 2), kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale)
+        return y.transpose(1, 2)  # (B, H, 1, r + rope)
