@@ -568,14 +568,12 @@ def dsa_step_runs(L: int, n_head: int, index_n_heads: int, topk: int) -> tuple[d
 
     expected = step(mla, caches[MLA_ROW], inputs.latent)
     side_by_side = torch.cat([caches[MLA_ROW].v, caches[MLA_ROW].k], dim=-1)  # (1, 1, L+1, ·)
-    w_uk, w_uv = mla.wkv_b.weight.view(n_head, -1, r).split([nope, dsa.v_head_dim], dim=1)
+    w_uv = mla.wkv_b.weight.view(n_head, -1, r)[:, nope:]  # (n_head, v_head_dim, r)
 
     @torch.no_grad()
     def one_sdpa():
-        q_nope, q_rope = q.split([nope, rope], dim=-1)
-        q_abs = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
         y = F.scaled_dot_product_attention(  # (1, 1, n_head, r + rope): read the cache once
-            q_abs.transpose(1, 2), side_by_side, side_by_side, scale=mla.scale
+            mla.absorbed_query(q).transpose(1, 2), side_by_side, side_by_side, scale=mla.scale
         )
         return torch.einsum("bthr,hvr->bhtv", y[..., :r], w_uv)
 

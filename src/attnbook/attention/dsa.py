@@ -292,13 +292,6 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             self.indexer_loss = indexer_kl(p, scores, support)
         return y, weights
 
-    def _absorbed_query(self, q: torch.Tensor) -> torch.Tensor:
-        """``(B, n_head, T, r + rope)``: ``W_UKᵀ q_nope`` beside ``q_rope``, MLA's absorbed query."""
-        r, nope = self.kv_lora_rank, self.qk_nope_head_dim
-        w_uk = self.wkv_b.weight.view(self.n_head, -1, r)[:, :nope]  # (H, nope, r)
-        q_nope, q_rope = q.split([nope, self.qk_rope_head_dim], dim=-1)
-        return torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
-
     def _gathered_attend(self, q, k_rope, latent, chosen, per_query, start: int):
         """Absorbed MLA over the chosen cached tokens alone: only their latents and rotary keys
         are read. ``chosen`` ``(B, T, T_k)`` holds at most ``index_topk`` per row; ``per_query``
@@ -321,7 +314,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             bias = -self.alibi_slopes[:, None] * distance[:, :, None].to(q.dtype)  # (B,T,H,n)
             mask = restrict(bias, mask) if mask.dtype == torch.bool else bias + mask
         attention = sdpa_reference if self.config.impl == "reference" else sdpa
-        q_abs = self._absorbed_query(q).transpose(1, 2)  # (B, T, H, r + rope): H rows per query
+        q_abs = self.absorbed_query(q).transpose(1, 2)  # (B, T, H, r + rope): H rows per query
         y = attention(q_abs, kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale)
         w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim :]
         return torch.einsum("bthr,hvr->bhtv", y[..., : self.kv_lora_rank], w_uv)  # (B,H,T,v)
@@ -330,7 +323,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def _head_summed_weights(self, q, k_rope, latent, attn_mask) -> torch.Tensor:
         """The indexer's target: MLA's attention weights under ``attn_mask`` summed over the
         heads and L1-normalised, ``(B, T, T_k)``, one head at a time (no ``(B, H, T, T_k)``)."""
-        q_abs, kv = self._absorbed_query(q), torch.cat([latent, k_rope], dim=-1)
+        q_abs, kv = self.absorbed_query(q), torch.cat([latent, k_rope], dim=-1)
         mask, is_causal = self._mask(attn_mask, q.shape[-2], kv.shape[-2], q.device)
         per_head = mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1  # ALiBi
         p = 0

@@ -189,13 +189,11 @@ class MultiHeadLatentAttention(Attention):
         if cache is not None:
             k, v = self.read_cache(cache, k, v, q.dtype)  # (B, 1, T_k, rope), (B, 1, T_k, r)
         k_rope, latent = k, v
-        r, nope, rope = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim
-        q_nope, q_rope = q.split([nope, rope], dim=-1)  # (B, H, T, nope), (B, H, T, rope)
+        r, nope = self.kv_lora_rank, self.qk_nope_head_dim
         w_kv_b = self.wkv_b.weight.view(self.n_head, -1, r)  # (H, nope + v, r)
         w_uk, w_uv = w_kv_b.split([nope, self.v_head_dim], dim=1)  # (H, nope, r), (H, v, r)
         if self.absorb:
-            q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UKᵀ q_nope
-            q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + rope)
+            q = self.absorbed_query(q)  # (B, H, T, r + rope)
             if cache is not None:  # latents and rotary keys side by side, as cached: no copy
                 k = cache.kv[:, :, : cache.length].to(q.dtype)  # (B, 1, T_k, r + rope)
             else:
@@ -213,6 +211,14 @@ class MultiHeadLatentAttention(Attention):
         k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)  # (B,H,T_k,·)
         # (B, H, T, v): sdpa pads the narrower values with zeros for the fused kernel
         return self.softmax_attend(q, k, v, attn_mask, need_weights)
+
+    def absorbed_query(self, q: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, r + rope)``: ``W_UKᵀ q_nope`` beside ``q_rope``, the query that attends over
+        ``[latent | k_rope]`` in the absorbed mode (``q``: ``(B, H, T, nope + rope)``)."""
+        r, nope = self.kv_lora_rank, self.qk_nope_head_dim
+        w_uk = self.wkv_b.weight.view(self.n_head, -1, r)[:, :nope]  # (H, nope, r)
+        q_nope, q_rope = q.split([nope, self.qk_rope_head_dim], dim=-1)
+        return torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)
 
     def _decode_step(self, q: torch.Tensor, kv: torch.Tensor, attn_mask) -> torch.Tensor:
         """Absorbed attention of one new token: its heads' queries ``(B, H, 1, r + rope)`` as the
