@@ -1,12 +1,12 @@
 """bench.PeakTensorMemory counts what operations create and forget what is freed; the peak
 bytes of causal attention's forward + backward grow quadratically for the explicit math and
-linearly for flash_attention's tiles."""
+linearly for flash_attention's tiles; hybrid stacks' cache bytes per token, counted and measured."""
 
 import functools
 
 import torch
 
-from attnbook.bench import CAUSAL, PeakTensorMemory, peak_bytes
+from attnbook.bench import CAUSAL, PeakTensorMemory, hybrid_table, main, peak_bytes
 
 
 def test_peak_counts_new_storages_once_and_forgets_freed_ones():
@@ -30,3 +30,18 @@ def test_the_explicit_math_peaks_quadratically_and_the_tiles_linearly():
     flash = [peak("flash", T) for T in (512, 1024)]
     assert 3.5 < ref[1] / ref[0] < 4.5 and 1.5 < flash[1] / flash[0] < 2.5
     assert ref[1] > 5 * flash[1] and ref[1] >= 3 * 1024 * 1024 * 4  # several T x T float tensors
+
+
+def test_bench_hybrid_counts_and_measures_the_same_cache_bytes(capsys):
+    rows = dict(hybrid_table([1024, 32768]))
+    full = 12 * 2 * 12 * 64 * 4  # 12 blocks' keys and values of one token, float32
+    assert all(f == m for figures in rows.values() for f, m in figures.values())
+    gemma, oss, qwen = (rows[name] for name in list(rows)[1:])
+    assert rows["all global: mha x 12"][32768][1] == full
+    assert gemma[1024][1] == full and gemma[32768][1] == full * (2 + 10 * 1024 / 32768) / 12
+    assert oss[32768][1] == full * (6 + 6 * 128 / 32768) / 12
+    state = 12 * 64 * 64 + 3 * 768 * 3  # one Gated DeltaNet block: S and the conv's inputs
+    assert qwen[32768][1] == full * 3 / 12 + 9 * state * 4 / 32768
+    main(["hybrid", "--lengths", "1024", "4096"])
+    out = capsys.readouterr().out
+    assert "Gemma 3" in out and "27,648 / 27,648 (0.375)" in out

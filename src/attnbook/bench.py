@@ -1,4 +1,4 @@
-"""Speed and memory measurements: ``attnbook bench attention | train | baby | generate | flash | dsa``.
+"""Speed and memory measurements: ``attnbook bench attention | train | ... | dsa | hybrid``.
 
     attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
@@ -16,6 +16,9 @@
   tiles and SDPA's fused kernel: the peak bytes of the tensors each creates, and time;
 - ``dsa``: one decoding step of DeepSeek Sparse Attention against dense MLA (absorbed) over the
   same cache, at DeepSeek-V3.2-Exp's per-layer sizes with fewer heads: time and bytes read.
+- ``hybrid``: cache bytes per token of hybrid stacks (Gemma 3's 5 local : 1 global, gpt-oss's
+  1 : 1, Qwen3-Next's 3 Gated DeltaNet : 1 full) against all-global attention, at several
+  context lengths: counted from the config (``cache_bytes_formula``) and from the caches.
 
 It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
@@ -42,10 +45,11 @@ from .attention.local import blocked_local_attention
 from .attention.mla import LatentCache, MultiHeadLatentAttention
 from .attention.moba import moba_attention
 from .attention.nsa import NSAOptions, compress, nsa_attention
+from .attention.registry import option_names
 from .attention.sparse import block_sparse_attention, draw_random_blocks
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, layer_pattern
 from .train import TrainConfig, load_trained, make_optimizer, read_metrics, train
 
 N_HEAD, HEAD_DIM = 8, 64
@@ -627,6 +631,86 @@ def print_dsa(lengths, repeats: int, n_head: int, index_n_heads: int) -> None:
         print(f"target: {name} at L={L}: {shown}")
 
 
+# GPT-2 small's shape with RoPE; each stack's blocks (12) and its options, with the windows of
+# Gemma 3 (1024) and gpt-oss (128)
+HYBRID_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, positions="rope")
+HYBRID_STACKS = {
+    "all global: mha x 12": dict(attention="mha"),
+    "Gemma 3: (local x 5, mha) x 2, window 1024": dict(
+        layer_attention=layer_pattern(["local"] * 5 + ["mha"], 12),
+        attention_options={"window": 1024},
+    ),
+    "gpt-oss: (local, mha) x 6, window 128": dict(
+        layer_attention=layer_pattern(["local", "mha"], 12), attention_options={"window": 128}
+    ),
+    "Qwen3-Next: (gated_deltanet x 3, mha) x 3": dict(
+        layer_attention=layer_pattern(["gated_deltanet"] * 3 + ["mha"], 12)
+    ),
+}
+
+
+def cache_bytes_formula(config: GPTConfig, L: int, bytes_per_number: int = 4) -> float:
+    """Cache bytes per token of ``config``'s model for one sequence of ``L`` tokens, counted from
+    the config alone: the numbers each block caches for the whole sequence, times
+    ``bytes_per_number``, over ``L``. A full KV cache ("mha", "gqa", "mqa") keeps ``2 * n_kv_head *
+    head_dim`` numbers per position, a sliding window ("local") the same for ``min(window, L)``
+    positions, MLA its latent and rotary key (``kv_lora_rank + qk_rope_head_dim``) per position,
+    (Gated) DeltaNet a state of ``n_head * head_dim²`` and its convolution's last ``conv_size -
+    1`` inputs of ``3 * n_embd`` channels, whatever ``L``. Other variants: ValueError."""
+    H, head_dim = config.n_head, config.n_embd // config.n_head
+    numbers = 0
+    for name in config.layer_variants():
+        cls = attention_class(name)
+        given = config.attention_options.items()
+        o = cls.Options(**{k: v for k, v in given if k in option_names(cls)})
+        if name in ("mha", "gqa", "mqa", "local"):
+            n_kv = 1 if name == "mqa" else getattr(o, "n_kv_head", None) or H
+            numbers += 2 * n_kv * head_dim * (min(o.window, L) if name == "local" else L)
+        elif name == "mla":
+            rank, rope = (
+                o.kv_lora_rank or 4 * head_dim,
+                o.qk_rope_head_dim or max(2, 2 * (head_dim // 4)),
+            )
+            numbers += (rank + rope) * L
+        elif name in ("deltanet", "gated_deltanet"):
+            numbers += H * head_dim**2 + 3 * config.n_embd * (o.conv_size - 1) * o.use_short_conv
+        else:
+            raise ValueError(
+                f"cache_bytes_formula counts mha, gqa, mqa, local, mla, deltanet and "
+                f"gated_deltanet blocks, not {name!r}: measure it with GPT.cache_bytes_per_token"
+            )
+    return numbers * bytes_per_number / L
+
+
+def hybrid_table(lengths) -> list:
+    """Rows ``(stack, {L: (formula, measured)})`` of ``HYBRID_STACKS`` in float32; measured is
+    ``GPT.cache_bytes_per_token`` of the model built on the meta device (nothing allocated)."""
+    rows = []
+    for name, stack in HYBRID_STACKS.items():
+        config = GPTConfig(**HYBRID_SHAPE, block_size=max(lengths), **stack)
+        with torch.device("meta"):
+            model = GPT(config)
+        figures = {
+            L: (cache_bytes_formula(config, L), model.cache_bytes_per_token(L)) for L in lengths
+        }
+        rows.append((name, figures))
+    return rows
+
+
+def print_hybrid(lengths) -> None:
+    print(
+        "cache bytes per token of one sequence of L tokens, float32, 12 blocks x 12 heads x "
+        "head_dim 64: formula from the config / measured from the caches (share of all-global)"
+    )
+    rows = hybrid_table(lengths)
+    width = max(len(name) for name, _ in rows)
+    print(f"{'stack':<{width}}" + "".join(f"{f'L={L}':>30}" for L in lengths))
+    full = rows[0][1]
+    for name, figures in rows:
+        cells = [f"{f:,.0f} / {m:,.0f} ({m / full[L][1]:.3f})" for L, (f, m) in figures.items()]
+        print(f"{name:<{width}}" + "".join(f"{c:>30}" for c in cells))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -660,6 +744,8 @@ def main(argv=None):
     dsa.add_argument("--repeats", type=int, default=10, help="timed runs after the warm-up")
     dsa.add_argument("--n_head", type=int, default=16, help="DeepSeek-V3.2-Exp: 128")
     dsa.add_argument("--index_n_heads", type=int, default=8, help="DeepSeek-V3.2-Exp: 64")
+    hyb = sub.add_parser("hybrid", help="cache bytes per token of hybrid stacks, formula/measured")
+    hyb.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 32768])
     args = parser.parse_args(argv)
     for name in (
         "repeats",
@@ -696,6 +782,10 @@ def main(argv=None):
         if min(args.lengths) < 16:
             parser.error(f"--lengths must be at least 16 (index_topk = L/16), got {args.lengths}")
         print_dsa(args.lengths, args.repeats, args.n_head, args.index_n_heads)
+    elif args.command == "hybrid":
+        if min(args.lengths) < 1:
+            parser.error(f"--lengths must be positive, got {args.lengths}")
+        print_hybrid(args.lengths)
     else:
         if args.prompt_len + args.new_tokens > gpt2_config().block_size:
             parser.error("--prompt_len plus --new_tokens must be at most GPT-2's 1024 positions")

@@ -2,6 +2,7 @@
 
     attnbook prepare --data tinyshakespeare --encoding char
     attnbook train --max_iters 2000 --attention gqa --n_kv_head 2 --run_name gqa-2
+    attnbook train --n_layer 6 --layer_attention local,local,local,local,local,mha --window 16
     attnbook generate --out_dir runs/default --prompt "ROMEO:" --max_new_tokens 200
     attnbook compare --quick
     attnbook bench attention

@@ -173,9 +173,10 @@ def model_config(name: str, cfg: CompareConfig, vocab_size: int) -> GPTConfig:
 
 
 def cache_bytes_per_token(model_cfg: GPTConfig, T: int = CACHE_T) -> float:
-    """Bytes of all layers' caches for one ``T``-token sequence in float32, divided by ``T``."""
-    layer = replace(model_cfg, block_size=T).build_attention()
-    return layer.new_cache(1, T).nbytes * model_cfg.n_layer / T
+    """Bytes of all layers' caches for one ``T``-token sequence in float32, divided by ``T``
+    (``GPT.cache_bytes_per_token`` of the model built on the meta device)."""
+    with torch.device("meta"):
+        return GPT(replace(model_cfg, block_size=T)).cache_bytes_per_token(T)
 
 
 @torch.no_grad()

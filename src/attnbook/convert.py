@@ -27,6 +27,11 @@ SOURCES = ("mha", "gqa")
 def _check_source(model: GPT) -> None:
     cfg = model.config
     n_kv = cfg.attention_options.get("n_kv_head") or cfg.n_head
+    if cfg.layer_attention is not None:
+        raise ValueError(
+            f"converts a model whose blocks all have multi-head attention, got a hybrid stack "
+            f"(layer_attention={cfg.layer_attention})"
+        )
     if cfg.attention not in SOURCES or n_kv != cfg.n_head:
         raise ValueError(
             f"converts multi-head attention (attention 'mha', or 'gqa' with n_kv_head = n_head), "

@@ -211,7 +211,7 @@ def config_to_hf(config: GPTConfig) -> dict:
     ValueError naming the first field it cannot."""
     required = dict(
         attention=("mha",), positions=("learned",), mlp=("gelu_tanh", "gelu"),
-        norm=("layernorm",), norm_position=("pre",), bias=(True,),
+        norm=("layernorm",), norm_position=("pre",), bias=(True,), layer_attention=(None,),
     )  # fmt: skip
     for name, allowed in required.items():
         if getattr(config, name) not in allowed:

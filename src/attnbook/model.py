@@ -9,8 +9,10 @@
 GPT-2's layout with nanoGPT's names (``transformer.wte``, ``wpe`` for learned or sinusoidal
 positions, ``drop``, the blocks ``h``, ``ln_f``, and ``lm_head`` tied to ``wte``), so GPT-2's
 weights map one to one (``gpt2.py``). ``GPTConfig`` switches what later models changed: the
-attention variant, positions, GELU or SwiGLU, LayerNorm or RMSNorm, pre- or post-norm. Not here:
-padding masks, beam search, mixed precision (the training loop's). Chapter 17 assembles it.
+attention variant (or one per block: ``layer_attention``, a hybrid stack such as Gemma 3's five
+sliding-window layers per global one), positions, GELU or SwiGLU, LayerNorm or RMSNorm, pre- or
+post-norm. Not here: padding masks, beam search, mixed precision (the training loop's).
+Chapter 17 assembles it; chapter 15 stacks variants.
 """
 
 import math
@@ -20,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionConfig, available, build_attention
+from .attention import AttentionConfig, attention_class, available, build_attention
 from .attention.config import POSITIONS
+from .attention.registry import option_names
 from .checks import check_positive_int
 from .mlp import ACTIVATIONS, MLP, SwiGLU, swiglu_hidden
 from .positions import PositionalEmbedding
@@ -35,6 +38,20 @@ MIN_TEMPERATURE = 1e-6  # logits of size ~100 divided by less would overflow flo
 # AttentionConfig fields that GPTConfig sets itself (a GPT is causal by construction).
 SET_BY_GPT = ("n_embd", "n_head", "block_size", "dropout", "bias", "positions", "causal")
 CONFIG_FIELDS = [f.name for f in fields(AttentionConfig)]
+DEFAULT_ATTENTION = "mha"  # GPTConfig.attention's default, which a hybrid stack leaves alone
+
+
+def layer_pattern(period: list[str], n_layer: int) -> list[str]:
+    """A ``layer_attention`` list: ``period`` repeated and cut at ``n_layer`` blocks.
+
+    ``layer_pattern(["local"] * 5 + ["mha"], 12)`` is Gemma 3's five sliding-window layers per
+    global one; ``["local", "mha"]`` alternates them as gpt-oss does; ``["gated_deltanet"] * 3
+    + ["mha"]`` is Qwen3-Next's three Gated DeltaNet layers per full-attention layer.
+    """
+    check_positive_int("n_layer", n_layer)
+    if not isinstance(period, list | tuple) or not period:
+        raise ValueError(f"period must be a non-empty list of attention names, got {period!r}")
+    return [period[i % len(period)] for i in range(n_layer)]
 
 
 @dataclass
@@ -51,10 +68,17 @@ class GPTConfig:
         dropout: dropout after the embeddings, on the attention weights and on the output of
             every attention and MLP, in [0, 1).
         bias: whether linear layers and LayerNorms have biases.
-        attention: a name in ``attnbook.attention.available()``.
+        attention: a name in ``attnbook.attention.available()``: every block's variant.
         attention_options: the variant's own options, e.g. ``{"n_kv_head": 2}`` ("gqa"),
             ``{"window": 64}`` ("local"), and ``AttentionConfig`` fields this class does not
             set (``rope_base``, ``rope_pairing``, ``impl``). JSON-safe values only.
+        layer_attention: a hybrid stack: one name of ``available()`` per block (``n_layer``
+            of them, stored as a list), e.g. ``layer_pattern(["local"] * 5 + ["mha"], 12)``;
+            it names every block's variant, so ``attention`` must then stay at its default
+            ``"mha"``. ``attention_options`` go where they belong: ``AttentionConfig`` fields to
+            every block, a variant's option to every block whose variant takes it (``window``
+            to the "local" blocks only); one that no listed variant takes is refused. None:
+            every block is ``attention``.
         positions: ``"learned"`` or ``"sinusoidal"`` (added to the token embeddings),
             ``"rope"`` or ``"alibi"`` (done in every attention layer) or ``"none"``.
         mlp: an activation of ``attnbook.mlp.ACTIVATIONS`` for an ``MLP`` (``"gelu"``,
@@ -68,7 +92,7 @@ class GPTConfig:
         tie_weights: whether ``lm_head`` shares its weight with the token embeddings.
 
     A variant that refuses a combination (e.g. "linear" with ``positions="alibi"``) says so when
-    the config is built (one layer is built on the meta device to check).
+    the config is built (one layer of each variant is built on the meta device to check).
     """
 
     vocab_size: int = 50304
@@ -78,8 +102,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    attention: str = "mha"
+    attention: str = DEFAULT_ATTENTION
     attention_options: dict = field(default_factory=dict)
+    layer_attention: list[str] | None = None
     positions: str = "learned"
     mlp: str = "gelu"
     d_ff: int | None = None
@@ -127,11 +152,57 @@ class GPTConfig:
                 f"attention_options has keys {refused} that GPTConfig sets itself "
                 f"({', '.join(SET_BY_GPT)}): set the GPTConfig fields instead"
             )
-        with torch.device("meta"):  # every check of the config and the variant, no memory
-            self.build_attention()
+        if self.layer_attention is not None:
+            self._check_layer_attention()
+        variants = self.layer_variants()
+        with torch.device("meta"):  # every check of the config and the variants, no memory
+            for name in dict.fromkeys(variants):  # the first block of each variant
+                self.build_attention(variants.index(name))
+
+    def _check_layer_attention(self) -> None:
+        """``layer_attention``: n_layer registered names, ``attention`` left at its default,
+        every variant option taken by some listed variant; stored as a list (JSON's)."""
+        names = self.layer_attention
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"layer_attention must be None or a list of attention names, one per block, got "
+                f"{names!r} (on the command line: comma-separated names)"
+            )
+        if len(names) != self.n_layer:
+            raise ValueError(
+                f"layer_attention names {len(names)} variants for n_layer={self.n_layer} blocks: "
+                f"give one per block (layer_pattern repeats a period)"
+            )
+        unknown = [n for n in dict.fromkeys(names) if n not in available()]
+        if unknown:
+            raise ValueError(
+                f"layer_attention: unknown attention {', '.join(map(repr, unknown))}; registered "
+                f"names: {', '.join(available())}"
+            )
+        if self.attention != DEFAULT_ATTENTION:
+            raise ValueError(
+                f"attention={self.attention!r} and layer_attention are both set: layer_attention "
+                f"names every block's variant; leave attention at its default "
+                f"{DEFAULT_ATTENTION!r}"
+            )
+        self.layer_attention = list(names)
+        variants = list(dict.fromkeys(names))
+        taken = {o for n in variants for o in option_names(attention_class(n))}
+        untaken = [k for k in self.attention_options if k not in CONFIG_FIELDS and k not in taken]
+        if untaken:
+            raise ValueError(
+                f"attention_options {untaken} are options of none of layer_attention's variants "
+                f"({', '.join(variants)}): drop them or add a variant that takes them"
+            )
+
+    def layer_variants(self) -> list[str]:
+        """The variant of each block: ``layer_attention``, or ``attention`` ``n_layer`` times."""
+        if self.layer_attention is not None:
+            return list(self.layer_attention)
+        return [self.attention] * self.n_layer
 
     def attention_config(self) -> AttentionConfig:
-        """The ``AttentionConfig`` every block's attention is built from."""
+        """The ``AttentionConfig`` every block's attention is built from (hybrid or not)."""
         shared = {k: v for k, v in self.attention_options.items() if k in CONFIG_FIELDS}
         return AttentionConfig(
             n_embd=self.n_embd,
@@ -144,11 +215,17 @@ class GPTConfig:
             **shared,
         )
 
-    def build_attention(self) -> nn.Module:
-        """One block's attention layer: ``attention_config()`` and the variant's own options
-        (the ``attention_options`` that are not ``AttentionConfig`` fields)."""
+    def build_attention(self, layer: int = 0) -> nn.Module:
+        """Block ``layer``'s attention (every block's alike without ``layer_attention``):
+        ``attention_config()`` and the variant's own options (the ``attention_options`` that
+        are not ``AttentionConfig`` fields; in a hybrid stack, those its variant takes)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layer:
+            raise ValueError(f"layer must be a block index in 0..{self.n_layer - 1}, got {layer!r}")
+        name = self.layer_variants()[layer]
         options = {k: v for k, v in self.attention_options.items() if k not in CONFIG_FIELDS}
-        return build_attention(self.attention, self.attention_config(), **options)
+        if self.layer_attention is not None:
+            options = {k: v for k, v in options.items() if k in option_names(attention_class(name))}
+        return build_attention(name, self.attention_config(), **options)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-safe dict; ``GPTConfig.from_dict`` builds the config back."""
@@ -156,7 +233,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        """A validated config from ``to_dict``'s output; unknown keys raise ValueError."""
+        """A validated config from ``to_dict``'s output; unknown keys raise ValueError, missing
+        ones (a config saved before a field existed) take their defaults."""
         names = [f.name for f in fields(cls)]
         unknown = [key for key in d if key not in names]
         if unknown:
@@ -179,16 +257,18 @@ class Block(nn.Module):
     (Xiong et al., 2020).
     Post-norm (the original transformer): ``x = ln_1(x + attn(x))``, ``x = ln_2(x + mlp(x))``.
 
+    ``Block(config, layer)``: block number ``layer`` of the stack, whose attention is
+    ``config.build_attention(layer)``.
     ``forward(x, cache=None)``: ``x`` ``(B, T, n_embd)`` -> ``(B, T, n_embd)``; ``cache`` is
     this block's attention cache (see ``GPT.new_caches``).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         d = config.n_embd
         self.pre_norm = config.norm_position == "pre"
         self.ln_1 = _norm(config)
-        self.attn = config.build_attention()
+        self.attn = config.build_attention(layer)
         self.ln_2 = _norm(config)
         if config.mlp in GATED:
             hidden = config.d_ff or swiglu_hidden(d)
@@ -231,7 +311,7 @@ class GPT(nn.Module):
             dict(
                 **parts,
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=_norm(config) if config.norm_position == "pre" else nn.Identity(),
             )
         )
@@ -286,6 +366,19 @@ class GPT(nn.Module):
         ``max_len`` (at most ``block_size``, the default) is the longest sequence to decode.
         """
         return [block.attn.new_cache(batch_size, max_len) for block in self.transformer.h]
+
+    def cache_bytes_per_token(self, context_len: int) -> float:
+        """Bytes the caches of one sequence of ``context_len`` tokens take, per token: the sum
+        over blocks of ``cache.nbytes / context_len`` for ``new_caches(1, context_len)`` (a
+        cache is allocated whole, so filling it changes nothing), in the weights' dtype.
+
+        A full KV cache costs the same per token at every length, a sliding window's
+        ``min(window, L) / L`` of it, a recurrent state ``1 / L`` of its fixed size: a hybrid
+        stack's figure falls with ``L`` towards its full-attention blocks' share. On the meta
+        device it allocates nothing.
+        """
+        check_positive_int("context_len", context_len)
+        return sum(c.nbytes for c in self.new_caches(1, context_len)) / context_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches=None):
         """Logits of the next token at every position, and the loss if ``targets`` are given.

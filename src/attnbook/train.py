@@ -99,11 +99,12 @@ class TrainConfig:
             run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
             ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
             downloads). The model must have the same shape. Ignored when the run resumes.
-        dsa_warmup_iters: for a model with DeepSeek Sparse Attention ("dsa") layers, the first
-            so many steps are its dense warm-up: attention over every past token, and only the
-            indexers learn, from their KL losses (``indexer_loss``). Afterwards, and from the
-            start when 0, the step minimises the loss plus the indexers' KL losses (each reaches
-            only its indexer). One process only while warming up.
+        dsa_warmup_iters: for a model with DeepSeek Sparse Attention ("dsa") layers (all of
+            them, or those of a hybrid ``layer_attention``), the first so many steps are its
+            dense warm-up: attention over every past token, and only the indexers learn, from
+            their KL losses (``indexer_loss``). Afterwards, and from the start when 0, the step
+            minimises the loss plus the indexers' KL losses (each reaches only its indexer).
+            One process only while warming up.
     """
 
     model: GPTConfig = field(
@@ -267,6 +268,7 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state.get('format')!r}, expected 1")
     saved = json.loads(state["train_config"])["model"]
+    saved = {**GPTConfig().to_dict(), **saved}  # a field newer than the checkpoint: its default
     if isinstance(model, GPT) and saved != model.config.to_dict():
         changed = sorted(k for k in saved if saved[k] != model.config.to_dict().get(k))
         raise CheckpointMismatch(
@@ -491,7 +493,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     if cfg.dsa_warmup_iters and not indexed:
         raise ValueError(
             f"dsa_warmup_iters={cfg.dsa_warmup_iters} warms up the indexers of 'dsa' layers, and "
-            f"this model has none: use attention 'dsa' or dsa_warmup_iters=0"
+            f"this model has none: use attention 'dsa' (or 'dsa' blocks in layer_attention) or "
+            f"dsa_warmup_iters=0"
         )
     if cfg.dsa_warmup_iters and world_size > 1:
         raise ValueError(
@@ -660,7 +663,8 @@ class _Metrics:
         self.text_log = out_dir / "train.log"
         model = cfg.model
         self.note(
-            f"{'resumed at step ' + str(step) if step else 'started'}: {model.attention} "
+            f"{'resumed at step ' + str(step) if step else 'started'}: "
+            f"{model.layer_attention or model.attention} "
             f"{model.attention_options}, {model.n_layer} layers x {model.n_head} heads x "
             f"{model.n_embd}, block {model.block_size}, {cfg.dtype}, data {cfg.data}"
         )
@@ -767,6 +771,17 @@ def attention_flags() -> dict[str, tuple[type, str]]:
     return flags
 
 
+def layer_names(text: str) -> list[str]:
+    """``--layer_attention``'s value: comma-separated variant names, one per block."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"--layer_attention takes comma-separated attention names, one per block, got "
+            f"{text!r} (an empty name)"
+        )
+    return names
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field of ``TrainConfig`` and of ``GPTConfig`` (but ``vocab_size``,
     which comes from the data), defaults the dataclasses'; one per attention option (see
@@ -779,7 +794,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         names = [f"--{f.name}"] + (["--attention_type"] if f.name == "attention" else [])
         kind = type(default)
-        if kind is bool:
+        if f.name == "layer_attention":
+            parser.add_argument(
+                *names, type=layer_names, default=default, metavar="NAME,NAME,...",
+                help="one attention variant per block, comma-separated (a hybrid stack; "
+                "--attention then stays mha)",
+            )  # fmt: skip
+        elif kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default)
         elif kind is dict:
             parser.add_argument(
