@@ -44,11 +44,11 @@ NEW_PARAMS = {
 }
 
 
-def _build(name, impl="sdpa", dtype=torch.float32, **modern):
+def _build(name, impl="sdpa", dtype=torch.float32, positions="rope", **modern):
     """The variant with these modern options, seeded, in eval mode, its new parameters made
     non-trivial (norm weights around 1, sinks around 0)."""
     torch.manual_seed(0)
-    config = AttentionConfig(32, 4, block_size=T, positions="rope", impl=impl, **modern)
+    config = AttentionConfig(32, 4, block_size=T, positions=positions, impl=impl, **modern)
     layer = build_attention(name, config, **SPARSE.get(name, {})).to(dtype).eval()
     with torch.no_grad():
         for norm in (layer.q_norm, layer.k_norm):
@@ -107,21 +107,24 @@ def test_the_option_is_causal_decodes_with_a_cache_changes_the_output_and_learns
         assert params[new].grad is not None and params[new].grad.abs().sum() > 0, new
 
 
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
 @pytest.mark.parametrize("option", OPTIONS)
 @pytest.mark.parametrize("name", available())
-def test_sdpa_reference_and_flash_agree_in_output_and_gradients(name, option):
+def test_sdpa_reference_and_flash_agree_in_output_and_gradients(name, option, positions):
     """Same weights on each path the config takes; the fast paths of local, sparse and moba run
-    at T positions with their SPARSE options."""
+    at T positions with their SPARSE options (ALiBi: a bias beside the sink and after the cap)."""
     if name in REFUSED[option]:
         pytest.skip(f"{name} refuses {option}")
     modern = {option: OPTIONS[option]}
     layers = []
     for impl in ("reference", "sdpa", "flash"):
-        try:
-            layers.append(_build(name, impl, **modern).train())  # train: the indexer's loss too
+        try:  # train: dsa's indexer loss too
+            layers.append(_build(name, impl, positions=positions, **modern).train())
         except ValueError as err:
-            if "impl='flash'" not in str(err):
+            if "impl='flash'" not in str(err) and "'alibi'" not in str(err):
                 raise
+    if len(layers) < 2:
+        pytest.skip(f"{name} refuses positions={positions!r}")
     x = torch.randn(2, T, 32)
     outputs, grads = [], []
     for layer in layers:
