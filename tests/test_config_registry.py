@@ -28,6 +28,16 @@ def test_head_dim():
         ({"dropout": 1.0}, "dropout must be in"),
         ({"dropout": -0.1}, "dropout must be in"),
         ({"impl": "triton"}, "impl must be one of"),
+        ({"qk_norm": 1}, "qk_norm must be True or False, got 1"),
+        ({"output_gate": "yes"}, "output_gate must be True or False"),
+        ({"sinks": None}, "sinks must be True or False"),
+        ({"softcap": 0.0}, r"softcap must be None \(no cap\) or a finite number > 0"),
+        ({"softcap": -30.0}, "softcap must be None .* got -30.0"),
+        ({"softcap": float("inf")}, "softcap must be None .* got inf"),
+        ({"softcap": float("nan")}, "softcap must be None .* got nan"),
+        ({"softcap": True}, "softcap must be None .* got True"),
+        ({"softcap": "50"}, "softcap must be None .* got '50'"),
+        ({"impl": "flash", "softcap": 50.0}, "takes no softcap.* use impl='sdpa' or 'reference'"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(kwargs, match):

@@ -1,17 +1,19 @@
-"""The skeleton every attention variant shares: project -> position -> attend -> out.
+"""The skeleton every attention variant shares: project -> normalize -> position -> attend ->
+gate -> out.
 
 ``forward`` is written once; a variant subclasses ``Attention`` and overrides only the stages it
 changes, and declares its own settings as an ``Options`` dataclass (see ``registry``):
 
 - ``project(x)``: queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T,
   head_dim)`` (fewer key/value heads than query heads is grouped-query attention);
+- ``normalize(q, k)``: QK-norm (``config.qk_norm``), else nothing;
 - ``position(q, k, start)``: RoPE rotates q and k (ALiBi biases the scores in
   ``softmax_attend``; learned and sinusoidal positions were added to the embeddings by the model);
 - ``attend(q, k, v, attn_mask, need_weights, cache)``: append to the cache (``new_cache`` makes
-  it), then ``softmax_attend`` over every cached position; ``out(y)`` merges the heads.
-
-Chapter 3 builds multi-head attention, its first variant; chapters 6 and 7 open it for
-positions and the cache.
+  it), then ``softmax_attend`` over every cached position (with ``sinks`` and ``softcap``);
+- ``gate(y, x)``: the output gate (``config.output_gate``), else nothing; ``out(y)`` merges
+  the heads. Chapter 3 builds multi-head attention, its first variant; chapters 6 and 7 open
+  it for positions and the cache, chapter 15 for the options of the modern block.
 """
 
 import torch
@@ -21,9 +23,11 @@ from ..kv_cache import KVCache
 from ..positions import RotaryEmbedding, alibi_bias, alibi_slopes
 from .config import AttentionConfig
 from .core import sdpa, sdpa_reference
-from .flash import flash_attention
+from .flash import add_sink, flash_attention
 from .masks import causal_mask, restrict
 from .registry import NoOptions, make_options
+
+QK_NORM_EPS = 1e-6  # of q_norm and k_norm (Qwen3's rms_norm_eps)
 
 
 class Attention(nn.Module):
@@ -31,7 +35,9 @@ class Attention(nn.Module):
     ``CrossAttention`` runs the same stages over a source's keys and values.
 
     ``Attention(config, **options)``: ``options`` are the fields of the variant's ``Options``
-    (none here), kept as ``self.options``.
+    (none here), kept as ``self.options``. The modern block's options add ``q_norm`` and
+    ``k_norm`` (``nn.RMSNorm(head_dim)``, ``qk_norm``), ``gate_proj`` (``output_gate``) and the
+    parameter ``sinks`` ``(n_head,)`` (``sinks``); each is None when its option is off.
 
     ``forward(x, attn_mask=None, need_weights=False, cache=None)``:
         x: ``(B, T, n_embd)``.
@@ -53,8 +59,14 @@ class Attention(nn.Module):
         self.config, self.options = config, make_options(type(self), options)
         # one key/value head per query head unless a variant shares them (gqa.py)
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_head, config.head_dim
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes heads
+        self.output_projection(config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:  # over head_dim, one weight shared by the heads (Qwen3)
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=QK_NORM_EPS)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=QK_NORM_EPS)
+        # gpt-oss's sink logits, one per query head; 0: the sink counts as one key scoring 0
+        self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.sinks else None
         self.scale = None  # softmax scale: None means 1/sqrt(the queries' size)
         self.rope = None
         if config.positions == "rope":
@@ -69,6 +81,16 @@ class Attention(nn.Module):
         """The options this variant would choose for sequences of ``T`` tokens and ``n_head``
         heads (``compare`` and ``bench`` build every variant with them)."""
         return {}
+
+    def output_projection(self, width: int) -> None:
+        """``c_proj``, which mixes the heads' ``width = n_head * v_head_dim`` numbers into
+        ``n_embd``, and with ``output_gate`` the ``gate_proj`` (``n_embd`` -> ``width``) that
+        gates them (a variant with other value sizes calls it again, MLA)."""
+        config = self.config
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
+        self.gate_proj = None
+        if config.output_gate:
+            self.gate_proj = nn.Linear(config.n_embd, width, bias=config.bias)
 
     def project(self, x: torch.Tensor):
         """Queries ``(B, n_head, T, head_dim)``, keys and values ``(B, n_kv_head, T, head_dim)``."""
@@ -140,10 +162,28 @@ class Attention(nn.Module):
         self.check_mask(attn_mask, B, T, cache)
         start = 0 if cache is None else cache.length  # position of x's first token
         q, k, v = self.project(x)  # (B, n_head, T, head_dim), 2 x (B, n_kv_head, T, head_dim)
+        q, k = self.normalize(q, k)  # QK-norm
         q, k = self.position(q, k, start)  # rotated by their positions (RoPE)
         y, weights = self.attend(q, k, v, attn_mask, need_weights, cache)  # like q
+        y = self.gate(y, x)  # output gate
         y = self.out(y)  # (B, T, n_embd)
         return (y, weights) if need_weights else y
+
+    def normalize(self, q: torch.Tensor, k: torch.Tensor):
+        """QK-norm: each head's ``q`` and ``k`` RMSNorm'd over ``head_dim`` (``q_norm``,
+        ``k_norm``), in their dtype; unchanged without ``qk_norm``."""
+        if not self.config.qk_norm:
+            return q, k
+        return self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
+
+    def gate(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output gate: ``y`` ``(B, n_head, T, v_head_dim)`` times ``sigmoid(gate_proj(x))``,
+        one gate per element of each head's output; unchanged without ``output_gate``."""
+        if self.gate_proj is None:
+            return y
+        B, H, T, _ = y.shape
+        g = self.gate_proj(x).view(B, T, H, -1).transpose(1, 2)  # (B, n_head, T, v_head_dim)
+        return y * torch.sigmoid(g)
 
     def position(self, q: torch.Tensor, k: torch.Tensor, start: int):
         """RoPE: ``q`` and ``k`` rotated by their positions ``start, start + 1, ...``."""
@@ -180,16 +220,20 @@ class Attention(nn.Module):
         ``self.scale``; fewer key/value heads than query heads means grouped-query attention.
 
         Returns the ``(B, n_head, T, head_dim)`` output and the ``(B, n_head, T, T_k)`` weights if
-        ``need_weights`` (else None).
+        ``need_weights`` (else None; with ``sinks`` each row of weights sums to less than 1).
         """
+        sinks = self.row_sinks
         if self.config.impl == "flash" and not need_weights:
             if attn_mask is not None:
                 raise ValueError(
                     "impl='flash' masks by position only (causal, window): it takes no attn_mask; "
                     "use impl='sdpa' for a padding or other mask"
                 )
-            causal, window = self.config.causal, self.window
-            return flash_attention(q, k, v, causal=causal, window=window, scale=self.scale), None
+            y, lse = flash_attention(
+                q, k, v, causal=self.config.causal, window=self.window, scale=self.scale,
+                return_lse=True,
+            )  # fmt: skip
+            return (y if sinks is None else add_sink(y, lse, sinks)), None
         attn_mask, is_causal = self._mask(attn_mask, q.shape[-2], k.shape[-2], q.device)
         args = dict(
             attn_mask=attn_mask,
@@ -197,10 +241,17 @@ class Attention(nn.Module):
             dropout_p=self.attn_dropout,
             scale=self.scale,
             enable_gqa=k.shape[1] != q.shape[1],
+            softcap=self.config.softcap,
+            sinks=sinks,
         )
         if need_weights or self.config.impl == "reference":
             return sdpa_reference(q, k, v, **args, return_weights=True)
         return sdpa(q, k, v, **args), None
+
+    @property
+    def row_sinks(self) -> torch.Tensor | None:
+        """The sink logits of ``(B, n_head, T, ·)`` query rows, ``(n_head, 1)``, or None."""
+        return None if self.sinks is None else self.sinks[:, None]
 
     @property
     def attn_dropout(self) -> float:

@@ -74,7 +74,15 @@ class CrossAttention(Attention):
         # keys and values: (B, n_kv_head, T_k, head_dim)
         k = k.view(B, T_k, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T_k, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm:
+            k = self.k_norm(k).to(v.dtype)
         return CrossCache(k, v, memory_mask)
+
+    def normalize(self, q: torch.Tensor, k):
+        """QK-norm of the queries; the source's keys were normalised by ``project_memory``."""
+        if not self.config.qk_norm:
+            return q, k
+        return self.q_norm(q).to(q.dtype), k
 
     def mask_widths(self, T: int, cache) -> tuple[int, ...]:
         """The source's positions (the cache holds them all)."""

@@ -274,15 +274,27 @@ class DeltaNet(MultiHeadAttention):
     chunked form (``impl="reference"``: the recurrent one) gives each head's output, RMSNorm'd
     (and gated with ``use_gate``), then ``c_proj``. ``need_weights`` returns
     ``delta_rule_weights`` (before the norm). Refuses ``"alibi"``, ``causal=False``,
-    ``impl="flash"`` and ``attn_mask``; ``config.dropout`` drops the output only.
+    ``impl="flash"`` and ``attn_mask``; ``config.dropout`` drops the output only. Of the modern
+    block's options it takes ``output_gate`` (after the RMSNorm, with ``use_gate=False`` only).
     """
 
     Options = DeltaNetOptions
 
     def __init__(self, config: AttentionConfig, **options):
         check_state_config(config, "DeltaNet")
+        if config.qk_norm:
+            raise ValueError(
+                "DeltaNet L2-normalises q and k itself (after its short convolution), as the "
+                "delta rule needs unit keys: set qk_norm=False"
+            )
         super().__init__(config, **options)
         d, o = config.n_embd, self.options
+        if config.output_gate and o.use_gate:
+            raise ValueError(
+                f"{type(self).__name__} with use_gate=True already gates its output, "
+                f"RMSNorm(o) * silu(g_proj(x)): set use_gate=False for output_gate's sigmoid "
+                f"gate instead, or output_gate=False"
+            )
         self.b_proj = nn.Linear(d, config.n_head, bias=config.bias)  # β per head
         self.conv1d = None  # fla's q_conv1d, k_conv1d, v_conv1d side by side: one depthwise conv
         if o.use_short_conv:

@@ -315,7 +315,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             mask = restrict(bias, mask) if mask.dtype == torch.bool else bias + mask
         attention = sdpa_reference if self.config.impl == "reference" else sdpa
         q_abs = self.absorbed_query(q).transpose(1, 2)  # (B, T, H, r + rope): H rows per query
-        y = attention(q_abs, kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale)
+        y = attention(q_abs, kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale,
+                      softcap=self.config.softcap, sinks=self.sinks)  # fmt: skip
         w_uv = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim :]
         return torch.einsum("bthr,hvr->bhtv", y[..., : self.kv_lora_rank], w_uv)  # (B,H,T,v)
 
@@ -327,9 +328,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         mask, is_causal = self._mask(attn_mask, q.shape[-2], kv.shape[-2], q.device)
         per_head = mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1  # ALiBi
         p = 0
+        softcap, sinks = self.config.softcap, self.row_sinks  # (n_head, 1) or None
         for h in range(self.n_head):
             m = mask[..., h : h + 1, :, :] if per_head else mask
+            sink = None if sinks is None else sinks[h : h + 1]  # (1, 1)
             _, w = sdpa_reference(q_abs[:, h : h + 1], kv, kv, m, is_causal, scale=self.scale,
-                                  return_weights=True)  # fmt: skip
+                                  return_weights=True, softcap=softcap, sinks=sink)  # fmt: skip
             p = p + w[:, 0]  # (B, T, T_k)
         return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)

@@ -8,7 +8,8 @@ keeping a running maximum, a running sum and an unnormalised output (the online 
 that the causal rule or the window hide entirely are skipped, only tiles on the edge are masked.
 It saves q, k, v, the output and the log-sum-exp; the backward pass recomputes each tile's
 probabilities from them (the log-sum-exp is differentiable too). ``merge_partial`` joins
-attentions over disjoint key sets (split-KV decoding). Queries are the last ``T_q`` of the ``T_k`` positions (bottom-right, as in cached
+attentions over disjoint key sets (split-KV decoding); ``add_sink`` adds a sink logit (gpt-oss)
+to one. Queries are the last ``T_q`` of the ``T_k`` positions (bottom-right, as in cached
 decoding); a query that sees no key outputs zeros. Chapter 8 builds it; ``impl="flash"`` uses it.
 """
 
@@ -211,3 +212,11 @@ def merge_partial(outputs: list[torch.Tensor], lses: list[torch.Tensor]):
     weights = torch.exp(lse_all - lse.masked_fill(lse == NEG_INF, 0.0))  # (n, ..., T_q)
     out = (weights[..., None] * torch.stack(outputs)).sum(dim=0)  # (..., T_q, D_v)
     return out, lse
+
+
+def add_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention ``out`` ``(..., T_q, D_v)`` with log-sum-exp ``lse`` ``(..., T_q)``, redone with
+    a sink: one more term ``exp(sink)`` in each row's denominator, with no value (``sinks``
+    broadcastable to ``(..., T_q)``). Every weight shrinks by ``Σ / (Σ + exp(sink))``, so the
+    result is ``out · sigmoid(lse - sink)`` (``merge_partial`` with a part of zero output)."""
+    return out * torch.sigmoid(lse - sinks.to(lse.dtype))[..., None]

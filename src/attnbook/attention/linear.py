@@ -194,8 +194,9 @@ class LinearAttentionCache(StateCache):
 
 def check_state_config(config: AttentionConfig, name: str) -> None:
     """ValueError for what a layer that keeps a running state instead of scores cannot do:
-    ALiBi (no scores to bias), ``causal=False`` (the state holds the past only) and
-    ``impl="flash"`` (no softmax to tile). ``name`` names the layer in the message."""
+    ALiBi (no scores to bias), ``causal=False`` (the state holds the past only),
+    ``impl="flash"`` (no softmax to tile), ``sinks`` and ``softcap`` (no softmax, no scores).
+    ``name`` names the layer in the message."""
     if config.positions == "alibi":
         raise ValueError(
             f"{name} never forms the scores that ALiBi biases: choose positions 'none', 'rope', "
@@ -207,6 +208,12 @@ def check_state_config(config: AttentionConfig, name: str) -> None:
         raise ValueError(
             f"{name} has no softmax for impl='flash' to tile: use impl='sdpa' (the chunked "
             f"form) or 'reference'"
+        )
+    if config.sinks or config.softcap is not None:
+        raise ValueError(
+            f"{name} has no softmax for a sink to join and forms no scores to cap: it takes "
+            f"neither sinks nor softcap, got sinks={config.sinks}, softcap={config.softcap}; use "
+            f"a softmax variant ('mha', 'gqa', 'local', ...) for them"
         )
 
 
@@ -234,12 +241,19 @@ class LinearAttention(MultiHeadAttention):
     Supports positions ``"learned"``, ``"sinusoidal"``, ``"none"`` and ``"rope"`` (on the
     features, numerator only: see the module docstring); refuses ``"alibi"``, ``causal=False``
     and ``attn_mask``. ``config.dropout`` drops the output only (there are no weights to drop).
+    Of the modern block's options it takes ``output_gate`` only.
     """
 
     Options = LinearOptions
 
     def __init__(self, config: AttentionConfig, **options):
         check_state_config(config, "linear attention")
+        if config.qk_norm:
+            raise ValueError(
+                "linear attention's queries and keys are the positive features elu + 1, which "
+                "an RMSNorm weight could make negative (and the normaliser with them): set "
+                "qk_norm=False, or use 'deltanet', which L2-normalises q and k itself"
+            )
         super().__init__(config, **options)
 
     @classmethod

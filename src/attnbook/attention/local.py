@@ -29,7 +29,9 @@ from .masks import restrict, sliding_window_mask
 from .registry import register_attention
 
 
-def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
+def blocked_local_attention(
+    q, k, v, window, alibi_slopes=None, dropout_p=0.0, sinks=None, softcap=None
+):
     """Causal sliding-window attention in ``O(T * window)``, one batched SDPA call over chunks.
 
     Args:
@@ -39,6 +41,7 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
         window: how many positions each query sees (itself included).
         alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias.
         dropout_p: dropout on the attention weights.
+        sinks, softcap: as in ``sdpa`` (sinks ``(n_head, 1)``), or None.
 
     Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``sliding_window_mask`` returns.
 
@@ -75,7 +78,8 @@ def blocked_local_attention(q, k, v, window, alibi_slopes=None, dropout_p=0.0):
     if alibi_slopes is not None:
         bias = -alibi_slopes[:, None, None].to(q.dtype) * distance  # (H, W, 2W)
         mask = restrict(bias, mask)  # (B * n, H, W, 2W): -inf outside the band
-    y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
+    y = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H,
+             softcap=softcap, sinks=sinks)  # fmt: skip
     y = y.view(B, n, H, W, head_dim).transpose(1, 2).reshape(B, H, n * W, head_dim)
     return y[:, :, :T]  # (B, n_head, T, head_dim)
 
@@ -186,7 +190,10 @@ class LocalAttention(GroupedQueryAttention):
         dense = need_weights or self.config.impl != "sdpa" or attn_mask is not None
         if dense or T <= window:  # one chunk: the band is already O(T * window); or flash
             return super().softmax_attend(q, k, v, attn_mask, need_weights)
-        y = blocked_local_attention(q, k, v, window, self.alibi_slopes, self.attn_dropout)
+        y = blocked_local_attention(
+            q, k, v, window, self.alibi_slopes, self.attn_dropout, self.row_sinks,
+            self.config.softcap,
+        )  # fmt: skip
         return y, None
 
     def _mask(self, attn_mask, t_q, t_k, device):

@@ -127,14 +127,21 @@ class MultiHeadLatentAttention(Attention):
             ``v_head_dim``.
 
     Modules: ``wq`` (or ``wq_a``, ``q_norm``, ``wq_b`` with ``q_lora_rank > 0``), ``wkv_a``
-    (W_DKV and W_KR), ``kv_norm``, ``wkv_b`` (W_UK and W_UV per head), ``c_proj``. Set the
-    attribute ``absorb`` to switch between the naive and the absorbed computation on the same
-    weights. ``forward`` is ``Attention.forward``'s.
+    (W_DKV and W_KR), ``kv_norm``, ``wkv_b`` (W_UK and W_UV per head), ``c_proj`` (and
+    ``gate_proj`` with ``output_gate``). Set the attribute ``absorb`` to switch between the naive
+    and the absorbed computation on the same weights. ``forward`` is ``Attention.forward``'s.
+    Takes ``sinks`` and ``softcap``; refuses ``qk_norm``.
     """
 
     Options = MLAOptions
 
     def __init__(self, config: AttentionConfig, **options):
+        if config.qk_norm:
+            raise ValueError(
+                "qk_norm normalises per-head queries and keys of head_dim, but MLA's queries are "
+                "q_nope | q_rope and its keys a shared latent (DeepSeek normalises the latent: "
+                "option kv_norm): set qk_norm=False, or use 'mha' or 'gqa' for QK-norm"
+            )
         super().__init__(config, **options)
         o, head_dim = self.options, config.head_dim
         d, H, bias = config.n_embd, config.n_head, config.bias
@@ -154,7 +161,7 @@ class MultiHeadLatentAttention(Attention):
         self.wkv_a = nn.Linear(d, r + rope, bias=bias)  # W_DKV | W_KR
         self.kv_norm = nn.RMSNorm(r, eps=RMS_EPS) if o.kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(r, H * (nope + dv), bias=False)  # W_UK | W_UV per head
-        self.c_proj = nn.Linear(H * dv, d, bias=bias)  # values are v_head_dim wide
+        self.output_projection(H * dv)  # values are v_head_dim wide
         self.rope = None  # the decoupled part alone is rotated
         if config.positions == "rope":
             self.rope = RotaryEmbedding(
@@ -229,5 +236,6 @@ class MultiHeadLatentAttention(Attention):
         mask, _ = self._mask(attn_mask, 1, kv.shape[-2], q.device)  # (.., H or 1, 1, T_k)
         if mask is not None:
             mask = mask[(None,) * (4 - mask.dim())].transpose(-3, -2)  # (.., 1, H or 1, T_k)
-        y = sdpa(q.transpose(1, 2), kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale)
+        y = sdpa(q.transpose(1, 2), kv, kv, mask, dropout_p=self.attn_dropout, scale=self.scale,
+                 softcap=self.config.softcap, sinks=self.sinks)  # fmt: skip
         return y.transpose(1, 2)  # (B, H, 1, r + rope)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..checks import check_positive_ints
 from .config import AttentionConfig
-from .flash import merge_partial
+from .flash import add_sink, merge_partial
 from .gqa import GQAOptions, GroupedQueryAttention
 from .masks import causal_mask, restrict
 from .registry import register_attention
@@ -204,7 +204,9 @@ def past_chunk_parts(q, k, v, past, chunk_size, alibi_slopes=None, dropout_p=0.0
     return y_past, lse_rows.gather(2, row).view(B, H, T, S)
 
 
-def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, scale=None):
+def moba_attention(
+    q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, scale=None, sinks=None
+):
     """MoBA without forming the ``T x T`` scores: ``O(T * topk * chunk_size)``.
 
     Args:
@@ -215,6 +217,7 @@ def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, 
         alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias (the gate ignores it).
         dropout_p: dropout on the attention weights.
         scale: multiplies the scores; defaults to ``1 / sqrt(head_dim)``.
+        sinks: ``(n_head, 1)`` sink logits (``add_sink`` on the merged parts), or None.
 
     Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``moba_mask`` returns.
 
@@ -241,7 +244,10 @@ def moba_attention(q, k, v, chunk_size, topk, alibi_slopes=None, dropout_p=0.0, 
     if past.any():
         y_past, lse_past = past_chunk_parts(q, k, v, past, C, alibi_slopes, dropout_p)
         outputs, lses = outputs + list(y_past.unbind(3)), lses + list(lse_past.unbind(3))
-    return merge_partial(outputs, lses)[0][:, :, :T]  # (B, n_head, T, head_dim)
+    y, lse = merge_partial(outputs, lses)  # (B, n_head, n * C, head_dim), (B, n_head, n * C)
+    if sinks is not None:
+        y = add_sink(y, lse, sinks)
+    return y[:, :, :T]  # (B, n_head, T, head_dim)
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,8 @@ class MoBAAttention(GroupedQueryAttention):
     MHA's state_dict layout). ``forward(x, attn_mask=None, need_weights=False, cache=None)`` as in
     ``Attention``; the weights are zero outside the chosen chunks. Cached decoding chooses chunks
     too (the official code decodes with full attention), so it gives what the full pass gives.
+    ``sinks`` on every path; ``softcap`` takes the dense path (``PartialAttention`` applies no
+    function to the scores).
     """
 
     Options = MoBAOptions
@@ -301,11 +309,11 @@ class MoBAAttention(GroupedQueryAttention):
         if self.covers_all(t_k):
             return super().softmax_attend(q, k, v, attn_mask, need_weights)
         dense = need_weights or self.config.impl == "reference" or attn_mask is not None
-        if dense or T != t_k:
+        if dense or T != t_k or self.config.softcap is not None:
             allowed = moba_mask(q, k, o.moba_chunk_size, o.moba_topk)  # (B, n_head, T, T_k)
             return super().softmax_attend(q, k, v, restrict(attn_mask, allowed), need_weights)
         y = moba_attention(
             q, k, v, o.moba_chunk_size, o.moba_topk, self.alibi_slopes, self.attn_dropout,
-            self.scale,
+            self.scale, self.row_sinks,
         )  # fmt: skip
         return y, None  # (B, n_head, T, head_dim)

@@ -306,7 +306,7 @@ class NativeSparseAttention(GroupedQueryAttention):
     The fast path (``nsa_attention``: ``impl="sdpa"``, no cache behind the queries, no mask, no
     weights, no attention dropout) never forms ``T x T`` scores; otherwise the selection and
     window branches are dense masks over ``T x T_k``. The compression branch is dense over the
-    ``T_k / d`` compressed keys either way.
+    ``T_k / d`` compressed keys either way. Refuses ``sinks`` and ``softcap``.
     """
 
     Options = NSAOptions
@@ -323,6 +323,13 @@ class NativeSparseAttention(GroupedQueryAttention):
             raise ValueError(
                 "NSA's compressed keys have no single distance for ALiBi to bias: choose "
                 "positions 'rope', 'learned', 'sinusoidal' or 'none', not 'alibi'"
+            )
+        if config.sinks or config.softcap is not None:
+            raise ValueError(
+                f"NSA's three softmaxes and its block ranking (from the compression branch's "
+                f"probabilities) take neither sinks nor softcap, got sinks={config.sinks}, "
+                f"softcap={config.softcap}; its gates already let a head shrink a branch to "
+                f"nothing: use 'moba', 'sparse' or 'local' for sparse attention with them"
             )
         super().__init__(config, **options)
         o, D = self.options, config.head_dim

@@ -85,8 +85,9 @@ def bigbird_mask(t_q, t_k, block, n_global, n_window, random_blocks) -> torch.Te
 
 
 def block_sparse_attention(
-    q, k, v, block, n_global, n_window, random_blocks, alibi_slopes=None, dropout_p=0.0
-):
+    q, k, v, block, n_global, n_window, random_blocks, alibi_slopes=None, dropout_p=0.0,
+    sinks=None, softcap=None,
+):  # fmt: skip
     """Causal BigBird attention in ``O(T * (g + w + r) * block)``, one batched SDPA call.
 
     Args:
@@ -96,6 +97,7 @@ def block_sparse_attention(
         block, n_global, n_window, random_blocks: the pattern, as in ``bigbird_pattern``.
         alibi_slopes: ``(n_head,)`` ALiBi slopes, or None for no bias.
         dropout_p: dropout on the attention weights.
+        sinks, softcap: as in ``sdpa`` (sinks ``(n_head, 1)``), or None.
 
     Returns ``(B, n_head, T, head_dim)``: what ``sdpa`` with ``bigbird_mask`` returns.
 
@@ -134,7 +136,8 @@ def block_sparse_attention(
 
     q = q.transpose(1, 2).reshape(B * n, block, H, head_dim).transpose(1, 2)  # (B * n, H, b, ·)
     mask = mask.repeat(B, 1, 1, 1)  # (B * n, 1 or H, b, K * b)
-    y = sdpa(q, gather(k), gather(v), mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H)
+    y = sdpa(q, gather(k), gather(v), mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != H,
+             softcap=softcap, sinks=sinks)  # fmt: skip
     return y.transpose(1, 2).reshape(B, T, H, head_dim).transpose(1, 2)  # (B, H, T, head_dim)
 
 
@@ -220,7 +223,7 @@ class SparseAttention(GroupedQueryAttention):
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, h, T + pad, head_dim) each
         y = block_sparse_attention(
             q, k, v, o.sparse_block, o.n_global_blocks, o.n_window_blocks, self.random_blocks,
-            self.alibi_slopes, self.attn_dropout,
+            self.alibi_slopes, self.attn_dropout, self.row_sinks, self.config.softcap,
         )  # fmt: skip
         return y[:, :, :T], None  # (B, n_head, T, head_dim)
 
