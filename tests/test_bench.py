@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from attnbook import cli
 from attnbook.bench import CAUSAL, PeakTensorMemory, peak_bytes
 
 
@@ -30,3 +31,15 @@ def test_the_explicit_math_peaks_quadratically_and_the_tiles_linearly():
     flash = [peak("flash", T) for T in (512, 1024)]
     assert 3.5 < ref[1] / ref[0] < 4.5 and 1.5 < flash[1] / flash[0] < 2.5
     assert ref[1] > 5 * flash[1] and ref[1] >= 3 * 1024 * 1024 * 4  # several T x T float tensors
+
+
+def test_bench_streaming_decodes_past_block_size_at_constant_cache_bytes(capsys):
+    cli.main(["bench", "streaming", "--block_size", "16", "--factor", "3", "--window", "4",
+              "--sink_tokens", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and
+            line[2].isdigit()]  # fmt: skip
+    lengths = [int(n) for n, _ in rows]
+    held = {int(b.replace(",", "")) for _, b in rows}
+    assert lengths == [1, 6, 16, 32, 48] and len(held) == 1  # past block_size, same bytes
+    assert "tokens/s" in out
