@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from attnbook import cli
 from attnbook.bench import CAUSAL, PeakTensorMemory, hybrid_table, main, peak_bytes
 
 
@@ -45,3 +46,15 @@ def test_bench_hybrid_counts_and_measures_the_same_cache_bytes(capsys):
     main(["hybrid", "--lengths", "1024", "4096"])
     out = capsys.readouterr().out
     assert "Gemma 3" in out and "27,648 / 27,648 (0.375)" in out
+
+
+def test_bench_streaming_decodes_past_block_size_at_constant_cache_bytes(capsys):
+    cli.main(["bench", "streaming", "--block_size", "16", "--factor", "3", "--window", "4",
+              "--sink_tokens", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and
+            line[2].isdigit()]  # fmt: skip
+    lengths = [int(n) for n, _ in rows]
+    held = {int(b.replace(",", "")) for _, b in rows}
+    assert lengths == [1, 6, 16, 32, 48] and len(held) == 1  # past block_size, same bytes
+    assert "tokens/s" in out

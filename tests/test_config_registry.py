@@ -94,7 +94,7 @@ def test_invalid_option_raises_value_error_naming_it(name, options, match):
     "name, options, match",
     [
         ("mha", {"n_kv_head": 2}, r"has no option n_kv_head \(its options: none\); gqa, "),
-        ("local", {"windw": 8}, r"no option windw \(its options: n_kv_head, window\)$"),
+        ("local", {"windw": 8}, r"no option windw \(its options: n_kv_head, window, sink_tokens\)"),
         ("gqa", {"window": 8, "absorb": True}, r"no option window, absorb .*\)$"),
     ],
 )

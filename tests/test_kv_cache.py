@@ -13,9 +13,10 @@ BLOCK = 12
 
 
 def _layer(name, positions):
-    """The variant with this position scheme (gqa with 2 key/value heads, the others with their
-    default options); skipped where the variant refuses the scheme."""
-    options = {"n_kv_head": 2} if name == "gqa" else {}
+    """The variant with this position scheme (gqa with 2 key/value heads, local with a window and
+    sinks that decoding BLOCK tokens passes, the others with their default options); skipped where
+    the variant refuses the scheme."""
+    options = {"gqa": {"n_kv_head": 2}, "local": {"window": 4, "sink_tokens": 2}}.get(name, {})
     try:
         return build_attention(
             name, AttentionConfig(32, 4, block_size=BLOCK, positions=positions), **options
@@ -112,6 +113,28 @@ def test_every_cache_follows_the_protocol(name):
     torch.testing.assert_close(layer(x[:, :5], cache=cache), first, rtol=0, atol=0)  # forgotten
 
 
+@pytest.mark.parametrize("name", available())
+def test_a_bounded_cache_takes_any_number_of_positions_and_a_growing_one_refuses(name):
+    """A cache that stops growing (a rolling window, a recurrent state) is built with
+    max_len=None and fed 4 x block_size positions (RoPE past its table) at constant bytes; a
+    cache that grows keeps max_len <= block_size."""
+    layer = _layer(name, "rope")
+    cache = layer.new_cache(batch_size=1)
+    if not cache.bounded:
+        assert cache.max_len == BLOCK
+        with pytest.raises(ValueError, match=f"max_len must be in 1..block_size={BLOCK}, got 13"):
+            layer.new_cache(1, max_len=BLOCK + 1)
+        return
+    assert cache.max_len is None
+    nbytes = cache.nbytes
+    x = torch.randn(1, 4 * BLOCK, 32)
+    for start in range(0, 4 * BLOCK, 5):
+        y = layer(x[:, start : start + 5], cache=cache)
+        assert torch.isfinite(y).all() and cache.nbytes == nbytes
+    assert cache.length == 4 * BLOCK
+    assert layer.new_cache(1, max_len=100 * BLOCK).max_len == 100 * BLOCK
+
+
 def test_overflow_raises_a_clear_error():
     layer = _layer("mha", "rope")
     cache = layer.new_cache(batch_size=1, max_len=4)
@@ -129,6 +152,8 @@ def test_cache_shape_mismatch_is_reported():
         cache.append(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8))
     with pytest.raises(ValueError, match="max_len must be a positive integer"):
         KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=0)
+    with pytest.raises(ValueError, match="max_len must be a positive integer, got None"):
+        KVCache(batch_size=2, n_kv_head=2, head_dim=8, max_len=None)  # it grows: a limit
 
 
 @pytest.mark.parametrize("name, kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
@@ -177,7 +202,7 @@ def test_new_cache_max_len_is_checked():
 # Options under which each variant's choice of keys is real at 24 positions (sparse paths taken).
 SPARSE_AT_24 = {
     "gqa": dict(n_kv_head=2),
-    "local": dict(window=5),
+    "local": dict(window=5, sink_tokens=2),
     "sparse": dict(sparse_block=4, n_global_blocks=1, n_window_blocks=1, n_random_blocks=1),
     "moba": dict(moba_chunk_size=4, moba_topk=2),
     "nsa": dict(compress_block=4, compress_stride=2, select_block=4, select_count=3, window=4),

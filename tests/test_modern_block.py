@@ -26,7 +26,7 @@ REFUSED = {
 # Options under which each variant's own paths are taken at T positions (sparse, blocked, absorbed).
 SPARSE = {
     "gqa": dict(n_kv_head=2),
-    "local": dict(window=5),
+    "local": dict(window=5, sink_tokens=2),  # StreamingLLM's sink tokens beside the window
     "sparse": dict(sparse_block=4, n_global_blocks=1, n_window_blocks=1, n_random_blocks=1),
     "moba": dict(moba_chunk_size=4, moba_topk=2),
     "nsa": dict(compress_block=4, compress_stride=2, select_block=4, select_count=3, window=4),

@@ -105,10 +105,33 @@ def test_converting_weights_between_pairings_keeps_the_layer(name):
     torch.testing.assert_close(half(x), inter(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+@pytest.mark.parametrize("start", [0, 3, 6, 10_000])
+def test_rotary_embedding_past_its_table_follows_the_formula(pairing, start):
+    """Positions beyond the table (max_len=6) get the angles ``m * base^(-2i/d)`` computed on
+    the fly, in float64 here, pair by pair: the same rotation as inside the table."""
+    rope = RotaryEmbedding(head_dim=8, max_len=6, base=100.0, pairing=pairing)
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    got = rope(x, start=start)  # positions start .. start + 3
+    pairs = (
+        [(i, i + 4) for i in range(4)]
+        if pairing == "half"
+        else [(2 * i, 2 * i + 1) for i in range(4)]
+    )
+    expected = torch.empty_like(x)
+    for t in range(4):
+        for i, (a, b) in enumerate(pairs):
+            angle = (start + t) * 100.0 ** (-2 * i / 8)
+            c, s = math.cos(angle), math.sin(angle)
+            expected[:, t, a] = x[:, t, a] * c - x[:, t, b] * s
+            expected[:, t, b] = x[:, t, a] * s + x[:, t, b] * c
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)  # float32 angles
+
+
 def test_rotary_embedding_limits_and_errors():
     rope = RotaryEmbedding(head_dim=8, max_len=6)
-    with pytest.raises(ValueError, match="beyond the 6 positions"):
-        rope(torch.randn(1, 4, 8), start=3)
+    with pytest.raises(ValueError, match="start must be a position >= 0, got -1"):
+        rope(torch.randn(1, 4, 8), start=-1)
     with pytest.raises(ValueError, match="head_dim must be even, got 7"):
         RotaryEmbedding(head_dim=7, max_len=6)
     with pytest.raises(ValueError, match="rope_pairing"):

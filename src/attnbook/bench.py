@@ -1,4 +1,5 @@
-"""Speed and memory measurements: ``attnbook bench attention | train | ... | dsa | hybrid``.
+"""Speed and memory measurements: ``attnbook bench attention | train | ... | dsa | hybrid |
+streaming``.
 
     attnbook bench attention --lengths 1024 4096   # see --help of each subcommand
 
@@ -15,10 +16,12 @@
 - ``flash``: causal attention forward + backward by the reference math, ``flash_attention``'s
   tiles and SDPA's fused kernel: the peak bytes of the tensors each creates, and time;
 - ``dsa``: one decoding step of DeepSeek Sparse Attention against dense MLA (absorbed) over the
-  same cache, at DeepSeek-V3.2-Exp's per-layer sizes with fewer heads: time and bytes read.
+  same cache, at DeepSeek-V3.2-Exp's per-layer sizes with fewer heads: time and bytes read;
 - ``hybrid``: cache bytes per token of hybrid stacks (Gemma 3's 5 local : 1 global, gpt-oss's
   1 : 1, Qwen3-Next's 3 Gated DeltaNet : 1 full) against all-global attention, at several
-  context lengths: counted from the config (``cache_bytes_formula``) and from the caches.
+  context lengths: counted from the config (``cache_bytes_formula``) and from the caches;
+- ``streaming``: greedy decoding of many times ``block_size`` tokens by a RoPE model of local
+  attention with sink tokens (StreamingLLM): its caches' bytes along the way, and tokens/s.
 
 It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
@@ -711,6 +714,39 @@ def print_hybrid(lengths) -> None:
         print(f"{name:<{width}}" + "".join(f"{c:>30}" for c in cells))
 
 
+def print_streaming(block_size: int, factor: int, window: int, sink_tokens: int) -> None:
+    """Greedy decoding, one token at a time with the cache, of ``factor * block_size`` tokens by
+    a random 4-layer RoPE model of local attention with sinks: the bytes of its caches at
+    several lengths (and what full KV caches would hold there), then tokens/s."""
+    cfg = GPTConfig(vocab_size=256, block_size=block_size, n_layer=4, n_head=4, n_embd=128,
+                    attention="local", positions="rope",
+                    attention_options={"window": window, "sink_tokens": sink_tokens})  # fmt: skip
+    model = GPT(cfg).eval()
+    total = factor * block_size
+    caches = model.new_caches(1)  # bounded: any number of positions
+    per_position = sum(cache.bytes_per_token for cache in caches)
+    points = sorted(
+        {1, min(total, sink_tokens + window), *range(block_size, total + 1, block_size)}
+    )
+    print(f"local attention, window {window}, sink_tokens {sink_tokens}, RoPE, 4 layers x 4 heads "
+          f"x 128, block_size {block_size}: {total} tokens decoded greedily one at a time, "
+          f"float32, {torch.get_num_threads()} threads")  # fmt: skip
+    print("| tokens | cache bytes | full KV caches would hold |")
+    print("|---|---|---|")
+    nxt = torch.zeros(1, 1, dtype=torch.long)
+    seconds = 0.0
+    with torch.no_grad():
+        for n in range(1, total + 1):
+            start = time.perf_counter()
+            logits, _ = model(nxt, caches=caches)  # (1, 1, 256): position n - 1
+            nxt = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+            seconds += time.perf_counter() - start
+            if n in points:
+                held = sum(cache.nbytes for cache in caches)
+                print(f"| {n} | {held:,} | {n * per_position:,} |")
+    print(f"{total / seconds:.0f} tokens/s ({seconds:.2f} s for {total} tokens)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -746,8 +782,16 @@ def main(argv=None):
     dsa.add_argument("--index_n_heads", type=int, default=8, help="DeepSeek-V3.2-Exp: 64")
     hyb = sub.add_parser("hybrid", help="cache bytes per token of hybrid stacks, formula/measured")
     hyb.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 32768])
+    stream = sub.add_parser("streaming", help="decoding 10x block_size with local + sinks")
+    stream.add_argument("--block_size", type=int, default=256)
+    stream.add_argument("--factor", type=int, default=10, help="tokens = factor x block_size")
+    stream.add_argument("--window", type=int, default=64)
+    stream.add_argument("--sink_tokens", type=int, default=4)
     args = parser.parse_args(argv)
     for name in (
+        "block_size",
+        "factor",
+        "window",
         "repeats",
         "batch_size",
         "max_iters",
@@ -778,6 +822,10 @@ def main(argv=None):
         if min(args.lengths) < 1:
             parser.error(f"--lengths must be positive, got {args.lengths}")
         print_flash(args.lengths, args.block, args.repeats)
+    elif args.command == "streaming":
+        if args.sink_tokens < 0:
+            parser.error(f"--sink_tokens must be >= 0, got {args.sink_tokens}")
+        print_streaming(args.block_size, args.factor, args.window, args.sink_tokens)
     elif args.command == "dsa":
         if min(args.lengths) < 16:
             parser.error(f"--lengths must be at least 16 (index_topk = L/16), got {args.lengths}")

@@ -8,12 +8,14 @@ preallocated to ``max_len`` positions, so appending never reallocates.
 ``Cache`` is the protocol every cache kind of later chapters follows: ``append`` stores new
 positions and returns what attention reads, ``length`` is the position of the next token,
 ``reset`` empties it, ``nbytes`` and ``bytes_per_token`` say what it costs, and one overflow check
-guards ``max_len``; ``StateCache`` is the kind that keeps a fixed-size state instead. Chapter 7 builds the KV cache.
+guards ``max_len``; ``StateCache`` is the kind that keeps a fixed-size state instead. A ``bounded``
+kind (a state, a rolling window) stops growing, so it may be fed any number of positions
+(``max_len=None``). Chapter 7 builds the KV cache.
 """
 
 import torch
 
-from .checks import check_positive_ints
+from .checks import check_positive_int, check_positive_ints
 
 
 class Cache:
@@ -21,18 +23,29 @@ class Cache:
     overflow check. A kind stores its tensors, lists them in ``tensors()``, says what one
     position costs in ``bytes_per_token`` and defines ``append`` (store new positions, return
     what attention reads), calling ``_reserve`` first.
+
+    ``max_len`` is the most positions it will be fed; ``None`` means no limit, which only a
+    ``bounded`` kind takes (its storage stops growing however long the sequence gets).
     """
 
     kind = "cache"  # how the overflow message names it
+    bounded = False  # True: the storage stops growing, any number of positions may be fed
 
-    def __init__(self, max_len: int):
+    def __init__(self, max_len: int | None):
+        if max_len is not None:
+            check_positive_int("max_len", max_len)
+        elif not self.bounded:
+            raise ValueError(
+                f"max_len=None (no limit) needs a bounded cache; a {self.kind} grows with the "
+                f"sequence: give max_len"
+            )
         self.max_len = max_len
         self.length = 0  # positions seen so far: the position of the next token
 
     def _reserve(self, T: int) -> int:
         """Count ``T`` more positions, or raise if they would pass ``max_len``; returns where
         they start."""
-        if self.length + T > self.max_len:
+        if self.max_len is not None and self.length + T > self.max_len:
             raise ValueError(
                 f"{self.kind} overflow: built for max_len={self.max_len} positions, {self.length} "
                 f"already seen and {T} more appended; reset() it or build it with a larger max_len"
@@ -64,6 +77,8 @@ class StateCache(Cache):
     place of keys and values. ``reset`` zeroes every tensor it holds; ``bytes_per_token`` is the
     whole state of one sequence, the same at every length: the cost of remembering any number
     of tokens."""
+
+    bounded = True
 
     def reset(self) -> None:
         """Back to no tokens: every tensor of the state zero (the memory stays allocated)."""

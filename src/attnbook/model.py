@@ -60,8 +60,9 @@ class GPTConfig:
 
     Args:
         vocab_size: number of token ids; 50304 (GPT-2's 50257 rounded up to a multiple of 64).
-        block_size: the longest sequence the model reads (prompt plus generated tokens when
-            decoding with the KV cache).
+        block_size: the longest sequence the model reads in one pass (and the prompt plus
+            generated tokens when decoding with the KV cache, unless every layer's cache is
+            bounded and positions are not a table: see ``GPT.check_streaming``).
         n_layer: number of transformer blocks.
         n_head: attention heads per block; must divide ``n_embd``.
         n_embd: width of the residual stream.
@@ -363,7 +364,8 @@ class GPT(nn.Module):
     def new_caches(self, batch_size: int, max_len: int | None = None) -> list:
         """One empty cache per block, each of its attention's own kind, on the model's device.
 
-        ``max_len`` (at most ``block_size``, the default) is the longest sequence to decode.
+        ``max_len`` is the longest sequence to decode: at most ``block_size`` (None: that) for a
+        cache that grows; any number for a bounded one (None: no limit), see ``new_cache``.
         """
         return [block.attn.new_cache(batch_size, max_len) for block in self.transformer.h]
 
@@ -380,6 +382,29 @@ class GPT(nn.Module):
         check_positive_int("context_len", context_len)
         return sum(c.nbytes for c in self.new_caches(1, context_len)) / context_len
 
+    def check_streaming(self, n_positions: int) -> None:
+        """ValueError unless cached decoding can reach ``n_positions > block_size``: positions
+        must not come from a table (learned, sinusoidal) and every layer's cache must be bounded
+        (a rolling window, a recurrent state), each layer checked, so mixed stacks too."""
+        bs = self.config.block_size
+        what = f"{n_positions} positions, past block_size={bs}"
+        crop = "pass use_cache=False (the context is then cropped to the last block_size tokens)"
+        if "wpe" in self.transformer:
+            raise ValueError(
+                f"decoding with the cache to {what}: positions={self.config.positions!r} has no "
+                f"embedding past block_size; {crop}, ask for fewer tokens, or use a model with "
+                f"positions 'rope', 'alibi' or 'none'"
+            )
+        for i, block in enumerate(self.transformer.h):
+            cache = block.attn.new_cache(1, device="meta")  # says its kind, allocates nothing
+            if not cache.bounded:
+                raise ValueError(
+                    f"decoding with the cache to {what}: layer {i}'s attention "
+                    f"({type(block.attn).__name__}) keeps a {cache.kind} that grows with the "
+                    f"sequence; {crop}, ask for fewer tokens, or use layers whose cache is "
+                    f"bounded ('local' with a window, 'linear', 'deltanet', 'gated_deltanet')"
+                )
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches=None):
         """Logits of the next token at every position, and the loss if ``targets`` are given.
 
@@ -390,7 +415,8 @@ class GPT(nn.Module):
             targets: ``(B, T)`` int64 ids of the next tokens; ``-1`` marks a position left out
                 of the loss (e.g. a task that scores only its answers).
             caches: the list from ``new_caches``; ``idx`` is then the ``T`` tokens that follow
-                the ``caches[0].length`` tokens already cached, and the caches are extended.
+                the ``caches[0].length`` tokens already cached, and the caches are extended
+                (past ``block_size`` too where they are bounded and positions are not a table).
         Returns:
             ``(logits, loss)``: logits ``(B, T, vocab_size)``; loss the mean cross-entropy over
             the targets that are not ``-1`` (NaN if all are), or None without targets.
@@ -457,9 +483,10 @@ class GPT(nn.Module):
             stop_token: once a sequence has produced it, it keeps producing it (padding), and
                 generation ends early when every sequence has.
             use_cache: prefill the prompt into ``new_caches`` of ``T + max_new_tokens`` positions,
-                then feed one token at a time (needs ``T + max_new_tokens <= block_size``);
-                ``False`` recomputes every step on the last ``block_size`` tokens, so prompts and
-                outputs may be longer than ``block_size``.
+                then feed one token at a time. Past ``block_size`` (streaming) only if every
+                layer's cache is bounded and positions are RoPE, ALiBi or none (see
+                ``check_streaming``); ``False`` recomputes every step on the last ``block_size``
+                tokens, so prompts and outputs may be longer than ``block_size``.
             generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
         Returns:
             ``(B, T + n)`` ids, the prompts followed by ``n <= max_new_tokens`` new tokens
@@ -472,14 +499,10 @@ class GPT(nn.Module):
             return idx
         if use_cache:
             if T + max_new_tokens > cfg.block_size:
-                raise ValueError(
-                    f"the prompt's {T} tokens plus max_new_tokens={max_new_tokens} make "
-                    f"{T + max_new_tokens} positions, more than the KV cache can hold "
-                    f"(block_size={cfg.block_size}): pass use_cache=False (the context is then "
-                    f"cropped to the last block_size tokens) or ask for fewer tokens"
-                )
+                self.check_streaming(T + max_new_tokens)
             caches = self.new_caches(B, max_len=T + max_new_tokens)
-            logits, _ = self(idx, caches=caches)  # (B, T, vocab_size): the prefill
+            for chunk in idx.split(cfg.block_size, dim=1):  # the prefill, block_size at a time
+                logits, _ = self(chunk, caches=caches)  # (B, <= block_size, vocab_size)
         else:
             logits, _ = self(idx[:, -cfg.block_size :])  # (B, <=block_size, vocab_size)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # produced stop_token

@@ -12,7 +12,8 @@ places:
 - ``alibi``: a per-head penalty on the scores, linear in the distance (``alibi_bias``).
 
 For cached decoding the embeddings take a ``start`` offset and ``alibi_bias`` aligns queries
-with the last keys. Chapter 6 builds them.
+with the last keys; RoPE and ALiBi have angles and distances for any position, the tables of
+``learned`` and ``sinusoidal`` stop at ``block_size``. Chapter 6 builds them.
 """
 
 import math
@@ -155,10 +156,11 @@ def half_to_interleaved(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE with cached angles for positions ``0 .. max_len - 1``.
+    """RoPE with cached angles for positions ``0 .. max_len - 1``, computed on the fly beyond.
 
     ``forward(x, start=0)`` rotates ``x`` of shape ``(..., T, head_dim)`` as positions
-    ``start .. start + T - 1``.
+    ``start .. start + T - 1``: from the table where it holds them, otherwise by the same formula
+    (``rope_cos_sin``), so a model whose caches are bounded can decode past ``block_size``.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0, pairing: str = "half"):
@@ -168,16 +170,18 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(max_len), head_dim, base)  # 2 x (max_len, head_dim/2)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.pairing, self.max_len = pairing, max_len
+        self.pairing, self.max_len, self.head_dim, self.base = pairing, max_len, head_dim, base
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = x.shape[-2]
-        if start < 0 or start + T > self.max_len:
-            raise ValueError(
-                f"positions {start}..{start + T - 1} are beyond the {self.max_len} positions "
-                f"RoPE was built for (block_size)"
-            )
-        return apply_rope(x, self.cos[start : start + T], self.sin[start : start + T], self.pairing)
+        if start < 0:
+            raise ValueError(f"start must be a position >= 0, got {start}")
+        if start + T <= self.max_len:
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        else:  # past the table: (T, head_dim/2) each, from the formula
+            positions = torch.arange(start, start + T, device=x.device)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.base)
+        return apply_rope(x, cos, sin, self.pairing)
 
 
 # ---- ALiBi: a linear penalty on the scores ---------------------------------------------------

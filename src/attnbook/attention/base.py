@@ -97,19 +97,26 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
-        """An empty KV cache for this layer (``max_len`` defaults to ``block_size``)."""
+        """An empty KV cache for this layer, for up to ``max_len`` positions (at most, and by
+        default, ``block_size``).
+
+        A variant whose cache is bounded (a rolling window, a recurrent state) takes any
+        ``max_len``, and None means no limit: it may decode past ``block_size``."""
         return KVCache(
             batch_size, self.n_kv_head, self.head_dim, **self._cache_options(max_len, device, dtype)
         )
 
-    def _cache_options(self, max_len, device, dtype) -> dict:
-        """``max_len`` (checked against ``block_size``; None means ``block_size``), and the
-        device and dtype of this layer's weights unless given: the common cache arguments."""
-        if max_len is None:
+    def _cache_options(self, max_len, device, dtype, bounded: bool = False) -> dict:
+        """``max_len``, and the device and dtype of this layer's weights unless given: the common
+        cache arguments. A cache that grows (``bounded=False``) holds 1..``block_size``
+        positions, None meaning ``block_size``; a bounded one any number, None meaning no limit."""
+        if max_len is None and not bounded:
             max_len = self.config.block_size
-        if not 0 < max_len <= self.config.block_size:
+        if not bounded and not 0 < max_len <= self.config.block_size:
             raise ValueError(
-                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}"
+                f"max_len must be in 1..block_size={self.config.block_size}, got {max_len}: this "
+                f"layer's cache grows with the sequence (a bounded one, a rolling window or a "
+                f"recurrent state, may go past block_size)"
             )
         return dict(
             max_len=max_len,

@@ -171,7 +171,7 @@ class DeltaNetCache(StateCache):
 
     Args:
         batch_size, n_head, head_dim: the shape of the state (``d_k = d_v = head_dim``).
-        max_len: the most positions it will be fed (RoPE's table stops at block_size).
+        max_len: the most positions it will be fed; None: no limit.
         conv_channels, conv_size: the short convolution's inputs and taps (1 tap keeps none).
         device, dtype: where and how it is stored (a lower precision is cast back on read).
     """
@@ -183,16 +183,15 @@ class DeltaNetCache(StateCache):
         batch_size: int,
         n_head: int,
         head_dim: int,
-        max_len: int,
+        max_len: int | None,
         conv_channels: int,
         conv_size: int,
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
         check_positive_ints(
-            batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len,
-            conv_size=conv_size,
-        )  # fmt: skip
+            batch_size=batch_size, n_head=n_head, head_dim=head_dim, conv_size=conv_size
+        )
         super().__init__(max_len)
         self.S = torch.zeros(batch_size, n_head, head_dim, head_dim, device=device, dtype=dtype)
         self.conv = torch.zeros(
@@ -307,11 +306,12 @@ class DeltaNet(MultiHeadAttention):
         return {"chunk_size": min(64, T)}
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
-        """An empty state (and convolution inputs) for this layer; ``max_len``: block_size."""
+        """An empty state (and convolution inputs) for this layer, fed up to ``max_len``
+        positions (None: no limit, as the state does not grow)."""
         taps = self.options.conv_size if self.conv1d is not None else 1  # 1: keeps no inputs
         return DeltaNetCache(
             batch_size, self.n_head, self.head_dim, conv_channels=3 * self.config.n_embd,
-            conv_size=taps, **self._cache_options(max_len, device, dtype),
+            conv_size=taps, **self._cache_options(max_len, device, dtype, bounded=True),
         )  # fmt: skip
 
     def log_decay(self, x: torch.Tensor):

@@ -139,7 +139,7 @@ class LinearAttentionCache(StateCache):
 
     Args:
         batch_size, n_head, head_dim: the shape of the state; ``v_head_dim`` defaults to ``head_dim``.
-        max_len: the most positions it will be fed (positions, e.g. RoPE's, stop at block_size).
+        max_len: the most positions it will be fed; None: no limit.
         device, dtype: where and how the state is stored (a lower precision is cast back on read).
     """
 
@@ -150,14 +150,12 @@ class LinearAttentionCache(StateCache):
         batch_size: int,
         n_head: int,
         head_dim: int,
-        max_len: int,
+        max_len: int | None,
         v_head_dim: int | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
     ):
-        check_positive_ints(
-            batch_size=batch_size, n_head=n_head, head_dim=head_dim, max_len=max_len
-        )
+        check_positive_ints(batch_size=batch_size, n_head=n_head, head_dim=head_dim)
         super().__init__(max_len)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.S = torch.zeros(batch_size, n_head, head_dim, v_head_dim, device=device, dtype=dtype)
@@ -261,10 +259,10 @@ class LinearAttention(MultiHeadAttention):
         return {"linear_chunk": min(64, T)}
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None):
-        """An empty state ``(S, z)`` for this layer; ``max_len`` defaults to ``block_size``."""
-        return LinearAttentionCache(
-            batch_size, self.n_head, self.head_dim, **self._cache_options(max_len, device, dtype)
-        )
+        """An empty state ``(S, z)`` for this layer, fed up to ``max_len`` positions (None: no
+        limit, as the state does not grow)."""
+        options = self._cache_options(max_len, device, dtype, bounded=True)
+        return LinearAttentionCache(batch_size, self.n_head, self.head_dim, **options)
 
     def project(self, x: torch.Tensor):
         """Multi-head attention's projections, queries and keys through ``φ``: positive features

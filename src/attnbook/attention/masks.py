@@ -5,7 +5,8 @@ Orientation, everywhere in attnbook: ``True`` means "this query may attend to th
 
 - ``causal_mask``: each query sees its own position and earlier ones.
 - ``padding_mask``: which key positions of a right-padded batch are real tokens.
-- ``sliding_window_mask``: a causal band, each query seeing the last ``window`` positions.
+- ``sliding_window_mask``: a causal band, each query seeing the last ``window`` positions (and
+  the first ``sink_tokens``, attention sinks).
 - ``additive_mask``: the same information as a float bias (0 where allowed, -inf where masked).
 - ``restrict``: a mask of either kind further restricted by a boolean one (e.g. made causal).
 Chapter 2 builds them.
@@ -79,17 +80,23 @@ def restrict(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~allowed, float("-inf"))
 
 
-def sliding_window_mask(t_q: int, t_k: int, window: int, device=None) -> torch.Tensor:
-    """Boolean ``(t_q, t_k)`` mask, ``True`` where a query may attend: a band ``window`` wide.
+def sliding_window_mask(
+    t_q: int, t_k: int, window: int, device=None, sink_tokens: int = 0
+) -> torch.Tensor:
+    """Boolean ``(t_q, t_k)`` mask, ``True`` where a query may attend: a band ``window`` wide,
+    and the first ``sink_tokens`` positions (attention sinks, StreamingLLM) for every later query.
 
     Queries are the last ``t_q`` of ``t_k`` positions (bottom-right, as in ``causal_mask``):
-    query ``i`` sits at ``p = t_k - t_q + i`` and sees keys ``p - window < j <= p``.
+    query ``i`` sits at ``p = t_k - t_q + i`` and sees keys ``j <= p`` with ``p - j < window``
+    or ``j < sink_tokens``.
     """
     if t_q <= 0 or t_k < t_q:
         raise ValueError(f"sliding_window_mask needs 0 < t_q <= t_k, got t_q={t_q}, t_k={t_k}")
     if window <= 0:
         raise ValueError(f"window must be positive, got {window}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     q_pos = torch.arange(t_k - t_q, t_k, device=device)  # (t_q,)
     k_pos = torch.arange(t_k, device=device)  # (t_k,)
     distance = q_pos[:, None] - k_pos[None, :]  # (t_q, t_k)
-    return (distance >= 0) & (distance < window)  # (t_q, t_k)
+    return (distance >= 0) & ((distance < window) | (k_pos < sink_tokens))  # (t_q, t_k)
