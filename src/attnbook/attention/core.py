@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from .masks import additive_mask, causal_mask, restrict
 
 
+def _broadcasts(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without growing it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, softcap=None, sinks=None):
     """Raise ValueError, naming the argument, for anything the attention cannot take."""
     if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
@@ -54,17 +62,11 @@ def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, softcap=
         )
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
-    if sinks is not None:
-        rows = tuple(q.shape[:-1])  # (..., T_q)
-        try:
-            ok = torch.broadcast_shapes(sinks.shape, rows) == rows
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"sinks of shape {tuple(sinks.shape)} do not broadcast to the query rows' shape "
-                f"{tuple(q.shape[:-1])} (..., T_q): one sink logit per query row"
-            )
+    if sinks is not None and not _broadcasts(sinks.shape, q.shape[:-1]):  # to (..., T_q)
+        raise ValueError(
+            f"sinks of shape {tuple(sinks.shape)} do not broadcast to the query rows' shape "
+            f"{tuple(q.shape[:-1])} (..., T_q): one sink logit per query row"
+        )
     if attn_mask is None:
         return
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
@@ -74,11 +76,7 @@ def _check_inputs(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, softcap=
             f"a float attn_mask must have the dtype of q ({q.dtype}), got {attn_mask.dtype}"
         )
     scores_shape = (*q.shape[:-1], t_k)
-    try:
-        ok = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not _broadcasts(attn_mask.shape, scores_shape):
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' "
             f"shape {scores_shape} (..., T_q, T_k)"
