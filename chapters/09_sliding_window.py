@@ -789,7 +789,9 @@ assert full_bytes[-1] == seen[-1] * full_bytes[0]  # linear in the positions see
 
 # %% [markdown]
 # The full cache grows by the same amount with every token; the rolling one grows until it holds
-# `window` positions and then stays flat, however long the generation runs.
+# `window` positions and then stays flat, however long the generation runs (past `block_size`
+# too: chapter 15 streams a model ten times its `block_size`, with a rolling cache in every
+# layer and RoPE angles computed for any position).
 #
 # At the scale of a real model the module computes the sizes for us. A Mistral-7B-shaped cache
 # (32 layers, 8 key/value heads of 128, fp16, window 4096) built on PyTorch's `meta` device has

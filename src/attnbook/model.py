@@ -72,7 +72,8 @@ class GPTConfig:
         attention: a name in ``attnbook.attention.available()``: every block's variant.
         attention_options: the variant's own options, e.g. ``{"n_kv_head": 2}`` ("gqa"),
             ``{"window": 64}`` ("local"), and ``AttentionConfig`` fields this class does not
-            set (``rope_base``, ``rope_pairing``, ``impl``). JSON-safe values only.
+            set (``rope_base``, ``rope_pairing``, ``impl``, and the modern block's ``qk_norm``,
+            ``output_gate``, ``sinks``, ``softcap``). JSON-safe values only.
         layer_attention: a hybrid stack: one name of ``available()`` per block (``n_layer``
             of them, stored as a list), e.g. ``layer_pattern(["local"] * 5 + ["mha"], 12)``;
             it names every block's variant, so ``attention`` must then stay at its default
