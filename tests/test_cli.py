@@ -43,6 +43,29 @@ def test_prepare_train_generate(tmp_path, monkeypatch, capsys):
     assert all(s.startswith("to be") and len(s.rstrip("\n")) >= 5 for s in samples)
 
 
+def test_generate_streams_past_block_size_when_every_cache_is_bounded(
+    tmp_path, monkeypatch, capsys
+):
+    """A local + RoPE model keeps its rolling caches past block_size; a full-cache model
+    recomputes on the last block_size tokens instead."""
+    monkeypatch.setenv("ATTNBOOK_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    used = []
+    generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: used.append(kw["use_cache"])
+                        or generate(self, *a, **kw))  # fmt: skip
+    for variant, expected in ((["local", "--window", "4"], True), (["mha"], False)):
+        run = str(tmp_path / variant[0])
+        cli.main(["train", "--data", str(corpus), "--out_dir", run, "--max_iters", "2",
+                  "--block_size", "16", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+                  "--eval_iters", "1", "--no-progress", "--positions", "rope",
+                  "--attention", *variant])  # fmt: skip
+        cli.main(["generate", "--out_dir", run, "--prompt", "to be", "--max_new_tokens", "40"])
+        assert used[-1] is expected
+        assert capsys.readouterr().out.rstrip("\n").startswith("to be")
+
+
 def test_generate_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="attnbook generate: error: no checkpoint in .*: train"):
         cli.main(["generate", "--out_dir", str(tmp_path)])

@@ -31,6 +31,19 @@ def cmd_prepare(args) -> None:
           f"val {meta['n_val']:,} tokens")  # fmt: skip
 
 
+def _cache_reaches(model, n_positions: int) -> bool:
+    """Whether cached decoding can reach ``n_positions``: within ``block_size`` always, past it
+    when the model streams (bounded caches, no position table); otherwise ``generate``
+    recomputes on the last ``block_size`` tokens."""
+    if n_positions <= model.config.block_size:
+        return True
+    try:
+        model.check_streaming(n_positions)
+    except ValueError:
+        return False
+    return True
+
+
 def cmd_generate(args) -> None:
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise SystemExit(
@@ -49,7 +62,7 @@ def cmd_generate(args) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(
         idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, use_cache=len(ids) + args.max_new_tokens <= cfg.model.block_size,
+        top_p=args.top_p, use_cache=_cache_reaches(model, len(ids) + args.max_new_tokens),
         generator=gen,
     )  # fmt: skip
     for i, row in enumerate(out.tolist()):
