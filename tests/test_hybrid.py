@@ -156,11 +156,13 @@ def test_bad_layer_lists_raise_naming_layer_attention(kwargs, match):
 
 
 def test_config_round_trips_through_json_and_old_configs_load():
-    cfg = GPTConfig(n_layer=3, layer_attention=("local", "local", "mha"), **SHAPE)
+    cfg = GPTConfig(n_layer=3, layer_attention=("local", "local", "mha"), **SHAPE,
+                    attention_options=OPTIONS["local"])  # fmt: skip
     assert cfg.layer_attention == ["local", "local", "mha"]  # stored as JSON's list
     d = json.loads(json.dumps(cfg.to_dict()))
     assert GPTConfig.from_dict(d) == cfg
-    del d["layer_attention"]  # a config saved before the field existed
+    del d["layer_attention"]  # a config saved before the field existed (and without options)
+    d["attention_options"] = {}
     assert GPTConfig.from_dict(d).layer_variants() == ["mha"] * 3
 
 

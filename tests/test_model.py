@@ -184,6 +184,15 @@ def test_swiglu_is_silu_gate_times_up_then_down():
         SwiGLU(8, 12, dropout=1.0)
 
 
+def test_a_window_longer_than_block_size_is_refused_in_plain_and_hybrid_stacks():
+    """A window past block_size would make the local layer full causal attention in training."""
+    base = dict(vocab_size=8, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    assert GPT(GPTConfig(**base, attention="local", attention_options={"window": 16}))
+    for stack in (dict(attention="local"), dict(layer_attention=["local", "mha"])):
+        with pytest.raises(ValueError, match="'local' has window=17 > block_size=16: every"):
+            GPTConfig(**base, **stack, attention_options={"window": 17})
+
+
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("norm_position", ["pre", "post"])

@@ -159,7 +159,13 @@ class GPTConfig:
         variants = self.layer_variants()
         with torch.device("meta"):  # every check of the config and the variants, no memory
             for name in dict.fromkeys(variants):  # the first block of each variant
-                self.build_attention(variants.index(name))
+                window = self.build_attention(variants.index(name)).window
+                if window is not None and window > self.block_size:
+                    raise ValueError(
+                        f"attention {name!r} has window={window} > block_size="
+                        f"{self.block_size}: every training sequence fits in one window, so the "
+                        f"layer would be full causal attention; choose window <= block_size"
+                    )
 
     def _check_layer_attention(self) -> None:
         """``layer_attention``: n_layer registered names, ``attention`` left at its default,
