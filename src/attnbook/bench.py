@@ -690,7 +690,8 @@ def hybrid_table(lengths) -> list:
     ``GPT.cache_bytes_per_token`` of the model built on the meta device (nothing allocated)."""
     rows = []
     for name, stack in HYBRID_STACKS.items():
-        config = GPTConfig(**HYBRID_SHAPE, block_size=max(lengths), **stack)
+        block_size = max(*lengths, 1024)  # at least the longest window (GPTConfig checks it)
+        config = GPTConfig(**HYBRID_SHAPE, block_size=block_size, **stack)
         with torch.device("meta"):
             model = GPT(config)
         figures = {
