@@ -20,8 +20,9 @@
 # the previous chapters built each of those. Open the model's code and the layer does a few more
 # small things, each a line or two, each added because something went wrong without it:
 #
-# - **QK-norm** (OLMo 2, Gemma 3, Qwen3, nanochat): queries and keys are RMS-normalised per head
-#   before RoPE, because their dot products grew until training diverged;
+# - **QK-norm** (OLMo 2, Gemma 3, Qwen3, nanochat): queries and keys are RMS-normalised before
+#   their dot product (per head and before RoPE in Qwen3 and Gemma 3), because the dot products
+#   grew until training diverged;
 # - an **output gate** (Qwen3-Next; Qiu et al., 2025): each head's output is multiplied by a
 #   sigmoid of the layer's input, so a head can say "nothing" without bending its softmax;
 # - **sink logits** (gpt-oss): one learned extra logit per head in every softmax denominator, for
@@ -86,8 +87,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 #
 # Each piece is a field of `AttentionConfig` — `qk_norm`, `output_gate`, `sinks`, `softcap` — so
 # every variant of the book inherits it from the skeleton or refuses it when built (MLA refuses
-# QK-norm: its keys are a shared latent, which it normalises with `kv_norm` instead; linear
-# attention and DeltaNet have no softmax to cap or sink).
+# QK-norm: its keys are a shared latent, which it normalises with `kv_norm` instead; DeltaNet
+# already L2-normalises its queries and keys, a QK-norm of its own; linear attention and DeltaNet
+# have no softmax to cap or sink).
 
 # %%
 stages = ["x", "project\nq, k, v", "QK-norm\n(RMSNorm)", "RoPE", "scores\nq·k/√d",
@@ -142,6 +144,10 @@ print("RMS of each query before:", q.pow(2).mean(-1).sqrt()[0, 0, :4],
       "after:", q_normed.pow(2).mean(-1).sqrt()[0, 0, :4])
 
 # %% [markdown]
+# After the norm each query has an RMS of 1 times the learned scale $g$, which is why the values
+# printed sit near 1 rather than at it.
+
+# %% [markdown]
 # The layer's `normalize` stage does the same with `q_norm` and `k_norm` (`nn.RMSNorm`); we check
 # it against our formula on a layer's own projections:
 
@@ -173,8 +179,9 @@ assert torch.allclose(qn, rms_norm(q, layer.q_norm.weight), atol=1e-6)
 # loss, the largest attention score $|q \cdot k| / \sqrt{d}$ of the last layer on a fixed batch,
 # and how one-hot its softmax is (the mean over query rows of the largest weight). The scores are
 # read from the layer's own stages (`project`, `normalize`, `position`), on the input a forward
-# pre-hook records. 150 steps leave every model far from converged (the loss of chapter 17's
-# longer runs is below 1.5): the sweep asks how training *starts* at each rate.
+# pre-hook records. 150 steps leave every model far from converged: the sweep asks how
+# training *starts* at each rate. A third arm bounds the scores the other way, with
+# soft-capping (section 3, $c = 20$) at the largest rate.
 
 # %%
 data = TokenData(prepare("tinyshakespeare", "char"))
@@ -240,35 +247,35 @@ def score_stats(model, x_):
 
 # %% tags=["nbval-ignore-output"]
 lrs, seeds = [3e-3, 3e-2, 1e-1], [0, 1, 2]
-sweep = {}  # (qk_norm, lr) -> [(val loss, max score, mean top weight) per seed]
+arms = {"plain": ({}, lrs), "QK-norm": (dict(qk_norm=True), lrs),
+        "soft-cap 20": (dict(softcap=20.0), [1e-1])}
+sweep = {}  # (arm, lr) -> [(val loss, max score, mean top weight) per seed]
 models = {}
-for qk_norm in (False, True):
-    for lr in lrs:
+for arm, (options, arm_lrs) in arms.items():
+    for lr in arm_lrs:
         for seed in seeds:
-            model = char_model(seed, qk_norm=qk_norm)
+            model = char_model(seed, **options)
             loss = train(model, 150, lr, seed)
-            sweep.setdefault((qk_norm, lr), []).append(
-                (loss, *score_stats(model, val_batches[0][0])))
-            models[qk_norm, lr, seed] = model
-for qk_norm in (False, True):
-    print("QK-norm" if qk_norm else "plain")
-    print(f"{'lr':>8} {'val loss (3 seeds)':>20} {'max score':>20} {'mean top weight':>17}")
-    for lr in lrs:
-        runs = sweep[qk_norm, lr]
-        print(f"{lr:>8} {' '.join(f'{r[0]:.2f}' for r in runs):>20} "
-              f"{' '.join(f'{r[1]:6.0f}' for r in runs):>20} "
-              f"{' '.join(f'{r[2]:.2f}' for r in runs):>17}")
+            sweep.setdefault((arm, lr), []).append((loss, *score_stats(model, val_batches[0][0])))
+            models[arm, lr, seed] = model
+print(f"{'':>11} {'lr':>6} {'val loss (3 seeds)':>20} {'max score':>20} {'mean top weight':>17}")
+for (arm, lr), runs in sweep.items():
+    print(f"{arm:>11} {lr:>6} {' '.join(f'{r[0]:.2f}' for r in runs):>20} "
+          f"{' '.join(f'{r[1]:6.0f}' for r in runs):>20} "
+          f"{' '.join(f'{r[2]:.2f}' for r in runs):>17}")
 mean = {key: sum(r[0] for r in runs) / len(runs) for key, runs in sweep.items()}
-assert mean[True, 1e-1] < mean[False, 1e-1]  # at the largest rate QK-norm trains better
-assert max(r[1] for r in sweep[True, 1e-1]) < min(r[1] for r in sweep[False, 1e-1])
+assert mean["QK-norm", 1e-1] < mean["plain", 1e-1]  # at the largest rate QK-norm trains better
+assert max(r[1] for r in sweep["QK-norm", 1e-1]) < min(r[1] for r in sweep["plain", 1e-1])
 
 # %%
 fig, ax = plt.subplots(figsize=(5, 3.2))
-for qk_norm, style in ((False, "o--"), (True, "s-")):
-    ax.plot(lrs, [mean[qk_norm, lr] for lr in lrs], style,
-            label="QK-norm" if qk_norm else "plain")
+for (arm, (_, arm_lrs)), color in zip(arms.items(), ("C0", "C1", "C2"), strict=True):
+    ax.plot(arm_lrs, [mean[arm, lr] for lr in arm_lrs], "o-", color=color, label=arm)
+    for lr in arm_lrs:  # each seed as a dot
+        ax.scatter([lr] * len(seeds), [r[0] for r in sweep[arm, lr]], color=color, s=10,
+                   alpha=0.5)
 ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss after 150 steps",
-       title="learning-rate sensitivity (mean of 3 seeds)")
+       title="learning-rate sensitivity (line: mean of 3 seeds)")
 ax.legend()
 plt.tight_layout()
 plt.show()
@@ -278,13 +285,21 @@ plt.show()
 # alike (2.30–2.37 plain, 2.31–2.35 with QK-norm); at 3e-2 and 1e-1 the plain model ends at
 # 2.66–3.02 and the QK-normalised one at 2.44–2.57, every seed on the same side. That is Wortsman
 # et al.'s finding in miniature: their loss-against-learning-rate curves are flatter with
-# QK-norm, at every model size. The other two columns say why. Without the norm the largest
-# scores reach hundreds and thousands at the larger rates (590 to 2,373), and the softmax is
-# one-hot in practice: a query row's largest weight is 0.97–1.00 on average, so almost every
-# key gets no gradient. With it the scores stay between 5 and 27, bounded by the norms' learned
+# QK-norm, at every model size. The other two columns are consistent with their explanation.
+# Without the norm the largest scores reach hundreds and thousands at the larger rates (590 to
+# 2,373), and the softmax is one-hot in practice: a query row's largest weight is 0.97–1.00 on
+# average, and a one-hot row passes almost no gradient to any of its scores (each gets
+# $p(1 - p) \approx 0$). With it the scores stay between 5 and 27, bounded by the norms' learned
 # scales (exercise 1 prints the bound), and the largest weight averages 0.55–0.84 at the larger
-# rates. A small model cannot show the real failure, a loss that diverges after thousands of
-# steps; what it shows is the sensitivity.
+# rates.
+#
+# The soft-capped arm separates two things the plain runs mix. Its softmax is not one-hot (the
+# largest weight averages 0.23–0.30: no capped score passes 20), yet its loss, 2.85–2.92, is
+# barely better than the plain model's: the *raw* scores, printed here before the cap, still
+# grow, to 3,383–4,058, into the flat part of $\tanh$, where their gradient vanishes as surely
+# (exercise 2 computes by how much). Bounding the softmax's input is not enough; QK-norm bounds
+# the queries and keys themselves. A small model cannot show the real failure, a loss that
+# diverges after thousands of steps; what it shows is the sensitivity.
 
 # %% [markdown]
 # ## 3. Soft-capping
@@ -308,6 +323,12 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 
+# %% [markdown]
+# The layer with `softcap=5.0`, checked against the formula on section 2's input `x`; its query
+# and key weights are scaled up so that the raw scores pass the cap (head_dim 16, so the
+# softmax scale is $1/\sqrt{16} = 1/4$):
+
+# %%
 cfg_cap = AttentionConfig(n_embd=64, n_head=4, block_size=32, positions="rope", softcap=5.0)
 capped = build_attention("mha", cfg_cap).eval()
 with torch.no_grad():
@@ -315,8 +336,10 @@ with torch.no_grad():
     _, w = capped(x, need_weights=True)
     q, k, v = capped.project(x)
     q, k = capped.position(q, k, 0)
-    scores = 5.0 * torch.tanh(q @ k.transpose(-2, -1) / 4 / 5.0)  # head_dim 16: scale 1/4
+    raw = q @ k.transpose(-2, -1) / 4  # (2, 4, 32, 32): the scaled scores
+    scores = 5.0 * torch.tanh(raw / 5.0)
     w_by_hand = torch.softmax(scores.masked_fill(~torch.ones(32, 32).tril().bool(), -math.inf), -1)
+print(f"largest |raw score| {raw.abs().max():.0f}, after the cap {scores.abs().max():.2f} (c = 5)")
 print("weights == softmax(c·tanh(s/c)) by hand:", torch.allclose(w, w_by_hand, atol=1e-6))
 assert torch.allclose(w, w_by_hand, atol=1e-6)
 
@@ -356,8 +379,8 @@ def first_token_share(model, x_, from_pos=8):
 uniform = sum(1 / (t + 1) for t in range(8, block)) / (block - 8)
 print(f"uniform rows would give {uniform:.3f}")
 all_shares = []
-for (qk_norm, lr, seed), model in models.items():
-    if not qk_norm:
+for (arm, lr, seed), model in models.items():
+    if arm == "plain":
         shares = first_token_share(model, val_batches[0][0])
         all_shares += shares
         print(f"plain, lr {lr:<6} seed {seed}: share on position 0 by layer "
@@ -373,7 +396,7 @@ def with_bos(x_, y_):
 
 
 torch.manual_seed(0)
-bos_model = GPT(GPTConfig(**{**models[False, 3e-3, 0].config.to_dict(),
+bos_model = GPT(GPTConfig(**{**models["plain", 3e-3, 0].config.to_dict(),
                              "vocab_size": data.vocab_size + 1}))
 opt = torch.optim.AdamW(bos_model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
 gen = torch.Generator().manual_seed(0)
@@ -387,13 +410,17 @@ for step in range(150):
 bos_model.eval()
 shares = first_token_share(bos_model, with_bos(*val_batches[0])[0])
 all_shares += shares
-print(f"a start token at position 0: share by layer {[round(s_, 3) for s_ in shares]}")
+with torch.no_grad():
+    bos_val = sum(bos_model(*with_bos(*b))[1].item() for b in val_batches) / len(val_batches)
+print(f"a start token at position 0: share by layer {[round(s_, 3) for s_ in shares]}; "
+      f"validation loss {bos_val:.2f}")
 assert max(all_shares) < 0.25  # no sink: nowhere near the majority of the attention
 
 # %% [markdown]
-# No sink: position 0 gets between 2% and 10% of the attention, around the 5.6% of a uniform
-# row, nowhere near the majority that a sink takes, and a fixed start token changes nothing (4%
-# and 5%). A
+# No sink: position 0 gets between 2% and 10% of the attention, nowhere near the majority that
+# a sink takes: 17 of the 18 shares are below the uniform
+# 5.6%, one is 10%. A fixed start token changes nothing (4% and 5%, with a validation loss of
+# 2.37, as the others at this rate). A
 # 2-layer model trained for 150 steps on characters has not reached the regime Gu et al.
 # describe, and every head of ours still has something useful to read in every context (the
 # previous characters). A sink needs a head that often has *nothing* to do. So we build one.
@@ -413,6 +440,13 @@ assert max(all_shares) < 0.25  # no sink: nowhere near the majority of the atten
 # 3. no start vector, but each input carries a flag (coordinate 2) saying whether a marker has
 #    been seen so far — what the residual stream of a deeper model would carry, and what the
 #    gate, which reads only the query's own input, needs in order to know when to close.
+#
+# (The sink logit is left out of the third setting: it needs no context, the second setting
+# shows it.) The table measures, over the queries that have seen no marker yet: the error of
+# their output, the weight they put on position 0, the weight on all keys together (less than
+# 100% only with a sink logit), and with a gate its mean value $\sigma(x_t W_g)$. Where there is
+# no start vector, position 0 is a random vector, and the weight it gets is about what a
+# uniform row gives to one key among the few an early query sees.
 
 # %%
 d_toy, T_toy = 16, 32
@@ -459,7 +493,7 @@ toys = {(setting, version): train_toy(**kw, **options)
 
 # %% tags=["nbval-ignore-output"]
 toy_rows = {}
-print(f"{'setting':>23} {'version':>12} {'MSE, no marker yet':>19} {'on start':>9} "
+print(f"{'setting':>23} {'version':>12} {'MSE, no marker yet':>19} {'on position 0':>14} "
       f"{'on all keys':>12} {'gate':>5}")
 for (setting, version), (toy, readout) in toys.items():
     x_, target, no_marker = toy_batch(256, torch.Generator().manual_seed(1), **settings[setting])
@@ -472,7 +506,7 @@ for (setting, version), (toy, readout) in toys.items():
     on_start = w[:, 0, :, 0][no_marker].mean().item()
     row_sum = w[:, 0].sum(-1)[no_marker].mean().item()
     toy_rows[setting, version] = (mse, on_start, row_sum)
-    print(f"{setting:>23} {version:>12} {mse:>19.1e} {on_start:>9.1%} {row_sum:>12.1%} {gate:>5}")
+    print(f"{setting:>23} {version:>12} {mse:>19.1e} {on_start:>14.1%} {row_sum:>12.1%} {gate:>5}")
 assert toy_rows["start vector", "plain"][1] > 0.5  # a sink on the start vector
 assert toy_rows["no start", "plain"][0] > 100 * toy_rows["no start", "sink logit"][0]
 assert toy_rows["no start", "sink logit"][2] < 0.2  # the sink logit takes the mass
@@ -482,7 +516,7 @@ assert toy_rows["no start", "output gate"][0] > 100 * toy_rows["no start, contex
 # %% [markdown]
 # **With a start vector**, every version solves the task, and the plain layer grew a sink: a
 # query that has seen no marker puts 98% of its weight on the start. What the start contributes
-# is (almost) nothing — the cell after the next measures it. It is the mechanism Xiao et al.
+# is (almost) nothing — the cell below measures it. It is the mechanism Xiao et al.
 # describe, in miniature, with a null token we supplied: the sink is the layer's way of
 # attending to nothing. Even the layer that has a sink logit parks most of that weight on the
 # start (86%): both serve, and training chose the token.
@@ -515,12 +549,15 @@ print(f"output from the start alone: {alone[:, 0].mean():.2f}; from another posi
       f"average: {alone[:, 1:].mean():.2f}")
 assert alone[:, 0].mean() < 0.2 * alone[:, 1:].mean()
 
+# %% [markdown]
 # ### 4.3 The sink logit, written out
 #
 # With a sink logit $z_h$ for head $h$, a weight is $e^{s_j} / (e^{z_h} + \sum_i e^{s_i})$: an
 # extra column in the softmax whose value is zero. The module keeps SDPA fused by adding a key
 # and a value of zeros whose score is $z_h$; the reference path writes the column out; the flash
-# path rescales by $\sigma(\mathrm{lse} - z_h)$. A sink of $-\infty$ is no sink:
+# path rescales by $\sigma(\mathrm{lse} - z_h)$. A row of weights then sums to
+# $\sigma(\mathrm{lse} - z_h)$, less than one, and the larger $z_h$ the less (the four heads
+# below have $z_h = -1, 0, 1, 2$). A sink of $-\infty$ is no sink:
 
 # %%
 cfg_sink = AttentionConfig(n_embd=64, n_head=4, block_size=32, positions="rope", sinks=True)
@@ -631,7 +668,7 @@ assert evicted[0] > 100 * evicted[1]  # evicting the start hurts; keeping it rep
 # cache instead.
 
 # %% tags=["nbval-ignore-output"]
-lm = models[False, 3e-3, 0]
+lm = models["plain", 3e-3, 0]
 stream_x = data.get_batch("val", 4, 10 * block + 1, torch.Generator().manual_seed(3))[0]
 inputs, targets = stream_x[:, :-1], stream_x[:, 1:]  # (4, 320) each
 n_stream = inputs.shape[1]
@@ -684,21 +721,22 @@ for name in ("window only (32)", "sinks + window (4 + 28)"):
     held = streams[name][1]
     assert len(set(held)) == 1  # flat memory over 10 x block_size
     diff = (per_token_loss(streams[name][0]) - per_token_loss(streams["recompute"][0]))[:, block:]
-    se = diff.std() / diff.numel() ** 0.5  # paired: the same tokens, predicted two ways
+    per_sequence = diff.mean(1)  # (4,): paired, the same tokens predicted two ways
+    se = per_sequence.std() / len(per_sequence) ** 0.5
     print(f"{name}, past the first block: {diff.mean():+.4f} ± {se:.4f} nats against recompute "
-          f"(mean ± standard error over {diff.numel()} tokens)")
+          f"(mean ± standard error over the 4 sequences' means)")
     assert abs(diff.mean()) < 0.05
 
 # %% [markdown]
 # The caches hold the same 131,072 bytes after 32 tokens as after 320. The window alone matches
 # the recomputed loss past the first block (2.281 against 2.282, a difference of −0.0005 ±
-# 0.0007 nats per token). The two are not identical
+# 0.0008 nats per token, over the four sequences). The two are not identical
 # computations: recomputing starts both layers' windows at the same character, while in the
 # stream the second layer's window holds first-layer outputs that each saw 32 characters
-# further back, so the stream sees up to 62 characters through two layers. This model has no
+# further back, so through its two layers the stream reaches 62 characters back. This model has no
 # sink (section 4.1), so losing position 0 costs it nothing, and its window keys sit at the
 # distances it trained on. The sink tokens make no measurable difference either (+0.005 ±
-# 0.008): they are characters with no special role here, placed by true RoPE positions
+# 0.011): they are characters with no special role here, placed by true RoPE positions
 # at distances of up to 320 that the model never saw. Which way the ordering goes for a model
 # that *has* a sink, section 5.1 showed on the toy and Xiao et al. on Llama-2, MPT, Falcon and
 # Pythia: the window alone breaks, the sinks repair it.
@@ -754,13 +792,13 @@ print("formula == measured for every stack and length; all global:",
       f"{full_row[1024][1]:,.0f} bytes per token")
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 3.4))
+fig, ax = plt.subplots(figsize=(9, 3.4))
 more = [2**i for i in range(10, 18)]
 for name, figures in hybrid_table(more):
     ax.plot(more, [m / 1e3 for _, m in figures.values()], marker="o", label=name)
-ax.set(xscale="log", xlabel="context length L", ylabel="KB of cache per token",
+ax.set(xscale="log", xlabel="context length L", ylabel="KB of cache per token", ylim=(0, None),
        title="hybrid stacks: cache per token of context")
-ax.legend(fontsize=7)
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 plt.tight_layout()
 plt.show()
 
@@ -772,7 +810,8 @@ plt.show()
 # of the first two changes: while Gemma 3's windows still hold a tenth of the context or more,
 # they cost more than Qwen3-Next's fixed states (the curves cross in the plot). With
 # grouped-query attention, as all three models use, the bytes shrink by the group size; the
-# ratios stay, since the all-global baseline shrinks alike (exercise 5 counts Gemma 3 27B).
+# window stacks' ratios stay, since the all-global baseline shrinks alike, while Qwen3-Next's
+# Gated DeltaNet states do not shrink with the key/value groups (exercise 5 counts Gemma 3 27B).
 #
 # ### 6.2 Three stacks, trained side by side
 #
@@ -859,9 +898,11 @@ assert torch.equal(cached, uncached)
 # - **QK-norm** RMS-normalises each head's queries and keys before RoPE, so the scores stay
 #   bounded whatever the weights do. In our sweep it kept the loss at 2.44–2.57 at learning
 #   rates where the plain model reached 2.66–3.02 with one-hot softmaxes and scores up to 2,373
-#   (below 27 with the norm).
+#   (at most 27 with the norm).
 # - **Soft-capping** squashes the scores into $(-c, c)$ with $c \tanh(s/c)$: no parameters, but a
-#   function between the two products of a fused kernel, so SDPA cannot run it.
+#   function between the two products of a fused kernel, so SDPA cannot run it. In our sweep a
+#   cap of 20 kept the softmax from going one-hot but not the loss from rising (2.85–2.92): the
+#   raw scores still grew, into the flat part of $\tanh$.
 # - A softmax row must sum to one, so a head with nothing to read parks its weight somewhere:
 #   trained models park it on the first token, an **attention sink**. Our small character models
 #   grew none; a one-layer toy whose queries often have nothing to read grew one at once (98%
@@ -877,6 +918,15 @@ assert torch.equal(cached, uncached)
 # - **Hybrid stacks** give most blocks a bounded cache: at 128k tokens Gemma 3's pattern caches
 #   about a sixth of all-global attention's bytes per token, Qwen3-Next's a quarter, gpt-oss's a
 #   half, counted from the config and measured from the caches alike.
+#
+# | option | what it fixes | parameters | fused kernels | used by |
+# | --- | --- | --- | --- | --- |
+# | `qk_norm` | scores that grow with the weights | 2 × head_dim | yes (before the kernel) | OLMo 2, Gemma 3, Qwen3, nanochat |
+# | `softcap` | scores that grow without bound | none | no (a function of the scores) | Gemma 2 |
+# | `sinks` | a head forced to attend to something | n_head | yes (an extra key, or the LSE) | gpt-oss |
+# | `output_gate` | a head that cannot say "nothing"; a linear value path | n_embd × n_head·head_dim | yes (after the kernel) | Qwen3-Next |
+# | `sink_tokens` | a rolling cache that evicts the sink | none | yes (a mask, or blocks) | StreamingLLM |
+# | `layer_attention` | a KV cache that grows in every layer | none of its own | per variant | Gemma 3, gpt-oss, Qwen3-Next |
 
 # %% [markdown]
 # ## Further reading
