@@ -88,8 +88,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # Each piece is a field of `AttentionConfig` — `qk_norm`, `output_gate`, `sinks`, `softcap` — so
 # every variant of the book inherits it from the skeleton or refuses it when built (MLA refuses
 # QK-norm: its keys are a shared latent, which it normalises with `kv_norm` instead; DeltaNet
-# already L2-normalises its queries and keys, a QK-norm of its own; linear attention and DeltaNet
-# have no softmax to cap or sink).
+# already L2-normalises its queries and keys, a QK-norm of its own, and linear attention refuses
+# it too, since a learned scale could make its positive features negative; linear attention and
+# DeltaNet have no softmax to cap or sink).
 
 # %%
 stages = ["x", "project\nq, k, v", "QK-norm\n(RMSNorm)", "RoPE", "scores\nq·k/√d",
@@ -144,8 +145,8 @@ print("RMS of each query before:", q.pow(2).mean(-1).sqrt()[0, 0, :4],
       "after:", q_normed.pow(2).mean(-1).sqrt()[0, 0, :4])
 
 # %% [markdown]
-# After the norm each query has an RMS of 1 times the learned scale $g$, which is why the values
-# printed sit near 1 rather than at it.
+# The norm gives each query an RMS of 1 before the learned scale $g$ multiplies each dimension;
+# $g$ is near 1, so the printed values sit near 1 rather than at it.
 
 # %% [markdown]
 # The layer's `normalize` stage does the same with `q_norm` and `k_norm` (`nn.RMSNorm`); we check
@@ -284,22 +285,16 @@ plt.show()
 # What the sweep shows, with the caveats of 150-step runs on three seeds: at 3e-3 the two train
 # alike (2.30–2.37 plain, 2.31–2.35 with QK-norm); at 3e-2 and 1e-1 the plain model ends at
 # 2.66–3.02 and the QK-normalised one at 2.44–2.57, every seed on the same side. That is Wortsman
-# et al.'s finding in miniature: their loss-against-learning-rate curves are flatter with
-# QK-norm, at every model size. The other two columns are consistent with their explanation.
-# Without the norm the largest scores reach hundreds and thousands at the larger rates (590 to
-# 2,373), and the softmax is one-hot in practice: a query row's largest weight is 0.97–1.00 on
-# average, and a one-hot row passes almost no gradient to any of its scores (each gets
-# $p(1 - p) \approx 0$). With it the scores stay between 5 and 27, bounded by the norms' learned
+# et al.'s finding in miniature: their loss-against-learning-rate curves are flatter with QK-norm,
+# at every model size. The other two columns are consistent with their explanation. Without the
+# norm the largest scores reach hundreds and thousands at the larger rates (590 to 2,373), and the
+# softmax is one-hot in practice: a query row's largest weight is 0.97–1.00 on average, and a
+# one-hot row passes almost no gradient to any of its scores (each gets $p(1 - p) \approx 0$;
+# section 3 measures it). With it the scores stay between 5 and 27, bounded by the norms' learned
 # scales (exercise 1 prints the bound), and the largest weight averages 0.55–0.84 at the larger
-# rates.
-#
-# The soft-capped arm separates two things the plain runs mix. Its softmax is not one-hot (the
-# largest weight averages 0.23–0.30: no capped score passes 20), yet its loss, 2.85–2.92, is
-# barely better than the plain model's: the *raw* scores, printed here before the cap, still
-# grow, to 3,383–4,058, into the flat part of $\tanh$, where their gradient vanishes as surely
-# (exercise 2 computes by how much). Bounding the softmax's input is not enough; QK-norm bounds
-# the queries and keys themselves. A small model cannot show the real failure, a loss that
-# diverges after thousands of steps; what it shows is the sensitivity.
+# rates. The third arm, soft-capping, is read in section 3, which explains it. A small model
+# cannot show the real failure, a loss that diverges after thousands of steps; what it shows is
+# the sensitivity.
 
 # %% [markdown]
 # ## 3. Soft-capping
@@ -342,6 +337,46 @@ with torch.no_grad():
 print(f"largest |raw score| {raw.abs().max():.0f}, after the cap {scores.abs().max():.2f} (c = 5)")
 print("weights == softmax(c·tanh(s/c)) by hand:", torch.allclose(w, w_by_hand, atol=1e-6))
 assert torch.allclose(w, w_by_hand, atol=1e-6)
+
+# %% [markdown]
+# Back to section 2.1's sweep, whose third arm capped the scores at $c = 20$ at the largest
+# learning rate. Its softmax is not one-hot (the largest weight averages 0.23–0.30), yet its
+# loss, 2.85–2.92, is barely better than the plain model's 2.91–3.02; its *raw* scores, printed
+# before the cap, grew to 3,383–4,058. How much gradient reaches a score? Through the softmax, the
+# top score of a row gets $p(1 - p)$ times the gradient of its weight; through the cap, every
+# score gets $\tanh'(s/c) = 1 - \tanh^2(s/c)$ of the gradient of its capped value. Measured on
+# the last layer of each model at learning rate 0.1, over the causal scores of one batch:
+
+# %% tags=["nbval-ignore-output"]
+@torch.no_grad()
+def gradient_factors(model):
+    """Last layer: the mean p(1 - p) of each row's top weight, and the mean tanh'(s / c) over
+    the causal scores (1 without a cap)."""
+    attn = model.transformer.h[-1].attn
+    h = layer_inputs(model, val_batches[0][0])[-1]
+    top = attn(h, need_weights=True)[1].amax(-1)  # (B, n_head, T)
+    q, k, _ = attn.project(h)
+    q, k = attn.position(*attn.normalize(q, k), 0)
+    raw = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, n_head, T, T)
+    c = attn.config.softcap
+    slope = 1 - torch.tanh(raw / c) ** 2 if c else torch.ones_like(raw)
+    causal = torch.ones(block, block).tril().bool()
+    return (top * (1 - top)).mean().item(), slope[..., causal].mean().item()
+
+
+factors = {arm: [gradient_factors(models[arm, 1e-1, seed]) for seed in seeds] for arm in arms}
+for arm, per_seed in factors.items():
+    print(f"{arm:>11} at lr 0.1: top weight's p(1 - p) "
+          f"{' '.join(f'{f[0]:.3f}' for f in per_seed)}; tanh' of the scores "
+          f"{' '.join(f'{f[1]:.3f}' for f in per_seed)}")
+assert max(f[1] for f in factors["soft-cap 20"]) < 0.5  # most raw scores sit on tanh's flat part
+
+# %% [markdown]
+# The plain model's top weights pass almost nothing back ($p(1-p)$ of 0.003–0.015: one-hot
+# rows). The capped model's rows are not one-hot (0.10–0.13, as with QK-norm's 0.10–0.17), but
+# the cap's own slope averages 0.015–0.037 over its raw scores, so their gradient is cut there
+# instead, by 30 to 60 times. Bounding the softmax's input is not enough; QK-norm bounds the
+# queries and keys themselves, and both factors stay large with it.
 
 # %% [markdown]
 # ## 4. Attention sinks, sink logits and the output gate
@@ -417,13 +452,12 @@ print(f"a start token at position 0: share by layer {[round(s_, 3) for s_ in sha
 assert max(all_shares) < 0.25  # no sink: nowhere near the majority of the attention
 
 # %% [markdown]
-# No sink: position 0 gets between 2% and 10% of the attention, nowhere near the majority that
-# a sink takes: 17 of the 18 shares are below the uniform
-# 5.6%, one is 10%. A fixed start token changes nothing (4% and 5%, with a validation loss of
-# 2.37, as the others at this rate). A
-# 2-layer model trained for 150 steps on characters has not reached the regime Gu et al.
-# describe, and every head of ours still has something useful to read in every context (the
-# previous characters). A sink needs a head that often has *nothing* to do. So we build one.
+# No sink: position 0 gets between 2% and 10% of the attention, nowhere near the majority that a
+# sink takes: 17 of the 18 shares are below the uniform 5.6%, one is 10%. A fixed start token
+# changes nothing (4% and 5%, with a validation loss of 2.37, as the others at this rate). A
+# 2-layer model trained for 150 steps on characters has not reached the regime Gu et al. describe,
+# and every head of ours still has something useful to read in every context (the previous
+# characters). A sink needs a head that often has *nothing* to do. So we build one.
 #
 # ### 4.2 A head that must sometimes attend to nothing
 #
@@ -527,19 +561,18 @@ assert toy_rows["no start", "output gate"][0] > 100 * toy_rows["no start, contex
 # $\sigma(x_t W_g)$ of the *query's own input*, and here $x_t$ is a random vector that knows
 # nothing of earlier markers, so the gate cannot tell when to close (it stays at 0.64). Give the
 # input the context flag and the gate solves it, closing to 0.08 on the queries that have seen
-# nothing (MSE 9e-4 against 0.1 for the plain layer). In a deep model
-# the residual stream at position $t$ carries its context, and Qiu et al. (2025) measured the
-# effect at scale: the share of attention on the first token fell from 46.7% to 4.8% with the
-# gate. A gate also adds what the sink logit does not: a nonlinearity between the values and the
-# output projection, and a scale per query and per element. With a start vector present, our
-# gated layer still parks its weight on the start (99%, the third row): a gate makes a sink
-# unnecessary, it does not forbid one.
+# nothing (MSE 9e-4 against 0.11 for the plain layer). In a deep model the residual stream at
+# position $t$ carries its context, and Qiu et al. (2025) measured the effect at scale: the share
+# of attention on the first token fell from 46.7% to 4.8% with the gate. A gate also adds what the
+# sink logit does not: a nonlinearity between the values and the output projection, and a scale
+# per query and per element. With a start vector present, our gated layer still parks its weight
+# on the start (99%, the third row): a gate makes a sink unnecessary, it does not forbid one.
 #
 # The start's own contribution, in the plain layer with a start vector: what the layer would
 # output if a query attended only to that position, against the other positions' (through
 # `project`, `out` and the readout):
 
-# %%
+# %% tags=["nbval-ignore-output"]
 toy, readout = toys["start vector", "plain"]
 x_, _, _ = toy_batch(256, torch.Generator().manual_seed(1))
 with torch.no_grad():
@@ -623,20 +656,20 @@ else:
 # ### 5.1 Evicting the sink breaks the toy
 #
 # The plain toy layer of section 4.2 that grew a sink on the start vector was trained with full
-# attention. Move its weights into a
-# sliding-window layer of 8 positions (`"local"` has MHA's parameters) and ask the queries that
-# matter here — those with no marker in the whole sequence, whose answer is zero — with and
-# without the start kept as a sink token:
+# attention. Move its weights into a sliding-window layer of 8 positions (`"local"` has MHA's
+# parameters) and ask the queries that matter here — those with no marker in the whole sequence,
+# whose answer is zero — with and without the start kept as a sink token:
 
 # %% tags=["nbval-ignore-output"]
 plain_toy, plain_readout = toys["start vector", "plain"]
 x_, target, no_marker = toy_batch(256, torch.Generator().manual_seed(1))
 quiet = no_marker[:, -1]  # (256,): sequences with no marker at all: every answer is zero
-evicted = {}
+evicted, windowed_layers = {}, {}
 for sink_tokens in (0, 1):
     config = AttentionConfig(n_embd=d_toy, n_head=1, block_size=T_toy, positions="none")
     windowed = build_attention("local", config, window=8, sink_tokens=sink_tokens).eval()
     windowed.load_state_dict(plain_toy.state_dict())
+    windowed_layers[sink_tokens] = windowed
     with torch.no_grad():
         y_ = plain_readout(windowed(x_[quiet]))  # (n, 32, d - 3)
     evicted[sink_tokens] = F.mse_loss(y_[:, 8:], target[quiet][:, 8:]).item()
@@ -644,9 +677,26 @@ for sink_tokens in (0, 1):
           f"no marker (positions 8+) {evicted[sink_tokens]:.1e}")
 assert evicted[0] > 100 * evicted[1]  # evicting the start hurts; keeping it repairs
 
+# %%
+one = x_[quiet][:1]  # (1, 32, d_toy): one sequence without a marker
+with torch.no_grad():
+    maps = {"full attention (as trained)": plain_toy(one, need_weights=True)[1][0, 0],
+            "window 8": windowed_layers[0](one, need_weights=True)[1][0, 0],
+            "window 8 + 1 sink token": windowed_layers[1](one, need_weights=True)[1][0, 0]}
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+for ax, (title, weights) in zip(axes, maps.items(), strict=True):  # (32, 32) each
+    ax.imshow(weights, cmap="Blues", vmin=0, vmax=1)
+    ax.set(title=title, xlabel="key position", ylabel="query position")
+plt.suptitle("the plain toy on a sequence with no marker: where each query's weight goes")
+plt.tight_layout()
+plt.show()
+
 # %% [markdown]
 # Without the start, a query with nothing to read spreads its weight over random vectors, and
-# the output is their average instead of zero; with the start kept it has its sink back.
+# the output is their average instead of zero; with the start kept it has its sink back. The
+# maps show it: trained with full attention, every query puts its weight in the first column;
+# with a window of 8, queries past position 7 lose that column and spread over their window;
+# with the start kept as a sink token, the column is back.
 #
 # ### 5.2 Streaming a language model 10× past `block_size`
 #
@@ -737,7 +787,7 @@ for name in ("window only (32)", "sinks + window (4 + 28)"):
 # sink (section 4.1), so losing position 0 costs it nothing, and its window keys sit at the
 # distances it trained on. The sink tokens make no measurable difference either (+0.005 ±
 # 0.011): they are characters with no special role here, placed by true RoPE positions
-# at distances of up to 320 that the model never saw. Which way the ordering goes for a model
+# at distances of up to 319 that the model never saw. Which way the ordering goes for a model
 # that *has* a sink, section 5.1 showed on the toy and Xiao et al. on Llama-2, MPT, Falcon and
 # Pythia: the window alone breaks, the sinks repair it.
 
