@@ -158,7 +158,7 @@ def test_tokens_older_than_the_window_do_not_matter(positions):
 )
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_cached_decoding_equals_the_full_pass_and_keeps_at_most_window_positions(
-    positions, chunks, sinks
+    positions, chunks, sinks, decode_in_chunks
 ):
     """Token by token and in chunks, with sinks too: past position sinks + window - 1 the
     rolling cache hands the queries the sinks and then a window far after them."""
@@ -166,12 +166,8 @@ def test_cached_decoding_equals_the_full_pass_and_keeps_at_most_window_positions
     x = torch.randn(2, 17, 32)
     full = ref(x)
     for cache in (fast.new_cache(batch_size=2), KVCache(2, 2, 8, max_len=17)):
-        outs, start = [], 0
-        for size in chunks:
-            outs.append(fast(x[:, start : start + size], cache=cache))
-            start += size
-            assert cache.length == start
-        torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+        decoded = decode_in_chunks(fast, x, chunks, cache)
+        torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
     assert cache.k.shape[2] == 17  # the full KVCache
     rolling = fast.new_cache(batch_size=2)
     assert rolling.max_len is None and rolling.k.shape[2] == rolling.v.shape[2] == sinks + 5

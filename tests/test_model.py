@@ -454,7 +454,7 @@ def test_config_round_trips_through_json():
     cfg = _config("gqa", positions="rope", mlp="swiglu", norm="rmsnorm", tie_weights=False)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert GPTConfig.from_dict(d) == cfg
-    assert cfg.build_attention().n_kv_head == 2 and cfg.attention_config().n_embd == 32
+    assert cfg.build_attention(0).n_kv_head == 2 and cfg.attention_config().n_embd == 32
     with pytest.raises(ValueError, match="unknown GPTConfig keys \\['n_ctx'\\]"):
         GPTConfig.from_dict({**d, "n_ctx": 16})
     with pytest.raises(ValueError, match="vocab_size must be a positive integer"):

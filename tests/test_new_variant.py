@@ -50,8 +50,10 @@ def test_the_registry_builds_it(name):
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_cached_decoding_equals_the_full_pass(name, positions):
-    cache_checks.test_cached_chunks_equal_the_full_pass(name, positions, [5, 1, 3, 3])
+def test_cached_decoding_equals_the_full_pass(name, positions, decode_in_chunks):
+    cache_checks.test_cached_chunks_equal_the_full_pass(
+        name, positions, [5, 1, 3, 3], decode_in_chunks
+    )
     cache_checks.test_greedy_decoding_with_cache_equals_without(name, positions, 5)
     model_checks.test_cached_greedy_generation_equals_uncached(name, positions)
 

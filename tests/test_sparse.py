@@ -200,19 +200,17 @@ def test_future_tokens_do_not_change_past_outputs(impl):
         [4, 8, 12],  # whole blocks
     ],
 )
-def test_cached_decoding_follows_the_pattern_and_equals_the_full_pass(positions, chunks):
+def test_cached_decoding_follows_the_pattern_and_equals_the_full_pass(
+    positions, chunks, decode_in_chunks
+):
     fast, ref = _pair(positions, n_kv_head=2)
     x = torch.randn(2, 24, 32)
     full = fast(x)  # the block-sparse path: it does not use the dense mask that decoding uses
     torch.testing.assert_close(ref(x), full, atol=1e-5, rtol=1e-5)
     cache = fast.new_cache(batch_size=2)
     assert isinstance(cache, KVCache)
-    outs, start = [], 0
-    for size in chunks:
-        outs.append(fast(x[:, start : start + size], cache=cache))
-        start += size
-        assert cache.length == start
-    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+    decoded = decode_in_chunks(fast, x, chunks, cache)
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_head, max_len", [(None, 24), (2, 10), (1, 7)])

@@ -223,7 +223,7 @@ class GPTConfig:
             **shared,
         )
 
-    def build_attention(self, layer: int = 0) -> nn.Module:
+    def build_attention(self, layer: int) -> nn.Module:
         """Block ``layer``'s attention (every block's alike without ``layer_attention``):
         ``attention_config()`` and the variant's own options (the ``attention_options`` that
         are not ``AttentionConfig`` fields; in a hybrid stack, those its variant takes)."""
@@ -271,7 +271,7 @@ class Block(nn.Module):
     this block's attention cache (see ``GPT.new_caches``).
     """
 
-    def __init__(self, config: GPTConfig, layer: int = 0):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         d = config.n_embd
         self.pre_norm = config.norm_position == "pre"
