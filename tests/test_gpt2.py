@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attnbook.gpt2 import (
+    REVISIONS,
     SIZES,
     config_from_hf,
     find_gpt2,
@@ -283,6 +284,34 @@ def test_export_refuses_what_gpt2_cannot_represent(tmp_path, change, match):
     with pytest.raises(ValueError, match=f"GPT-2 cannot represent {match}"):
         save_gpt2(GPT(cfg), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---- downloading --------------------------------------------------------------------------------
+
+
+def test_hub_downloads_are_pinned_to_a_commit(folder, monkeypatch):
+    """A GPT-2 name downloads at its pinned commit (either repository name), another hub name
+    only at a revision given explicitly; the hub is replaced by a recorder that serves ``folder``."""
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(name, revision=None, allow_patterns=None):
+        calls.append((name, revision))
+        return str(folder)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    load_gpt2("gpt2")
+    load_gpt2("openai-community/gpt2-xl")
+    load_gpt2("someone/gpt2-poetry", revision="v1.0")
+    assert calls == [
+        ("gpt2", REVISIONS["gpt2"]),
+        ("openai-community/gpt2-xl", REVISIONS["gpt2-xl"]),
+        ("someone/gpt2-poetry", "v1.0"),
+    ]
+    assert all(len(commit) == 40 for commit in REVISIONS.values())
+    with pytest.raises(ValueError, match="'someone/gpt2-poetry' has no pinned revision: pass"):
+        load_gpt2("someone/gpt2-poetry")
+    assert len(calls) == 3
 
 
 # ---- finding a local copy -------------------------------------------------------------------

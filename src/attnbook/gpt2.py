@@ -11,7 +11,7 @@ weights are stored ``(in, out)`` and are transposed; its position table is
 ``transformer.wpe.weight`` (ours ``transformer.wpe.table.weight``); the oldest checkpoints lack
 the ``transformer.`` prefix, omit the tied ``lm_head`` and store causal masks as buffers (skipped).
 Loading refuses a config ``GPT`` cannot compute, exporting a ``GPT`` that ``GPT2LMHeadModel``
-cannot represent. No tokenizer (``attnbook.data``'s ``"gpt2"``), sharding or dtype casts.
+cannot represent. Hub downloads are pinned to a commit (``REVISIONS``). No tokenizer (``attnbook.data``'s ``"gpt2"``), sharding or dtype casts.
 Chapter 19 builds the mapping step by step.
 """
 
@@ -36,6 +36,14 @@ VOCAB_SIZE, BLOCK_SIZE = 50257, 1024
 EOT = 50256  # id of <|endoftext|> in GPT-2's vocabulary
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 ENV_DIR = "ATTNBOOK_GPT2_DIR"  # names a local checkpoint folder for find_gpt2
+# the hub commit each GPT-2 is downloaded at, so that a changed repository cannot change the
+# weights a chapter or a fine-tuning run starts from (openai-community/NAME, also reached as NAME)
+REVISIONS = {
+    "gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+    "gpt2-medium": "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
+    "gpt2-large": "32b71b12589c2f8d625668d2335a01cac3249519",
+    "gpt2-xl": "15ea56dee5df4983c59b2538573817e1667135e2",
+}
 # Conv1D layers: their weights are stored (in, out), ours (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # config.json's activation_function -> GPTConfig.mlp ("gelu_pytorch_tanh" is gelu_new, fused)
@@ -164,9 +172,16 @@ def _weights_file(folder: Path) -> Path | None:
     return next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
 
 
-def _download(name: str) -> Path:
-    """A hub repository's config and weights (safetensors if it has them), downloaded once into
-    the Hugging Face cache; the folder."""
+def _download(name: str, revision: str | None) -> Path:
+    """A hub repository's config and weights (safetensors if it has them) at ``revision``
+    (default: the pinned ``REVISIONS`` commit of a GPT-2 name), downloaded once into the Hugging
+    Face cache; the folder."""
+    revision = revision or REVISIONS.get(name.removeprefix("openai-community/"))
+    if revision is None:
+        raise ValueError(
+            f"{name!r} has no pinned revision: pass revision=<commit hash or tag> to say which "
+            f"version of the repository to download (pinned: {', '.join(REVISIONS)})"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -174,13 +189,14 @@ def _download(name: str) -> Path:
             f"{name!r} is not a local folder, and downloading it needs huggingface_hub: "
             f"pip install 'attnbook[hf]', or pass the folder of a downloaded checkpoint"
         ) from err
-    folder = Path(snapshot_download(name, allow_patterns=["config.json", WEIGHT_FILES[0]]))
+    pattern = ["config.json", WEIGHT_FILES[0]]
+    folder = Path(snapshot_download(name, revision=revision, allow_patterns=pattern))
     if _weights_file(folder) is None:
-        folder = Path(snapshot_download(name, allow_patterns=[WEIGHT_FILES[1]]))
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=[WEIGHT_FILES[1]]))
     return folder
 
 
-def load_gpt2(source: str | os.PathLike) -> GPT:
+def load_gpt2(source: str | os.PathLike, revision: str | None = None) -> GPT:
     """A ``GPT`` (eval mode, float32, dropout 0) with the weights of a Hugging Face GPT-2.
 
     Args:
@@ -188,10 +204,12 @@ def load_gpt2(source: str | os.PathLike) -> GPT:
             ``pytorch_model.bin`` (read with ``torch.load(..., weights_only=True)``), or a hub
             name (``"gpt2"``, ``"gpt2-medium"``, ``"openai-community/gpt2-xl"``...) downloaded
             with ``huggingface_hub`` (network needed the first time).
+        revision: the hub commit or tag to download; default the pinned ``REVISIONS`` entry of
+            a GPT-2 name (another hub name needs one). Ignored for a local folder.
     """
     folder = Path(source)
     if not folder.is_dir():
-        folder = _download(str(source))
+        folder = _download(str(source), revision)
     weights = _weights_file(folder)
     if not (folder / "config.json").is_file() or weights is None:
         raise ValueError(
