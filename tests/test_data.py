@@ -381,3 +381,25 @@ def test_create_dataloader_encodes_text_with_gpt2_and_shuffles_reproducibly():
     again = [row[0].item() - 1000 for x, _ in create_dataloader(stream, 4, 16, 8, seed=3)
              for row in x]  # fmt: skip
     assert again == firsts  # the same seed, the same order
+
+
+def test_create_dataloader_resumes_at_any_batch_and_reshuffles_every_epoch():
+    """``start_batch=k`` gives the batches of an uninterrupted loader from the k-th on, across
+    epochs; each epoch is every window once (drop_last: the same whole batches), in a new order."""
+    stream = list(range(1000, 1200))
+    firsts = lambda batch: [row[0].item() for row in batch[0]]  # noqa: E731
+    loader = create_dataloader(stream, batch_size=4, block_size=16, stride=8, seed=5)
+    epochs = [[firsts(b) for b in loader] for _ in range(3)]  # 23 windows: 5 batches an epoch
+    assert all(len(e) == 5 for e in epochs)
+    assert len({w for b in epochs[0] for w in b}) == 20 and epochs[0] != epochs[1] != epochs[2]
+    flat = [b for e in epochs for b in e]
+    for k in (0, 3, 5, 7, 12):
+        resumed = create_dataloader(stream, 4, 16, 8, seed=5, start_batch=k)
+        again = [firsts(b) for _ in range(3) for b in resumed]
+        assert again[: 15 - k] == flat[k:]
+    in_order = create_dataloader(stream, 4, 16, 8, shuffle=False, start_batch=6)
+    assert firsts(next(iter(in_order))) == [1032, 1040, 1048, 1056]  # epoch 1, batch 1
+    with pytest.raises(ValueError, match="start_batch must be an integer >= 0, got -1"):
+        create_dataloader(stream, 4, 16, 8, start_batch=-1)
+    with pytest.raises(ValueError, match="23 windows .* make no whole batch of batch_size=32"):
+        create_dataloader(stream, 32, 16, 8)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import attnbook.train as train_module
+from attnbook.data import SlidingWindowDataset, TokenData, prepare
 from attnbook.model import GPT, GPTConfig
 from attnbook.train import (
     CheckpointMismatch,
@@ -122,10 +124,13 @@ def test_short_run_learns_and_keeps_last_checkpoints_and_the_best(corpus, tmp_pa
     assert meta["vocab_size"] == model.config.vocab_size
 
 
-def test_resume_after_sigkill_is_exact(corpus, tmp_path):
-    straight = tiny(corpus, tmp_path / "straight")
+@pytest.mark.parametrize("stride", [None, 500])
+def test_resume_after_sigkill_is_exact(corpus, tmp_path, stride):
+    """Random batches, or epochs of windows (stride 500: 4 batches an epoch, so the run
+    resumes in the middle of its second epoch)."""
+    straight = tiny(corpus, tmp_path / "straight", stride=stride)
     train(straight)
-    killed = tiny(corpus, tmp_path / "killed")
+    killed = tiny(corpus, tmp_path / "killed", stride=stride)
     script = textwrap.dedent(f"""
         import os, signal
         import torch
@@ -285,6 +290,36 @@ def test_fine_tuning_from_a_hugging_face_gpt2_folder(corpus, tmp_path):
     expected = GPT(model_cfg).state_dict()
     for name, tensor in weights(cfg.out_dir).items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_stride_walks_each_window_once_per_epoch(corpus, tmp_path, monkeypatch):
+    """With a stride the training rows are the split's windows, each once per epoch, in a new
+    order every epoch (random batches start anywhere); bad strides are refused."""
+    seen = []
+    forward = GPT.forward
+
+    def recording_forward(self, idx, targets=None, **kw):
+        if self.training:
+            seen.extend(tuple(row) for row in idx.tolist())
+        return forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    letters = tmp_path / "letters.txt"  # windows of random letters: no two alike
+    letters.write_text("".join(random.Random(0).choices("abcdefgh \n", k=9000)))
+    tokens = TokenData(prepare(str(letters), "char")).tokens["train"]
+    windows = SlidingWindowDataset(tokens, block_size=16, stride=300)
+    per_epoch = len(windows) // 4 * 4  # rows of the whole batches of 4
+    train(tiny(letters, tmp_path / "run", stride=300, max_iters=2 * per_epoch // 4))
+    every = {tuple(windows[i][0].tolist()) for i in range(len(windows))}
+    assert len(every) == len(windows) and len(seen) == 2 * per_epoch
+    first, second = seen[:per_epoch], seen[per_epoch:]
+    for epoch in (first, second):
+        assert len(set(epoch)) == per_epoch and set(epoch) <= every
+    assert first != second
+    with pytest.raises(ValueError, match="stride must be a positive integer, got 0"):
+        tiny(corpus, tmp_path / "zero", stride=0)
+    with pytest.raises(ValueError, match="make no whole batch of batch_size=4"):
+        train(tiny(corpus, tmp_path / "few", stride=4000))
 
 
 def test_a_split_shorter_than_one_block_fails_before_any_step(corpus, tmp_path):
@@ -480,6 +515,13 @@ def test_command_line_flags_cover_both_configs():
     assert cfg.model.n_layer == 3 and cfg.model.attention == "gqa"
     assert cfg.model.attention_options == {"n_kv_head": 1}
     assert cfg.progress is False and cfg.lr == 0.01 and cfg.batch_size == TrainConfig().batch_size
+
+
+def test_flags_of_optional_fields_take_the_fields_type():
+    """A field that defaults to None converts its flag's text to the type it holds otherwise."""
+    cfg = _parse("--peak_flops", "0", "--d_ff", "96", "--init_from", "runs/a", "--stride", "32")
+    assert cfg.peak_flops == 0.0 and isinstance(cfg.peak_flops, float)
+    assert cfg.model.d_ff == 96 and cfg.init_from == "runs/a" and cfg.stride == 32
 
 
 def _parse(*argv):

@@ -549,6 +549,28 @@ class SlidingWindowDataset(torch.utils.data.Dataset):
         return chunk[:-1], chunk[1:]  # (block_size,) each
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The indices ``0 .. n - 1`` once per epoch, as a ``DataLoader``'s sampler: in a new order
+    every epoch if ``shuffle`` (epoch ``e``'s permutation comes from ``seed + e``, so any epoch
+    can be made again), else in order. It starts at ``epoch``, skipping its first ``skip``
+    indices (where a resumed run stopped); every later epoch is whole."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, epoch: int = 0, skip: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch, self.skip = n, shuffle, seed, epoch, skip
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=gen)  # (n,)
+        else:
+            order = torch.arange(self.n)
+        skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
+        return iter(order[skip:].tolist())
+
+
 def create_dataloader(
     source,
     batch_size: int = 4,
@@ -559,16 +581,30 @@ def create_dataloader(
     num_workers: int = 0,
     seed: int | None = None,
     encoding: str = "gpt2",
+    start_batch: int = 0,
 ) -> torch.utils.data.DataLoader:
     """Batches ``(x, y)``, each ``(batch_size, block_size)``, of a ``SlidingWindowDataset``
     (seed 002's ``create_dataloader_v1``). ``source``: text (encoded with ``encoding``) or token
-    ids. ``shuffle`` reorders the windows every epoch (from ``seed``, if given, reproducibly);
-    ``drop_last`` drops a last, smaller batch; ``num_workers`` loads in subprocesses."""
+    ids. ``shuffle`` reorders the windows every epoch (``EpochOrder``; from ``seed``, if given,
+    reproducibly); ``drop_last`` drops a last, smaller batch; ``num_workers`` loads in
+    subprocesses; ``start_batch`` starts that many batches in, counted over epochs (to resume)."""
     check_positive_ints(batch_size=batch_size)
+    if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
+        raise ValueError(f"start_batch must be an integer >= 0, got {start_batch!r}")
     if isinstance(source, str):
         source = get_encoding(encoding, source).encode(source)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    windows = SlidingWindowDataset(source, block_size, stride)
+    per_epoch = len(windows) // batch_size if drop_last else -(-len(windows) // batch_size)
+    if per_epoch == 0:
+        raise ValueError(
+            f"{len(windows)} windows (block_size={block_size}, stride={stride}) make no whole "
+            f"batch of batch_size={batch_size} with drop_last: lower batch_size or stride"
+        )
+    if seed is None:
+        seed = int(torch.randint(2**62, ()))  # from torch's global generator
+    epoch, batches_in = divmod(start_batch, per_epoch)
+    order = EpochOrder(len(windows), shuffle, seed, epoch, skip=batches_in * batch_size)
     return torch.utils.data.DataLoader(
-        SlidingWindowDataset(source, block_size, stride), batch_size=batch_size,
-        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, generator=generator,
-    )  # fmt: skip
+        windows, batch_size=batch_size, sampler=order, drop_last=drop_last,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip  # its own generator: an epoch's start draws nothing from torch's global one

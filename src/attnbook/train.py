@@ -21,6 +21,7 @@ tensor parallelism. Chapter 17 writes the loop step by step and trains with it.
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from . import gpt2
 from .attention import AttentionConfig, DeepSeekSparseAttention, attention_class, available
 from .checks import check_non_negative_int, check_positive_int
-from .data import TokenData, prepare
+from .data import TokenData, create_dataloader, prepare
 from .model import GPT, SET_BY_GPT, GPTConfig
 from .presets import PRESETS, preset
 
@@ -95,6 +96,10 @@ class TrainConfig:
         peak_flops: the machine's peak FLOP/s, for model FLOPs utilisation (``mfu``) in the log
             (``GPT.flops_per_token`` times tokens/s over it); 0 measures it once at the start
             (a matrix multiply in the run's dtype, ``bench.matmul_peak``); None: no MFU.
+        stride: None draws each training batch's windows at random, with replacement (nanoGPT's
+            ``get_batch``); a number walks the training split by epochs in windows ``stride``
+            tokens apart (``data.create_dataloader``), shuffled every epoch from ``seed``, so
+            that each window is seen once per epoch. Evaluation uses random windows either way.
         init_from: start from pretrained weights instead of random ones (fine-tuning): a trained
             run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
             ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
@@ -142,6 +147,7 @@ class TrainConfig:
     mlflow_uri: str | None = None
     mlflow_experiment: str = "attnbook"
     peak_flops: float | None = None
+    stride: int | None = None
     init_from: str | None = None
     dsa_warmup_iters: int = 0
 
@@ -154,6 +160,8 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "patience", "seed", "dsa_warmup_iters"):
             check_non_negative_int(name, getattr(self, name))
+        if self.stride is not None:
+            check_positive_int("stride", self.stride)
         if self.peak_flops is not None and not (
             isinstance(self.peak_flops, int | float) and 0 <= self.peak_flops < math.inf
         ):
@@ -302,7 +310,7 @@ def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
 # The settings a resumed run must keep: they decide which batches and which updates come next.
 TRAJECTORY = ("data", "encoding", "val_fraction", "batch_size", "grad_accum", "lr", "min_lr",
               "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
-              "dtype", "seed", "dsa_warmup_iters")  # fmt: skip
+              "dtype", "seed", "dsa_warmup_iters", "stride")  # fmt: skip
 
 
 def _check_same_trajectory(out_dir, saved: dict, current: dict) -> None:
@@ -459,6 +467,26 @@ def evaluate(model, data, cfg: TrainConfig, device, rank=0, world_size=1) -> dic
     return out
 
 
+def _train_batches(data, cfg: TrainConfig, step: int, generator, rank: int, world_size: int):
+    """The training batches from ``step`` on, endlessly: this rank's rows of each global batch,
+    random windows drawn with ``generator`` or, with ``cfg.stride``, epochs of windows."""
+    if cfg.stride is None:
+        block = cfg.model.block_size
+        return iter(lambda: data.get_batch("train", cfg.batch_size, block, generator, rank,
+                                           world_size), None)  # fmt: skip
+    if not hasattr(data, "tokens"):
+        raise ValueError(
+            f"stride={cfg.stride} walks the token stream, and this data ({type(data).__name__}) "
+            f"has no tokens to walk: pass a TokenData, or stride=None for random batches"
+        )
+    loader = create_dataloader(
+        data.tokens["train"], cfg.batch_size, cfg.model.block_size, cfg.stride, seed=cfg.seed,
+        start_batch=step,
+    )  # fmt: skip
+    rows = slice(rank * cfg.batch_size // world_size, (rank + 1) * cfg.batch_size // world_size)
+    return ((x[rows], y[rows]) for _ in itertools.count() for x, y in loader)
+
+
 def train(cfg: TrainConfig, data=None) -> TrainResult:
     """Train (or resume) the run in ``cfg.out_dir``; see the module docstring.
 
@@ -524,6 +552,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         data_gen.set_state(state["data_rng"])
         if rank == 0:
             torch.set_rng_state(state["torch_rng"])
+    batches = _train_batches(data, cfg, step, data_gen, rank, world_size)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -563,9 +592,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = data.get_batch(
-            "train", cfg.batch_size, cfg.model.block_size, data_gen, rank, world_size
-        )  # (batch_size / world_size, block_size) each
+        x, y = next(batches)  # (batch_size / world_size, block_size) each
         x, y = x.to(device), y.to(device)
         total, total_kl = torch.zeros((), device=device), torch.zeros((), device=device)
         warming = step < cfg.dsa_warmup_iters  # dsa's dense warm-up: the indexers learn alone
@@ -782,6 +809,12 @@ def layer_names(text: str) -> list[str]:
     return names
 
 
+def _flag_type(annotation) -> type:
+    """The type a flag's text converts to: the annotation's, without ``None`` (``float | None``
+    gives ``float``)."""
+    return next(t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field of ``TrainConfig`` and of ``GPTConfig`` (but ``vocab_size``,
     which comes from the data), defaults the dataclasses'; one per attention option (see
@@ -813,18 +846,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             parser.add_argument(
-                *names, type=str if default is None else kind, default=default,
-                help=f"default {default}",
-            )  # fmt: skip
+                *names, type=_flag_type(f.type), default=default, help=f"default {default}"
+            )
     group = parser.add_argument_group("attention options (given ones go into attention_options)")
     for name, (annotation, help_) in attention_flags().items():
         if annotation is bool:
             group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_)
         else:
-            kind = next(
-                t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)
-            )
-            group.add_argument(f"--{name}", type=kind, default=None, help=help_)
+            group.add_argument(f"--{name}", type=_flag_type(annotation), default=None, help=help_)
     parser.add_argument(
         "--run_name",
         default=None,
