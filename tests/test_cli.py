@@ -31,6 +31,8 @@ def test_prepare_train_generate(tmp_path, monkeypatch, capsys):
     cli.main(["prepare", "--data", str(corpus)])
     out = capsys.readouterr().out
     assert f"vocab_size {len(set(TEXT))}, uint16" in out
+    cli.main(["prepare", "--data", str(corpus), "--clean"])
+    assert "cleaned: " in capsys.readouterr().out  # the report, counted by test_clean
     run = str(tmp_path / "run")
     cli.main(["train", "--data", str(corpus), "--out_dir", run, "--max_iters", "4",
               "--block_size", "16", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import attnbook.train as train_module
-from attnbook.data import SlidingWindowDataset, TokenData, prepare
+from attnbook.data import Encoding, SlidingWindowDataset, TokenData, get_encoding, prepare
 from attnbook.model import GPT, GPTConfig
 from attnbook.train import (
     CheckpointMismatch,
@@ -273,6 +273,28 @@ def test_fine_tuning_starts_from_a_trained_run_or_a_gpt2_folder(corpus, tmp_path
         train(wider)
     with pytest.raises(ValueError, match="neither a training run's folder, a GPT-2 folder"):
         train(dataclasses.replace(tuned, out_dir=str(tmp_path / "x"), init_from="nowhere"))
+
+
+def test_fine_tuning_on_another_corpus_encodes_it_as_the_pretrained_run_did(corpus, tmp_path):
+    """The new corpus has fewer characters: its own 'char' vocabulary would give its letters
+    other ids than the pretrained model learned, so it is encoded with the run's vocabulary."""
+    pretrained = tiny(corpus, tmp_path / "pretrained", max_iters=2)
+    train(pretrained)
+    pigs = tmp_path / "pigs.txt"
+    pigs.write_text("little pigs went to market.\n" * 60)
+    train(tiny(pigs, tmp_path / "tuned", max_iters=2, init_from=pretrained.out_dir))
+    theirs, ours = load_trained(pretrained.out_dir)[2], load_trained(tmp_path / "tuned")[2]
+    assert ours["encoding"] == theirs["encoding"] and ours["source"] == str(pigs.resolve())
+    run_encoding = Encoding.from_dict(theirs["encoding"])
+    tokens = TokenData(prepare(str(pigs), run_encoding)).tokens["train"]
+    assert tokens[:6].tolist() == run_encoding.encode("little")
+    assert get_encoding("char", pigs.read_text()).encode("little") != run_encoding.encode("little")
+    with pytest.raises(ValueError, match="trained with encoding 'char', and encoding='gpt2'"):
+        train(tiny(pigs, tmp_path / "t2", encoding="gpt2", init_from=pretrained.out_dir))
+    zebra = tmp_path / "zebra.txt"
+    zebra.write_text("Zebras are not pigs.\n" * 40)
+    with pytest.raises(ValueError, match="cannot be encoded with Encoding\\('char', vocab_size="):
+        train(tiny(zebra, tmp_path / "t3", init_from=pretrained.out_dir))
 
 
 def test_fine_tuning_from_a_hugging_face_gpt2_folder(corpus, tmp_path):

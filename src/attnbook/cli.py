@@ -19,14 +19,18 @@ import sys
 import torch
 
 from . import bench, compare, train
+from .clean import CleanReport
 from .data import Encoding, TokenData, prepare
 
 
 def cmd_prepare(args) -> None:
-    folder = prepare(args.data, args.encoding, out_dir=args.out_dir, val_fraction=args.val_fraction)
+    folder = prepare(args.data, args.encoding, out_dir=args.out_dir,
+                     val_fraction=args.val_fraction, clean=args.clean)  # fmt: skip
     data = TokenData(folder)
     meta = data.meta
     print(f"prepared {args.data} with encoding {args.encoding!r} in {folder}")
+    if args.clean:
+        print(f"cleaned: {CleanReport(**meta['cleaning'])}")
     print(f"vocab_size {meta['vocab_size']}, {meta['dtype']}, train {meta['n_train']:,} tokens, "
           f"val {meta['n_val']:,} tokens")  # fmt: skip
 
@@ -82,6 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default="tinyshakespeare", help="corpus name or UTF-8 text file")
     p.add_argument("--encoding", default="char", help="char, gpt2, minbpe-gpt2, minbpe:<vocab>")
     p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--clean", action="store_true", help="clean the text first (attnbook.clean)")
     p.add_argument("--out_dir", default=None, help="default: the download cache's prepared/")
 
     sub.add_parser("train", help="train a GPT (every TrainConfig/GPTConfig field is a flag)",

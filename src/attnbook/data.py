@@ -8,7 +8,7 @@
     loader = create_dataloader(text, batch_size=8, block_size=256, stride=128)  # by epochs
 
 Corpora are downloaded once and sha256-checked (``download.fetch``, which reads a local mirror).
-``prepare`` writes the token stream once (uint16 when every id fits, else uint32) with a
+``prepare`` (optionally cleaning the text first, ``clean.py``) writes the token stream once (uint16 when every id fits, else uint32) with a
 ``meta.json`` that rebuilds the encoding, and finds the files again on a second call. It holds
 the text in memory and knows no document boundaries (special tokens are plain text).
 ``get_batch`` draws windows with replacement; ``SlidingWindowDataset`` and ``create_dataloader``
@@ -31,6 +31,7 @@ import torch
 import minbpe
 
 from .checks import check_positive_ints
+from .clean import clean_text
 from .download import cache_dir, fetch
 
 # ---------------------------------------------------------------------------------------------
@@ -321,12 +322,21 @@ def write_tokens(path, ids, vocab_size: int) -> None:
     _write_atomically(Path(path), ids.astype(DTYPES[token_dtype(vocab_size)]).tobytes())
 
 
+def _encoding_label(encoding: Encoding) -> str:
+    """A folder-name part for a given ``Encoding``: its name and a digest of its description
+    (two char vocabularies of one length must not share a folder)."""
+    spec = json.dumps(encoding.to_dict(), sort_keys=True).encode("utf-8")
+    return f"{encoding.name}-{hashlib.sha256(spec).hexdigest()[:12]}"
+
+
 def _slug(text: str) -> str:
     """A folder-name-safe form of ``text`` (its last 80 characters)."""
     return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")[-80:]
 
 
-def _already_prepared(folder: Path, source_sha256: str, encoding: str, val_fraction) -> bool:
+def _already_prepared(
+    folder: Path, source_sha256: str, encoding: "str | Encoding", val_fraction, clean: bool
+) -> bool:
     """Whether ``folder`` holds complete token files made from the same inputs."""
     try:
         meta = TokenData(folder).meta
@@ -336,8 +346,11 @@ def _already_prepared(folder: Path, source_sha256: str, encoding: str, val_fract
     same = (
         meta.get("source_sha256") == source_sha256
         and meta.get("val_fraction") == val_fraction
-        and spec.get("name") == encoding
+        and bool(meta.get("cleaning")) == clean
     )
+    if isinstance(encoding, Encoding):
+        return same and spec == encoding.to_dict()
+    same = same and spec.get("name") == encoding
     if same and spec.get("kind") == "minbpe" and Path(encoding).expanduser().is_file():
         same = spec.get("model") == Path(encoding).expanduser().read_bytes().decode(
             "utf-8", "replace"
@@ -345,33 +358,52 @@ def _already_prepared(folder: Path, source_sha256: str, encoding: str, val_fract
     return same
 
 
-def prepare(source: str, encoding: str = "char", out_dir=None, val_fraction: float = 0.1) -> Path:
+def prepare(
+    source: str,
+    encoding: "str | Encoding" = "char",
+    out_dir=None,
+    val_fraction: float = 0.1,
+    clean: bool = False,
+) -> Path:
     """Encode ``source`` once into ``out_dir/{train.bin, val.bin, meta.json}``; returns ``out_dir``.
 
     Args:
         source: a registered corpus name or the path of a UTF-8 text file (see ``load_text``).
-        encoding: a name ``get_encoding`` takes ("char", "gpt2", "minbpe:512", ...).
+        encoding: a name ``get_encoding`` takes ("char", "gpt2", "minbpe:512", ...), or an
+            ``Encoding`` to reuse (a pretrained model's: the ids keep their meaning).
         out_dir: the folder to write (default ``cache_dir()/prepared/<source>-<encoding>``).
         val_fraction: the share of the token stream, taken from its end, that becomes "val".
+        clean: clean the text first (``clean.clean_text``); meta.json keeps its report under
+            "cleaning".
 
-    If ``out_dir`` already holds files prepared from the same source bytes (sha256), encoding and
-    ``val_fraction``, it returns at once. Each file is written atomically and ``meta.json`` last
+    If ``out_dir`` already holds files prepared from the same source bytes (sha256), encoding,
+    ``val_fraction`` and cleaning, it returns at once. Each file is written atomically and ``meta.json`` last
     (after removing the old one), so an interrupted run leaves nothing ``TokenData`` accepts.
     """
     if not isinstance(val_fraction, float) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a float between 0 and 1, got {val_fraction!r}")
+    if not isinstance(clean, bool):
+        raise ValueError(f"clean must be True or False, got {clean!r}")
     label, path = _source_file(source)
     data = path.read_bytes()
     source_sha256 = hashlib.sha256(data).hexdigest()
     if out_dir is None:
-        out_dir = cache_dir() / "prepared" / f"{_slug(label)}-{_slug(str(encoding))}"
+        name = encoding if isinstance(encoding, str) else _encoding_label(encoding)
+        suffix = "-clean" if clean else ""
+        out_dir = cache_dir() / "prepared" / f"{_slug(label)}-{_slug(name)}{suffix}"
     out_dir = Path(out_dir)
-    if _already_prepared(out_dir, source_sha256, encoding, val_fraction):
+    if _already_prepared(out_dir, source_sha256, encoding, val_fraction, clean):
         return out_dir
 
     text = _decode_utf8(data, path)
-    enc = get_encoding(encoding, text)
-    ids = np.array(enc.encode(text), dtype=np.int64)  # (N,)
+    report = None
+    if clean:
+        text, report = clean_text(text)
+    enc = encoding if isinstance(encoding, Encoding) else get_encoding(encoding, text)
+    try:
+        ids = np.array(enc.encode(text), dtype=np.int64)  # (N,)
+    except ValueError as err:  # a given char vocabulary that lacks one of the text's characters
+        raise ValueError(f"{label} cannot be encoded with {enc!r}: {err}") from None
     _check_ids(ids, enc.vocab_size, f"the {encoding!r} encoding of {label}")
     n_train = int(len(ids) * (1 - val_fraction))
     if min(n_train, len(ids) - n_train) < 2:
@@ -394,6 +426,7 @@ def prepare(source: str, encoding: str = "char", out_dir=None, val_fraction: flo
         "n_train": n_train,
         "n_val": len(ids) - n_train,
         "val_fraction": val_fraction,
+        **({"cleaning": report.to_dict()} if report else {}),
     }
     _write_atomically(out_dir / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
     return out_dir

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from . import gpt2
 from .attention import AttentionConfig, DeepSeekSparseAttention, attention_class, available
 from .checks import check_non_negative_int, check_positive_int
-from .data import TokenData, create_dataloader, prepare
+from .data import Encoding, TokenData, create_dataloader, prepare
 from .model import GPT, SET_BY_GPT, GPTConfig
 from .presets import PRESETS, preset
 
@@ -100,8 +100,11 @@ class TrainConfig:
             ``get_batch``); a number walks the training split by epochs in windows ``stride``
             tokens apart (``data.create_dataloader``), shuffled every epoch from ``seed``, so
             that each window is seen once per epoch. Evaluation uses random windows either way.
+        clean: clean the text before encoding it (``clean.clean_text``: Unicode, whitespace,
+            repeated paragraphs); the prepared data's meta.json keeps what it removed.
         init_from: start from pretrained weights instead of random ones (fine-tuning): a trained
-            run's folder (its newest checkpoint), a Hugging Face GPT-2 folder, or a GPT-2 name
+            run's folder (its newest checkpoint; ``data`` is then encoded with that run's
+            encoding, so that every id keeps its meaning), a Hugging Face GPT-2 folder, or a GPT-2 name
             ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
             downloads). The model must have the same shape. Ignored when the run resumes.
         dsa_warmup_iters: for a model with DeepSeek Sparse Attention ("dsa") layers (all of
@@ -148,6 +151,7 @@ class TrainConfig:
     mlflow_experiment: str = "attnbook"
     peak_flops: float | None = None
     stride: int | None = None
+    clean: bool = False
     init_from: str | None = None
     dsa_warmup_iters: int = 0
 
@@ -310,7 +314,7 @@ def latest_checkpoint(out_dir, model, optimizer=None) -> dict | None:
 # The settings a resumed run must keep: they decide which batches and which updates come next.
 TRAJECTORY = ("data", "encoding", "val_fraction", "batch_size", "grad_accum", "lr", "min_lr",
               "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip",
-              "dtype", "seed", "dsa_warmup_iters", "stride")  # fmt: skip
+              "dtype", "seed", "dsa_warmup_iters", "stride", "clean")  # fmt: skip
 
 
 def _check_same_trajectory(out_dir, saved: dict, current: dict) -> None:
@@ -357,6 +361,28 @@ def _peak_flops(cfg: TrainConfig) -> float:
     from .bench import matmul_peak  # bench builds on this module: imported when needed
 
     return matmul_peak(torch.float32 if cfg.dtype == "float32" else getattr(torch, cfg.dtype))
+
+
+def _data_encoding(cfg: TrainConfig) -> "str | Encoding":
+    """What ``cfg.data`` is encoded with: ``cfg.encoding``, or when ``init_from`` is a training
+    run, that run's own encoding (the same vocabulary, so the same ids), whose name
+    ``cfg.encoding`` must give."""
+    if cfg.init_from is None or not (Path(cfg.init_from) / "checkpoints").is_dir():
+        return cfg.encoding
+    meta = load_trained(cfg.init_from)[2]
+    if not isinstance(meta, dict) or "encoding" not in meta:
+        raise ValueError(
+            f"init_from={cfg.init_from!r} was trained on data without a text encoding, so "
+            f"{cfg.data!r} cannot be encoded as it was: fine-tune from a run trained on a corpus"
+        )
+    encoding = Encoding.from_dict(meta["encoding"])
+    if encoding.name != cfg.encoding:
+        raise ValueError(
+            f"init_from={cfg.init_from!r} was trained with encoding {encoding.name!r}, and "
+            f"encoding={cfg.encoding!r}: fine-tune with encoding={encoding.name!r} (its "
+            f"vocabulary is reused)"
+        )
+    return encoding
 
 
 def _load_pretrained(model: GPT, source: str) -> None:
@@ -503,11 +529,13 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             f"{world_size} * {cfg.grad_accum}"
         )
     if data is None:
+        encoding = _data_encoding(cfg)
         if rank == 0:
-            prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction)
+            prepare(cfg.data, encoding, val_fraction=cfg.val_fraction, clean=cfg.clean)
         if world_size > 1:
             dist.barrier()
-        data = TokenData(prepare(cfg.data, cfg.encoding, val_fraction=cfg.val_fraction))
+        folder = prepare(cfg.data, encoding, val_fraction=cfg.val_fraction, clean=cfg.clean)
+        data = TokenData(folder)
     cfg = dataclasses.replace(
         cfg, model=GPTConfig.from_dict({**cfg.model.to_dict(), "vocab_size": data.vocab_size})
     )
