@@ -660,7 +660,9 @@ except ValueError as err:
 # To get the weights (about 550 MB for GPT-2 small), with a network, either
 #
 # - call `load_gpt2("gpt2")` once: it downloads `config.json` and `model.safetensors` into the
-#   Hugging Face cache, where `find_gpt2()` finds them from then on; or
+#   Hugging Face cache, where `find_gpt2()` finds them from then on. It downloads them at a
+#   pinned commit of the hub repository (`attnbook.gpt2.REVISIONS`), so a later change there
+#   cannot change the weights this chapter starts from; or
 # - download the two files into a folder of your choice, with the command-line tool that comes
 #   with `huggingface_hub`: `hf download gpt2 config.json model.safetensors --local-dir gpt2`
 #   (older versions call it `huggingface-cli download`), and point the variable at it before

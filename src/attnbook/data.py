@@ -8,8 +8,9 @@
     loader = create_dataloader(text, batch_size=8, block_size=256, stride=128)  # by epochs
 
 Corpora are downloaded once and sha256-checked (``download.fetch``, which reads a local mirror).
-``prepare`` (optionally cleaning the text first, ``clean.py``) writes the token stream once (uint16 when every id fits, else uint32) with a
-``meta.json`` that rebuilds the encoding, and finds the files again on a second call. It holds
+``prepare`` (optionally cleaning the text first, ``clean.py``) writes the token stream once
+(uint16 when every id fits, else uint32) with a ``meta.json`` that rebuilds the encoding, and
+finds the files again on a second call. It holds
 the text in memory and knows no document boundaries (special tokens are plain text).
 ``get_batch`` draws windows with replacement; ``SlidingWindowDataset`` and ``create_dataloader``
 walk the stream by epochs, in windows ``stride`` apart. Chapters 16 and 17 use it.
@@ -377,8 +378,9 @@ def prepare(
             "cleaning".
 
     If ``out_dir`` already holds files prepared from the same source bytes (sha256), encoding,
-    ``val_fraction`` and cleaning, it returns at once. Each file is written atomically and ``meta.json`` last
-    (after removing the old one), so an interrupted run leaves nothing ``TokenData`` accepts.
+    ``val_fraction`` and cleaning, it returns at once. Each file is written atomically and
+    ``meta.json`` last (after removing the old one), so an interrupted run leaves nothing
+    ``TokenData`` accepts.
     """
     if not isinstance(val_fraction, float) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a float between 0 and 1, got {val_fraction!r}")

@@ -104,9 +104,10 @@ class TrainConfig:
             repeated paragraphs); the prepared data's meta.json keeps what it removed.
         init_from: start from pretrained weights instead of random ones (fine-tuning): a trained
             run's folder (its newest checkpoint; ``data`` is then encoded with that run's
-            encoding, so that every id keeps its meaning), a Hugging Face GPT-2 folder, or a GPT-2 name
-            ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``; never
-            downloads). The model must have the same shape. Ignored when the run resumes.
+            encoding, so that every id keeps its meaning), a Hugging Face GPT-2 folder, or a
+            GPT-2 name ("gpt2", "gpt2-medium", ...) found on this machine (``gpt2.find_gpt2``;
+            never downloads). The model must have the same shape. Its weights are ignored when
+            the run resumes.
         dsa_warmup_iters: for a model with DeepSeek Sparse Attention ("dsa") layers (all of
             them, or those of a hybrid ``layer_attention``), the first so many steps are its
             dense warm-up: attention over every past token, and only the indexers learn, from
