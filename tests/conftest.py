@@ -94,11 +94,13 @@ def _free_port() -> int:
 
 @dataclass
 class JupyterLab:
-    """A running JupyterLab: ``root`` (its copy of chapters/), ``url`` and ``token``."""
+    """A running JupyterLab: ``root`` (its copy of chapters/), ``url``, ``token`` and ``config``
+    (its ``JUPYTER_CONFIG_DIR``, which holds the user's settings)."""
 
     root: Path
     url: str
     token: str
+    config: Path
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
         """One call of the server's contents API on ``path`` (relative to ``root``)."""
@@ -119,9 +121,10 @@ def jupyterlab(tmp_path):
     root = tmp_path / "chapters"
     shutil.copytree(CHAPTERS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port, token = _free_port(), secrets.token_hex(16)
+    config = tmp_path / "config"
     env = {
         **os.environ,
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_CONFIG_DIR": str(config),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
     }
     args = [
@@ -139,7 +142,7 @@ def jupyterlab(tmp_path):
         args.append("--allow-root")
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    lab = JupyterLab(root, f"http://127.0.0.1:{port}", token)
+    lab = JupyterLab(root, f"http://127.0.0.1:{port}", token, config)
     try:
         deadline = time.monotonic() + 60
         while True:

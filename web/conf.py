@@ -5,7 +5,9 @@ package's copy), so that neither the build nor a reader's browser needs the netw
 
 The source folder is the repository root (``sphinx-build -c web .``); ``include_patterns``
 keeps it to this folder's pages and the notebooks, so the chapters' jupytext ``.py`` pairs,
-the README and the code are not pages.
+the README and the code are not pages. Plain Sphinx rather than Jupyter Book: Jupyter Book 1
+is a wrapper over these same packages that pins older releases of them, and Jupyter Book 2
+(mystmd) runs on Node.js and fetches its theme from the network at build time.
 """
 
 import shutil
@@ -27,7 +29,6 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 # $$...$$ inside a paragraph is displayed math, as JupyterLab shows it.
 myst_dmath_double_inline = True
-myst_heading_anchors = 3
 
 html_theme = "sphinx_book_theme"
 html_title = "Attention, from a buggy sketch to a trainable GPT"
@@ -39,21 +40,14 @@ html_favicon = "favicon.svg"
 html_extra_path = ["root"]
 # Light unless the reader switches (the theme leaves the mode unset and logs an error).
 html_context = {"default_mode": "light"}
-html_last_updated_fmt = None
 
-# MathJax 2.7 from the build's own _static folder, set up for Sphinx's math markup only
-# (myst-nb's own MathJax settings assume MathJax 3 and a CDN).
+# MathJax 2.7 from the build's own _static folder, reading Sphinx's math markup (myst-parser's
+# own MathJax settings are for MathJax 3 and off).
 MATHJAX = Path(jupyter_server_mathjax.__file__).parent / "static"
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
 myst_update_mathjax = False
 mathjax2_config = {
-    "tex2jax": {
-        "inlineMath": [["\\(", "\\)"]],
-        "displayMath": [["\\[", "\\]"]],
-        "processEscapes": True,
-        "ignoreClass": "document",
-        "processClass": "math|output_area",
-    },
+    "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]]},
     # The package ships the STIX web fonts only. MathJax's blank test font points at
     # about:blank, which browsers refuse with a console error; a local() name fails quietly.
     # The theme's rules for MathJax 3 (flexbox, overflow hidden on .math) also hit MathJax 2's
@@ -68,7 +62,6 @@ mathjax2_config = {
             "div.math": {"display": "block"},
         },
     },
-    "menuSettings": {"zoom": "None"},
 }
 
 
