@@ -32,10 +32,7 @@ myst_dmath_double_inline = True
 
 html_theme = "sphinx_book_theme"
 html_title = "Attention, from a buggy sketch to a trainable GPT"
-html_theme_options = {
-    "show_toc_level": 2,
-    "use_download_button": True,
-}
+html_theme_options = {"show_toc_level": 2}
 html_favicon = "favicon.svg"
 html_extra_path = ["root"]
 # Light unless the reader switches (the theme leaves the mode unset and logs an error).
@@ -51,7 +48,8 @@ mathjax2_config = {
     # The package ships the STIX web fonts only. MathJax's blank test font points at
     # about:blank, which browsers refuse with a console error; a local() name fails quietly.
     # The theme's rules for MathJax 3 (flexbox, overflow hidden on .math) also hit MathJax 2's
-    # own span.math boxes: they lift inline math off the baseline and push displayed math right.
+    # own span.math boxes: they lift inline math off the baseline and push displayed math right
+    # (and clip a wide formula on a phone, which scrolls instead).
     "HTML-CSS": {
         "availableFonts": [],
         "webFont": "STIX-Web",
@@ -59,7 +57,7 @@ mathjax2_config = {
         "styles": {
             "@font-face": {"font-family": "MathJax_Blank", "src": "local('MathJax_Blank')"},
             "span.math": {"display": "inline", "overflow": "visible"},
-            "div.math": {"display": "block"},
+            "div.math": {"display": "block", "overflow-x": "auto"},
         },
     },
 }
