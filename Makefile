@@ -3,7 +3,9 @@
 #   make test    create .venv, install the book, run the unit tests and every notebook under nbval
 #   make compare create .venv, install the book, train every attention variant alike and compare
 #                them (attnbook compare --quick; COMPARE_ARGS="--full" for the full run)
+#   make site    the web edition: the stored notebooks as HTML, in _build/site (open index.html)
 # Other targets: make setup | lint | pairs | chapter CH=02 | execute NB=chapters/02_….py | lock | clean
+#                | browser-test
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +21,8 @@ STAMP := $(VENV)/.attnbook-installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NOTEBOOKS = $(wildcard chapters/*.ipynb chapters/solutions/*.ipynb)
 
-.PHONY: setup book book-server compare test unit nbval lint pairs chapter execute lock clean
+.PHONY: setup book book-server compare test unit nbval lint pairs chapter execute lock clean \
+	site browser-test
 
 # Every package at the version CI passed with (constraints.txt; `make lock` refreshes it).
 $(STAMP): pyproject.toml constraints.txt
@@ -72,6 +75,18 @@ execute: $(STAMP)
 	  --ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=600 $(NB:.py=.ipynb)
 	$(BIN)/jupytext --sync -q $(NB:.py=.ipynb)
 
+# The web edition from the stored outputs (nothing is executed; Sphinx and myst-nb, configured
+# in web/conf.py). Warnings fail the build: a broken link between chapters is an error.
+SITE := _build/site
+site: $(STAMP)
+	$(BIN)/sphinx-build -q -W --keep-going -b html -c web -d _build/doctrees . $(SITE)
+	@echo "The web edition: $(SITE)/index.html"
+
+# The web edition and JupyterLab in Debian's Chromium (apt-get install chromium); without it,
+# or without playwright, the tests fail here instead of being skipped.
+browser-test: site
+	ATTNBOOK_REQUIRE_BROWSER=1 $(BIN)/pytest -m browser
+
 # Refresh constraints.txt: the newest release of every dependency, installed into a scratch venv
 # beside torch, then frozen. Run the tests (make clean test) before committing the new pins.
 LOCK_VENV := .venv-lock
@@ -85,4 +100,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis _build

@@ -307,8 +307,8 @@ else:
 
 # %% [markdown]
 # **Fix.** Swap only the last two axes: `K.transpose(-2, -1)` (or `K.mT`, "matrix
-# transpose"). Both work for any number of leading batch axes, which chapter 3 will need when a
-# head axis joins the batch axis.
+# transpose"). Both work for any number of leading batch axes, which
+# [chapter 3](03_multi_head_attention.ipynb) will need when a head axis joins the batch axis.
 
 # %%
 class SketchV4(SketchV3):
@@ -357,7 +357,8 @@ except TypeError as err:
 # Why divide by $\sqrt{d_{out}}$ at all? A dot product of two vectors with $d_{out}$ random
 # entries of size about 1 has a spread of about $\sqrt{d_{out}}$; without the division, wide
 # heads get large scores and a softmax that puts almost all the weight on one position.
-# Chapter 2 measures this, and exercise 4 below asks you to.
+# [Chapter 2](02_scaled_dot_product_attention.ipynb) measures this, and exercise 4 below asks you
+# to.
 
 # %%
 class SketchV5(SketchV4):
@@ -601,7 +602,8 @@ plt.show()
 # %% [markdown]
 # One caution that comes with $-\infty$: if *every* position of a row is masked, the softmax
 # computes $0/0$ and returns NaN. A causal mask always leaves the diagonal visible, so it cannot
-# happen here, but padding masks can produce such rows (chapter 2 shows one and how to handle it).
+# happen here, but padding masks can produce such rows
+# ([chapter 2](02_scaled_dot_product_attention.ipynb) shows one and how to handle it).
 
 # %%
 print(torch.softmax(torch.full((3,), float("-inf")), dim=0))
@@ -742,8 +744,8 @@ assert torch.allclose(y9, y_ref, atol=1e-5)
 # chapters.
 #
 # **Without a mask.** Not every attention is causal. In an encoder (or in cross-attention,
-# chapter 5) every token may look at every other one. Drop the mask and you get plain
-# `SelfAttention`; we also allow a bias in the projections, as some models use one.
+# [chapter 5](05_cross_attention.ipynb)) every token may look at every other one. Drop the mask and
+# you get plain `SelfAttention`; we also allow a bias in the projections, as some models use one.
 
 # %%
 class SelfAttention(nn.Module):
@@ -928,7 +930,8 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 #   reads 0.13 0.17 0.17 0.17 0.17 0.17). The causality test had passed before (0.0000) only
 #   because `scores @ V` hid the leak: re-run every test after every fix. With $-\infty$ the change
 #   is 0.0000 and the weights above the diagonal are all 0; a row with nothing visible then gives
-#   `tensor([nan, nan, nan])`, which a causal mask never produces but padding masks can (chapter 2).
+#   `tensor([nan, nan, nan])`, which a causal mask never produces but padding masks can
+#   ([chapter 2](02_scaled_dot_product_attention.ipynb)).
 # - The functional `F.dropout` ignores `eval()`: its `training` argument defaults to `True`, so two
 #   eval calls of version 8 differed. With `nn.Dropout`, version 9's eval outputs are identical and
 #   equal to the dropout-0 model's, training calls still differ, and `SketchV9` equals the loop
@@ -955,7 +958,8 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 # ## Exercises
 #
 # Worked solutions, each checked with an `assert`, are in
-# `chapters/solutions/01_buggy_sketch_solutions.ipynb`. Try them first.
+# [`solutions/01_buggy_sketch_solutions.ipynb`](solutions/01_buggy_sketch_solutions.ipynb). Try them
+# first.
 #
 # 1. **Find the bug.** A colleague's head differs from `Head` in one character:
 #    `torch.softmax(scores, dim=1)` instead of `dim=-1`. Before running anything, predict: do

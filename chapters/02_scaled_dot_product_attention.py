@@ -16,7 +16,8 @@
 # %% [markdown]
 # # Chapter 2 — Scaled dot-product attention
 #
-# Chapter 1 ended with a working single-head self-attention. Its heart is one line of math,
+# [Chapter 1](01_buggy_sketch.ipynb) ended with a working single-head self-attention. Its heart is
+# one line of math,
 #
 # $$\operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d}} + M\right) V ,$$
 #
@@ -123,11 +124,11 @@ print(x)
 #
 # The projections are matrices ($d_\text{model} \times d$, the width $d_\text{model}$ of the paper
 # is `n_embd` in code, as in GPT-2) that a real model learns. Here $d$,
-# the size of each query, key and value vector, is what chapter 1 called `d_out`; this chapter
-# writes $d$ because that is the letter in $\sqrt{d}$. An untrained model starts with random
-# projections, which would give us a random pattern to look at. So we take seeded random
-# projections and add one hand-set direction to the query and key projections, the kind of rule
-# a trained head might learn: *a pronoun's query asks "who is a thing?", and a thing's key
+# the size of each query, key and value vector, is what [chapter 1](01_buggy_sketch.ipynb) called
+# `d_out`; this chapter writes $d$ because that is the letter in $\sqrt{d}$. An untrained model
+# starts with random projections, which would give us a random pattern to look at. So we take seeded
+# random projections and add one hand-set direction to the query and key projections, the kind of
+# rule a trained head might learn: *a pronoun's query asks "who is a thing?", and a thing's key
 # answers "me"*. The value projection stays purely random.
 
 # %%
@@ -408,10 +409,10 @@ print("Var(q.k) / d is within 15% of 1 for every d:", True)
 # Dividing by $\sqrt{d}$ brings the scores back to unit variance, whatever $d$ is. Below we
 # measure three things for 500 rows of 16 random keys each, with and without the scaling, and
 # average each over the rows: the largest weight in a row (1 = one-hot), the entropy of the row
-# (log 16 ≈ 2.77 = uniform, 0 = one-hot; chapter 1's Exercise 4 measured this one alone), and
-# the size of the row's $16 \times 16$ softmax Jacobian, measured by its Frobenius norm
-# $\lVert J \rVert_F = \sqrt{\sum_{i,j} J_{ij}^2}$ (how strongly the weights respond to the
-# scores; 0 means no gradient gets through).
+# (log 16 ≈ 2.77 = uniform, 0 = one-hot; [chapter 1](01_buggy_sketch.ipynb)'s Exercise 4 measured
+# this one alone), and the size of the row's $16 \times 16$ softmax Jacobian, measured by its
+# Frobenius norm $\lVert J \rVert_F = \sqrt{\sum_{i,j} J_{ij}^2}$ (how strongly the weights respond
+# to the scores; 0 means no gradient gets through).
 
 # %%
 torch.manual_seed(2)
@@ -598,14 +599,14 @@ print("sentence 1 in the batch == sentence 1 alone:", torch.allclose(out_p[0], o
 #   with `masked_fill`.
 # - **Additive**: a float tensor that is simply added to the scores: `0` where allowed (the
 #   score is unchanged), `-inf` where not. This form is more general: any finite value is a
-#   *bias* on the scores. ALiBi (chapter 6) adds a distance penalty this way, and T5 adds a
-#   learned relative-position bias.
+#   *bias* on the scores. ALiBi ([chapter 6](06_positions.ipynb)) adds a distance penalty this way,
+#   and T5 adds a learned relative-position bias.
 #
 # For a pure allow/forbid pattern the two give the same result. Careful with the direction of
 # the boolean: `torch.nn.MultiheadAttention` uses the opposite convention for *both* of its
 # boolean masks, `key_padding_mask` and `attn_mask` (`True` = may **not** attend), while
-# `F.scaled_dot_product_attention` uses ours. Chapter 3 compares against that module and flips
-# its masks with `~`. In this book `True` always means *may attend*.
+# `F.scaled_dot_product_attention` uses ours. [Chapter 3](03_multi_head_attention.ipynb) compares
+# against that module and flips its masks with `~`. In this book `True` always means *may attend*.
 
 
 # %%
@@ -647,9 +648,10 @@ print("same output:", torch.equal(out_b, out_ba))
 # ## Fewer queries than keys: where the causal mask sits
 #
 # During generation a model does not recompute the whole sentence for every new word. It keeps
-# the keys and values of the words it has already seen (the **KV cache**, chapter 7) and runs
-# attention for the new word only: **one query over $T_k$ keys**, the last of which is the new
-# word's own key. That query sits at the *end* of the sequence, so it may see every key.
+# the keys and values of the words it has already seen (the **KV cache**,
+# [chapter 7](07_kv_cache.ipynb)) and runs attention for the new word only: **one query over $T_k$
+# keys**, the last of which is the new word's own key. That query sits at the *end* of the sequence,
+# so it may see every key.
 #
 # In general, with $T_q$ queries that are the last $T_q$ of $T_k$ positions, query $i$ sits at
 # position $T_k - T_q + i$ and may see keys $0 \ldots T_k - T_q + i$. The triangle must be
@@ -1022,8 +1024,9 @@ print("notebook attention == sdpa_reference (outputs and weights) == sdpa (outpu
 # ## Exercises
 #
 # Worked solutions, with code and checks, are in
-# `chapters/solutions/02_scaled_dot_product_attention_solutions.ipynb`. Try each one first, and
-# for the "predict" questions write your prediction down before running anything.
+# [`solutions/02_scaled_dot_product_attention_solutions.ipynb`](solutions/02_scaled_dot_product_attention_solutions.ipynb).
+# Try each one first, and for the "predict" questions write your prediction down before running
+# anything.
 #
 # 1. **Scale as a temperature.** `F.scaled_dot_product_attention` and `sdpa_reference` take a
 #    `scale` argument that replaces $1/\sqrt{d}$. Predict what the attention weights and the
@@ -1038,9 +1041,10 @@ print("notebook attention == sdpa_reference (outputs and weights) == sdpa (outpu
 #    what goes wrong, and how does subtracting `s.max()` first fix it? Write a stable softmax
 #    that also handles a row of all `-inf` the way this chapter's `attention` does.
 # 3. **A local window.** Build a boolean mask in which each token may attend to itself and the
-#    two tokens before it, and nothing else (a sliding window of size 3, chapter 9's topic).
-#    Use only `torch.ones`, `tril` and `&`/`~`. Draw it for $T = 6$, use it with `attention` on
-#    the toy sentence, and check that each row has at most 3 non-zero weights.
+#    two tokens before it, and nothing else (a sliding window of size 3,
+#    [chapter 9](09_sliding_window.ipynb)'s topic). Use only `torch.ones`, `tril` and `&`/`~`. Draw
+#    it for $T = 6$, use it with `attention` on the toy sentence, and check that each row has at
+#    most 3 non-zero weights.
 # 4. **The future leaks.** Replace the last word of the toy sentence (*slept* → *barked*) and
 #    recompute the outputs, once without a mask and once with the causal mask. Which positions'
 #    outputs change in each case? Explain why a model trained without the mask would learn to

@@ -16,13 +16,14 @@
 # %% [markdown]
 # # Chapter 3 — Multi-head attention
 #
-# Chapter 1 ended with one causal attention head, `Head`, and chapter 2 took its one line of
-# math apart. A transformer layer does not use one head, though: GPT-2 small runs 12 of them
-# side by side in every layer, each with its own queries, keys and values, and glues their
-# outputs together. This chapter builds that layer twice. First the obvious way, as a Python
-# list of `Head`s whose outputs are concatenated. Then the way every real implementation does
-# it: one matrix multiplication produces the queries, keys and values of *all* heads at once, a
-# reshape sorts them into heads, and a single attention call handles every head in parallel.
+# [Chapter 1](01_buggy_sketch.ipynb) ended with one causal attention head, `Head`, and
+# [chapter 2](02_scaled_dot_product_attention.ipynb) took its one line of math apart. A transformer
+# layer does not use one head, though: GPT-2 small runs 12 of them side by side in every layer, each
+# with its own queries, keys and values, and glues their outputs together. This chapter builds that
+# layer twice. First the obvious way, as a Python list of `Head`s whose outputs are concatenated.
+# Then the way every real implementation does it: one matrix multiplication produces the queries,
+# keys and values of *all* heads at once, a reshape sorts them into heads, and a single attention
+# call handles every head in parallel.
 #
 # The two versions compute the same function, and we will prove it by copying the weights of
 # one into the other. We then check our batched module against PyTorch's own
@@ -92,8 +93,8 @@ print("x_toy:", tuple(x_toy.shape))
 print(x_toy[0].int())
 
 # %% [markdown]
-# We use chapter 1's `Head` (from `attnbook.attention`) with `head_size=8`, so two heads
-# together have 16 output features, the same as the input. A `Head` computes
+# We use [chapter 1](01_buggy_sketch.ipynb)'s `Head` (from `attnbook.attention`) with `head_size=8`,
+# so two heads together have 16 output features, the same as the input. A `Head` computes
 # `q = x @ W_q.T`, `k = x @ W_k.T`, and the score `q · k / sqrt(8)`. We set the weights by hand:
 #
 # - **Head A, "previous token"**: the query of position $t$ is the one-hot of position $t-1$
@@ -313,8 +314,8 @@ draw_layout()
 #
 # Finally `transpose(1, 2)` swaps the time and head axes: `(B, T, n_head, head_dim)` →
 # `(B, n_head, T, head_dim)`. Now the heads sit in a *batch-like* dimension, and the attention
-# math from chapter 2, which works on the last two dimensions `(T, head_dim)`, runs for every
-# (batch, head) pair at once.
+# math from [chapter 2](02_scaled_dot_product_attention.ipynb), which works on the last two
+# dimensions `(T, head_dim)`, runs for every (batch, head) pair at once.
 #
 # Let us watch it happen on labels instead of numbers. We feed the reshape a tensor whose entry
 # is the *column number* it came from, and check that head `h` of q received columns
@@ -382,9 +383,9 @@ print("merged:", tuple(y_merged.shape), " same as concatenating the heads:", sam
 # %% [markdown]
 # ## 4. Version 2: the batched module
 #
-# Now the module itself. The attention step is chapter 2's math, written so that it does not
-# care how many leading dimensions there are: `(B, T, head_dim)` for one head,
-# `(B, n_head, T, head_dim)` for all of them.
+# Now the module itself. The attention step is [chapter 2](02_scaled_dot_product_attention.ipynb)'s
+# math, written so that it does not care how many leading dimensions there are: `(B, T, head_dim)`
+# for one head, `(B, n_head, T, head_dim)` for all of them.
 
 # %%
 def causal_attention(q, k, v, dropout_p=0.0):
@@ -457,8 +458,8 @@ print("y2:", tuple(v2(x).shape))
 # weights stacked in head order, then the same for keys and values. `proj` maps one-to-one
 # onto `c_proj`.
 #
-# One detail: chapter 1's `Head` has no bias in its query/key/value layers, while `c_attn`
-# has one (GPT-2's does). A zero bias adds nothing, so we zero it.
+# One detail: [chapter 1](01_buggy_sketch.ipynb)'s `Head` has no bias in its query/key/value layers,
+# while `c_attn` has one (GPT-2's does). A zero bias adds nothing, so we zero it.
 
 # %%
 @torch.no_grad()
@@ -528,12 +529,11 @@ with torch.no_grad():
 print({name: tuple(p.shape) for name, p in mha_torch.named_parameters()})
 
 # %% [markdown]
-# Now the trap. In attnbook (chapter 2), a boolean mask says `True` = *may attend*. In
-# `nn.MultiheadAttention` (and in its `key_padding_mask`), a boolean mask says `True` = *not
-# allowed*. The two conventions are exact opposites. The inversion belongs to
-# `nn.MultiheadAttention` and `nn.Transformer`, not to PyTorch as a whole:
-# `F.scaled_dot_product_attention`'s boolean `attn_mask` uses `True` = *may attend*, like
-# attnbook.
+# Now the trap. In attnbook ([chapter 2](02_scaled_dot_product_attention.ipynb)), a boolean mask
+# says `True` = *may attend*. In `nn.MultiheadAttention` (and in its `key_padding_mask`), a boolean
+# mask says `True` = *not allowed*. The two conventions are exact opposites. The inversion belongs
+# to `nn.MultiheadAttention` and `nn.Transformer`, not to PyTorch as a whole:
+# `F.scaled_dot_product_attention`'s boolean `attn_mask` uses `True` = *may attend*, like attnbook.
 
 # %%
 allowed = causal_mask(4)  # attnbook: True where a query may attend
@@ -559,9 +559,10 @@ print("NaN in the output rows:", y_wrong[0].isnan().any(dim=-1).tolist())
 # The NaN comes from a plain softmax over a row whose every score is `-inf`: $0/0$. That is
 # what `nn.MultiheadAttention` does when it forms the weights itself (`need_weights=True`, as
 # here) in torch 2.13. `F.scaled_dot_product_attention`'s math backend uses a "safe" softmax
-# that returns zeros for such a row instead, as attnbook does (chapter 2), so whether this row
-# shows NaN or zeros depends on the code path and may change between torch versions. Either
-# way it is a symptom of the wrong mask, not a number to use.
+# that returns zeros for such a row instead, as attnbook does
+# ([chapter 2](02_scaled_dot_product_attention.ipynb)), so whether this row shows NaN or zeros
+# depends on the code path and may change between torch versions. Either way it is a symptom of the
+# wrong mask, not a number to use.
 
 # %% [markdown]
 # With the mask inverted, PyTorch's module and ours agree. Passing `need_weights=False` tells
@@ -637,7 +638,7 @@ for width, heads in [(32, 1), (32, 4), (32, 32), (768, 12)]:
 # - **SDPA fast path** (version 2, `impl="sdpa"`): with no dropout, the CPU picks the fused
 #   flash kernel, which works through the keys in tiles and never stores the full weights;
 #   with `is_causal=True` it also skips the tiles that lie entirely above the diagonal
-#   (chapter 8 builds that algorithm);
+#   ([chapter 8](08_flash_attention.ipynb) builds that algorithm);
 # - **`nn.MultiheadAttention`, eval + mask**: PyTorch's module as you would call it for
 #   inference, in `eval()` mode under `torch.no_grad()`, with the causal mask. Those are the
 #   conditions for its native "fast path" (`torch._native_multi_head_attention`). On CPU with a
@@ -750,9 +751,9 @@ plt.show()
 # `build_attention("mha", cfg)`, the way later chapters will choose an attention variant by
 # name. The config holds what every variant shares (sizes, positions, dropout, bias, causality,
 # the kernel); a variant's own settings are keyword options next to it, declared in the
-# variant's file: chapter 4's grouped-query attention is `build_attention("gqa", cfg,
-# n_kv_head=2)`, chapter 9's sliding window `build_attention("local", cfg, window=16)`.
-# Multi-head attention has none.
+# variant's file: [chapter 4](04_mqa_gqa.ipynb)'s grouped-query attention is
+# `build_attention("gqa", cfg, n_kv_head=2)`, chapter 9's sliding window
+# `build_attention("local", cfg, window=16)`. Multi-head attention has none.
 
 # %%
 from attnbook.attention import AttentionConfig, MultiHeadAttention, available, build_attention
@@ -817,8 +818,9 @@ print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (ato
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/03_multi_head_attention_solutions.ipynb`. Try
-# each one first: write down your prediction, then check it with code.
+# Worked solutions are in
+# [`solutions/03_multi_head_attention_solutions.ipynb`](solutions/03_multi_head_attention_solutions.ipynb).
+# Try each one first: write down your prediction, then check it with code.
 #
 # 1. **Where does the time go?** Count the floating-point operations of one forward pass of
 #    multi-head attention (matrix products only, 2 FLOPs per multiply-add, causal mask ignored):

@@ -16,12 +16,13 @@
 # %% [markdown]
 # # Chapter 4 — Multi-query and grouped-query attention
 #
-# Chapter 3 gave every query head its own key head and its own value head. That is the natural
-# design, and during training it costs nothing special. During *generation* it does: a model
-# that writes text one token at a time keeps the keys and values of every token it has seen, in
-# every layer, so that the next token can attend to them without recomputing them. This store
-# is the **KV cache** (chapter 7 builds it in full). Its size grows with the number of tokens,
-# and at long contexts or large batches it outgrows the model's weights.
+# [Chapter 3](03_multi_head_attention.ipynb) gave every query head its own key head and its own
+# value head. That is the natural design, and during training it costs nothing special. During
+# *generation* it does: a model that writes text one token at a time keeps the keys and values of
+# every token it has seen, in every layer, so that the next token can attend to them without
+# recomputing them. This store is the **KV cache** ([chapter 7](07_kv_cache.ipynb) builds it in
+# full). Its size grows with the number of tokens, and at long contexts or large batches it outgrows
+# the model's weights.
 #
 # The fix studied in this chapter is to keep fewer key/value heads than query heads.
 # **Multi-query attention** (MQA, Shazeer 2019, "Fast Transformer Decoding: One Write-Head is
@@ -98,8 +99,8 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # (`n_embd = 4096`), weights and cache in 16-bit floats (2 bytes). With MHA it has 32
 # key/value heads per layer. Mistral 7B has the same attention shape (32 layers, 32 query heads
 # of size 128) with GQA and 8 key/value heads (its MLP is wider, and its first release also
-# limited attention to a 4096-token sliding window, which caps its cache; chapter 9). MQA
-# would keep 1.
+# limited attention to a 4096-token sliding window, which caps its cache;
+# [chapter 9](09_sliding_window.ipynb)). MQA would keep 1.
 
 # %%
 def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
@@ -167,8 +168,8 @@ plt.show()
 # ## 2. From MHA to MQA: one key head for every query head
 #
 # We work with a small layer from here on: `n_embd = 64`, 8 query heads of size 8, a batch of
-# 2 sequences of 6 tokens. Recall chapter 3's projection: one `Linear(d, 3d)` whose output
-# holds the queries, keys and values of all heads, `d` features each.
+# 2 sequences of 6 tokens. Recall [chapter 3](03_multi_head_attention.ipynb)'s projection: one
+# `Linear(d, 3d)` whose output holds the queries, keys and values of all heads, `d` features each.
 #
 # MQA keeps the query part as it is (8 heads × 8 = 64 features) and shrinks the key part and
 # the value part to a single head, `head_dim` = 8 features each. The fused projection becomes
@@ -405,12 +406,13 @@ print("repeat            (h % n_kv):  ", labels.repeat(1, group, 1, 1).flatten()
 # %% [markdown]
 # ## 4. A GQA layer
 #
-# Now the module. It differs from chapter 3's batched MHA in two lines: the fused projection
-# `c_attn` makes `d + 2 · n_kv_head · head_dim` features instead of `3d`, and the split cuts
-# them into `[d, kv, kv]`. Everything after the attention (merging the heads, the output
-# projection `c_proj`) is untouched, because the attention output still has `n_head` heads. We
-# give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave` and writes the
-# attention out, `impl="sdpa"` calls `F.scaled_dot_product_attention(..., enable_gqa=True)`.
+# Now the module. It differs from [chapter 3](03_multi_head_attention.ipynb)'s batched MHA in two
+# lines: the fused projection `c_attn` makes `d + 2 · n_kv_head · head_dim` features instead of
+# `3d`, and the split cuts them into `[d, kv, kv]`. Everything after the attention (merging the
+# heads, the output projection `c_proj`) is untouched, because the attention output still has
+# `n_head` heads. We give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave`
+# and writes the attention out, `impl="sdpa"` calls
+# `F.scaled_dot_product_attention(..., enable_gqa=True)`.
 
 # %%
 class GQA(nn.Module):
@@ -621,19 +623,19 @@ print(f"loss of the bag-of-values guess: {bag_loss:.2f}")
 # That takes two attention layers, so we build a minimal two-layer transformer: token
 # embeddings plus learned position embeddings, two pre-norm blocks (LayerNorm → our `GQA` →
 # residual, LayerNorm → MLP → residual), a final LayerNorm and a linear head. It is not a
-# general language model, just the smallest thing that learns this task; chapter 17 builds the
-# real one. With `n_kv_head = n_head = 8` it is an MHA model, with about 104 thousand
-# parameters.
+# general language model, just the smallest thing that learns this task;
+# [chapter 17](17_training_a_gpt.ipynb) builds the real one. With `n_kv_head = n_head = 8` it is an
+# MHA model, with about 104 thousand parameters.
 #
-# Some of its parts are new in this book and used here without ceremony (chapter 6 treats
-# positions properly, chapter 17 the blocks). `nn.LayerNorm` rescales each token's vector to
-# zero mean and unit variance, then applies a learned scale and shift, which keeps activations
-# in a range where training is stable; a *pre-norm residual* block adds each sub-layer's output
-# to its input, `x + f(LayerNorm(x))`, so every block learns a correction and gradients reach
-# the first layer directly. `attnbook.mlp.MLP` is a two-layer network (`Linear`, GELU, `Linear`)
-# applied to every position on its own, and `PositionalEmbedding("learned", ...)`, from
-# `attnbook.positions`, is a trained vector per position, added to the token embeddings so that
-# attention can tell positions apart.
+# Some of its parts are new in this book and used here without ceremony
+# ([chapter 6](06_positions.ipynb) treats positions properly, [chapter 17](17_training_a_gpt.ipynb)
+# the blocks). `nn.LayerNorm` rescales each token's vector to zero mean and unit variance, then
+# applies a learned scale and shift, which keeps activations in a range where training is stable; a
+# *pre-norm residual* block adds each sub-layer's output to its input, `x + f(LayerNorm(x))`, so
+# every block learns a correction and gradients reach the first layer directly. `attnbook.mlp.MLP`
+# is a two-layer network (`Linear`, GELU, `Linear`) applied to every position on its own, and
+# `PositionalEmbedding("learned", ...)`, from `attnbook.positions`, is a trained vector per
+# position, added to the token embeddings so that attention can tell positions apart.
 
 # %%
 class Block(nn.Module):
@@ -922,7 +924,8 @@ plt.show()
 # `"sdpa"`), at `atol=1e-5`:
 #
 # - our `GQA` with 2 key/value heads against `GroupedQueryAttention`;
-# - our `GQA` with `n_kv_head = n_head` against chapter 3's `MultiHeadAttention`;
+# - our `GQA` with `n_kv_head = n_head` against [chapter 3](03_multi_head_attention.ipynb)'s
+#   `MultiHeadAttention`;
 # - our `GQA` with `n_kv_head = 1` against `MultiQueryAttention`;
 #
 # and finally that a trained attention layer converted by `pool_kv_rows` computes the same thing
@@ -998,7 +1001,8 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/04_mqa_gqa_solutions.ipynb`. Predict first,
+# Worked solutions are in
+# [`solutions/04_mqa_gqa_solutions.ipynb`](solutions/04_mqa_gqa_solutions.ipynb). Predict first,
 # then check with code.
 #
 # 1. **The cache of a model you choose.** Take a LLaMA-2-70B-style model: 80 layers, 64 query

@@ -277,11 +277,11 @@ print("output rows that changed:", rows_moved.nonzero().flatten().tolist())
 # %% [markdown]
 # ## 2. Multi-head cross-attention as a module
 #
-# The multi-head version is chapter 3's layer with the projections split between the two
-# inputs: `W_q` reads `x`, `W_k` and `W_v` read `memory`, and the heads are separated by the
-# same `view` + `transpose` into `(B, n_head, T, head_dim)`. We keep three separate `Linear`
-# layers here to make the roles plain (the `attnbook` module fuses `W_k` and `W_v` into one,
-# which we will use when we copy weights at the end).
+# The multi-head version is [chapter 3](03_multi_head_attention.ipynb)'s layer with the projections
+# split between the two inputs: `W_q` reads `x`, `W_k` and `W_v` read `memory`, and the heads are
+# separated by the same `view` + `transpose` into `(B, n_head, T, head_dim)`. We keep three separate
+# `Linear` layers here to make the roles plain (the `attnbook` module fuses `W_k` and `W_v` into
+# one, which we will use when we copy weights at the end).
 #
 # The optional `memory_mask` has shape `(B, T_k)` and is `True` at real source tokens; it is
 # explained in the next section. It is reshaped to `(B, 1, 1, T_k)` so that it broadcasts over
@@ -450,7 +450,7 @@ print("sequence 0 == out_proj.bias:", torch.allclose(y_quiet[0], bias_rows, atol
 # %% [markdown]
 # A NaN in one example of a batch, a row that silently carries no information, or an
 # example quietly attending to padding: the cost of a flipped boolean. In `attnbook` masks
-# always mean `True` = may attend (chapter 2),
+# always mean `True` = may attend ([chapter 2](02_scaled_dot_product_attention.ipynb)),
 # and every call that takes one says so in its docstring.
 
 # %% [markdown]
@@ -467,8 +467,9 @@ print("sequence 0 == out_proj.bias:", torch.allclose(y_quiet[0], bias_rows, atol
 # turn:
 #
 # 1. **Causal self-attention**, `y = y + CausalSelfAttn(LN(y))`: the target positions exchange
-#    information, each one with itself and the positions before it only. This is chapter 3's
-#    layer, `attnbook.attention.MultiHeadAttention`, built with `causal=True`.
+#    information, each one with itself and the positions before it only. This is
+#    [chapter 3](03_multi_head_attention.ipynb)'s layer, `attnbook.attention.MultiHeadAttention`,
+#    built with `causal=True`.
 # 2. **Cross-attention**, `y = y + CrossAttn(LN(y), memory, memory_mask)`: every target
 #    position reads the source. This is section 2's `MyCrossAttention`; its queries come from
 #    the normalised `y`, its keys and values from `memory` as it is (the encoder ends in a
@@ -736,9 +737,9 @@ print("held-out strings per length 3..8:", torch.bincount(len_test, minlength=9)
 # same 160 steps when we ran both (try it: build `TinySeq2Seq(n_enc=1)` and compare the
 # held-out exact match).
 #
-# The position embeddings come from `attnbook.positions`, which chapter 6 builds and explains.
-# All we need here: `PositionalEmbedding("learned", max_len, d)` holds a trainable
-# `(max_len, d)` table, and calling it with a length `T` returns its first `T` rows, a
+# The position embeddings come from `attnbook.positions`, which [chapter 6](06_positions.ipynb)
+# builds and explains. All we need here: `PositionalEmbedding("learned", max_len, d)` holds a
+# trainable `(max_len, d)` table, and calling it with a length `T` returns its first `T` rows, a
 # `(T, d)` tensor that broadcasts over the batch when added to the token embeddings.
 
 # %%
@@ -1090,10 +1091,11 @@ print("attnbook CrossAttention (reference, sdpa; with and without padding) == ou
 #   nothing but the output bias with `need_weights=False`.
 # - A pre-norm decoder block is three residual layers, `y + Layer(LN(y))`: causal
 #   self-attention, cross-attention, MLP; the encoder block has no cross-attention and a
-#   self-attention that is not causal. Written out from chapter 3's layer, our
-#   `MyCrossAttention` and an MLP, they match the package's `EncoderBlock` and `DecoderBlock`
-#   (atol=1e-5, with and without the padding mask, and with the decoder reading a precomputed
-#   `CrossCache`), and changing decoder position 3 moved the block's output rows `[3, 4]` only.
+#   self-attention that is not causal. Written out from [chapter 3](03_multi_head_attention.ipynb)'s
+#   layer, our `MyCrossAttention` and an MLP, they match the package's `EncoderBlock` and
+#   `DecoderBlock` (atol=1e-5, with and without the padding mask, and with the decoder reading a
+#   precomputed `CrossCache`), and changing decoder position 3 moved the block's output rows
+#   `[3, 4]` only.
 # - `EncoderBlock` (self-attention, not causal, then an MLP) and `DecoderBlock` (causal
 #   self-attention, cross-attention, MLP) make a tiny encoder–decoder of 171533 parameters.
 #   Trained with teacher forcing for 160 steps on 20000 strings, it reverses held-out strings of
@@ -1123,8 +1125,9 @@ print("attnbook CrossAttention (reference, sdpa; with and without padding) == ou
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/05_cross_attention_solutions.ipynb`. Try each
-# one first: write down your prediction, then check it with code.
+# Worked solutions are in
+# [`solutions/05_cross_attention_solutions.ipynb`](solutions/05_cross_attention_solutions.ipynb).
+# Try each one first: write down your prediction, then check it with code.
 #
 # 1. **Sorting instead of reversing.** Change the target to the *sorted* digits of the source
 #    (`4170 -> 0147`) and train the same model. Before you look: what should the

@@ -73,9 +73,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. Attention cannot see order
 #
-# Take a multi-head attention layer from chapter 3 with no position information at all
-# (`positions="none"`) and, for now, without the causal mask (`causal=False`, as in an encoder).
-# Feed it six token vectors, then the same six vectors in a shuffled order.
+# Take a multi-head attention layer from [chapter 3](03_multi_head_attention.ipynb) with no position
+# information at all (`positions="none"`) and, for now, without the causal mask (`causal=False`, as
+# in an encoder). Feed it six token vectors, then the same six vectors in a shuffled order.
 
 # %%
 n_embd, n_head, T = 16, 2, 6
@@ -649,12 +649,12 @@ print(
 # %% [markdown]
 # ### 3.5 Continuing at an offset: cached decoding
 #
-# During generation with a KV cache (chapter 7), the model feeds one new token at a time; the
-# keys of the earlier tokens were rotated when they were computed and are stored already
-# rotated. The new token is not at position 0: if 10 tokens are cached, it sits at position 10
-# and must be rotated by $10\,\theta_i$. So every RoPE function needs a `start` offset, and
-# rotating a block of tokens "starting at $s$" must give exactly the rows $s..s+T-1$ of rotating
-# the whole sequence.
+# During generation with a KV cache ([chapter 7](07_kv_cache.ipynb)), the model feeds one new token
+# at a time; the keys of the earlier tokens were rotated when they were computed and are stored
+# already rotated. The new token is not at position 0: if 10 tokens are cached, it sits at position
+# 10 and must be rotated by $10\,\theta_i$. So every RoPE function needs a `start` offset, and
+# rotating a block of tokens "starting at $s$" must give exactly the rows $s..s+T-1$ of rotating the
+# whole sequence.
 
 # %%
 x_seq = torch.randn(12, 16)  # 12 positions
@@ -812,9 +812,9 @@ print("targets:", y_demo[0].tolist())
 # The model is the smallest that can solve this: a token embedding, one pre-norm transformer
 # block (attnbook's multi-head attention and MLP, each with a LayerNorm in front and a residual
 # connection around it), a final LayerNorm and a linear head. It is **a minimal model for this
-# experiment only**; chapter 17 builds the real GPT. One attention layer is enough: a head can
-# fetch the previous token, and the MLP can add it to the current one. The scheme is one
-# argument: `"learned"` and `"sinusoidal"` add a `PositionalEmbedding` to the token
+# experiment only**; [chapter 17](17_training_a_gpt.ipynb) builds the real GPT. One attention layer
+# is enough: a head can fetch the previous token, and the MLP can add it to the current one. The
+# scheme is one argument: `"learned"` and `"sinusoidal"` add a `PositionalEmbedding` to the token
 # embeddings; `"rope"` and `"alibi"` are applied inside the attention layer by
 # `AttentionConfig(positions=...)` (RoPE in the half-split pairing unless `rope_pairing` says
 # otherwise); `"none"` uses nothing.
@@ -1114,7 +1114,8 @@ print("sinusoidal, RoPE (pairings, permutation, start), ALiBi == attnbook.positi
 
 # %% [markdown]
 # And the layer: the module's `c_attn` weights give the queries, keys and values; our code adds
-# the positions; chapter 2's `sdpa_reference` attends; the module's `c_proj` mixes the heads.
+# the positions; [chapter 2](02_scaled_dot_product_attention.ipynb)'s `sdpa_reference` attends; the
+# module's `c_proj` mixes the heads.
 
 # %%
 def layer_by_hand(layer, x, positions, pairing="half"):
@@ -1181,8 +1182,9 @@ print("MultiHeadAttention, RoPE (half, interleaved) and ALiBi (6 heads) == our c
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/06_positions_solutions.ipynb`. Write down your
-# prediction before you run anything.
+# Worked solutions are in
+# [`solutions/06_positions_solutions.ipynb`](solutions/06_positions_solutions.ipynb). Write down
+# your prediction before you run anything.
 #
 # 1. **RoPE's base and its wavelengths.** For `head_dim = 64` and base 10,000, how many
 #    positions does the fastest pair need for a full turn, and the slowest? Predict with a

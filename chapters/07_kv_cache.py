@@ -25,8 +25,9 @@
 #
 # Along the way we meet the one place where caching is easy to get wrong (the causal mask must be
 # aligned differently when there are fewer queries than keys), measure the time per token with and
-# without the cache, and check chapter 4's formula for the memory a cache takes, for multi-head,
-# grouped-query and multi-query attention, on our toy model and on a 7-billion-parameter one.
+# without the cache, and check [chapter 4](04_mqa_gqa.ipynb)'s formula for the memory a cache takes,
+# for multi-head, grouped-query and multi-query attention, on our toy model and on a
+# 7-billion-parameter one.
 #
 # **Learning goals**
 #
@@ -41,7 +42,7 @@
 # - Prefill a prompt at once or in chunks, with the same result.
 # - Measure time per generated token against position, and explain why the speed-up is far
 #   smaller than the work saved; check the cache's memory for MHA, GQA and MQA against
-#   chapter 4's formula, per token and at 4k tokens.
+#   [chapter 4](04_mqa_gqa.ipynb)'s formula, per token and at 4k tokens.
 
 # %% [markdown]
 # ## Setup
@@ -69,8 +70,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. A tiny language model to generate with
 #
-# There is no GPT class in the book yet (it arrives in chapter 17), so we assemble a **minimal
-# causal language model** here, only for this chapter's experiments. It has the usual shape:
+# There is no GPT class in the book yet (it arrives in [chapter 17](17_training_a_gpt.ipynb)), so we
+# assemble a **minimal causal language model** here, only for this chapter's experiments. It has the
+# usual shape:
 #
 # - a token embedding (`wte`), plus learned position vectors (`wpe`) when `positions="learned"`;
 # - `n_layer` pre-norm blocks, each `x + attn(ln_1(x))` then `x + mlp(ln_2(x))`, with the
@@ -423,9 +425,10 @@ class CatCache:
 # sits at position `start + i` and may see keys `0 .. start + i`. The causal triangle must be
 # aligned to the **bottom-right** corner of the `(T, T_k)` score matrix, which
 # `attnbook.attention.causal_mask(T, T_k)` does. The tempting one-liner
-# `F.scaled_dot_product_attention(..., is_causal=True)` aligns it **top-left** instead (chapter 2):
-# it treats the queries as the *first* `T` positions. The two agree when `T == T_k` (the
-# prefill of an empty cache) and nowhere else. The class below can do either, so we can compare.
+# `F.scaled_dot_product_attention(..., is_causal=True)` aligns it **top-left** instead
+# ([chapter 2](02_scaled_dot_product_attention.ipynb)): it treats the queries as the *first* `T`
+# positions. The two agree when `T == T_k` (the prefill of an empty cache) and nowhere else. The
+# class below can do either, so we can compare.
 
 # %%
 class HandAttention(nn.Module):
@@ -864,14 +867,14 @@ print(f"step at T={lengths[-1]}: {ms_plain[-1]:.1f} ms without cache, "
 #   the whole cache in attention — but for this model the fixed part (four layers of small matrix
 #   products, plus Python overhead) dominates. For a large model, the step is limited by how fast
 #   memory delivers what it reads: at batch 1 with a moderate context, that is mostly the
-#   weights; with a long context or a large batch, once the cache rivals the weights (chapter 4
-#   drew where that happens; the next section recalls the numbers), the cache read dominates.
-#   That is why the cache's *size* matters so much.
+#   weights; with a long context or a large batch, once the cache rivals the weights
+#   ([chapter 4](04_mqa_gqa.ipynb) drew where that happens; the next section recalls the numbers),
+#   the cache read dominates. That is why the cache's *size* matters so much.
 #
 # ## 8. How much memory the cache takes
 #
-# Chapter 4 derived the size of the cache: per layer and per position it stores one key and one
-# value vector for every key/value head, so per token of one sequence
+# [Chapter 4](04_mqa_gqa.ipynb) derived the size of the cache: per layer and per position it stores
+# one key and one value vector for every key/value head, so per token of one sequence
 #
 # $$\text{bytes per token} = 2 \times n_\text{layer} \times n_\text{kv\_head} \times
 #   \text{head\_dim} \times \text{bytes per number},$$
@@ -898,11 +901,11 @@ for name, options in (("mha", {}), ("gqa", {"n_kv_head": 2}), ("mqa", {})):
     print(f"{name:>7} {n_kv:>9} {per_token:>11,} {total / 1024:>17,.0f}")
 
 # %% [markdown]
-# As in chapter 4, the realistic case is a 7B-class model shaped like Llama 2 7B: 32 layers,
-# 32 query heads of 128, cache in fp16, with all 32 key/value heads (MHA), 8 (GQA, the shape of
-# Mistral 7B) or 1 (MQA). This time the module computes the sizes: `attnbook.kv_cache.KVCache`
-# built on PyTorch's `meta` device has shapes and a dtype but no storage, so it reports the bytes
-# of a cache we never allocate.
+# As in [chapter 4](04_mqa_gqa.ipynb), the realistic case is a 7B-class model shaped like Llama 2
+# 7B: 32 layers, 32 query heads of 128, cache in fp16, with all 32 key/value heads (MHA), 8 (GQA,
+# the shape of Mistral 7B) or 1 (MQA). This time the module computes the sizes:
+# `attnbook.kv_cache.KVCache` built on PyTorch's `meta` device has shapes and a dtype but no
+# storage, so it reports the bytes of a cache we never allocate.
 
 # %%
 from attnbook.kv_cache import KVCache
@@ -917,12 +920,14 @@ for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
     print(f"{name:>7} {kv:>9} {per_token / 1024:>9,.0f} {ctx * per_token / 2**30:>16,.3f}")
 
 # %% [markdown]
-# The module agrees with chapter 4: half a mebibyte per token for MHA, 2 GiB for one 4k-token
-# sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16 weights;
-# GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles the
-# cache, while the weights stay put. This is why long-context models share key/value heads, and
+# The module agrees with [chapter 4](04_mqa_gqa.ipynb): half a mebibyte per token for MHA, 2 GiB for
+# one 4k-token sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16
+# weights; GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles
+# the cache, while the weights stay put. This is why long-context models share key/value heads, and
 # why later chapters look at caches that do not grow with the context at all (a sliding window,
-# chapter 9; a compressed latent, chapter 13; a fixed-size recurrent state, chapter 11).
+# [chapter 9](09_sliding_window.ipynb); a compressed latent,
+# [chapter 13](13_latent_attention.ipynb); a fixed-size recurrent state,
+# [chapter 11](11_linear_attention.ipynb)).
 
 # %% [markdown]
 # ## Check against the module
@@ -985,7 +990,8 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # - Each cached step is cheap in arithmetic, but pays a fixed cost that the cache does not remove,
 #   so for a small model the measured speed-up is far below the work saved.
 # - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token of each sequence
-#   (chapter 4), which quickly rivals the weights; MQA and GQA shrink it by `n_head / n_kv_head`.
+#   ([chapter 4](04_mqa_gqa.ipynb)), which quickly rivals the weights; MQA and GQA shrink it by
+#   `n_head / n_kv_head`.
 
 # %% [markdown]
 # ## Further reading
@@ -999,8 +1005,9 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/07_kv_cache_solutions.ipynb`. Predict first, then
-# check with code.
+# Worked solutions are in
+# [`solutions/07_kv_cache_solutions.ipynb`](solutions/07_kv_cache_solutions.ipynb). Predict first,
+# then check with code.
 #
 # 1. **Prompts of different lengths in one batch.** Generate for two prompts of lengths 5 and 11
 #    in one batch. (a) Pad the short one on the *right* and generate as usual: what goes wrong,

@@ -16,14 +16,14 @@
 # %% [markdown]
 # # Chapter 8 — FlashAttention: attention without the T×T matrix
 #
-# Since chapter 3 the book's fast path has been `F.scaled_dot_product_attention`, and we have
-# said that on a CPU it picks a "flash" kernel that "works through the keys in tiles and never
-# stores the full weights". This chapter opens that box. The explicit math of chapter 2 forms
-# the scores $S = QK^\top$, a $T \times T$ matrix per head, turns them into weights
-# $P = \mathrm{softmax}(S)$, another $T \times T$ matrix, and multiplies $PV$. For training,
-# autograd keeps $P$ for the backward pass. At $T = 16\,384$ one head's $P$ in float32 is 1 GiB;
-# a layer of 16 heads and a batch of 8 would need 128 GiB for this one tensor. The output
-# itself is only $T \times d$.
+# Since [chapter 3](03_multi_head_attention.ipynb) the book's fast path has been
+# `F.scaled_dot_product_attention`, and we have said that on a CPU it picks a "flash" kernel that
+# "works through the keys in tiles and never stores the full weights". This chapter opens that box.
+# The explicit math of [chapter 2](02_scaled_dot_product_attention.ipynb) forms the scores
+# $S = QK^\top$, a $T \times T$ matrix per head, turns them into weights $P = \mathrm{softmax}(S)$,
+# another $T \times T$ matrix, and multiplies $PV$. For training, autograd keeps $P$ for the
+# backward pass. At $T = 16\,384$ one head's $P$ in float32 is 1 GiB; a layer of 16 heads and a
+# batch of 8 would need 128 GiB for this one tensor. The output itself is only $T \times d$.
 #
 # FlashAttention (Dao, Fu, Ermon, Rudra and Ré, 2022) computes exactly the same output without
 # ever holding $S$ or $P$: it walks over tiles of keys, keeps for each query a running maximum
@@ -79,8 +79,9 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # Training needs the backward pass, so autograd keeps, for every operation, the tensors its
 # backward will need. PyTorch lets us watch: inside `torch.autograd.graph.saved_tensors_hooks`,
 # every tensor saved for the backward passes through a function of ours. We run the explicit
-# math (`sdpa_reference`, chapter 2) on one head of 64 dimensions and list what it saves,
-# counting each storage once (views of one tensor share their storage).
+# math (`sdpa_reference`, [chapter 2](02_scaled_dot_product_attention.ipynb)) on one head of 64
+# dimensions and list what it saves, counting each storage once (views of one tensor share their
+# storage).
 
 # %%
 def saved_for_backward(fn, *inputs):
@@ -116,11 +117,11 @@ print(f"total {total / 2**20:.2f} MiB")
 # Next to views of the inputs (`(1, 512, 64)`, and `(1, 64, 512)` for $K^\top$) sit three
 # tensors of $T \times T$ entries: the weights $P$, kept by the softmax (its backward needs its
 # output, not the scores, which nobody keeps); a copy of them with the rows that see no key set
-# to zero (chapter 2's guard), kept by the product $PV$; and the causal mask, one byte per entry.
-# (The `(1, 1, 512, 1)` tensor records which rows the guard found empty.) Each doubling of $T$
-# quadruples them. The
-# same count for the tiled version we are about to build (the module's `flash_attention`)
-# shows the goal: q, k, v, the output and one number per query. Both at growing $T$, below.
+# to zero ([chapter 2](02_scaled_dot_product_attention.ipynb)'s guard), kept by the product $PV$;
+# and the causal mask, one byte per entry. (The `(1, 1, 512, 1)` tensor records which rows the guard
+# found empty.) Each doubling of $T$ quadruples them. The same count for the tiled version we are
+# about to build (the module's `flash_attention`) shows the goal: q, k, v, the output and one number
+# per query. Both at growing $T$, below.
 
 # %% [markdown]
 # What is kept is not all that is held. During the backward pass the gradients of the scores
@@ -189,7 +190,8 @@ plt.show()
 # $m' = -\infty$, and both $e^{m - m'}$ and $e^{s_j - m'}$ would be $e^{-\infty + \infty}$:
 # NaN. So while the maximum is still $-\infty$ we subtract 0 instead, which makes both zero.
 # And a row that is masked *everywhere* ends with $\ell = 0$: its log-sum-exp is $-\infty$, and
-# (the book's convention since chapter 2) its output is zero.
+# (the book's convention since [chapter 2](02_scaled_dot_product_attention.ipynb)) its output is
+# zero.
 
 # %%
 def online_lse(row, chunk):
@@ -305,13 +307,13 @@ for bq, bk in [(16, 16), (7, 33), (100, 1), (1, 100)]:
 # it, and the loop **skips** it, which is where FlashAttention saves about half the work of
 # causal attention; a tile whose last key is at or before its first query is seen whole and
 # needs no mask; only the tiles the diagonal cuts through are masked. The same holds for a
-# sliding window of $w$ positions (chapter 9): a key tile that ends more than $w - 1$ positions
-# before the tile's *first* query is invisible to all of its queries and is skipped too, so
-# only a band of tiles remains.
+# sliding window of $w$ positions ([chapter 9](09_sliding_window.ipynb)): a key tile that ends more
+# than $w - 1$ positions before the tile's *first* query is invisible to all of its queries and is
+# skipped too, so only a band of tiles remains.
 #
 # The function below classifies the tiles; the queries are the *last* `T_q` of `T_k` positions
 # (query $i$ sits at position $i + T_k - T_q$), which is what decoding against a cache needs
-# (chapter 7's bottom-right alignment). The picture shows the three kinds.
+# ([chapter 7](07_kv_cache.ipynb)'s bottom-right alignment). The picture shows the three kinds.
 
 # %%
 def classify_tiles(t_q, t_k, block_q, block_k, causal=True, window=None):
@@ -374,9 +376,9 @@ print(f"window 256 at T=8192: {int((kinds > 0).sum())} of {kinds.numel()} tiles 
 # Now the real thing, batched over heads, with masks on the edge tiles, the $-\infty$ guard of
 # section 2, and the log-sum-exp saved per query. Two more details:
 #
-# - **Grouped key/value heads** (chapter 4) by *indexing*: the `n_head` queries are viewed as
-#   `(n_kv_head, group)` and each key/value head is broadcast over its group, so K and V are
-#   never copied (`q.view(B, H_kv, g, T, D)` against `k[:, :, None]`).
+# - **Grouped key/value heads** ([chapter 4](04_mqa_gqa.ipynb)) by *indexing*: the `n_head` queries
+#   are viewed as `(n_kv_head, group)` and each key/value head is broadcast over its group, so K and
+#   V are never copied (`q.view(B, H_kv, g, T, D)` against `k[:, :, None]`).
 # - **Queries after a cache**: positions are counted from the end, so with `T_q < T_k` the
 #   queries are the last `T_q` positions.
 
@@ -583,10 +585,10 @@ assert same
 # %% [markdown]
 # The same merge joins attention over any disjoint sets of keys. **Ring attention** (Liu,
 # Zaharia and Abbeel, 2023) spreads a long sequence over several devices and passes key/value
-# blocks around a ring, each device merging the partial results for its queries; chapter 14's
-# MoBA and NSA attend to a few selected blocks and (NSA) a window and merge the branches the
-# same way. In the module this is `merge_partial`; since `flash_attention`'s log-sum-exp is
-# differentiable too, a merged result trains like one pass.
+# blocks around a ring, each device merging the partial results for its queries;
+# [chapter 14](14_learned_sparse_attention.ipynb)'s MoBA and NSA attend to a few selected blocks and
+# (NSA) a window and merge the branches the same way. In the module this is `merge_partial`; since
+# `flash_attention`'s log-sum-exp is differentiable too, a merged result trains like one pass.
 #
 # ## 6. Where the tiles meet the rest of the book
 #
@@ -735,11 +737,11 @@ with warnings.catch_warnings():
 # %% [markdown]
 # `create_block_mask` classified the tiles as section 3.1 did: the causal mask leaves 28 of the
 # 64 tiles empty (43.8%), the window of 32 positions 49, the documents 42. BigBird's pattern
-# (chapter 10), whose random blocks no formula describes, is a `mask_mod` that looks up a table,
-# and its tiles are the pattern's blocks. The document mask is the new one here: packing several
-# documents into one training row and keeping attention inside each is how long-context
-# training avoids padding, and with a `mask_mod` it costs three lines (and its tiles between
-# documents are skipped, like the causal ones).
+# ([chapter 10](10_sparse_attention.ipynb)), whose random blocks no formula describes, is a
+# `mask_mod` that looks up a table, and its tiles are the pattern's blocks. The document mask is the
+# new one here: packing several documents into one training row and keeping attention inside each is
+# how long-context training avoids padding, and with a `mask_mod` it costs three lines (and its
+# tiles between documents are skipped, like the causal ones).
 #
 # ## 9. Check against the module
 #
@@ -782,7 +784,7 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 #   sum $\sum_l P_{il} dP_{il}$ by $D_i = dO_i \cdot O_i$: one extra score product, no $T \times T$
 #   memory. `gradcheck` confirms it.
 # - Partial attentions over disjoint keys merge exactly with their log-sum-exps: flash-decoding,
-#   ring attention, and the branches of chapter 14.
+#   ring attention, and the branches of [chapter 14](14_learned_sparse_attention.ipynb).
 # - In pure PyTorch the tiles pay a Python overhead per tile; on this CPU they still overtook
 #   the explicit math from $T = 1024$ on, and SDPA's fused kernel, the same algorithm compiled,
 #   was about twice as fast again. The memory saving does not need fusion; the speed does.
@@ -805,8 +807,9 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 #
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/08_flash_attention_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/08_flash_attention_solutions.ipynb`](solutions/08_flash_attention_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **Any order.** Show, from the update rule of section 2, that the online softmax gives the
 #    same $m$ and $\ell$ whatever order the chunks are read in. Then check it: run
@@ -820,7 +823,7 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 #    different lengths, one of them empty (a device that holds nothing yet). Merge the three
 #    with `merge_partial` and show the result equals one pass; then show what goes wrong if you
 #    average the three outputs instead, or weight them by the number of keys.
-# 4. **ALiBi and a soft cap inside the tiles.** Add ALiBi's bias (chapter 6) and Gemma 2's
-#    soft-capping $c \tanh(s / c)$ to `flash_forward`'s scores, tile by tile, and check both
-#    against the explicit math with the same changes. Which of the two can still skip tiles
-#    with a causal mask, and would a window-like cut-off make sense for ALiBi?
+# 4. **ALiBi and a soft cap inside the tiles.** Add ALiBi's bias ([chapter 6](06_positions.ipynb))
+#    and Gemma 2's soft-capping $c \tanh(s / c)$ to `flash_forward`'s scores, tile by tile, and
+#    check both against the explicit math with the same changes. Which of the two can still skip
+#    tiles with a causal mask, and would a window-like cut-off make sense for ALiBi?

@@ -18,8 +18,9 @@
 #
 # Every attention layer so far lets each position look at *every* earlier position. For a
 # sequence of $T$ tokens that is $T(T+1)/2$ query-key scores per head and per layer, a cost that
-# grows with the square of the length; and during generation the KV cache of chapter 7 keeps one
-# key and one value per position, forever, so it grows without bound as well.
+# grows with the square of the length; and during generation the KV cache of
+# [chapter 7](07_kv_cache.ipynb) keeps one key and one value per position, forever, so it grows
+# without bound as well.
 #
 # **Sliding-window attention** (also called *local* attention) makes one change: a query may
 # look back only a fixed number of positions, the **window** $w$. Each query then sees at most
@@ -56,9 +57,9 @@
 # As in earlier chapters we seed every random draw and print only shapes, integers, booleans and
 # rounded numbers; timings appear only in cells whose output the book's tests ignore. Every
 # tensor in this chapter is small, and small tensors gain nothing from a second CPU thread (the
-# threads spend more time waiting for each other than computing), so, as in chapter 4, the whole
-# notebook runs on one thread. That also keeps the timings of section 6 steadier when other
-# programs compete for the cores.
+# threads spend more time waiting for each other than computing), so, as in
+# [chapter 4](04_mqa_gqa.ipynb), the whole notebook runs on one thread. That also keeps the timings
+# of section 6 steadier when other programs compete for the cores.
 
 # %%
 import time
@@ -126,10 +127,11 @@ for T in (4096, 8192, 32768, 131072):
 #
 # ## 2. The band mask
 #
-# Chapter 2 built the causal mask with `tril`: query $i$ may see key $j$ when $j \le i$. Written
-# with positions, let `distance = i - j` be how far key $j$ lies behind query $i$; the causal mask
-# allows `distance >= 0`. The band adds one more condition, `distance < w`, so the allowed keys of
-# each query are a stripe of width $w$ ending on the diagonal:
+# [Chapter 2](02_scaled_dot_product_attention.ipynb) built the causal mask with `tril`: query $i$
+# may see key $j$ when $j \le i$. Written with positions, let `distance = i - j` be how far key $j$
+# lies behind query $i$; the causal mask allows `distance >= 0`. The band adds one more condition,
+# `distance < w`, so the allowed keys of each query are a stripe of width $w$ ending on the
+# diagonal:
 
 # %%
 T, w = 12, 4
@@ -144,10 +146,10 @@ print("equals sliding_window_mask(T, T, w):", torch.equal(band, sliding_window_m
 # %% [markdown]
 # Query 0 sees one key, query 1 two, query 2 three, and from query 3 on every query sees exactly
 # $w = 4$: itself and three predecessors. `attnbook.attention.sliding_window_mask(t_q, t_k, w)`
-# builds the same boolean matrix (`True` = may attend, the book's convention since chapter 2).
-# Like `causal_mask` it is *bottom-right aligned*: with fewer queries than keys, as during
-# cached decoding, the queries are the last `t_q` positions. The last 3 rows of our band are what
-# 3 new queries at the end of 12 keys see:
+# builds the same boolean matrix (`True` = may attend, the book's convention since
+# [chapter 2](02_scaled_dot_product_attention.ipynb)). Like `causal_mask` it is *bottom-right
+# aligned*: with fewer queries than keys, as during cached decoding, the queries are the last `t_q`
+# positions. The last 3 rows of our band are what 3 new queries at the end of 12 keys see:
 
 # %%
 print("sliding_window_mask(3, 12, 4) == last 3 rows of the band:",
@@ -183,8 +185,9 @@ plt.show()
 # ## 3. Attention with the band
 #
 # The simplest sliding-window attention is ordinary attention with the band as its mask, exactly
-# as chapter 2 used the causal mask. We take random queries, keys and values (one sequence, two
-# heads of size 8) and run the reference path, which can return the weights:
+# as [chapter 2](02_scaled_dot_product_attention.ipynb) used the causal mask. We take random
+# queries, keys and values (one sequence, two heads of size 8) and run the reference path, which can
+# return the weights:
 
 # %%
 torch.manual_seed(1)
@@ -477,11 +480,11 @@ for T_c in (256, 512, 1024, 2048, 4096, 8192):
 #
 # **The module's version.** `attnbook.attention.local.blocked_local_attention(q, k, v, window)`
 # is this function, with three additions the full layer needs: grouped-query attention (fewer
-# key/value heads, as in chapter 4), an optional ALiBi bias (which, like the band, depends only
-# on the distance `w + r - l`), and up to $w - 1$ extra keys *before* the first query. Those
-# come from the rolling cache of section 7: when a chunk of several new tokens arrives during
-# generation, its first query still needs the $w - 1$ positions before it. With $P$ such keys,
-# the function pads $w - P$ keys in front instead of $w$, and the same tiles line up. We check
+# key/value heads, as in [chapter 4](04_mqa_gqa.ipynb)), an optional ALiBi bias (which, like the
+# band, depends only on the distance `w + r - l`), and up to $w - 1$ extra keys *before* the first
+# query. Those come from the rolling cache of section 7: when a chunk of several new tokens arrives
+# during generation, its first query still needs the $w - 1$ positions before it. With $P$ such
+# keys, the function pads $w - P$ keys in front instead of $w$, and the same tiles line up. We check
 # both uses against the dense band:
 
 # %%
@@ -588,20 +591,20 @@ assert ratio < 0.8, "the blocked path should be clearly faster than full causal 
 # blocked path with $P \le w - 1$ keys in front, as in section 5). Only then does the cache keep
 # its last $w$ positions.
 #
-# **What about positions?** With RoPE (chapter 6) a layer rotates each key at its position
-# *before* it is cached (chapter 7: `rope(k, start)` with `start = cache.length`), and a score
-# depends only on the difference between the query's and the key's positions. A key that stays
-# in the cache keeps its rotation; a key that drops out is never read again. Nothing needs to be
-# re-rotated when the buffer rolls, on one condition: the cache's `length` must keep counting
-# *every* position seen so far — it is the position of the next token, not the number of slots
-# in use. The slots are just storage.
+# **What about positions?** With RoPE ([chapter 6](06_positions.ipynb)) a layer rotates each key at
+# its position *before* it is cached ([chapter 7](07_kv_cache.ipynb): `rope(k, start)` with
+# `start = cache.length`), and a score depends only on the difference between the query's and the
+# key's positions. A key that stays in the cache keeps its rotation; a key that drops out is never
+# read again. Nothing needs to be re-rotated when the buffer rolls, on one condition: the cache's
+# `length` must keep counting *every* position seen so far — it is the position of the next token,
+# not the number of slots in use. The slots are just storage.
 #
 # ### 7.2 A rolling cache
 #
 # Our version keeps the storage in order, oldest first, and grows it with `torch.cat` like
-# chapter 7's first cache, trimming it to the last `window` positions after each append. The
-# attention layers only ever touch a cache through `length` and `append` (chapter 7), so it
-# plugs into `attnbook` layers as it is.
+# [chapter 7](07_kv_cache.ipynb)'s first cache, trimming it to the last `window` positions after
+# each append. The attention layers only ever touch a cache through `length` and `append`
+# ([chapter 7](07_kv_cache.ipynb)), so it plugs into `attnbook` layers as it is.
 
 # %%
 class RollingCache:
@@ -656,12 +659,12 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 # %% [markdown]
 # ### 7.3 Generation with a tiny model
 #
-# As in chapter 7, we assemble a **minimal causal language model** only for this chapter's
-# experiment: a token embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a
-# linear head, with random weights (a cache is correct when it reproduces the full computation,
-# whatever the weights). The attention is `build_attention("local", cfg)` with RoPE and a window
-# of 8, small enough that a short generation slides past it many times. The forward pass takes
-# one cache per layer, as in chapter 7.
+# As in [chapter 7](07_kv_cache.ipynb), we assemble a **minimal causal language model** only for
+# this chapter's experiment: a token embedding, pre-norm blocks of attention plus MLP, a final
+# LayerNorm and a linear head, with random weights (a cache is correct when it reproduces the full
+# computation, whatever the weights). The attention is `build_attention("local", cfg)` with RoPE and
+# a window of 8, small enough that a short generation slides past it many times. The forward pass
+# takes one cache per layer, as in [chapter 7](07_kv_cache.ipynb).
 
 # %%
 class Block(nn.Module):
@@ -733,16 +736,15 @@ print(f"positions seen: {rolling[0].length}, stored per layer: {tuple(rolling[0]
 
 # %% [markdown]
 # Token for token the same, with 59 positions seen and 8 stored. This exactness is special to
-# the sliding window: chapter 7's exercise 2 showed that a model built with *full* attention
-# gives different logits with a rolling cache as soon as the first key drops out, because there
-# the dropped keys still mattered.
-# Here the model itself never looks further back than the window, so the cache drops only what
-# would be masked anyway.
+# the sliding window: [chapter 7](07_kv_cache.ipynb)'s exercise 2 showed that a model built with
+# *full* attention gives different logits with a rolling cache as soon as the first key drops out,
+# because there the dropped keys still mattered. Here the model itself never looks further back than
+# the window, so the cache drops only what would be masked anyway.
 #
 # ### 7.4 The cache's memory
 #
-# A full `KVCache` from chapter 7 also gives the same tokens for this model — the band mask
-# hides the old keys — but it keeps them all:
+# A full `KVCache` from [chapter 7](07_kv_cache.ipynb) also gives the same tokens for this model —
+# the band mask hides the old keys — but it keeps them all:
 
 # %%
 n_kv, hd_m = model.blocks[0].attn.n_kv_head, model.cfg.head_dim
@@ -790,13 +792,13 @@ assert full_bytes[-1] == seen[-1] * full_bytes[0]  # linear in the positions see
 # %% [markdown]
 # The full cache grows by the same amount with every token; the rolling one grows until it holds
 # `window` positions and then stays flat, however long the generation runs (past `block_size`
-# too: chapter 15 streams a model ten times its `block_size`, with a rolling cache in every
-# layer and RoPE angles computed for any position).
+# too: [chapter 15](15_modern_attention_block.ipynb) streams a model ten times its `block_size`,
+# with a rolling cache in every layer and RoPE angles computed for any position).
 #
 # At the scale of a real model the module computes the sizes for us. A Mistral-7B-shaped cache
 # (32 layers, 8 key/value heads of 128, fp16, window 4096) built on PyTorch's `meta` device has
-# shapes but no storage (chapter 7 did the same), so we can ask a `KVCache` and the module's
-# `RollingKVCache` (section 8) how many bytes one sequence needs at each length:
+# shapes but no storage ([chapter 7](07_kv_cache.ipynb) did the same), so we can ask a `KVCache` and
+# the module's `RollingKVCache` (section 8) how many bytes one sequence needs at each length:
 
 # %%
 from attnbook.attention.local import RollingKVCache
@@ -817,12 +819,12 @@ for L_tok in (4096, 8192, 16384, 32768):
 # ## 8. Check against the module
 #
 # `attnbook.attention.local` holds the module versions of this chapter: `LocalAttention`
-# (registered as `"local"`; the projections of chapter 4's grouped-query attention, so with
-# `n_kv_head=None` it has MHA's weight layout), `blocked_local_attention` (our `blocked`), and
-# `RollingKVCache` (our `RollingCache`, preallocated to `window` positions like chapter 7's
-# second cache). `LocalAttention` picks its path itself: the dense band for sequences no longer
-# than the window, for `need_weights=True`, `impl="reference"` or an extra `attn_mask`; the
-# blocked path otherwise. We check, at `atol=1e-5`:
+# (registered as `"local"`; the projections of [chapter 4](04_mqa_gqa.ipynb)'s grouped-query
+# attention, so with `n_kv_head=None` it has MHA's weight layout), `blocked_local_attention` (our
+# `blocked`), and `RollingKVCache` (our `RollingCache`, preallocated to `window` positions like
+# [chapter 7](07_kv_cache.ipynb)'s second cache). `LocalAttention` picks its path itself: the dense
+# band for sequences no longer than the window, for `need_weights=True`, `impl="reference"` or an
+# extra `attn_mask`; the blocked path otherwise. We check, at `atol=1e-5`:
 #
 # 1. our band equals `sliding_window_mask` for square and bottom-right (cached) shapes;
 # 2. a `LocalAttention` layer equals the same computation done by hand with its weights and our
@@ -868,12 +870,12 @@ print("sliding_window_mask == our band; LocalAttention (sdpa and reference) == b
       "the same tokens: OK")
 
 # %% [markdown]
-# One more detail of the module. `LocalAttention` also accepts chapter 7's full `KVCache`, which
-# returns *every* position cached so far rather than the last $w - 1$. On the dense path the band
-# mask hides the old keys, as in section 7.4. The blocked path cannot take them (its padding
-# assumes at most $w - 1$ keys before the first query), so `LocalAttention.softmax_attend` first
-# keeps only the last $w - 1 + T$ keys, all that $T$ new queries can see. We run the window-4 layer of
-# section 7.2 in the same pieces as there, with the module's rolling cache and with a full
+# One more detail of the module. `LocalAttention` also accepts [chapter 7](07_kv_cache.ipynb)'s full
+# `KVCache`, which returns *every* position cached so far rather than the last $w - 1$. On the dense
+# path the band mask hides the old keys, as in section 7.4. The blocked path cannot take them (its
+# padding assumes at most $w - 1$ keys before the first query), so `LocalAttention.softmax_attend`
+# first keeps only the last $w - 1 + T$ keys, all that $T$ new queries can see. We run the window-4
+# layer of section 7.2 in the same pieces as there, with the module's rolling cache and with a full
 # `KVCache`: the piece of 7 arrives when 6 positions are cached, so the full cache hands the layer
 # 13 keys, of which it keeps 10.
 
@@ -908,8 +910,9 @@ with torch.no_grad():
 # - Generation needs only the last $w$ positions: a rolling cache returns up to $w - 1$ cached
 #   positions plus the new ones, stores the last $w$, and keeps counting `length` so that RoPE
 #   rotates each new key at its true position. It gives exactly the tokens of full recomputation,
-#   and its memory stops growing at $w$ positions. (`LocalAttention` works with chapter 7's full
-#   `KVCache` too, with the same outputs; that cache just keeps keys no query will read again.)
+#   and its memory stops growing at $w$ positions. (`LocalAttention` works with
+#   [chapter 7](07_kv_cache.ipynb)'s full `KVCache` too, with the same outputs; that cache just
+#   keeps keys no query will read again.)
 
 # %% [markdown]
 # ## Further reading
@@ -924,8 +927,9 @@ with torch.no_grad():
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/09_sliding_window_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/09_sliding_window_solutions.ipynb`](solutions/09_sliding_window_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **The extreme windows.** (a) Predict what a `LocalAttention` layer computes when its window
 #    is at least the sequence length, and check it against a `"gqa"` layer with the same weights

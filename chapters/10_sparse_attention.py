@@ -16,10 +16,10 @@
 # %% [markdown]
 # # Chapter 10 — Sparse attention, BigBird style
 #
-# Chapter 9 made attention cheaper by letting each query look back only $w$ positions. The price
-# was reach: information travels at most $w - 1$ positions per layer, so two tokens far apart
-# can only meet after many layers, and a model with a short window and few layers never
-# connects them at all.
+# [Chapter 9](09_sliding_window.ipynb) made attention cheaper by letting each query look back only
+# $w$ positions. The price was reach: information travels at most $w - 1$ positions per layer, so
+# two tokens far apart can only meet after many layers, and a model with a short window and few
+# layers never connects them at all.
 #
 # **BigBird** (Zaheer et al., 2020, "Big Bird: Transformers for Longer Sequences") keeps the
 # window and adds two other kinds of connection, still a fixed number per query:
@@ -37,8 +37,9 @@
 # to there, and in how many layers?" becomes a question about paths.
 #
 # This chapter builds a *causal* BigBird, the variant a decoder (a GPT) can use, one ingredient
-# at a time, and then the block-sparse computation that makes it cheaper. Chapter 9's band and
-# its blocked computation are the starting point; we refer back to them rather than repeat them.
+# at a time, and then the block-sparse computation that makes it cheaper.
+# [Chapter 9](09_sliding_window.ipynb)'s band and its blocked computation are the starting point; we
+# refer back to them rather than repeat them.
 #
 # **Learning goals**
 #
@@ -54,8 +55,9 @@
 # - Count what fraction of the causal score matrix the pattern and the block-sparse path compute
 #   at lengths 512 to 16384, time forward plus backward against full causal attention, and say
 #   why the layer runs plain causal attention on sequences of at most $g + w + r$ blocks.
-# - Generate with the ordinary KV cache, explain why BigBird (unlike chapter 9's window) must keep
-#   every position, and why the random blocks are saved with the weights.
+# - Generate with the ordinary KV cache, explain why BigBird (unlike
+#   [chapter 9](09_sliding_window.ipynb)'s window) must keep every position, and why the random
+#   blocks are saved with the weights.
 
 # %% [markdown]
 # ## Setup
@@ -103,8 +105,8 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # `AttentionConfig`), query block $i$ sees key block $j \le i$ if
 #
 # - **global**: $j < g$ — the first $g$ blocks of the sequence;
-# - **window**: $i - w < j$ — its own block and the $w - 1$ before it (chapter 9's band, in
-#   blocks);
+# - **window**: $i - w < j$ — its own block and the $w - 1$ before it
+#   ([chapter 9](09_sliding_window.ipynb)'s band, in blocks);
 # - **random**: $j$ is one of $r$ blocks drawn for row $i$ among those that are neither global
 #   nor in the window, $g \le j \le i - w$ (all of them, if there are no more than $r$).
 #
@@ -202,8 +204,9 @@ plt.show()
 
 # %% [markdown]
 # Global blocks are columns on the left (block 0's column starts at row 3 and block 1's at row
-# 4: before that they are also in the window, which wins), the window is chapter 9's band in
-# blocks, and the random blocks are scattered between the two, a different set in every row.
+# 4: before that they are also in the window, which wins), the window is
+# [chapter 9](09_sliding_window.ipynb)'s band in blocks, and the random blocks are scattered between
+# the two, a different set in every row.
 #
 # **From blocks to tokens.** The token-level mask repeats each block's entry over its $b \times b$
 # tokens and then applies the ordinary causal rule, which only bites inside the diagonal blocks.
@@ -239,9 +242,9 @@ plt.show()
 # Every allowed pair lies in a full $4 \times 4$ tile, except for the small triangles on the
 # diagonal. Section 4 computes those tiles whole and skips every empty one.
 #
-# `bigbird_mask(t_q, t_k, ...)` is bottom-right aligned, like `causal_mask` and chapter 9's
-# `sliding_window_mask`: with fewer queries than keys (cached decoding), the queries are the last
-# `t_q` positions and use their own rows of the pattern.
+# `bigbird_mask(t_q, t_k, ...)` is bottom-right aligned, like `causal_mask` and
+# [chapter 9](09_sliding_window.ipynb)'s `sliding_window_mask`: with fewer queries than keys (cached
+# decoding), the queries are the last `t_q` positions and use their own rows of the pattern.
 
 # %%
 print("bigbird_mask(5, 64, ...) == last 5 rows:",
@@ -250,15 +253,16 @@ print("bigbird_mask(5, 64, ...) == last 5 rows:",
 # %% [markdown]
 # ## 2. Why these three? Counting hops
 #
-# Chapter 9 showed that a stack of windows relays information: one layer moves it at most
-# $w - 1$ positions. In general, let `A[i, j]` say that query block $i$ may read key block $j$
-# (the diagonal is always allowed, and the residual stream keeps a position's own information
-# anyway). Information in block $j$ reaches block $i$ after $L$ layers if there is a path
-# $j \to m_1 \to \cdots \to i$ of $L$ steps along allowed pairs. As in chapter 9, "reachable in
-# $L$ layers" is a boolean matrix, and one more layer is a boolean matrix product with `A`. The
-# **hop count** from $j$ to $i$ is the first $L$ at which $j$ reaches $i$. (Within a block the
-# pattern is the same for every token, and off the diagonal every token of a visible block is
-# visible, so hops between blocks are hops between their tokens.)
+# [Chapter 9](09_sliding_window.ipynb) showed that a stack of windows relays information: one layer
+# moves it at most $w - 1$ positions. In general, let `A[i, j]` say that query block $i$ may read
+# key block $j$ (the diagonal is always allowed, and the residual stream keeps a position's own
+# information anyway). Information in block $j$ reaches block $i$ after $L$ layers if there is a
+# path $j \to m_1 \to \cdots \to i$ of $L$ steps along allowed pairs. As in
+# [chapter 9](09_sliding_window.ipynb), "reachable in $L$ layers" is a boolean matrix, and one more
+# layer is a boolean matrix product with `A`. The **hop count** from $j$ to $i$ is the first $L$ at
+# which $j$ reaches $i$. (Within a block the pattern is the same for every token, and off the
+# diagonal every token of a visible block is visible, so hops between blocks are hops between their
+# tokens.)
 
 # %%
 def hop_counts(visible):
@@ -384,10 +388,10 @@ assert causal_hops["window + global + random"][-1].max() <= 8
 # %% [markdown]
 # ## 3. Attention with the pattern, the dense way
 #
-# The simplest correct implementation is chapter 2's masked attention with `bigbird_mask` as the
-# mask. It scores all $T^2$ pairs and throws most away, so it saves nothing, but it is the
-# reference everything below is checked against. Random queries, keys and values, one
-# sequence, two heads of 8, with the demo pattern ($T = 64$, $b = 4$):
+# The simplest correct implementation is [chapter 2](02_scaled_dot_product_attention.ipynb)'s masked
+# attention with `bigbird_mask` as the mask. It scores all $T^2$ pairs and throws most away, so it
+# saves nothing, but it is the reference everything below is checked against. Random queries, keys
+# and values, one sequence, two heads of 8, with the demo pattern ($T = 64$, $b = 4$):
 
 # %%
 torch.manual_seed(4)
@@ -409,9 +413,9 @@ print("fast path (SDPA with the boolean mask) agrees (atol=1e-5):",
 # how fast memory delivers the keys, not by arithmetic. With blocks, the $b$ queries of a block
 # share one list of key blocks: one gather serves $b$ queries, and the scores are a
 # matrix-*matrix* product of a $(b, d)$ block of queries with a $(d, Kb)$ block of keys, the
-# operation CPUs and GPUs are built to do fast (chapter 9's tiles had the same shape). For
-# $T = 4096$, $b = 64$ and $K = g + w + r = 8$ key blocks per row, count the keys each way
-# would copy for one head of dimension 64:
+# operation CPUs and GPUs are built to do fast ([chapter 9](09_sliding_window.ipynb)'s tiles had the
+# same shape). For $T = 4096$, $b = 64$ and $K = g + w + r = 8$ key blocks per row, count the keys
+# each way would copy for one head of dimension 64:
 
 # %%
 T_c, b_c, K_c, hd_c = 4096, 64, 8, 64
@@ -490,12 +494,12 @@ print("pairs allowed by the slot mask:", int(slot_mask.sum()), "| by bigbird_mas
 # %% [markdown]
 # The queries, viewed as `(B, H, n, b, hd)`, line up with these keys block by block, so one SDPA
 # call attends every query block to its own $Kb$ keys, the block axis acting as an extra batch
-# dimension, as in chapter 9.
+# dimension, as in [chapter 9](09_sliding_window.ipynb).
 #
-# **Step 3: any length.** As in chapter 9, a sequence that is not a multiple of $b$ is padded
-# at the end and the extra outputs dropped: the padded keys come after every real query, so the
-# causal rule already hides them. The function below is steps 2 and 3 together, with the padding
-# first and the pattern cut to the padded number of blocks.
+# **Step 3: any length.** As in [chapter 9](09_sliding_window.ipynb), a sequence that is not a
+# multiple of $b$ is padded at the end and the extra outputs dropped: the padded keys come after
+# every real query, so the causal rule already hides them. The function below is steps 2 and 3
+# together, with the padding first and the pattern cut to the padded number of blocks.
 
 # %%
 def block_sparse(q, k, v, b, visible):
@@ -692,13 +696,13 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 #
 # ### 7.1 Why every position must be kept
 #
-# Chapter 9's rolling cache kept only the last $w$ positions, because no later query could ever
-# look further back. BigBird breaks that argument twice. The global blocks sit at the very start
-# and are read by every query, forever. And the random blocks of a later row may be *any*
-# non-global block outside its window: row 40 may draw block 3. So, in general, no cached
-# position can be thrown away, and BigBird generates with the ordinary full `KVCache` of
-# chapter 7. The layer handles the rest: a new query at position `cache.length + t` uses its
-# row of the pattern through the bottom-right aligned `bigbird_mask`.
+# [Chapter 9](09_sliding_window.ipynb)'s rolling cache kept only the last $w$ positions, because no
+# later query could ever look further back. BigBird breaks that argument twice. The global blocks
+# sit at the very start and are read by every query, forever. And the random blocks of a later row
+# may be *any* non-global block outside its window: row 40 may draw block 3. So, in general, no
+# cached position can be thrown away, and BigBird generates with the ordinary full `KVCache` of
+# [chapter 7](07_kv_cache.ipynb). The layer handles the rest: a new query at position
+# `cache.length + t` uses its row of the pattern through the bottom-right aligned `bigbird_mask`.
 #
 # We build a **minimal causal language model** for this experiment only, as in chapters 7 and 9:
 # token embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head,
@@ -798,10 +802,10 @@ for layer_i, block in enumerate(model.blocks):
           f"random {(row == 3).nonzero().flatten().tolist()}")
 
 # %% [markdown]
-# A rolling cache sized for the window, like chapter 9's ($w \cdot b = 8$ positions), would lose
-# the global block 0 and all the random ones. Nor can we predict a safe subset: the rows *after*
-# 16 have their own draws. Over the rest of the layer's 32 rows, how many of the 16 blocks cached
-# now are still needed by some later query, in any layer?
+# A rolling cache sized for the window, like [chapter 9](09_sliding_window.ipynb)'s ($w \cdot b = 8$
+# positions), would lose the global block 0 and all the random ones. Nor can we predict a safe
+# subset: the rows *after* 16 have their own draws. Over the rest of the layer's 32 rows, how many
+# of the 16 blocks cached now are still needed by some later query, in any layer?
 
 # %%
 n_rows = model.blocks[0].attn.random_blocks.shape[0]  # 32 query blocks up to block_size=128
@@ -817,7 +821,7 @@ print("not needed any more:", (~still_needed).nonzero().flatten().tolist())
 # All of them. (Since the draws are fixed in advance, one could in principle evict a block that
 # no later row of any layer draws; with several layers and many rows such blocks are rare, and
 # the global blocks are never among them.) So the cache grows by the same amount with every
-# token, exactly like chapter 7's:
+# token, exactly like [chapter 7](07_kv_cache.ipynb)'s:
 
 # %%
 bytes_per_token = sum(c.bytes_per_token for c in caches)  # 3 layers, one sequence
@@ -833,20 +837,19 @@ assert caches[0].length == out_plain.shape[1] - 1  # the last token was never fe
 # not save cache *memory* in generation. (And in this implementation a decoding step scores its
 # single query against every cached key and then masks. That is few FLOPs, one row of scores,
 # but the step still *reads* every cached key and value, and at long context reading the cache
-# is what a decoding step's time is made of: chapter 14 measures it, and decodes by reading only
-# the keys a query selects.)
-# For generation, the tools that shrink memory are others: the rolling cache of a sliding window
-# (chapter 9) and smaller caches per token (chapters 4 and 13).
+# is what a decoding step's time is made of: [chapter 14](14_learned_sparse_attention.ipynb)
+# measures it, and decodes by reading only the keys a query selects.) For generation, the tools that
+# shrink memory are others: the rolling cache of a sliding window
+# ([chapter 9](09_sliding_window.ipynb)) and smaller caches per token (chapters 4 and 13).
 #
 # ### 7.2 The random blocks belong to the model
 #
 # Every mask of the earlier chapters is a function of sizes: the package builds it when it is
-# needed (or keeps it in a *non-persistent* buffer, like chapter 1's `tril`), so checkpoints
-# hold weights only. The random blocks are
-# different: they were drawn once from the random generator, the weights were (or will be)
-# trained with exactly that pattern, and another draw would be a different model. So
-# `SparseAttention` registers `random_blocks` as a **persistent** buffer, and a checkpoint
-# (`state_dict`) carries it:
+# needed (or keeps it in a *non-persistent* buffer, like [chapter 1](01_buggy_sketch.ipynb)'s
+# `tril`), so checkpoints hold weights only. The random blocks are different: they were drawn once
+# from the random generator, the weights were (or will be) trained with exactly that pattern, and
+# another draw would be a different model. So `SparseAttention` registers `random_blocks` as a
+# **persistent** buffer, and a checkpoint (`state_dict`) carries it:
 
 # %%
 state = model.state_dict()
@@ -887,8 +890,9 @@ print("first 20 positions identical:", bool((gap[:20] < 1e-5).all()))
 # Drawing the pattern in advance has one more consequence: the table has rows for the
 # `block_size` / $b$ = 128 / 4 = 32 query blocks of the longest sequence, and no more. Our
 # model could not run longer sequences anyway (its RoPE tables stop at `block_size` too), but
-# even with ALiBi, whose biases work at any length (chapter 6), a sparse layer refuses a
-# sequence longer than `block_size`: it would need rows of the pattern that were never drawn.
+# even with ALiBi, whose biases work at any length ([chapter 6](06_positions.ipynb)), a sparse layer
+# refuses a sequence longer than `block_size`: it would need rows of the pattern that were never
+# drawn.
 
 # %%
 layer_alibi = build_attention("sparse", replace(model.cfg, positions="alibi"), **model.pattern)
@@ -903,9 +907,9 @@ except ValueError as err:
 # `attnbook.attention.sparse` holds this chapter's pieces: `draw_random_blocks` (our
 # `draw_random`), `bigbird_pattern` (our `block_pattern`), `bigbird_mask`,
 # `block_sparse_attention` (our `block_sparse`, plus grouped-query heads, ALiBi and dropout) and
-# `SparseAttention`, registered as `"sparse"`, with the projections of chapter 4's grouped-query
-# attention (MHA's state_dict layout for `n_kv_head=None`, plus the `random_blocks` buffer). The
-# layer picks its path:
+# `SparseAttention`, registered as `"sparse"`, with the projections of
+# [chapter 4](04_mqa_gqa.ipynb)'s grouped-query attention (MHA's state_dict layout for
+# `n_kv_head=None`, plus the `random_blocks` buffer). The layer picks its path:
 #
 # - plain causal attention when the keys span at most $g + w + r$ blocks (the pattern is then
 #   the whole triangle), whatever else is asked;
@@ -989,8 +993,9 @@ print("draw, pattern and mask == module's; SparseAttention (sdpa and reference, 
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/10_sparse_attention_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/10_sparse_attention_solutions.ipynb`](solutions/10_sparse_attention_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **Where BigBird stops being causal attention.** (a) Sections 5 and 8 claimed that for
 #    $T \le (g + w + r)\,b$ every random draw gives the whole causal triangle. Prove it from the

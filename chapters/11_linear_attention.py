@@ -17,14 +17,14 @@
 # # Chapter 11 — Linear attention: the kernel trick, recurrent and chunked forms
 #
 # Causal softmax attention over $T$ tokens fills a $T \times T$ triangle of scores, and during
-# generation it keeps a KV cache that grows by one key and one value per token (chapter 7).
-# Chapters 9 and 10 cut the cost by letting each query see *fewer* keys. This chapter keeps every
-# key but changes the arithmetic: **linear attention** (Katharopoulos et al. 2020, "Transformers
-# are RNNs") replaces the exponential similarity of softmax by a dot product of *feature
-# vectors*, $\phi(q) \cdot \phi(k)$. That one change lets us reorder a matrix product, and the
-# reordered product never forms the $T \times T$ matrix at all. Its cost grows linearly with
-# $T$, and during generation the whole past is summarised by a fixed-size **state**: the model
-# becomes a recurrent network.
+# generation it keeps a KV cache that grows by one key and one value per token
+# ([chapter 7](07_kv_cache.ipynb)). Chapters 9 and 10 cut the cost by letting each query see *fewer*
+# keys. This chapter keeps every key but changes the arithmetic: **linear attention** (Katharopoulos
+# et al. 2020, "Transformers are RNNs") replaces the exponential similarity of softmax by a dot
+# product of *feature vectors*, $\phi(q) \cdot \phi(k)$. That one change lets us reorder a matrix
+# product, and the reordered product never forms the $T \times T$ matrix at all. Its cost grows
+# linearly with $T$, and during generation the whole past is summarised by a fixed-size **state**:
+# the model becomes a recurrent network.
 #
 # There is a price, and we measure it too. A fixed-size state cannot remember an unbounded
 # number of things exactly, and a small associative-recall probe shows where it breaks.
@@ -56,8 +56,8 @@
 #
 # Every tensor in this chapter is small, and a second CPU thread buys little for small matrix
 # products; on a machine that other programs share, two threads waiting for each other can even
-# be many times *slower*. So, as in chapter 4, the whole chapter runs on one thread. That also
-# makes the timings of section 8 steadier.
+# be many times *slower*. So, as in [chapter 4](04_mqa_gqa.ipynb), the whole chapter runs on one
+# thread. That also makes the timings of section 8 steadier.
 
 # %%
 import time
@@ -94,10 +94,10 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. Attention as "weights from a similarity, normalised"
 #
-# Chapter 2 wrote causal attention as `softmax(Q Kᵀ / √d + mask) V`. Unfold the softmax and the
-# same computation reads: for query $t$, give every visible key $s$ a **similarity**
-# $\mathrm{sim}(q_t, k_s) = \exp(q_t\cdot k_s/\sqrt d)$, and return the average of the values
-# weighted by these similarities,
+# [Chapter 2](02_scaled_dot_product_attention.ipynb) wrote causal attention as
+# `softmax(Q Kᵀ / √d + mask) V`. Unfold the softmax and the same computation reads: for query $t$,
+# give every visible key $s$ a **similarity** $\mathrm{sim}(q_t, k_s) = \exp(q_t\cdot k_s/\sqrt d)$,
+# and return the average of the values weighted by these similarities,
 #
 # $$y_t = \frac{\sum_{s\le t} \mathrm{sim}(q_t, k_s)\, v_s}{\sum_{s \le t}\mathrm{sim}(q_t, k_s)}.$$
 #
@@ -555,9 +555,9 @@ print(f"largest weight of the last query (sees {T} keys): softmax "
 #
 # Linear attention has no scores to add ALiBi's bias to, so the module refuses ALiBi. Learned
 # and sinusoidal positions are added to the embeddings by the model and need nothing here. RoPE
-# (chapter 6) rotates queries and keys so that their dot product depends on the offset $t - s$
-# only. The module follows RoFormer (Su et al. 2021, section 3.3, "RoPE with linear attention"),
-# as its docstring explains:
+# ([chapter 6](06_positions.ipynb)) rotates queries and keys so that their dot product depends on
+# the offset $t - s$ only. The module follows RoFormer (Su et al. 2021, section 3.3, "RoPE with
+# linear attention"), as its docstring explains:
 #
 # - it rotates the **features**, $R_t\phi(q_t)$ and $R_s\phi(k_s)$, after the feature map
 #   (rotating before $\phi$ would keep everything positive, but $\phi$ would then destroy the
@@ -599,11 +599,12 @@ print("same output when every position is shifted by 100:", torch.allclose(y0, y
 # `LinearAttentionCache`, made by `layer.new_cache(batch_size)`. During generation each new
 # token adds its pair to the state and reads it, and nothing else about the past is kept.
 #
-# We need a small language model to generate with. As in chapter 7 we assemble a **minimal one
-# for this chapter only** (the book's GPT arrives in chapter 17): a token embedding, four
-# pre-norm blocks of `build_attention(name, cfg)` + `MLP` with LayerNorms, and an LM head, with
-# random weights (a cache is correct when it reproduces the full computation, whatever the
-# weights). The blocks pass `cache=` to their attention layer, whatever kind of cache it is.
+# We need a small language model to generate with. As in [chapter 7](07_kv_cache.ipynb) we assemble
+# a **minimal one for this chapter only** (the book's GPT arrives in
+# [chapter 17](17_training_a_gpt.ipynb)): a token embedding, four pre-norm blocks of
+# `build_attention(name, cfg)` + `MLP` with LayerNorms, and an LM head, with random weights (a cache
+# is correct when it reproduces the full computation, whatever the weights). The blocks pass
+# `cache=` to their attention layer, whatever kind of cache it is.
 
 # %%
 class Block(nn.Module):
@@ -684,7 +685,8 @@ print(f"state bytes, all layers, before and after 79 positions: {bytes_before:,}
 # bounds the positions RoPE can rotate, `block_size`.) A KV cache grows instead. Per layer and
 # per sequence:
 #
-# - KV cache: $2 \cdot n_\text{head} \cdot d_h$ numbers **per token** (chapter 7);
+# - KV cache: $2 \cdot n_\text{head} \cdot d_h$ numbers **per token**
+#   ([chapter 7](07_kv_cache.ipynb));
 # - linear attention: $n_\text{head}(d_h^2 + d_h)$ numbers **in all**.
 #
 # They are equal at $T = (d_h + 1)/2$ tokens: the state weighs as much as the keys and values of
@@ -1015,8 +1017,9 @@ print("LinearAttention, impl 'sdpa' and 'reference', full pass and cached decodi
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/11_linear_attention_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/11_linear_attention_solutions.ipynb`](solutions/11_linear_attention_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **Another feature map.** Replace $\phi = \mathrm{elu} + 1$ by $\phi = \mathrm{relu}$.
 #    (a) Predict: do the quadratic, recurrent and chunked forms still agree? Check it. What can

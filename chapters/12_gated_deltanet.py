@@ -16,12 +16,13 @@
 # %% [markdown]
 # # Chapter 12 — Gated linear attention and DeltaNet: forgetting, the delta rule, Gated DeltaNet
 #
-# Chapter 11 turned attention into a recurrent network: the whole past is a $d \times d_v$
-# state $S$, every token adds $k v^\top$ to it, and every query reads $S^\top q$. It is cheap,
-# and it forgets nothing — which is the trouble. A state that only ever *adds* fills up: by the
-# time it holds more pairs than it has dimensions, every read returns its value buried in the
-# crosstalk of all the others (chapter 11, section 7). The chapter ended with three ways out:
-# enlarge the state, improve the write rule, or keep a few softmax layers.
+# [Chapter 11](11_linear_attention.ipynb) turned attention into a recurrent network: the whole past
+# is a $d \times d_v$ state $S$, every token adds $k v^\top$ to it, and every query reads
+# $S^\top q$. It is cheap, and it forgets nothing — which is the trouble. A state that only ever
+# *adds* fills up: by the time it holds more pairs than it has dimensions, every read returns its
+# value buried in the crosstalk of all the others ([chapter 11](11_linear_attention.ipynb), section
+# 7). The chapter ended with three ways out: enlarge the state, improve the write rule, or keep a
+# few softmax layers.
 #
 # The models of 2025 took the second way, twice over, and kept a few softmax layers as well:
 #
@@ -45,7 +46,7 @@
 # - Add a decay, constant then data-dependent; see what it does to recall and to the size of the
 #   state; compute its chunked form in log space without underflow.
 # - Derive the delta rule as one gradient step on $\tfrac12\|S^\top k - v\|^2$, see why keys
-#   must be unit vectors, and measure it on chapter 11's recall probe.
+#   must be unit vectors, and measure it on [chapter 11](11_linear_attention.ipynb)'s recall probe.
 # - Derive the chunked form of Gated DeltaNet in small steps — pseudo-values, the unrolled chunk,
 #   a triangular system, forward substitution — and check each against the recurrence.
 # - Take apart the layer that Gated DeltaNet models run (short convolution, L2-normalised
@@ -59,8 +60,8 @@
 #
 # Seeds everywhere; compared outputs are shapes, booleans and rounded numbers. Training and
 # timing cells are ignored by the book's tests and assert their claims with a margin instead.
-# As in chapter 11, the chapter runs on one thread: the tensors are small, and on a shared
-# machine a second thread buys little and can cost much.
+# As in [chapter 11](11_linear_attention.ipynb), the chapter runs on one thread: the tensors are
+# small, and on a shared machine a second thread buys little and can cost much.
 
 # %%
 import functools
@@ -92,9 +93,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. Linear attention as a memory
 #
-# Drop chapter 11's normaliser for a moment (the layers of this chapter drop it for good, and
-# normalise in other ways, section 6). What is left is a **memory**: a matrix $S$ of size
-# $d_k \times d_v$,
+# Drop [chapter 11](11_linear_attention.ipynb)'s normaliser for a moment (the layers of this chapter
+# drop it for good, and normalise in other ways, section 6). What is left is a **memory**: a matrix
+# $S$ of size $d_k \times d_v$,
 #
 # - **write** a pair: $S \leftarrow S + k v^\top$;
 # - **read** with a query: $o = S^\top q$.
@@ -124,8 +125,9 @@ print("read - v_0 == crosstalk (k_j . k_0) v_j summed over j != 0: True")
 # In $d$ dimensions at most $d$ keys can be orthogonal, so with more pairs than dimensions the
 # crosstalk cannot be avoided, and with *random* keys it is there from the second pair on: each
 # overlap $k_j \cdot k_i$ is about $\pm 1/\sqrt d$, and $N$ of them add up to an error that grows
-# like $N/d$ (chapter 11 measured it). Two things can be changed: *which* pairs are still in
-# the memory (forgetting, section 2) and *how* a pair is written (the delta rule, section 3).
+# like $N/d$ ([chapter 11](11_linear_attention.ipynb) measured it). Two things can be changed:
+# *which* pairs are still in the memory (forgetting, section 2) and *how* a pair is written (the
+# delta rule, section 3).
 #
 # ## 2. Forgetting
 #
@@ -276,11 +278,12 @@ print("memory length 1/(1 - alpha), tokens:", [round(1 / (1 - a)) for a in alpha
 # %% [markdown]
 # ### 2.3 The chunked form, in log space
 #
-# Chapter 11's chunked form computed a chunk of $C$ tokens as a small $C\times C$ attention plus
-# a read of the state the earlier chunks left. With a gate, the weight of key $j$ for query $i$
-# inside a chunk is $(\gamma_i/\gamma_j)(q_i\cdot k_j)$ with $\gamma_i = \alpha_1\cdots\alpha_i$,
-# the product of the gates since the chunk began; the entering state reaches query $i$ decayed by
-# $\gamma_i$; and the next chunk receives $\gamma_C S_0 + \sum_j (\gamma_C/\gamma_j) k_j v_j^\top$.
+# [Chapter 11](11_linear_attention.ipynb)'s chunked form computed a chunk of $C$ tokens as a small
+# $C\times C$ attention plus a read of the state the earlier chunks left. With a gate, the weight of
+# key $j$ for query $i$ inside a chunk is $(\gamma_i/\gamma_j)(q_i\cdot k_j)$ with
+# $\gamma_i = \alpha_1\cdots\alpha_i$, the product of the gates since the chunk began; the entering
+# state reaches query $i$ decayed by $\gamma_i$; and the next chunk receives
+# $\gamma_C S_0 + \sum_j (\gamma_C/\gamma_j) k_j v_j^\top$.
 #
 # Computing $\gamma_i$ as a product and then dividing does not survive real gates: the products
 # underflow. Sixty-four tokens with $\alpha = 0.1$ give $10^{-64}$, far below the smallest
@@ -408,11 +411,11 @@ for name, kk in (("unit keys", F.normalize(k_raw, dim=-1)), ("keys of norm sqrt 
 #
 # ### 3.3 Chapter 11's recall probe
 #
-# Chapter 11 stored $N$ random pairs in a $64 \times 64$ memory and read every key back. The
-# best any $64\times 64$ matrix read linearly can do is the least-squares memory
-# $S = K^{+} V$: exact up to $N = 64$, then an error of $1 - d/N$. Here is the same probe with
-# unit keys, for the sum of outer products (linear attention without normaliser), the delta rule
-# with $\beta = 1$ and $\beta = 0.5$, and that ceiling.
+# [Chapter 11](11_linear_attention.ipynb) stored $N$ random pairs in a $64 \times 64$ memory and
+# read every key back. The best any $64\times 64$ matrix read linearly can do is the least-squares
+# memory $S = K^{+} V$: exact up to $N = 64$, then an error of $1 - d/N$. Here is the same probe
+# with unit keys, for the sum of outer products (linear attention without normaliser), the delta
+# rule with $\beta = 1$ and $\beta = 0.5$, and that ceiling.
 
 # %%
 def probe(N, reps=4):
@@ -509,10 +512,10 @@ print("our recurrence == delta_rule_recurrent (float64):",
 # %% [markdown]
 # The recurrence is exact and it is all that decoding needs, one token at a time. For training
 # it is hopeless: $T$ sequential steps, each a $d_k \times d_v$ update too small to keep a
-# processor busy. Linear attention's chunked form (chapter 11) solved the same problem, but
-# there each token's write $k v^\top$ did not depend on the state. Here it does: the write
-# contains $S_{t-1}^\top k_t$, the memory's current answer. The next section removes that
-# dependency inside a chunk.
+# processor busy. Linear attention's chunked form ([chapter 11](11_linear_attention.ipynb)) solved
+# the same problem, but there each token's write $k v^\top$ did not depend on the state. Here it
+# does: the write contains $S_{t-1}^\top k_t$, the memory's current answer. The next section removes
+# that dependency inside a chunk.
 #
 # ## 5. The chunked form, step by step
 #
@@ -675,7 +678,7 @@ for C in (1, 4, 16, 64):
 # of $C \times C$ and $C \times d$ matrix products plus one triangular solve, for all chunks at
 # once; between chunks (everything below the diagonal blocks) the past reaches the present only
 # through the state, passed along a short loop of $T/C$ steps. The total is $O(T\,(C d + C^2 +
-# d^2))$: linear in $T$, like chapter 11's chunked form.
+# d^2))$: linear in $T$, like [chapter 11](11_linear_attention.ipynb)'s chunked form.
 
 # %%
 fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.3]})
@@ -734,9 +737,9 @@ plt.show()
 # 4. $\beta = \sigma(W_b x)$ and $g = -\exp(A_{\log})\,\mathrm{softplus}(W_a x + b_{dt})$, one
 #    per head and token (`b_proj`, `a_proj`, `A_log`, `dt_bias`);
 # 5. the rule, chunked for training, recurrent for decoding;
-# 6. an RMSNorm per head on the output (the normaliser's job of chapter 11, done afterwards),
-#    times an **output gate** $\mathrm{silu}(W_g x)$ (`g_proj`), then the output projection
-#    (`c_proj`).
+# 6. an RMSNorm per head on the output (the normaliser's job of
+#    [chapter 11](11_linear_attention.ipynb), done afterwards), times an **output gate**
+#    $\mathrm{silu}(W_g x)$ (`g_proj`), then the output projection (`c_proj`).
 #
 # DeltaNet is the same layer without $g$ and, by default, without the output gate. Qwen3-Next
 # also widens the values (twice as many value heads as key heads); the module keeps one width.
@@ -844,12 +847,12 @@ for T_ in (1024, 8192, 32768, 131072):
 #
 # The chunked form exists to be fast. We time forward + backward of the rule alone (the
 # projections are the same for every variant) on one sequence with 4 heads of 64, as in
-# chapter 11, with the kernels of `attnbook bench attention`: `gated_delta_rule` (unit keys, a
-# scaled query, $\beta$ and $g$ made from the inputs so that the backward pass covers them;
-# the module's `delta_rule_chunked` with chunks of 64, or with `chunk=None` its
-# `delta_rule_recurrent`) and `full_causal` (PyTorch's fused causal SDPA); `fwd_bwd_seconds`
-# keeps the best of a few runs after a warm-up. Outputs are not compared by the tests (timings
-# vary); the cell asserts its claims loosely.
+# [chapter 11](11_linear_attention.ipynb), with the kernels of `attnbook bench attention`:
+# `gated_delta_rule` (unit keys, a scaled query, $\beta$ and $g$ made from the inputs so that the
+# backward pass covers them; the module's `delta_rule_chunked` with chunks of 64, or with
+# `chunk=None` its `delta_rule_recurrent`) and `full_causal` (PyTorch's fused causal SDPA);
+# `fwd_bwd_seconds` keeps the best of a few runs after a warm-up. Outputs are not compared by the
+# tests (timings vary); the cell asserts its claims loosely.
 
 # %% tags=["nbval-ignore-output"]
 torch.manual_seed(15)
@@ -883,16 +886,16 @@ assert ms_rec > 5 * ms["chunked Gated DeltaNet"][1]
 #
 # Section 3.3's probe wrote random unit keys with a fixed $\beta$. A trained layer chooses its own
 # keys, values, $\beta$ and decay, so the probe is an argument, not a measurement of a model. We
-# train one, on the task of chapter 11's Exercise 5 (associative recall with each pair given as
-# one token: the embedding of a key plus the embedding of its value), followed by 16 queries,
-# each a stored key plus a "?" value; the target is the key's value, one of 128 symbols. One
-# attention layer, 2 heads of 16, so a state of two $16\times16$ matrices: 16 pairs are as many as
-# one head has dimensions, 64 are four times as many. The DeltaNets run without their short
-# convolution (each pair is already one token: there is no neighbour to bind it to) and in one
-# chunk (the sequences are short). Softmax attention (`mha`) is the reference; the three layers
-# with a state train with 2 seeds each, 300 AdamW steps. Training differs in its last digits from
-# one CPU to another, so the tests ignore the printed accuracies; the cell asserts the
-# conclusions with a margin.
+# train one, on the task of [chapter 11](11_linear_attention.ipynb)'s Exercise 5 (associative recall
+# with each pair given as one token: the embedding of a key plus the embedding of its value),
+# followed by 16 queries, each a stored key plus a "?" value; the target is the key's value, one of
+# 128 symbols. One attention layer, 2 heads of 16, so a state of two $16\times16$ matrices: 16 pairs
+# are as many as one head has dimensions, 64 are four times as many. The DeltaNets run without their
+# short convolution (each pair is already one token: there is no neighbour to bind it to) and in one
+# chunk (the sequences are short). Softmax attention (`mha`) is the reference; the three layers with
+# a state train with 2 seeds each, 300 AdamW steps. Training differs in its last digits from one CPU
+# to another, so the tests ignore the printed accuracies; the cell asserts the conclusions with a
+# margin.
 
 # %%
 N_SYM, N_QUERIES = 128, 16
@@ -1047,8 +1050,9 @@ assert mean_acc("linear", 64) > max(mean_acc("deltanet", 64), mean_acc("gated_de
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/12_gated_deltanet_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/12_gated_deltanet_solutions.ipynb`](solutions/12_gated_deltanet_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **How long does a decay remember?** With a constant $\gamma$ and orthogonal keys, after how
 #    many writes has a pair's read fallen to half its value? Check your formula with

@@ -16,19 +16,19 @@
 # %% [markdown]
 # # Chapter 13 — Multi-head latent attention
 #
-# Chapter 4 made the KV cache smaller by sharing: multi-query and grouped-query attention keep
-# fewer key/value heads than query heads, so several query heads read the same keys. Chapter 7
-# built the cache and measured it. This chapter studies a different trade, **multi-head latent
-# attention** (MLA), introduced with DeepSeek-V2 (DeepSeek-AI, 2024, "DeepSeek-V2: A Strong,
-# Economical, and Efficient Mixture-of-Experts Language Model"). MLA keeps a key head and a value
-# head for *every* query head, but computes all of them from one short vector per token, the
-# **latent**, and caches only that latent.
+# [Chapter 4](04_mqa_gqa.ipynb) made the KV cache smaller by sharing: multi-query and grouped-query
+# attention keep fewer key/value heads than query heads, so several query heads read the same keys.
+# [Chapter 7](07_kv_cache.ipynb) built the cache and measured it. This chapter studies a different
+# trade, **multi-head latent attention** (MLA), introduced with DeepSeek-V2 (DeepSeek-AI, 2024,
+# "DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model"). MLA keeps a
+# key head and a value head for *every* query head, but computes all of them from one short vector
+# per token, the **latent**, and caches only that latent.
 #
 # Two problems stand in the way, and solving them is most of the chapter. First, rebuilding every
 # head's keys and values from the cached latents at every generation step would cost a lot of
 # arithmetic; a little linear algebra, **weight absorption**, lets attention work on the latents
-# directly. Second, RoPE (chapter 6) breaks that algebra; the fix is to give position its own
-# small set of coordinates, **decoupled RoPE**.
+# directly. Second, RoPE ([chapter 6](06_positions.ipynb)) breaks that algebra; the fix is to give
+# position its own small set of coordinates, **decoupled RoPE**.
 #
 # **Learning goals**
 #
@@ -51,10 +51,11 @@
 # ## Setup
 #
 # As in every chapter, we seed the random draws and print shapes, integers, booleans and rounded
-# numbers; timings appear only in a cell whose output the book's tests ignore. As in chapter 4,
-# everything runs on one thread: the matrices here are small, a second thread gains little on
-# them, and when other programs compete for the cores, threads that wait for each other can make
-# small operations many times slower. It also makes the timing of section 7 steadier.
+# numbers; timings appear only in a cell whose output the book's tests ignore. As in
+# [chapter 4](04_mqa_gqa.ipynb), everything runs on one thread: the matrices here are small, a
+# second thread gains little on them, and when other programs compete for the cores, threads that
+# wait for each other can make small operations many times slower. It also makes the timing of
+# section 7 steadier.
 
 # %%
 import time
@@ -77,8 +78,8 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. A different trade
 #
-# Chapter 4's formula for the cache counts, per token and per layer, one key and one value for
-# every key/value head:
+# [Chapter 4](04_mqa_gqa.ipynb)'s formula for the cache counts, per token and per layer, one key and
+# one value for every key/value head:
 #
 # | attention | numbers cached per token and layer |
 # | --- | --- |
@@ -116,9 +117,10 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # normalised latent is what gets cached, and everything after it is linear in it, which the
 # next section relies on.
 #
-# The cache is chapter 7's growing `torch.cat` cache, generalised to hold any number of tensors
-# laid out as `(B, T, ...)`: version 1 caches one (the latents), version 2 below two. Like every
-# cache in the book it offers `length` and `append`, which returns everything cached so far.
+# The cache is [chapter 7](07_kv_cache.ipynb)'s growing `torch.cat` cache, generalised to hold any
+# number of tensors laid out as `(B, T, ...)`: version 1 caches one (the latents), version 2 below
+# two. Like every cache in the book it offers `length` and `append`, which returns everything cached
+# so far.
 
 # %%
 class LatentCatCache:
@@ -213,8 +215,8 @@ plt.show()
 # start loses little. (Exercise 4 measures how close to low-rank the keys and values of a small
 # trained MHA layer are.)
 #
-# Caching works as in chapter 7, with latents in place of keys and values. Feeding 12 tokens one
-# at a time through the cache must reproduce one pass over all 12:
+# Caching works as in [chapter 7](07_kv_cache.ipynb), with latents in place of keys and values.
+# Feeding 12 tokens one at a time through the cache must reproduce one pass over all 12:
 
 # %%
 torch.manual_seed(2)
@@ -276,7 +278,7 @@ print("same scores (atol=5e-5):", torch.allclose(scores_absorbed, scores_naive, 
 # Attend over the latents themselves, get one $r$-vector per head, and apply $W^{UV}_h$ once per
 # query at the end. Put together, absorbed attention is: queries $\tilde q_h$ of size $r$, *one*
 # key and value sequence (the latents), shared by all $H$ query heads. That is **multi-query
-# attention (chapter 4) in latent space**, and we can run it with the same call:
+# attention ([chapter 4](04_mqa_gqa.ipynb)) in latent space**, and we can run it with the same call:
 # `enable_gqa=True` with a single key/value head.
 #
 # One detail matters. The scores are the same numbers as before, so they must be scaled as
@@ -315,15 +317,15 @@ print(f"with SDPA's default scale 1/sqrt(r) instead: max |difference| = "
 #
 # ### 4.1 The attempt
 #
-# DeepSeek-V2, like most recent language models, uses RoPE (chapter 6), which rotates queries
-# and keys by an angle proportional to their position: with $R_m$ the rotation for position $m$, the key of
-# head $h$ at position $n$ becomes $R_n W^{UK}_h c_n$. Where could the rotation go in the
-# absorbed computation? The query's rotation is no problem: rotate $q$ first, then absorb. But
-# the key is never formed, and the latent $c_n$ is not a key (it lives in a different,
-# $r$-dimensional space), so there is nothing to rotate. The natural attempt, "rotate the
+# DeepSeek-V2, like most recent language models, uses RoPE ([chapter 6](06_positions.ipynb)), which
+# rotates queries and keys by an angle proportional to their position: with $R_m$ the rotation for
+# position $m$, the key of head $h$ at position $n$ becomes $R_n W^{UK}_h c_n$. Where could the
+# rotation go in the absorbed computation? The query's rotation is no problem: rotate $q$ first,
+# then absorb. But the key is never formed, and the latent $c_n$ is not a key (it lives in a
+# different, $r$-dimensional space), so there is nothing to rotate. The natural attempt, "rotate the
 # queries, absorb $W^{UK}$, dot with the latents", simply loses the keys' rotation. We rotate the
-# queries and rebuilt keys of version 1 with chapter 6's functions (head size 16, positions
-# `0 .. 11`) and compare:
+# queries and rebuilt keys of version 1 with [chapter 6](06_positions.ipynb)'s functions (head size
+# 16, positions `0 .. 11`) and compare:
 
 # %%
 with torch.no_grad():
@@ -341,8 +343,8 @@ print("the attempt == rotated queries against UNrotated keys:",
 # %% [markdown]
 # ### 4.2 Why no matrix can be absorbed
 #
-# Write the score out. Rotations satisfy $R_m^\top R_n = R_{n-m}$ (chapter 6: the score depends on
-# the offset only), so
+# Write the score out. Rotations satisfy $R_m^\top R_n = R_{n-m}$ ([chapter 6](06_positions.ipynb):
+# the score depends on the offset only), so
 #
 # $$ (R_m q_{h,m})^\top (R_n W^{UK}_h c_n) = q_{h,m}^\top \, R_{n-m} \, W^{UK}_h \, c_n .$$
 #
@@ -646,8 +648,8 @@ print("outputs agree (atol=1e-5):", torch.allclose(y_a, y_n, atol=1e-5),
 
 # %% [markdown]
 # Its cache is a `LatentCache`: preallocated latents `(B, max_len, r)` and rotary keys
-# `(B, max_len, d_R)`, with the protocol of chapter 7's `KVCache` (`append`, `length`, `reset`,
-# `bytes_per_token`, `nbytes`).
+# `(B, max_len, d_R)`, with the protocol of [chapter 7](07_kv_cache.ipynb)'s `KVCache` (`append`,
+# `length`, `reset`, `bytes_per_token`, `nbytes`).
 
 # %%
 latent_cache = mla.new_cache(batch_size=2, max_len=64)
@@ -661,10 +663,11 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 # %% [markdown]
 # ## 6. Generating with a latent cache
 #
-# As in chapter 7, a cache is correct when cached generation reproduces generation without it.
-# We assemble chapter 7's **minimal language model** (token embedding, pre-norm blocks of
-# attention built by name plus `MLP`, final LayerNorm, LM head; random weights, RoPE) with MLA in
-# every block, and decode greedily without a cache, then with `LatentCache`s in each mode.
+# As in [chapter 7](07_kv_cache.ipynb), a cache is correct when cached generation reproduces
+# generation without it. We assemble [chapter 7](07_kv_cache.ipynb)'s **minimal language model**
+# (token embedding, pre-norm blocks of attention built by name plus `MLP`, final LayerNorm, LM head;
+# random weights, RoPE) with MLA in every block, and decode greedily without a cache, then with
+# `LatentCache`s in each mode.
 
 # %%
 class Block(nn.Module):
@@ -935,8 +938,8 @@ for label, name, extra, formula in variants:
 # For a realistic picture take DeepSeek-V2's shape: 60 layers, 128 heads of 128, $d = 5120$,
 # $r = 512$, $d_R = 64$, `q_lora_rank` 1536, cache in bf16. We build the real MLA layer on
 # PyTorch's `meta` device (shapes and dtypes, no storage, so nothing is allocated) and let it make
-# its cache; for MHA, GQA and MQA with 128-wide heads we make `KVCache`s directly, as chapter 7
-# did.
+# its cache; for MHA, GQA and MQA with 128-wide heads we make `KVCache`s directly, as
+# [chapter 7](07_kv_cache.ipynb) did.
 
 # %%
 n_layer_ds, ctx = 60, 32 * 1024
@@ -1041,8 +1044,9 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/13_latent_attention_solutions.ipynb`. Predict
-# first, then check with code.
+# Worked solutions are in
+# [`solutions/13_latent_attention_solutions.ipynb`](solutions/13_latent_attention_solutions.ipynb).
+# Predict first, then check with code.
 #
 # 1. **Why one shared rotary key?** Every head has rotary query numbers of its own, but each token
 #    has a single rotary key $k^R$, shared by all heads. Suppose instead every head had its own
@@ -1066,8 +1070,8 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 #    the relative error of the best rank-$r$ approximation (SVD) against $r$, for the trained
 #    layer and for its initialisation. Then replace the layer's keys and values by their rank-$r$
 #    projection (a latent of $r$ numbers) and measure the loss as $r$ shrinks.
-# 5. **Chunks: where does absorbing stop paying?** Chunked prefill (chapter 7) feeds $T$ new
-#    tokens at once onto a cache of $T_k \gg T$ positions. With `mla_flops`, find the chunk size
-#    $T^*$ above which naive is cheaper, at the sizes of section 7; derive an approximate formula
-#    for $T^*$ in terms of $r$, $d_h$, $d_v$ and $d_R$, and check the FLOP count at one chunk size
-#    with `FlopCounterMode`.
+# 5. **Chunks: where does absorbing stop paying?** Chunked prefill ([chapter 7](07_kv_cache.ipynb))
+#    feeds $T$ new tokens at once onto a cache of $T_k \gg T$ positions. With `mla_flops`, find the
+#    chunk size $T^*$ above which naive is cheaper, at the sizes of section 7; derive an approximate
+#    formula for $T^*$ in terms of $r$, $d_h$, $d_v$ and $d_R$, and check the FLOP count at one
+#    chunk size with `FlopCounterMode`.

@@ -33,19 +33,21 @@
 #   compressed blocks, blocks selected with the compressed scores, a sliding window — mixed by
 #   learned gates;
 # - **DSA**, DeepSeek Sparse Attention (DeepSeek-V3.2, 2025): a small **lightning indexer**
-#   scores every past *token*, each query keeps its top-$k$ tokens, and MLA (chapter 13)
-#   attends over their latents; the indexer is trained to imitate the dense attention it
-#   replaces.
+#   scores every past *token*, each query keeps its top-$k$ tokens, and MLA
+#   ([chapter 13](13_latent_attention.ipynb)) attends over their latents; the indexer is trained to
+#   imitate the dense attention it replaces.
 #
 # **Learning goals**
 #
 # - Show with a retrieval probe why a position-based pattern cannot find a key whose place is
 #   decided by content, and why selecting by score can.
 # - Measure that a decoding step at long context is bound by *reading* the KV cache, so that a
-#   step which reads only the selected keys is several times faster (chapter 10 noted
-#   that BigBird's decoding step reads every cached key; here we measure what that costs).
-# - Build MoBA's block gate and its attention over the selected blocks, merged with chapter 8's
-#   log-sum-exp rule, and check it against `attnbook.attention.moba`.
+#   step which reads only the selected keys is several times faster
+#   ([chapter 10](10_sparse_attention.ipynb) noted that BigBird's decoding step reads every cached
+#   key; here we measure what that costs).
+# - Build MoBA's block gate and its attention over the selected blocks, merged with
+#   [chapter 8](08_flash_attention.ipynb)'s log-sum-exp rule, and check it against
+#   `attnbook.attention.moba`.
 # - Build NSA's three branches and its gates, and check them against `attnbook.attention.nsa`.
 # - Build DSA's lightning indexer, its top-$k$ selection and its two-stage training (a dense
 #   warm-up that matches the main attention's distribution, then sparse training), decode reading
@@ -84,11 +86,12 @@ torch.set_printoptions(precision=3, sci_mode=False)
 #
 # A language model constantly needs a key whose position nobody could have predicted: the
 # variable defined 3,000 tokens earlier, the name a pronoun refers to, the value stored under a
-# key in a recall task (chapter 12, section 9). Let us make the simplest such probe. Draw
-# $T = 1024$ random keys of $d = 64$ numbers; pick a position $p$ at random; the query is a noisy
-# copy of key $p$. Full attention has no difficulty: $q \cdot k_p \approx \|k_p\|^2 \approx 64$,
-# far above every other score (their standard deviation is $\|q\|$, about 8; printed below).
-# The question for a sparse pattern is only: *is position $p$ among the keys the query may see?*
+# key in a recall task ([chapter 12](12_gated_deltanet.ipynb), section 9). Let us make the simplest
+# such probe. Draw $T = 1024$ random keys of $d = 64$ numbers; pick a position $p$ at random; the
+# query is a noisy copy of key $p$. Full attention has no difficulty:
+# $q \cdot k_p \approx \|k_p\|^2 \approx 64$, far above every other score (their standard deviation
+# is $\|q\|$, about 8; printed below). The question for a sparse pattern is only: *is position $p$
+# among the keys the query may see?*
 #
 # We ask it of two position-based patterns for the last query — a window of 128, and chapter
 # 10's BigBird with blocks of 64 (one global block, a window of two blocks, two random blocks) —
@@ -175,16 +178,17 @@ for block, keep in [(64, 3), (16, 12), (4, 48), (1, 192)]:
 #
 # ## 2. A decoding step reads the whole cache
 #
-# Chapter 10 noted that BigBird's decoding step scores one query against every cached key and then
-# masks, so that it reads the whole cache. In FLOPs that step is cheap: one query against $T$ keys
-# of $H$ heads of $d$ is $4THd$ floating-point operations. But the step must also *read* the keys
-# and values, $2THd$ numbers, 4 bytes each in float32: half a FLOP per byte read. A CPU core does
-# several to dozens of FLOPs in the time it reads one byte from memory, a GPU hundreds, so the step
-# waits on memory, and its time grows with the bytes it reads. A step that reads only the selected
-# keys should then be faster in proportion. We time one decoding step with 8 heads of 64 over caches
-# of 2k to 32k tokens: dense attention over the whole cache, and attention over $T/16$ selected
-# positions, gathered first into buffers allocated once (`index_select`, the gather included in
-# the time); the two take turns, so that a busy spell of the machine slows both alike.
+# [Chapter 10](10_sparse_attention.ipynb) noted that BigBird's decoding step scores one query
+# against every cached key and then masks, so that it reads the whole cache. In FLOPs that step is
+# cheap: one query against $T$ keys of $H$ heads of $d$ is $4THd$ floating-point operations. But the
+# step must also *read* the keys and values, $2THd$ numbers, 4 bytes each in float32: half a FLOP
+# per byte read. A CPU core does several to dozens of FLOPs in the time it reads one byte from
+# memory, a GPU hundreds, so the step waits on memory, and its time grows with the bytes it reads. A
+# step that reads only the selected keys should then be faster in proportion. We time one decoding
+# step with 8 heads of 64 over caches of 2k to 32k tokens: dense attention over the whole cache, and
+# attention over $T/16$ selected positions, gathered first into buffers allocated once
+# (`index_select`, the gather included in the time); the two take turns, so that a busy spell of the
+# machine slows both alike.
 
 # %% tags=["nbval-ignore-output"]
 from functools import partial
@@ -288,10 +292,11 @@ print("moba_gate == our gate:", torch.equal(moba_gate(q, k, chunk_size=C, topk=t
 #
 # Spread each query's chosen chunks over the key positions and intersect with the causal mask:
 # that is a boolean $T \times T$ mask, and attention with it is MoBA. (`moba_mask` returns it.)
-# The figure shows it next to chapter 9's window and chapter 10's BigBird pattern (which sees
-# about 40% more keys per query here; the counts are printed under the figure): the fixed
-# patterns are the same for every input, MoBA's choice moves with the content. (MoBA's gate has
-# no weights: "another input" is simply other queries and keys.)
+# The figure shows it next to [chapter 9](09_sliding_window.ipynb)'s window and
+# [chapter 10](10_sparse_attention.ipynb)'s BigBird pattern (which sees about 40% more keys per
+# query here; the counts are printed under the figure): the fixed patterns are the same for every
+# input, MoBA's choice moves with the content. (MoBA's gate has no weights: "another input" is
+# simply other queries and keys.)
 
 # %%
 mask = gate[..., torch.arange(T) // C] & causal_mask(T, T)  # (1, 1, T, T): True = may attend
@@ -323,10 +328,10 @@ print("keys seen per query, averaged:", {t: round(float(m.float().sum(-1).mean()
 #
 # The dense mask costs as much as full attention: every score is computed and most are thrown
 # away. The saving comes from computing only the chosen parts. A query's keys fall in
-# disjoint sets: its own chunk, and each chosen past chunk. Chapter 8 showed how to join
-# attentions over disjoint key sets exactly: each part returns its output and the log of its
-# softmax denominator (the log-sum-exp, LSE), and `merge_partial` weights each output by its
-# share $e^{\text{lse}_i - \text{lse}}$ of the total. So we need attention that also returns the
+# disjoint sets: its own chunk, and each chosen past chunk. [Chapter 8](08_flash_attention.ipynb)
+# showed how to join attentions over disjoint key sets exactly: each part returns its output and the
+# log of its softmax denominator (the log-sum-exp, LSE), and `merge_partial` weights each output by
+# its share $e^{\text{lse}_i - \text{lse}}$ of the total. So we need attention that also returns the
 # LSE, the own chunk as a batch of $C \times C$ causal blocks, and a gather of each query's past
 # chunks:
 
@@ -363,12 +368,13 @@ assert torch.allclose(y_parts, y_dense, atol=1e-6)
 # `moba_attention` turns the loop around, as Moonshot's implementation does: for each past chunk
 # it collects the queries that chose it and attends them to that chunk in one call (a
 # variable-length batch), then scatters the outputs and LSEs back to their queries and merges.
-# Its backward pass is chapter 8's with one more term. A part's output $o = \sum_j p_j v_j$ and
-# its LSE both depend on the scores $s_j$, and $\partial\,\text{lse} / \partial s_j = p_j$, so
-# the gradient of a score is $p_j\,(dO \cdot v_j - \delta)$ with
-# $\delta = dO \cdot o - d\text{lse}$: chapter 8's $\delta$ minus the gradient that reaches the
-# LSE through the merge (the module's tests compare these gradients with the dense mask's). The
-# two forms agree, with several heads and grouped key/value heads too:
+# Its backward pass is [chapter 8](08_flash_attention.ipynb)'s with one more term. A part's output
+# $o = \sum_j p_j v_j$ and its LSE both depend on the scores $s_j$, and
+# $\partial\,\text{lse} / \partial s_j = p_j$, so the gradient of a score is
+# $p_j\,(dO \cdot v_j - \delta)$ with $\delta = dO \cdot o - d\text{lse}$:
+# [chapter 8](08_flash_attention.ipynb)'s $\delta$ minus the gradient that reaches the LSE through
+# the merge (the module's tests compare these gradients with the dense mask's). The two forms agree,
+# with several heads and grouped key/value heads too:
 
 # %%
 torch.manual_seed(2)
@@ -396,8 +402,8 @@ assert torch.allclose(fast, slow, atol=1e-5)
 # 2. **selection**: the compression branch's attention probabilities say which regions matter.
 #    They are added up per block of $l'$ positions, the query keeps the $n$ best blocks (always
 #    including the first block and its own two latest), and attends over their *raw* keys.
-# 3. **sliding window**: the last $w$ positions, as in chapter 9, so that local patterns need not
-#    compete with the distant ones for the selection.
+# 3. **sliding window**: the last $w$ positions, as in [chapter 9](09_sliding_window.ipynb), so that
+#    local patterns need not compete with the distant ones for the selection.
 #
 # $$o_t = g^{\text{cmp}}_t\, \text{Attn}(q_t, \tilde K, \tilde V) + g^{\text{slc}}_t\,
 # \text{Attn}(q_t, K_{\text{sel}}, V_{\text{sel}}) + g^{\text{win}}_t\,
@@ -590,10 +596,10 @@ print("query 29 chooses positions", torch.nonzero(chosen[0, 29])[:, 0].tolist())
 #
 # ### 5.2 MLA over the chosen tokens
 #
-# The rest is chapter 13's layer with a mask: MLA loaded with the same weights and given the
-# chosen tokens as `attn_mask` returns the dsa layer's output. And with `index_topk` at least
-# the number of keys, the indexer chooses everything and dsa *is* MLA, exactly: that is how
-# DeepSeek could start from a trained dense model.
+# The rest is [chapter 13](13_latent_attention.ipynb)'s layer with a mask: MLA loaded with the same
+# weights and given the chosen tokens as `attn_mask` returns the dsa layer's output. And with
+# `index_topk` at least the number of keys, the indexer chooses everything and dsa *is* MLA,
+# exactly: that is how DeepSeek could start from a trained dense model.
 
 # %%
 mla = build_attention("mla", dsa_cfg, kv_lora_rank=16).eval()
@@ -610,9 +616,10 @@ assert same_as_masked_mla and same_as_mla
 
 # %% [markdown]
 # What does the indexer cost? Per query and cached token it does `index_n_heads` ×
-# `index_head_dim` multiply-adds; absorbed MLA (chapter 13) does, per head, a score over the
-# $r + d_R$ numbers of a latent and rotary key and a weighted sum of the $r$ latent numbers. At
-# DeepSeek-V3.2's sizes (64 indexer heads of 128; 128 MLA heads, $r = 512$, $d_R = 64$):
+# `index_head_dim` multiply-adds; absorbed MLA ([chapter 13](13_latent_attention.ipynb)) does, per
+# head, a score over the $r + d_R$ numbers of a latent and rotary key and a weighted sum of the $r$
+# latent numbers. At DeepSeek-V3.2's sizes (64 indexer heads of 128; 128 MLA heads, $r = 512$,
+# $d_R = 64$):
 
 # %%
 indexer_madds = 64 * 128
@@ -647,10 +654,10 @@ print(f"a decoding step at {ctx:,} cached tokens with index_topk={k_top}: indexe
 #
 # In training mode the layer computes that KL itself and keeps it as `indexer_loss`; `dense_warmup =
 # True` makes the attention dense. We replay DeepSeek's recipe at toy scale on character-level
-# TinyShakespeare (the text the book's GPT trains on in chapter 17): train a 2-layer MLA model (64
-# positions), move its weights into a dsa model keeping `index_topk = 8` of 64, and measure how much
-# of the dense attention's mass the 8 chosen tokens capture, and the validation loss, before and
-# after each stage.
+# TinyShakespeare (the text the book's GPT trains on in [chapter 17](17_training_a_gpt.ipynb)):
+# train a 2-layer MLA model (64 positions), move its weights into a dsa model keeping
+# `index_topk = 8` of 64, and measure how much of the dense attention's mass the 8 chosen tokens
+# capture, and the validation loss, before and after each stage.
 
 # %%
 from attnbook.data import TokenData, prepare
@@ -939,7 +946,8 @@ with torch.no_grad():
 #   it arithmetic-bound too; selection cuts both).
 # - **MoBA** routes each query to its own chunk and the `moba_topk - 1` past chunks whose mean
 #   key it scores highest; it attends over them with one softmax, computed as parts joined by
-#   chapter 8's log-sum-exp merge. No parameters are added; with every chunk kept it is MHA.
+#   [chapter 8](08_flash_attention.ipynb)'s log-sum-exp merge. No parameters are added; with every
+#   chunk kept it is MHA.
 # - **NSA** adds three gated branches: attention over learned compressed blocks, over the raw
 #   keys of the blocks those scores rank highest (first and latest blocks always), and over a
 #   window. The selection is shared by a GQA group so that memory is read once per group.
@@ -959,13 +967,15 @@ with torch.no_grad():
 #   Attention*, and DeepSeek-V3.2's report: the lightning indexer and its two-stage training.
 # - Tang et al. (2024), *Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference*:
 #   choosing cache pages per query at decoding time, the idea's inference-only ancestor.
-# - Zaheer et al. (2020), *Big Bird* (chapter 10) and Beltagy et al. (2020), *Longformer*
-#   (chapter 9): the fixed patterns this chapter moves beyond.
+# - Zaheer et al. (2020), *Big Bird* ([chapter 10](10_sparse_attention.ipynb)) and Beltagy et al.
+#   (2020), *Longformer* ([chapter 9](09_sliding_window.ipynb)): the fixed patterns this chapter
+#   moves beyond.
 
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/14_learned_sparse_attention_solutions.ipynb`.
+# Worked solutions are in
+# [`solutions/14_learned_sparse_attention_solutions.ipynb`](solutions/14_learned_sparse_attention_solutions.ipynb).
 # Predict first, then check with code.
 #
 # 1. **How much does a block mean dilute?** For i.i.d. Gaussian keys of $d$ numbers and a query

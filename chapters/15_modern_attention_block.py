@@ -30,7 +30,8 @@
 # - **soft-capping** (Gemma 2): scores squashed into $(-c, c)$ by $c \tanh(s / c)$;
 # - **hybrid stacks**: not every layer attends globally — Gemma 3 runs five sliding-window layers
 #   per global one, gpt-oss alternates them, Qwen3-Next puts three Gated DeltaNet layers
-#   (chapter 12) before each full-attention layer — which cuts the KV cache;
+#   ([chapter 12](12_gated_deltanet.ipynb)) before each full-attention layer — which cuts the KV
+#   cache;
 # - **streaming**: with every cache bounded, generation runs past the context length with flat
 #   memory, if the first few tokens stay in the cache (StreamingLLM's *attention sinks*).
 #
@@ -71,10 +72,11 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. Where each piece goes
 #
-# Chapter 3's skeleton — project, position, attend, merge the heads — gains two stages and two
-# changes inside the softmax. The diagram marks them: QK-norm between the projection and RoPE,
-# soft-capping and the sink logit inside the softmax, the gate between the attention and the
-# output projection. `attnbook.attention.base.Attention.forward` reads in the same order:
+# [Chapter 3](03_multi_head_attention.ipynb)'s skeleton — project, position, attend, merge the heads
+# — gains two stages and two changes inside the softmax. The diagram marks them: QK-norm between the
+# projection and RoPE, soft-capping and the sink logit inside the softmax, the gate between the
+# attention and the output projection. `attnbook.attention.base.Attention.forward` reads in the same
+# order:
 #
 # ```python
 # q, k, v = self.project(x)
@@ -646,11 +648,11 @@ else:
 # %% [markdown]
 # ## 5. Streaming past the context length
 #
-# A rolling cache (chapter 9) keeps the last `window` positions, so its memory stays flat
-# however long generation runs — but a model that grew a sink on position 0 loses it the
-# moment the window slides past it. Xiao et al. (2024) measured the damage: perplexity explodes
-# once the first tokens are evicted, and keeping just four of them (**sink tokens**) beside the
-# window brings it back, with no retraining. `LocalOptions.sink_tokens` keeps the first
+# A rolling cache ([chapter 9](09_sliding_window.ipynb)) keeps the last `window` positions, so its
+# memory stays flat however long generation runs — but a model that grew a sink on position 0 loses
+# it the moment the window slides past it. Xiao et al. (2024) measured the damage: perplexity
+# explodes once the first tokens are evicted, and keeping just four of them (**sink tokens**) beside
+# the window brings it back, with no retraining. `LocalOptions.sink_tokens` keeps the first
 # `sink_tokens` positions visible to every query, and `RollingKVCache` keeps them.
 #
 # ### 5.1 Evicting the sink breaks the toy
@@ -895,8 +897,8 @@ assert max(stack_loss.values()) - min(stack_loss.values()) < 0.3  # all train co
 # positions. The Gated DeltaNet stack ends lower on both seeds, at 2.228 and 2.261, with 8% more
 # parameters; a plausible reading, not tested here, is that its short convolutions and decays
 # build in the bias towards the recent past that the attention layers must still learn.
-# Chapter 18's recall tasks are where reaching back matters; exercise 4 measures how far each
-# stack can reach.
+# [Chapter 18](18_comparing_variants.ipynb)'s recall tasks are where reaching back matters; exercise
+# 4 measures how far each stack can reach.
 
 # %% [markdown]
 # ## 7. Check against the module
@@ -1000,7 +1002,8 @@ assert torch.equal(cached, uncached)
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/15_modern_attention_block_solutions.ipynb`.
+# Worked solutions are in
+# [`solutions/15_modern_attention_block_solutions.ipynb`](solutions/15_modern_attention_block_solutions.ipynb).
 # Predict first, then check with code.
 #
 # 1. **The bound QK-norm gives.** With RMS-normalised $q$ and $k$ of $d$ numbers and norm weights

@@ -773,7 +773,8 @@ print(f"GPT-2 ids used: {len(gpt2_counts):,} of {gpt2.vocab_size:,}; seen fewer 
 # An embedding row seen fewer than ten times learns little. That is why small models trained
 # from scratch on a megabyte of text usually work on characters or on a small BPE vocabulary
 # trained on that text, while GPT-2's tokenizer is the right choice when we load GPT-2's own
-# weights (chapter 19), whose embedding table was trained with exactly these ids.
+# weights ([chapter 19](19_loading_gpt2.ipynb)), whose embedding table was trained with exactly
+# these ids.
 
 # %% [markdown]
 # ## 9. Check against the module
@@ -847,8 +848,9 @@ print(f"notebook BPE == minbpe.BasicTokenizer: 60 merges, {len(package_ids)} ids
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/16_tokenization_solutions.ipynb`. Write down a
-# prediction before you run anything.
+# Worked solutions are in
+# [`solutions/16_tokenization_solutions.ipynb`](solutions/16_tokenization_solutions.ipynb). Write
+# down a prediction before you run anything.
 #
 # 1. **Prefixes.** Train `RegexTokenizer("gpt2")` on TinyShakespeare with `vocab_size=512` and
 #    with `vocab_size=1024`. Predict: are the 256 merges of the first the first 256 merges of

@@ -21,9 +21,10 @@
 # 12's `deltanet` and `gated_deltanet` came after the runs quoted here; `CompareConfig` with no
 # `variants` takes every registered layer, theirs included). Each chapter measured its own variant against
 # full multi-head attention on its own terms: a cache that is smaller, a kernel that is faster at
-# 4,096 positions, a probe of how much a fixed-size state can recall. Chapter 17 put any of them
-# into a GPT and trained it. What is missing is the question a researcher asks first: *trained
-# the same way on the same data, how do they differ?*
+# 4,096 positions, a probe of how much a fixed-size state can recall.
+# [Chapter 17](17_training_a_gpt.ipynb) put any of them into a GPT and trained it. What is missing
+# is the question a researcher asks first: *trained the same way on the same data, how do they
+# differ?*
 #
 # This chapter answers it with `attnbook.compare`, the code behind the `attnbook compare`
 # command. It trains every variant with the same model shape, seed, batches, optimiser and
@@ -85,10 +86,10 @@ print("registered variants:", available())
 #
 # A comparison is only as good as what it holds fixed. `attnbook.compare` gives every variant:
 #
-# - the same GPT (chapter 17's `GPTConfig`): layers, heads, width, context length, no dropout,
-#   and the same position scheme — RoPE unless `positions` says otherwise, so position enters
-#   every variant the same way, inside attention, as a relative offset — only the `attention`
-#   field and its options change;
+# - the same GPT ([chapter 17](17_training_a_gpt.ipynb)'s `GPTConfig`): layers, heads, width,
+#   context length, no dropout, and the same position scheme — RoPE unless `positions` says
+#   otherwise, so position enters every variant the same way, inside attention, as a relative offset
+#   — only the `attention` field and its options change;
 # - the same seed, so the same stream of training batches (the data generator is seeded on its
 #   own, apart from the weights) and the same fixed evaluation batches;
 # - the same number of steps, batch size, AdamW settings and learning-rate schedule (5% warm-up,
@@ -203,8 +204,8 @@ show(recall_demo.batch(1, gen))
 # pair: this skill. Full attention keeps every key and value in its cache and looks them up by
 # content, whatever the distance. A sliding window forgets every pair beyond its reach. A
 # recurrent state (linear attention) keeps everything, but folded into a fixed number of
-# numbers: with many pairs they interfere (chapter 11, section 7). Recall is where each saving
-# shows its price.
+# numbers: with many pairs they interfere ([chapter 11](11_linear_attention.ipynb), section 7).
+# Recall is where each saving shows its price.
 
 # %%
 copy_demo = build_task("copy", vocab_size=16, seq_len=12, segment_len=4)
@@ -247,8 +248,9 @@ for task, rows in zip(suite, y.chunk(len(suite)), strict=True):
 #
 # One more number to keep in mind. The sliding-window variant sees a window of $w = T/8 = 4$
 # positions (itself and 3 before), and two layers of it move information at most
-# $R = L(w - 1) = 6$ positions forward (chapter 9, section 4). Its copies of 8 tokens and nearly
-# all of its recall queries (the pairs sit at positions 0 to 3) are beyond that reach.
+# $R = L(w - 1) = 6$ positions forward ([chapter 9](09_sliding_window.ipynb), section 4). Its copies
+# of 8 tokens and nearly all of its recall queries (the pairs sit at positions 0 to 3) are beyond
+# that reach.
 
 # %% [markdown]
 # ## 3. A reduced comparison run
@@ -337,9 +339,10 @@ print("relative to mha:", {name: round(b / cache["mha"], 3) for name, b in cache
 # %% [markdown]
 # **Memory.** GQA and MQA cut the cache in proportion to their key/value heads (1/2, 1/4), MLA to
 # its latent plus rotary key over MHA's keys and values ($72/128 \approx 0.56$ here; with
-# DeepSeek-V2's sizes, chapter 13, the ratio is 1/57). `sparse` saves work, not memory: it keeps
-# MHA's cache. `local` and `linear` stop growing altogether, and that is the one saving that
-# changes the *order* of the cost: at any length their cache is the same few kilobytes.
+# DeepSeek-V2's sizes, [chapter 13](13_latent_attention.ipynb), the ratio is 1/57). `sparse` saves
+# work, not memory: it keeps MHA's cache. `local` and `linear` stop growing altogether, and that is
+# the one saving that changes the *order* of the cost: at any length their cache is the same few
+# kilobytes.
 #
 # **Speed.** Read the throughput figure with suspicion: at 32 positions and 64 dimensions a
 # training step takes 10 to 20 milliseconds, mostly Python and the overhead of launching small
@@ -352,8 +355,8 @@ print("relative to mha:", {name: round(b / cache["mha"], 3) for name, b in cache
 # the chunked linear form beat full causal attention (chapters 9 to 11, `attnbook bench
 # attention`) —
 # or memory-bound decoding of long contexts, where reading a smaller cache is a shorter step
-# (chapter 13's absorbed MLA). The timing-free columns (parameters, cache) are the ones to trust
-# from a laptop run.
+# ([chapter 13](13_latent_attention.ipynb)'s absorbed MLA). The timing-free columns (parameters,
+# cache) are the ones to trust from a laptop run.
 
 # %% tags=["nbval-ignore-output"]
 speed = {name: round(r["train_tokens_per_s"]) for name, r in results.items()}
@@ -392,8 +395,8 @@ assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positi
 #   among the values it can see, and a blind guess beyond (the boundary is at 14, inside the 8–15
 #   bin). Seeing the values is not yet recalling the right one. `linear` recalls at 0.87, the same
 #   at every gap: distance costs it nothing, since every pair is folded into the same state; what
-#   limits it is how many pairs that state can keep apart (chapter 11), and with 4 pairs it keeps
-#   most of them.
+#   limits it is how many pairs that state can keep apart ([chapter 11](11_linear_attention.ipynb)),
+#   and with 4 pairs it keeps most of them.
 # - **`gqa` and `mqa`** copy well but are still at $1/4$ on recall — still on the plateau that
 #   `mha` left earlier. Nothing in their structure stops them (they see every position, as `mha`
 #   does), and two more seeds show it: we ran the full preset for these three with `--seed 1`
@@ -406,14 +409,14 @@ assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positi
 #   `mha`, sometimes not within 8000 steps. Three seeds per variant are the least a comparison
 #   of learning speed needs; one seed would have told a different story for each of the three.
 #
-# **The variants of chapters 12 and 14.** DeltaNet and Gated DeltaNet (chapter 12) and MoBA,
-# NSA and DeepSeek Sparse Attention (chapter 14) came after those runs. We ran them with the same
-# presets and seed on the same kind of 2-core CPU, two at a time with one thread each, while
-# other work shared the machine (so their times are not comparable with the runs above). Each
-# keeps the options `options_for_length` picks at 64 positions: MoBA chunks of 4 with its own
-# and two past chunks, NSA blocks of 4 (compressed blocks of 2 every position, 4 selected
-# blocks, a window of 8, 2 key/value heads), DSA the 16 best of 64 tokens. Quoted from their
-# `result.json` files:
+# **The variants of chapters 12 and 14.** DeltaNet and Gated DeltaNet
+# ([chapter 12](12_gated_deltanet.ipynb)) and MoBA, NSA and DeepSeek Sparse Attention
+# ([chapter 14](14_learned_sparse_attention.ipynb)) came after those runs. We ran them with the same
+# presets and seed on the same kind of 2-core CPU, two at a time with one thread each, while other
+# work shared the machine (so their times are not comparable with the runs above). Each keeps the
+# options `options_for_length` picks at 64 positions: MoBA chunks of 4 with its own and two past
+# chunks, NSA blocks of 4 (compressed blocks of 2 every position, 4 selected blocks, a window of 8,
+# 2 key/value heads), DSA the 16 best of 64 tokens. Quoted from their `result.json` files:
 #
 # | variant | recall, quick | copy, quick | recall, full | by gap 1–7 / 8–15 / 16–31 / 32–63 | copy, full | cache B/token |
 # |---|---|---|---|---|---|---|
@@ -427,8 +430,8 @@ assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positi
 #   plateau near $1/4$ and linear attention is at 0.245: with 4 pairs, far fewer than its state
 #   can hold, the delta rule's memory, which overwrites what a key returned, is quickly learned.
 #   Gated DeltaNet is at 0.826. After 8000 steps both answer every query, where linear
-#   attention reached 0.865. (With more pairs than the state holds, chapter 12's section 9 and
-#   its exercises show the other side.)
+#   attention reached 0.865. (With more pairs than the state holds,
+#   [chapter 12](12_gated_deltanet.ipynb)'s section 9 and its exercises show the other side.)
 # - **MoBA and DSA** learn recall in the full run like `mha`, `mla` and `sparse`: DSA every
 #   query, MoBA all but about 2% at the longest gaps (where a query has the most past chunks to
 #   choose from). At 1500 steps they are on the plateau, as `mha` is.
@@ -454,9 +457,9 @@ assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positi
 # We train each on copying alone, with segments of 3, 6, 9 and 12 tokens mixed in every batch
 # (`SuiteData` accepts any list of tasks of one length), using `train` directly: 300 steps of 24
 # sequences, the variants' options of the comparison. One thing differs from the comparison:
-# these models use chapter 17's learned positions instead of RoPE, because section 6 converts
-# the `mha` one into MLA, which a RoPE model cannot be (we will see why). The window's reach
-# does not depend on the position scheme. Each run takes a few seconds.
+# these models use [chapter 17](17_training_a_gpt.ipynb)'s learned positions instead of RoPE,
+# because section 6 converts the `mha` one into MLA, which a RoPE model cannot be (we will see why).
+# The window's reach does not depend on the position scheme. Each run takes a few seconds.
 
 # %%
 from attnbook.model import GPTConfig
@@ -533,9 +536,9 @@ plt.show()
 #
 # The same measurement does *not* show where linear attention pays. Copying 12 tokens through a
 # state of $16 \times 16$ numbers per head may well be within its capacity (300 steps cannot tell a
-# capacity limit from slow learning); recall with many pairs is not (chapter 11 measured the
-# interference directly). That is a question for the longer runs, with more pairs than the presets'
-# 4 (this chapter's runs have 2).
+# capacity limit from slow learning); recall with many pairs is not
+# ([chapter 11](11_linear_attention.ipynb) measured the interference directly). That is a question
+# for the longer runs, with more pairs than the presets' 4 (this chapter's runs have 2).
 #
 # ## 5. What the comparison says, variant by variant
 #
@@ -568,7 +571,7 @@ plt.show()
 # - `mha_to_gqa(model, n_kv_head)`: each group of `n_head / n_kv_head` consecutive key heads is
 #   replaced by one head whose projection is the *mean* of theirs (likewise for the values).
 #   Because a key is linear in the input, the pooled head's key is the average of the group's
-#   keys, for every input. Chapter 4 did this for one layer.
+#   keys, for every input. [Chapter 4](04_mqa_gqa.ipynb) did this for one layer.
 # - `mha_to_mla(model, kv_lora_rank)`: stack the key and value projections of a layer into one
 #   matrix $W_{KV} = [W_K; W_V]$ of shape $(2d, d)$ — it maps the layer's input to all heads' keys
 #   and values — and keep its best rank-$r$ approximation, a truncated SVD
@@ -748,12 +751,13 @@ plt.show()
 # would have to hold a latent $c_n$ from which all heads' rotated keys are a fixed linear map, $R_n
 # W_K x_n = W_{UK} c_n$ for every position $n$, and since $R_n$ differs per position, no single
 # $W_{UK}$ does that — one could only cache the rotated keys themselves, which is the MHA cache
-# again. (It would also break MLA's absorption of $W_{UK}$ into the query, chapter 13, section 4.)
-# DeepSeek-V2's answer is to keep positions out of the latent: keys get a few extra *decoupled*
-# rotary coordinates, one rotated key shared by the heads, cached next to the latent (chapter 13). A
-# RoPE model's rotation cannot be moved into those coordinates without changing what the model
-# computes, so published conversions keep part of it there and fine-tune. `mha_to_mla` refuses
-# rather than return a model that quietly computes something else:
+# again. (It would also break MLA's absorption of $W_{UK}$ into the query,
+# [chapter 13](13_latent_attention.ipynb), section 4.) DeepSeek-V2's answer is to keep positions out
+# of the latent: keys get a few extra *decoupled* rotary coordinates, one rotated key shared by the
+# heads, cached next to the latent ([chapter 13](13_latent_attention.ipynb)). A RoPE model's
+# rotation cannot be moved into those coordinates without changing what the model computes, so
+# published conversions keep part of it there and fine-tune. `mha_to_mla` refuses rather than return
+# a model that quietly computes something else:
 
 # %% tags=["raises-exception"]
 rope_model = GPT(dataclasses.replace(base.config, positions="rope"))
@@ -831,7 +835,8 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == r
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/18_comparing_variants_solutions.ipynb`.
+# Worked solutions are in
+# [`solutions/18_comparing_variants_solutions.ipynb`](solutions/18_comparing_variants_solutions.ipynb).
 #
 # 1. **Move the boundary.** With the comparison's window of 4, how many layers does `local`
 #    need to copy segments of 9 tokens? Predict from $L(w - 1)$ which of the lengths 3, 6, 9, 12
@@ -850,9 +855,9 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == r
 #    and evaluating each pairing (for instance from how similar the heads' keys are)?
 # 4. **The cache column by hand.** Derive every entry of the `cache B/token` column of
 #    section 1 from the variants' options (for MLA, its default latent and rotary sizes; for
-#    linear attention, chapter 11's state and normaliser). At what sequence length does the
-#    linear state become smaller than MHA's cache? Check your formulas against
-#    `cache_bytes_per_token` at several lengths.
+#    linear attention, [chapter 11](11_linear_attention.ipynb)'s state and normaliser). At what
+#    sequence length does the linear state become smaller than MHA's cache? Check your formulas
+#    against `cache_bytes_per_token` at several lengths.
 
 # %%
 workdir.cleanup()

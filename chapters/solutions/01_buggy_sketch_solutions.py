@@ -149,9 +149,9 @@ assert "block_size" in str(errors["attnbook Head"])
 # At 2 a.m. the second message wins: it says which argument is involved and what its value is,
 # while the first one leaves you to work out which tensor was 8 wide and why. Why not just build
 # a bigger mask on the fly? For this head alone that would work, but in a GPT the sequence
-# length is also bounded by the learned position embeddings (chapter 6), which do not exist
-# beyond `block_size`. Failing loudly at the first layer that knows the limit is the honest
-# choice.
+# length is also bounded by the learned position embeddings ([chapter 6](../06_positions.ipynb)),
+# which do not exist beyond `block_size`. Failing loudly at the first layer that knows the limit is
+# the honest choice.
 #
 # ## Exercise 3: fixing dropout, right and wrong
 #

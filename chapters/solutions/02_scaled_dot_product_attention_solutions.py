@@ -221,7 +221,8 @@ plt.show()
 # %% [markdown]
 # *It* (row 4) can no longer reach *cat* (three steps back), so its strong "pronoun → thing"
 # match is gone and its weights are spread over *ate*, *and*, *it*. A window trades reach for
-# cost; stacking windowed layers widens the reach again, which is part of chapter 9.
+# cost; stacking windowed layers widens the reach again, which is part of
+# [chapter 9](../09_sliding_window.ipynb).
 
 # %%
 print(

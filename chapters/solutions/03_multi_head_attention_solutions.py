@@ -343,6 +343,6 @@ assert is_causal_layer(lambda z: forward_with_bug(m, z, merge_bug=True), x)
 # chunk order follows position order, so nothing from the future leaks. It is still a
 # different (and worse) layer: a query chunk is scored against key chunks from *other* feature
 # blocks, and a position in a late segment can never see the early positions. A causality
-# test passes; only the comparison with a trusted reference catches it. That is why chapter 3
-# checks equality with the list of heads and with `nn.MultiheadAttention`, not just shapes
-# and causality.
+# test passes; only the comparison with a trusted reference catches it. That is why
+# [chapter 3](../03_multi_head_attention.ipynb) checks equality with the list of heads and with
+# `nn.MultiheadAttention`, not just shapes and causality.

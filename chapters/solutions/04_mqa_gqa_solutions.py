@@ -116,13 +116,13 @@ print("tiled == module with the same weights:", torch.allclose(y_tiled, y_module
 assert not torch.allclose(y_tiled, y_module, atol=1e-3)
 
 # %% [markdown]
-# **The fix.** Heads have no order of their own (chapter 3, exercise 2): permuting the query
-# heads, together with the matching column blocks of `c_proj`, leaves a layer's output
-# unchanged. So we can move each query head to a slot where the tiled layer pairs it with the
-# right key/value head. Tiled slot `p` reads key/value head `p % n_kv`; it should hold an
-# original head `h` with `h // group == p % n_kv`. Writing `p = i · n_kv + j` (`j = p % n_kv`,
-# `i = p // n_kv`), the original head `h = j · group + i` fits. The keys and values stay where
-# they are.
+# **The fix.** Heads have no order of their own ([chapter 3](../03_multi_head_attention.ipynb),
+# exercise 2): permuting the query heads, together with the matching column blocks of `c_proj`,
+# leaves a layer's output unchanged. So we can move each query head to a slot where the tiled layer
+# pairs it with the right key/value head. Tiled slot `p` reads key/value head `p % n_kv`; it should
+# hold an original head `h` with `h // group == p % n_kv`. Writing `p = i · n_kv + j`
+# (`j = p % n_kv`, `i = p // n_kv`), the original head `h = j · group + i` fits. The keys and values
+# stay where they are.
 
 # %%
 perm = [(p % n_kv) * group + p // n_kv for p in range(n_head)]  # tiled slot p <- head perm[p]

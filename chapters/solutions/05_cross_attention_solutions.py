@@ -455,7 +455,8 @@ assert (calls_plain, calls_cached) == (9, 1)
 # can be hundreds of tokens long and the decoder has a dozen layers, each with its own `c_kv`,
 # so this cache saves `n_layer × (steps - 1)` projections of the full source. (The decoder's
 # *self*-attention still recomputes every earlier target position at every step here;
-# caching those keys and values, which do grow by one each step, is chapter 7's KV cache.)
+# caching those keys and values, which do grow by one each step, is
+# [chapter 7](../07_kv_cache.ipynb)'s KV cache.)
 
 # %% [markdown]
 # ## Exercise 4 — longer strings than in training
@@ -522,7 +523,7 @@ assert long_w[i_long, 0].argmax().item() == 7  # the first output digit: read fr
 # first 8 digits, and every answer for length 9 or 10 is wrong.
 #
 # Learned absolute positions do not extrapolate: the model has learned a table of 8 source
-# positions, not a rule. Chapter 6 compares position schemes; relative ones, ALiBi in
-# particular, were designed with longer test inputs in mind. Even with those, a model only
-# generalises if what it learned on lengths 3–8 happens to be a rule that also holds at 9
-# and 10, which nothing in this training forces.
+# positions, not a rule. [Chapter 6](../06_positions.ipynb) compares position schemes; relative
+# ones, ALiBi in particular, were designed with longer test inputs in mind. Even with those, a model
+# only generalises if what it learned on lengths 3–8 happens to be a rule that also holds at 9 and
+# 10, which nothing in this training forces.

@@ -256,11 +256,12 @@ assert first == 17 and diff[:first].max() < 1e-4
 # models most, because they often park a lot of attention there; "attention sink" methods keep
 # those few tokens plus the window.)
 #
-# **When it is exact.** For a model *built* with sliding-window attention (chapter 9), where the
-# query at $p$ attends to keys $p - W + 1 \ldots p$ by definition, during training as well. Then
-# the rolling cache holds exactly the keys each query may see, and the cache never grows beyond
-# `W` positions. Information from further back still arrives, through the hidden states of
-# lower layers, which the cached keys and values of higher layers already include.
+# **When it is exact.** For a model *built* with sliding-window attention
+# ([chapter 9](../09_sliding_window.ipynb)), where the query at $p$ attends to keys
+# $p - W + 1 \ldots p$ by definition, during training as well. Then the rolling cache holds exactly
+# the keys each query may see, and the cache never grows beyond `W` positions. Information from
+# further back still arrives, through the hidden states of lower layers, which the cached keys and
+# values of higher layers already include.
 
 # %% [markdown]
 # **A limitation: chunks.** The cache returns only what it keeps. One token at a time that is
@@ -280,7 +281,8 @@ except ValueError as err:
 # %% [markdown]
 # A sliding cache that serves chunks must hand back the old window *and* the whole chunk (up to
 # `W + T - 1` positions) with a sliding-window mask, and drop the oldest positions only after
-# attending. Chapter 9 builds such a cache for a model trained with sliding-window attention.
+# attending. [Chapter 9](../09_sliding_window.ipynb) builds such a cache for a model trained with
+# sliding-window attention.
 
 # %% [markdown]
 # ## Exercise 3 — a bf16 cache

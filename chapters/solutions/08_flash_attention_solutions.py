@@ -163,10 +163,10 @@ assert not torch.allclose(by_count, whole, atol=1e-3)
 #
 # Both change a score as a function of the score and the positions, so they go where the tile
 # of scores is made, before the running maximum: ALiBi subtracts $\text{slope}_h \cdot (i - j)$
-# (chapter 6), the soft cap replaces $s$ by $c \tanh(s / c)$ (Gemma 2 uses $c = 50$ in
-# attention). The online softmax does not care what the scores are. Below, the chapter's
-# `flash_forward` for one group of heads, with a `score_mod(s, positions of the queries, of the
-# keys)` hook.
+# ([chapter 6](../06_positions.ipynb)), the soft cap replaces $s$ by $c \tanh(s / c)$ (Gemma 2 uses
+# $c = 50$ in attention). The online softmax does not care what the scores are. Below, the chapter's
+# `flash_forward` for one group of heads, with a
+# `score_mod(s, positions of the queries, of the keys)` hook.
 
 # %%
 def flash_forward(q, k, v, score_mod=None, block=16):
@@ -230,4 +230,4 @@ assert scores.max() > cap
 # threshold, and a kernel could skip those tiles like a window's. That is an *approximation*
 # (the weights are tiny, not zero), and for heads with small slopes the cut-off distance is
 # long; the soft cap, which bounds every score to $(-c, c)$, allows no such cut. (SDPA's fused
-# kernel takes ALiBi as a float mask, chapter 6, and computes every tile.)
+# kernel takes ALiBi as a float mask, [chapter 6](../06_positions.ipynb), and computes every tile.)

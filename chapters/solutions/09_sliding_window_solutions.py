@@ -350,8 +350,8 @@ assert blocked_ms[32] < blocked_ms[1024]
 # `length` reports: a property that never says more than `window` (`append` counts the new
 # positions by assigning `self.length`, which goes through the setter). Fed the same keys and values, it returns
 # exactly what the real cache returns; only `length` differs. We extend the chapter's tiny model with a `positions`
-# argument (learned positions added at `start`, as in chapter 7) and generate 40 tokens after a
-# 12-token prompt, window 8.
+# argument (learned positions added at `start`, as in [chapter 7](../07_kv_cache.ipynb)) and
+# generate 40 tokens after a 12-token prompt, window 8.
 
 # %%
 class BuggyRollingCache(RollingKVCache):

@@ -211,8 +211,8 @@ assert 1.4 < largest_n[-1] / largest_n[-3] < 3  # 4x the blocks: about 2x, not 4
 #
 # The full KV cache of one layer for one sequence holds keys and values for every position:
 # $2 \times 65536 \times 12 \times 64 \times 2$ bytes $= 192$ MiB, whatever the attention
-# pattern (chapter 7's formula; section 7 of the chapter explains why BigBird cannot drop
-# positions).
+# pattern ([chapter 7](../07_kv_cache.ipynb)'s formula; section 7 of the chapter explains why
+# BigBird cannot drop positions).
 
 # %%
 T, b, g, w, r = 65536, 64, 2, 3, 3

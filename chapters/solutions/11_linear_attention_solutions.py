@@ -285,7 +285,7 @@ assert outside.any()
 # - linear-attention state per layer and sequence: $32 \cdot (128\cdot 128 + 128) \cdot 2 =
 #   1{,}056{,}768$ bytes, about 1.01 MiB; for 32 layers about 32.25 MiB, **whatever the length**;
 # - KV cache per token and layer: $2 \cdot 32 \cdot 128 \cdot 2 = 16{,}384$ bytes (16 KiB), so
-#   512 KiB per token for 32 layers (chapter 7's number).
+#   512 KiB per token for 32 layers ([chapter 7](../07_kv_cache.ipynb)'s number).
 #
 # The KV cache is larger once $16384\,T > 1056768$, i.e. $T > 64.5$: **from 65 tokens on**,
 # $(d_h + 1)/2$ as in the chapter. At 4096 tokens the KV cache of one layer is 64 MiB, about 63.5

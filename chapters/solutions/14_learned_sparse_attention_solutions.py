@@ -171,8 +171,8 @@ assert exercise1[64, 128][1] > exercise1[64, 64][1] + 0.1  # d = 128 dilutes les
 #   $\mu_o = 0$, $\sigma_o^2 = d(1 + a^2 + \sigma^2)(a^2 + 1/C)$;
 # - the target chunk: $s_p = a^2|u_t|^2 + |z_p|^2/C + (\text{terms of mean 0})$, so
 #   $\mu_p = d(a^2 + 1/C)$, and collecting the variances of the independent terms,
-#   $\sigma_p^2 = d\,[2a^4 + a^2(1 + 1/C)^2 + \sigma^2 a^2 + (2+\sigma^2)/C^2
-#   + (1+a^2+\sigma^2)(C-1)/C^2]$ (Exercise 1's at $a = 0$).
+#   $\sigma_p^2 = d\,[2a^4 + a^2(1 + 1/C)^2 + \sigma^2 a^2 + (2+\sigma^2)/C^2 +
+#   (1+a^2+\sigma^2)(C-1)/C^2]$ (Exercise 1's at $a = 0$).
 #
 # The signal grows from $d/C$ to $d(a^2 + 1/C)$: for $C = 64$ it doubles already at
 # $a = 1/8$. While $\sigma_p \approx \sigma_o$,

@@ -421,14 +421,14 @@ assert all(ex3[w_, s_][1] > 0.9 and ex3[w_, s_][2] < 0.05 for w_ in (4, 8, 16) f
 # *Without training: for a stack of four local blocks with a window of 8, for the 3 local : 1
 # global stack with the global block last, and for the same with the global block first, find
 # which input positions can change the prediction at the last of 64 positions (change one token
-# at a time and compare the logits). Predict first from chapter 9's rule for how the receptive
-# field grows with depth. Does the place of the global block matter? What about three Gated
-# DeltaNet blocks and no global one?*
+# at a time and compare the logits). Predict first from [chapter 9](../09_sliding_window.ipynb)'s
+# rule for how the receptive field grows with depth. Does the place of the global block matter? What
+# about three Gated DeltaNet blocks and no global one?*
 #
 # **Prediction.** A local layer of window $w$ lets position $i$ read positions $i - w + 1$ to
 # $i$; the MLPs, norms and RoPE act within a position and add no reach. So each layer adds
 # $w - 1$ positions, and after $L$ layers position $i$ depends on inputs back to
-# $i - L(w - 1)$ (chapter 9's rule).
+# $i - L(w - 1)$ ([chapter 9](../09_sliding_window.ipynb)'s rule).
 #
 # - **Four local layers, $w = 8$**: $4 \cdot 7 = 28$ positions back, so the inputs at
 #   positions **35 to 63** (29 of them) can change the prediction at position 63, and positions
