@@ -752,7 +752,7 @@ plt.show()
 # name. The config holds what every variant shares (sizes, positions, dropout, bias, causality,
 # the kernel); a variant's own settings are keyword options next to it, declared in the
 # variant's file: [chapter 4](04_mqa_gqa.ipynb)'s grouped-query attention is
-# `build_attention("gqa", cfg, n_kv_head=2)`, chapter 9's sliding window
+# `build_attention("gqa", cfg, n_kv_head=2)`, [chapter 9](09_sliding_window.ipynb)'s sliding window
 # `build_attention("local", cfg, window=16)`. Multi-head attention has none.
 
 # %%

@@ -139,9 +139,10 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 # - `wte`, the token embedding: one learned vector of `n_embd` numbers per token id (`n_embd`,
 #   GPT-2's name for the width of section 1, is the book's name for it too; $d$ below).
 # - `wpe`, the position embedding: one learned vector per position `0 .. block_size - 1`
-#   (chapter 6's `PositionalEmbedding`). Attention itself is blind to order; adding a position
-#   vector to each token vector is how GPT-2 tells the model where each token sits. (RoPE and
-#   ALiBi, chapter 6, work inside the attention layers instead; the module below supports them.)
+#   ([chapter 6](06_positions.ipynb)'s `PositionalEmbedding`). Attention itself is blind to order;
+#   adding a position vector to each token vector is how GPT-2 tells the model where each token
+#   sits. (RoPE and ALiBi, [chapter 6](06_positions.ipynb), work inside the attention layers
+#   instead; the module below supports them.)
 # - `h`, the `n_layer` blocks.
 # - `ln_f`, a final LayerNorm: in a pre-norm model nothing has normalised the stream since the
 #   embeddings, and by now it is a sum of `2 n_layer + 1` terms, so it is normalised once more.
@@ -157,8 +158,8 @@ print("block:", tuple(x.shape), "->", tuple(block(x).shape))
 #
 # We name the parts as nanoGPT and GPT-2's checkpoints do (`transformer.wte`, `transformer.h.0.attn`,
 # ...), so that weights can be moved between models by name (GPT-2's checkpoints differ in one
-# name, the position table, which chapter 19 renames). Dropout is left out: a model this
-# small, trained for a few hundred steps, does not overfit.
+# name, the position table, which [chapter 19](19_loading_gpt2.ipynb) renames). Dropout is left out:
+# a model this small, trained for a few hundred steps, does not overfit.
 
 # %% [markdown]
 # Before we write the class, here is the whole model in one picture, drawn by code (boxes and
@@ -545,8 +546,9 @@ assert module_gpt.num_params(non_embedding=False) == total_no_wpe + counts["wpe"
 # d\, T$ with the backward pass. `flops_per_token()` is that estimate (PaLM's, appendix B).
 #
 # We can check it: PyTorch's `FlopCounterMode` counts the FLOPs of every matrix product that
-# runs. We build the model with `impl="reference"` (the explicit attention math of chapter 2, so
-# the scores are plain matrix products it can see) and count one forward and backward pass.
+# runs. We build the model with `impl="reference"` (the explicit attention math of
+# [chapter 2](02_scaled_dot_product_attention.ipynb), so the scores are plain matrix products it can
+# see) and count one forward and backward pass.
 
 # %%
 from torch.utils.flop_counter import FlopCounterMode
@@ -578,9 +580,9 @@ assert abs(estimate - counted) / counted < 0.01
 # ## 6. The data: TinyShakespeare, one character per token
 #
 # TinyShakespeare is about a megabyte of Shakespeare's plays in one text file. We tokenise it by
-# character: 65 distinct characters, 65 token ids. (Chapter 16's byte-pair encoding would give
-# shorter sequences and a larger vocabulary; characters keep the model small and the first
-# results quick, and the same pipeline takes `"gpt2"` or `"minbpe:512"`.)
+# character: 65 distinct characters, 65 token ids. ([Chapter 16](16_tokenization.ipynb)'s byte-pair
+# encoding would give shorter sequences and a larger vocabulary; characters keep the model small and
+# the first results quick, and the same pipeline takes `"gpt2"` or `"minbpe:512"`.)
 
 # %%
 from attnbook.data import TokenData, load_text, prepare
@@ -1088,9 +1090,9 @@ assert abs(evals[-1]["val_loss"] - evals[-1]["train_loss"]) < 0.15, "no overfitt
 # every character outside the ten most likely; both cut the long tail of unlikely characters that
 # makes samples noisy (Exercise 3 measures them).
 #
-# The model reads at most 64 characters, and `generate`'s KV cache (chapter 7) holds at most
-# `block_size` positions, so for a sample of 300 characters we pass `use_cache=False`: every step
-# then runs the model on the last 64 characters, a sliding window over the text.
+# The model reads at most 64 characters, and `generate`'s KV cache ([chapter 7](07_kv_cache.ipynb))
+# holds at most `block_size` positions, so for a sample of 300 characters we pass `use_cache=False`:
+# every step then runs the model on the last 64 characters, a sliding window over the text.
 
 # %% tags=["nbval-ignore-output"]
 trained, _, _ = load_trained(out_dir)  # the model; its TrainConfig and data description
@@ -1170,7 +1172,8 @@ for name, options in variant_options.items():
 #
 # The same switch works for training. As a check that each variant really trains, not only
 # builds, we run every one for 10 steps (the loss must fall from about 4.17) — far too short to
-# compare them; chapter 18 trains them all under identical conditions.
+# compare them; [chapter 18](18_comparing_variants.ipynb) trains them all under identical
+# conditions.
 
 # %% tags=["nbval-ignore-output"]
 short = dict(max_iters=10, warmup_iters=3, lr_decay_iters=10, eval_interval=10, eval_iters=2,
@@ -1481,8 +1484,10 @@ print("temporary runs deleted:", not runs.exists())
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/17_training_a_gpt_solutions.ipynb`. Keep every run
-# tiny (a few hundred steps of a small model): the point is the comparison, not the final loss.
+# Worked solutions are in
+# [`solutions/17_training_a_gpt_solutions.ipynb`](solutions/17_training_a_gpt_solutions.ipynb). Keep
+# every run tiny (a few hundred steps of a small model): the point is the comparison, not the final
+# loss.
 #
 # 1. **LLaMA-style against GPT-2-style.** LLaMA replaced three parts of GPT-2's block: SwiGLU
 #    instead of the GELU MLP, RMSNorm instead of LayerNorm, RoPE instead of learned positions

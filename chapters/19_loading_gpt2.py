@@ -16,18 +16,19 @@
 # %% [markdown]
 # # Chapter 19 — Loading GPT-2
 #
-# Chapter 17 built a GPT with GPT-2's layout and gave its parts GPT-2's names; chapter 16 rebuilt
-# GPT-2's tokenizer from its two files. One step is left before our code can run the model
-# OpenAI trained: putting GPT-2's published weights into our `GPT`.
+# [Chapter 17](17_training_a_gpt.ipynb) built a GPT with GPT-2's layout and gave its parts GPT-2's
+# names; [chapter 16](16_tokenization.ipynb) rebuilt GPT-2's tokenizer from its two files. One step
+# is left before our code can run the model OpenAI trained: putting GPT-2's published weights into
+# our `GPT`.
 #
 # The weights take half a gigabyte for the smallest GPT-2, and this book never assumes a network
-# (the tokenizer files of section 3 come from the caches that chapter 16 filled). So the
-# chapter verifies everything on a model that needs no download: a GPT-2 with random weights,
-# built and saved by Hugging Face `transformers`, the library everyone uses to run GPT-2. If our
-# model, given the same tensors, computes the same logits and generates the same tokens as
-# `transformers` does, the code is right, whatever numbers the tensors hold; real weights then
-# only change the numbers. Section 5 uses the real weights when they are on the machine, and
-# says how to get them.
+# (the tokenizer files of section 3 come from the caches that [chapter 16](16_tokenization.ipynb)
+# filled). So the chapter verifies everything on a model that needs no download: a GPT-2 with random
+# weights, built and saved by Hugging Face `transformers`, the library everyone uses to run GPT-2.
+# If our model, given the same tensors, computes the same logits and generates the same tokens as
+# `transformers` does, the code is right, whatever numbers the tensors hold; real weights then only
+# change the numbers. Section 5 uses the real weights when they are on the machine, and says how to
+# get them.
 #
 # **Learning goals**
 #
@@ -102,9 +103,9 @@ tmp = Path(workdir.name)
 # builds and runs in a fraction of a second.
 #
 # `transformers` initialises the model as GPT-2 was: matrices at 0.02 (the residual projections
-# `c_proj` at $0.02/\sqrt{2 n_\text{layer}}$, as in chapter 17), biases at zero, norm scales at
-# one. We then overwrite *every* parameter from our own seeded generator, for three
-# reasons:
+# `c_proj` at $0.02/\sqrt{2 n_\text{layer}}$, as in [chapter 17](17_training_a_gpt.ipynb)), biases
+# at zero, norm scales at one. We then overwrite *every* parameter from our own seeded generator,
+# for three reasons:
 #
 # - A bias of zero or a norm scale of one looks the same wherever it is loaded: if a loader put
 #   `ln_1`'s scale into `ln_2`, a freshly initialised model could not tell. Random biases and
@@ -182,10 +183,12 @@ print(len(tensors), "tensors in model.safetensors")
 #    `mlp.c_fc`, `mlp.c_proj`) are `Conv1D` layers in GPT-2, which store their weight as
 #    `(in, out)`. Our `nn.Linear` stores `(out, in)`. Same numbers, transposed (explained
 #    below).
-# 2. **Renamed.** Our learned positions live in chapter 6's `PositionalEmbedding`, which keeps
-#    its table one level down: `transformer.wpe.table.weight` for GPT-2's `transformer.wpe.weight`.
+# 2. **Renamed.** Our learned positions live in [chapter 6](06_positions.ipynb)'s
+#    `PositionalEmbedding`, which keeps its table one level down: `transformer.wpe.table.weight` for
+#    GPT-2's `transformer.wpe.weight`.
 # 3. **Not stored.** `lm_head.weight` is tied to the token embeddings `transformer.wte.weight`
-#    (chapter 17): one matrix with two names, so the file stores it once, under `wte`.
+#    ([chapter 17](17_training_a_gpt.ipynb)): one matrix with two names, so the file stores it once,
+#    under `wte`.
 #
 # The diagram below draws the whole mapping for GPT-2 small (the `"gpt2"` of section 5): width
 # 768, 12 blocks, 1,024 positions, 50,257 token ids. On the left, the tensors of
@@ -468,10 +471,10 @@ assert {round(100 * share, 1) for share in mlp_share.values()} == {66.7}
 print("in every size, the MLP holds 66.7% of the blocks' attention + MLP parameters")
 
 # %% [markdown]
-# A block holds $12 d^2 + 13 d$ parameters (chapter 17), two thirds of them in the MLP, so the
-# blocks grow with the square of the width and linearly with the depth, while the token
-# embeddings, $50{,}257 \times d$, grow only linearly with the width. In GPT-2 small the
-# embeddings are almost a third of the model; in GPT-2 XL, 5%.
+# A block holds $12 d^2 + 13 d$ parameters ([chapter 17](17_training_a_gpt.ipynb)), two thirds of
+# them in the MLP, so the blocks grow with the square of the width and linearly with the depth,
+# while the token embeddings, $50{,}257 \times d$, grow only linearly with the width. In GPT-2 small
+# the embeddings are almost a third of the model; in GPT-2 XL, 5%.
 #
 # ## 2. Loading, and checking against `transformers`
 #
@@ -544,11 +547,11 @@ assert same
 # ## 3. Text in, text out
 #
 # The model reads ids. GPT-2's ids come from its byte-level BPE tokenizer: OpenAI's `tiktoken`
-# ships it as the `"gpt2"` encoding, and chapter 16 rebuilt it from GPT-2's two files
-# (`vocab.bpe`, `encoder.json`) as
-# `minbpe.GPT2Tokenizer`. (`attnbook.data.get_encoding("gpt2")` wraps the first one, for the
-# book's data pipeline.) They must agree id for id, on anything: plain English, Shakespeare's
-# punctuation and line breaks, runs of spaces, digits, accents, other scripts and emoji.
+# ships it as the `"gpt2"` encoding, and [chapter 16](16_tokenization.ipynb) rebuilt it from GPT-2's
+# two files (`vocab.bpe`, `encoder.json`) as `minbpe.GPT2Tokenizer`.
+# (`attnbook.data.get_encoding("gpt2")` wraps the first one, for the book's data pipeline.) They
+# must agree id for id, on anything: plain English, Shakespeare's punctuation and line breaks, runs
+# of spaces, digits, accents, other scripts and emoji.
 
 # %%
 import tiktoken
@@ -589,14 +592,14 @@ assert mb.decode(new_ids) == tk.decode(new_ids)
 # %% [markdown]
 # ## 4. From multi-head to grouped-query attention
 #
-# Chapter 4 introduced grouped-query attention: the query heads keep their own projections, but
-# groups of them share one key head and one value head, so the KV cache shrinks by the size of the
-# group. `to_gqa(model, n_kv_head)` is chapter 18's `attnbook.convert.mha_to_gqa`: it converts a
-# trained multi-head model by mean pooling, as in the GQA paper (Ainslie et al., 2023): the new key
-# projection of a group is the average of the key projections of its heads, and likewise for the
-# values; every other weight is copied. With `n_kv_head = n_head` nothing is averaged and the model
-# must be unchanged. With fewer heads, the heads of a group now look at the same keys and read the
-# same values, so the outputs change.
+# [Chapter 4](04_mqa_gqa.ipynb) introduced grouped-query attention: the query heads keep their own
+# projections, but groups of them share one key head and one value head, so the KV cache shrinks by
+# the size of the group. `to_gqa(model, n_kv_head)` is [chapter 18](18_comparing_variants.ipynb)'s
+# `attnbook.convert.mha_to_gqa`: it converts a trained multi-head model by mean pooling, as in the
+# GQA paper (Ainslie et al., 2023): the new key projection of a group is the average of the key
+# projections of its heads, and likewise for the values; every other weight is copied. With
+# `n_kv_head = n_head` nothing is averaged and the model must be unchanged. With fewer heads, the
+# heads of a group now look at the same keys and read the same values, so the outputs change.
 #
 # We measure the change on our random model, on the 48 positions of section 2: the largest
 # change of a logit, and how often the most likely next token stays the same. The cache is read
@@ -633,7 +636,8 @@ for k in (4, 2, 1):
 # on how alike the heads of a group have become in training; heads that learnt different jobs
 # lose them when forced to share keys and values. That is why the GQA paper continues training
 # ("uptraining") after pooling, and why a converted model is meant to be fine-tuned briefly
-# (chapter 18). Section 5 measures the cost on GPT-2 itself, when its weights are available.
+# ([chapter 18](18_comparing_variants.ipynb)). Section 5 measures the cost on GPT-2 itself, when its
+# weights are available.
 #
 # A GQA model is no longer a GPT-2 that `transformers`' `GPT2LMHeadModel` can hold, and
 # `save_gpt2` says so rather than writing a checkpoint that would load wrongly. (Exercise 4
@@ -688,8 +692,9 @@ else:
 
 # %% [markdown]
 # Sampling rather than greedy decoding: greedy decoding makes GPT-2 loop on the same phrase after
-# a few lines. We sample at temperature 0.8 among the 40 most likely tokens (chapter 17), and stop
-# early if the model ends its document with `<|endoftext|>` (`EOT`, id 50256).
+# a few lines. We sample at temperature 0.8 among the 40 most likely tokens
+# ([chapter 17](17_training_a_gpt.ipynb)), and stop early if the model ends its document with
+# `<|endoftext|>` (`EOT`, id 50256).
 
 # %% tags=["nbval-ignore-output"]
 if gpt2_dir is None:
@@ -704,9 +709,10 @@ else:
 # **Perplexity.** A language model's loss is the mean negative log-probability it gives to each
 # actual next token; its exponential, the *perplexity*, is the number of equally likely choices
 # that would be as uncertain. We take TinyShakespeare's last tenth (the validation text of
-# chapter 17), encode it with GPT-2's tokenizer, and score 8 windows of 256 tokens in one batch,
-# 2,048 predictions, for the original model and for `to_gqa(gpt2, k)` with fewer key/value heads
-# per layer: 6, 4 and 1 for GPT-2 small's 12 heads. None of them is fine-tuned.
+# [chapter 17](17_training_a_gpt.ipynb)), encode it with GPT-2's tokenizer, and score 8 windows of
+# 256 tokens in one batch, 2,048 predictions, for the original model and for `to_gqa(gpt2, k)` with
+# fewer key/value heads per layer: 6, 4 and 1 for GPT-2 small's 12 heads. None of them is
+# fine-tuned.
 
 # %% tags=["nbval-ignore-output"]
 if gpt2_dir is None:
@@ -809,8 +815,9 @@ print("temporary checkpoints deleted:", not tmp.exists())
 # %% [markdown]
 # ## Exercises
 #
-# Worked solutions are in `chapters/solutions/19_loading_gpt2_solutions.ipynb`. None of them
-# needs GPT-2's real weights.
+# Worked solutions are in
+# [`solutions/19_loading_gpt2_solutions.ipynb`](solutions/19_loading_gpt2_solutions.ipynb). None of
+# them needs GPT-2's real weights.
 #
 # 1. **The transpose that no shape check catches.** Take a checkpoint written by `save_gpt2` and
 #    doctor it three ways, one at a time: (a) store block 1's `mlp.c_fc.weight` in `nn.Linear`'s

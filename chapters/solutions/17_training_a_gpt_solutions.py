@@ -119,13 +119,13 @@ assert min(gap) > 0.05, "with these two seeds the LLaMA-style model is ahead"
 # vectors to be learnt from scratch in 200 steps.
 #
 # Two seeds are still few, and short runs have a noisy phase: these 200-step runs end near the
-# bigram level (2.45), in the flat stretch that chapter 17's loss curve crosses slowly, and how
-# long a run stays there varies from seed to seed. While preparing this solution we tried four
-# more seeds (not run here: it would double the notebook's time). With seeds 2, 3 and 4 the
-# LLaMA-style model was again ahead, by 0.09 to 0.17; with seed 1337, `TrainConfig`'s default,
-# it ended *behind*, 2.60 against 2.51. A claim that one architecture beats another needs
-# several seeds and runs long enough to leave that stretch behind — which is what chapter 18 does
-# for the attention variants.
+# bigram level (2.45), in the flat stretch that [chapter 17](../17_training_a_gpt.ipynb)'s loss
+# curve crosses slowly, and how long a run stays there varies from seed to seed. While preparing
+# this solution we tried four more seeds (not run here: it would double the notebook's time). With
+# seeds 2, 3 and 4 the LLaMA-style model was again ahead, by 0.09 to 0.17; with seed 1337,
+# `TrainConfig`'s default, it ended *behind*, 2.60 against 2.51. A claim that one architecture beats
+# another needs several seeds and runs long enough to leave that stretch behind — which is what
+# [chapter 18](../18_comparing_variants.ipynb) does for the attention variants.
 #
 # ## Exercise 2 — Weight tying
 #
