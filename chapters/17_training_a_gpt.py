@@ -663,7 +663,10 @@ print(f"defaults: weight_decay {loop_cfg.weight_decay}, betas ({loop_cfg.beta1},
 # with its own settings, so this makes two groups with their own `weight_decay`. The learning
 # rate is set in both groups at every step by the schedule. `make_optimizer(model, cfg)` in
 # `attnbook.train` does exactly this. We write it again, and check that it builds the same two
-# groups of the same tensors.
+# groups of the same tensors. One setting differs: `make_optimizer` asks for PyTorch's *fused*
+# AdamW where it exists (on the CPU and on CUDA GPUs). It computes the same update, but in one
+# pass over each tensor's memory instead of one pass per arithmetic operation, which makes
+# the step faster. That choice of kernel is left out of the comparison.
 
 # %%
 def build_optimizer(model, cfg):
@@ -686,8 +689,8 @@ for name, group in zip(("decayed", "not decayed"), ours_opt.param_groups, strict
           f"weight_decay {group['weight_decay']}")
 
 
-def settings(group):  # everything but the tensors: lr, betas, eps, weight_decay, ...
-    return {k: v for k, v in group.items() if k != "params"}
+def settings(group):  # everything but the tensors and the kernel: lr, betas, eps, ...
+    return {k: v for k, v in group.items() if k not in ("params", "fused", "foreach")}
 
 
 same_groups = all(

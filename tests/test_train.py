@@ -2,6 +2,7 @@
 stopping, divergence, corrupt checkpoints, torchrun data parallelism, MLflow, the command line."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -89,16 +90,9 @@ def test_adamw_is_fused_where_torch_has_the_kernel():
     with torch.device("meta"):  # a device without the fused kernel: the default one
         on_meta = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
     assert not any(g["fused"] for g in make_optimizer(on_meta, cfg).param_groups)
-
-
-def unfused_optimizer(model, cfg):
-    """make_optimizer's groups with the default multi-tensor AdamW (what it built before it
-    chose the fused kernel)."""
-    optimizer = make_optimizer(model, cfg)
-    return torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "fused"} for g in optimizer.param_groups],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False,
-    )  # fmt: skip
+    assert not any(g["fused"] for g in make_optimizer(model, cfg, fused=False).param_groups)
+    with pytest.raises(ValueError, match="fused must be None .*, got 'yes'"):
+        make_optimizer(model, cfg, fused="yes")
 
 
 def test_checkpoints_of_the_unfused_optimizer_resume_with_the_fused_one(
@@ -111,7 +105,8 @@ def test_checkpoints_of_the_unfused_optimizer_resume_with_the_fused_one(
     train(straight)
     old = tiny(corpus, tmp_path / "old", dropout=0.0, max_iters=6)
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "make_optimizer", unfused_optimizer)
+        unfused = functools.partial(make_optimizer, fused=False)  # what it built before
+        patch.setattr(train_module, "make_optimizer", unfused)
         train(old)
     state = torch.load(checkpoint_dirs(old.out_dir)[-1] / "state.pt", weights_only=True)
     assert not any(g["fused"] for g in state["optimizer"]["param_groups"])

@@ -215,20 +215,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel exists
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW with ``weight_decay`` on matrices (embeddings, linear weights) and none on biases
     and norm weights; build it after moving the model to its device.
 
-    Where every parameter is a floating-point tensor on a device of ``FUSED_ADAMW_DEVICES``,
-    it is torch's fused AdamW: the whole update of a tensor in one pass over its memory, the
-    default multi-tensor kernel's update up to rounding. Elsewhere the default. A checkpoint
-    written with either kernel resumes with the one chosen here (``load_checkpoint``)."""
+    ``fused=None`` chooses torch's fused AdamW where every parameter is a floating-point tensor
+    on a device of ``FUSED_ADAMW_DEVICES`` (the whole update of a tensor in one pass over its
+    memory: the default multi-tensor kernel's update up to rounding), else the default kernel;
+    True or False forces the choice. A checkpoint written with either kernel resumes with the
+    one chosen here (``load_checkpoint``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be None (choose by device), True or False, got {fused!r}")
+    if fused is None:
+        fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
