@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from attnbook import cli
+from attnbook import bench, cli
 from attnbook.bench import CAUSAL, PeakTensorMemory, hybrid_table, main, peak_bytes
 
 
@@ -58,3 +58,15 @@ def test_bench_streaming_decodes_past_block_size_at_constant_cache_bytes(capsys)
     held = {int(b.replace(",", "")) for _, b in rows}
     assert lengths == [1, 6, 16, 32, 48] and len(held) == 1  # past block_size, same bytes
     assert "tokens/s" in out
+
+
+def test_bench_train_times_both_adamw_kernels_for_every_shape_and_dtype(capsys, monkeypatch):
+    tiny = {"2x2x32, block 16": dict(n_layer=2, n_head=2, n_embd=32, block_size=16)}
+    monkeypatch.setattr(bench, "TRAIN_SHAPES", tiny)
+    main(["train", "--repeats", "1", "--batch_size", "2"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 2x2x32")]  # fmt: skip
+    dtypes = ["float32", "bfloat16"] if len(rows) == 4 else ["float32"]
+    assert [(r[1], r[2]) for r in rows] == [(d, k) for d in dtypes for k in ("fused", "unfused")]
+    assert all(float(r[3]) > 0 for r in rows)  # ms/step
+    assert [r[-1] for r in rows if r[2] == "unfused"] == ["1.00x |"] * len(dtypes)

@@ -2,6 +2,7 @@
 stopping, divergence, corrupt checkpoints, torchrun data parallelism, MLflow, the command line."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -82,6 +83,52 @@ def test_weight_decay_on_matrices_only():
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
     n_opt = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel():
+    cfg = TrainConfig()
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert all(g["fused"] for g in make_optimizer(model, cfg).param_groups)  # on the CPU
+    with torch.device("meta"):  # a device without the fused kernel: the default one
+        on_meta = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert not any(g["fused"] for g in make_optimizer(on_meta, cfg).param_groups)
+    assert not any(g["fused"] for g in make_optimizer(model, cfg, fused=False).param_groups)
+    with pytest.raises(ValueError, match="fused must be None .*, got 'yes'"):
+        make_optimizer(model, cfg, fused="yes")
+
+
+def test_checkpoints_of_the_unfused_optimizer_resume_with_the_fused_one(
+    corpus, tmp_path, monkeypatch
+):
+    """Runs whose checkpoints an unfused AdamW wrote resume (their moments and step counts
+    carry over) and go on with the fused kernel: the same weights, up to rounding, as a run
+    never interrupted, and not those of a run that lost the optimizer's state."""
+    straight = tiny(corpus, tmp_path / "straight", dropout=0.0)
+    train(straight)
+    old = tiny(corpus, tmp_path / "old", dropout=0.0, max_iters=6)
+    with monkeypatch.context() as patch:
+        unfused = functools.partial(make_optimizer, fused=False)  # what it built before
+        patch.setattr(train_module, "make_optimizer", unfused)
+        train(old)
+    state = torch.load(checkpoint_dirs(old.out_dir)[-1] / "state.pt", weights_only=True)
+    assert not any(g["fused"] for g in state["optimizer"]["param_groups"])
+    model = GPT(saved_model_config(old.out_dir))
+    optimizer = make_optimizer(model, old)
+    load_checkpoint(checkpoint_dirs(old.out_dir)[-1], model, optimizer)
+    assert all(g["fused"] for g in optimizer.param_groups)  # the kernel chosen here stays
+    assert all(s["step"].item() == 6 for s in optimizer.state.values())
+    train(dataclasses.replace(old, max_iters=12))
+    for name, tensor in weights(straight.out_dir).items():
+        torch.testing.assert_close(weights(old.out_dir)[name], tensor, msg=name)
+    lost = tiny(corpus, tmp_path / "lost", dropout=0.0, max_iters=6)  # moments lost at 6
+    train(lost)
+    last = checkpoint_dirs(lost.out_dir)[-1]
+    model = GPT(saved_model_config(lost.out_dir))
+    state = load_checkpoint(last, model)
+    torch.save({**state, "optimizer": make_optimizer(model, lost).state_dict()}, last / "state.pt")
+    train(dataclasses.replace(lost, max_iters=12))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(weights(lost.out_dir), weights(straight.out_dir))
 
 
 @pytest.mark.parametrize(

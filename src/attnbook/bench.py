@@ -8,7 +8,8 @@ streaming``.
   chunked one, then every registered layer forward + backward with its cache bytes
   per token (glibc keeps freed memory unless ``--system-malloc``, as PyTorch's CPU guide advises);
 - ``train``: one training step of nanoGPT's two Shakespeare shapes, float32 and bf16 autocast,
-  with model FLOPs utilisation against the matrix-multiply peak measured in the same run;
+  with model FLOPs utilisation against the matrix-multiply peak measured in the same run, for
+  ``make_optimizer``'s fused AdamW against the unfused one (``--compile``: and compiled);
 - ``baby``: nanoGPT's CPU training run with our trainer, the validation loss on nanoGPT's 20
   batches, on 100 independent draws of them and on 2000;
 - ``generate``: greedy decoding at GPT-2 small's shape against ``transformers`` (same weights,
@@ -284,6 +285,18 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def best_of_alternating(runs: dict, repeats: int) -> dict:
+    """name -> (best wall time over ``repeats``, last result) of each ``fn()`` in ``runs``, after
+    one warm-up each; the runs take turns, so a busy spell of the machine slows them alike."""
+    results = {name: (float("inf"), fn()) for name, fn in runs.items()}  # the warm-ups
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            out = fn()
+            results[name] = (min(results[name][0], time.perf_counter() - start), out)
+    return results
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an ``n x n`` matrix multiply in ``dtype``, best of ``repeats``: the machine's
     practical peak that model FLOPs utilisation is measured against."""
@@ -298,29 +311,46 @@ def read_bandwidth(n_bytes: int = 2**29, repeats: int = 5) -> float:
     return n_bytes / best_seconds(t.sum, repeats)
 
 
-def train_step_seconds(shape: dict, batch_size: int, dtype: str, repeats: int) -> tuple:
-    """Best time of one training step (forward, backward, clipping, AdamW) and the model's
-    training FLOPs per token, for a char-level GPT of this ``shape``."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=65, dropout=0.0, **shape))
-    optimizer = make_optimizer(model, TrainConfig())
+def train_step_runs(shape: dict, batch_size: int, dtype: str, compile: bool = False) -> dict:
+    """Training steps (forward, backward, clipping, AdamW, zero_grad) of char-level GPTs of this
+    ``shape``, equal at the start: ``name -> fn`` running one step, for ``make_optimizer``'s
+    fused AdamW and the default unfused one, and with ``compile`` the fused one on a
+    ``torch.compile``'d model (compiled by its first two steps, here)."""
     x = torch.randint(0, 65, (batch_size, shape["block_size"]))  # (B, T)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        with autocast:
-            _, loss = model(x, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best, model.flops_per_token()
+
+    def step_fn(fused: bool, compiled: bool):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=65, dropout=0.0, **shape))
+        optimizer = make_optimizer(model, TrainConfig(), fused=fused)
+        forward = torch.compile(model) if compiled else model
+
+        def step():
+            with autocast:
+                _, loss = forward(x, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    runs = {"fused": step_fn(True, False), "unfused": step_fn(False, False)}
+    if compile:
+        runs["fused, compiled"] = step_fn(True, True)
+    return runs
 
 
-def print_train(batch_size: int, repeats: int) -> None:
+def compile_seconds(step) -> float:
+    """Wall time of the first two calls of ``step`` (a compiled model compiles its forward and
+    backward there)."""
+    start = time.perf_counter()
+    step()
+    step()
+    return time.perf_counter() - start
+
+
+def print_train(batch_size: int, repeats: int, compile: bool = False) -> None:
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16, 512)}
     print(
         f"matmul peak ({torch.get_num_threads()} threads): float32 "
@@ -332,19 +362,31 @@ def print_train(batch_size: int, repeats: int) -> None:
         dtypes.remove("bfloat16")
         print("bfloat16 autocast not timed: this CPU multiplies bf16 matrices more than 4x "
               "slower than float32 (no native bf16 instructions)")  # fmt: skip
-    print(f"training step, batch {batch_size}, char vocabulary, best of {repeats}")
-    print("| model | dtype | ms/step | tokens/s | model GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"training step (forward, backward, clipping, AdamW), batch {batch_size}, char "
+        f"vocabulary; the AdamW kernels take turns, best of {repeats} each"
+    )
+    print("| model | dtype | AdamW | ms/step | tokens/s | model GFLOP/s | MFU | vs unfused |")
+    print("|---|---|---|---|---|---|---|---|")
+    compile_times = []
     for name, shape in TRAIN_SHAPES.items():
+        flops = GPT(GPTConfig(vocab_size=65, **shape)).flops_per_token()
         for dtype in dtypes:
-            seconds, flops = train_step_seconds(shape, batch_size, dtype, repeats)
-            tokens = batch_size * shape["block_size"] / seconds
-            achieved = flops * tokens
-            print(
-                f"| {name} | {dtype} | {seconds * 1e3:.1f} | {tokens:,.0f} | "
-                f"{achieved / 1e9:.1f} | {achieved / peaks[dtype]:.1%} |"
-            )
+            runs = train_step_runs(shape, batch_size, dtype, compile)
+            if compile:
+                compile_times.append((name, dtype, compile_seconds(runs["fused, compiled"])))
+            times = best_of_alternating(runs, repeats)
+            for kernel, (seconds, _) in times.items():
+                tokens = batch_size * shape["block_size"] / seconds
+                achieved = flops * tokens
+                print(
+                    f"| {name} | {dtype} | {kernel} | {seconds * 1e3:.1f} | {tokens:,.0f} | "
+                    f"{achieved / 1e9:.1f} | {achieved / peaks[dtype]:.1%} | "
+                    f"{seconds / times['unfused'][0]:.2f}x |"
+                )
     print("MFU: 6N + 12 L d T FLOPs per token (GPT.flops_per_token) over the same dtype's peak")
+    for name, dtype, seconds in compile_times:
+        print(f"torch.compile, {name}, {dtype}: first two steps {seconds:.1f} s")
 
 
 def loss_estimates(model, data, cfg: TrainConfig, split: str, draws: int, batches: int = 20):
@@ -399,18 +441,6 @@ def print_baby(max_iters: int, seeds: list[int]) -> None:
 
 
 # --- generation --------------------------------------------------------------------------------
-
-
-def best_of_alternating(runs: dict, repeats: int) -> dict:
-    """name -> (best wall time over ``repeats``, last result) of each ``fn()`` in ``runs``, after
-    one warm-up each; the runs take turns, so a busy spell of the machine slows them alike."""
-    results = {name: (float("inf"), fn()) for name, fn in runs.items()}  # the warm-ups
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            out = fn()
-            results[name] = (min(results[name][0], time.perf_counter() - start), out)
-    return results
 
 
 def print_generate(prompt_len: int, new_tokens: int, repeats: int) -> None:
@@ -764,6 +794,10 @@ def main(argv=None):
     trn = sub.add_parser("train", help="training step time and MFU, float32 and bf16 autocast")
     trn.add_argument("--batch_size", type=int, default=12)
     trn.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up")
+    trn.add_argument(
+        "--compile", action="store_true",
+        help="also time the fused step of a torch.compile'd model (compiling takes a while)",
+    )  # fmt: skip
     baby = sub.add_parser("baby", help="nanoGPT's CPU Shakespeare run: validation loss, time")
     baby.add_argument("--max_iters", type=int, default=2000)
     baby.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run per seed")
@@ -816,7 +850,7 @@ def main(argv=None):
             keep_freed_memory()
         print_attention(args.lengths, args.repeats)
     elif args.command == "train":
-        print_train(args.batch_size, args.repeats)
+        print_train(args.batch_size, args.repeats, args.compile)
     elif args.command == "baby":
         print_baby(args.max_iters, args.seeds)
     elif args.command == "flash":

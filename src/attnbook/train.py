@@ -225,15 +225,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel exists
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW with ``weight_decay`` on matrices (embeddings, linear weights) and none on biases
-    and norm weights."""
+    and norm weights; build it after moving the model to its device.
+
+    ``fused=None`` chooses torch's fused AdamW where every parameter is a floating-point tensor
+    on a device of ``FUSED_ADAMW_DEVICES`` (the whole update of a tensor in one pass over its
+    memory: the default multi-tensor kernel's update up to rounding), else the default kernel;
+    True or False forces the choice. A checkpoint written with either kernel resumes with the
+    one chosen here (``load_checkpoint``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be None (choose by device), True or False, got {fused!r}")
+    if fused is None:
+        fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -295,7 +310,12 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
             f"{sorted(unexpected)}"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        kernels = [
+            {k: g[k] for k in ("foreach", "fused") if k in g} for g in optimizer.param_groups
+        ]
+        optimizer.load_state_dict(state["optimizer"])  # its groups carry the writer's kernel
+        for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(kernel)  # the kernel make_optimizer chose for this process's device
     return state
 
 
