@@ -34,6 +34,7 @@ import ast
 import csv
 import ctypes
 import functools
+import os
 import statistics
 import tempfile
 import time
@@ -784,7 +785,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def mqar_rows(variants, pairs, seeds, *, steps: int = 400, lr: float = 3e-3, n_layer: int = 2,
               n_embd: int = 64, n_head: int = 8, batch_size: int = 30, vocab_size: int = 40,
-              queries: int = 16, positions: str = "rope") -> list[dict]:  # fmt: skip
+              queries: int = 16, positions: str = "rope", csv_path=None) -> list[dict]:  # fmt: skip
     """Train a GPT of each variant on MQAR alone (``compare.run_variant``: the same model shape,
     data order per seed, optimiser and schedule for every variant) and measure its recall.
 
@@ -797,6 +798,8 @@ def mqar_rows(variants, pairs, seeds, *, steps: int = 400, lr: float = 3e-3, n_l
         n_layer, n_embd, n_head, batch_size, positions: the GPT and its batches.
         vocab_size: ids of the task: keys from ``[1, vocab_size // 2)``, values from the rest.
         queries: query positions after the pairs.
+        csv_path: a CSV file to write, one line per run as it finishes (seed by seed, so an
+            interrupted sweep keeps whole seeds), or None.
     Returns:
         One dict per run with the keys of ``MQAR_COLUMNS``; ``recall_acc`` is measured on a
         fixed set of new sequences, ``val_loss`` on the answers.
@@ -816,7 +819,7 @@ def mqar_rows(variants, pairs, seeds, *, steps: int = 400, lr: float = 3e-3, n_l
             )
     tasks = {n: build_task("recall", vocab_size=vocab_size, seq_len=2 * n + queries, n_pairs=n)
              for n in pairs}  # fmt: skip
-    runs = []
+    configs = {}
     for spec in variants:  # every setting is checked before the first run trains
         name, options = parse_variant(spec)
         for n, task in tasks.items():
@@ -827,21 +830,26 @@ def mqar_rows(variants, pairs, seeds, *, steps: int = 400, lr: float = 3e-3, n_l
             )  # fmt: skip
             with torch.device("meta"):
                 GPT(model_config(name, cfg, vocab_size, options))
-            runs.extend((spec, name, options, n, cfg, seed) for seed in seeds)
-    rows = []
-    for spec, name, options, n, cfg, seed in runs:
-        with tempfile.TemporaryDirectory() as out_dir:
-            cfg = replace(cfg, seed=seed, out_dir=out_dir)
-            result = run_variant(name, cfg, tasks=[tasks[n]], options=options)
-        head_dim = n_embd // n_head
-        rows.append(dict(
-            variant=spec, n_pairs=n, seq_len=cfg.block_size, head_dim=head_dim,
-            pairs_per_head_dim=n / head_dim, seed=seed, lr=lr, steps=steps,
-            recall_acc=result["recall_acc"], val_loss=result["val_loss"],
-            wall_s=result["wall_s"],
-        ))  # fmt: skip
-        print(f"{spec} {n} pairs seed {seed}: recall {result['recall_acc']:.3f} "
-              f"({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            configs[spec, n] = name, options, cfg
+    rows, head_dim = [], n_embd // n_head
+    with open(csv_path or os.devnull, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MQAR_COLUMNS)
+        writer.writeheader()
+        for seed in seeds:
+            for (spec, n), (name, options, cfg) in configs.items():
+                with tempfile.TemporaryDirectory() as out_dir:
+                    cfg = replace(cfg, seed=seed, out_dir=out_dir)
+                    result = run_variant(name, cfg, tasks=[tasks[n]], options=options)
+                rows.append(dict(
+                    variant=spec, n_pairs=n, seq_len=cfg.block_size, head_dim=head_dim,
+                    pairs_per_head_dim=n / head_dim, seed=seed, lr=lr, steps=steps,
+                    recall_acc=result["recall_acc"], val_loss=result["val_loss"],
+                    wall_s=result["wall_s"],
+                ))  # fmt: skip
+                writer.writerow(rows[-1])
+                f.flush()
+                print(f"{spec} {n} pairs seed {seed}: recall {result['recall_acc']:.3f} "
+                      f"({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
     return rows
 
 
@@ -858,14 +866,6 @@ def print_mqar(rows: list[dict]) -> None:
         seeds = ", ".join(f"{r['seed']}: {r['recall_acc']:.3f}" for r in runs)
         print(f"| {variant} | {n} | {runs[0]['pairs_per_head_dim']:g} | "
               f"{statistics.mean(accs):.3f} ± {sd:.3f} | {seeds} |")  # fmt: skip
-
-
-def write_mqar_csv(rows: list[dict], path: str) -> None:
-    """Every run of ``mqar_rows``, one line each, the columns of ``MQAR_COLUMNS``."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MQAR_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None):
@@ -918,7 +918,7 @@ def main(argv=None):
                  "queries", "positions"):  # fmt: skip
         default = mqar_rows.__kwdefaults__[name]
         mq.add_argument(f"--{name}", type=type(default), default=default)
-    mq.add_argument("--csv", default=None, help="write every run to this CSV file")
+    mq.add_argument("--csv", default=None, help="write each run to this CSV file as it ends")
     args = parser.parse_args(argv)
     for name in (
         "block_size",
@@ -969,12 +969,11 @@ def main(argv=None):
     elif args.command == "mqar":
         options = {k: v for k, v in vars(args).items() if k not in ("command", "csv")}
         try:
-            rows = mqar_rows(**options)
+            rows = mqar_rows(**options, csv_path=args.csv)
         except ValueError as err:
             parser.error(str(err))
         print_mqar(rows)
         if args.csv:
-            write_mqar_csv(rows, args.csv)
             print(f"wrote {len(rows)} runs to {args.csv}")
     else:
         if args.prompt_len + args.new_tokens > gpt2_config().block_size:
