@@ -1,13 +1,25 @@
 """bench.PeakTensorMemory counts what operations create and forget what is freed; the peak
 bytes of causal attention's forward + backward grow quadratically for the explicit math and
-linearly for flash_attention's tiles; hybrid stacks' cache bytes per token, counted and measured."""
+linearly for flash_attention's tiles; hybrid stacks' cache bytes per token, counted and measured;
+the MQAR sweep's runs, table and CSV, and its refusals."""
 
+import csv
 import functools
 
+import pytest
 import torch
 
 from attnbook import bench, cli
-from attnbook.bench import CAUSAL, PeakTensorMemory, hybrid_table, main, peak_bytes
+from attnbook.bench import (
+    CAUSAL,
+    MQAR_COLUMNS,
+    PeakTensorMemory,
+    hybrid_table,
+    main,
+    mqar_rows,
+    parse_variant,
+    peak_bytes,
+)
 
 
 def test_peak_counts_new_storages_once_and_forgets_freed_ones():
@@ -70,3 +82,50 @@ def test_bench_train_times_both_adamw_kernels_for_every_shape_and_dtype(capsys, 
     assert [(r[1], r[2]) for r in rows] == [(d, k) for d in dtypes for k in ("fused", "unfused")]
     assert all(float(r[3]) > 0 for r in rows)  # ms/step
     assert [r[-1] for r in rows if r[2] == "unfused"] == ["1.00x |"] * len(dtypes)
+
+
+def test_bench_mqar_trains_every_variant_pairs_and_seed_and_writes_each_run(tmp_path, capsys):
+    path = tmp_path / "mqar.csv"
+    cli.main(["bench", "mqar", "--variants", "mha", "deltanet:use_delta=False,conv_size=2",
+              "--pairs", "2", "3", "--seeds", "0", "1", "--steps", "2", "--n_embd", "16",
+              "--n_head", "2", "--batch_size", "3", "--vocab_size", "12", "--queries", "12",
+              "--csv", str(path)])  # fmt: skip
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(MQAR_COLUMNS)
+    variants = ("mha", "deltanet:use_delta=False,conv_size=2")
+    assert [(r["variant"], r["n_pairs"], r["seed"]) for r in rows] == [
+        (v, p, s) for s in ("0", "1") for v in variants for p in ("2", "3")
+    ]  # seed by seed
+    assert [(r["seq_len"], r["pairs_per_head_dim"]) for r in rows[:2]] == [
+        ("16", "0.25"), ("18", "0.375")  # 2 n + 12 queries; n / head_dim 8
+    ]  # fmt: skip
+    assert all(0 <= float(r["recall_acc"]) <= 1 and r["steps"] == "2" for r in rows)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4 and table[1].startswith("| mha | 2 | 0.25 | ")
+
+
+def test_parse_variant_reads_options_as_literals_and_refuses_others():
+    assert parse_variant("mha") == ("mha", {})
+    assert parse_variant("deltanet:use_delta=False,conv_size=2") == (
+        "deltanet", {"use_delta": False, "conv_size": 2}
+    )  # fmt: skip
+    for spec in ("deltanet:use_delta", "deltanet:use_delta=maybe", "deltanet:=3"):
+        with pytest.raises(ValueError, match="name:option=value"):
+            parse_variant(spec)
+
+
+@pytest.mark.parametrize(
+    "variants, pairs, seeds, match",
+    [
+        (["nope"], [2], [0], "unknown variants"),
+        (["deltanet:window=3"], [2], [0], "window"),
+        (["mha"], [30], [0], "distinct keys do not fit"),
+        (["mha"], [0], [0], "pairs must be a positive integer"),
+        (["mha"], [2], [], "at least one"),
+        (["mha"], [2, 1], [0], "use queries >= 14"),
+    ],
+)
+def test_bench_mqar_refuses_bad_settings_before_training(variants, pairs, seeds, match):
+    with pytest.raises(ValueError, match=match):
+        mqar_rows(variants, pairs, seeds, vocab_size=12, n_embd=16, n_head=2, queries=12)

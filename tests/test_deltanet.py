@@ -149,6 +149,20 @@ def test_chunked_recurrent_weights_and_cached_by_chunks_agree(name, positions, u
             torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
 
 
+def test_use_delta_false_writes_the_plain_sum_in_every_form():
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    plain = _layer("gated_deltanet", "sdpa", "rope", chunk_size=8, use_delta=False).double()
+    recurrent = _layer("gated_deltanet", "reference", "rope", chunk_size=8, use_delta=False)
+    delta = _layer("gated_deltanet", "sdpa", "rope", chunk_size=8).double()  # the same weights
+    full = plain(x)
+    torch.testing.assert_close(recurrent.double()(x), full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain(x, need_weights=True)[0], full, rtol=0, atol=1e-12)
+    cache = plain.new_cache(2)
+    parts = [plain(x[:, a:b], cache=cache) for a, b in [(0, 19), (19, 20), (20, 45)]]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
+    assert (delta(x) - full).abs().max() > 1e-3  # the correction changes the output
+
+
 def test_the_short_convolution_is_causal_and_reaches_conv_size_tokens_back():
     layer = _layer("deltanet", conv_size=3).double()
     x = torch.randn(1, 20, 32, dtype=torch.float64, requires_grad=True)
@@ -184,6 +198,7 @@ def test_cache_holds_a_constant_size_state():
         (dict(chunk_size=0), {}, "chunk_size must be a positive integer"),
         (dict(conv_size=0), {}, "conv_size must be a positive integer"),
         (dict(use_gate="yes"), {}, "use_gate must be True or False, got 'yes'"),
+        (dict(use_delta=1), {}, "use_delta must be True or False, got 1"),
         ({}, dict(positions="alibi"), "choose positions 'none'"),
         ({}, dict(causal=False), "set causal=True"),
         ({}, dict(impl="flash"), "impl='flash'"),

@@ -22,17 +22,24 @@ streaming``.
   1 : 1, Qwen3-Next's 3 Gated DeltaNet : 1 full) against all-global attention, at several
   context lengths: counted from the config (``cache_bytes_formula``) and from the caches;
 - ``streaming``: greedy decoding of many times ``block_size`` tokens by a RoPE model of local
-  attention with sink tokens (StreamingLLM): its caches' bytes along the way, and tokens/s.
+  attention with sink tokens (StreamingLLM): its caches' bytes along the way, and tokens/s;
+- ``mqar``: recall accuracy of small GPTs trained on multi-query associative recall alone, per
+  variant, number of pairs (against the head dimension, the size of a state's key space) and
+  seed; ``--csv`` keeps every run.
 
 It measures and asserts nothing: the chapters and tests check the claims. Run it on an idle machine.
 """
 
 import argparse
+import ast
+import csv
 import ctypes
 import functools
+import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +58,12 @@ from .attention.moba import moba_attention
 from .attention.nsa import NSAOptions, compress, nsa_attention
 from .attention.registry import option_names
 from .attention.sparse import block_sparse_attention, draw_random_blocks
+from .checks import check_positive_int
+from .compare import CompareConfig, model_config, run_variant
 from .data import TokenData, prepare
 from .gpt2 import gpt2_config, load_gpt2
 from .model import GPT, GPTConfig, layer_pattern
+from .tasks import build_task
 from .train import TrainConfig, load_trained, make_optimizer, read_metrics, train
 
 N_HEAD, HEAD_DIM = 8, 64
@@ -778,6 +788,116 @@ def print_streaming(block_size: int, factor: int, window: int, sink_tokens: int)
     print(f"{total / seconds:.0f} tokens/s ({seconds:.2f} s for {total} tokens)")
 
 
+# --- recall against the size of the state -----------------------------------------------------
+
+MQAR_COLUMNS = ("variant", "n_pairs", "seq_len", "head_dim", "pairs_per_head_dim", "seed", "lr",
+                "steps", "recall_acc", "val_loss", "wall_s")  # fmt: skip
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:option=value,option=value"`` (values Python literals, e.g.
+    ``"deltanet:use_delta=False"``) -> ``(name, options)``."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value) if eq and key else None
+        except (ValueError, SyntaxError):
+            options[key] = None
+        if options[key] is None:
+            raise ValueError(
+                f"variant {spec!r}: write its options as name:option=value,... with Python "
+                f"literals (True, 3, 0.5), got {item!r}"
+            )
+    return name, options
+
+
+def mqar_rows(variants, pairs, seeds, *, steps: int = 400, lr: float = 3e-3, n_layer: int = 2,
+              n_embd: int = 64, n_head: int = 8, batch_size: int = 30, vocab_size: int = 40,
+              queries: int = 16, positions: str = "rope", csv_path=None) -> list[dict]:  # fmt: skip
+    """Train a GPT of each variant on MQAR alone (``compare.run_variant``: the same model shape,
+    data order per seed, optimiser and schedule for every variant) and measure its recall.
+
+    Args:
+        variants: specs for ``parse_variant``: registered names, each with options or not.
+        pairs: key-value pairs per sequence; a sequence holds the ``2 n`` pair tokens, then
+            ``queries`` queries (``seq_len = 2 n + queries``).
+        seeds: one run per seed (weights, data and evaluation set).
+        steps, lr: AdamW steps and peak learning rate (``compare``'s warm-up and cosine).
+        n_layer, n_embd, n_head, batch_size, positions: the GPT and its batches.
+        vocab_size: ids of the task: keys from ``[1, vocab_size // 2)``, values from the rest.
+        queries: query positions after the pairs.
+        csv_path: a CSV file to write, one line per run as it finishes (seed by seed, so an
+            interrupted sweep keeps whole seeds), or None.
+    Returns:
+        One dict per run with the keys of ``MQAR_COLUMNS``; ``recall_acc`` is measured on a
+        fixed set of new sequences, ``val_loss`` on the answers.
+    """
+    for name, value in dict(queries=queries, steps=steps, n_layer=n_layer).items():
+        check_positive_int(name, value)
+    if not variants or not pairs or not seeds:
+        raise ValueError(f"give at least one variant, pair count and seed, got {variants}, "
+                         f"{pairs} and {seeds}")  # fmt: skip
+    for n in pairs:
+        check_positive_int("pairs", n)
+        if 2 * n + queries < 16:
+            raise ValueError(
+                f"{n} pairs and {queries} queries make sequences of {2 * n + queries} tokens; "
+                f"run_variant measures generation after a 16-token prompt: use queries >= "
+                f"{16 - 2 * n}"
+            )
+    tasks = {n: build_task("recall", vocab_size=vocab_size, seq_len=2 * n + queries, n_pairs=n)
+             for n in pairs}  # fmt: skip
+    configs = {}
+    for spec in variants:  # every setting is checked before the first run trains
+        name, options = parse_variant(spec)
+        for n, task in tasks.items():
+            cfg = CompareConfig(
+                workload="recall", variants=(name,), n_layer=n_layer, n_head=n_head,
+                n_embd=n_embd, block_size=task.seq_len, max_iters=steps, batch_size=batch_size,
+                positions=positions, lr=lr, eval_batches=4, progress=False,
+            )  # fmt: skip
+            with torch.device("meta"):
+                GPT(model_config(name, cfg, vocab_size, options))
+            configs[spec, n] = name, options, cfg
+    rows, head_dim = [], n_embd // n_head
+    with open(csv_path or os.devnull, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MQAR_COLUMNS)
+        writer.writeheader()
+        for seed in seeds:
+            for (spec, n), (name, options, cfg) in configs.items():
+                with tempfile.TemporaryDirectory() as out_dir:
+                    cfg = replace(cfg, seed=seed, out_dir=out_dir)
+                    result = run_variant(name, cfg, tasks=[tasks[n]], options=options)
+                rows.append(dict(
+                    variant=spec, n_pairs=n, seq_len=cfg.block_size, head_dim=head_dim,
+                    pairs_per_head_dim=n / head_dim, seed=seed, lr=lr, steps=steps,
+                    recall_acc=result["recall_acc"], val_loss=result["val_loss"],
+                    wall_s=result["wall_s"],
+                ))  # fmt: skip
+                writer.writerow(rows[-1])
+                f.flush()
+                print(f"{spec} {n} pairs seed {seed}: recall {result['recall_acc']:.3f} "
+                      f"({result['wall_s']:.0f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def print_mqar(rows: list[dict]) -> None:
+    """Recall per variant and number of pairs: mean ± sd over seeds, and each seed's."""
+    print("| variant | pairs | pairs / head_dim | recall, mean ± sd | per seed |")
+    print("|---|---|---|---|---|")
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["variant"], row["n_pairs"]), []).append(row)
+    for (variant, n), runs in cells.items():
+        accs = [r["recall_acc"] for r in runs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        seeds = ", ".join(f"{r['seed']}: {r['recall_acc']:.3f}" for r in runs)
+        print(f"| {variant} | {n} | {runs[0]['pairs_per_head_dim']:g} | "
+              f"{statistics.mean(accs):.3f} ± {sd:.3f} | {seeds} |")  # fmt: skip
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="attnbook bench", description="Speed and memory measurements (prints tables)."
@@ -822,6 +942,17 @@ def main(argv=None):
     stream.add_argument("--factor", type=int, default=10, help="tokens = factor x block_size")
     stream.add_argument("--window", type=int, default=64)
     stream.add_argument("--sink_tokens", type=int, default=4)
+    mq = sub.add_parser("mqar", help="MQAR recall against pairs per head dimension (trains GPTs)")
+    mq.add_argument("--variants", nargs="+", default=["deltanet", "deltanet:use_delta=False",
+                    "gated_deltanet", "mha"],
+                    help="names, or name:option=value,... (e.g. deltanet:use_delta=False)")  # fmt: skip
+    mq.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16])
+    mq.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for name in ("steps", "lr", "n_layer", "n_embd", "n_head", "batch_size", "vocab_size",
+                 "queries", "positions"):  # fmt: skip
+        default = mqar_rows.__kwdefaults__[name]
+        mq.add_argument(f"--{name}", type=type(default), default=default)
+    mq.add_argument("--csv", default=None, help="write each run to this CSV file as it ends")
     args = parser.parse_args(argv)
     for name in (
         "block_size",
@@ -869,6 +1000,15 @@ def main(argv=None):
         if min(args.lengths) < 1:
             parser.error(f"--lengths must be positive, got {args.lengths}")
         print_hybrid(args.lengths)
+    elif args.command == "mqar":
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "csv")}
+        try:
+            rows = mqar_rows(**options, csv_path=args.csv)
+        except ValueError as err:
+            parser.error(str(err))
+        print_mqar(rows)
+        if args.csv:
+            print(f"wrote {len(rows)} runs to {args.csv}")
     else:
         if args.prompt_len + args.new_tokens > gpt2_config().block_size:
             parser.error("--prompt_len plus --new_tokens must be at most GPT-2's 1024 positions")

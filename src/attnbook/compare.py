@@ -164,11 +164,13 @@ class SuiteData:
 # --- one variant ----------------------------------------------------------------------------
 
 
-def model_config(name: str, cfg: CompareConfig, vocab_size: int) -> GPTConfig:
+def model_config(
+    name: str, cfg: CompareConfig, vocab_size: int, options: dict | None = None
+) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_embd=cfg.n_embd, dropout=0.0, positions=cfg.positions, attention=name,
-        attention_options=variant_options(name, cfg),
+        attention_options=variant_options(name, cfg) | (options or {}),
     )  # fmt: skip
 
 
@@ -207,20 +209,28 @@ def task_scores(model: GPT, tasks: list, cfg: CompareConfig) -> dict:
     return scores
 
 
-def run_variant(name: str, cfg: CompareConfig, threads: int | None = None) -> dict:
+def run_variant(
+    name: str,
+    cfg: CompareConfig,
+    threads: int | None = None,
+    tasks: list | None = None,
+    options: dict | None = None,
+) -> dict:
     """Train ``name`` in ``out_dir/<workload>/<name>/`` with ``threads`` torch threads (None:
     torch's default) and measure it; returns the result row (also written to ``result.json``
-    there)."""
+    there). ``tasks``: the recall workload's tasks at ``block_size`` positions, mixed equally
+    (None: ``recall_suite(cfg)``); ``options``: attention options that replace or add to
+    ``variant_options``."""  # fmt: skip
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     folder = Path(cfg.out_dir) / cfg.workload / name
     if cfg.workload == "recall":
-        tasks = recall_suite(cfg)
+        tasks = recall_suite(cfg) if tasks is None else tasks
         data = SuiteData(tasks)
     else:
         data = TokenData(prepare(cfg.data, cfg.encoding))
-    model_cfg = model_config(name, cfg, data.vocab_size)
+    model_cfg = model_config(name, cfg, data.vocab_size, options)
     train_cfg = TrainConfig(
         model=model_cfg, out_dir=str(folder), batch_size=cfg.batch_size,
         max_iters=cfg.max_iters, lr=cfg.lr, min_lr=cfg.lr / 10,

@@ -231,16 +231,19 @@ class DeltaNetOptions:
     use_short_conv: a causal depthwise convolution of ``conv_size`` taps on q, k and v.
     conv_size: its taps (the token itself and ``conv_size - 1`` before it).
     use_gate: the output ``RMSNorm(o) * silu(g_proj(x))`` instead of ``RMSNorm(o)``.
+    use_delta: the delta rule's write of the error; False writes ``β_t k_t v_tᵀ`` instead
+        ((gated) linear attention with this layer's convolution and norms: an ablation).
     """
 
     chunk_size: int = 64
     use_short_conv: bool = True
     conv_size: int = 4
     use_gate: bool = False
+    use_delta: bool = True
 
     def __post_init__(self):
         check_positive_ints(chunk_size=self.chunk_size, conv_size=self.conv_size)
-        for name in ("use_short_conv", "use_gate"):
+        for name in ("use_short_conv", "use_gate", "use_delta"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -357,15 +360,17 @@ class DeltaNet(MultiHeadAttention):
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)
         q = q / math.sqrt(self.head_dim)
-        beta, g = inputs.beta, inputs.g
+        beta, g, delta = inputs.beta, inputs.g, self.options.use_delta
         weights = None
         if need_weights:
-            weights = delta_rule_weights(q, k, beta, g)  # (B, n_head, T, T)
+            weights = delta_rule_weights(q, k, beta, g, delta=delta)  # (B, n_head, T, T)
             o = weights @ v
         elif self.config.impl == "reference":
-            o, state = delta_rule_recurrent(q, k, v, beta, g, state)
+            o, state = delta_rule_recurrent(q, k, v, beta, g, state, delta=delta)
         else:
-            o, state = delta_rule_chunked(q, k, v, beta, self.options.chunk_size, g, state)
+            o, state = delta_rule_chunked(
+                q, k, v, beta, self.options.chunk_size, g, state, delta=delta
+            )
         if cache is not None:
             cache.write_state(state)
         o = self.o_norm(o)  # (B, n_head, T, head_dim)
