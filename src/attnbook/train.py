@@ -384,19 +384,41 @@ def _peak_flops(cfg: TrainConfig) -> float:
     return matmul_peak(torch.float32 if cfg.dtype == "float32" else getattr(torch, cfg.dtype))
 
 
-def _data_encoding(cfg: TrainConfig) -> "str | Encoding":
+def _pretrained(source: str) -> tuple[GPT, dict | None]:
+    """The model ``init_from`` names (see ``TrainConfig``) and, for a training run, its data's
+    description (None for GPT-2); ValueError if there is none."""
+    if (Path(source) / "checkpoints").is_dir():
+        model, _, meta = load_trained(source)
+        return model, meta
+    if source in gpt2.SIZES:
+        folder = gpt2.find_gpt2(source)
+        if folder is None:
+            raise ValueError(
+                f"init_from={source!r}: no local copy of {source} (gpt2.find_gpt2 never "
+                f"downloads): fetch it once with gpt2.load_gpt2({source!r}), or set "
+                f"{gpt2.ENV_DIR} to its folder"
+            )
+        return gpt2.load_gpt2(folder), None
+    if (Path(source) / "config.json").is_file():
+        return gpt2.load_gpt2(source), None
+    raise ValueError(
+        f"init_from={source!r} is neither a training run's folder, a GPT-2 folder nor one "
+        f"of {', '.join(gpt2.SIZES)}"
+    )
+
+
+def _data_encoding(cfg: TrainConfig, pretrained_meta: dict | None) -> "str | Encoding":
     """What ``cfg.data`` is encoded with: ``cfg.encoding``, or when ``init_from`` is a training
-    run, that run's own encoding (the same vocabulary, so the same ids), whose name
-    ``cfg.encoding`` must give."""
+    run (whose data ``pretrained_meta`` describes), that run's own encoding (the same
+    vocabulary, so the same ids), whose name ``cfg.encoding`` must give."""
     if cfg.init_from is None or not (Path(cfg.init_from) / "checkpoints").is_dir():
         return cfg.encoding
-    meta = load_trained(cfg.init_from)[2]
-    if not isinstance(meta, dict) or "encoding" not in meta:
+    if not isinstance(pretrained_meta, dict) or "encoding" not in pretrained_meta:
         raise ValueError(
             f"init_from={cfg.init_from!r} was trained on data without a text encoding, so "
             f"{cfg.data!r} cannot be encoded as it was: fine-tune from a run trained on a corpus"
         )
-    encoding = Encoding.from_dict(meta["encoding"])
+    encoding = Encoding.from_dict(pretrained_meta["encoding"])
     if encoding.name != cfg.encoding:
         raise ValueError(
             f"init_from={cfg.init_from!r} was trained with encoding {encoding.name!r}, and "
@@ -406,27 +428,9 @@ def _data_encoding(cfg: TrainConfig) -> "str | Encoding":
     return encoding
 
 
-def _load_pretrained(model: GPT, source: str) -> None:
-    """Copy into ``model`` the weights ``init_from`` names (see ``TrainConfig``); ValueError if
-    there are none or their model has another shape (dropout aside)."""
-    if (Path(source) / "checkpoints").is_dir():
-        pretrained = load_trained(source)[0]
-    elif source in gpt2.SIZES:
-        folder = gpt2.find_gpt2(source)
-        if folder is None:
-            raise ValueError(
-                f"init_from={source!r}: no local copy of {source} (gpt2.find_gpt2 never "
-                f"downloads): fetch it once with gpt2.load_gpt2({source!r}), or set "
-                f"{gpt2.ENV_DIR} to its folder"
-            )
-        pretrained = gpt2.load_gpt2(folder)
-    elif (Path(source) / "config.json").is_file():
-        pretrained = gpt2.load_gpt2(source)
-    else:
-        raise ValueError(
-            f"init_from={source!r} is neither a training run's folder, a GPT-2 folder nor one "
-            f"of {', '.join(gpt2.SIZES)}"
-        )
+def _load_pretrained(model: GPT, pretrained: GPT, source: str) -> None:
+    """Copy ``pretrained``'s weights (from ``init_from=source``) into ``model``; ValueError if
+    its model has another shape (dropout aside)."""
     theirs, ours = pretrained.config.to_dict(), model.config.to_dict()
     changed = [f"{k} {theirs[k]!r} (ours {ours[k]!r})" for k in ours
                if k != "dropout" and theirs[k] != ours[k]]  # fmt: skip
@@ -549,8 +553,11 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             f"batch_size={cfg.batch_size} must be divisible by world_size * grad_accum = "
             f"{world_size} * {cfg.grad_accum}"
         )
+    pretrained, pretrained_meta = (
+        (None, None) if cfg.init_from is None else _pretrained(cfg.init_from)
+    )  # loaded once: its weights, and for a training run its data's encoding
     if data is None:
-        encoding = _data_encoding(cfg)
+        encoding = _data_encoding(cfg, pretrained_meta)
         if rank == 0:
             prepare(cfg.data, encoding, val_fraction=cfg.val_fraction, clean=cfg.clean)
         if world_size > 1:
@@ -591,8 +598,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         )
     state = latest_checkpoint(out_dir, raw_model, optimizer) if cfg.resume else None
     step, best_val, bad_evals = 0, math.inf, 0
-    if state is None and cfg.init_from is not None:
-        _load_pretrained(raw_model, cfg.init_from)
+    if state is None and pretrained is not None:
+        _load_pretrained(raw_model, pretrained, cfg.init_from)
     if state is not None:
         _check_same_data(out_dir, json.loads(state["data_meta"]), getattr(data, "meta", None))
         _check_same_trajectory(out_dir, json.loads(state["train_config"]), cfg.to_dict())
