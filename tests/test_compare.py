@@ -18,6 +18,7 @@ from attnbook.compare import (
     variant_options,
 )
 from attnbook.model import GPT
+from attnbook.train import read_metrics
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, max_iters=12, batch_size=6)
 
@@ -45,6 +46,21 @@ def test_tiny_recall_comparison_writes_every_output_and_reuses_finished_variants
     by_name = {r["variant"]: r for r in rows}
     assert by_name["mha"]["cache_bytes_per_token"] == 2 * 32 * 4  # k and v, 32 dims, float32
     assert by_name["local"]["cache_bytes_per_token"] == 2 * 32 * 4 * 4 / 1024
+    # the CSV flattens the recall bins that hold queries; curves.csv has every evaluation
+    assert [k for k in table[0] if k.startswith("recall_gap_")] == [
+        "recall_gap_1_7",
+        "recall_gap_8_15",
+        "recall_gap_16_31",
+    ]
+    for r, row in zip(table, rows, strict=True):
+        assert float(r["recall_gap_8_15"]) == pytest.approx(row["recall_by_gap"][1][2])
+    with open(root / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    evaluated = [m for m in read_metrics(root / "local") if "val_loss" in m]
+    assert [int(c["step"]) for c in curves if c["variant"] == "local"] == [
+        m["step"] for m in evaluated
+    ]
+    assert float(curves[-1]["val_loss"]) == pytest.approx(evaluated[-1]["val_loss"])
     # the recall-by-gap bins count every answer of the evaluation set once
     answers = sum(count for *_, count in by_name["mha"]["recall_by_gap"])
     assert answers == 2 * 6 * (32 - 2 * recall_suite(cfg)[0].n_pairs)  # every query position asks

@@ -8,8 +8,8 @@ for the sequence length). Workloads: ``"recall"`` (``attnbook.tasks``' recall, c
 induction, accuracy per task and recall by gap) and ``"lm"`` (validation loss on a corpus). Each variant
 trains in a spawned child process (call ``compare`` under ``if __name__ == "__main__":`` in a
 script), ``jobs`` at a time, into ``out_dir/<workload>/<variant>/``; finished variants with the
-same settings are reused. ``out_dir/<workload>/`` then holds ``results.csv``, ``results.md`` and
-the figures. Presets: ``"quick"`` and ``"full"`` (``PRESETS``; recall needs the full one's steps).
+same settings are reused. ``out_dir/<workload>/`` then holds ``results.csv``, ``results.md``,
+``curves.csv`` and the figures. Presets: ``"quick"`` and ``"full"`` (``PRESETS``; recall needs the full one's steps).
 Chapter 18 explains the comparison and reads its results.
 """
 
@@ -339,13 +339,31 @@ COLUMNS = {  # key -> (header, format)
 }
 
 
+def gap_columns(row: dict) -> dict:
+    """A recall row's accuracy per gap bin as flat columns, ``recall_gap_<lo>_<hi - 1>`` (bins
+    that hold no query at this sequence length left out)."""
+    bins = row["recall_by_gap"]  # [lo, hi, accuracy, queries] per bin
+    return {f"recall_gap_{lo}_{hi - 1}": acc for lo, hi, acc, count in bins if count}
+
+
 def write_tables(rows: list[dict], cfg: CompareConfig, root: Path) -> None:
-    """``results.csv`` (full precision) and ``results.md`` (rounded, with the settings)."""
+    """``results.csv`` (full precision; the recall workload adds ``gap_columns``), ``results.md``
+    (rounded, with the settings) and ``curves.csv`` (each variant's training and validation
+    loss at every evaluation: ``variant, step, train_loss, val_loss``)."""
     keys = [k for k in COLUMNS if k in rows[0]]
+    flat = [{**row, **gap_columns(row)} if "recall_by_gap" in row else row for row in rows]
+    gaps = [k for k in flat[0] if k.startswith("recall_gap_")]
     with open(root / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=keys + gaps, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
+    with open(root / "curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "step", "train_loss", "val_loss"])
+        for row in rows:
+            for m in read_metrics(root / row["variant"]):
+                if "val_loss" in m:
+                    writer.writerow([row["variant"], m["step"], m["train_loss"], m["val_loss"]])
     lines = [
         f"# attnbook compare: {cfg.workload}",
         "",
