@@ -33,8 +33,17 @@
 # model by *mean-pooling* the key and value heads of each group and training a little more; we
 # do exactly that on a small task and watch the loss.
 #
+# We start, as [chapter 1](01_buggy_sketch.ipynb) did, from code that does not work: the seed's
+# `GroupQueryAttention`, a hurried sketch with four bugs, three of which crash while the fourth
+# quietly computes something other than GQA. Section 1 fixes it one bug at a time until it
+# equals the package's GQA layer; the sections after it explain why the layer exists and build
+# it again, step by step.
+#
 # **Learning goals**
 #
+# - Repair the seed's buggy `GroupQueryAttention`, and catch its silent bug (query groups used as
+#   heads) by comparing with a reference written from the definition, in the GQA and MQA cases,
+#   not only the MHA case.
 # - Compute the KV-cache size of a model from its shape,
 #   $2 \cdot n_\text{layer} \cdot n_\text{kv\_head} \cdot \text{head\_dim} \cdot
 #   \text{bytes per element}$ per token, and see why it, not the weights, limits long-context
@@ -44,7 +53,6 @@
 # - Implement the sharing four ways — `repeat_interleave`, broadcasting, folding the group into
 #   the query length, and `F.scaled_dot_product_attention(..., enable_gqa=True)` — and know
 #   which of them copy the keys and values.
-# - Measure the cache from the real cache tensors and check the formula against them.
 # - Convert a trained MHA model into GQA by mean-pooling K/V heads, and compare it with keeping
 #   the first head of each group, with re-initialising K/V at random, and with training GQA
 #   from scratch.
@@ -61,6 +69,7 @@
 # %%
 import copy
 import math
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
@@ -77,7 +86,330 @@ torch.manual_seed(0)
 torch.set_printoptions(precision=3, sci_mode=False)
 
 # %% [markdown]
-# ## 1. What generation keeps in memory
+# ## 1. The seed's sketch, and its four bugs
+#
+# The book's seed held a grouped-query attention layer too, a class named `GroupQueryAttention`,
+# written in the same hurry as [chapter 1](01_buggy_sketch.ipynb)'s single-head sketch. Before
+# we ask why GQA is worth having (section 2 on), we repair it the way chapter 1 did: run it,
+# find each bug from its exception or from a check that fails, and fix one bug per version,
+# `SketchV1` (as written) to `SketchV5`, until it computes what the package's GQA computes.
+#
+# What the class is meant to compute: `num_heads` query heads, as in
+# [chapter 3](03_multi_head_attention.ipynb), but only `num_groups` key heads and value heads.
+# Consecutive query heads form a group of `group = num_heads // num_groups`, and the whole group
+# attends with one shared key/value head: query head `h` reads key/value head `h // group`
+# (section 4 draws it). Written as a loop over query heads, this is our slow but obvious
+# **reference**. It reads the layer's weights by rows: rows `h · head_dim` to
+# `(h + 1) · head_dim` of the query projection belong to query head `h`, and likewise for the
+# key/value heads.
+
+# %%
+def reference_gqa(layer, x, n_head, n_kv_head):
+    """GQA from its definition: query head h attends with key/value head h // group."""
+    T = x.shape[1]
+    hd, group = x.shape[-1] // n_head, n_head // n_kv_head
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T), True above the diagonal
+    heads = []
+    for h in range(n_head):
+        j = h // group  # the key/value head that query head h reads
+        q = F.linear(x, layer.W_query.weight[h * hd : (h + 1) * hd])  # (B, T, hd)
+        k = F.linear(x, layer.W_key.weight[j * hd : (j + 1) * hd])  # (B, T, hd)
+        v = F.linear(x, layer.W_value.weight[j * hd : (j + 1) * hd])  # (B, T, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, T, T)
+        heads.append(scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v)
+    return layer.out_proj(torch.cat(heads, dim=-1))  # (B, T, d): heads side by side, mixed
+
+
+# %% [markdown]
+# Our toy data: a batch of 2 sequences of 6 tokens with 16 numbers each, 4 query heads of
+# size 4 and 2 groups, so 2 key/value heads, each shared by 2 query heads. Here is the sketch as
+# it was written (the `noqa` comments silence the linter's "undefined name", F821, so that the
+# book's lint check passes; remember that the linter had noticed something):
+
+# %%
+torch.manual_seed(0)
+B, T, d, n_head, block_size = 2, 6, 16, 4, 8
+x = torch.randn(B, T, d)  # (B, T, d)
+
+
+class GroupQueryAttention(nn.Module):
+    def __init__(self, d_in, num_heads, num_groups, block_size):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_groups = num_groups
+        self.head_dim = d_in // num_heads
+        self.W_query = nn.Linear(d_in, d_in, bias=False)
+        self.W_key = nn.Linear(d_in, num_groups * self.head_dim, bias=False)
+        self.W_value = nn.Linear(d_in, num_groups * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)  # noqa: F821
+        self.register_buffer("mask", torch.triu(torch.ones(block_size, block_size), diagonal=1).bool())
+
+    def forward(self, x):
+        T = x.shape[1]
+        Q = self.W_query(x)
+        K = self.W_key(x)
+        V = self.W_value(x)
+        group_size = self.num_heads // self.num_groups
+        outputs = []
+        for q, k, v in zip(Q.chunk(self.num_groups, dim=-1), K.chunk(self.num_groups, dim=-1),
+                           V.chunk(self.num_groups, dim=-1), strict=True):
+            k = k.repeat(1, 1, group_size)  # share the group's key/value head
+            v = v.repeat(1, 1, group_size)
+            scores = q @ k.T
+            scores = scores / torch.sqrt(torch,tensor(self.head_dim))  # noqa: F821
+            scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            outputs.append(weights @ v)
+        return self.out_proj(torch.cat(outputs, dim=-1))
+
+
+SketchV1 = GroupQueryAttention  # the seed's class, as written
+
+
+def build(cls, num_groups=2):
+    torch.manual_seed(0)  # same seed -> same initial weights in every version
+    return cls(d_in=d, num_heads=n_head, num_groups=num_groups, block_size=block_size)
+
+
+# %% [markdown]
+# ### 1.1 Bug 1: `d_model` does not exist
+
+# %% tags=["raises-exception"]
+model = build(SketchV1)
+
+# %% [markdown]
+# **Why.** The constructor's width is called `d_in`; `d_model` is the name the Transformer paper
+# and many tutorials give the same number, and it slipped in from one of them. Python looks a
+# bare name up among the function's local variables, then the notebook's globals, then the
+# built-ins, and finds it nowhere. It only looks when the line runs, so the class could be
+# defined, imported and reviewed without complaint; the linter flagged it. (Had some earlier
+# cell defined a global `d_model`, the layer would have been built with *that* width.)
+#
+# **Fix.** `nn.Linear(d_in, d_in)`. As in chapter 1, version 2 subclasses `nn.Module` rather
+# than the broken class (its `super().__init__()` would land in the broken `__init__`) and
+# borrows the unchanged `forward`; later versions subclass the previous one and override only
+# the method that changes. A comment `# vN` marks the changed lines.
+
+# %%
+class SketchV2(nn.Module):
+    def __init__(self, d_in, num_heads, num_groups, block_size):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_groups = num_groups
+        self.head_dim = d_in // num_heads
+        self.W_query = nn.Linear(d_in, d_in, bias=False)
+        self.W_key = nn.Linear(d_in, num_groups * self.head_dim, bias=False)
+        self.W_value = nn.Linear(d_in, num_groups * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(d_in, d_in, bias=False)  # v2: d_in
+        self.register_buffer("mask", torch.triu(torch.ones(block_size, block_size), diagonal=1).bool())
+
+    forward = SketchV1.forward  # unchanged, still buggy
+
+
+model = build(SketchV2)
+print({name: tuple(p.shape) for name, p in model.named_parameters()})
+
+# %% [markdown]
+# The key and value projections are already as small as GQA promises: 2 heads of 4, 8 rows
+# each, against the query's 16. Now the forward pass.
+#
+# ### 1.2 Bug 2: `k.T` on a 3-D tensor
+#
+# Chapter 1 met this one. Inside the loop, `q` is the group's slice of the queries and `k` the
+# group's key head, repeated to the same width: both `(B, T, 8)`. On a tensor with more than two
+# axes `.T` reverses *all* of them; torch 2.13 allows it but warns that it is deprecated (once
+# per process, so re-running this cell shows no warning). The cell prints the shapes, and
+# handles a newer PyTorch in which `.T` is an error.
+
+# %%
+with torch.no_grad():
+    q = model.W_query(x).chunk(2, dim=-1)[0]  # (B, T, 8): group 0's slice of the queries
+    k = model.W_key(x).chunk(2, dim=-1)[0].repeat(1, 1, 2)  # (B, T, 8)
+print("q:  ", tuple(q.shape), "  k:", tuple(k.shape))
+try:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print("k.T:", tuple(k.T.shape), "<- every axis reversed, the batch axis now last")
+except RuntimeError as err:  # a PyTorch newer than 2.13 may refuse .T on a 3-D tensor
+    caught = []
+    print("k.T: RuntimeError:", str(err).split(".")[0])
+print("k.transpose(-2, -1):", tuple(k.transpose(-2, -1).shape), "<- what we want")
+if caught:  # empty when the warning was already shown in this process
+    print(f"{caught[0].category.__name__}: {str(caught[0].message).split(' Consider')[0]}")
+
+# %% [markdown]
+# So `q @ k.T` asks for `(2, 6, 8) @ (8, 6, 2)`, a batch of 2 against a batch of 8:
+
+# %% tags=["raises-exception"]
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the deprecation warning was shown above
+    model(x)
+
+# %% [markdown]
+# **Fix.** Swap only the last two axes: `k.transpose(-2, -1)`, which works for any number of
+# leading batch axes (section 1.4 uses it on 4-D tensors).
+
+# %%
+class SketchV3(SketchV2):
+    def forward(self, x):
+        T = x.shape[1]
+        Q = self.W_query(x)
+        K = self.W_key(x)
+        V = self.W_value(x)
+        group_size = self.num_heads // self.num_groups
+        outputs = []
+        for q, k, v in zip(Q.chunk(self.num_groups, dim=-1), K.chunk(self.num_groups, dim=-1),
+                           V.chunk(self.num_groups, dim=-1), strict=True):
+            k = k.repeat(1, 1, group_size)
+            v = v.repeat(1, 1, group_size)
+            scores = q @ k.transpose(-2, -1)  # v3: (B, T, 8) @ (B, 8, T) -> (B, T, T)
+            scores = scores / torch.sqrt(torch,tensor(self.head_dim))  # noqa: F821
+            scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            outputs.append(weights @ v)
+        return self.out_proj(torch.cat(outputs, dim=-1))
+
+
+# %% [markdown]
+# ### 1.3 Bug 3: `torch,tensor`, a comma for a dot
+
+# %% tags=["raises-exception"]
+model = build(SketchV3)
+model(x)
+
+# %% [markdown]
+# **Why.** The author meant `torch.sqrt(torch.tensor(self.head_dim))`. With a comma, the
+# parentheses hold two arguments, `torch` (the module) and `tensor(self.head_dim)`. It is not a
+# tuple: inside a call's parentheses a comma separates arguments (outside a call,
+# `torch,tensor(4)` would be a tuple). Python evaluates the arguments before it makes the call,
+# so it looks up `tensor` first, finds no such name, and stops with a `NameError` before
+# `torch.sqrt` is reached; the linter flagged this name too. Had a notebook run
+# `from torch import tensor`, both arguments would evaluate, and the error would come from
+# `torch.sqrt` itself:
+
+# %%
+tensor = torch.tensor  # suppose an earlier cell had imported it
+try:
+    torch.sqrt(torch,tensor(4))
+except TypeError as err:
+    print("TypeError:", err)
+del tensor
+
+# %% [markdown]
+# **Fix.** The scale is a plain number known when the layer is built; as in chapter 1, compute
+# it with plain Python, `math.sqrt(self.head_dim)`, with no tensor to create at every call.
+
+# %%
+class SketchV4(SketchV3):
+    def forward(self, x):
+        T = x.shape[1]
+        Q = self.W_query(x)
+        K = self.W_key(x)
+        V = self.W_value(x)
+        group_size = self.num_heads // self.num_groups
+        outputs = []
+        for q, k, v in zip(Q.chunk(self.num_groups, dim=-1), K.chunk(self.num_groups, dim=-1),
+                           V.chunk(self.num_groups, dim=-1), strict=True):
+            k = k.repeat(1, 1, group_size)
+            v = v.repeat(1, 1, group_size)
+            scores = q @ k.transpose(-2, -1)
+            scores = scores / math.sqrt(self.head_dim)  # v4: a Python float
+            scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            outputs.append(weights @ v)
+        return self.out_proj(torch.cat(outputs, dim=-1))
+
+
+model = build(SketchV4)
+print("output:", tuple(model(x).shape))
+
+# %% [markdown]
+# ### 1.4 Bug 4: groups used as heads
+#
+# It runs, and the shape is right. Nothing crashes from here on, so we compare with the
+# reference, at three numbers of groups: 4 (one query head per key/value head, which is
+# multi-head attention), 2, and 1 (one key/value head for all, multi-query attention).
+
+# %%
+def matches_reference(cls, num_groups):
+    layer = build(cls, num_groups)
+    with torch.no_grad():
+        return torch.allclose(layer(x), reference_gqa(layer, x, n_head, num_groups), atol=1e-5)
+
+
+for num_groups in (4, 2, 1):
+    print(f"num_groups={num_groups}: SketchV4 == reference: {matches_reference(SketchV4, num_groups)}")
+
+# %% [markdown]
+# Right for MHA, wrong for GQA and MQA: a test that only tried the MHA case would pass.
+#
+# **Why.** The sketch never forms heads. `Q.chunk(num_groups, dim=-1)` cuts the queries into one
+# slice per *group*: with 2 groups, each slice is 2 query heads side by side, 8 numbers. The key
+# head (4 numbers) is then repeated along the *features* to the same width, so the score of the
+# slice is one dot product over 8 numbers, the sum of the two heads' scores against the shared
+# key: $(q_{h_1}, q_{h_2}) \cdot (k_j, k_j) = q_{h_1} \cdot k_j + q_{h_2} \cdot k_j$. Each group
+# becomes a single wide head with one attention pattern, and its heads hand back the same
+# average of the values, twice. The query heads of a group no longer ask their own questions,
+# which is the whole point of keeping them all. With 4 groups each slice is exactly one head and
+# nothing is repeated, so the MHA case comes out right; with 1 group all 4 heads merge into one.
+#
+# **Fix.** Form the heads first, as chapter 3 does: queries `(B, num_heads, T, head_dim)`, keys
+# and values `(B, num_groups, T, head_dim)`. Then repeat each key/value head along the *head*
+# axis, once per query head of its group, with `repeat_interleave(group, dim=1)`: heads
+# `kv0, kv0, kv1, kv1`, so that slot `h` holds key/value head `h // group`. The rest is
+# multi-head attention, with `transpose(-2, -1)` on 4-D tensors.
+
+# %%
+class SketchV5(SketchV4):
+    def forward(self, x):
+        B, T, _ = x.shape
+        hd, group = self.head_dim, self.num_heads // self.num_groups
+        Q = self.W_query(x).view(B, T, self.num_heads, hd).transpose(1, 2)  # v5: (B, n_head, T, hd)
+        K = self.W_key(x).view(B, T, self.num_groups, hd).transpose(1, 2)  # v5: (B, n_kv_head, T, hd)
+        V = self.W_value(x).view(B, T, self.num_groups, hd).transpose(1, 2)  # v5: the same
+        K = K.repeat_interleave(group, dim=1)  # v5: (B, n_head, T, hd); slot h: kv head h // group
+        V = V.repeat_interleave(group, dim=1)  # v5: the same
+        scores = Q @ K.transpose(-2, -1) / math.sqrt(hd)  # (B, n_head, T, T)
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)  # (B, n_head, T, T)
+        y = (weights @ V).transpose(1, 2).reshape(B, T, -1)  # v5: (B, T, d), heads side by side
+        return self.out_proj(y)
+
+
+for num_groups in (4, 2, 1):
+    print(f"num_groups={num_groups}: SketchV5 == reference: {matches_reference(SketchV5, num_groups)}")
+    assert matches_reference(SketchV5, num_groups)
+
+# %% [markdown]
+# ### 1.5 The fixed sketch is the package's GQA
+#
+# The package builds the same layer with `build_attention("gqa", config, n_kv_head=...)`. It
+# fuses the three projections into one, `c_attn`, whose rows are the query rows, then the key
+# rows, then the value rows, and calls the output projection `c_proj`. So the fixed sketch's
+# weights go into it by stacking; outputs must agree to float rounding.
+
+# %%
+cfg_sketch = AttentionConfig(n_embd=d, n_head=n_head, block_size=block_size, bias=False)
+for num_groups in (4, 2, 1):
+    fixed = build(SketchV5, num_groups)
+    package_gqa = build_attention("gqa", cfg_sketch, n_kv_head=num_groups)
+    package_gqa.load_state_dict({
+        "c_attn.weight": torch.cat([fixed.W_query.weight, fixed.W_key.weight, fixed.W_value.weight]),
+        "c_proj.weight": fixed.out_proj.weight,
+    })
+    with torch.no_grad():
+        assert torch.allclose(package_gqa(x), fixed(x), rtol=1e-4, atol=1e-6), num_groups
+print("SketchV5 == build_attention('gqa', ...) for num_groups 4, 2, 1 (rtol 1e-4, atol 1e-6)")
+
+# %% [markdown]
+# Four bugs: two names that do not exist (`d_model`, and `tensor` behind a comma), both flagged
+# by the linter; a `.T` that reverses a batch of matrices, which torch 2.13 only warns about; and
+# the silent one, queries cut into groups instead of heads, which only a comparison with the
+# definition caught, and only away from the MHA case. Sections 3 to 5 build the layer again,
+# step by step and with a fused projection. First, the reason it exists.
+
+# %% [markdown]
+# ## 2. What generation keeps in memory
 #
 # To generate token $t+1$, the model runs the new token $t$ through every layer. In each layer
 # the new token's queries attend to the keys of tokens $0..t$ and average their values. In the
@@ -165,7 +497,7 @@ plt.show()
 # number of key/value heads is one of the most consequential numbers in its configuration.
 
 # %% [markdown]
-# ## 2. From MHA to MQA: one key head for every query head
+# ## 3. From MHA to MQA: one key head for every query head
 #
 # We work with a small layer from here on: `n_embd = 64`, 8 query heads of size 8, a batch of
 # 2 sequences of 6 tokens. Recall [chapter 3](03_multi_head_attention.ipynb)'s projection: one
@@ -221,7 +553,7 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # operands to the common batch shape and reshaping the batch dimensions into one for its
 # batched kernel, and a stride-0 dimension cannot be reshaped that way without copying. So the
 # product materialises the 8 copies itself (`torch.profiler` shows an `aten::clone` of shape
-# `(B, 8, head_dim, T)` for the keys and `(B, 8, T, head_dim)` for the values). Section 3 shows
+# `(B, 8, head_dim, T)` for the keys and `(B, 8, T, head_dim)` for the values). Section 4 shows
 # how to avoid it.
 #
 # The heads still produce 8 *different* outputs, because their queries differ: each query head
@@ -230,7 +562,7 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # empirical question, and section 6 measures it on a small task.
 
 # %% [markdown]
-# ## 3. GQA: groups of query heads
+# ## 4. GQA: groups of query heads
 #
 # GQA keeps `n_kv_head` key/value heads, with `n_kv_head` dividing `n_head`. Each key/value head
 # serves a **group** of `group = n_head // n_kv_head` query heads, and the convention used by
@@ -245,7 +577,7 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # `n_kv_head = n_head`, eight groups of one; GQA here has two groups of four; MQA is GQA with
 # `n_kv_head = 1`, one group of all eight. Look at the two rows separately. The top row is the
 # same in all three panels: every variant still asks 8 different questions. Only the bottom
-# row is cached (queries are used once and dropped, section 1), so the cache per token is
+# row is cached (queries are used once and dropped, section 2), so the cache per token is
 # proportional to the number of boxes in it: `n_kv_head / n_head` of MHA's, written under
 # each panel.
 
@@ -338,7 +670,7 @@ print("query head h reads kv head:", [h // group for h in range(n_head)])
 # `view`: because the heads are numbered group by group, query head `h` lands at position
 # `(h // group, h % group)`. Give K and V a dimension of size 1 in the group's place, and
 # broadcasting pairs every query head with its own group's key/value head. It reads well, but
-# as in section 2, `torch.matmul` materialises the broadcast: it copies K and V to
+# as in section 3, `torch.matmul` materialises the broadcast: it copies K and V to
 # `(B, n_kv_head, group, T, head_dim)` before multiplying, exactly as much as (a).
 #
 # **(c) Fold the group into the query length.** All the query heads of a group read the same
@@ -386,7 +718,7 @@ print("bytes of k:", k.nbytes, "  bytes of k_rep (a copy per query head):", k_re
 
 # %% [markdown]
 # All four agree. Note what the copies in (a) and (b) do and do not cost: the *cache* still
-# holds only `k` (2 heads), so the memory of section 1 is saved either way, but they build a
+# holds only `k` (2 heads), so the memory of section 2 is saved either way, but they build a
 # 4-times-larger copy at every attention call and read it, which gives back part of the speed
 # that GQA is meant to buy. (c), and (d) where its kernel supports GQA, read the shared heads
 # directly.
@@ -404,13 +736,14 @@ print("repeat_interleave (h // group):", labels.repeat_interleave(group, dim=1).
 print("repeat            (h % n_kv):  ", labels.repeat(1, group, 1, 1).flatten().tolist())
 
 # %% [markdown]
-# ## 4. A GQA layer
+# ## 5. A GQA layer
 #
-# Now the module. It differs from [chapter 3](03_multi_head_attention.ipynb)'s batched MHA in two
-# lines: the fused projection `c_attn` makes `d + 2 · n_kv_head · head_dim` features instead of
-# `3d`, and the split cuts them into `[d, kv, kv]`. Everything after the attention (merging the
-# heads, the output projection `c_proj`) is untouched, because the attention output still has
-# `n_head` heads. We give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave`
+# Now the module. It computes what section 1's fixed sketch computes, with the three projections
+# fused into one as [chapter 3](03_multi_head_attention.ipynb) did for MHA. It differs from
+# chapter 3's batched MHA in two lines: the fused projection `c_attn` makes
+# `d + 2 · n_kv_head · head_dim` features instead of `3d`, and the split cuts them into
+# `[d, kv, kv]`. Everything after the attention (merging the heads, the output projection
+# `c_proj`) is untouched, because the attention output still has `n_head` heads. We give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave`
 # and writes the attention out, `impl="sdpa"` calls
 # `F.scaled_dot_product_attention(..., enable_gqa=True)`.
 
@@ -479,77 +812,10 @@ for n_kv in (8, 2, 1):
           f"layer parameters {n_params(GQA(d, n_head, n_kv)):,}")
 
 # %% [markdown]
-# ## 5. Measuring the cache from the real tensors
-#
-# The formula of section 1 is only as good as our understanding of what a model stores. Let us
-# check it against an actual cache. `attnbook`'s attention layers (the package version of this
-# chapter, built from an `AttentionConfig`) can make their own cache: `layer.new_cache(batch_size,
-# max_len)` returns a `KVCache` whose tensors `k` and `v` have shape `(B, n_kv_head, max_len,
-# head_dim)`, and `bytes_per_token` reports what one position of one sequence costs in that
-# layer. Passing the cache to the layer's forward stores the keys and values of the tokens it
-# processes.
-#
-# `bytes_per_token` is itself computed from the cache's shape and element size, so checking the
-# formula against it alone would be a little circular. Our measurement is the memory the two
-# tensors actually hold, `cache.k.nbytes + cache.v.nbytes`, divided by the number of
-# positions and sequences they have room for. First a small GQA layer, with a prompt of 6
-# tokens run through it:
-
-# %%
-cfg_small = AttentionConfig(n_embd=d, n_head=n_head, block_size=16)
-small = build_attention("gqa", cfg_small, n_kv_head=2)  # n_kv_head: gqa's own option
-cache = small.new_cache(batch_size=B)  # room for block_size = 16 positions
-_ = small(x, cache=cache)  # fills positions 0..5
-print("cached positions:", cache.length, " cache.k:", tuple(cache.k.shape),
-      " layer's options:", small.options)
-held = (cache.k.nbytes + cache.v.nbytes) // (B * cache.max_len)  # bytes per position, sequence
-print("bytes per token (one layer, fp32): measured", held,
-      "  bytes_per_token", cache.bytes_per_token,
-      "  formula", kv_bytes_per_token(1, n_kv_head=2, head_dim=head_dim, bytes_per_elem=4))
-assert held == cache.bytes_per_token == kv_bytes_per_token(1, 2, head_dim, 4)
-
-# %% [markdown]
-# Now the 7B-style layer, in fp16, with room for 4096 tokens. Its weights would take a few
-# hundred megabytes that we do not need, so we build the layer on PyTorch's `meta` device,
-# which records shapes and allocates nothing, and ask it for a cache on the CPU in `float16`
-# (a cache may store a lower precision than the layer computes in; the layer casts what it
-# reads back). The cache tensors are real: MHA's keys and values for 4096 tokens take 64 MiB
-# per layer. Every layer of the model is identical, so the model's cache per token is 32 times
-# one layer's.
-
-# %%
-measured = {}
-for n_kv in (32, 16, 8, 4, 2, 1):
-    cfg = AttentionConfig(n_embd=n_embd_7b, n_head=n_head_7b, block_size=4096, bias=False)
-    with torch.device("meta"):
-        layer_7b = build_attention("gqa", cfg, n_kv_head=n_kv)  # shapes only, no weights
-    cache = layer_7b.new_cache(batch_size=1, max_len=4096, device="cpu", dtype=torch.float16)
-    assert cache.k.device.type == "cpu" and cache.k.dtype == torch.float16
-    held = cache.k.nbytes + cache.v.nbytes  # what the two tensors really occupy
-    measured[n_kv] = held // cache.max_len * n_layer_7b  # per token, all 32 layers
-    formula = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, fp16)
-    assert measured[n_kv] == formula == n_layer_7b * cache.bytes_per_token
-    print(f"n_kv_head={n_kv:>2}: cache.k {tuple(cache.k.shape)}, k+v {held // 2**20:>2} MiB "
-          f"per layer, measured {measured[n_kv] // 1024:>3} KiB per token (formula "
-          f"{formula // 1024})")
-print("measured == formula == 32 x bytes_per_token, for every n_kv_head")
-
-# %%
-fig, ax = plt.subplots(figsize=(7.5, 3.6))
-names = ["32 (MHA)", "16", "8", "4", "2", "1 (MQA)"]
-kib = [measured[n] / 1024 for n in (32, 16, 8, 4, 2, 1)]
-bars = ax.bar(names, kib, color=["C0", "C7", "C1", "C7", "C7", "C2"])
-ax.bar_label(bars, [f"{v:g} KiB" for v in kib])
-ax.set_xlabel("key/value heads per layer (32 query heads)")
-ax.set_ylabel("KiB per token")
-ax.set_ylim(0, 590)
-ax.set_title("KV cache per token, 7B-style model (32 layers, fp16), measured from KVCache")
-plt.show()
-
-# %% [markdown]
-# The cache per token is exactly proportional to the number of key/value heads, and it is the
-# same number whether we multiply it out or ask the tensors. What remains is the question the
-# bars cannot answer: how much does a model *lose* by sharing?
+# The cache of this layer would hold `k` and `v` as they leave the projection, before any
+# repetition: `(B, n_kv_head, T, head_dim)` each, which is what the formula of section 2 counts.
+# [Chapter 7](07_kv_cache.ipynb) builds the cache and checks the formula against its real
+# tensors. What no formula tells us is how much a model *loses* by sharing.
 
 # %% [markdown]
 # ## 6. Converting a trained MHA model into GQA
@@ -733,7 +999,7 @@ print(f"MHA model solved the task after {len(mha_losses)} steps: evaluation loss
 # `pool_kv_rows` takes the `c_attn` weight `(3d, d)` or bias `(3d,)` of an MHA layer and returns
 # the GQA one. The query rows pass through unchanged. The key rows are `n_head` blocks of
 # `head_dim` rows, head 0 first, so reshaping them to `(n_kv_head, group, head_dim, …)` puts
-# query head `h` at `(h // group, h % group)`: the same grouping as in section 3. Then we
+# query head `h` at `(h // group, h % group)`: the same grouping as in section 4. Then we
 # average over the group dimension, or keep its first entry. The model's other weights are
 # copied as they are. A third option, a control for section 6.5, throws the key and value rows
 # away and starts them from a fresh random initialisation, keeping every other trained weight.
@@ -962,6 +1228,14 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # %% [markdown]
 # ## Summary
 #
+# - The seed's `GroupQueryAttention` had four bugs, fixed one per version, `SketchV1` to
+#   `SketchV5`: `d_model` for `d_in` (`NameError` at construction), `k.T` on a 3-D tensor (a
+#   deprecation warning, then a shape error, `(2, 6, 8) @ (8, 6, 2)`), `torch,tensor` (a
+#   `NameError` for `tensor`, not a tuple), and the silent one: queries cut into groups instead
+#   of heads, so each group became one wide head whose score is the sum of its heads' scores.
+#   It matched the looped reference with 4 groups (MHA) but not with 2 or 1; with the heads
+#   formed and each key/value head repeated with `repeat_interleave`, it equals
+#   `build_attention("gqa", ...)` given the same weights.
 # - Generation caches the keys and values of every token, `2 · n_layer · n_kv_head · head_dim ·
 #   bytes per element` per token; the number of query heads does not enter. For the 7B-style
 #   model in fp16 that is 512 KiB per token with MHA, 128 with GQA-8 and 16 with MQA, and
@@ -976,8 +1250,6 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # - Our `GQA` layer, with `impl="repeat"` or `"sdpa"`, is causal, has 16,640, 10,400 and 9,360
 #   parameters with 8, 2 and 1 key/value heads, and computes the same as `attnbook`'s
 #   `MultiHeadAttention`, `GroupedQueryAttention` and `MultiQueryAttention`.
-# - Measured from real `KVCache` tensors, the cache equals the formula for every `n_kv_head`
-#   from 32 down to 1 (512 down to 16 KiB per token in the 7B-style shape).
 # - A two-layer MHA model that solved associative recall (after 375 steps in this run) does not
 #   survive conversion to 2 key/value heads unharmed: right after it, the mean-pooled model's
 #   loss is 2.592 and the first-head one's 2.961. After 100 more steps the mean-pooled model is
@@ -1007,16 +1279,18 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 #
 # 1. **The cache of a model you choose.** Take a LLaMA-2-70B-style model: 80 layers, 64 query
 #    heads of size 128, 8 key/value heads, bf16. Compute its KV cache per token, and for a batch
-#    of 16 sequences of 4096 tokens; then the same had it used MHA. Check both against
-#    `new_cache` of a layer built on the meta device. How many 4096-token sequences fit in
-#    40 GB of cache memory with GQA, and with MHA?
+#    of 16 sequences of 4096 tokens; then the same had it used MHA. Check the per-token figure
+#    against the keys and values that one such layer makes for one token (what its cache would
+#    store): build a `GroupedQueryAttention` on the meta device, in bf16, and measure the `k` and
+#    `v` its `project` method returns. How many 4096-token sequences fit in 40 GB of cache
+#    memory with GQA, and with MHA?
 # 2. **The grouping order matters.** Someone implements GQA with `k.repeat(1, group, 1, 1)`
 #    instead of `k.repeat_interleave(group, dim=1)`. Predict: with the same weights, does their
 #    layer give the same output as `GroupedQueryAttention`? Check it. Then find a way to load
 #    weights trained under one convention into the other so that the outputs agree again
 #    (hint: permute the *query* heads, and the matching columns of `c_proj`). Why does it not
 #    matter for MHA or MQA?
-# 3. **Parameters saved vs cache saved.** For the 7B-style model of section 1 (SwiGLU MLP of
+# 3. **Parameters saved vs cache saved.** For the 7B-style model of section 2 (SwiGLU MLP of
 #    width 11008, vocabulary 32000, untied embeddings), compute the total number of parameters
 #    with MHA, GQA-8 and MQA, and compare the fractions saved with the fractions of KV cache
 #    saved. Check the attention layer's parameter count on a meta-device `GroupedQueryAttention`.

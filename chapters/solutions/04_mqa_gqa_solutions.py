@@ -58,9 +58,12 @@ def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
 # takes $4096 \cdot 327{,}680 \approx 1.34$ GB with GQA, so 29 sequences fit; with MHA a
 # sequence takes 10.7 GB and only 3 fit. GQA turns "a handful of users" into "a few dozen".
 #
-# To check against the real cache tensors we build one attention layer on the meta device (no
-# weights in memory) and ask it for a bf16 cache on the CPU. `bytes_per_token` does not depend
-# on `max_len`, so a short cache of 16 positions is enough, and it keeps the MHA cache small.
+# To check the formula we build one attention layer on the meta device, which records shapes and
+# dtypes but allocates nothing (its weights would take over 300 MB), cast it to bf16, and run one
+# token through its projection. The keys and values it returns, `(1, n_kv_head, 1, head_dim)`
+# each, are what a cache stores for that token in that layer; `nbytes` is computed from their
+# shape and element size, so it works on the meta device too. Every layer is alike, so the
+# model's figure is 80 times one layer's.
 
 # %%
 n_layer, n_head, head_dim, bf16 = 80, 64, 128, 2
@@ -69,10 +72,11 @@ per_token = {}
 for name, n_kv in (("GQA-8", 8), ("MHA", 64)):
     cfg = AttentionConfig(n_embd=n_head * head_dim, n_head=n_head, bias=False)
     with torch.device("meta"):
-        layer = GroupedQueryAttention(cfg, n_kv_head=n_kv)
-    cache = layer.new_cache(batch_size=batch, max_len=16, device="cpu", dtype=torch.bfloat16)
-    assert cache.nbytes == batch * 16 * cache.bytes_per_token  # what is allocated, per position
-    per_token[name] = n_layer * cache.bytes_per_token
+        layer = GroupedQueryAttention(cfg, n_kv_head=n_kv).to(torch.bfloat16)
+        one_token = torch.empty(1, 1, n_head * head_dim, dtype=torch.bfloat16)  # (B=1, T=1, d)
+        _, k, v = layer.project(one_token)  # 2 x (1, n_kv_head, 1, head_dim)
+    assert k.shape == v.shape == (1, n_kv, 1, head_dim) and k.dtype == torch.bfloat16
+    per_token[name] = n_layer * (k.nbytes + v.nbytes)
     assert per_token[name] == kv_bytes_per_token(n_layer, n_kv, head_dim, bf16)
     batch_gib = batch * seq * per_token[name] / 2**30
     fits = int(40e9 // (seq * per_token[name]))
