@@ -564,6 +564,8 @@ model8 = build(SketchV8)
 model8(x)  # fills model8.attn for input x
 print(f"change in past outputs: {past_change(model8, x):.4f}")
 print("weights above the diagonal all 0:", bool((model8.attn.triu(1) == 0).all()))
+print("token 0's weights on tokens 1-5, v7:", [round(w, 3) for w in model7.attn[0, 0, 1:].tolist()],
+      f" sum {model7.attn[0, 0, 1:].sum():.2f}")
 assert past_change(model8, x) < 1e-6
 
 # %% [markdown]

@@ -409,7 +409,7 @@ print("Var(q.k) / d is within 15% of 1 for every d:", True)
 # Dividing by $\sqrt{d}$ brings the scores back to unit variance, whatever $d$ is. Below we
 # measure three things for 500 rows of 16 random keys each, with and without the scaling, and
 # average each over the rows: the largest weight in a row (1 = one-hot), the entropy of the row
-# (log 16 ≈ 2.77 = uniform, 0 = one-hot; [chapter 1](01_buggy_sketch.ipynb)'s Exercise 4 measured
+# ($\ln 16 \approx 2.77$ = uniform, 0 = one-hot; [chapter 1](01_buggy_sketch.ipynb)'s Exercise 4 measured
 # this one alone), and the size of the row's $16 \times 16$ softmax Jacobian, measured by its
 # Frobenius norm $\lVert J \rVert_F = \sqrt{\sum_{i,j} J_{ij}^2}$ (how strongly the weights respond
 # to the scores; 0 means no gradient gets through).

@@ -50,7 +50,7 @@ f64 = dict(dtype=torch.float64)
 #
 # $$a_{1/2} = \frac{\ln 2}{-\ln\gamma} \approx \frac{0.69}{1-\gamma} \text{ writes}$$
 #
-# (the approximation for $\gamma$ near 1): about 0.69 times the "memory length" $1/(1-\gamma)$
+# (the approximation for $\gamma$ near 1): about $\ln 2 \approx 0.69$ times the "memory length" $1/(1-\gamma)$
 # of the chapter. For $\gamma = 0.95$, 13.5 writes; the first whole age at which the read is
 # below one half is the next integer up.
 #

@@ -188,7 +188,7 @@ assert ex1[1e-1][0] > 2 * needed_gap and ex1[1e-1][2] > ex1[3e-3][2]  # room for
 # %% [markdown]
 # **Conclusion.** The bound holds in every model, and it is what the learning rate moves. At
 # 3e-3 the largest norm weights grew from 1 to 1.25 and 1.21 in 150 steps: $B = 6.0$, the
-# largest score seen is 5.2 (87% of $B$), and no row is one-hot — the product 1.51 is short of
+# largest score seen is 5.2 (87% of $B$), and no row is one-hot — the product $1.25 \times 1.21 \approx 1.51$ is short of
 # the 2.0 that a one-hot row over unrelated keys needs, as the estimate of at least 139 steps at
 # this rate (plus the warm-up) said. At 3e-2 they reached 2.08 and 1.84 ($B = 15.3$, a product
 # of 3.8, largest score 10.4) and 0.3% of the rows are one-hot; at 0.1, 3.01 and 3.26
@@ -305,8 +305,8 @@ plt.show()
 # - **`sink_tokens` = 0**: once the window has slid past position 0, such a query has only random
 #   vectors to attend to, and its output is a weighted average of their values instead of
 #   zero. The window size changes only how many vectors are averaged: more vectors, smaller
-#   average. If the weights were uniform the error would fall as $1/w$, from about 0.25 at
-#   $w = 4$ through section 5.1's 0.13 at $w = 8$ to about 0.06 at $w = 16$; weights that are not
+#   average. If the weights were uniform the error would fall as $1/w$, from about $1/4$ at
+#   $w = 4$ through section 5.1's 0.13 at $w = 8$ to about $1/16$ at $w = 16$; weights that are not
 #   uniform average fewer vectors, so somewhat more than that. No window repairs it.
 # - **`sink_tokens` = 1**: the start is back in every query's view, and the error should return
 #   to the trained layer's (about $10^{-4}$) for every window.
@@ -401,7 +401,7 @@ assert all(ex3[w_, s_][1] > 0.9 and ex3[w_, s_][2] < 0.05 for w_ in (4, 8, 16) f
 # %% [markdown]
 # **Conclusion.** The sink token is what matters. Without it the error on the 17 marker-free
 # sequences of section 5.1's batch is 0.26 with a window of 4, 0.13 with 8 and 0.065 with 16:
-# it halves each time the window doubles, the $1/w$ of a uniform average (0.25, 0.125, 0.0625)
+# it halves each time the window doubles, the $1/w$ of a uniform average ($1/4$, $1/8$, $1/16$)
 # — the queries have nothing to prefer among random keys, so their weights are close to
 # uniform, rather than the "somewhat more" we allowed for. No window comes near the trained
 # layer's $7.4 \times 10^{-5}$ with full attention. With one sink token the error is
