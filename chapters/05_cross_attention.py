@@ -27,13 +27,19 @@
 # The math is the same softmax of scores times values as in chapters 2 and 3. What changes is
 # where q, k and v come from, and that brings three practical questions with it: the two
 # sequences have different lengths, the sources in a batch have different lengths (padding),
-# and which mask, if any, cross-attention needs. We build the layer by hand, settle those
-# questions with small experiments, and then train a tiny encoder–decoder that learns to
-# reverse digit strings in about ten seconds on one CPU core. Its cross-attention map shows
-# how it does it.
+# and which mask, if any, cross-attention needs. We start where chapter 1 started, from the
+# hurried author's own cross-attention class: it crashes when built, then on a transposed
+# tensor, and once it runs it computes the wrong thing without a word; fixed one bug at a time,
+# it ends up computing exactly what the package's module computes (section 1). Then we build the
+# layer by hand, settle those questions with small experiments, and train a tiny
+# encoder–decoder that learns to reverse digit strings in about ten seconds on one CPU core.
+# Its cross-attention map shows how it does it.
 #
 # **Learning goals**
 #
+# - Find and fix the three bugs of the sketch's cross-attention class: `super.__init__()` (a
+#   `TypeError`), `K.T` on a 3-D tensor (a deprecation warning, then a shape error), and no
+#   division by $\sqrt{d}$, which raises nothing and shows only against a reference.
 # - Build cross-attention: queries from `x` (the decoder, length `T_q`), keys and values from
 #   `memory` (the encoder, length `T_k`), with `T_q != T_k`.
 # - Explain why cross-attention needs no causal mask, and why the decoder stays causal anyway.
@@ -61,7 +67,9 @@
 # differ in the last bits, which is why we print rounded numbers.)
 
 # %%
+import math
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
@@ -80,13 +88,13 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # ## The picture: an encoder, a decoder, and cross-attention between them
 #
 # Before we build anything, here is where cross-attention sits. The diagram below is drawn by
-# code (boxes and arrows, no data): an encoder–decoder of the kind section 7 trains, with the
+# code (boxes and arrows, no data): an encoder–decoder of the kind section 8 trains, with the
 # shape of the tensor on each arrow. `B` is the batch size, `S` the source length, `T` the
-# target length and `d` the model width (`n_embd`); section 1 calls the two lengths `T_k` and
-# `T_q`. The tokens at the bottom are one example of the reversal task of section 6: the
+# target length and `d` the model width (`n_embd`); section 2 calls the two lengths `T_k` and
+# `T_q`. The tokens at the bottom are one example of the reversal task of section 7: the
 # source `8331`, padded to 8 positions, and the decoder's input, `BOS` followed by the target
 # `1338`, padded to 9. Left out: the residual connections, the LayerNorm before each layer
-# (section 5 writes them down) and the encoder's final LayerNorm (section 7).
+# (section 6 writes them down) and the encoder's final LayerNorm (section 8).
 
 # %%
 ENC, DEC, MEM, XATT = "#dbe8f6", "#fde6cc", "#d9f0d3", "#f8d0d0"  # fill colour of each role
@@ -195,8 +203,8 @@ plt.show()
 #   stream, `(B, T, d)`; the keys and values come from the side, from the memory,
 #   `(B, S, d)`. The two lengths need not be equal (9 and 8 in the example), so each head's
 #   weights are a `T × S` grid (the icon at the right): `(B, n_head, T, S)` for the layer, one
-#   row per target position and one column per source position. Section 1 computes such a
-#   grid, section 10 plots the trained model's. The output
+#   row per target position and one column per source position. Section 2 computes such a
+#   grid, section 11 plots the trained model's. The output
 #   has one row per query, `(B, T, d)`: the decoder's stream keeps its shape, whatever `S` is.
 # - **What is computed once (green).** The memory does not change while the decoder writes,
 #   so neither do the keys and values projected from it. `CrossAttention.project_memory`
@@ -204,11 +212,256 @@ plt.show()
 #   `(B, n_head, S, head_dim)`, and the padding mask), which the layer reads at every decoding
 #   step, while only the new positions' queries are projected. Each decoder block has its own
 #   `c_kv`, hence its own cache, all projected from the same memory. "Check against the module"
-#   at the end uses it; the simple decoding loop of section 9 projects the memory again at
+#   at the end uses it; the simple decoding loop of section 10 projects the memory again at
 #   every step, and exercise 3 replaces that with the cache.
 
 # %% [markdown]
-# ## 1. Queries from one sequence, keys and values from another
+# ## 1. The sketch's cross-attention class
+#
+# The hurried author of [chapter 1](01_buggy_sketch.ipynb)'s sketch also wrote a cross-attention
+# layer, and we start from it the way chapter 1 started: run it as written, fix one bug per
+# version, and stop when it computes what the package's `attnbook.attention.CrossAttention`
+# computes. It has one head. The queries are projected from the decoder's states `x`,
+# `(B, T_q, d)`, the keys and values from the encoder's output `memory`, `(B, T_k, d)`, and, like
+# chapter 1's sketch, it keeps its last weights in `self.attn`. It has three bugs.
+
+# %%
+class CrossSketchV1(nn.Module):
+    """Single-head cross-attention, written in a hurry."""
+
+    def __init__(self, d_in, d_out):
+        super.__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=False)
+        self.W_key = nn.Linear(d_in, d_out, bias=False)
+        self.W_value = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x, memory):
+        Q = self.W_query(x)  # from the decoder
+        K = self.W_key(memory)  # from the encoder
+        V = self.W_value(memory)
+        scores = Q @ K.T
+        weights = torch.softmax(scores, dim=-1)
+        self.attn = weights.detach()
+        return weights @ V
+
+
+# %% [markdown]
+# One helper builds every version from the same seed, so all versions start from the same
+# weights. The two sequences get different lengths, 5 queries and 7 keys, so that a mixed-up
+# axis shows in a shape, and the width is 64, a common head size.
+
+# %%
+def build(cls, d=64):
+    torch.manual_seed(0)  # same seed -> same initial weights in every version
+    return cls(d_in=d, d_out=d)
+
+
+torch.manual_seed(1)
+x_dec = torch.randn(2, 5, 64)  # (B, T_q, d): the decoder's states
+mem_enc = torch.randn(2, 7, 64)  # (B, T_k, d): the encoder's output
+
+# %% [markdown]
+# ### Bug 1: `super.__init__()`
+
+# %% tags=["raises-exception"]
+build(CrossSketchV1)
+
+# %% [markdown]
+# **Why.** Without parentheses, `super` is the built-in class itself, not the object `super()`
+# that finds `nn.Module` for us. `super.__init__` is that class's own initialiser, and called with
+# no arguments it has no object to initialise: "needs an argument". `nn.Module.__init__` never
+# runs, so the first layer could not have been registered either (chapter 1's sketch left the
+# call out altogether and failed there, with an `AttributeError`).
+#
+# **Fix.** `super().__init__()`. As in chapter 1, version 2 is a fresh `nn.Module` that borrows
+# the unchanged `forward`; later versions subclass it and override `forward`, with `# vN` on the
+# changed line.
+
+# %%
+class CrossSketchV2(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()  # v2
+        self.W_query = nn.Linear(d_in, d_out, bias=False)
+        self.W_key = nn.Linear(d_in, d_out, bias=False)
+        self.W_value = nn.Linear(d_in, d_out, bias=False)
+
+    forward = CrossSketchV1.forward  # unchanged, still buggy
+
+
+model = build(CrossSketchV2)
+print("parameters:", [name for name, _ in model.named_parameters()])
+
+# %% [markdown]
+# ### Bug 2: `K.T` on a 3-D tensor
+#
+# `K` is `(B, T_k, d)`. On a matrix `.T` swaps the two axes; on a tensor with more axes it
+# reverses all of them. The PyTorch this book pins, 2.13, allows it with a deprecation warning
+# (shown once per process: restart the kernel to see it again); a later release may refuse it,
+# and the cell reports either outcome.
+
+# %%
+K = model.W_key(mem_enc).detach()  # (B, T_k, d)
+print("K:  ", tuple(K.shape))
+try:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        K_T = K.T
+    print("K.T:", tuple(K_T.shape), "<- every axis reversed: (d, T_k, B)")
+except RuntimeError as err:  # a PyTorch newer than 2.13 may refuse .T on a 3-D tensor
+    caught = []
+    print("K.T: RuntimeError:", str(err).split(".")[0])
+if caught:  # empty when the warning was already shown in this process
+    print(f"{caught[0].category.__name__}: {str(caught[0].message).split(' Consider')[0]}")
+
+# %% [markdown]
+# So `Q @ K.T` multiplies `(2, 5, 64)` by `(64, 7, 2)`: the product treats the first axis as a
+# batch, and a batch of 2 cannot be paired with one of 64.
+
+# %% tags=["raises-exception"]
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the deprecation warning was shown above
+    model(x_dec, mem_enc)
+
+# %% [markdown]
+# **Fix.** Swap the last two axes only, `K.transpose(-2, -1)` (or `K.mT`), as chapter 1 did.
+
+# %%
+class CrossSketchV3(CrossSketchV2):
+    def forward(self, x, memory):
+        Q = self.W_query(x)  # (B, T_q, d_out)
+        K = self.W_key(memory)  # (B, T_k, d_out)
+        V = self.W_value(memory)  # (B, T_k, d_out)
+        scores = Q @ K.transpose(-2, -1)  # v3: (B, T_q, T_k)
+        weights = torch.softmax(scores, dim=-1)
+        self.attn = weights.detach()
+        return weights @ V
+
+
+model3 = build(CrossSketchV3)
+with torch.no_grad():
+    y3 = model3(x_dec, mem_enc)
+print("weights:", tuple(model3.attn.shape), " output:", tuple(y3.shape))
+
+# %% [markdown]
+# One row of weights per query and one column per key, and the output keeps the decoder's
+# length. Had the product been written the other way round, `K @ Q.mT`, the weights would be
+# `(2, 7, 5)`; only because `T_q ≠ T_k` does the shape give that away.
+#
+# ### Bug 3: no scaling
+#
+# Nothing crashes now, and every shape is right. What is left can only be found by comparing
+# with a reference: chapter 2's `sdpa_reference`, the attention formula written out, applied to
+# the layer's own queries, keys and values (it shares nothing else with the sketch).
+
+# %%
+from attnbook.attention import sdpa_reference
+
+
+def off_reference(model, x, memory):
+    """Largest |model output - sdpa_reference| on the model's own projections."""
+    with torch.no_grad():
+        Q, K, V = model.W_query(x), model.W_key(memory), model.W_value(memory)
+        return (model(x, memory) - sdpa_reference(Q, K, V)).abs().max().item()
+
+
+print(f"max |CrossSketchV3 - reference| = {off_reference(model3, x_dec, mem_enc):.2f}")
+assert off_reference(model3, x_dec, mem_enc) > 0.1
+
+# %% [markdown]
+# The sketch never divides the scores by $\sqrt{d}$. A dot product of $d$ terms has a spread
+# that grows like $\sqrt{d}$, so the unscaled scores get wider as the layer does, and the softmax
+# sharper. Two measures of sharpness: the largest weight of a row and the row's entropy (1.95 =
+# ln 7 for the uniform row over 7 keys, 0 for a one-hot row), averaged over the rows of a batch
+# of 8 × 32 queries (5 would make the averages noisy), unscaled (the sketch) against scaled (the
+# reference), at three widths:
+
+# %%
+def row_entropy(weights):  # mean entropy of the rows, in nats
+    return torch.special.entr(weights).sum(-1).mean().item()
+
+
+print(f"uniform row over 7 keys: entropy {math.log(7):.2f}")
+print(f"{'d':>4} | {'score spread':>15} | {'largest weight':>15} | {'row entropy':>15}")
+print(f"{'':>4} | {'unscaled scaled':>15} | {'unscaled scaled':>15} | {'unscaled scaled':>15}")
+for d_try in (16, 64, 256):
+    m = build(CrossSketchV3, d=d_try)
+    torch.manual_seed(1)
+    x_try, mem_try = torch.randn(8, 32, d_try), torch.randn(8, 7, d_try)  # (B, T_q, d), (B, T_k, d)
+    with torch.no_grad():
+        Q, K, V = m.W_query(x_try), m.W_key(mem_try), m.W_value(mem_try)
+        raw = Q @ K.mT  # (B, T_q, T_k), unscaled
+        m(x_try, mem_try)  # fills m.attn: softmax(raw)
+        _, w_ref = sdpa_reference(Q, K, V, return_weights=True)  # softmax(raw / sqrt(d))
+    spread = f"{raw.std():8.2f} {(raw / d_try**0.5).std():6.2f}"
+    largest = f"{m.attn.amax(-1).mean():8.2f} {w_ref.amax(-1).mean():6.2f}"
+    entropy = f"{row_entropy(m.attn):8.2f} {row_entropy(w_ref):6.2f}"
+    print(f"{d_try:>4} | {spread:>15} | {largest:>15} | {entropy:>15}")
+    if d_try == 64:
+        assert row_entropy(m.attn) < row_entropy(w_ref) - 0.5
+
+# %% [markdown]
+# Scaled, the spread stays near 0.3 at every width, and the rows stay close to uniform (largest
+# weight 0.21 to 0.22, entropy 1.89 to 1.90), as an untrained layer's should. Unscaled, the spread
+# roughly doubles each time $d$ grows fourfold (1.43, 2.58, 5.16), and the rows sharpen with it:
+# at $d = 64$ the largest weight of a row averages 0.68 and the entropy is down to 0.89, at
+# $d = 256$ 0.83 and 0.46. No error, no NaN, no wrong shape: just a layer that attends more
+# sharply than the formula says, the more so the wider it is. A softmax that starts out this
+# peaked also learns slowly, because its gradients are small
+# ([chapter 2](02_scaled_dot_product_attention.ipynb) measures both).
+#
+# **Fix.** Divide the scores by the square root of the head size, here `K.shape[-1] ** 0.5`.
+
+# %%
+class CrossSketchV4(CrossSketchV3):
+    def forward(self, x, memory):
+        Q = self.W_query(x)  # (B, T_q, d_out)
+        K = self.W_key(memory)  # (B, T_k, d_out)
+        V = self.W_value(memory)  # (B, T_k, d_out)
+        scores = Q @ K.transpose(-2, -1) / K.shape[-1] ** 0.5  # v4: (B, T_q, T_k)
+        weights = torch.softmax(scores, dim=-1)  # (B, T_q, T_k), each row sums to 1
+        self.attn = weights.detach()
+        return weights @ V  # (B, T_q, d_out)
+
+
+model4 = build(CrossSketchV4)
+print("CrossSketchV4 == reference (atol 1e-5):", off_reference(model4, x_dec, mem_enc) < 1e-5)
+assert off_reference(model4, x_dec, mem_enc) < 1e-5
+
+# %% [markdown]
+# Finally the package. `attnbook.attention.CrossAttention` is multi-head and mixes its heads with
+# an output projection `c_proj`; with one head and `c_proj` set to the identity it is the sketch.
+# Its query projection `c_q` gets `W_query`, its fused `c_kv` the key and value weights stacked
+# (rows `k | v`), and `project_memory` projects the memory once into the keys and values the
+# layer reads (the check at the end of the chapter says more about it).
+
+# %%
+from attnbook.attention import CrossAttention
+
+for impl in ("reference", "sdpa"):
+    cfg = AttentionConfig(n_embd=64, n_head=1, dropout=0.0, bias=False, impl=impl)
+    module = CrossAttention(cfg)
+    with torch.no_grad():
+        module.c_q.weight.copy_(model4.W_query.weight)  # (d, d)
+        module.c_kv.weight.copy_(torch.cat([model4.W_key.weight, model4.W_value.weight]))  # (2d, d)
+        module.c_proj.weight.copy_(torch.eye(64))  # the sketch has no output projection
+        y_module = module(x_dec, cache=module.project_memory(mem_enc))  # (B, T_q, d)
+        assert torch.allclose(y_module, model4(x_dec, mem_enc), atol=1e-5), impl
+print("CrossSketchV4 == attnbook CrossAttention (1 head, c_proj = identity; reference and sdpa, "
+      "atol 1e-5)")
+
+# %% [markdown]
+# | version | bug fixed | how it showed itself |
+# | --- | --- | --- |
+# | v1 → v2 | `super.__init__()` | `TypeError` when the layer is built |
+# | v2 → v3 | `K.T` on a 3-D tensor | deprecation warning (in 2.13), then a `RuntimeError`: batch 2 against 64 |
+# | v3 → v4 | no division by $\sqrt{d}$ | silent: off the reference, rows sharper the wider the layer |
+#
+# The rest of the chapter takes the fixed layer apart: the math of one head with two sequences
+# (section 2), several heads (section 3), and what a batch of sources of different lengths needs
+# (section 4).
+
+# %% [markdown]
+# ## 2. Queries from one sequence, keys and values from another
 #
 # Self-attention computes `q`, `k` and `v` from the same input `x`. Cross-attention takes two
 # inputs:
@@ -231,6 +484,7 @@ def cross_attention_1head(x, memory, w_q, w_k, w_v):
     return weights @ v, weights  # (B, T_q, d_v), (B, T_q, T_k)
 
 
+torch.manual_seed(0)  # the state Setup left: what follows does not depend on section 1
 B, T_q, T_k, d = 2, 5, 7, 16
 x = torch.randn(B, T_q, d)  # stands in for the decoder's states
 memory = torch.randn(B, T_k, d)  # stands in for the encoder's output
@@ -275,7 +529,7 @@ print("output rows that changed:", rows_moved.nonzero().flatten().tolist())
 # cross-attention, then an MLP, each applied row by row) is causal as a whole.
 
 # %% [markdown]
-# ## 2. Multi-head cross-attention as a module
+# ## 3. Multi-head cross-attention as a module
 #
 # The multi-head version is [chapter 3](03_multi_head_attention.ipynb)'s layer with the projections
 # split between the two inputs: `W_q` reads `x`, `W_k` and `W_v` read `memory`, and the heads are
@@ -324,7 +578,7 @@ y, w = xattn(x, memory)
 print("y:", tuple(y.shape), " weights:", tuple(w.shape))
 
 # %% [markdown]
-# ## 3. Padding: sources of different lengths in one batch
+# ## 4. Padding: sources of different lengths in one batch
 #
 # To train on a batch, every source in it must have the same length, so shorter sources are
 # *right-padded*: filled up to the batch's longest length with a special PAD token. Those
@@ -401,7 +655,7 @@ plt.show()
 # the outputs at padded positions. Their rows are computed and thrown away.
 
 # %% [markdown]
-# ## 4. PyTorch's `nn.MultiheadAttention`: the same layer, the opposite mask
+# ## 5. PyTorch's `nn.MultiheadAttention`: the same layer, the opposite mask
 #
 # `torch.nn.MultiheadAttention` does cross-attention when it is called with different
 # tensors: `mha(query=x, key=memory, value=memory)`. Its input projection is one stacked
@@ -454,13 +708,13 @@ print("sequence 0 == out_proj.bias:", torch.allclose(y_quiet[0], bias_rows, atol
 # and every call that takes one says so in its docstring.
 
 # %% [markdown]
-# ## 5. Encoder and decoder blocks
+# ## 6. Encoder and decoder blocks
 #
 # An attention layer is not yet a transformer layer. Each block of an encoder–decoder wraps
 # its attention in the same pattern as GPT-2's *pre-norm* blocks: normalise a copy of the
 # stream, transform it, add the result back. We now write the decoder block ourselves from
 # pieces we already have, then the encoder block, and check both against `DecoderBlock` and
-# `EncoderBlock` from `attnbook.attention`, the blocks the model of section 7 is built from.
+# `EncoderBlock` from `attnbook.attention`, the blocks the model of section 8 is built from.
 #
 # The decoder block takes the decoder's stream `y`, `(B, T_q, d)`, and the encoder's output
 # `memory`, `(B, T_k, d)`, with its padding mask `memory_mask`, and applies three layers in
@@ -471,9 +725,9 @@ print("sequence 0 == out_proj.bias:", torch.allclose(y_quiet[0], bias_rows, atol
 #    [chapter 3](03_multi_head_attention.ipynb)'s layer, `attnbook.attention.MultiHeadAttention`,
 #    built with `causal=True`.
 # 2. **Cross-attention**, `y = y + CrossAttn(LN(y), memory, memory_mask)`: every target
-#    position reads the source. This is section 2's `MyCrossAttention`; its queries come from
+#    position reads the source. This is section 3's `MyCrossAttention`; its queries come from
 #    the normalised `y`, its keys and values from `memory` as it is (the encoder ends in a
-#    LayerNorm of its own, section 7). It returns `(output, weights)`; the block keeps the
+#    LayerNorm of its own, section 8). It returns `(output, weights)`; the block keeps the
 #    output.
 # 3. **MLP**, `y = y + MLP(LN(y))`: `Linear(d → 4d)`, GELU, `Linear(4d → d)`, applied to every
 #    position on its own. It mixes nothing between positions; that is attention's job.
@@ -511,7 +765,7 @@ class MyDecoderBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd)
         self.self_attn = MultiHeadAttention(causal)  # chapter 3's layer, causal
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.cross_attn = MyCrossAttention(n_embd, n_head)  # section 2's layer
+        self.cross_attn = MyCrossAttention(n_embd, n_head)  # section 3's layer
         self.ln_3 = nn.LayerNorm(n_embd)
         self.mlp = feed_forward(n_embd)
 
@@ -525,7 +779,7 @@ class MyDecoderBlock(nn.Module):
 # sequence to read. Its self-attention differs in two ways. It is **not** causal: the whole
 # source is known before anything is decoded, so every source token may look at every other,
 # later ones included. And it takes the source's padding mask, `(B, T)` with `True` = real
-# token, reshaped to `(B, 1, 1, T)` as in section 2, so that it hides whole key columns: no
+# token, reshaped to `(B, 1, 1, T)` as in section 3, so that it hides whole key columns: no
 # position, real or padded, reads the padded ones.
 
 # %%
@@ -548,7 +802,7 @@ class MyEncoderBlock(nn.Module):
 # %% [markdown]
 # The package's blocks are built from an `AttentionConfig`: `EncoderBlock(cfg)(x, mask)` and
 # `DecoderBlock(cfg)(y, memory, memory_mask)`. The next cell builds one of each, lists the
-# decoder block's layers (the names we used) and runs both on the tensors of sections 1–3.
+# decoder block's layers (the names we used) and runs both on the tensors of sections 2–4.
 
 # %%
 cfg = AttentionConfig(n_embd=d, n_head=n_head, positions="none")
@@ -576,8 +830,8 @@ print("decoder:", tuple(x.shape), "->", tuple(dec_out.shape))
 # Creating our blocks draws random initial weights, which the copy overwrites. We draw them
 # inside `torch.random.fork_rng()`, which restores the random state afterwards, so every cell
 # after this one draws the same random numbers as it would without these checks. The last
-# lines repeat section 1's experiment on the whole block: change decoder position 3 and see
-# which output rows move. (Section 1 added 1.0 to every coordinate. Here that change would
+# lines repeat section 2's experiment on the whole block: change decoder position 3 and see
+# which output rows move. (Section 2 added 1.0 to every coordinate. Here that change would
 # not even reach the attention layers: a LayerNorm subtracts each row's mean, so it cancels a
 # shift of all coordinates by the same amount. We flip the row's sign instead.)
 
@@ -628,16 +882,16 @@ with torch.no_grad():
 # comparison is `True`, with and without the padding mask, and with the precomputed
 # `CrossCache`. So the package's `EncoderBlock` and `DecoderBlock` are the blocks we just wrote
 # (their MLP ends in a dropout, which does nothing at `dropout=0`), and from here on the
-# chapter uses them: the model of section 7 stacks them, and section 10 looks inside the
+# chapter uses them: the model of section 8 stacks them, and section 11 looks inside the
 # package block's `cross_attn`. Changing decoder position 3 moved output rows `[3, 4]` only:
-# the whole block is causal, as section 1 argued, because its only layer that mixes target
+# the whole block is causal, as section 2 argued, because its only layer that mixes target
 # positions is the causal self-attention.
 #
 # `positions="none"` because the blocks add no position information themselves: like GPT-2,
 # our model will add a position vector to each token embedding before the first block.
 
 # %% [markdown]
-# ## 6. The task: reversing digit strings
+# ## 7. The task: reversing digit strings
 #
 # We need a task where the right alignment between source and target is known, so that we can
 # check what cross-attention learns. Reversal is ideal: output token `i` of a length-`L`
@@ -720,7 +974,7 @@ print("held-out strings per length 3..8:", torch.bincount(len_test, minlength=9)
 # 7 strings; for the other lengths it rests on 150 or more.
 
 # %% [markdown]
-# ## 7. A tiny encoder–decoder
+# ## 8. A tiny encoder–decoder
 #
 # This is a minimal model for this chapter's experiment, not a general-purpose one. It has:
 #
@@ -780,7 +1034,7 @@ model = TinySeq2Seq()
 print("parameters:", sum(p.numel() for p in model.parameters()))
 
 # %% [markdown]
-# ## 8. Training with teacher forcing
+# ## 9. Training with teacher forcing
 #
 # The decoder is trained like a language model, conditioned on the source. Its input is the
 # target shifted right by one, with `BOS` in front; its label at every position is the next
@@ -863,7 +1117,7 @@ ax.grid(alpha=0.3)
 plt.show()
 
 # %% [markdown]
-# ## 9. Greedy decoding and held-out accuracy
+# ## 10. Greedy decoding and held-out accuracy
 #
 # At test time there is no correct previous token to feed in: the decoder must consume its
 # own output. Greedy decoding starts from `[BOS]`, runs the decoder, appends the most likely
@@ -913,7 +1167,7 @@ for i in range(5):
 assert accuracy >= 0.95
 
 # %% [markdown]
-# ## 10. The cross-attention map
+# ## 11. The cross-attention map
 #
 # What did cross-attention learn? `DecoderBlock` calls its `cross_attn` layer without asking
 # for the weights. To look at them without changing the block, we attach a **forward hook**
@@ -1001,9 +1255,9 @@ print(f"most-attended source position is the mirrored one for {hits / total:.1%}
 assert hits / total > 0.6
 
 # %% [markdown]
-# ## 11. Padding in the trained model
+# ## 12. Padding in the trained model
 #
-# Section 3 showed the property on a bare layer; now on the trained model. Two checks on the
+# Section 4 showed the property on a bare layer; now on the trained model. Two checks on the
 # whole held-out set:
 #
 # 1. the cross-attention weights on padded source positions are exactly zero;
@@ -1075,6 +1329,15 @@ print("attnbook CrossAttention (reference, sdpa; with and without padding) == ou
 # %% [markdown]
 # ## Summary
 #
+# - The sketch's single-head cross-attention, `CrossSketchV1`, failed when built:
+#   `super.__init__()` without parentheses (`TypeError: descriptor '__init__' of 'super' object
+#   needs an argument`). Then `K.T` turned `(2, 7, 64)` keys into `(64, 7, 2)` (a deprecation
+#   warning in torch 2.13) and the product failed, batch 2 against 64; with
+#   `K.transpose(-2, -1)` the weights are `(2, 5, 7)`. Without $1/\sqrt{d}$ it ran silently off
+#   chapter 2's `sdpa_reference` (by up to 1.49) with rows too sharp (at $d = 64$: largest weight
+#   0.68 against 0.22, entropy 0.89 against 1.90). Fixed, it equals
+#   `attnbook.attention.CrossAttention` with one head and `c_proj` the identity (both kernels,
+#   atol 1e-5).
 # - Cross-attention is the attention of chapters 2 and 3 with its inputs split: queries from
 #   the decoder's stream `x`, keys and values from the encoder's output `memory`. The weights
 #   are `T_q × T_k`, not square (`(2, 5, 7)` for 5 queries and 7 keys), and the output keeps the
