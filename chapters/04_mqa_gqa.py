@@ -98,10 +98,65 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # [chapter 3](03_multi_head_attention.ipynb), but only `num_groups` key heads and value heads.
 # Consecutive query heads form a group of `group = num_heads // num_groups`, and the whole group
 # attends with one shared key/value head: query head `h` reads key/value head `h // group`
-# (section 4 draws it). Written as a loop over query heads, this is our slow but obvious
-# **reference**. It reads the layer's weights by rows: rows `h · head_dim` to
+# (the picture below, at the toy size we use here; section 4 draws it for 8 heads). Written as a
+# loop over query heads, this is our slow but obvious **reference**. It reads the layer's weights by rows: rows `h · head_dim` to
 # `(h + 1) · head_dim` of the query projection belong to query head `h`, and likewise for the
 # key/value heads.
+
+# %%
+from fractions import Fraction
+
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+
+def draw_sharing(ax, n_q, n_kv, name, label_rows=False):
+    """One panel: n_q query heads on top, n_kv key/value heads below, an arrow from query head h
+    to key/value head h // group, one colour per group."""
+    group = n_q // n_kv
+    bw, bh = 0.74, 0.55  # width and height of one head's box
+    for j in range(n_kv):
+        colour = plt.cm.tab10(j)
+        kv_x = j * group + (group - 1) / 2  # centred under its group
+        ax.add_patch(FancyBboxPatch((j * group - 0.46, 2.55), group - 0.08, 0.9,  # the group
+                                    boxstyle="round,pad=0,rounding_size=0.15", facecolor=colour,
+                                    alpha=0.25, edgecolor="none"))
+        ax.add_patch(FancyBboxPatch((kv_x - bw / 2, -bh / 2), bw, bh, boxstyle="round,pad=0.02",
+                                    facecolor=colour, edgecolor="black"))
+        ax.text(kv_x, 0, f"kv{j}", ha="center", va="center", fontsize=9, color="white",
+                fontweight="bold")
+        for i in range(group):  # query heads h = j * group + i all read key/value head j
+            h = j * group + i
+            ax.add_patch(FancyBboxPatch((h - bw / 2, 3 - bh / 2), bw, bh,
+                                        boxstyle="round,pad=0.02", facecolor="white",
+                                        edgecolor=colour, linewidth=2))
+            ax.text(h, 3, f"q{h}", ha="center", va="center", fontsize=9)
+            land = kv_x + (i - (group - 1) / 2) * bw / max(group, 2)  # spread over the box top
+            ax.add_patch(FancyArrowPatch((h, 3 - bh / 2 - 0.03), (land, bh / 2 + 0.03),
+                                         arrowstyle="-|>", mutation_scale=8, color=colour,
+                                         linewidth=1.3, shrinkA=0, shrinkB=0))
+    middle = (n_q - 1) / 2
+    ax.text(middle, -0.75, f"K/V cache per token: {Fraction(n_kv, n_q)} × MHA", ha="center",
+            va="top", fontsize=11, fontweight="bold")
+    ax.text(middle, -1.3, f"({n_kv} key + {n_kv} value vectors per layer)", ha="center",
+            va="top", fontsize=10, color="dimgray")
+    if label_rows:
+        ax.text(-0.6, 3, "query heads\n(not cached)", ha="right", va="center", fontsize=9)
+        ax.text(-0.6, 0, "key/value\nheads\n(cached)", ha="right", va="center", fontsize=9)
+    ax.set_title(f"{name}: {n_q} query heads, {n_kv} K/V head{'s' if n_kv > 1 else ''}")
+    ax.set_xlim(-0.6, n_q - 0.4)
+    ax.set_ylim(-1.8, 3.55)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+
+fig, ax = plt.subplots(figsize=(5, 3.6))
+draw_sharing(ax, 4, n_kv=2, name="GQA", label_rows=True)
+plt.show()
+
+# %% [markdown]
+# The class below calls the number of key/value heads `num_groups`, as the seed did; from
+# section 2 on, and in the package, it is `n_kv_head` (one key/value head per group, so the two
+# numbers are the same).
 
 # %%
 def reference_gqa(layer, x, n_head, n_kv_head):
@@ -342,14 +397,40 @@ for num_groups in (4, 2, 1):
 
 # %% [markdown]
 # Right for MHA, wrong for GQA and MQA: a test that only tried the MHA case would pass.
+# Here is what goes wrong with 2 groups, for the last token of the first sequence: the weights
+# that query heads 0 and 1 should give the 6 tokens (they share key/value head 0), and the one
+# set of weights the sketch gives them both.
+
+# %%
+layer = build(SketchV4, 2)
+hd, future = layer.head_dim, torch.ones(T, T, dtype=torch.bool).triu(1)
+with torch.no_grad():
+    Q, K = layer.W_query(x), layer.W_key(x)  # (B, T, 16), (B, T, 8)
+    q0, q1, k0 = Q[..., 0:hd], Q[..., hd : 2 * hd], K[..., 0:hd]  # heads 0, 1; kv head 0
+    wide = Q[..., 0 : 2 * hd] @ k0.repeat(1, 1, 2).transpose(-2, -1)  # the sketch's group 0
+
+
+def last_row(scores):  # attention weights of the last token of sequence 0
+    return (scores / math.sqrt(hd)).masked_fill(future, float("-inf")).softmax(-1)[0, -1]
+
+
+print("query head 0 (reference):", last_row(q0 @ k0.transpose(-2, -1)).numpy().round(2))
+print("query head 1 (reference):", last_row(q1 @ k0.transpose(-2, -1)).numpy().round(2))
+print("heads 0 and 1 (sketch):   ", last_row(wide).numpy().round(2))
+same = torch.allclose(wide, q0 @ k0.transpose(-2, -1) + q1 @ k0.transpose(-2, -1), atol=1e-5)
+print("sketch's score == head 0's score + head 1's score:", same)
+assert same
+
+# %% [markdown]
 #
 # **Why.** The sketch never forms heads. `Q.chunk(num_groups, dim=-1)` cuts the queries into one
 # slice per *group*: with 2 groups, each slice is 2 query heads side by side, 8 numbers. The key
 # head (4 numbers) is then repeated along the *features* to the same width, so the score of the
 # slice is one dot product over 8 numbers, the sum of the two heads' scores against the shared
 # key: $(q_{h_1}, q_{h_2}) \cdot (k_j, k_j) = q_{h_1} \cdot k_j + q_{h_2} \cdot k_j$. Each group
-# becomes a single wide head with one attention pattern, and its heads hand back the same
-# average of the values, twice. The query heads of a group no longer ask their own questions,
+# becomes a single wide head with one attention pattern (the third row above, which is neither
+# head's), and both halves of the group's output are the same vector, those weights applied to
+# the values of key/value head $j$. The query heads of a group no longer ask their own questions,
 # which is the whole point of keeping them all. With 4 groups each slice is exactly one head and
 # nothing is repeated, so the MHA case comes out right; with 1 group all 4 heads merge into one.
 #
@@ -547,9 +628,13 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
       " strides:", k_view.stride())
 
 # %% [markdown]
+# The strides say how many numbers to step over to move one place along each axis. The 0 is
+# the heads: all 8 heads read the same memory. The others are those of `k`, which is a slice of
+# the fused projection's output: its tokens lie one projection output apart (80 numbers: 64 for
+# the queries, 8 each for the key and the value), and a sequence is $T$ such rows.
+#
 # Broadcasting spares us writing the copy, but not necessarily making it. An expanded view
-# like `k_view` costs nothing: its stride of 0 along the heads makes all 8 heads read the same
-# memory. But in eager PyTorch, `torch.matmul` runs a broadcast product by expanding both
+# like `k_view` costs nothing in memory. But in eager PyTorch, `torch.matmul` runs a broadcast product by expanding both
 # operands to the common batch shape and reshaping the batch dimensions into one for its
 # batched kernel, and a stride-0 dimension cannot be reshaped that way without copying. So the
 # product materialises the 8 copies itself (`torch.profiler` shows an `aten::clone` of shape
@@ -582,51 +667,6 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # each panel.
 
 # %%
-from fractions import Fraction
-
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-
-def draw_sharing(ax, n_q, n_kv, name, label_rows=False):
-    """One panel: n_q query heads on top, n_kv key/value heads below, an arrow from query head h
-    to key/value head h // group, one colour per group."""
-    group = n_q // n_kv
-    bw, bh = 0.74, 0.55  # width and height of one head's box
-    for j in range(n_kv):
-        colour = plt.cm.tab10(j)
-        kv_x = j * group + (group - 1) / 2  # centred under its group
-        ax.add_patch(FancyBboxPatch((j * group - 0.46, 2.55), group - 0.08, 0.9,  # the group
-                                    boxstyle="round,pad=0,rounding_size=0.15", facecolor=colour,
-                                    alpha=0.25, edgecolor="none"))
-        ax.add_patch(FancyBboxPatch((kv_x - bw / 2, -bh / 2), bw, bh, boxstyle="round,pad=0.02",
-                                    facecolor=colour, edgecolor="black"))
-        ax.text(kv_x, 0, f"kv{j}", ha="center", va="center", fontsize=9, color="white",
-                fontweight="bold")
-        for i in range(group):  # query heads h = j * group + i all read key/value head j
-            h = j * group + i
-            ax.add_patch(FancyBboxPatch((h - bw / 2, 3 - bh / 2), bw, bh,
-                                        boxstyle="round,pad=0.02", facecolor="white",
-                                        edgecolor=colour, linewidth=2))
-            ax.text(h, 3, f"q{h}", ha="center", va="center", fontsize=9)
-            land = kv_x + (i - (group - 1) / 2) * bw / max(group, 2)  # spread over the box top
-            ax.add_patch(FancyArrowPatch((h, 3 - bh / 2 - 0.03), (land, bh / 2 + 0.03),
-                                         arrowstyle="-|>", mutation_scale=8, color=colour,
-                                         linewidth=1.3, shrinkA=0, shrinkB=0))
-    middle = (n_q - 1) / 2
-    ax.text(middle, -0.75, f"K/V cache per token: {Fraction(n_kv, n_q)} × MHA", ha="center",
-            va="top", fontsize=11, fontweight="bold")
-    ax.text(middle, -1.3, f"({n_kv} key + {n_kv} value vectors per layer)", ha="center",
-            va="top", fontsize=10, color="dimgray")
-    if label_rows:
-        ax.text(-0.6, 3, "query heads\n(not cached)", ha="right", va="center", fontsize=9)
-        ax.text(-0.6, 0, "key/value\nheads\n(cached)", ha="right", va="center", fontsize=9)
-    ax.set_title(f"{name}: {n_q} query heads, {n_kv} K/V head{'s' if n_kv > 1 else ''}")
-    ax.set_xlim(-0.6, n_q - 0.4)
-    ax.set_ylim(-1.8, 3.55)
-    ax.set_aspect("equal")
-    ax.axis("off")
-
-
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 draw_sharing(axes[0], n_head, n_kv=8, name="MHA", label_rows=True)
 draw_sharing(axes[1], n_head, n_kv=2, name="GQA")
@@ -984,7 +1024,8 @@ print(f"MHA model: {n_params(mha_model):,} parameters")
 # rounds the last bits differently, acts like a different seed. So instead of a fixed number
 # of steps we train until the loss on the evaluation set is below 0.01, checking every 25
 # steps, with a cap of 1500 steps. In runs with six seeds that took 250 to 450 steps, about
-# 5–15 seconds on one CPU thread. The curve is plotted at the end of the section.
+# 5–15 seconds on one CPU thread. (So the progress bar stops short of its 1500 steps: training
+# ended there because the loss was low enough.) The curve is plotted at the end of the section.
 
 # %% tags=["nbval-ignore-output"]
 mha_losses = train(mha_model, steps=1500, lr=3e-3, data_seed=1, stop_below=0.01)
@@ -1083,7 +1124,8 @@ assert all(min(right_after[n]) > 10 * mha_loss for n in (4, 2, 1))  # sharing br
 # return. In this run mean-pooling has the lower loss wherever the two differ (at 8 key/value
 # heads nothing is pooled and they tie), but that is not a rule: in two of six seeds we tried, keeping the first head did better right after conversion
 # at some sizes (once by a wide margin, 0.26 against 0.95 at 4 key/value heads). At 2
-# key/value heads neither model is usable as it is. What matters is how quickly each recovers.
+# key/value heads neither model is usable as it is, and near chance the order of two losses is
+# noise: accuracy can rank them the other way. What matters is how quickly each recovers.
 #
 # ### 6.5 A short further training
 #
@@ -1130,8 +1172,8 @@ assert scratch_loss > 1.0  # from scratch, 100 steps is not even past the platea
 #
 # The random-K/V control tells us where the converted model's head start comes from. It keeps
 # every trained weight except the key and value rows, yet after the same 100 steps it is hardly
-# better off than the model trained from scratch (about the same loss in this run; in six
-# earlier seeds, losses from 1.06 to 1.54).
+# better off than the model trained from scratch (about the same loss in this run, printed
+# above; in six other seeds, losses from 1.06 to 1.54).
 # The trained queries, output projection, MLPs and embeddings are not enough on their own. So
 # the short further training does not teach the converted model the task: the pooled key and
 # value rows carry what the trained ones knew, the conversion keeps it together with the rest
@@ -1239,7 +1281,7 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # - Generation caches the keys and values of every token, `2 · n_layer · n_kv_head · head_dim ·
 #   bytes per element` per token; the number of query heads does not enter. For the 7B-style
 #   model in fp16 that is 512 KiB per token with MHA, 128 with GQA-8 and 16 with MQA, and
-#   8 x 4k tokens of MHA cache take 16.000 GiB, more than the 12.6 GiB of weights.
+#   8 x 4k tokens of MHA cache take 16 GiB, more than the 12.6 GiB of weights.
 # - MQA and GQA change only the key/value part of the fused projection: `c_attn` shrinks from
 #   MHA's (192, 64) to (96, 64) with 2 key/value heads and (80, 64) with one, and query head `h`
 #   reads key/value head `h // group`.
@@ -1251,8 +1293,8 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 #   parameters with 8, 2 and 1 key/value heads, and computes the same as `attnbook`'s
 #   `MultiHeadAttention`, `GroupedQueryAttention` and `MultiQueryAttention`.
 # - A two-layer MHA model that solved associative recall (after 375 steps in this run) does not
-#   survive conversion to 2 key/value heads unharmed: right after it, the mean-pooled model's
-#   loss is 2.592 and the first-head one's 2.961. After 100 more steps the mean-pooled model is
+#   survive conversion to 2 key/value heads unharmed: in this run, right after it, the
+#   mean-pooled model's loss is 2.592 and the first-head one's 2.961. After 100 more steps the mean-pooled model is
 #   at 0.008 (100.0% accuracy) and the first-head one at 0.026, while the model with random
 #   key/value rows (1.566) and the GQA model trained from scratch (1.560) have barely started.
 # - The random-K/V control shows where the converted model's head start comes from: the trained
