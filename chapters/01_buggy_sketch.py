@@ -16,6 +16,9 @@
 # %% [markdown]
 # # Chapter 1 — The buggy sketch
 #
+# This chapter starts with the problem attention solves and its simplest form, with no learned
+# weights at all, on a six-word sentence. Then it turns to code.
+#
 # Somebody needed a causal single-head self-attention layer and wrote one in ten minutes. It
 # looks like every attention snippet you have seen: three linear projections, a matrix product,
 # a mask, a softmax, dropout. It also contains eight bugs. Some crash at once with a clear
@@ -31,6 +34,8 @@
 #
 # ## Learning goals
 #
+# - Say what problem attention solves, and compute its weight-free form, $\mathrm{softmax}(X
+#   X^\top) X$, by hand on a toy sentence; say why it needs learned queries, keys and values.
 # - State what single-head (causal) self-attention computes, and the properties that follow
 #   from it: weights that are non-negative and sum to 1, outputs that are weighted averages of
 #   value vectors, no dependence on future tokens, a deterministic forward pass in eval mode.
@@ -54,6 +59,93 @@ import torch.nn.functional as F
 from torch import nn
 
 print("torch", torch.__version__.split("+")[0])
+
+# %% [markdown]
+# ## Why attention: words that look at each other
+#
+# What a word means depends on the words around it. In "the cat sat on the mat", *sat* needs to
+# know who sat, and *mat* where the sitting happened. A model that reads the sentence must let
+# each word collect information from the others. Recurrent networks, the standard before
+# transformers, read one word at a time and carried everything seen so far in one vector of
+# fixed size; whatever word 1 had to tell word 50 had to survive 49 updates of that vector.
+# Attention's answer is direct: every position may look at every other position, and builds its
+# new vector as a **weighted average** of what it finds there, with a weight for each position
+# that says how relevant it is.
+#
+# The simplest version has no learned weights at all. Give each word a vector; score every pair
+# of words by the dot product of their vectors (similar vectors, large score); turn each row of
+# scores into weights that are positive and sum to 1 with a softmax; replace each word by the
+# weighted average of all the words' vectors. For a sentence stored as the rows of a matrix $X$
+# (one row per word) that is three lines: $S = X X^\top$, $A = \mathrm{softmax}(S)$ row by
+# row, $Y = A X$.
+#
+# Our vectors are made by hand, with four features we can read: how much a word names an
+# animal, an object, an action, and how much it is a small function word (0 for not at all, 1.5
+# for very).
+
+# %%
+words = ["the", "cat", "sat", "on", "the", "mat"]
+X = torch.tensor([  # (6 words, 4 features): animal, object, action, function word
+    [0.0, 0.0, 0.0, 1.5],  # the
+    [1.5, 0.6, 0.0, 0.0],  # cat
+    [0.45, 0.0, 1.5, 0.0],  # sat
+    [0.0, 0.3, 0.45, 1.2],  # on
+    [0.0, 0.0, 0.0, 1.5],  # the
+    [0.0, 1.5, 0.0, 0.3],  # mat
+])
+S = X @ X.T  # (6, 6): S[i, j] = x_i . x_j, how similar word j is to word i
+A = torch.softmax(S, dim=-1)  # (6, 6): each row sums to 1
+Y = A @ X  # (6, 4): each word's new vector, a weighted average of all six
+print("weights (row: the word that looks, column: the word it looks at)")
+print("       " + " ".join(f"{w:>5}" for w in words))
+for w, row in zip(words, A, strict=True):
+    print(f"{w:>5}  " + " ".join(f"{a:5.2f}" for a in row.tolist()))
+print("rows sum to 1:", torch.allclose(A.sum(-1), torch.ones(6)))
+print("new vector of 'sat':", Y[2].numpy().round(2), " was", X[2].numpy())
+
+# %% [markdown]
+# The picture draws the same weights twice: as a grid, and as lines from each word to the words
+# it looks at, thicker for larger weights (weights under 0.1 left out).
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3]})
+ax1.imshow(A, cmap="Blues", vmin=0, vmax=1)
+ax1.set_xticks(range(6), words)
+ax1.set_yticks(range(6), words)
+for i in range(6):
+    for j in range(6):
+        ax1.text(j, i, f"{A[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                 color="white" if A[i, j] > 0.5 else "black")
+ax1.set(xlabel="looks at (key)", ylabel="word that looks (query)",
+        title="softmax(X Xᵀ): who looks at whom")
+for i, w in enumerate(words):  # the words in two rows: lookers on top, looked-at below
+    ax2.text(i, 1, w, ha="center", va="bottom", fontsize=11)
+    ax2.text(i, 0, w, ha="center", va="top", fontsize=11)
+    for j in range(6):
+        if A[i, j] >= 0.1:
+            ax2.plot([i, j], [0.95, 0.08], color="tab:blue", lw=6 * float(A[i, j]), alpha=0.7)
+ax2.set(xlim=(-0.5, 5.5), ylim=(-0.3, 1.3), title="the same weights as lines (top looks at bottom)")
+ax2.axis("off")
+plt.show()
+
+# %% [markdown]
+# It works as a mechanism: every word now carries some of the others (*sat*'s new vector has
+# picked up "object" and "function word" from its neighbours and kept only two thirds of its
+# "action"). But it looks at the wrong things. Every word looks mostly at itself, because
+# nothing is more similar to a vector than the vector itself ($x_i \cdot x_i = \lVert x_i
+# \rVert^2$), and otherwise at words *like* itself: the two *the*s look at each other as much
+# as at themselves, while *sat*, which needs its subject, gives *cat* 0.11, no more than it
+# gives *on*. Similarity is not relevance. And the scores are symmetric, $S_{ij} = S_{ji}$, so *cat*
+# looks at *sat* exactly as hard as *sat* looks at *cat*, although only one of them needs the
+# other. One more problem, for a model that predicts the next word: *the* at position 0 looks at
+# *mat* at position 5, a word it should not have seen yet.
+#
+# The fixes are what the rest of the chapter builds. Each word gets three different learned
+# vectors instead of one: a **query**, what it is looking for; a **key**, what it offers to be
+# found by; and a **value**, what it hands over when found. The score of a pair is query times
+# key, no longer symmetric and no longer largest on the diagonal, and training learns what
+# relevance means. A **causal mask** hides the future. Here is the whole layer as somebody
+# wrote it in a hurry.
 
 # %% [markdown]
 # ## 1. What the sketch is supposed to compute
@@ -914,6 +1006,10 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 # %% [markdown]
 # ## Summary
 #
+# - Attention lets every word build its new vector as a weighted average of the others'.
+#   Without learned weights, $\mathrm{softmax}(X X^\top) X$, every word of the toy sentence
+#   looked mostly at itself and at words like it, symmetrically, and at the future: learned
+#   queries, keys and values and a causal mask are the fixes.
 # - Causal single-head self-attention makes each output $y_t$ a softmax-weighted average of the
 #   values at positions $j \le t$. A plain loop over positions, `reference_attention`, is the slow
 #   reference, and four properties become tests: shape, weighted average (`value_ratio`),
