@@ -136,7 +136,7 @@ d = 4  # size of each query / key / value vector (the "head dimension")
 W_q = 0.3 * torch.randn(n_embd, d)  # (n_embd, d)
 W_k = 0.3 * torch.randn(n_embd, d)  # (n_embd, d)
 W_v = torch.randn(n_embd, d)  # (n_embd, d)
-W_q[3, 0] += 3.0  # pronoun feature -> query component 0: "looking for a thing"
+W_q[3, 0] += 3.0  # row: input feature 3 (pronoun), column: query component 0 ("a thing?")
 W_k[0, 0] += 3.0  # thing feature   -> key component 0:   "I am a thing"
 
 Q = x @ W_q  # (T, d)
@@ -271,7 +271,8 @@ print(scores)
 
 # %% [markdown]
 # Row 4 (the query of *it*) has one large entry, in column 1 (the key of *cat*); every other row
-# is small, because no other word has a strong question to ask in this head.
+# is small, apart from the *cat* column (explained below, after the softmax), because no other
+# word has a strong question to ask in this head.
 #
 # ## Step 2: scale
 #
@@ -320,6 +321,7 @@ print(out)
 i = sentence.index("it")
 for word, w in zip(sentence, weights[i].tolist(), strict=True):
     print(f"  it -> {word:<6} {w:.3f}  " + "#" * round(40 * w))
+print("length of each key:", [f"{word} {n:.2f}" for word, n in zip(sentence, K.norm(dim=-1), strict=True)])
 
 # %% [markdown]
 # *It* puts almost all of its weight on *cat*, so its output is almost exactly the value vector
@@ -328,8 +330,8 @@ for word, w in zip(sentence, weights[i].tolist(), strict=True):
 # uniform): their queries are small random vectors, and small score differences make small
 # weight differences. One column still stands out in those rows, *cat*'s, in both directions:
 # *the*, *cat* and *and* give it their lowest weight (0.08, from scores near −1.9), *ate* and
-# *slept* their highest (0.19). The hand-set `W_k[0, 0] += 3` made *cat*'s key about three
-# times as long as the others, so even a small random query has a sizeable dot product with
+# *slept* their highest (0.19). The hand-set `W_k[0, 0] += 3` made *cat*'s key several times as
+# long as the others (the key lengths are printed above), so even a small random query has a sizeable dot product with
 # it, positive or negative depending on which way the query happens to point.
 #
 # An attention map shows all rows at once; the helper below draws one with the words on the
@@ -397,7 +399,8 @@ print("Var(q.k) / d is within 15% of 1 for every d:", True)
 # The variance grows in proportion to $d$, so the typical size of a score grows like $\sqrt{d}$.
 # Why is that bad? The softmax is sensitive to *differences* between scores: a gap of 5 between
 # the largest score and the next gives the winner $e^5 \approx 150$ times the weight. If the
-# scores are spread over a range of $\pm 3\sqrt{d}$, then at $d = 1024$ the gaps are tens of
+# scores are spread over a range of $\pm 3\sqrt{d}$ (three standard deviations of $\sqrt{d}$
+# each: about 32 at $d = 1024$ in the table), then at $d = 1024$ the gaps are tens of
 # units wide and the softmax becomes a hard one-hot choice. Two things go wrong then:
 #
 # 1. The head can only *pick* one key, not *mix* several.
@@ -790,7 +793,8 @@ print("0 * nan =", 0.0 * float("nan"))
 # Now every position is NaN, including *the dog barked*, and the loss would be NaN too. The fix
 # is to *define* what a query with nothing to look at returns: it attends to nothing, so its
 # weights are all zero and its output is the zero vector. That is what `attnbook` does, and what
-# `F.scaled_dot_product_attention` does from PyTorch 2.5 on. We add it to our function in three
+# `F.scaled_dot_product_attention` does from PyTorch 2.5 on (its implementation's behaviour,
+# which the next cells check on CPU, rather than a documented promise). We add it to our function in three
 # lines: find the rows whose scores are all $-\infty$; give those rows finite scores (0) before
 # the softmax, so that it never computes $0/0$; and set their weights to zero after it. Zeroing
 # the weights afterwards would be enough for the forward pass, but training also runs the
@@ -832,10 +836,13 @@ print("torch's SDPA agrees, zeros included:", torch.allclose(torch_out, out_l, a
 # %% [markdown]
 # Now the gradient. We put a loss on the three real tokens only, as training would, and
 # differentiate with respect to the queries, using the additive form of the left-padded mask
-# (an additive mask passes the gradient of `scores + mask` straight through; `masked_fill`
-# happens to block it, because it sends no gradient to the entries it overwrote). The naive
-# version sends NaN back into the pad queries even though the loss never looks at them; the
-# fixed one does not, and its gradient equals `sdpa_reference`'s.
+# (the form that ALiBi and T5's position biases take). With the boolean mask the naive gradient
+# happens to be free of NaN, because `masked_fill` sends no gradient to the entries it
+# overwrote; an additive mask passes the gradient of `scores + mask` straight through. The
+# naive version then sends NaN back into the pad queries even though the loss never looks at
+# them: their upstream gradient is zero, but the softmax's backward multiplies it by their NaN
+# weights, and $0 \cdot \text{NaN} = \text{NaN}$. The fixed one does not, and its gradient equals
+# `sdpa_reference`'s.
 
 # %%
 from attnbook.attention import sdpa_reference
@@ -879,6 +886,8 @@ plt.show()
 # Then the attention weights they produce on our two sentences. Compare the first map with the
 # unmasked one earlier: every row is renormalised over its past. In the right-padded sentence the
 # pad columns are empty; in the left-padded one the pad rows are empty too (all-zero weights).
+# The real rows are the same in both panels: nothing in this attention knows where a token sits
+# in the sequence, which is what positions ([chapter 6](06_positions.ipynb)) add.
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
@@ -899,7 +908,8 @@ plt.show()
 # fallback, used for some inputs, does form it, as ours does. Let us check that ours agrees on
 # random multi-head inputs `(B, H, T, d)` under a range of masks, including per-head masks,
 # additive masks, fewer queries than keys, and rows with nothing to attend to. Every case,
-# including the last two, asserts a maximum absolute difference below $10^{-5}$.
+# including the empty rows and $T_q < T_k$, asserts a maximum absolute difference below
+# $10^{-5}$.
 
 # %%
 torch.manual_seed(3)
