@@ -771,6 +771,16 @@ for positions, tiny, plain in (("rope", model, out_plain),
 # From here on the book's chapters use `GPT` as their small model, instead of assembling one of
 # their own. [Chapter 17](17_training_a_gpt.ipynb) explains the rest of it — weight tying, the
 # initialisation, dropout — and trains it.
+#
+# One consequence of the initialisation matters for the chapters that, like this one, test a
+# cache on random weights. $N(0, 0.02)$ is chosen for a model about to be trained; untrained, it
+# makes every attention score nearly 0, so each query spreads its attention almost evenly over
+# the keys, and greedy decoding soon repeats a single token. Such a model hardly notices a key at
+# the wrong position, so a cache bug can leave every generated token unchanged. Those chapters
+# therefore build a `GPT` with `tie_weights=False` and give its linear layers and embeddings
+# PyTorch's default initialisation (`module.reset_parameters()`), the one `TinyLM` has: sharper
+# attention, varied tokens, and logits whose top two stay far apart compared with float
+# rounding, so the tokens are the same on any CPU.
 
 # %% [markdown]
 # ## 6. Prefill in chunks
