@@ -1116,11 +1116,13 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # - New queries are the *last* `T` of `T_k` positions: the causal mask must be aligned
 #   bottom-right (`causal_mask(T, T_k)`); `is_causal=True` would let a single query see only key 0.
 # - A preallocated cache has a fixed `max_len`, an explicit overflow error and `reset()`.
+# - The chapter's hand-written `TinyLM` computes exactly what the package's `attnbook.model.GPT`
+#   computes, cached or not, once the weights are copied across; the later chapters use `GPT`.
 # - Each cached step is cheap in arithmetic, but pays a fixed cost that the cache does not remove,
 #   so for a small model the measured speed-up is far below the work saved.
 # - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token of each sequence
-#   ([chapter 4](04_mqa_gqa.ipynb)), which quickly rivals the weights; MQA and GQA shrink it by
-#   `n_head / n_kv_head`.
+#   ([chapter 4](04_mqa_gqa.ipynb)), as the bytes its tensors hold confirm. It quickly rivals the
+#   weights; MQA and GQA shrink it by `n_head / n_kv_head`.
 
 # %% [markdown]
 # ## Further reading
