@@ -70,9 +70,10 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # %% [markdown]
 # ## 1. A tiny language model to generate with
 #
-# There is no GPT class in the book yet (it arrives in [chapter 17](17_training_a_gpt.ipynb)), so we
-# assemble a **minimal causal language model** here, only for this chapter's experiments. It has the
-# usual shape:
+# The package has a documented language model, `attnbook.model.GPT`, but here we assemble a
+# **minimal causal language model** by hand, so that every place a cache passes through is in
+# view; section 5.1 checks that it computes exactly what `GPT` computes, and the later chapters
+# use `GPT`. It has the usual shape:
 #
 # - a token embedding (`wte`), plus learned position vectors (`wpe`) when `positions="learned"`;
 # - `n_layer` pre-norm blocks, each `x + attn(ln_1(x))` then `x + mlp(ln_2(x))`, with the
@@ -696,7 +697,92 @@ for name, m in (("with the offset", model_learned), ("offset forgotten", forgetf
 # prefill, which starts at 0 anyway) and then treats every new token as if it stood at
 # position 0. The naive loop never shows this bug, because it always starts at 0 — one more
 # reason to test cached generation *against* uncached generation.
+
+# %% [markdown]
+# ### 5.1 The same model, from the package: `attnbook.model.GPT`
 #
+# `TinyLM` is written out in this chapter so that you can see every place a cache passes
+# through. The package has the documented version of the same model, `attnbook.model.GPT`,
+# configured by a `GPTConfig`: any attention variant by name and its options, any of the
+# position schemes, `forward(idx, targets=None, caches=None)` returning `(logits, loss)`,
+# `new_caches(batch_size, max_len)` giving one module cache per block, and
+# `generate(idx, max_new_tokens, temperature=0)` for greedy decoding with the cache
+# (`use_cache=False` recomputes, like `generate_plain`). It reads `start = caches[0].length`
+# exactly as `TinyLM.forward` does.
+#
+# "The same" is a claim we can check. We build a `GPT` with `TinyLM`'s sizes and positions,
+# copy `TinyLM`'s weights into it, and compare. Its parameters have the same shapes under other
+# names (`blocks.0.attn.c_attn.weight` becomes `transformer.h.0.attn.c_attn.weight`: nanoGPT's
+# and GPT-2's names), so renaming the keys of the `state_dict` is all the copying needs;
+# `load_state_dict` is strict and would fail on a missing or extra tensor. One switch must be
+# turned off: by default `GPT` **ties** its output layer to the token embedding (one matrix for
+# both), where `TinyLM` has a separate `lm_head`.
+
+# %%
+from attnbook.model import GPT, GPTConfig
+
+
+def as_gpt(tiny, positions):
+    """A GPT with tiny's sizes and positions, holding a copy of tiny's weights."""
+    config = GPTConfig(vocab_size=tiny.wte.num_embeddings, block_size=tiny.cfg.block_size,
+                       n_layer=len(tiny.blocks), n_head=tiny.cfg.n_head, n_embd=tiny.cfg.n_embd,
+                       positions=positions, tie_weights=False)  # TinyLM has its own lm_head
+    gpt = GPT(config).eval()  # its own initial weights, all replaced below
+    renamed = {}
+    for name, tensor in tiny.state_dict().items():
+        if name != "lm_head.weight":  # wte.weight -> transformer.wte.weight, blocks.i -> h.i
+            name = "transformer." + name.replace("blocks.", "h.", 1)
+        renamed[name] = tensor
+    gpt.load_state_dict(renamed)  # strict: the same tensors, every one of them
+    return gpt
+
+
+for positions, tiny, plain in (("rope", model, out_plain),
+                               ("learned", model_learned, plain_learned)):
+    gpt = as_gpt(tiny, positions)
+    with torch.no_grad():
+        logits_gpt, loss = gpt(plain)  # (B, 56, vocab), None: no targets
+        torch.testing.assert_close(logits_gpt, tiny(plain))  # a full pass
+        ours, theirs = new_caches(tiny, prealloc(max_len=64)), gpt.new_caches(2, max_len=64)
+        feeds = [prompt, *plain[:, 16:-1].split(1, dim=1)]  # the prefill, then 1 token a step
+        for feed in feeds:  # cached decoding, step by step
+            torch.testing.assert_close(gpt(feed, caches=theirs)[0], tiny(feed, ours))
+    same_tokens = torch.equal(gpt.generate(prompt, 40, temperature=0), plain)
+    assert same_tokens
+    print(f"{positions:>7}: GPT logits == TinyLM logits on a full pass {tuple(logits_gpt.shape)} "
+          f"and at every cached call (prefill + {len(feeds) - 1} tokens); greedy tokens equal: "
+          f"{same_tokens}")
+
+# %% [markdown]
+# The two compute the same function, and decode the same tokens with or without a cache. What
+# `GPT` adds is what a model that is trained needs, none of which changes a forward pass here:
+#
+# - its own **initialisation**: every linear and embedding weight drawn from $N(0, 0.02)$ as in
+#   GPT-2, the projections that write into the residual stream smaller still, where `TinyLM`
+#   keeps PyTorch's defaults (an `nn.Embedding` draws from $N(0, 1)$). A freshly built `GPT`
+#   is therefore a *different* random model from a freshly built `TinyLM`; only after copying
+#   the weights do they agree;
+# - **weight tying** (`tie_weights=True`, its default), **dropout** (0 by default), a
+#   cross-entropy `loss` when given `targets`, checks of its inputs with clear errors, and
+#   sampling in `generate` (`temperature`, `top_k`, `top_p`);
+# - no `attn_mask` argument: `TinyLM` passes one through for exercise 1's padding masks, a
+#   case `GPT` leaves out.
+#
+# From here on the book's chapters use `GPT` as their small model, instead of assembling one of
+# their own. [Chapter 17](17_training_a_gpt.ipynb) explains the rest of it — weight tying, the
+# initialisation, dropout — and trains it.
+#
+# One consequence of the initialisation matters for the chapters that, like this one, test a
+# cache on random weights. $N(0, 0.02)$ is chosen for a model about to be trained; untrained, it
+# makes every attention score nearly 0, so each query spreads its attention almost evenly over
+# the keys, and greedy decoding soon repeats a single token. Such a model hardly notices a key at
+# the wrong position, so a cache bug can leave every generated token unchanged. Those chapters
+# therefore build a `GPT` with `tie_weights=False` and give its linear layers and embeddings
+# PyTorch's default initialisation (`module.reset_parameters()`), the one `TinyLM` has: sharper
+# attention, varied tokens, and logits whose top two stay far apart compared with float
+# rounding, so the tokens are the same on any CPU.
+
+# %% [markdown]
 # ## 6. Prefill in chunks
 #
 # The first step feeds the whole prompt at once. For a very long prompt that step is big in two
@@ -875,55 +961,95 @@ print(f"step at T={lengths[-1]}: {ms_plain[-1]:.1f} ms without cache, "
 #
 # [Chapter 4](04_mqa_gqa.ipynb) derived the size of the cache: per layer and per position it stores
 # one key and one value vector for every key/value head, so per token of one sequence
+# $2 \times n_\text{layer} \times n_\text{kv\_head} \times \text{head\_dim} \times
+# \text{bytes per number}$, with no query heads in it: MQA and GQA shrink the cache by
+# `n_head / n_kv_head`.
 #
-# $$\text{bytes per token} = 2 \times n_\text{layer} \times n_\text{kv\_head} \times
-#   \text{head\_dim} \times \text{bytes per number},$$
-#
-# with no query heads in it: MQA and GQA shrink the cache by `n_head / n_kv_head`. Here we only
-# check the formula against the caches this chapter allocates, for our tiny model built with
-# each variant (4 query heads of 32; GQA with 2 key/value heads), fp32:
+# The formula is only as good as our understanding of what a model stores, so here we measure
+# it from an actual cache. Each attention layer makes its own with `layer.new_cache(batch_size,
+# max_len)`: an `attnbook.kv_cache.KVCache`, the design of our version 2, whose tensors `k` and
+# `v` have shape `(B, n_kv_head, max_len, head_dim)`, and whose `bytes_per_token` reports what
+# one position of one sequence costs in that layer. `bytes_per_token` is itself computed from
+# the cache's shape and element size, so checking the formula against it alone would be a
+# little circular. Our measurement is the memory the two tensors actually hold,
+# `cache.k.nbytes + cache.v.nbytes`, divided by the number of positions and sequences they have
+# room for. First our tiny model, built with each variant (4 query heads of 32; GQA with 2
+# key/value heads), fp32, with the 16-token prompts run through it:
 
 # %%
-def cache_bytes(m, max_len):
-    caches = new_caches(m, prealloc(max_len, batch_size=1))
-    total = sum(c.k.nbytes + c.v.nbytes for c in caches)  # the real tensors of every layer
-    return total // max_len, total
+def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
+    """Chapter 4's formula: KV-cache bytes for one token of one sequence, every layer."""
+    return 2 * n_layer * n_kv_head * head_dim * bytes_per_elem
 
 
 print(f"{'variant':>7} {'n_kv_head':>9} {'bytes/token':>11} {'KiB at 512 tokens':>17}")
 tiny_bytes = {}
 for name, options in (("mha", {}), ("gqa", {"n_kv_head": 2}), ("mqa", {})):
-    m = TinyLM(attention=name, **options)
-    per_token, total = cache_bytes(m, max_len=512)
+    m = TinyLM(attention=name, **options).eval()
+    caches = [block.attn.new_cache(batch_size=2, max_len=512) for block in m.blocks]
+    with torch.no_grad():
+        m(prompt, caches)  # fills positions 0..15 of every layer's cache
+    held = sum(c.k.nbytes + c.v.nbytes for c in caches)  # the real tensors of every layer
+    per_token = held // (2 * 512)  # per position of one sequence
+    n_kv, hd = m.blocks[0].attn.n_kv_head, m.cfg.head_dim
+    assert per_token == sum(c.bytes_per_token for c in caches)  # what the caches report
+    assert per_token == kv_bytes_per_token(len(m.blocks), n_kv, hd, 4)  # the formula, fp32
     tiny_bytes[name] = per_token
-    n_kv = m.blocks[0].attn.n_kv_head
-    assert per_token == 2 * len(m.blocks) * n_kv * m.cfg.head_dim * 4  # the formula, fp32
-    print(f"{name:>7} {n_kv:>9} {per_token:>11,} {total / 1024:>17,.0f}")
+    print(f"{name:>7} {n_kv:>9} {per_token:>11,} {512 * per_token / 1024:>17,.0f}")
+print(f"MQA after the prompts: {caches[0].length} positions cached, cache.k "
+      f"{tuple(caches[0].k.shape)} (B, n_kv_head, max_len, head_dim)")
 
 # %% [markdown]
+# Measured, reported and computed agree for every variant: the cache is a preallocated block, so
+# it holds `max_len` positions' worth of memory from the start, however many are filled.
+#
 # As in [chapter 4](04_mqa_gqa.ipynb), the realistic case is a 7B-class model shaped like Llama 2
-# 7B: 32 layers, 32 query heads of 128, cache in fp16, with all 32 key/value heads (MHA), 8 (GQA,
-# the shape of Mistral 7B) or 1 (MQA). This time the module computes the sizes:
-# `attnbook.kv_cache.KVCache` built on PyTorch's `meta` device has shapes and a dtype but no
-# storage, so it reports the bytes of a cache we never allocate.
+# 7B: 32 layers, 32 query heads of 128 (`n_embd = 4096`), cache in fp16, with all 32 key/value
+# heads (MHA), 8 (GQA, the shape of Mistral 7B), 1 (MQA) or a number between. Its weights would
+# take a few hundred megabytes per layer that we do not need, so we build one layer on PyTorch's
+# `meta` device, which records shapes and allocates nothing, and ask it for a cache on the CPU in
+# `float16` (a cache may store a lower precision than the layer computes in; the layer casts what
+# it reads back). The cache tensors are real: MHA's keys and values for 4096 tokens take 64 MiB
+# per layer. Every layer of the model is identical, so the model's cache per token is 32 times
+# one layer's.
 
 # %%
-from attnbook.kv_cache import KVCache
+n_layer_7b, n_head_7b, head_dim_7b, ctx = 32, 32, 128, 4096
+cfg_7b = AttentionConfig(n_embd=n_head_7b * head_dim_7b, n_head=n_head_7b, block_size=ctx,
+                         bias=False)
+measured = {}
+print(f"{'n_kv_head':>9} {'cache.k':>22} {'MiB/layer':>9} {'KiB/token':>9} {'GiB at 4k':>9}")
+for n_kv in (32, 16, 8, 4, 2, 1):
+    with torch.device("meta"):
+        layer_7b = build_attention("gqa", cfg_7b, n_kv_head=n_kv)  # shapes only, no weights
+    cache = layer_7b.new_cache(batch_size=1, max_len=ctx, device="cpu", dtype=torch.float16)
+    held = cache.k.nbytes + cache.v.nbytes  # what the two tensors really occupy
+    measured[n_kv] = held // ctx * n_layer_7b  # per token, all 32 layers
+    formula = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, 2)
+    assert measured[n_kv] == formula == n_layer_7b * cache.bytes_per_token
+    print(f"{n_kv:>9} {str(tuple(cache.k.shape)):>22} {held // 2**20:>9} "
+          f"{measured[n_kv] // 1024:>9} {ctx * measured[n_kv] / 2**30:>9.3f}")
+print("measured == formula == 32 x bytes_per_token, for every n_kv_head")
 
-n_layer_7b, head_dim_7b, ctx = 32, 128, 4096
-print(f"{'variant':>7} {'n_kv_head':>9} {'KiB/token':>9} {'GiB at 4k tokens':>16}")
-for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
-    one_layer = KVCache(1, kv, head_dim_7b, ctx, device="meta", dtype=torch.float16)
-    per_token = n_layer_7b * one_layer.bytes_per_token  # every layer
-    assert per_token == 2 * n_layer_7b * kv * head_dim_7b * 2  # the formula, fp16
-    assert n_layer_7b * one_layer.nbytes == ctx * per_token
-    print(f"{name:>7} {kv:>9} {per_token / 1024:>9,.0f} {ctx * per_token / 2**30:>16,.3f}")
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 3.6))
+names = ["32 (MHA)", "16", "8", "4", "2", "1 (MQA)"]
+kib = [measured[n] / 1024 for n in (32, 16, 8, 4, 2, 1)]
+bars = ax.bar(names, kib, color=["C0", "C7", "C1", "C7", "C7", "C2"])
+ax.bar_label(bars, [f"{v:g} KiB" for v in kib])
+ax.set_xlabel("key/value heads per layer (32 query heads)")
+ax.set_ylabel("KiB per token")
+ax.set_ylim(0, 590)
+ax.set_title("KV cache per token, 7B-style model (32 layers, fp16), measured from KVCache")
+plt.show()
 
 # %% [markdown]
-# The module agrees with [chapter 4](04_mqa_gqa.ipynb): half a mebibyte per token for MHA, 2 GiB for
-# one 4k-token sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16
-# weights; GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles
-# the cache, while the weights stay put. This is why long-context models share key/value heads, and
+# The cache per token is exactly proportional to the number of key/value heads, and it is the
+# same number whether we multiply it out or ask the tensors. The measurement agrees with
+# [chapter 4](04_mqa_gqa.ipynb): half a mebibyte per token for MHA, 2 GiB for one 4k-token
+# sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16 weights;
+# GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles the
+# cache, while the weights stay put. This is why long-context models share key/value heads, and
 # why later chapters look at caches that do not grow with the context at all (a sliding window,
 # [chapter 9](09_sliding_window.ipynb); a compressed latent,
 # [chapter 13](13_latent_attention.ipynb); a fixed-size recurrent state,
@@ -932,10 +1058,11 @@ for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
 # %% [markdown]
 # ## Check against the module
 #
-# The package's cache is `attnbook.kv_cache.KVCache`, the design of our version 2: preallocated
-# `(B, n_kv_head, max_len, head_dim)` keys and values, `append` returning views of everything so
-# far, `length`, `reset()`, and a `ValueError` on overflow. Each attention layer makes one with
-# `layer.new_cache(batch_size, max_len)`. We check three things:
+# The package's cache, `attnbook.kv_cache.KVCache` (section 8 measured its memory), is the
+# design of our version 2: preallocated `(B, n_kv_head, max_len, head_dim)` keys and values,
+# `append` returning views of everything so far, `length`, `reset()`, and a `ValueError` on
+# overflow. Each attention layer makes one with `layer.new_cache(batch_size, max_len)`. We check
+# three things:
 #
 # 1. fed the same key/value blocks, `KVCache` and `PreallocatedCache` store and return the same
 #    tensors;
@@ -944,6 +1071,8 @@ for name, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
 # 3. the module reports the same bytes per token, and overflows where ours does.
 
 # %%
+from attnbook.kv_cache import KVCache
+
 torch.manual_seed(5)
 mine = PreallocatedCache(2, 4, 32, max_len=20)
 theirs = KVCache(2, 4, 32, max_len=20)
@@ -987,11 +1116,13 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # - New queries are the *last* `T` of `T_k` positions: the causal mask must be aligned
 #   bottom-right (`causal_mask(T, T_k)`); `is_causal=True` would let a single query see only key 0.
 # - A preallocated cache has a fixed `max_len`, an explicit overflow error and `reset()`.
+# - The chapter's hand-written `TinyLM` computes exactly what the package's `attnbook.model.GPT`
+#   computes, cached or not, once the weights are copied across; the later chapters use `GPT`.
 # - Each cached step is cheap in arithmetic, but pays a fixed cost that the cache does not remove,
 #   so for a small model the measured speed-up is far below the work saved.
 # - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token of each sequence
-#   ([chapter 4](04_mqa_gqa.ipynb)), which quickly rivals the weights; MQA and GQA shrink it by
-#   `n_head / n_kv_head`.
+#   ([chapter 4](04_mqa_gqa.ipynb)), as the bytes its tensors hold confirm. It quickly rivals the
+#   weights; MQA and GQA shrink it by `n_head / n_kv_head`.
 
 # %% [markdown]
 # ## Further reading

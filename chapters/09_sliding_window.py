@@ -81,7 +81,7 @@ from attnbook.attention import (
     sliding_window_mask,
 )
 from attnbook.kv_cache import KVCache
-from attnbook.mlp import MLP
+from attnbook.model import GPT, GPTConfig
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -659,63 +659,45 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 # %% [markdown]
 # ### 7.3 Generation with a tiny model
 #
-# As in [chapter 7](07_kv_cache.ipynb), we assemble a **minimal causal language model** only for
-# this chapter's experiment: a token embedding, pre-norm blocks of attention plus MLP, a final
-# LayerNorm and a linear head, with random weights (a cache is correct when it reproduces the full
-# computation, whatever the weights). The attention is `build_attention("local", cfg)` with RoPE and
-# a window of 8, small enough that a short generation slides past it many times. The forward pass
-# takes one cache per layer, as in [chapter 7](07_kv_cache.ipynb).
+# The model is the package's `GPT` ([chapter 7](07_kv_cache.ipynb), section 5.1, checked it
+# against a model written out by hand): a token embedding, pre-norm blocks of attention plus
+# MLP, a final LayerNorm and a linear head. `GPTConfig(attention="local", attention_options=
+# {"window": 8})` builds every block's attention with `build_attention("local", ..., window=8)`,
+# with RoPE, and a window small enough that a short generation slides past it many times. Its
+# weights stay random (a cache is correct when it reproduces the full computation, whatever the
+# weights), with PyTorch's default initialisation rather than `GPT`'s $N(0, 0.02)$, so that
+# attention is sharp enough for a wrong key to change the tokens (chapter 7, section 5.1).
+#
+# `model.generate(prompt, n, temperature=0, use_cache=False)` decodes greedily by recomputing
+# the whole sequence at every step. `model.generate` with the cache makes its own caches; to
+# decode through caches of our choosing we write its cached loop out: `model(feed, caches=...)`
+# reads `start = caches[0].length`, and each block passes its cache to its attention, as in
+# [chapter 7](07_kv_cache.ipynb).
 
 # %%
-class Block(nn.Module):
-    """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
-
-    def __init__(self, cfg, window):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = build_attention("local", cfg, window=window)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
-
-    def forward(self, x, cache=None):  # x: (B, T, n_embd)
-        x = x + self.attn(self.ln_1(x), cache=cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyLM(nn.Module):
-    """A minimal causal LM with sliding-window attention and RoPE. Random weights."""
-
-    def __init__(self, window=8, vocab_size=256, n_embd=64, n_head=4, n_layer=3, block_size=128):
-        super().__init__()
-        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
-                                   positions="rope")
-        self.window = window
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.blocks = nn.ModuleList(Block(self.cfg, window) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention handles positions
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
 @torch.no_grad()
-def generate(model, prompt, n_new, caches=None):
-    """Greedy decoding; with caches the first step prefills the prompt, later ones feed 1 token."""
+def generate_with(model, prompt, n_new, caches):
+    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
     idx, feed = prompt, prompt  # (B, T0)
     for _ in range(n_new):
-        logits = model(idx) if caches is None else model(feed, caches)  # (B, T, vocab)
+        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
         feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         idx = torch.cat([idx, feed], dim=1)
     return idx
 
 
 torch.manual_seed(7)
-model = TinyLM().eval()
-print(f"TinyLM: {len(model.blocks)} layers of local attention, window {model.window}, "
-      f"n_embd={model.cfg.n_embd}, {sum(p.numel() for p in model.parameters()):,} parameters")
+window = 8
+config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
+                   attention="local", attention_options={"window": window}, positions="rope",
+                   tie_weights=False)
+model = GPT(config).eval()
+for module in model.modules():  # PyTorch's default initialisation, not GPT's N(0, 0.02)
+    if isinstance(module, nn.Linear | nn.Embedding):
+        module.reset_parameters()
+blocks = model.transformer.h  # the 3 blocks; blocks[i].attn is a LocalAttention
+print(f"GPT: {len(blocks)} layers of local attention, window {window}, "
+      f"n_embd={config.n_embd}, {model.num_params():,} parameters")
 
 # %% [markdown]
 # Generate 48 tokens after a 12-token prompt (longer than the window), for a batch of two, once
@@ -724,9 +706,9 @@ print(f"TinyLM: {len(model.blocks)} layers of local attention, window {model.win
 # %%
 torch.manual_seed(8)
 prompt = torch.randint(0, 256, (2, 12))
-out_plain = generate(model, prompt, n_new=48)
-rolling = [RollingCache(model.window) for _ in model.blocks]
-out_rolling = generate(model, prompt, n_new=48, caches=rolling)
+out_plain = model.generate(prompt, 48, temperature=0, use_cache=False)
+rolling = [RollingCache(window) for _ in blocks]
+out_rolling = generate_with(model, prompt, 48, rolling)
 assert torch.equal(out_rolling, out_plain)
 print("generated:", tuple(out_plain.shape), "| first new tokens of row 0:",
       out_plain[0, 12:22].tolist())
@@ -747,9 +729,9 @@ print(f"positions seen: {rolling[0].length}, stored per layer: {tuple(rolling[0]
 # the band mask hides the old keys — but it keeps them all:
 
 # %%
-n_kv, hd_m = model.blocks[0].attn.n_kv_head, model.cfg.head_dim
-full = [KVCache(2, n_kv, hd_m, max_len=64) for _ in model.blocks]
-out_full = generate(model, prompt, n_new=48, caches=full)
+n_kv, hd_m = blocks[0].attn.n_kv_head, blocks[0].attn.head_dim
+full = [KVCache(2, n_kv, hd_m, max_len=64) for _ in blocks]
+out_full = generate_with(model, prompt, 48, full)
 assert torch.equal(out_full, out_plain)
 print("full KVCache gives the same tokens:", torch.equal(out_full, out_plain),
       f"| positions stored per layer: {full[0].length}")
@@ -763,13 +745,13 @@ print("full KVCache gives the same tokens:", torch.equal(out_full, out_plain),
 
 # %%
 seq = out_plain[:1]  # (1, 60): one sequence
-rolling = [RollingCache(model.window) for _ in model.blocks]
-full = [KVCache(1, n_kv, hd_m, max_len=seq.shape[1]) for _ in model.blocks]
+rolling = [RollingCache(window) for _ in blocks]
+full = [KVCache(1, n_kv, hd_m, max_len=seq.shape[1]) for _ in blocks]
 rolling_bytes, full_bytes = [], []
 with torch.no_grad():
     for t in range(seq.shape[1] - 1):
-        logits_r = model(seq[:, t : t + 1], rolling)
-        logits_f = model(seq[:, t : t + 1], full)
+        logits_r, _ = model(seq[:, t : t + 1], caches=rolling)
+        logits_f, _ = model(seq[:, t : t + 1], caches=full)
         assert torch.allclose(logits_r, logits_f, atol=1e-5)
         rolling_bytes.append(sum(c.nbytes for c in rolling))
         full_bytes.append(sum(c.length * c.bytes_per_token for c in full))
@@ -779,14 +761,14 @@ print(f"bytes after {seen[-1]} positions: rolling {rolling_bytes[-1]:,}, full {f
 
 fig, ax = plt.subplots(figsize=(7.5, 4))
 ax.plot(seen, full_bytes, color="C3", label="full KVCache (positions in use)")
-ax.plot(seen, rolling_bytes, color="C0", label=f"rolling cache, window {model.window}")
-ax.axvline(model.window, color="0.5", ls=":", label="sequence length = window")
+ax.plot(seen, rolling_bytes, color="C0", label=f"rolling cache, window {window}")
+ax.axvline(window, color="0.5", ls=":", label="sequence length = window")
 ax.set_xlabel("positions seen")
 ax.set_ylabel("bytes (3 layers, 1 sequence, fp32)")
-ax.set_title("Cache memory while generating, TinyLM")
+ax.set_title("Cache memory while generating, GPT with local attention")
 ax.legend()
 plt.show()
-assert rolling_bytes[model.window - 1] == rolling_bytes[-1]  # flat from the window on
+assert rolling_bytes[window - 1] == rolling_bytes[-1]  # flat from the window on
 assert full_bytes[-1] == seen[-1] * full_bytes[0]  # linear in the positions seen
 
 # %% [markdown]
@@ -831,8 +813,8 @@ for L_tok in (4096, 8192, 16384, 32768):
 #    `blocked` function, on both paths (`impl="sdpa"` and `"reference"`);
 # 3. fed the same blocks of keys and values, `RollingKVCache` returns what our `RollingCache`
 #    returns and stores the same last `window` positions;
-# 4. generating with the module's caches (`layer.new_cache`) gives the tokens of full
-#    recomputation, and each cache stores `window` positions.
+# 4. generating with the module's caches (`model.new_caches`: each block's `layer.new_cache`)
+#    gives the tokens of full recomputation, and each cache stores `window` positions.
 
 # %%
 for t_q, t_k, w_c in [(12, 12, 4), (3, 12, 4), (1, 9, 5), (20, 20, 1), (6, 6, 10)]:
@@ -845,7 +827,7 @@ x = torch.randn(2, 30, 64)
 for impl in ("sdpa", "reference"):
     cfg_chk = AttentionConfig(n_embd=64, n_head=4, block_size=128, positions="rope", impl=impl)
     mod_layer = build_attention("local", cfg_chk, window=6).eval()
-    mod_layer.load_state_dict(model.blocks[0].attn.state_dict())  # the notebook model's weights
+    mod_layer.load_state_dict(blocks[0].attn.state_dict())  # the notebook model's weights
     with torch.no_grad():
         q_h, k_h, v_h = mod_layer.project(x)  # (2, 4, 30, 16) each
         q_h, k_h = mod_layer.rope(q_h), mod_layer.rope(k_h)  # rotated at positions 0..29
@@ -861,10 +843,11 @@ for T_new in (7, 1, 1, 3, 9, 1, 2):  # a long prefill, tokens, chunks shorter an
     assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
 assert ours.length == theirs.length == 24 and theirs.k.shape == (2, 4, 5, 16)
 
-module_caches = [block.attn.new_cache(batch_size=2, max_len=64) for block in model.blocks]
-out_module = generate(model, prompt, n_new=48, caches=module_caches)
+module_caches = model.new_caches(batch_size=2, max_len=64)  # block.attn.new_cache, per block
+out_module = generate_with(model, prompt, 48, module_caches)
 assert torch.equal(out_module, out_plain)
-assert all(type(c) is RollingKVCache and c.k.shape[2] == model.window for c in module_caches)
+assert torch.equal(model.generate(prompt, 48, temperature=0), out_plain)  # its own caches
+assert all(type(c) is RollingKVCache and c.k.shape[2] == window for c in module_caches)
 print("sliding_window_mask == our band; LocalAttention (sdpa and reference) == by hand with our "
       "blocked path (atol=1e-5); RollingKVCache == RollingCache (exact); module caches generate "
       "the same tokens: OK")
@@ -954,7 +937,7 @@ with torch.no_grad():
 #    more than full causal attention's $T(T+1)/2$. Then time forward plus backward at a few of
 #    those windows and see where the crossover lies in practice.
 # 5. **What has to count true positions?** A buggy rolling cache stops its `length` at `window`
-#    (it returns the number of slots in use, not the positions seen). Predict, for a TinyLM with
-#    RoPE, one with learned positions, one with ALiBi and one with no positions at all
+#    (it returns the number of slots in use, not the positions seen). Predict, for the model of
+#    section 7.3 with RoPE, with learned positions, with ALiBi and with no positions at all
 #    (`positions="none"`), whether greedy generation with that cache still matches full
 #    recomputation, and explain why. Then check.

@@ -78,14 +78,14 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from torch import nn
 
-from attnbook.attention import AttentionConfig, build_attention, causal_mask, sdpa, sdpa_reference
+from attnbook.attention import build_attention, causal_mask, sdpa, sdpa_reference
 from attnbook.attention.sparse import (
     bigbird_mask,
     bigbird_pattern,
     block_sparse_attention,
     draw_random_blocks,
 )
-from attnbook.mlp import MLP
+from attnbook.model import GPT, GPTConfig
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -704,70 +704,46 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 # [chapter 7](07_kv_cache.ipynb). The layer handles the rest: a new query at position
 # `cache.length + t` uses its row of the pattern through the bottom-right aligned `bigbird_mask`.
 #
-# We build a **minimal causal language model** for this experiment only, as in chapters 7 and 9:
-# token embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head,
-# random weights. The attention is `build_attention("sparse", cfg, **pattern)` with RoPE in
-# `cfg` and the pattern as the variant's options: blocks of 4 tokens (`sparse_block`), 1 global
-# block, a window of 2 blocks and 2 random blocks, so that a generation of 64
-# tokens (16 blocks) is far from causal attention.
+# The model is the package's `GPT`, as in [chapter 9](09_sliding_window.ipynb): token
+# embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head, random
+# weights with PyTorch's default initialisation ([chapter 7](07_kv_cache.ipynb), section 5.1,
+# says why). `GPTConfig(attention="sparse", attention_options=pattern)` builds every block's
+# attention with `build_attention("sparse", cfg, **pattern)`, RoPE in `cfg` and the pattern as
+# the variant's options: blocks of 4 tokens (`sparse_block`), 1 global block, a window of 2
+# blocks and 2 random blocks, so that a generation of 64 tokens (16 blocks) is far from causal
+# attention. Each layer draws its random blocks when it is built, from the random generator, so
+# a model built under another seed has other draws; section 7.2 comes back to that, and builds
+# the model more than once, hence a function.
 
 # %%
-class Block(nn.Module):
-    """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
-
-    def __init__(self, cfg, pattern):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = build_attention("sparse", cfg, **pattern)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
-
-    def forward(self, x, cache=None):  # x: (B, T, n_embd)
-        x = x + self.attn(self.ln_1(x), cache=cache)
-        return x + self.mlp(self.ln_2(x))
+pattern = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2,
+               n_random_blocks=2)  # the options of "sparse"
+config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
+                   attention="sparse", attention_options=pattern, positions="rope",
+                   tie_weights=False)
+cfg = config.attention_config()  # the AttentionConfig every block's attention is built from
 
 
-class TinyLM(nn.Module):
-    """A minimal causal LM with BigBird sparse attention and RoPE. Random weights."""
-
-    def __init__(self, vocab_size=256, n_embd=64, n_head=4, n_layer=3, block_size=128):
-        super().__init__()
-        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
-                                   positions="rope")
-        self.pattern = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2,
-                            n_random_blocks=2)  # the options of "sparse"
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.blocks = nn.ModuleList(Block(self.cfg, self.pattern) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention handles positions
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
-@torch.no_grad()
-def generate(model, prompt, n_new, caches=None):
-    """Greedy decoding; with caches the first step prefills the prompt, later ones feed 1 token."""
-    idx, feed = prompt, prompt  # (B, T0)
-    for _ in range(n_new):
-        logits = model(idx) if caches is None else model(feed, caches)  # (B, T, vocab)
-        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        idx = torch.cat([idx, feed], dim=1)
-    return idx
+def tiny_gpt():
+    """A GPT built from config, with PyTorch's default initialisation, not GPT's N(0, 0.02)."""
+    model = GPT(config).eval()  # each block's SparseAttention draws its random blocks here
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Embedding):
+            module.reset_parameters()
+    return model
 
 
 torch.manual_seed(8)
-model = TinyLM().eval()
-print(f"TinyLM: {len(model.blocks)} layers of sparse attention, "
-      f"{sum(p.numel() for p in model.parameters()):,} parameters")
-print("random blocks per layer:", tuple(model.blocks[0].attn.random_blocks.shape),
+model = tiny_gpt()
+blocks = model.transformer.h  # the 3 blocks; blocks[i].attn is a SparseAttention
+print(f"GPT: {len(blocks)} layers of sparse attention, {model.num_params():,} parameters")
+print("random blocks per layer:", tuple(blocks[0].attn.random_blocks.shape),
       "(query blocks of the longest sequence, r)")
 
 # %% [markdown]
 # Generate 52 tokens after a 12-token prompt, for a batch of two, once by recomputing the whole
-# sequence at every step and once with one `KVCache` per layer (`layer.new_cache`). The two runs
+# sequence at every step (`use_cache=False`) and once with one `KVCache` per layer (`GPT.generate`
+# makes them with `model.new_caches`, each block's `layer.new_cache`). The two runs
 # go through different code paths of the layer, and all of them must implement the same pattern:
 #
 # - without a cache, each step runs the whole sequence: plain causal attention while it has at
@@ -781,9 +757,8 @@ print("random blocks per layer:", tuple(model.blocks[0].attn.random_blocks.shape
 # %%
 torch.manual_seed(9)
 prompt = torch.randint(0, 256, (2, 12))
-out_plain = generate(model, prompt, n_new=52)
-caches = [block.attn.new_cache(batch_size=2) for block in model.blocks]
-out_cached = generate(model, prompt, n_new=52, caches=caches)
+out_plain = model.generate(prompt, 52, temperature=0, use_cache=False)  # recomputes each step
+out_cached = model.generate(prompt, 52, temperature=0)  # prefills the prompt, then 1 token a step
 assert torch.equal(out_cached, out_plain)
 print("generated:", tuple(out_plain.shape), "| first new tokens of row 0:",
       out_plain[0, 12:22].tolist())
@@ -794,8 +769,8 @@ print("cached greedy decoding == full recomputation:", torch.equal(out_cached, o
 # its own random draw, so each layer needs different blocks:
 
 # %%
-n_seen = out_plain.shape[1] // model.pattern["sparse_block"]  # 16 blocks generated so far
-for layer_i, block in enumerate(model.blocks):
+n_seen = out_plain.shape[1] // pattern["sparse_block"]  # 16 blocks generated so far
+for layer_i, block in enumerate(blocks):
     row = block.attn.pattern(n_seen + 1)[-1]  # codes of query block 16
     print(f"layer {layer_i}: global {(row == 1).nonzero().flatten().tolist()}, "
           f"window {(row == 2).nonzero().flatten().tolist()}, "
@@ -808,9 +783,9 @@ for layer_i, block in enumerate(model.blocks):
 # of the 16 blocks cached now are still needed by some later query, in any layer?
 
 # %%
-n_rows = model.blocks[0].attn.random_blocks.shape[0]  # 32 query blocks up to block_size=128
+n_rows = blocks[0].attn.random_blocks.shape[0]  # 32 query blocks up to block_size=128
 still_needed = torch.zeros(n_seen, dtype=torch.bool)
-for block in model.blocks:
+for block in blocks:
     later_rows = block.attn.pattern(n_rows)[n_seen:, :n_seen]  # rows 16..31, cached blocks
     still_needed |= (later_rows > 0).any(dim=0)
 print(f"cached blocks 0..{n_seen - 1} still needed by a later query: "
@@ -824,13 +799,14 @@ print("not needed any more:", (~still_needed).nonzero().flatten().tolist())
 # token, exactly like [chapter 7](07_kv_cache.ipynb)'s:
 
 # %%
-bytes_per_token = sum(c.bytes_per_token for c in caches)  # 3 layers, one sequence
-print(f"per token: {bytes_per_token:,} bytes (3 layers x K and V x 4 heads x 16 x 4 bytes)")
+caches = model.new_caches(batch_size=1)  # what generate used, for one sequence
+bytes_per_token = sum(c.bytes_per_token for c in caches)  # 3 layers
+print(f"{type(caches[0]).__name__} per layer; per token: {bytes_per_token:,} bytes "
+      f"(3 layers x K and V x 4 heads x 16 x 4 bytes)")
 for length in (16, 32, 64, 128):
-    window = model.pattern["n_window_blocks"] * model.pattern["sparse_block"]  # 8 positions
+    window = pattern["n_window_blocks"] * pattern["sparse_block"]  # 8 positions
     print(f"  {length:>3} positions: {length * bytes_per_token:>7,} bytes in use "
           f"(a window of {window} would keep {min(length, window) * bytes_per_token:,})")
-assert caches[0].length == out_plain.shape[1] - 1  # the last token was never fed back
 
 # %% [markdown]
 # BigBird saves *compute* in training and prefill, where the block-sparse path applies; it does
@@ -857,13 +833,14 @@ print("random-block entries in the state_dict:",
       [name for name in state if "random_blocks" in name])
 
 torch.manual_seed(123)  # a new model, built under another seed: other weights, other draws
-other = TinyLM().eval()
-same_draw = torch.equal(other.blocks[0].attn.random_blocks, model.blocks[0].attn.random_blocks)
+other = tiny_gpt()
+same_draw = torch.equal(other.transformer.h[0].attn.random_blocks, blocks[0].attn.random_blocks)
 print("same random blocks before loading:", same_draw)
 other.load_state_dict(state)
 print("same random blocks after loading: ",
-      torch.equal(other.blocks[0].attn.random_blocks, model.blocks[0].attn.random_blocks))
-print("same generation after loading:    ", torch.equal(generate(other, prompt, 52), out_plain))
+      torch.equal(other.transformer.h[0].attn.random_blocks, blocks[0].attn.random_blocks))
+print("same generation after loading:    ",
+      torch.equal(other.generate(prompt, 52, temperature=0, use_cache=False), out_plain))
 
 # %% [markdown]
 # What if the pattern were not saved? Load only the parameters into a freshly built model (what
@@ -871,13 +848,13 @@ print("same generation after loading:    ", torch.equal(generate(other, prompt, 
 
 # %%
 torch.manual_seed(123)
-weights_only = TinyLM().eval()
+weights_only = tiny_gpt()
 params = {name: p for name, p in state.items() if "random_blocks" not in name}
 missing = weights_only.load_state_dict(params, strict=False).missing_keys
 print("missing keys:", missing)
 with torch.no_grad():
     seq = out_plain[:, :40]  # 40 tokens: 10 blocks, beyond g + w + r = 5
-    gap = (weights_only(seq) - model(seq)).abs().amax(dim=(0, 2))  # (T,)
+    gap = (weights_only(seq)[0] - model(seq)[0]).abs().amax(dim=(0, 2))  # (T,)
 print("positions whose logits differ:", (gap > 1e-4).nonzero().flatten().tolist()[:8], "...")
 print("first 20 positions identical:", bool((gap[:20] < 1e-5).all()))
 
@@ -895,9 +872,9 @@ print("first 20 positions identical:", bool((gap[:20] < 1e-5).all()))
 # drawn.
 
 # %%
-layer_alibi = build_attention("sparse", replace(model.cfg, positions="alibi"), **model.pattern)
+layer_alibi = build_attention("sparse", replace(cfg, positions="alibi"), **pattern)
 try:
-    layer_alibi(torch.randn(1, model.cfg.block_size + 1, model.cfg.n_embd))  # 129 positions
+    layer_alibi(torch.randn(1, cfg.block_size + 1, cfg.n_embd))  # 129 positions
 except ValueError as err:
     print("ValueError:", err)
 
@@ -940,11 +917,11 @@ for n_c, g_c, w_c, r_c, b_c in [(16, 2, 3, 2, 4), (30, 1, 2, 3, 8), (12, 0, 1, 4
     assert torch.equal(token_mask, bigbird_mask(T_m, T_m, b_c, g_c, w_c, ours))
 
 torch.manual_seed(11)
-cfg_m, pattern_m = model.cfg, model.blocks[1].attn.options  # SparseOptions(sparse_block=4, ...)
+cfg_m, pattern_m = cfg, blocks[1].attn.options  # SparseOptions(sparse_block=4, ...)
 for impl in ("sdpa", "reference"):
-    layer = build_attention("sparse", replace(cfg_m, impl=impl), **model.pattern).eval()
-    layer.load_state_dict(model.blocks[1].attn.state_dict())  # weights and random blocks
-    assert torch.equal(layer.random_blocks, model.blocks[1].attn.random_blocks)
+    layer = build_attention("sparse", replace(cfg_m, impl=impl), **pattern).eval()
+    layer.load_state_dict(blocks[1].attn.state_dict())  # weights and random blocks
+    assert torch.equal(layer.random_blocks, blocks[1].attn.random_blocks)
     for T_m in (20, 45):  # 5 blocks of 4: plain causal; 12 blocks, the last one partial
         x = torch.randn(2, T_m, cfg_m.n_embd)
         with torch.no_grad():

@@ -84,7 +84,7 @@ from attnbook.attention.linear import (
     linear_attention_recurrent,
 )
 from attnbook.kv_cache import KVCache
-from attnbook.mlp import MLP
+from attnbook.model import GPT, GPTConfig
 from attnbook.positions import RotaryEmbedding
 
 torch.set_num_threads(1)
@@ -599,64 +599,48 @@ print("same output when every position is shifted by 100:", torch.allclose(y0, y
 # `LinearAttentionCache`, made by `layer.new_cache(batch_size)`. During generation each new
 # token adds its pair to the state and reads it, and nothing else about the past is kept.
 #
-# We need a small language model to generate with. As in [chapter 7](07_kv_cache.ipynb) we assemble
-# a **minimal one for this chapter only** (the book's GPT arrives in
-# [chapter 17](17_training_a_gpt.ipynb)): a token embedding, four pre-norm blocks of
-# `build_attention(name, cfg)` + `MLP` with LayerNorms, and an LM head, with random weights (a cache
-# is correct when it reproduces the full computation, whatever the weights). The blocks pass
-# `cache=` to their attention layer, whatever kind of cache it is.
+# We need a small language model to generate with: the package's `GPT`
+# ([chapter 7](07_kv_cache.ipynb), section 5.1): a token embedding, four pre-norm blocks of
+# attention + MLP with LayerNorms, and an LM head. `GPTConfig(attention="linear",
+# attention_options={"linear_chunk": 16})` builds each block's attention with
+# `build_attention("linear", cfg, linear_chunk=16)`, RoPE in `cfg`. Its weights are random (a
+# cache is correct when it reproduces the full computation, whatever the weights), with PyTorch's
+# default initialisation rather than `GPT`'s $N(0, 0.02)$, as chapter 7 explains. The blocks
+# pass `cache=` to their attention layer, whatever kind of cache it is, and `model.new_caches`
+# asks each layer for its own kind. `model.generate` makes its caches itself; to look at them
+# afterwards we write its cached loop out, feeding `model(feed, caches=caches)` the prompt first
+# and then one token per step.
 
 # %%
-class Block(nn.Module):
-    """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
-
-    def __init__(self, attention, cfg, options):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = build_attention(attention, cfg, **options)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
-
-    def forward(self, x, cache=None):  # x: (B, T, n_embd)
-        x = x + self.attn(self.ln_1(x), cache=cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyLM(nn.Module):
-    """A minimal causal LM for this chapter: embedding, n_layer blocks, LM head. RoPE positions."""
-
-    def __init__(self, attention="linear", vocab_size=256, n_embd=128, n_head=4, n_layer=4,
-                 block_size=512, **options):
-        super().__init__()
-        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
-                                   positions="rope")
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, n_embd); RoPE inside attention reads cache.length
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
 @torch.no_grad()
-def generate(model, prompt, n_new, caches=None):
-    """Greedy decoding: recompute everything each step, or (with caches) feed only new tokens."""
+def generate_with(model, prompt, n_new, caches):
+    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
     idx, feed = prompt, prompt  # (B, T0)
     for _ in range(n_new):
-        logits = model(idx) if caches is None else model(feed, caches)
+        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
         feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         idx = torch.cat([idx, feed], dim=1)
     return idx
 
 
+def tiny_gpt(attention, **options):
+    """4 blocks of `attention`, 4 heads of 32, RoPE; PyTorch's default initialisation."""
+    config = GPTConfig(vocab_size=256, block_size=512, n_layer=4, n_head=4, n_embd=128,
+                       attention=attention, attention_options=options, positions="rope",
+                       tie_weights=False)
+    model = GPT(config).eval()
+    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 5.1
+        if isinstance(module, nn.Linear | nn.Embedding):
+            module.reset_parameters()
+    return model
+
+
 torch.manual_seed(0)
-model = TinyLM("linear", linear_chunk=16).eval()  # linear_chunk: the option of "linear"
-print(f"TinyLM with linear attention: {len(model.blocks)} layers, n_embd={model.cfg.n_embd}, "
-      f"{model.cfg.n_head} heads of {model.cfg.head_dim}, "
-      f"chunks of {model.blocks[0].attn.options.linear_chunk}")
+model = tiny_gpt("linear", linear_chunk=16)  # linear_chunk: the option of "linear"
+blocks = model.transformer.h  # the 4 blocks; blocks[i].attn is a LinearAttention
+print(f"GPT with linear attention: {len(blocks)} layers, n_embd={model.config.n_embd}, "
+      f"{model.config.n_head} heads of {blocks[0].attn.head_dim}, "
+      f"chunks of {blocks[0].attn.options.linear_chunk}")
 
 # %% [markdown]
 # Without a cache, every step runs the chunked form over the whole sequence. With one, the first
@@ -668,11 +652,12 @@ print(f"TinyLM with linear attention: {len(model.blocks)} layers, n_embd={model.
 # %%
 torch.manual_seed(1)
 prompt = torch.randint(0, 256, (2, 20))  # 2 prompts of 20 tokens
-caches = [block.attn.new_cache(batch_size=2) for block in model.blocks]
+caches = model.new_caches(batch_size=2)  # one LinearAttentionCache per block
 bytes_before = sum(c.nbytes for c in caches)
-out_plain = generate(model, prompt, n_new=60)
-out_cached = generate(model, prompt, n_new=60, caches=caches)
+out_plain = model.generate(prompt, 60, temperature=0, use_cache=False)  # recomputes each step
+out_cached = generate_with(model, prompt, 60, caches)
 assert torch.equal(out_plain, out_cached)
+assert torch.equal(model.generate(prompt, 60, temperature=0), out_plain)  # its own caches
 print("cached decoding == full recomputation:", torch.equal(out_plain, out_cached))
 print(f"cache type: {type(caches[0]).__name__}, positions seen: {caches[0].length}, "
       f"S {tuple(caches[0].S.shape)}, z {tuple(caches[0].z.shape)}")
@@ -695,11 +680,11 @@ print(f"state bytes, all layers, before and after 79 positions: {bytes_before:,}
 # model and its softmax twin (same shape, `"mha"`), batch 1, fp32:
 
 # %%
-twin = TinyLM("mha")
-n_layer = len(model.blocks)
-state_bytes = n_layer * model.blocks[0].attn.new_cache(batch_size=1).nbytes  # all layers
-kv_per_token = n_layer * twin.blocks[0].attn.new_cache(batch_size=1).bytes_per_token
-hd, nh = model.cfg.head_dim, model.cfg.n_head
+twin = tiny_gpt("mha")
+n_layer = len(blocks)
+state_bytes = n_layer * blocks[0].attn.new_cache(batch_size=1).nbytes  # all layers
+kv_per_token = n_layer * twin.transformer.h[0].attn.new_cache(batch_size=1).bytes_per_token
+hd, nh = blocks[0].attn.head_dim, model.config.n_head
 assert state_bytes == n_layer * nh * (hd * hd + hd) * 4
 assert kv_per_token == n_layer * 2 * nh * hd * 4
 
@@ -719,7 +704,7 @@ ax.loglog(Ts, torch.full_like(Ts, state_bytes), label="linear-attention state, c
 ax.axvline((hd + 1) / 2, color="gray", ls=":", label="crossover T = (head_dim + 1) / 2")
 ax.set_xlabel("tokens in the sequence T")
 ax.set_ylabel("bytes, all 4 layers, one sequence")
-ax.set_title("What generation keeps: TinyLM, 4 heads of 32, fp32")
+ax.set_title("What generation keeps: our GPT, 4 heads of 32, fp32")
 ax.legend()
 plt.show()
 

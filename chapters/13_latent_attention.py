@@ -68,7 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnbook.attention import AttentionConfig, build_attention, causal_mask
 from attnbook.kv_cache import KVCache
-from attnbook.mlp import MLP
+from attnbook.model import GPT, GPTConfig
 from attnbook.positions import apply_rope, rope_cos_sin
 
 torch.set_num_threads(1)
@@ -664,69 +664,53 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 # ## 6. Generating with a latent cache
 #
 # As in [chapter 7](07_kv_cache.ipynb), a cache is correct when cached generation reproduces
-# generation without it. We assemble [chapter 7](07_kv_cache.ipynb)'s **minimal language model**
-# (token embedding, pre-norm blocks of attention built by name plus `MLP`, final LayerNorm, LM head;
-# random weights, RoPE) with MLA in every block, and decode greedily without a cache, then with
-# `LatentCache`s in each mode.
+# generation without it. Our language model is the package's `GPT`
+# ([chapter 7](07_kv_cache.ipynb), section 5.1:
+# token embedding, pre-norm blocks of attention built by name plus an MLP, final LayerNorm, LM
+# head), with MLA in every block, RoPE, and random weights with PyTorch's default initialisation
+# rather than `GPT`'s $N(0, 0.02)$ (chapter 7 says why). We decode greedily without a cache
+# (`model.generate(..., use_cache=False)`), then through `LatentCache`s in each mode: each MLA
+# layer has an `absorb` switch, and `model.new_caches` gives every block its layer's cache. To
+# read the caches afterwards we write `GPT.generate`'s cached loop out, feeding
+# `model(feed, caches=caches)` the prompt first and then one token per step.
 
 # %%
-class Block(nn.Module):
-    """Pre-norm transformer block: attention, then MLP, each added to the residual stream."""
-
-    def __init__(self, attention, cfg, options):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = build_attention(attention, cfg, **options)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
-
-    def forward(self, x, cache=None):  # x: (B, T, n_embd)
-        x = x + self.attn(self.ln_1(x), cache=cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyLM(nn.Module):
-    """A minimal causal LM for this chapter's experiments: RoPE, random weights."""
-
-    def __init__(self, attention="mla", vocab_size=256, n_embd=128, n_head=4, n_layer=4,
-                 block_size=128, **options):
-        super().__init__()
-        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
-                                   positions="rope")
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.blocks = nn.ModuleList(Block(attention, self.cfg, options) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx, caches=None):  # idx: (B, T) token ids
-        x = self.wte(idx)  # (B, T, n_embd); positions come from RoPE inside attention
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
 @torch.no_grad()
-def generate(model, prompt, n_new, caches=None):
-    """Greedy decoding; with caches the first step prefills the prompt, later ones feed 1 token."""
-    idx, feed = prompt, prompt
+def generate_with(model, prompt, n_new, caches):
+    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
+    idx, feed = prompt, prompt  # (B, T0)
     for _ in range(n_new):
-        logits = model(idx) if caches is None else model(feed, caches)
+        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
         feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1): the next token
         idx = torch.cat([idx, feed], dim=1)
     return idx
 
 
+def tiny_gpt(attention):
+    """4 blocks of `attention`, 4 heads of 32, RoPE; PyTorch's default initialisation."""
+    config = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128,
+                       attention=attention, positions="rope", tie_weights=False)
+    model = GPT(config).eval()
+    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 5.1
+        if isinstance(module, nn.Linear | nn.Embedding):
+            module.reset_parameters()
+    return model
+
+
 torch.manual_seed(5)
-lm = TinyLM("mla").eval()
-attn0 = lm.blocks[0].attn
-print(f"TinyLM with MLA: {len(lm.blocks)} layers, n_embd={lm.cfg.n_embd}, {lm.cfg.n_head} "
-      f"heads of {lm.cfg.head_dim}, r={attn0.kv_lora_rank}, d_R={attn0.qk_rope_head_dim}")
+lm = tiny_gpt("mla")
+blocks = lm.transformer.h  # the 4 blocks; blocks[i].attn is a MultiHeadLatentAttention
+attn0 = blocks[0].attn
+print(f"GPT with MLA: {len(blocks)} layers, n_embd={lm.config.n_embd}, {lm.config.n_head} "
+      f"heads of {lm.config.n_embd // lm.config.n_head}, r={attn0.kv_lora_rank}, "
+      f"d_R={attn0.qk_rope_head_dim}")
 prompt = torch.randint(0, 256, (2, 16))
-out_plain = generate(lm, prompt, n_new=40)
+out_plain = lm.generate(prompt, 40, temperature=0, use_cache=False)  # recomputes each step
 for absorb in (False, True):
-    for block in lm.blocks:
+    for block in blocks:
         block.attn.absorb = absorb
-    caches = [block.attn.new_cache(batch_size=2, max_len=64) for block in lm.blocks]
-    out = generate(lm, prompt, n_new=40, caches=caches)
+    caches = lm.new_caches(batch_size=2, max_len=64)  # one LatentCache per block
+    out = generate_with(lm, prompt, 40, caches)
     assert torch.equal(out, out_plain)
     print(f"{'absorbed' if absorb else 'naive':>8} mode, LatentCache: same 40 tokens as without "
           f"a cache: {torch.equal(out, out_plain)}; cached positions: {caches[0].length}")
@@ -739,17 +723,17 @@ for absorb in (False, True):
 
 # %%
 torch.manual_seed(5)
-lm_mha = TinyLM("mha").eval()
+lm_mha = tiny_gpt("mha")
 seq = out_plain[:1]  # (1, 56): one generated sequence
 models = {"MLA": lm, "MHA": lm_mha}
-grow_caches = {name: [b.attn.new_cache(1, 64) for b in m.blocks] for name, m in models.items()}
+grow_caches = {name: m.new_caches(batch_size=1, max_len=64) for name, m in models.items()}
 print(f"{'tokens':>6} {'MLA bytes':>10} {'MHA bytes':>10}")
 with torch.no_grad():
     for end in (16, 24, 32, 40, 48, 56):
         used = {}
         for name, m in models.items():
             cs = grow_caches[name]
-            m(seq[:, cs[0].length : end], cs)  # feed what is not cached yet
+            m(seq[:, cs[0].length : end], caches=cs)  # feed what is not cached yet
             used[name] = sum(c.length * c.bytes_per_token for c in cs)
         print(f"{end:>6} {used['MLA']:>10,} {used['MHA']:>10,}")
 per_token = {name: cs[0].bytes_per_token for name, cs in grow_caches.items()}
@@ -810,7 +794,7 @@ def counted_flops(layer, T, T_k):
 torch.manual_seed(6)
 ref_layer = build_attention("mla", AttentionConfig(n_embd=128, n_head=4, positions="rope",
                                                    block_size=64, impl="reference")).eval()
-sizes = dict(d=128, H=4, nope=32, rope=16, v=32, r=128)  # the TinyLM layer's sizes
+sizes = dict(d=128, H=4, nope=32, rope=16, v=32, r=128)  # the sizes of section 6's MLA layers
 for label, T, T_k in (("decode step", 1, 48), ("prefill", 48, 48)):
     for absorb in (False, True):
         ref_layer.absorb = absorb

@@ -18,7 +18,7 @@
 #
 # Worked solutions to the exercises of `chapters/09_sliding_window.ipynb`. Each one states the
 # reasoning first, then checks the claim with code and an `assert`. The few helpers we need from
-# the chapter (the gradient probe of section 4, the tiny model of section 7) are repeated here,
+# the chapter (the gradient probe of section 4, the decoding loop of section 7) are repeated here,
 # condensed, since a notebook cannot import another notebook. As in the chapter, everything runs
 # on one thread (small tensors gain nothing from a second one).
 
@@ -36,8 +36,7 @@ from attnbook.attention import (
     sdpa_reference,
 )
 from attnbook.attention.local import RollingKVCache, blocked_local_attention
-from attnbook.mlp import MLP
-from attnbook.positions import PositionalEmbedding
+from attnbook.model import GPT, GPTConfig
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -349,8 +348,9 @@ assert blocked_ms[32] < blocked_ms[1024]
 # To make the bug and nothing else, we take the module's `RollingKVCache` and only change what
 # `length` reports: a property that never says more than `window` (`append` counts the new
 # positions by assigning `self.length`, which goes through the setter). Fed the same keys and values, it returns
-# exactly what the real cache returns; only `length` differs. We extend the chapter's tiny model with a `positions`
-# argument (learned positions added at `start`, as in [chapter 7](../07_kv_cache.ipynb)) and
+# exactly what the real cache returns; only `length` differs. We build the chapter's model
+# (`GPT` with local attention, PyTorch's default initialisation) with each `positions` (learned
+# positions are added at `start = caches[0].length`, as in [chapter 7](../07_kv_cache.ipynb)) and
 # generate 40 tokens after a 12-token prompt, window 8.
 
 # %%
@@ -377,51 +377,27 @@ print(f"window 4, 11 positions appended: same keys and values returned; length: 
       f"{buggy_cache.length}, real {real_cache.length}")
 
 
-class Block(nn.Module):
-    def __init__(self, cfg, window):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
-        self.attn = build_attention("local", cfg, window=window)
-        self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd)
-
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache=cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyLM(nn.Module):
-    """The chapter's minimal local-attention LM, with a choice of positions. Random weights."""
-
-    def __init__(self, positions="rope", window=8, vocab_size=256, n_embd=64, n_head=4,
-                 n_layer=3, block_size=128):
-        super().__init__()
-        self.cfg = AttentionConfig(n_embd=n_embd, n_head=n_head, block_size=block_size,
-                                   positions=positions)
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = PositionalEmbedding("learned", block_size, n_embd) if positions == "learned" \
-            else None
-        self.blocks = nn.ModuleList(Block(self.cfg, window) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-
-    def forward(self, idx, caches=None):
-        start = 0 if caches is None else caches[0].length
-        x = self.wte(idx)  # (B, T, n_embd)
-        if self.wpe is not None:
-            x = x + self.wpe(idx.shape[1], start)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
 @torch.no_grad()
-def generate(model, prompt, n_new, caches=None):
+def generate_with(model, prompt, n_new, caches):
+    """Greedy decoding through the given caches (the chapter's section 7.3)."""
     idx, feed = prompt, prompt
     for _ in range(n_new):
-        logits = model(idx) if caches is None else model(feed, caches)
+        logits, _ = model(feed, caches=caches)
         feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         idx = torch.cat([idx, feed], dim=1)
     return idx
+
+
+def tiny_gpt(positions):
+    """The chapter's model: 3 layers of local attention, window 8, with the given positions."""
+    config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
+                       attention="local", attention_options={"window": 8}, positions=positions,
+                       tie_weights=False)
+    model = GPT(config).eval()
+    for module in model.modules():  # PyTorch's default initialisation, as in the chapter
+        if isinstance(module, nn.Linear | nn.Embedding):
+            module.reset_parameters()
+    return model
 
 
 torch.manual_seed(9)
@@ -429,11 +405,11 @@ prompt = torch.randint(0, 256, (2, 12))
 exact = {}
 for positions in ("rope", "learned", "alibi", "none"):
     torch.manual_seed(10)
-    model = TinyLM(positions).eval()
-    reference = generate(model, prompt, 40)
-    good = generate(model, prompt, 40, [block.attn.new_cache(2) for block in model.blocks])
-    buggy_caches = [BuggyRollingCache(2, 4, 16, window=8, max_len=128) for _ in model.blocks]
-    buggy = generate(model, prompt, 40, buggy_caches)
+    model = tiny_gpt(positions)
+    reference = model.generate(prompt, 40, temperature=0, use_cache=False)
+    good = generate_with(model, prompt, 40, model.new_caches(2))  # the module's RollingKVCache
+    buggy_caches = [BuggyRollingCache(2, 4, 16, window=8, max_len=128) for _ in range(3)]
+    buggy = generate_with(model, prompt, 40, buggy_caches)
     assert buggy_caches[0].length == 8  # 12 + 39 positions were fed
     assert torch.equal(good, reference)  # the module's RollingKVCache is always exact
     exact[positions] = torch.equal(buggy, reference)
