@@ -32,14 +32,16 @@
 # tensor, and once it runs it computes the wrong thing without a word; fixed one bug at a time,
 # it ends up computing exactly what the package's module computes (section 1). Then we build the
 # layer by hand, settle those questions with small experiments, and train a tiny
-# encoder–decoder that learns to reverse digit strings in about ten seconds on one CPU core.
+# encoder–decoder that learns to reverse digit strings in seconds on one CPU core (section 9
+# prints how long it took).
 # Its cross-attention map shows how it does it.
 #
 # **Learning goals**
 #
 # - Find and fix the three bugs of the sketch's cross-attention class: `super.__init__()` (a
-#   `TypeError`), `K.T` on a 3-D tensor (a deprecation warning, then a shape error), and no
-#   division by $\sqrt{d}$, which raises nothing and shows only against a reference.
+#   `TypeError`), `K.T` on a 3-D tensor (a `UserWarning` announcing a deprecation, then a shape
+#   error), and no division by $\sqrt{d}$, which raises nothing and shows only against a
+#   reference.
 # - Build cross-attention: queries from `x` (the decoder, length `T_q`), keys and values from
 #   `memory` (the encoder, length `T_k`), with `T_q != T_k`.
 # - Explain why cross-attention needs no causal mask, and why the decoder stays causal anyway.
@@ -90,8 +92,16 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # Before we build anything, here is where cross-attention sits. The diagram below is drawn by
 # code (boxes and arrows, no data): an encoder–decoder of the kind section 8 trains, with the
 # shape of the tensor on each arrow. `B` is the batch size, `S` the source length, `T` the
-# target length and `d` the model width (`n_embd`); section 2 calls the two lengths `T_k` and
-# `T_q`. The tokens at the bottom are one example of the reversal task of section 7: the
+# target length and `d` the model width (`n_embd`). The text and code use three names for the
+# same two lengths, depending on the point of view:
+#
+# | | source, read by the encoder | target, written by the decoder |
+# | --- | --- | --- |
+# | the diagram | `S` | `T` |
+# | one attention layer (sections 1–6) | `T_k`: the keys and values | `T_q`: the queries |
+# | the model (sections 8–12) | `T_src` | `T_tgt` |
+#
+# The tokens at the bottom are one example of the reversal task of section 7: the
 # source `8331`, padded to 8 positions, and the decoder's input, `BOS` followed by the target
 # `1338`, padded to 9. Left out: the residual connections, the LayerNorm before each layer
 # (section 6 writes them down) and the encoder's final LayerNorm (section 8).
@@ -224,6 +234,14 @@ plt.show()
 # computes. It has one head. The queries are projected from the decoder's states `x`,
 # `(B, T_q, d)`, the keys and values from the encoder's output `memory`, `(B, T_k, d)`, and, like
 # chapter 1's sketch, it keeps its last weights in `self.attn`. It has three bugs.
+#
+# Two of them you met in chapter 1: the call that initialises `nn.Module` (there left out, here
+# misspelt) and `K.T` on a 3-D tensor; the third, the missing division by $\sqrt{d}$, is the
+# subject of [chapter 2](02_scaled_dot_product_attention.ipynb). What is new is that the queries
+# and the keys come from different sequences, of lengths `T_q ≠ T_k`. The weight matrix is then
+# no longer square, so an axis mix-up shows in a shape: after bug 2 we see that a product written
+# the wrong way round, `K @ Q.mT`, gives weights of shape `(B, T_k, T_q)`, which with equal
+# lengths would have passed unnoticed.
 
 # %%
 class CrossSketchV1(nn.Module):
@@ -267,11 +285,10 @@ mem_enc = torch.randn(2, 7, 64)  # (B, T_k, d): the encoder's output
 build(CrossSketchV1)
 
 # %% [markdown]
-# **Why.** Without parentheses, `super` is the built-in class itself, not the object `super()`
-# that finds `nn.Module` for us. `super.__init__` is that class's own initialiser, and called with
-# no arguments it has no object to initialise: "needs an argument". `nn.Module.__init__` never
-# runs, so the first layer could not have been registered either (chapter 1's sketch left the
-# call out altogether and failed there, with an `AttributeError`).
+# **Why.** Without parentheses, `super` is the built-in class itself, and `super.__init__()`
+# calls that class's initialiser with no object to initialise: "needs an argument". Had it not
+# raised, `nn.Module.__init__` would still not have run, and `self.W_query = ...` would fail as in
+# chapter 1, with an `AttributeError`.
 #
 # **Fix.** `super().__init__()`. As in chapter 1, version 2 is a fresh `nn.Module` that borrows
 # the unchanged `forward`; later versions subclass it and override `forward`, with `# vN` on the
@@ -295,9 +312,9 @@ print("parameters:", [name for name, _ in model.named_parameters()])
 # ### Bug 2: `K.T` on a 3-D tensor
 #
 # `K` is `(B, T_k, d)`. On a matrix `.T` swaps the two axes; on a tensor with more axes it
-# reverses all of them. The PyTorch this book pins, 2.13, allows it with a deprecation warning
-# (shown once per process: restart the kernel to see it again); a later release may refuse it,
-# and the cell reports either outcome.
+# reverses all of them. The PyTorch this book pins, 2.13, allows it with a `UserWarning`
+# announcing a deprecation (shown once per process: restart the kernel to see it again); a
+# later release may refuse it, and the cell reports either outcome.
 
 # %%
 K = model.W_key(mem_enc).detach()  # (B, T_k, d)
@@ -319,7 +336,7 @@ if caught:  # empty when the warning was already shown in this process
 
 # %% tags=["raises-exception"]
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # the deprecation warning was shown above
+    warnings.simplefilter("ignore")  # the UserWarning was shown above
     model(x_dec, mem_enc)
 
 # %% [markdown]
@@ -365,15 +382,31 @@ def off_reference(model, x, memory):
 
 
 print(f"max |CrossSketchV3 - reference| = {off_reference(model3, x_dec, mem_enc):.2f}")
+print(f"typical size of an output entry, mean |y|: {y3.abs().mean():.2f}")
 assert off_reference(model3, x_dec, mem_enc) > 0.1
 
 # %% [markdown]
-# The sketch never divides the scores by $\sqrt{d}$. A dot product of $d$ terms has a spread
-# that grows like $\sqrt{d}$, so the unscaled scores get wider as the layer does, and the softmax
-# sharper. Two measures of sharpness: the largest weight of a row and the row's entropy (1.95 =
-# ln 7 for the uniform row over 7 keys, 0 for a one-hot row), averaged over the rows of a batch
-# of 8 × 32 queries (5 would make the averages noisy), unscaled (the sketch) against scaled (the
-# reference), at three widths:
+# A difference of 1.49 on outputs whose entries are typically 0.41 in size is not rounding: the
+# sketch computes something else. The reference has one knob the sketch might be missing:
+# `scale`, the factor that multiplies the scores, which defaults to $1/\sqrt{d}$. Set it to 1,
+# that is, no scaling at all, and the reference reproduces the sketch bit for bit:
+
+# %%
+with torch.no_grad():
+    Q, K, V = model3.W_query(x_dec), model3.W_key(mem_enc), model3.W_value(mem_enc)
+    y_unscaled = sdpa_reference(Q, K, V, scale=1.0)  # (B, T_q, d): scores not divided
+print("CrossSketchV3 == sdpa_reference(Q, K, V, scale=1.0), bit for bit:",
+      torch.equal(y3, y_unscaled))
+assert torch.allclose(y3, y_unscaled, atol=1e-6)
+
+# %% [markdown]
+# So that is the bug: the sketch never divides the scores by $\sqrt{d}$. A dot product of $d$
+# terms has a spread that grows like $\sqrt{d}$, so the unscaled scores get wider as the layer
+# does, and the softmax sharper. Two measures of sharpness: the largest weight of a row and the
+# row's entropy (1.95 = ln 7 for the uniform row over 7 keys, 0 for a one-hot row), averaged over
+# the rows of a batch of 8 × 32 queries (5 would make the averages noisy), unscaled (the sketch)
+# against scaled (the reference), at three widths. The column `var q` is the variance of the
+# projected queries' entries, explained below the table:
 
 # %%
 def row_entropy(weights):  # mean entropy of the rows, in nats
@@ -381,8 +414,10 @@ def row_entropy(weights):  # mean entropy of the rows, in nats
 
 
 print(f"uniform row over 7 keys: entropy {math.log(7):.2f}")
-print(f"{'d':>4} | {'score spread':>15} | {'largest weight':>15} | {'row entropy':>15}")
-print(f"{'':>4} | {'unscaled scaled':>15} | {'unscaled scaled':>15} | {'unscaled scaled':>15}")
+print(f"{'d':>4} | {'var q':>5} | {'score spread':>15} | {'largest weight':>15} | "
+      f"{'row entropy':>15}")
+print(f"{'':>4} | {'':>5} | {'unscaled scaled':>15} | {'unscaled scaled':>15} | "
+      f"{'unscaled scaled':>15}")
 for d_try in (16, 64, 256):
     m = build(CrossSketchV3, d=d_try)
     torch.manual_seed(1)
@@ -395,11 +430,18 @@ for d_try in (16, 64, 256):
     spread = f"{raw.std():8.2f} {(raw / d_try**0.5).std():6.2f}"
     largest = f"{m.attn.amax(-1).mean():8.2f} {w_ref.amax(-1).mean():6.2f}"
     entropy = f"{row_entropy(m.attn):8.2f} {row_entropy(w_ref):6.2f}"
-    print(f"{d_try:>4} | {spread:>15} | {largest:>15} | {entropy:>15}")
+    print(f"{d_try:>4} | {Q.var():5.2f} | {spread:>15} | {largest:>15} | {entropy:>15}")
     if d_try == 64:
         assert row_entropy(m.attn) < row_entropy(w_ref) - 0.5
 
 # %% [markdown]
+# Why is the scaled spread about 0.32 and not 1, as chapter 2's unit-variance queries and keys
+# gave? `nn.Linear` draws its initial weights uniformly from $\pm 1/\sqrt{d}$, a variance of
+# $1/(3d)$, so a projected entry of a unit-variance input, a sum of $d$ such terms, has
+# variance about $1/3$ (the column `var q`). A score is a sum of $d$ products of two such
+# entries, each of variance about $1/9$, so its standard deviation is about $\sqrt{d}/3$
+# unscaled and $1/3$ scaled.
+#
 # Scaled, the spread stays near 0.3 at every width, and the rows stay close to uniform (largest
 # weight 0.21 to 0.22, entropy 1.89 to 1.90), as an untrained layer's should. Unscaled, the spread
 # roughly doubles each time $d$ grows fourfold (1.43, 2.58, 5.16), and the rows sharpen with it:
@@ -430,9 +472,13 @@ assert off_reference(model4, x_dec, mem_enc) < 1e-5
 # %% [markdown]
 # Finally the package. `attnbook.attention.CrossAttention` is multi-head and mixes its heads with
 # an output projection `c_proj`; with one head and `c_proj` set to the identity it is the sketch.
-# Its query projection `c_q` gets `W_query`, its fused `c_kv` the key and value weights stacked
-# (rows `k | v`), and `project_memory` projects the memory once into the keys and values the
-# layer reads (the check at the end of the chapter says more about it).
+# Its query projection `c_q` gets `W_query`. Keys and values are computed by one fused layer,
+# `c_kv = Linear(d, 2d)`, whose weight is the key and value weights stacked (rows `k | v`), as
+# chapter 3's `c_attn` stacks q, k and v. And the module does not take the memory itself: the
+# memory stays the same while the decoder writes token after token, so
+# `project_memory(memory)` applies `c_kv` once and returns a `CrossCache` holding the keys and
+# values (the green box of the picture), which `forward` reads through `cache=`; section 6 and
+# "Check against the module" at the end of the chapter say more.
 
 # %%
 from attnbook.attention import CrossAttention
@@ -453,7 +499,7 @@ print("CrossSketchV4 == attnbook CrossAttention (1 head, c_proj = identity; refe
 # | version | bug fixed | how it showed itself |
 # | --- | --- | --- |
 # | v1 → v2 | `super.__init__()` | `TypeError` when the layer is built |
-# | v2 → v3 | `K.T` on a 3-D tensor | deprecation warning (in 2.13), then a `RuntimeError`: batch 2 against 64 |
+# | v2 → v3 | `K.T` on a 3-D tensor | a `UserWarning` announcing a deprecation (in 2.13), then a `RuntimeError`: batch 2 against 64 |
 # | v3 → v4 | no division by $\sqrt{d}$ | silent: off the reference, rows sharper the wider the layer |
 #
 # The rest of the chapter takes the fixed layer apart: the math of one head with two sequences
@@ -471,7 +517,9 @@ print("CrossSketchV4 == attnbook CrossAttention (1 head, c_proj = identity; refe
 #
 # The queries are projected from `x`, the keys and the values from `memory`. Everything after
 # the projections is unchanged: scores `q kᵀ / sqrt(d_k)`, softmax over the keys, weighted sum
-# of the values. Here it is for a single head, written out.
+# of the values. The function below is the same computation as `CrossSketchV4`, with plain
+# weight matrices instead of `Linear` layers so that every shape is visible, and it returns the
+# weights as well.
 
 # %%
 def cross_attention_1head(x, memory, w_q, w_k, w_v):
@@ -817,9 +865,9 @@ print("decoder:", tuple(x.shape), "->", tuple(dec_out.shape))
 # Do they compute what ours compute? We build our two blocks, copy the package blocks'
 # weights into them and compare the outputs to `atol=1e-5`, without and with the padding
 # mask. The LayerNorms, the self-attention and the MLP have the same parameters under the
-# same names and load as they are. The cross-attention needs the mapping of the last section,
-# the other way round: `c_q` → `W_q`, the rows `k | v` of the fused `c_kv` → `W_k` and `W_v`,
-# `c_proj` → `W_o`.
+# same names and load as they are. The cross-attention needs the mapping of section 1's last
+# cell (sketch → package), the other way round and with the biases: `c_q` → `W_q`, the rows
+# `k | v` of the fused `c_kv` → `W_k` and `W_v`, and `c_proj` → `W_o`.
 #
 # A third comparison uses the green path of the picture at the start. Instead of `memory` and
 # `memory_mask`, `DecoderBlock` also accepts
@@ -1331,10 +1379,11 @@ print("attnbook CrossAttention (reference, sdpa; with and without padding) == ou
 #
 # - The sketch's single-head cross-attention, `CrossSketchV1`, failed when built:
 #   `super.__init__()` without parentheses (`TypeError: descriptor '__init__' of 'super' object
-#   needs an argument`). Then `K.T` turned `(2, 7, 64)` keys into `(64, 7, 2)` (a deprecation
-#   warning in torch 2.13) and the product failed, batch 2 against 64; with
+#   needs an argument`). Then `K.T` turned `(2, 7, 64)` keys into `(64, 7, 2)` (a `UserWarning`
+#   announcing a deprecation in torch 2.13) and the product failed, batch 2 against 64; with
 #   `K.transpose(-2, -1)` the weights are `(2, 5, 7)`. Without $1/\sqrt{d}$ it ran silently off
-#   chapter 2's `sdpa_reference` (by up to 1.49) with rows too sharp (at $d = 64$: largest weight
+#   chapter 2's `sdpa_reference` (by up to 1.49), which with `scale=1.0` reproduced it bit for
+#   bit, and its rows were too sharp (at $d = 64$: largest weight
 #   0.68 against 0.22, entropy 0.89 against 1.90). Fixed, it equals
 #   `attnbook.attention.CrossAttention` with one head and `c_proj` the identity (both kernels,
 #   atol 1e-5).
