@@ -63,7 +63,6 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from attnbook.attention import AttentionConfig, build_attention, causal_mask, sdpa_reference
 
@@ -257,8 +256,9 @@ print("P[p+5] == R_5 @ P[p] for p = 0..122:", torch.allclose(P[5:], P[:-5] @ R5.
 # $$ (R_{m\theta}\, q) \cdot (R_{n\theta}\, k) = q^\top R_{m\theta}^\top R_{n\theta}\, k
 #    = q^\top R_{(n-m)\theta}\, k ,$$
 #
-# because $R_a^\top = R_{-a}$ and $R_{-a} R_b = R_{b-a}$. The positions survive only as their
-# difference. Try it: several (m, n) pairs with the same offset give the same score.
+# because $R_a^\top = R_{-a}$ and $R_{-a} R_b = R_{b-a}$ (equivalently, the angle from $k$ to
+# $q$ grows by $(m-n)\theta$, the form the figure of section 3.2 uses). The positions survive
+# only as their difference. Try it: several (m, n) pairs with the same offset give the same score.
 
 # %%
 def rotate2d(v, angle):
@@ -521,7 +521,10 @@ plt.show()
 # the query and the key carry the same content ($q = k$), the score is largest at offset 0 and
 # tends to shrink, with wiggles, as the tokens move apart. With $q = k$ all ones, pair $i$
 # contributes $2\cos((m-n)\theta_i)$: at short offsets all the cosines are near 1 and add up;
-# at long offsets the fast pairs have lost their alignment and their terms largely cancel.
+# at long offsets the fast pairs have lost their alignment and their terms largely cancel. The
+# curve levels off instead of reaching 0 because the slowest pairs hardly turn: the 7 slowest of
+# the 32 pairs turn by less than one radian in 1,024 positions, and they keep contributing about
+# $7/32 \approx 0.2$ of the score at offset 0.
 
 # %%
 hd64 = 64
@@ -676,7 +679,8 @@ print("rotated as positions 0..2 instead, equal:", torch.allclose(wrong, full[s:
 #
 # $$\text{score}_{ij} = \frac{q_i \cdot k_j}{\sqrt{d}} - m_h\,(i - j), \qquad j \le i ,$$
 #
-# with a fixed slope $m_h$ per head $h$. After the softmax, a penalty of $m\Delta$ multiplies a
+# with a fixed slope $m_h$ per head $h$ (in this section $m$ is a slope, no longer a position, as
+# in the papers' notation). After the softmax, a penalty of $m\Delta$ multiplies a
 # key's weight by $e^{-m\Delta}$: every head prefers recent tokens, steep heads strongly, shallow
 # heads hardly. Like RoPE it depends only on the distance, never on absolute positions.
 #
@@ -876,7 +880,7 @@ def train(positions, steps=300, batch=32, lr=1e-2):
     model = TinyLM(positions, block_size=L if positions == "learned" else 2 * L)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     data = torch.Generator().manual_seed(0)
-    for _ in tqdm(range(steps), desc=positions):  # a progress bar while it runs
+    for _ in range(steps):
         x, y = fibonacci_batch(batch, L, data)
         logits = model(x)  # (batch, L, V)
         loss = F.cross_entropy(logits[:, 1:].reshape(-1, V), y[:, 1:].reshape(-1))
@@ -994,7 +998,8 @@ plt.show()
 # What the experiment shows (one small task, one seed, one tiny model — a demonstration, not
 # a benchmark):
 #
-# - **Learned** positions solve the task at the training length and cannot even be asked
+# - **Learned** positions solve the task at the training length (every scheme is less sure at
+#   the first few positions, where a sequence has just begun) and cannot even be asked
 #   about longer sequences: the table ends at 32.
 # - **Sinusoidal** positions also solve the task at length 32, and the accuracy falls away
 #   right after position 32 (a mean of about 0.44 on positions 32..63). The table has rows for
@@ -1013,7 +1018,7 @@ plt.show()
 #   seen in training, so it produces values of $q \cdot k$ the model has never met.
 # - **No positions** learns the task partly. As section 1 showed, the causal mask leaks some
 #   order information (a token can, for example, tell how many tokens came before it from how
-#   spread out its attention is), and a bag of recent tokens says a lot about sequences as
+#   spread out its attention is), and a bag of the tokens so far says a lot about sequences as
 #   regular as these (every Fibonacci sequence mod 16 repeats with a period dividing 24). It is
 #   clearly worse than every position scheme at length 32.
 # - Beyond the training length, however, **no positions beat both sinusoidal and RoPE** (a mean
@@ -1023,9 +1028,12 @@ plt.show()
 #   probably because the one weak order signal it has, how spread out the attention is,
 #   changes as the sequences grow.
 #
-# Why does RoPE degrade? At position 50, the query also sees keys 33 to 50 tokens back.
-# During training no offset larger than 31 ever occurred, so the scores at those offsets are
-# whatever the slowly turning pairs happen to produce at angles the model never saw, and some
+# Why does RoPE degrade? At position 50, the query also sees keys 32 to 50 tokens back.
+# During training no offset larger than 31 ever occurred. The model's heads have
+# `head_dim` $= 32 / 4 = 8$, the four pairs of section 3.2's figure; pair 1 turns by 0.1 radian
+# per position, so training offsets took it from 0 to 3.1 radians, and offsets 32 to 63 take it
+# to 6.3, angles it never saw. The scores at those offsets are whatever the pairs happen to
+# produce there, and some
 # of them can be large enough to steal attention from the previous token. If that is the
 # explanation, hiding every key more than 31 tokens away should repair RoPE. It should not
 # help the sinusoidal model, whose problem is the unseen *absolute* positions. We test it with
@@ -1207,6 +1215,6 @@ print("MultiHeadAttention, RoPE (half, interleaved) and ALiBi (6 heads) == our c
 # 5. **Forgetting the offset.** Decode a sequence token by token through a RoPE
 #    `MultiHeadAttention` with a KV cache (`layer.new_cache(...)`, then `layer(x_t, cache=cache)`)
 #    and check it matches the full forward pass. Then break it: give the layer a
-#    `RotaryEmbedding` that ignores `start`. Predict which outputs still match, check, and
+#    `RotaryEmbedding` that ignores `start` (the layer holds its RoPE as `layer.rope`). Predict which outputs still match, check, and
 #    explain. Why does ALiBi's bias need no `start` argument? (Look at
 #    `alibi_bias(slopes, 1, t_k)`.)
