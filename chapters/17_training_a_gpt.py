@@ -27,10 +27,11 @@
 # stream start smaller than the others. Then we check that our model and the book's module
 # `attnbook.model.GPT` compute the same function, and count its parameters and its FLOPs by
 # hand. We write the training loop in the notebook too, and check it against the book's
-# `attnbook.train.train` to the last bit. Then `train` runs for real: a minute or so on a laptop
-# CPU turns random weights into a model that writes something that looks like a play. Finally
-# we swap the attention variant by its name, resume a stopped run from its checkpoint, and load
-# a checkpoint to sample.
+# `attnbook.train.train` to the last bit. We clean text before training, and see what cleaning
+# removes. Then `train` runs for real: 400 steps on a laptop CPU turn random weights into a
+# model that writes something that looks like a play. Finally we swap the attention variant by
+# its name, resume a stopped run from its checkpoint, load a checkpoint to sample, and fine-tune
+# the trained model on a play it has never seen.
 #
 # **Learning goals**
 #
@@ -46,12 +47,16 @@
 #   cosine decay of the learning rate, a step (forward, backward, clip, update, zero the
 #   gradients) and an evaluation on fixed batches. Check it against `attnbook.train.train` bit
 #   for bit.
+# - Say what `clean_text` removes from a corpus (encodings, invisible characters, repeated
+#   paragraphs) and what it deliberately leaves.
 # - Prepare TinyShakespeare as character tokens, train with `attnbook.train.train`, plot the loss
 #   curves, and sample with temperature and top-k.
 # - Switch the attention variant by name (`"gqa"`, `"local"`, `"linear"`, `"mla"`, ...) and
 #   compare what each one costs in parameters and in cache memory.
 # - Resume a run from its checkpoint (exactly as if it had never stopped) and load a trained
 #   model to generate text.
+# - Fine-tune the trained model on held-out text with the run's own vocabulary, and compare it
+#   with a model trained on that text from scratch.
 
 # %% [markdown]
 # ## Setup
@@ -126,6 +131,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # each position thinks alone
 
 
+# positions="learned": the model adds them to the embeddings, so the layer applies none itself
 attn_cfg = AttentionConfig(n_embd=128, n_head=4, block_size=64, positions="learned")
 block = Block("mha", attn_cfg)
 x = torch.randn(2, 16, 128)
@@ -392,7 +398,8 @@ print(f"parameters: {sum(p.numel() for p in ours.parameters()):,}")
 #
 # Prediction first, in symbols. Say the embeddings have variance $e$ and one branch, drawn at
 # 0.02, adds variance $v$. After $L$ blocks the stream has variance $e + 2Lv$ without the scaling,
-# and $e + 2L \cdot v/(2L) = e + v$ with it: the same at every depth. We measure the standard
+# and $e + 2L \cdot v/(2L) = e + v$ with it: the same for models of every depth (within one
+# model it still rises from $e$ after the embeddings to $e + v$ after the last block). We measure the standard
 # deviation of the stream after the embeddings and after each block.
 
 # %%
@@ -627,7 +634,8 @@ _, shakespeare_report = clean_text(text)
 print(shakespeare_report)
 
 # %% [markdown]
-# Six characters: two lines ending in spaces and two runs of blank lines, and no repeated
+# Six characters: two lines ending in spaces and two runs of blank lines (the report counts
+# lines and runs; what they removed is six characters), and no repeated
 # paragraph of 100 characters or more. The book trains on the file as distributed, so that its
 # losses stay comparable with nanoGPT's; `prepare(..., clean=True)` (or `attnbook prepare
 # --clean`) cleans before encoding and keeps the report in `meta.json`.
@@ -668,9 +676,10 @@ assert torch.equal(xb[:, 1:], yb[:, :-1])  # the targets are the inputs shifted 
 #
 # The settings live in a `TrainConfig`. It is only a dataclass and does nothing by itself: our
 # loop reads its fields, and `train` gets the same object. Twenty steps are enough for the
-# comparison and take a few seconds. We use the model of section 4 and batches of 12 windows
-# of 64 characters. The learning rate peaks at 3e-3 after 5 warm-up steps and falls to 3e-4 at
-# step 20. After steps 10 and 20 we evaluate on 4 fixed batches per split. The training loss
+# comparison (the cell prints how long they took here). We use the model of section 4 and
+# batches of 12 windows of 64 characters. The learning rate peaks at 3e-3 after 5 warm-up steps
+# and falls toward 3e-4, which it would reach at step 20; steps count from 0 in the schedule
+# (the last step of this run is step 19) and from 1 in the logs. After steps 10 and 20 we evaluate on 4 fixed batches per split. The training loss
 # is logged at every step (`log_interval=1`), so that each step can be compared. The fields we
 # leave at their defaults are printed below.
 
@@ -800,9 +809,12 @@ plt.show()
 # 3. Backward: `loss.backward()` adds the gradient of the loss to every parameter's `.grad`.
 # 4. Clip: `clip_grad_norm_` treats all the gradients as one long vector. If its length (its L2
 #    norm) is above `grad_clip = 1`, every gradient is scaled by $1/\text{norm}$ (precisely
-#    $1/(\text{norm} + 10^{-6})$). The direction is kept and only the length is cut. One unusual
-#    batch then cannot move the weights far, or swamp Adam's running averages. The function
-#    returns the norm from before the clip, which we keep to look at.
+#    $1/(\text{norm} + 10^{-6})$). The direction is kept and only the length is cut. Under Adam,
+#    rescaling one step's gradient barely changes that step (Adam divides by the gradients'
+#    running size anyway); what clipping protects is that running size, $v$, which one huge
+#    gradient would inflate for about a hundred steps, shrinking the steps that follow. Early
+#    in training the gradients are large and nearly every step is clipped, as the output below
+#    shows. The function returns the norm from before the clip, which we keep to look at.
 # 5. `optimizer.step()`: AdamW updates every parameter from its gradient, as described above.
 # 6. `optimizer.zero_grad(set_to_none=True)` drops the gradients. `backward` *adds* into
 #    `.grad`, so without this the next step would use the sum of two steps' gradients.
@@ -980,8 +992,9 @@ assert all(checks.values())
 # noise, and it writes checkpoints into `out_dir`.
 #
 # The run below is sized for a laptop: the model of section 4 (0.8M parameters), batches of
-# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3, a minute or so on a CPU (the
-# training cell prints how long it took here). A high learning rate is fine for a model this
+# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3. The training cell prints the
+# wall time and the median milliseconds per step; on a machine busy with other work the wall
+# time is much more than 400 times the median, because the slow steps are the shared ones. A high learning rate is fine for a model this
 # small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set `device="cpu"` so
 # the notebook behaves the same on a machine with a GPU. Training shows a progress bar with the
 # step, the latest loss and, after an evaluation, the validation loss.
@@ -1177,7 +1190,9 @@ for name, options in variant_options.items():
 # The same switch works for training. As a check that each variant really trains, not only
 # builds, we run every one for 10 steps (the loss must fall from about 4.17) — far too short to
 # compare them; [chapter 18](18_comparing_variants.ipynb) trains them all under identical
-# conditions.
+# conditions. Three warm-up steps to a peak of 3e-3 is aggressive, and a loss can jump for a
+# step or two in the middle of such a run (above $\ln 65 \approx 4.17$ even); only the two ends
+# matter here.
 
 # %% tags=["nbval-ignore-output"]
 short = dict(max_iters=10, warmup_iters=3, lr_decay_iters=10, eval_interval=10, eval_iters=2,
@@ -1269,8 +1284,8 @@ print("final weights identical:", all(torch.equal(weights_a[k], weights_b[k]) fo
 # %% [markdown]
 # ## 11. Loading a checkpoint and generating
 #
-# A trained run is a folder. `load_trained(out_dir)` reads its newest checkpoint
-# (`best=True`: the one with the lowest validation loss) and returns the model in eval mode, the
+# A trained run is a folder. `load_trained(out_dir)` reads its newest checkpoint (or, with
+# `best=True`, the one with the lowest validation loss) and returns the model in eval mode, the
 # `TrainConfig` it was trained with, and a description of its data (the prepared folder's
 # `meta.json`, copied into every checkpoint), whose `"encoding"` entry rebuilds the tokenizer — so
 # the run's folder alone is enough to turn ids back into text.
@@ -1456,7 +1471,7 @@ print("temporary runs deleted:", not runs.exists())
 #   operations, the loop reproduces `train`'s losses and weights bit for bit.
 # - `prepare` encodes a corpus once, `TokenData` draws random windows, `train(TrainConfig(...))`
 #   trains with warm-up and cosine decay, evaluates, checkpoints and logs metrics;
-#   `read_metrics` returns them. 400 steps, a minute or so on a CPU, take TinyShakespeare from
+#   `read_metrics` returns them. 400 steps on a CPU take TinyShakespeare from
 #   4.17 nats per character to below the bigram level.
 # - The attention variant is one field, `attention`, plus its `attention_options`; each variant
 #   brings its own cache through `new_caches`.
