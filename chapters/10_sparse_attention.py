@@ -37,7 +37,10 @@
 # to there, and in how many layers?" becomes a question about paths.
 #
 # This chapter builds a *causal* BigBird, the variant a decoder (a GPT) can use, one ingredient
-# at a time, and then the block-sparse computation that makes it cheaper.
+# at a time, and then the block-sparse computation that makes it cheaper. One change of unit:
+# in [chapter 9](09_sliding_window.ipynb), and in the first paragraph above, $w$ counts
+# positions; from section 1 on it counts *blocks*, like every size of the pattern ($g$, $w$ and
+# $r$ are numbers of blocks of $b$ tokens).
 # [Chapter 9](09_sliding_window.ipynb)'s band and its blocked computation are the starting point; we
 # refer back to them rather than repeat them.
 #
@@ -295,8 +298,9 @@ print(hop_counts(pattern_demo > 0))
 # which every node has a few random neighbours has short paths, growing only like the logarithm
 # of its size (the paper's motivation comes from such random graphs). We build the bidirectional
 # pattern by hand — a symmetric window of 3 blocks (the block itself and one neighbour on each
-# side), 2 global blocks as rows *and* columns, 3 random blocks per row anywhere — and count hops
-# for 64 blocks (4096 tokens with $b = 64$):
+# side), 2 global blocks as rows *and* columns, 3 random blocks per row anywhere (possibly
+# overlapping the window, a global block or the block itself: the draw does not exclude them)
+# — and count hops for 64 blocks (4096 tokens with $b = 64$):
 
 # %%
 def hop_summary(visible):
@@ -334,6 +338,7 @@ for name, visible in [("window", bi_window), ("window + global", bi_window | bi_
 # tokens.) A hub at the start of the sequence can *send* to everyone, but it can only *hear* the
 # start. So causal global blocks do not shorten the path from block 10 to block 50; only random
 # blocks do.
+#
 # The same count for the causal patterns, with the module's pattern function and a fresh draw:
 
 # %%
@@ -353,8 +358,15 @@ for name, visible in causal_patterns.items():
 # %% [markdown]
 # The causal window moves information $w - 1 = 2$ blocks per layer, so the last block hears from
 # block 0 only after 32 layers. Global blocks shave off very little: they help only pairs that
-# start in the first two blocks. Random blocks bring the worst pair down to a few hops. The
-# picture shows, for each source block, how many layers it takes to reach the *last* block:
+# start in the first two blocks. Random blocks bring the worst pair down to a few hops.
+#
+# Do not read "32 hops against 63" as "causal is better": the two windows differ. The causal
+# window of $w = 3$ blocks looks 2 blocks back (`i - w < j <= i`), the bidirectional one of
+# section 2.1 only 1 block each way (`abs(i - j) <= 1`), so per layer the causal one carries
+# information twice as far in the one direction that counts. Compare the ingredients within a
+# table, not the tables with each other.
+#
+# The picture shows, for each source block, how many layers it takes to reach the *last* block:
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 4))
@@ -371,12 +383,24 @@ assert causal_hops["window + global"][-1, :g_hop].tolist() == [1] * g_hop
 print("largest hops to the last block:",
       {name: int(hops[-1].max()) for name, hops in causal_hops.items()})
 assert causal_hops["window + global + random"][-1].max() <= 8
+drawn = torch.bincount(table_hop[table_hop >= 0], minlength=n_hop)  # (n,): rows that drew block j
+print("times drawn as a random block, mean per block: blocks 2-21",
+      f"{drawn[2:22].float().mean():.1f}, 22-42 {drawn[22:43].float().mean():.1f},",
+      f"43-63 {drawn[43:].float().mean():.1f}")
 
 # %% [markdown]
 # With the window alone (the wide pale line) the curve is a staircase falling 1 layer per 2
 # blocks; global blocks (dashed) follow it exactly except for its first two points, which they
 # pull down to 1 (the start of the sequence is now one hop from everywhere); random blocks
-# flatten the whole curve to a few layers.
+# flatten the whole curve to a few layers. Its highest point, 5, is the worst pair that *ends*
+# at block 63; the table's 6 is the worst pair over all ordered pairs, which ends elsewhere.
+#
+# The random curve (triangles) peaks in the middle of the sequence, and the draw says why. A
+# block sends shortcuts only to the later rows that drew it, and each row draws among *all* its
+# eligible past blocks, so an early block is eligible in many rows and drawn often, a late one
+# in few rows and rarely, as the last line printed shows. Early blocks spread their information
+# fast through their many shortcuts; blocks near the end reach block 63 through the window; the
+# blocks in between have few shortcuts and are too far for the window alone.
 #
 # So in a causal BigBird the roles shift. The random blocks carry the long-range shortcuts. The
 # global blocks give every query a direct view of the beginning of the sequence, where a
@@ -509,7 +533,9 @@ def block_sparse(q, k, v, b, visible):
     pad = n * b - T
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, n * b, hd) each
     visible = visible[:n, :n]
-    K = int(visible.sum(dim=1).max())  # slots per row: the most blocks a row sees
+    # slots per row: the most blocks a row sees. This works for any pattern; for BigBird's it
+    # is min(n, g + w + r), the K of step 2, without having to know g, w and r
+    K = int(visible.sum(dim=1).max())
     slots = torch.sort((~visible).long(), dim=1, stable=True).indices[:, :K]  # (n, K)
     real = visible.gather(1, slots)  # (n, K)
     slots = torch.where(real, slots, 0)
@@ -595,7 +621,9 @@ for T_f in lengths_f:
 # sequence has at most $g + w + r$ blocks, the layer computes plain causal attention with SDPA's
 # causal kernel, which gives the same result for half the work. From there on the pattern's
 # pairs grow linearly, about
-# $T\,(g + w + r - \tfrac12)\,b$, and the path's entries exactly linearly,
+# $T\,(g + w + r - \tfrac12)\,b$ (each of the $T/b$ query blocks sees $K - 1 = g + w + r - 1$
+# full off-diagonal tiles of $b^2$ pairs and about half its diagonal tile, so
+# $\tfrac{T}{b}\,(K - \tfrac12)\,b^2$), and the path's entries exactly linearly,
 # $T\,(g + w + r)\,b$; relative to the causal triangle both halve with every doubling of $T$.
 # At 4096 tokens the path computes a quarter of the causal scores, at 16384 a sixteenth. On
 # log-log axes:
@@ -680,12 +708,14 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 # %% [markdown]
 # What to expect (your numbers will differ, the shape should not): at 512 tokens the pattern is
 # the causal triangle and the block-sparse path does twice the work plus a gather, so it is
-# clearly slower. From there causal attention's time roughly quadruples per doubling of $T$
-# while block-sparse time only doubles; they cross somewhere between 1024 and 2048, and at 4096
-# block-sparse takes about half the time or less. The crossover comes a little later than
-# section 5's count suggests (the path's entries equal the causal triangle's at
-# $T = 2(g + w + r)\,b = 1024$), because the gather, the padding and the bookkeeping cost time
-# that counting entries ignores. So BigBird is a tool for *long* sequences: below a few thousand
+# clearly slower. From there block-sparse time roughly doubles per doubling of $T$, while causal
+# attention's time grows by more at each doubling, toward the fourfold of a quadratic cost as $T$
+# grows (at short lengths the fixed costs of each call still weigh, so the first ratios are
+# smaller). The two cross at or a little after $T = 1024$, the length at which section 5's count
+# makes the path's entries equal the causal triangle's ($T = 2(g + w + r)\,b$): the gather, the
+# padding and the bookkeeping cost time that counting entries ignores, so the block-sparse path
+# does not win there by much, if at all. At 4096 it is clearly faster (the cell asserts less than
+# 0.8 of causal attention's time). So BigBird is a tool for *long* sequences: below a few thousand
 # tokens, with these settings, plain causal attention is as fast or faster. The layer avoids the
 # worst case (at 512 tokens it runs causal attention, section 5), but from 513 tokens up to the
 # crossover it must take the block-sparse path and pay somewhat more than causal attention
@@ -707,19 +737,19 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 # The model is the package's `GPT`, as in [chapter 9](09_sliding_window.ipynb): token
 # embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head, random
 # weights with PyTorch's default initialisation ([chapter 7](07_kv_cache.ipynb), section 5.1,
-# says why). `GPTConfig(attention="sparse", attention_options=pattern)` builds every block's
-# attention with `build_attention("sparse", cfg, **pattern)`, RoPE in `cfg` and the pattern as
-# the variant's options: blocks of 4 tokens (`sparse_block`), 1 global block, a window of 2
-# blocks and 2 random blocks, so that a generation of 64 tokens (16 blocks) is far from causal
-# attention. Each layer draws its random blocks when it is built, from the random generator, so
-# a model built under another seed has other draws; section 7.2 comes back to that, and builds
-# the model more than once, hence a function.
+# says why). `GPTConfig(attention="sparse", attention_options=sparse_options)` builds every
+# block's attention with `build_attention("sparse", cfg, **sparse_options)`, RoPE in `cfg` and
+# the dict `sparse_options` as the variant's options: blocks of 4 tokens (`sparse_block`), 1 global
+# block, a window of 2 blocks and 2 random blocks, so that a generation of 64 tokens (16 blocks) is
+# far from causal attention. Each layer draws its random blocks when it is built, from the random
+# generator, so a model built under another seed has other draws; section 7.2 comes back to that,
+# and builds the model more than once, hence a function.
 
 # %%
-pattern = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2,
-               n_random_blocks=2)  # the options of "sparse"
+sparse_options = dict(sparse_block=4, n_global_blocks=1, n_window_blocks=2,
+                      n_random_blocks=2)  # the options of "sparse"
 config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
-                   attention="sparse", attention_options=pattern, positions="rope",
+                   attention="sparse", attention_options=sparse_options, positions="rope",
                    tie_weights=False)
 cfg = config.attention_config()  # the AttentionConfig every block's attention is built from
 
@@ -766,10 +796,12 @@ print("cached greedy decoding == full recomputation:", torch.equal(out_cached, o
 
 # %% [markdown]
 # Which cached positions does the *next* token (position 64, in block 16) need? Each layer has
-# its own random draw, so each layer needs different blocks:
+# its own random draw, so each layer needs different blocks. Each layer can say:
+# `SparseAttention.pattern(n)` returns this layer's block pattern for `n` blocks, the codes of
+# `bigbird_pattern` (0 none, 1 global, 2 window, 3 random) built from its own `random_blocks`:
 
 # %%
-n_seen = out_plain.shape[1] // pattern["sparse_block"]  # 16 blocks generated so far
+n_seen = out_plain.shape[1] // sparse_options["sparse_block"]  # 16 blocks generated so far
 for layer_i, block in enumerate(blocks):
     row = block.attn.pattern(n_seen + 1)[-1]  # codes of query block 16
     print(f"layer {layer_i}: global {(row == 1).nonzero().flatten().tolist()}, "
@@ -779,7 +811,7 @@ for layer_i, block in enumerate(blocks):
 # %% [markdown]
 # A rolling cache sized for the window, like [chapter 9](09_sliding_window.ipynb)'s ($w \cdot b = 8$
 # positions), would lose the global block 0 and all the random ones. Nor can we predict a safe
-# subset: the rows *after* 16 have their own draws. Over the rest of the layer's 32 rows, how many
+# subset: the rows *after* 16 have their own draws. Over the rest of each layer's 32 rows, how many
 # of the 16 blocks cached now are still needed by some later query, in any layer?
 
 # %%
@@ -804,7 +836,7 @@ bytes_per_token = sum(c.bytes_per_token for c in caches)  # 3 layers
 print(f"{type(caches[0]).__name__} per layer; per token: {bytes_per_token:,} bytes "
       f"(3 layers x K and V x 4 heads x 16 x 4 bytes)")
 for length in (16, 32, 64, 128):
-    window = pattern["n_window_blocks"] * pattern["sparse_block"]  # 8 positions
+    window = sparse_options["n_window_blocks"] * sparse_options["sparse_block"]  # 8 positions
     print(f"  {length:>3} positions: {length * bytes_per_token:>7,} bytes in use "
           f"(a window of {window} would keep {min(length, window) * bytes_per_token:,})")
 
@@ -872,7 +904,7 @@ print("first 20 positions identical:", bool((gap[:20] < 1e-5).all()))
 # drawn.
 
 # %%
-layer_alibi = build_attention("sparse", replace(cfg, positions="alibi"), **pattern)
+layer_alibi = build_attention("sparse", replace(cfg, positions="alibi"), **sparse_options)
 try:
     layer_alibi(torch.randn(1, cfg.block_size + 1, cfg.n_embd))  # 129 positions
 except ValueError as err:
@@ -917,9 +949,9 @@ for n_c, g_c, w_c, r_c, b_c in [(16, 2, 3, 2, 4), (30, 1, 2, 3, 8), (12, 0, 1, 4
     assert torch.equal(token_mask, bigbird_mask(T_m, T_m, b_c, g_c, w_c, ours))
 
 torch.manual_seed(11)
-cfg_m, pattern_m = cfg, blocks[1].attn.options  # SparseOptions(sparse_block=4, ...)
+cfg_m, options_m = cfg, blocks[1].attn.options  # SparseOptions(sparse_block=4, ...)
 for impl in ("sdpa", "reference"):
-    layer = build_attention("sparse", replace(cfg_m, impl=impl), **pattern).eval()
+    layer = build_attention("sparse", replace(cfg_m, impl=impl), **sparse_options).eval()
     layer.load_state_dict(blocks[1].attn.state_dict())  # weights and random blocks
     assert torch.equal(layer.random_blocks, blocks[1].attn.random_blocks)
     for T_m in (20, 45):  # 5 blocks of 4: plain causal; 12 blocks, the last one partial
@@ -927,10 +959,10 @@ for impl in ("sdpa", "reference"):
         with torch.no_grad():
             q_h, k_h, v_h = layer.project(x)  # (2, 4, T, 16) each
             q_h, k_h = layer.rope(q_h), layer.rope(k_h)  # rotated at positions 0..T-1
-            n_m = -(-T_m // pattern_m.sparse_block)
-            visible = block_pattern(n_m, pattern_m.n_global_blocks, pattern_m.n_window_blocks,
+            n_m = -(-T_m // options_m.sparse_block)
+            visible = block_pattern(n_m, options_m.n_global_blocks, options_m.n_window_blocks,
                                     layer.random_blocks) > 0
-            y_h = block_sparse(q_h, k_h, v_h, pattern_m.sparse_block, visible)  # (2, 4, T, 16)
+            y_h = block_sparse(q_h, k_h, v_h, options_m.sparse_block, visible)  # (2, 4, T, 16)
             by_hand = layer.c_proj(y_h.transpose(1, 2).reshape(2, T_m, cfg_m.n_embd))
             assert torch.allclose(layer(x), by_hand, atol=1e-5), (impl, T_m)
 assert torch.equal(out_cached, out_plain)
