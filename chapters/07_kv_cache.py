@@ -40,6 +40,9 @@
 # - Decode greedily with and without a cache and get identical tokens, with RoPE (the rotation
 #   starts at `cache.length`) and with learned positions (the embedding does).
 # - Prefill a prompt at once or in chunks, with the same result.
+# - Check that the chapter's hand-written model computes, bit for bit, what the package's
+#   `attnbook.model.GPT` computes, cached or not, and see why the later chapters re-initialise a
+#   random `GPT` before testing a cache on it.
 # - Measure time per generated token against position, and explain why the speed-up is far
 #   smaller than the work saved; check the cache's memory for MHA, GQA and MQA against
 #   [chapter 4](04_mqa_gqa.ipynb)'s formula, per token and at 4k tokens.
@@ -72,8 +75,8 @@ torch.set_printoptions(precision=3, sci_mode=False)
 #
 # The package has a documented language model, `attnbook.model.GPT`, but here we assemble a
 # **minimal causal language model** by hand, so that every place a cache passes through is in
-# view; section 5.1 checks that it computes exactly what `GPT` computes, and the later chapters
-# use `GPT`. It has the usual shape:
+# view; section 9 checks that it computes exactly what `GPT` computes, bit for bit, and the later
+# chapters use `GPT`. It has the usual shape:
 #
 # - a token embedding (`wte`), plus learned position vectors (`wpe`) when `positions="learned"`;
 # - `n_layer` pre-norm blocks, each `x + attn(ln_1(x))` then `x + mlp(ln_2(x))`, with the
@@ -89,8 +92,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # position of the first token it is given: with learned positions the model itself adds the
 # position vectors, so it must know where the tokens sit in the sequence; with RoPE the attention
 # layers rotate queries and keys, and read the position from their cache themselves. (`attn_mask`
-# and `impl` are passed through to the attention layers, and so are a variant's own options such
-# as gqa's `n_kv_head`; only the exercises and section 8 use them.)
+# and `impl` are passed through to the attention layers, and so are a variant's own options:
+# `attn_mask` is for exercise 1's padding masks, `impl` for exercise 4's FLOP count, and a
+# variant's options, such as gqa's `n_kv_head`, for section 8.)
 
 # %%
 class Block(nn.Module):
@@ -699,90 +703,6 @@ for name, m in (("with the offset", model_learned), ("offset forgotten", forgetf
 # reason to test cached generation *against* uncached generation.
 
 # %% [markdown]
-# ### 5.1 The same model, from the package: `attnbook.model.GPT`
-#
-# `TinyLM` is written out in this chapter so that you can see every place a cache passes
-# through. The package has the documented version of the same model, `attnbook.model.GPT`,
-# configured by a `GPTConfig`: any attention variant by name and its options, any of the
-# position schemes, `forward(idx, targets=None, caches=None)` returning `(logits, loss)`,
-# `new_caches(batch_size, max_len)` giving one module cache per block, and
-# `generate(idx, max_new_tokens, temperature=0)` for greedy decoding with the cache
-# (`use_cache=False` recomputes, like `generate_plain`). It reads `start = caches[0].length`
-# exactly as `TinyLM.forward` does.
-#
-# "The same" is a claim we can check. We build a `GPT` with `TinyLM`'s sizes and positions,
-# copy `TinyLM`'s weights into it, and compare. Its parameters have the same shapes under other
-# names (`blocks.0.attn.c_attn.weight` becomes `transformer.h.0.attn.c_attn.weight`: nanoGPT's
-# and GPT-2's names), so renaming the keys of the `state_dict` is all the copying needs;
-# `load_state_dict` is strict and would fail on a missing or extra tensor. One switch must be
-# turned off: by default `GPT` **ties** its output layer to the token embedding (one matrix for
-# both), where `TinyLM` has a separate `lm_head`.
-
-# %%
-from attnbook.model import GPT, GPTConfig
-
-
-def as_gpt(tiny, positions):
-    """A GPT with tiny's sizes and positions, holding a copy of tiny's weights."""
-    config = GPTConfig(vocab_size=tiny.wte.num_embeddings, block_size=tiny.cfg.block_size,
-                       n_layer=len(tiny.blocks), n_head=tiny.cfg.n_head, n_embd=tiny.cfg.n_embd,
-                       positions=positions, tie_weights=False)  # TinyLM has its own lm_head
-    gpt = GPT(config).eval()  # its own initial weights, all replaced below
-    renamed = {}
-    for name, tensor in tiny.state_dict().items():
-        if name != "lm_head.weight":  # wte.weight -> transformer.wte.weight, blocks.i -> h.i
-            name = "transformer." + name.replace("blocks.", "h.", 1)
-        renamed[name] = tensor
-    gpt.load_state_dict(renamed)  # strict: the same tensors, every one of them
-    return gpt
-
-
-for positions, tiny, plain in (("rope", model, out_plain),
-                               ("learned", model_learned, plain_learned)):
-    gpt = as_gpt(tiny, positions)
-    with torch.no_grad():
-        logits_gpt, loss = gpt(plain)  # (B, 56, vocab), None: no targets
-        torch.testing.assert_close(logits_gpt, tiny(plain))  # a full pass
-        ours, theirs = new_caches(tiny, prealloc(max_len=64)), gpt.new_caches(2, max_len=64)
-        feeds = [prompt, *plain[:, 16:-1].split(1, dim=1)]  # the prefill, then 1 token a step
-        for feed in feeds:  # cached decoding, step by step
-            torch.testing.assert_close(gpt(feed, caches=theirs)[0], tiny(feed, ours))
-    same_tokens = torch.equal(gpt.generate(prompt, 40, temperature=0), plain)
-    assert same_tokens
-    print(f"{positions:>7}: GPT logits == TinyLM logits on a full pass {tuple(logits_gpt.shape)} "
-          f"and at every cached call (prefill + {len(feeds) - 1} tokens); greedy tokens equal: "
-          f"{same_tokens}")
-
-# %% [markdown]
-# The two compute the same function, and decode the same tokens with or without a cache. What
-# `GPT` adds is what a model that is trained needs, none of which changes a forward pass here:
-#
-# - its own **initialisation**: every linear and embedding weight drawn from $N(0, 0.02)$ as in
-#   GPT-2, the projections that write into the residual stream smaller still, where `TinyLM`
-#   keeps PyTorch's defaults (an `nn.Embedding` draws from $N(0, 1)$). A freshly built `GPT`
-#   is therefore a *different* random model from a freshly built `TinyLM`; only after copying
-#   the weights do they agree;
-# - **weight tying** (`tie_weights=True`, its default), **dropout** (0 by default), a
-#   cross-entropy `loss` when given `targets`, checks of its inputs with clear errors, and
-#   sampling in `generate` (`temperature`, `top_k`, `top_p`);
-# - no `attn_mask` argument: `TinyLM` passes one through for exercise 1's padding masks, a
-#   case `GPT` leaves out.
-#
-# From here on the book's chapters use `GPT` as their small model, instead of assembling one of
-# their own. [Chapter 17](17_training_a_gpt.ipynb) explains the rest of it — weight tying, the
-# initialisation, dropout — and trains it.
-#
-# One consequence of the initialisation matters for the chapters that, like this one, test a
-# cache on random weights. $N(0, 0.02)$ is chosen for a model about to be trained; untrained, it
-# makes every attention score nearly 0, so each query spreads its attention almost evenly over
-# the keys, and greedy decoding soon repeats a single token. Such a model hardly notices a key at
-# the wrong position, so a cache bug can leave every generated token unchanged. Those chapters
-# therefore build a `GPT` with `tie_weights=False` and give its linear layers and embeddings
-# PyTorch's default initialisation (`module.reset_parameters()`), the one `TinyLM` has: sharper
-# attention, varied tokens, and logits whose top two stay far apart compared with float
-# rounding, so the tokens are the same on any CPU.
-
-# %% [markdown]
 # ## 6. Prefill in chunks
 #
 # The first step feeds the whole prompt at once. For a very long prompt that step is big in two
@@ -868,6 +788,8 @@ assert total_cached < total_plain, "the cache should make generation faster"
 print(f"{N} generated tokens, prompt {P}, batch 1, {n_threads} thread")
 print(f"without cache: {total_plain:.2f} s   with cache: {total_cached:.2f} s   "
       f"speed ratio: {total_plain / total_cached:.1f}x")
+print(f"per generated token: {1000 * total_plain / N:.1f} ms without cache, "
+      f"{1000 * total_cached / N:.1f} ms with cache (each step timed once, with its argmax and cat)")
 
 # %% [markdown]
 # The cache wins clearly, but by a factor far below the token ratio of §2. The arithmetic saved
@@ -885,7 +807,11 @@ print(f"without cache: {total_plain:.2f} s   with cache: {total_cached:.2f} s   
 # instance to throw away tokens that speculative decoding guessed wrong.) So the plot does not
 # show the steps of the generation timed above: each point is a separate single step, reached by
 # rewinding. Each step is timed five times, in five sweeps over all lengths, and we keep the
-# fastest, which filters out most interruptions by other programs.
+# fastest, which filters out most interruptions by other programs. So do not expect the plot's
+# points to add up to the per-token times of the previous cell: those average steps that were
+# each run once, with whatever else the machine was doing at that moment, and include the
+# `argmax` and the `torch.cat` of every step; the plot keeps the best of five runs of the model
+# call alone, so its times are usually lower, by how much depends on how busy the machine is.
 #
 # Prediction before you look: without a cache, the step time should grow about linearly with
 # `T` (projections and MLPs on `T` positions, plus attention that grows like `T²`); with a
@@ -971,10 +897,17 @@ print(f"step at T={lengths[-1]}: {ms_plain[-1]:.1f} ms without cache, "
 # `v` have shape `(B, n_kv_head, max_len, head_dim)`, and whose `bytes_per_token` reports what
 # one position of one sequence costs in that layer. `bytes_per_token` is itself computed from
 # the cache's shape and element size, so checking the formula against it alone would be a
-# little circular. Our measurement is the memory the two tensors actually hold,
-# `cache.k.nbytes + cache.v.nbytes`, divided by the number of positions and sequences they have
-# room for. First our tiny model, built with each variant (4 query heads of 32; GQA with 2
-# key/value heads), fp32, with the 16-token prompts run through it:
+# little circular; so would `k.nbytes`, which is also just the number of elements times their
+# size. Our measurement goes one level down: the bytes of the *storage* under every tensor the
+# cache object holds, `t.untyped_storage().nbytes()`, the block of memory PyTorch actually
+# allocated, each block counted once. It sees what the shape does not: the dtype the cache really
+# stores (a cache that kept float64, or copied what it was given, would show it), any tensor the
+# cache holds besides `k` and `v`, and the whole preallocated block behind the view of the filled
+# positions that `append` returns (that view's `nbytes` counts only the filled part). We divide
+# it by the number of sequences and positions the cache has room for. First our tiny model, built
+# with each variant (4 query heads of 32; GQA with 2 key/value heads), fp32, with caches for the
+# batch of 2 prompts and room for 512 positions; the memory is measured before and after the
+# 16-token prompts run through it:
 
 # %%
 def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
@@ -982,26 +915,45 @@ def kv_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_elem):
     return 2 * n_layer * n_kv_head * head_dim * bytes_per_elem
 
 
-print(f"{'variant':>7} {'n_kv_head':>9} {'bytes/token':>11} {'KiB at 512 tokens':>17}")
+def storage_bytes(caches):
+    """Bytes allocated under every tensor the caches hold, each block of memory counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for c in caches for t in vars(c).values() if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
+
+
+batch, max_len = 2, 512  # every cache: the 2 prompts, room for 512 positions each
+print(f"{'variant':>7} {'n_kv_head':>9} {'held before':>11} {'held after':>10} "
+      f"{'bytes/token':>11} {'KiB per sequence at 512':>23}")
 tiny_bytes = {}
 for name, options in (("mha", {}), ("gqa", {"n_kv_head": 2}), ("mqa", {})):
     m = TinyLM(attention=name, **options).eval()
-    caches = [block.attn.new_cache(batch_size=2, max_len=512) for block in m.blocks]
+    caches = [block.attn.new_cache(batch_size=batch, max_len=max_len) for block in m.blocks]
+    held_before = storage_bytes(caches)  # every layer, nothing cached yet
     with torch.no_grad():
         m(prompt, caches)  # fills positions 0..15 of every layer's cache
-    held = sum(c.k.nbytes + c.v.nbytes for c in caches)  # the real tensors of every layer
-    per_token = held // (2 * 512)  # per position of one sequence
+    held = storage_bytes(caches)  # every layer, 16 positions filled
+    per_token = held // (batch * max_len)  # per position of one sequence, every layer
     n_kv, hd = m.blocks[0].attn.n_kv_head, m.cfg.head_dim
+    assert held == held_before  # preallocated: filling allocates nothing
     assert per_token == sum(c.bytes_per_token for c in caches)  # what the caches report
     assert per_token == kv_bytes_per_token(len(m.blocks), n_kv, hd, 4)  # the formula, fp32
     tiny_bytes[name] = per_token
-    print(f"{name:>7} {n_kv:>9} {per_token:>11,} {512 * per_token / 1024:>17,.0f}")
-print(f"MQA after the prompts: {caches[0].length} positions cached, cache.k "
-      f"{tuple(caches[0].k.shape)} (B, n_kv_head, max_len, head_dim)")
+    print(f"{name:>7} {n_kv:>9} {held_before:>11,} {held:>10,} {per_token:>11,} "
+          f"{max_len * per_token / 1024:>23,.0f}")
+filled = caches[0].k[:, :, : caches[0].length]  # what attention reads: a view, no copy
+print(f"MQA, layer 0, after the prompts: {caches[0].length} of {max_len} positions filled; "
+      f"the filled view {tuple(filled.shape)} has nbytes {filled.nbytes:,}, "
+      f"its storage {filled.untyped_storage().nbytes():,} bytes")
 
 # %% [markdown]
-# Measured, reported and computed agree for every variant: the cache is a preallocated block, so
-# it holds `max_len` positions' worth of memory from the start, however many are filled.
+# Measured, reported and computed agree for every variant, in fp32 (4 bytes a number), with
+# nothing held besides the keys and values. The cache is a preallocated block: it holds
+# `max_len` positions' worth of memory from the start, and feeding the prompts changes nothing
+# (held before == held after), although only 16 of the 512 positions are filled. The last line
+# shows the difference the storage makes: the view of the filled positions, what attention
+# reads, counts 16 positions' bytes in its `nbytes`, while the memory under it is the whole
+# block of 512.
 #
 # As in [chapter 4](04_mqa_gqa.ipynb), the realistic case is a 7B-class model shaped like Llama 2
 # 7B: 32 layers, 32 query heads of 128 (`n_embd = 4096`), cache in fp16, with all 32 key/value
@@ -1018,42 +970,148 @@ n_layer_7b, n_head_7b, head_dim_7b, ctx = 32, 32, 128, 4096
 cfg_7b = AttentionConfig(n_embd=n_head_7b * head_dim_7b, n_head=n_head_7b, block_size=ctx,
                          bias=False)
 measured = {}
-print(f"{'n_kv_head':>9} {'cache.k':>22} {'MiB/layer':>9} {'KiB/token':>9} {'GiB at 4k':>9}")
+print(f"{'n_kv_head':>9} {'cache.k':>22} {'MiB/layer':>9} {'KiB/token':>9} {'GiB at 4k':>10}")
 for n_kv in (32, 16, 8, 4, 2, 1):
     with torch.device("meta"):
         layer_7b = build_attention("gqa", cfg_7b, n_kv_head=n_kv)  # shapes only, no weights
     cache = layer_7b.new_cache(batch_size=1, max_len=ctx, device="cpu", dtype=torch.float16)
-    held = cache.k.nbytes + cache.v.nbytes  # what the two tensors really occupy
+    held = storage_bytes([cache])  # the memory under k and v, this layer
     measured[n_kv] = held // ctx * n_layer_7b  # per token, all 32 layers
     formula = kv_bytes_per_token(n_layer_7b, n_kv, head_dim_7b, 2)
     assert measured[n_kv] == formula == n_layer_7b * cache.bytes_per_token
     print(f"{n_kv:>9} {str(tuple(cache.k.shape)):>22} {held // 2**20:>9} "
-          f"{measured[n_kv] // 1024:>9} {ctx * measured[n_kv] / 2**30:>9.3f}")
+          f"{measured[n_kv] // 1024:>9} {ctx * measured[n_kv] / 2**30:>10.4f}")
 print("measured == formula == 32 x bytes_per_token, for every n_kv_head")
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 3.6))
-names = ["32 (MHA)", "16", "8", "4", "2", "1 (MQA)"]
+names = ["32 (MHA,\nLlama 2 7B)", "16", "8 (GQA,\nMistral 7B)", "4", "2", "1 (MQA)"]
 kib = [measured[n] / 1024 for n in (32, 16, 8, 4, 2, 1)]
-bars = ax.bar(names, kib, color=["C0", "C7", "C1", "C7", "C7", "C2"])
+bars = ax.bar(names, kib, color=["C0", "C7", "C1", "C7", "C7", "C2"])  # grey: shapes between
 ax.bar_label(bars, [f"{v:g} KiB" for v in kib])
 ax.set_xlabel("key/value heads per layer (32 query heads)")
 ax.set_ylabel("KiB per token")
-ax.set_ylim(0, 590)
+ax.set_ylim(0, 620)
 ax.set_title("KV cache per token, 7B-style model (32 layers, fp16), measured from KVCache")
 plt.show()
 
 # %% [markdown]
 # The cache per token is exactly proportional to the number of key/value heads, and it is the
-# same number whether we multiply it out or ask the tensors. The measurement agrees with
+# same number whether we multiply it out or ask the tensors. (The coloured bars are the three
+# shapes named on their ticks, the grey ones the shapes between; MQA's cache for 4k tokens is
+# 0.0625 GiB, 64 MiB.) The measurement agrees with
 # [chapter 4](04_mqa_gqa.ipynb): half a mebibyte per token for MHA, 2 GiB for one 4k-token
-# sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16 weights;
+# sequence, so eight such sequences (16 GiB) outweigh the model's 12.6 GiB of fp16 weights
+# (6.7 billion parameters at 2 bytes each, counted in chapter 4);
 # GQA-8 divides that by 4, MQA by 32. Every doubling of the context or of the batch doubles the
 # cache, while the weights stay put. This is why long-context models share key/value heads, and
 # why later chapters look at caches that do not grow with the context at all (a sliding window,
 # [chapter 9](09_sliding_window.ipynb); a compressed latent,
 # [chapter 13](13_latent_attention.ipynb); a fixed-size recurrent state,
 # [chapter 11](11_linear_attention.ipynb)).
+
+# %% [markdown]
+# ## 9. The same model, from the package: `attnbook.model.GPT`
+#
+# `TinyLM` is written out in this chapter so that you can see every place a cache passes
+# through. The package has the documented version of the same model, `attnbook.model.GPT`,
+# configured by a `GPTConfig`: any attention variant by name and its options, any of the
+# position schemes, `forward(idx, targets=None, caches=None)` returning `(logits, loss)`,
+# `new_caches(batch_size, max_len)` giving one cache per block (the layer's own `new_cache`:
+# for these variants, section 8's `KVCache`), and `generate(idx, max_new_tokens,
+# temperature=1.0)`, which decodes with the cache (`use_cache=False` recomputes, like
+# `generate_plain`). Its default `temperature=1.0` *samples* the next token from the softmax;
+# `temperature=0` takes the most likely one, the greedy decoding of this chapter. It reads
+# `start = caches[0].length` exactly as `TinyLM.forward` does.
+#
+# "The same" is a claim we can check. We build a `GPT` with `TinyLM`'s sizes and positions (read
+# from `tiny.cfg`), copy `TinyLM`'s weights into it, and compare. Its parameters have the same
+# shapes under other names (`blocks.0.attn.c_attn.weight` becomes
+# `transformer.h.0.attn.c_attn.weight`: nanoGPT's and GPT-2's names), so renaming the keys of the
+# `state_dict` is all the copying needs; `load_state_dict` is strict and would fail on a missing
+# or extra tensor. One switch must be turned off: by default `GPT` **ties** its output layer to
+# the token embedding (one matrix for both), where `TinyLM` has a separate `lm_head`. The two
+# models then run the same operations on the same tensors in the same order, so we ask for
+# equality to the last bit (`torch.equal`), not equality within a tolerance.
+
+# %%
+from attnbook.model import GPT, GPTConfig
+
+
+def as_gpt(tiny):
+    """A GPT with tiny's sizes and positions, holding a copy of tiny's weights."""
+    config = GPTConfig(vocab_size=tiny.wte.num_embeddings, block_size=tiny.cfg.block_size,
+                       n_layer=len(tiny.blocks), n_head=tiny.cfg.n_head, n_embd=tiny.cfg.n_embd,
+                       positions=tiny.cfg.positions, tie_weights=False)  # tiny has its lm_head
+    gpt = GPT(config).eval()  # its own initial weights, all replaced below
+    renamed = {}
+    for name, tensor in tiny.state_dict().items():
+        if name != "lm_head.weight":  # wte.weight -> transformer.wte.weight, blocks.i -> h.i
+            name = "transformer." + name.replace("blocks.", "h.", 1)
+        renamed[name] = tensor
+    gpt.load_state_dict(renamed)  # strict: the same tensors, every one of them
+    return gpt
+
+
+for tiny, plain in ((model, out_plain), (model_learned, plain_learned)):
+    gpt = as_gpt(tiny)
+    with torch.no_grad():
+        logits_gpt, loss = gpt(plain)  # (B, 56, vocab), None: no targets
+        same_full = torch.equal(logits_gpt, tiny(plain))  # a full pass, bit for bit
+        ours, theirs = new_caches(tiny, prealloc(max_len=64)), gpt.new_caches(2, max_len=64)
+        feeds = [prompt, *plain[:, 16:-1].split(1, dim=1)]  # the prefill, then 1 token a step
+        same_cached = all(torch.equal(gpt(feed, caches=theirs)[0], tiny(feed, ours))
+                          for feed in feeds)  # cached decoding, step by step
+    same_tokens = torch.equal(gpt.generate(prompt, 40, temperature=0), plain)  # greedy
+    assert same_full and same_cached and same_tokens
+    print(f"{tiny.cfg.positions:>7}: GPT logits == TinyLM logits (torch.equal) on a full pass "
+          f"{tuple(logits_gpt.shape)}: {same_full}, at every cached call (prefill + "
+          f"{len(feeds) - 1} tokens): {same_cached}; greedy tokens equal: {same_tokens}")
+
+# %% [markdown]
+# The two compute the same function, bit for bit, and decode the same tokens with or without a
+# cache. What `GPT` adds is what a model that is trained needs, none of which changes a forward
+# pass here:
+#
+# - its own **initialisation**: every linear and embedding weight drawn from $N(0, 0.02)$ as in
+#   GPT-2, the projections that write into the residual stream smaller still, where `TinyLM`
+#   keeps PyTorch's defaults (an `nn.Embedding` draws from $N(0, 1)$). A freshly built `GPT`
+#   is therefore a *different* random model from a freshly built `TinyLM`; only after copying
+#   the weights do they agree;
+# - **weight tying** (`tie_weights=True`, its default), **dropout** (0 by default), a
+#   cross-entropy `loss` when given `targets`, checks of its inputs with clear errors, and
+#   sampling in `generate` (`temperature`, `top_k`, `top_p`);
+# - no `attn_mask` argument: `TinyLM` passes one through for exercise 1's padding masks, a
+#   case `GPT` leaves out.
+#
+# From here on the book's chapters use `GPT` as their small model, instead of assembling one of
+# their own. [Chapter 17](17_training_a_gpt.ipynb) explains the rest of it — weight tying, the
+# initialisation, dropout — and trains it.
+#
+# One consequence of the initialisation matters for the chapters that, like this one, test a
+# cache on random weights. $N(0, 0.02)$ is meant for a model about to be trained; untrained,
+# its attention scores are all small, each query spreads its attention almost evenly, and greedy
+# decoding falls at once into repeating one token. A freshly built `GPT` (weights untouched) on
+# section 1's prompts:
+
+# %%
+torch.manual_seed(0)
+config = GPTConfig(vocab_size=256, block_size=512, n_layer=4, n_head=4, n_embd=128,
+                   positions="rope")  # TinyLM's sizes; GPT's own N(0, 0.02) weights
+fresh = GPT(config).eval()
+for row in fresh.generate(prompt, 20, temperature=0)[:, 16:].tolist():  # greedy, 20 new tokens
+    print(f"{len(set(row))} distinct token(s) in 20:", row)
+
+# %% [markdown]
+# `TinyLM`, with PyTorch's default initialisation, wrote varied tokens from the same prompts
+# (section 1). A model that repeats one token whatever it attends to would hide a cache bug: a
+# key at the wrong position would leave every generated token unchanged. So the chapters that
+# test a cache on a random `GPT` ([chapter 9](09_sliding_window.ipynb),
+# [chapter 10](10_sparse_attention.ipynb), [chapter 11](11_linear_attention.ipynb),
+# [chapter 13](13_latent_attention.ipynb)) build it with `tie_weights=False` and give its linear
+# layers and embeddings PyTorch's default initialisation (`module.reset_parameters()`), the one
+# `TinyLM` has: sharper attention, varied tokens, and logits whose top two stay far apart
+# compared with float rounding, so the tokens are the same on any CPU.
 
 # %% [markdown]
 # ## Check against the module
@@ -1116,8 +1174,8 @@ print(f"KVCache == PreallocatedCache (same tensors, exact); module caches: same 
 # - New queries are the *last* `T` of `T_k` positions: the causal mask must be aligned
 #   bottom-right (`causal_mask(T, T_k)`); `is_causal=True` would let a single query see only key 0.
 # - A preallocated cache has a fixed `max_len`, an explicit overflow error and `reset()`.
-# - The chapter's hand-written `TinyLM` computes exactly what the package's `attnbook.model.GPT`
-#   computes, cached or not, once the weights are copied across; the later chapters use `GPT`.
+# - The chapter's hand-written `TinyLM` computes, bit for bit, what the package's
+#   `attnbook.model.GPT` computes, cached or not, once the weights are copied across; the later chapters use `GPT`.
 # - Each cached step is cheap in arithmetic, but pays a fixed cost that the cache does not remove,
 #   so for a small model the measured speed-up is far below the work saved.
 # - The cache costs `2 · n_layer · n_kv_head · head_dim · bytes` per token of each sequence

@@ -659,14 +659,14 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 # %% [markdown]
 # ### 7.3 Generation with a tiny model
 #
-# The model is the package's `GPT` ([chapter 7](07_kv_cache.ipynb), section 5.1, checked it
+# The model is the package's `GPT` ([chapter 7](07_kv_cache.ipynb), section 9, checked it
 # against a model written out by hand): a token embedding, pre-norm blocks of attention plus
 # MLP, a final LayerNorm and a linear head. `GPTConfig(attention="local", attention_options=
 # {"window": 8})` builds every block's attention with `build_attention("local", ..., window=8)`,
 # with RoPE, and a window small enough that a short generation slides past it many times. Its
 # weights stay random (a cache is correct when it reproduces the full computation, whatever the
 # weights), with PyTorch's default initialisation rather than `GPT`'s $N(0, 0.02)$, so that
-# attention is sharp enough for a wrong key to change the tokens (chapter 7, section 5.1).
+# attention is sharp enough for a wrong key to change the tokens (chapter 7, section 9).
 #
 # `model.generate(prompt, n, temperature=0, use_cache=False)` decodes greedily by recomputing
 # the whole sequence at every step. `model.generate` with the cache makes its own caches; to

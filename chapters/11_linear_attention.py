@@ -600,7 +600,7 @@ print("same output when every position is shifted by 100:", torch.allclose(y0, y
 # token adds its pair to the state and reads it, and nothing else about the past is kept.
 #
 # We need a small language model to generate with: the package's `GPT`
-# ([chapter 7](07_kv_cache.ipynb), section 5.1): a token embedding, four pre-norm blocks of
+# ([chapter 7](07_kv_cache.ipynb), section 9): a token embedding, four pre-norm blocks of
 # attention + MLP with LayerNorms, and an LM head. `GPTConfig(attention="linear",
 # attention_options={"linear_chunk": 16})` builds each block's attention with
 # `build_attention("linear", cfg, linear_chunk=16)`, RoPE in `cfg`. Its weights are random (a
@@ -629,7 +629,7 @@ def tiny_gpt(attention, **options):
                        attention=attention, attention_options=options, positions="rope",
                        tie_weights=False)
     model = GPT(config).eval()
-    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 5.1
+    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 9
         if isinstance(module, nn.Linear | nn.Embedding):
             module.reset_parameters()
     return model

@@ -665,7 +665,7 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 #
 # As in [chapter 7](07_kv_cache.ipynb), a cache is correct when cached generation reproduces
 # generation without it. Our language model is the package's `GPT`
-# ([chapter 7](07_kv_cache.ipynb), section 5.1:
+# ([chapter 7](07_kv_cache.ipynb), section 9:
 # token embedding, pre-norm blocks of attention built by name plus an MLP, final LayerNorm, LM
 # head), with MLA in every block, RoPE, and random weights with PyTorch's default initialisation
 # rather than `GPT`'s $N(0, 0.02)$ (chapter 7 says why). We decode greedily without a cache
@@ -691,7 +691,7 @@ def tiny_gpt(attention):
     config = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128,
                        attention=attention, positions="rope", tie_weights=False)
     model = GPT(config).eval()
-    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 5.1
+    for module in model.modules():  # not GPT's N(0, 0.02): see chapter 7, section 9
         if isinstance(module, nn.Linear | nn.Embedding):
             module.reset_parameters()
     return model
