@@ -736,7 +736,7 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 #
 # The model is the package's `GPT`, as in [chapter 9](09_sliding_window.ipynb): token
 # embedding, pre-norm blocks of attention plus MLP, a final LayerNorm and a linear head, random
-# weights with PyTorch's default initialisation ([chapter 7](07_kv_cache.ipynb), section 5.1,
+# weights with PyTorch's default initialisation ([chapter 7](07_kv_cache.ipynb), section 9,
 # says why). `GPTConfig(attention="sparse", attention_options=sparse_options)` builds every
 # block's attention with `build_attention("sparse", cfg, **sparse_options)`, RoPE in `cfg` and
 # the dict `sparse_options` as the variant's options: blocks of 4 tokens (`sparse_block`), 1 global
