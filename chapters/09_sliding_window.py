@@ -55,7 +55,7 @@
 # ## Setup
 #
 # As in earlier chapters we seed every random draw and print only shapes, integers, booleans and
-# rounded numbers; timings appear only in cells whose output the book's tests ignore. Every
+# rounded numbers; timings vary by machine and are not checked. Every
 # tensor in this chapter is small, and small tensors gain nothing from a second CPU thread (the
 # threads spend more time waiting for each other than computing), so, as in
 # [chapter 4](04_mqa_gqa.ipynb), the whole notebook runs on one thread. That also keeps the timings
@@ -196,18 +196,21 @@ q, k, v = torch.randn(3, B, H, T, hd).unbind(0)  # each (B, H, T, hd)
 y_band, weights = sdpa_reference(q, k, v, attn_mask=band, return_weights=True)
 print("output", tuple(y_band.shape), "| weights", tuple(weights.shape))
 print("weights of head 0 on keys 2..9, queries 6..8:")
+print(f"{'key':>9}:", " ".join(f"{j:>4}" for j in range(2, 10)))
 for r in range(6, 9):
-    print(f"  query {r}:", " ".join(f"{p:.2f}" for p in weights[0, 0, r, 2:10].tolist()))
+    row = weights[0, 0, r, 2:10].tolist()  # query r's weights on keys 2..9
+    print(f"{'query ' + str(r):>9}:", " ".join(f"{p:4.2f}" for p in row))
 print("all zero outside the band:", bool((weights[..., ~band] == 0).all()))
 print("each row sums to 1:", torch.allclose(weights.sum(dim=-1), torch.ones(B, H, T)))
 y_fast = sdpa(q, k, v, attn_mask=band)  # F.scaled_dot_product_attention with a boolean mask
 print("fast path agrees (atol=1e-5):", torch.allclose(y_fast, y_band, atol=1e-5))
 
 # %% [markdown]
-# Each row spreads its weight over its 4 allowed keys and nothing else. The practical meaning: a
-# key older than the window cannot affect a query at all. Change the key and value at position 2
-# and see which outputs move — the prediction is queries 2, 3, 4 and 5, the four queries whose
-# window contains position 2:
+# Each row spreads its weight over its 4 allowed keys and nothing else: query 6, for instance, sees
+# keys 3 to 6 and gives key 3 the most, 0.76, while keys 2 and 7 get exactly 0. The practical
+# meaning: a key older than the window cannot affect a query at all. Change the key and value at
+# position 2 and see which outputs move — the prediction is queries 2, 3, 4 and 5, the four queries
+# whose window contains position 2:
 
 # %%
 k2, v2 = k.clone(), v.clone()
@@ -219,9 +222,9 @@ print("queries whose output changed:", (diff > 1e-6).nonzero().flatten().tolist(
 # %% [markdown]
 # This dense version is correct, and it is the reference everything later in the chapter is
 # checked against, but it saves nothing: it still scores all $T^2$ pairs and only then throws
-# most of them away. (Section 6 measures it: SDPA with a dense window mask is no faster than
-# plain causal SDPA, and slower at long lengths, since causal SDPA can at least skip the upper
-# triangle.)
+# most of them away. (Section 6 measures it: at short lengths SDPA with a dense window mask
+# takes about as long as plain causal SDPA, sometimes a little less; as $T$ grows it falls
+# behind, since causal SDPA can at least skip the upper triangle.)
 # Section 5 fixes that. First, the question everybody asks about a window.
 #
 # ## 4. How far back can a stack of windows see?
@@ -409,7 +412,10 @@ print("blocked loop == dense band attention (atol=1e-5):",
 # keys into $n + 1$ chunks, and concatenate "all but the last" with "all but the first" along the
 # position axis. (That copies the keys and values into tiles twice their size, since every key
 # chunk appears in two tiles: a memory cost linear in $T$.) One call to SDPA then handles every
-# chunk, with one mask for all of them except for chunk 0's padding columns.
+# chunk: `F.scaled_dot_product_attention` works on the last two dimensions and treats every
+# dimension before them as a batch dimension, so `(B, H, n)` are all batch dimensions to it, and
+# a mask of shape `(n, w, 2w)` broadcasts over $B$ and $H$ — one mask for all chunks, with only
+# chunk 0's padding columns switched off.
 #
 # **Step 3: any length.** When $T$ is not a multiple of $w$, pad the queries (and keys) at the
 # end up to a whole number of chunks and drop the extra outputs. The padding keys at the end lie
@@ -570,8 +576,10 @@ assert ratio < 0.8, "the blocked path should be clearly faster than full causal 
 # 2 at long lengths — doubling $T$ about quadruples its time — while the blocked path rises with
 # a slope close to 1. At the shortest length they are within a small factor of each other (we
 # counted that they fill about as many scores at $T = 4w$), and at 2048 the blocked path is
-# several times faster. The dense mask is the worst of both: it pays for all $T^2$ scores, and
-# the fused kernel cannot skip anything, since it does not know the mask is a band. A sliding
+# several times faster. The dense mask gains nothing from the window: at the shortest length it
+# takes about as long as causal attention (sometimes a little less, sometimes a little more), and
+# as $T$ grows it falls behind, because it pays for all $T^2$ scores — the fused kernel cannot
+# skip anything, since it does not know the mask is a band. A sliding
 # window needs its own computation to be cheaper; a mask alone only makes it *different*.
 #
 # ## 7. Generating with a rolling cache
@@ -581,8 +589,17 @@ assert ratio < 0.8, "the blocked path should be clearly faster than full causal 
 # During generation the newest query sits at position $p$ and may see keys $p - w + 1 \ldots p$.
 # Later queries sit further right, so they reach back even less far: the key at position
 # $p - w + 1$ is read for the last time now. After each step, the oldest cached position can be
-# thrown away, and a cache of $w$ positions suffices forever. Mistral 7B calls this a *rolling
-# buffer*: position $i$ goes to slot $i \bmod w$, overwriting the position $w$ steps older.
+# thrown away, and a cache of $w$ positions suffices forever.
+#
+# Strictly, $w - 1$ cached positions would do: the new token brings its own key, so a query
+# needs from the cache only the $w - 1$ positions before it. Mistral 7B's *rolling buffer* holds
+# $w$ slots because it writes the new token's key and value into the buffer *before* the query
+# attends, and then reads the whole buffer: position $i$ goes to slot $i \bmod w$, overwriting the
+# position $w$ steps older. Our caches store $w$ positions too, so that their sizes are Mistral's
+# (the memory table of section 7.4 counts $w$), but they keep the slots in order, oldest first,
+# instead of at $i \bmod w$. That costs a copy of the kept positions at every append; in return
+# the keys a cache returns are in position order, newest last, so the bottom-right band mask of
+# section 2 applies to them as it is, without re-indexing the slots.
 #
 # A chunk of several new tokens (the prompt, or a chunk of it) needs a little more care: its
 # first query still needs the $w - 1$ positions before it, and its later queries need the
@@ -659,14 +676,15 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 # %% [markdown]
 # ### 7.3 Generation with a tiny model
 #
-# The model is the package's `GPT` ([chapter 7](07_kv_cache.ipynb), section 9, checked it
-# against a model written out by hand): a token embedding, pre-norm blocks of attention plus
+# The model is the package's `GPT`, which [chapter 7](07_kv_cache.ipynb) checked against a model
+# written out by hand: a token embedding, pre-norm blocks of attention plus
 # MLP, a final LayerNorm and a linear head. `GPTConfig(attention="local", attention_options=
 # {"window": 8})` builds every block's attention with `build_attention("local", ..., window=8)`,
 # with RoPE, and a window small enough that a short generation slides past it many times. Its
 # weights stay random (a cache is correct when it reproduces the full computation, whatever the
 # weights), with PyTorch's default initialisation rather than `GPT`'s $N(0, 0.02)$, so that
-# attention is sharp enough for a wrong key to change the tokens (chapter 7, section 9).
+# attention is sharp enough for a wrong key to change the tokens (as [chapter 7](07_kv_cache.ipynb)
+# explains).
 #
 # `model.generate(prompt, n, temperature=0, use_cache=False)` decodes greedily by recomputing
 # the whole sequence at every step. `model.generate` with the cache makes its own caches; to
@@ -717,7 +735,9 @@ print("rolling cache gives the same tokens as full recomputation:",
 print(f"positions seen: {rolling[0].length}, stored per layer: {tuple(rolling[0].k.shape)}")
 
 # %% [markdown]
-# Token for token the same, with 59 positions seen and 8 stored. This exactness is special to
+# Token for token the same. The caches have seen 59 positions, not 60: the 12 of the prompt and
+# 47 generated tokens, because the last generated token is returned but never fed back through
+# the model. Of those 59, each layer stores 8. This exactness is special to
 # the sliding window: [chapter 7](07_kv_cache.ipynb)'s exercise 2 showed that a model built with
 # *full* attention gives different logits with a rolling cache as soon as the first key drops out,
 # because there the dropped keys still mattered. Here the model itself never looks further back than
@@ -780,7 +800,10 @@ assert full_bytes[-1] == seen[-1] * full_bytes[0]  # linear in the positions see
 # At the scale of a real model the module computes the sizes for us. A Mistral-7B-shaped cache
 # (32 layers, 8 key/value heads of 128, fp16, window 4096) built on PyTorch's `meta` device has
 # shapes but no storage ([chapter 7](07_kv_cache.ipynb) did the same), so we can ask a `KVCache` and
-# the module's `RollingKVCache` (section 8) how many bytes one sequence needs at each length:
+# the module's `RollingKVCache` (section 8) how many bytes one sequence needs at each length.
+# Its `max_len` means what it means for `KVCache`, the most positions the sequence will have,
+# but it only caps the slots at `min(window, max_len)`: however large `max_len` is, the storage
+# never exceeds the window.
 
 # %%
 from attnbook.attention.local import RollingKVCache
@@ -810,7 +833,8 @@ for L_tok in (4096, 8192, 16384, 32768):
 #
 # 1. our band equals `sliding_window_mask` for square and bottom-right (cached) shapes;
 # 2. a `LocalAttention` layer equals the same computation done by hand with its weights and our
-#    `blocked` function, on both paths (`impl="sdpa"` and `"reference"`);
+#    `blocked` function, on both paths: at $T = 30$, longer than the window of 6, `impl="sdpa"`
+#    takes the blocked path and `impl="reference"` the dense band;
 # 3. fed the same blocks of keys and values, `RollingKVCache` returns what our `RollingCache`
 #    returns and stores the same last `window` positions;
 # 4. generating with the module's caches (`model.new_caches`: each block's `layer.new_cache`)
@@ -886,7 +910,8 @@ with torch.no_grad():
 # - A stack of $L$ such layers reaches $L(w - 1)$ positions back, because each layer relays what
 #   its neighbours have already gathered. Gradients through random `LocalAttention` layers find
 #   exactly that boundary, and show the influence fading with distance.
-# - A dense band mask is correct but no cheaper than causal attention (on CPU, slower). The
+# - A dense band mask is correct but no cheaper than causal attention (on CPU, slower once $T$
+#   grows). The
 #   blocked path cuts the queries into chunks of $w$, each against a $(w, 2w)$ tile of keys with
 #   the same band mask, all in one SDPA call: about $2Tw$ scores, linear in $T$, and measurably
 #   faster than causal attention once $T$ is well above $4w$.
