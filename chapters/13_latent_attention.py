@@ -39,7 +39,8 @@
 #   numerically that attention over the latents gives the same output, and recognise it as
 #   multi-query attention in latent space.
 # - Show numerically that absorption breaks when RoPE rotates the rebuilt keys, explain why
-#   (the rotation sits between $W^{UK}$ and $c$ and depends on the key's position), and repair
+#   (the rotation $R_{n-m}$ sits between the query and $W^{UK}_h$, so moving $W^{UK}_h$ to the
+#   query side means passing through a matrix that changes with the key's position $n$), and repair
 #   it with decoupled RoPE: extra rotated query dimensions per head and one shared rotated key.
 # - Use `attnbook.attention.mla` (`MultiHeadLatentAttention`, `LatentCache`), generate with its
 #   cache in both modes, naive and absorbed, and say which mode is cheaper when, by counting
@@ -233,7 +234,9 @@ print("one token at a time == one pass (atol=1e-5):", torch.allclose(stepwise, f
 # Correct, and the cache is small. But look at what each decoding step now does: it multiplies
 # *every* cached latent by $W^{UK}$ and $W^{UV}$ again, rebuilding all $H$ heads' keys and values
 # for all $T_k$ positions. That is $2 \cdot T_k \cdot r \cdot 2d$ FLOPs per layer and step, far
-# more than attention itself, and it grows with the context. We saved memory by spending
+# more than attention itself, and it grows with the context. (One multiply-add counts as 2 FLOPs,
+# as PyTorch's `FlopCounterMode` counts them in section 7; prose that counts multiply-adds says
+# so.) We saved memory by spending
 # arithmetic. The next section takes that arithmetic back.
 #
 # ## 3. Absorbing the up-projections
@@ -252,7 +255,9 @@ print("one token at a time == one pass (atol=1e-5):", torch.allclose(stepwise, f
 #
 # In code we need each head's block of the up-projection. `k_up` is an `nn.Linear(r, d)`, so its
 # weight has shape `(d, r) = (H * hd, r)`, and the rows `h*hd .. (h+1)*hd - 1` produce head `h`'s
-# key: `k_up.weight.view(H, hd, r)[h]` is $W^{UK}_h$, of shape `(hd, r)`.
+# key: `k_up.weight.view(H, hd, r)[h]` is $W^{UK}_h$, of shape `(hd, r)`. In the `einsum` strings
+# of this chapter `d` is the head dimension ($d_h$, `hd`), `r` the latent's, `t` a query's and `n`
+# a key's position, as in the formulas.
 
 # %%
 with torch.no_grad():
@@ -261,7 +266,7 @@ with torch.no_grad():
     k, v = v1.heads(v1.k_up(c)), v1.heads(v1.v_up(c))  # (B, H, T, hd): what version 1 builds
     W_UK = v1.k_up.weight.view(4, 16, 32)  # (H, hd, r): W_UK_h for each head h
     W_UV = v1.v_up.weight.view(4, 16, 32)  # (H, hd, r): W_UV_h
-    q_lat = torch.einsum("bhtn,hnr->bhtr", q, W_UK)  # (B, H, T, r): W_UK_hᵀ q_h
+    q_lat = torch.einsum("bhtd,hdr->bhtr", q, W_UK)  # (B, H, T, r): W_UK_hᵀ q_h
     scores_naive = q @ k.transpose(-2, -1)  # (B, H, T, T): against rebuilt keys
     scores_absorbed = q_lat @ c[:, None].transpose(-2, -1)  # (B, H, T, T): against latents
 print("query per head:", tuple(q.shape[-1:]), "-> absorbed query per head:", tuple(q_lat.shape[-1:]))
@@ -332,7 +337,7 @@ with torch.no_grad():
     cos, sin = rope_cos_sin(torch.arange(12), 16)  # (T, hd/2): angles of positions 0 .. 11
     q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
     scores_rope = q_rot @ k_rot.transpose(-2, -1)  # (B, H, T, T): what RoPE attention computes
-    q_lat_rot = torch.einsum("bhtn,hnr->bhtr", q_rot, W_UK)  # rotate, then absorb
+    q_lat_rot = torch.einsum("bhtd,hdr->bhtr", q_rot, W_UK)  # rotate, then absorb
     scores_attempt = q_lat_rot @ c[:, None].transpose(-2, -1)  # (B, H, T, T)
 mismatch = (scores_attempt - scores_rope).abs().max().item()
 assert mismatch > 0.1, "the absorbed attempt should NOT reproduce RoPE's scores"
@@ -349,10 +354,12 @@ print("the attempt == rotated queries against UNrotated keys:",
 # $$ (R_m q_{h,m})^\top (R_n W^{UK}_h c_n) = q_{h,m}^\top \, R_{n-m} \, W^{UK}_h \, c_n .$$
 #
 # Absorption needs *one* matrix between the query and the latent that is the same for every key.
-# Here it is $R_{n-m} W^{UK}_h$: the rotation sits between $W^{UK}_h$ and $c_n$, and it depends
-# on the key's position $n$. The only way to move it to the query side is a separate absorbed
-# query for each key, $\tilde q_{h,m,n} = W^{UK\top}_h R_n^\top R_m q_{h,m}$: $T_k$ vectors of
-# size $r$ per query and head, more work than rebuilding the keys. Let us build those per-key
+# Here it is $R_{n-m} W^{UK}_h$: the rotation $R_{n-m}$ sits between the query and $W^{UK}_h$, so
+# moving $W^{UK}_h$ to the query side means passing through a matrix that changes with the key's
+# position $n$. The only way to do it is a separate absorbed query for each key,
+# $\tilde q_{h,m,n} = W^{UK\top}_h R_n^\top R_m q_{h,m}$: $T_k$ vectors of size $r$ per query
+# and head, at least as much work as rebuilding the keys (the same for a single query,
+# $T_q = 1$; $T_q$ times more for $T_q$ queries). Let us build those per-key
 # queries ($R_n^\top$ is the rotation by minus the angle, so `apply_rope` with `-sin`) and check
 # that they do reproduce RoPE's scores:
 
@@ -395,10 +402,12 @@ print("reproduces RoPE's scores (atol=5e-5):", torch.allclose(scores_per_key, sc
 #
 # The picture below puts the two modes side by side, at the sizes version 2 is built with in a
 # moment ($d = 64$, 4 heads of $d_h = 16$, $r = 32$, $d_R = 8$): naive on the left, absorbed on
-# the right. It is drawn by code (boxes and arrows, no data); each arrow names the weight it
-# applies and the sizes it maps between, per token.
+# the right. It is drawn by code (boxes and arrows, no data; reading that code is optional, and
+# the text continues under the figure); each arrow names the weight it applies and the sizes it
+# maps between, per token.
 
 # %%
+# drawing code only (boxes and arrows, no data): skip to the figure below
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 QUERY, LATENT, ROPE, HEADS = "#fde6cc", "#dbe8f6", "#d9f0d3", "#f8d0d0"  # fill colour of each role
@@ -549,10 +558,10 @@ class DecoupledMLA(nn.Module):
         W_UK, W_UV = self.k_up.weight.view(H, hd, r), self.v_up.weight.view(H, hd, r)
         scores = q_rope @ k_rope[:, None].transpose(-2, -1)  # (B, H, T, T_k): the shared key
         if self.absorb:
-            q_lat = torch.einsum("bhtn,hnr->bhtr", q, W_UK)  # (B, H, T, r)
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q, W_UK)  # (B, H, T, r)
             scores = scores + q_lat @ c[:, None].transpose(-2, -1)
         else:
-            k = torch.einsum("btr,hnr->bhtn", c, W_UK)  # (B, H, T_k, hd): rebuilt keys
+            k = torch.einsum("btr,hdr->bhtd", c, W_UK)  # (B, H, T_k, hd): rebuilt keys
             scores = scores + q @ k.transpose(-2, -1)
         scores = scores * (hd + dr) ** -0.5
         scores = scores.masked_fill(~causal_mask(T, c.shape[1]), float("-inf"))
@@ -625,9 +634,11 @@ for name, p in mla.named_parameters():
 # PyTorch's fused attention kernels take keys and values of one size only, and with values of $r$
 # numbers against keys of $r + d_R$ it falls back to a plain kernel that, on this CPU, makes a
 # decoding step several times slower. A few percent of extra arithmetic buys the fast kernel
-# (section 7 counts it). (`sdpa` itself pads values narrower than the keys with zeros, for the
-# same reason, and the naive mode relies on that; but padding copies every cached latent at
-# every step, while the keys are already there.)
+# (section 7 counts it). `attnbook`'s `sdpa` does pad values narrower than the keys with zeros,
+# for the same reason, and the naive mode relies on that. But if the values were the latents
+# alone ($r$ wide) and the keys $[c, k^R]$ ($r + d_R$ wide), `sdpa` would pad the values,
+# copying every cached latent at each step. Passing the keys again as values avoids the copy:
+# the cache already stores each position's $[c_n, k^R_n]$ side by side.
 #
 # Same weights, both modes: the outputs and the attention weights agree (the weights come from
 # the reference path when `need_weights=True`; the naive mode has $H$ key heads, the absorbed mode
@@ -672,7 +683,9 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 # (`model.generate(..., use_cache=False)`), then through `LatentCache`s in each mode: each MLA
 # layer has an `absorb` switch, and `model.new_caches` gives every block its layer's cache. To
 # read the caches afterwards we write `GPT.generate`'s cached loop out, feeding
-# `model(feed, caches=caches)` the prompt first and then one token per step.
+# `model(feed, caches=caches)` the prompt first and then one token per step. The last generated
+# token is never fed back (nothing comes after it), so after 16 prompt tokens and 40 new ones the
+# caches hold 55 positions, not 56.
 
 # %%
 @torch.no_grad()
@@ -761,7 +774,7 @@ print("bytes per token and layer:", per_token)
 #
 # Decoding ($T = 1$) is where they part: for *every cached position*, naive pays
 # $r(d_h + d_v)$ multiply-adds per head just to rebuild its key and value, absorbed pays
-# $2(r + d_R)$ in all. In a full pass over a sequence (prefill or training,
+# $2(r + d_R)$ per head, scores and weighted sum together. In a full pass over a sequence (prefill or training,
 # $T = T_k$) the rebuilding and the absorbing cost the same, $2 T r H (d_h + d_v)$, and what is
 # left is the attention itself, on vectors of size $d_h + d_R$ (naive) or $r + d_R$ (absorbed):
 # with $r = 4 d_h$, naive is cheaper.
@@ -830,23 +843,26 @@ fig.tight_layout()
 plt.show()
 for i in (0, len(lengths) - 1):
     print(f"T_k = T = {lengths[i]:>5}: naive / absorbed = {decode[False][i] / decode[True][i]:.1f} "
-          f"(decode step), {prefill[False][i] / prefill[True][i]:.2f} (full pass)")
+          f"(decode step), {prefill[False][i] / prefill[True][i]:.2f} (full pass; absorbed costs "
+          f"{prefill[True][i] / prefill[False][i]:.2f} times naive)")
 
 # %% [markdown]
 # For a decoding step, absorbed is 20 times cheaper with 64 cached positions and more than 100
 # times with 16k, where the cost per cached position dominates: per head, naive pays
 # $r(d_h + d_v) + d_h + d_R + d_v = 131{,}392$ multiply-adds for it, absorbed
 # $2(r + d_R) = 1152$, a ratio of 114, which the printed 111.9 approaches. For a full pass, naive
-# is cheaper, increasingly so as attention comes to dominate (towards
-# $2(r + d_R)/(d_h + d_R + d_v) = 1152/320 = 3.6$ times). So a real implementation trains and
+# is cheaper, increasingly so as attention comes to dominate: the printed 0.29 at 16k means
+# absorbed costs 3.43 times naive, approaching the limit
+# $2(r + d_R)/(d_h + d_R + d_v) = 1152/320 = 3.6$ that the attention terms alone give. So a real implementation trains and
 # prefills in the naive form and decodes in the absorbed form, with the same weights. Counting
 # FLOPs is not the whole story: a decoding step is limited by memory traffic more than by
 # arithmetic, and there absorbed wins twice, since it reads each cached latent once for all
 # heads instead of materialising $H$ keys and values per position.
 #
-# Now the clock. We time one decoding step with 1023 cached positions, and a prefill of 512
-# tokens, with the module in each mode at the size of the figure, on one thread, fastest of 5
-# runs (3 for the prefill). Your numbers will differ; the cell asserts only the
+# Now the clock. We time one decoding step with 1023 cached positions (so $T_k = 1024$), and a
+# prefill of 512 tokens, with the module in each mode at the size of the figure, on one thread,
+# fastest of 5 runs (3 for the prefill), and print next to the measured ratios the FLOP ratios of
+# `mla_flops` at exactly these sizes. Your timings will differ; the cell asserts only the
 # direction, loosely.
 
 # %% tags=["nbval-ignore-output"]
@@ -888,14 +904,28 @@ for absorb in (False, True):
 for absorb in (False, True):
     print(f"{'absorbed' if absorb else 'naive':>8}: decode step {ms[absorb][0]:.2f} ms, "
           f"prefill of 512 tokens {ms[absorb][1]:.1f} ms")
+flop_ratio = {  # naive / absorbed, counted at the sizes timed
+    "decode": mla_flops(**big, T=1, T_k=1024, absorb=False) / mla_flops(**big, T=1, T_k=1024,
+                                                                        absorb=True),
+    "prefill": mla_flops(**big, T=512, T_k=512, absorb=False) / mla_flops(**big, T=512, T_k=512,
+                                                                         absorb=True),
+}
+time_ratio = {"decode": ms[False][0] / ms[True][0], "prefill": ms[False][1] / ms[True][1]}
+for what in ("decode", "prefill"):
+    print(f"naive / absorbed, {what:>7}: measured {time_ratio[what]:5.2f}, "
+          f"FLOPs {flop_ratio[what]:5.2f}")
 assert ms[True][0] < 0.7 * ms[False][0], "absorbed decoding should be clearly faster"
 assert ms[False][1] < ms[True][1], "naive should be faster for a full pass"
+assert time_ratio["decode"] < flop_ratio["decode"], "fixed costs shrink the decoding gain"
 
 # %% [markdown]
-# The measured ratios are smaller than the FLOP ratios: a decoding step of one small layer also
-# pays fixed costs (Python, operator dispatch, small matrix products far from the processor's
-# peak), and kernels differ in how close they get to peak. But the direction is the one the
-# count predicted: absorbed for decoding, naive for full passes.
+# The FLOPs say naive / absorbed = 87.05 for this decoding step; the measured ratio is far
+# smaller (about 20 in the run stored here): a decoding step of one small layer also pays fixed
+# costs (Python, operator dispatch, small matrix products far from the processor's peak) that
+# absorbing does not remove. For the prefill the FLOPs say 0.56, absorbed doing nearly twice the
+# arithmetic; the measured ratio lands in the same region (0.57 here), since both modes are
+# then large matrix products, though kernels differ in how close they get to peak. The direction
+# is the one the count predicted: absorbed for decoding, naive for full passes.
 #
 # ## 8. The cache per token: MLA against MHA, GQA and MQA
 #
@@ -1007,8 +1037,9 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 # - **Absorption**: $q_h \cdot (W^{UK}_h c) = (W^{UK\top}_h q_h) \cdot c$, and $W^{UV}_h$ can be
 #   applied after the weighted sum. Attention then runs over the latents themselves, like
 #   multi-query attention in an $r$-dimensional space, with the scale of the original head size.
-# - **RoPE on the rebuilt keys breaks absorption**: the rotation $R_{n-m}$ sits between
-#   $W^{UK}_h$ and $c_n$ and changes with the key's position. Decoupled RoPE gives position its
+# - **RoPE on the rebuilt keys breaks absorption**: the rotation $R_{n-m}$ sits between the
+#   query and $W^{UK}_h$, so moving $W^{UK}_h$ to the query side means passing through a matrix
+#   that changes with the key's position $n$. Decoupled RoPE gives position its
 #   own $d_R$ rotated query numbers per head and one shared rotated key per token, cached next to
 #   the latent: $r + d_R$ numbers per token and layer.
 # - Both modes give the same outputs. Decoding is far cheaper absorbed (no keys or values are
@@ -1056,6 +1087,7 @@ print(f"MultiHeadLatentAttention == DecoupledMLA, naive and absorbed, one pass a
 #    projection (a latent of $r$ numbers) and measure the loss as $r$ shrinks.
 # 5. **Chunks: where does absorbing stop paying?** Chunked prefill ([chapter 7](07_kv_cache.ipynb))
 #    feeds $T$ new tokens at once onto a cache of $T_k \gg T$ positions. With `mla_flops`, find the
-#    chunk size $T^*$ above which naive is cheaper, at the sizes of section 7; derive an approximate
+#    chunk size $T^*$ above which naive is cheaper, at the $d = 512$ sizes of section 7 (`big`:
+#    4 heads of 128, $r = 512$, $d_R = 64$); derive an approximate
 #    formula for $T^*$ in terms of $r$, $d_h$, $d_v$ and $d_R$, and check the FLOP count at one
 #    chunk size with `FlopCounterMode`.
