@@ -131,14 +131,17 @@ plt.show()
 # %% [markdown]
 # It works as a mechanism: every word now carries some of the others (*sat*'s new vector has
 # picked up "object" and "function word" from its neighbours and kept only two thirds of its
-# "action"). But it looks at the wrong things. Every word looks mostly at itself, because
-# nothing is more similar to a vector than the vector itself ($x_i \cdot x_i = \lVert x_i
-# \rVert^2$), and otherwise at words *like* itself: the two *the*s look at each other as much
-# as at themselves, while *sat*, which needs its subject, gives *cat* 0.11, no more than it
-# gives *on*. Similarity is not relevance. And the scores are symmetric, $S_{ij} = S_{ji}$, so *cat*
-# looks at *sat* exactly as hard as *sat* looks at *cat*, although only one of them needs the
-# other. One more problem, for a model that predicts the next word: *the* at position 0 looks at
-# *mat* at position 5, a word it should not have seen yet.
+# "action"). But it looks at the wrong things. Most words look mostly at themselves, because a
+# vector is usually most similar to itself (always, among vectors of the same length: $x_i
+# \cdot x_j \le \lVert x_i \rVert \lVert x_j \rVert$), and otherwise at words *like*
+# themselves: the two *the*s look at each other as much as at themselves, and *on*, whose
+# vector is shorter than theirs, looks at each *the* (0.26) a little more than at itself
+# (0.24). Meanwhile *sat*, which needs its subject, gives *cat* 0.11, no more than it gives
+# *on*. Similarity is not relevance. And the scores are symmetric, $S_{ij} = S_{ji}$: *cat*
+# and *sat* find each other exactly as similar, although only one of them needs the other
+# (the weights, 0.09 and 0.11, differ only because each row is normalised on its own). One
+# more problem, for a model that predicts the next word: *on*, at position 3, gives 0.26 to
+# the *the* at position 4, a word it should not have seen yet.
 #
 # The fixes are what the rest of the chapter builds. Each word gets three different learned
 # vectors instead of one: a **query**, what it is looking for; a **key**, what it offers to be
@@ -513,7 +516,7 @@ print("output:", tuple(y6.shape))
 #   weighted average can never exceed what it averages, so for correct attention the ratio is at
 #   most 1, whatever the input. It needs the layer's value projection, which the sketch calls
 #   `W_value`; for a layer that names it differently, pass it as the third argument.
-# - `past_change` replaces the last token of every sequence and reports how much the outputs
+# - `past_change` shifts the last token of every sequence and reports how much the outputs
 #   at the *earlier* positions moved. For causal attention that is 0.
 
 # %%
@@ -881,7 +884,7 @@ print(f"max|y| / max|V| = {value_ratio(attention, x):.2f}")
 #   `key` gets the weights version 9 gave `W_query`. That is why the final check copies
 #   version 9's weights into a `Head` by name instead of re-seeding.
 #
-# The lecture keeps version 9's mask: a float `torch.tril(torch.ones(...))` compared with `== 0`,
+# The lecture's mask is the same as version 9's: a float `torch.tril(torch.ones(...))` compared with `== 0`,
 # in an ordinary (persistent) buffer. This book changes three things:
 #
 # - the mask is a *boolean* lower triangle (`True` = may attend), built by
@@ -1007,8 +1010,8 @@ print("SelfAttention, Head and the fixed sketch match attnbook.attention (atol 1
 # ## Summary
 #
 # - Attention lets every word build its new vector as a weighted average of the others'.
-#   Without learned weights, $\mathrm{softmax}(X X^\top) X$, every word of the toy sentence
-#   looked mostly at itself and at words like it, symmetrically, and at the future: learned
+#   Without learned weights, $\mathrm{softmax}(X X^\top) X$, the words of the toy sentence
+#   looked mostly at themselves and at words like them, with symmetric scores, and at the future: learned
 #   queries, keys and values and a causal mask are the fixes.
 # - Causal single-head self-attention makes each output $y_t$ a softmax-weighted average of the
 #   values at positions $j \le t$. A plain loop over positions, `reference_attention`, is the slow
