@@ -61,7 +61,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from attnbook.attention import AttentionConfig, build_attention
+from attnbook.attention import AttentionConfig, attention_class, available, build_attention
 from attnbook.data import TokenData, prepare
 from attnbook.model import GPT, GPTConfig, layer_pattern
 
@@ -88,11 +88,41 @@ torch.set_printoptions(precision=3, sci_mode=False)
 # ```
 #
 # Each piece is a field of `AttentionConfig` — `qk_norm`, `output_gate`, `sinks`, `softcap` — so
-# every variant of the book inherits it from the skeleton or refuses it when built (MLA refuses
-# QK-norm: its keys are a shared latent, which it normalises with `kv_norm` instead; DeltaNet
-# already L2-normalises its queries and keys, a QK-norm of its own, and linear attention refuses
-# it too, since a learned scale could make its positive features negative; linear attention and
-# DeltaNet have no softmax to cap or sink).
+# every variant of the book inherits it from the skeleton or refuses it when built, saying why.
+# The cell below builds every registered variant with each option (and the settings `compare`
+# would choose for 32 positions) and records which refuse:
+
+# %%
+option_kwargs = {"qk_norm": dict(qk_norm=True), "output_gate": dict(output_gate=True),
+                 "sinks": dict(sinks=True), "softcap": dict(softcap=20.0)}
+takes = {}  # (variant, option) -> True if it builds
+with torch.random.fork_rng(devices=[]):  # the layers' random weights leave the seed's stream alone
+    for name in available():
+        for option, kwargs in option_kwargs.items():
+            cfg_opt = AttentionConfig(n_embd=64, n_head=4, block_size=32, positions="rope",
+                                      **kwargs)
+            try:
+                build_attention(name, cfg_opt, **attention_class(name).options_for_length(32, 4))
+                takes[name, option] = True
+            except ValueError:
+                takes[name, option] = False
+print(f"{'':>15}" + "".join(f"{option:>12}" for option in option_kwargs))
+for name in available():
+    print(f"{name:>15}" + "".join(f"{'takes' if takes[name, o] else 'refuses':>12}"
+                                  for o in option_kwargs))
+
+# %% [markdown]
+# Why each refusal:
+#
+# | variant | refuses | why |
+# | --- | --- | --- |
+# | `mla`, `dsa` (built on MLA) | `qk_norm` | its keys are a shared latent, not per-head vectors of `head_dim`; it normalises the latent instead (option `kv_norm`) |
+# | `nsa` | `sinks`, `softcap` | three softmaxes and a block ranking read from one of them; its gates already let a head shrink a branch to nothing |
+# | `linear` | `qk_norm`, `sinks`, `softcap` | its queries and keys are positive features ($\mathrm{elu} + 1$), which a learned RMSNorm weight could make negative; no softmax for a sink to join, no scores to cap |
+# | `deltanet` | `qk_norm`, `sinks`, `softcap` | it L2-normalises its queries and keys itself (the delta rule needs unit keys), a QK-norm of its own; no softmax, no scores |
+# | `gated_deltanet` | the same, and `output_gate` | the same; and it gates its output by default (`use_gate=True`, $\mathrm{RMSNorm}(o) \cdot \mathrm{silu}(x W_g)$), so the sigmoid gate needs `use_gate=False` |
+#
+# Every other variant (`mha`, `mqa`, `gqa`, `local`, `sparse`, `moba`) takes all four.
 
 # %%
 stages = ["x", "project\nq, k, v", "QK-norm\n(RMSNorm)", "RoPE", "scores\nq·k/√d",
@@ -136,7 +166,8 @@ plt.show()
 # norm). With learned scales $g^q$, $g^k$ a score is at most
 # $\sqrt{d}\,\max_i |g_i^q|\,\max_i |g_i^k|$ (exercise 1), whatever the projection weights do.
 #
-# By hand, for one head's queries of $d = 16$:
+# By hand, for a batch of 2 sequences of 10 positions and 4 heads whose queries have $d = 16$
+# numbers each:
 
 # %%
 d = 16
@@ -184,7 +215,9 @@ assert torch.allclose(qn, rms_norm(q, layer.q_norm.weight), atol=1e-6)
 # read from the layer's own stages (`project`, `normalize`, `position`), on the input a forward
 # pre-hook records. 150 steps leave every model far from converged: the sweep asks how
 # training *starts* at each rate. A third arm bounds the scores the other way, with
-# soft-capping (section 3, $c = 20$) at the largest rate.
+# soft-capping (section 3, $c = 20$) at the largest rate. For that arm the printed scores are the
+# raw ones, before the cap: the softmax sees them squashed into $(-20, 20)$, and section 3
+# explains why they grow so large anyway.
 
 # %%
 data = TokenData(prepare("tinyshakespeare", "char"))
@@ -261,10 +294,11 @@ for arm, (options, arm_lrs) in arms.items():
             loss = train(model, 150, lr, seed)
             sweep.setdefault((arm, lr), []).append((loss, *score_stats(model, val_batches[0][0])))
             models[arm, lr, seed] = model
-print(f"{'':>11} {'lr':>6} {'val loss (3 seeds)':>20} {'max score':>20} {'mean top weight':>17}")
+print(f"{'':>11} {'lr':>6} {'val loss (3 seeds)':>20} {'max raw score (before any cap)':>31} "
+      f"{'mean top weight':>17}")
 for (arm, lr), runs in sweep.items():
     print(f"{arm:>11} {lr:>6} {' '.join(f'{r[0]:.2f}' for r in runs):>20} "
-          f"{' '.join(f'{r[1]:6.0f}' for r in runs):>20} "
+          f"{' '.join(f'{r[1]:6.0f}' for r in runs):>31} "
           f"{' '.join(f'{r[2]:.2f}' for r in runs):>17}")
 mean = {key: sum(r[0] for r in runs) / len(runs) for key, runs in sweep.items()}
 assert mean["QK-norm", 1e-1] < mean["plain", 1e-1]  # at the largest rate QK-norm trains better
@@ -377,8 +411,8 @@ assert max(f[1] for f in factors["soft-cap 20"]) < 0.5  # most raw scores sit on
 # The plain model's top weights pass almost nothing back ($p(1-p)$ of 0.003–0.015: one-hot
 # rows). The capped model's rows are not one-hot (0.10–0.13, as with QK-norm's 0.10–0.17), but
 # the cap's own slope averages 0.015–0.037 over its raw scores, so their gradient is cut there
-# instead, by 30 to 60 times. Bounding the softmax's input is not enough; QK-norm bounds the
-# queries and keys themselves, and both factors stay large with it.
+# instead, by about 25 to 65 times (1/0.037 to 1/0.015). Bounding the softmax's input is not
+# enough; QK-norm bounds the queries and keys themselves, and both factors stay large with it.
 
 # %% [markdown]
 # ## 4. Attention sinks, sink logits and the output gate
@@ -558,9 +592,17 @@ assert toy_rows["no start", "output gate"][0] > 100 * toy_rows["no start, contex
 # start (86%): both serve, and training chose the token.
 #
 # **Without one**, the plain layer fails on exactly those queries: their weight lands on random
-# vectors, whose mean is not zero. The **sink logit** solves it: the row sums to a few percent,
-# and no token is needed. The **output gate** fails too, and the reason is instructive: it is
-# $\sigma(x_t W_g)$ of the *query's own input*, and here $x_t$ is a random vector that knows
+# vectors, whose mean is not zero. Could it not learn values of zero for the ordinary tokens
+# instead? Not with a value projection: $v_j = W_v x_j$ is linear (plus a bias), and a marker
+# carries its content in the same coordinates 3 onwards as every other token, differing only by
+# the flag in coordinate 0. A linear map that passes a marker's content passes everyone's, and
+# the flag can only add a fixed vector to it; switching the content off for unflagged tokens
+# would take a product of flag and content. Only the weights, through the keys that see the flag,
+# can select the markers. (The start vector is another matter: its content coordinates are zero,
+# so its value is one fixed vector, which the layer can learn to make small, as measured below.)
+# The **sink logit** solves it: the row sums to a few percent, and no token is needed. The
+# **output gate** fails too, and the reason is instructive: it is $\sigma(x_t W_g)$ of the
+# *query's own input*, and here $x_t$ is a random vector that knows
 # nothing of earlier markers, so the gate cannot tell when to close (it stays at 0.64). Give the
 # input the context flag and the gate solves it, closing to 0.08 on the queries that have seen
 # nothing (MSE 9e-4 against 0.11 for the plain layer). In a deep model the residual stream at
@@ -588,9 +630,9 @@ assert alone[:, 0].mean() < 0.2 * alone[:, 1:].mean()
 # ### 4.3 The sink logit, written out
 #
 # With a sink logit $z_h$ for head $h$, a weight is $e^{s_j} / (e^{z_h} + \sum_i e^{s_i})$: an
-# extra column in the softmax whose value is zero. The module keeps SDPA fused by adding a key
-# and a value of zeros whose score is $z_h$; the reference path writes the column out; the flash
-# path rescales by $\sigma(\mathrm{lse} - z_h)$. A row of weights then sums to
+# extra key whose score is $z_h$ and whose value vector is zero. The module keeps SDPA fused by
+# adding exactly that key and value; the reference path writes the extra column of scores out;
+# the flash path rescales by $\sigma(\mathrm{lse} - z_h)$. A row of weights then sums to
 # $\sigma(\mathrm{lse} - z_h)$, less than one, and the larger $z_h$ the less (the four heads
 # below have $z_h = -1, 0, 1, 2$). A sink of $-\infty$ is no sink:
 
@@ -616,12 +658,16 @@ with torch.no_grad():
                                                                       atol=1e-6)
 
 # %% [markdown]
-# ### 4.4 GPT-2's sink, when its weights are here
+# ### 4.4 GPT-2's sink, when its weights are here (optional)
 #
-# A trained language model is where the sink shows up unprompted. This cell measures the share
-# of attention on the first token in each layer of GPT-2 small if the Hugging Face weights are
-# already on this machine (it never downloads them), and says so if not; where it printed
-# "skipped", the claim rests on the papers above.
+# A trained language model is where the sink shows up unprompted. This optional cell measures the
+# share of attention on the first token in each layer of GPT-2 small if the Hugging Face weights
+# are already on this machine (it never downloads them), and says so if not. Where it runs, it
+# prints one share per layer for queries at positions 8 and later, to compare with the uniform
+# share of section 4.1: Xiao et al. found that in Llama-2, beyond the bottom two layers, the
+# model attends heavily to the first token in every layer and head, and the cell shows whether
+# GPT-2's layers follow that pattern. Where it printed "skipped", as in the stored output, the
+# claim rests on the papers above.
 
 # %% tags=["nbval-ignore-output"]
 import warnings
@@ -644,6 +690,34 @@ else:
         att = gpt2(ids, output_attentions=True).attentions  # per layer (1, 12, T, T)
     print("GPT-2 small, share of attention on token 0 (queries 8+), by layer:",
           [round(a[0, :, 8:, 0].mean().item(), 2) for a in att])
+
+# %% [markdown]
+# ### 4.5 The output gate, written out
+#
+# Without a gate, a head's output is $\sum_j p_j\, v_j = \sum_j p_j W_v x_j$, and `c_proj` mixes
+# the heads: for fixed weights $p_j$, the path from the tokens to the layer's output is two
+# linear maps in a row, $W_v$ then `c_proj` (one low-rank linear map), and a head can shrink its
+# output only by moving its weights. The gate multiplies each element of each head's output by
+# $\sigma(g)$, with $g = x_t W_g$ computed from the query's own input $x_t$ (`gate_proj`, split
+# into heads like the queries): a nonlinearity between the two maps, which lets each query scale
+# each element of each head on its own, down to zero if it likes. Written out, on section 2's
+# input `x`, against the layer's `gate` stage and its whole forward pass:
+
+# %%
+cfg_gate = AttentionConfig(n_embd=64, n_head=4, block_size=32, positions="rope", output_gate=True)
+gated = build_attention("mha", cfg_gate).eval()
+with torch.no_grad():
+    q, k, v = gated.project(x)
+    q, k = gated.position(q, k, 0)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (2, 4, 32, 16): before the gate
+    g = gated.gate_proj(x).view(2, 32, 4, 16).transpose(1, 2)  # (2, 4, 32, 16): one per element
+    y_gated = y * torch.sigmoid(g)  # each query, head and element scaled by its own gate
+    by_hand = gated.c_proj(y_gated.transpose(1, 2).reshape(2, 32, 64))  # (2, 32, 64)
+    print("gate logits g:", tuple(g.shape), "(B, n_head, T, head_dim): one per element")
+    print("gate(y, x) == y * sigmoid(g):", torch.allclose(gated.gate(y, x), y_gated, atol=1e-6))
+    print("layer(x) == c_proj of the gated heads:", torch.allclose(gated(x), by_hand, atol=1e-5))
+    assert torch.allclose(gated.gate(y, x), y_gated, atol=1e-6)
+    assert torch.allclose(gated(x), by_hand, atol=1e-5)
 
 # %% [markdown]
 # ## 5. Streaming past the context length
@@ -780,9 +854,13 @@ for name in ("window only (32)", "sinks + window (4 + 28)"):
     assert abs(diff.mean()) < 0.05
 
 # %% [markdown]
-# The caches hold the same 131,072 bytes after 32 tokens as after 320. The window alone matches
-# the recomputed loss past the first block (2.281 against 2.282, a difference of −0.0005 ±
-# 0.0008 nats per token, over the four sequences). The two are not identical
+# The caches hold the same 131,072 bytes after 32 tokens as after 320: 2 layers × (keys, values)
+# × 4 sequences × 32 positions × 64 numbers (4 heads of 16) × 4 bytes, for the window of 32 and
+# for the 4 sink tokens + 28. The three ways agree on the first 32 characters (the "loss, first
+# 32" column), because there every one of them sees the whole prefix: recompute's last 32
+# characters are all there is, and neither cache has evicted anything yet. The window alone
+# matches the recomputed loss past the first block (2.281 against 2.282, a difference of
+# −0.0005 ± 0.0008 nats per token, over the four sequences). The two are not identical
 # computations: recomputing starts both layers' windows at the same character, while in the
 # stream the second layer's window holds first-layer outputs that each saw 32 characters
 # further back, so through its two layers the stream reaches 62 characters back. This model has no
@@ -858,9 +936,11 @@ plt.show()
 # At 128k tokens Gemma 3's pattern needs about a sixth of all-global attention's cache (the
 # two global blocks and the five-sixths that are windows of 1024), Qwen3-Next's about a quarter
 # (its three global blocks; the states are a rounding error), gpt-oss's about a half (its
-# windows of 128 are tiny, but half of its blocks are global). Below about 10k tokens the order
-# of the first two changes: while Gemma 3's windows still hold a tenth of the context or more,
-# they cost more than Qwen3-Next's fixed states (the curves cross in the plot). With
+# windows of 128 are tiny, but half of its blocks are global). Below about 10k tokens Gemma 3 and
+# Qwen3-Next swap places: Gemma 3's share is $1/6 + (5/6) \cdot 1024/L$, Qwen3-Next's about
+# $1/4$, equal at $L = 10 \cdot 1024 \approx 10\text{k}$; while Gemma 3's windows still hold a
+# tenth of the context or more, they cost more than Qwen3-Next's fixed states (the curves cross
+# in the plot). With
 # grouped-query attention, as all three models use, the bytes shrink by the group size; the
 # window stacks' ratios stay, since the all-global baseline shrinks alike, while Qwen3-Next's
 # Gated DeltaNet states do not shrink with the key/value groups (exercise 5 counts Gemma 3 27B).
