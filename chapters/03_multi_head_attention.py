@@ -154,16 +154,19 @@ print("head B, row of the last 'a' (t=6):  ", [round(w, 2) for w in w_b[6].tolis
 # two kinds of score: its query and key carry both the position part and the token part, 16
 # features each. Two details in the code: this head divides its scores by $\sqrt{16}$ instead
 # of $\sqrt{8}$, so we scale its queries by $\sqrt{2}$ to make its scores exactly head A's plus
-# head B's; and we leave its value weights random, because we only look at where it attends,
-# never at its output. We draw all three attention maps side by side.
+# head B's; and we give it head A's value weights (the token one-hot) in its first 8 output
+# features, so we can read from its output which token it thinks came before. We draw all three
+# attention maps side by side.
 
 # %%
-head_ab = Head(n_embd=16, head_size=16, block_size=T_toy)  # value weights stay random: unused
+head_ab = Head(n_embd=16, head_size=16, block_size=T_toy)
 with torch.no_grad():
     # sqrt(2) undoes the larger divisor, sqrt(16) instead of sqrt(8): scores = A's + B's
     q_ab = torch.cat([head_a.query.weight, head_b.query.weight], dim=0)  # (16, 16)
     head_ab.query.weight.copy_(2**0.5 * q_ab)
     head_ab.key.weight.copy_(torch.cat([head_a.key.weight, head_b.key.weight], dim=0))
+    head_ab.value.weight.zero_()
+    head_ab.value.weight[:8] = head_a.value.weight  # features 0-7: the token it looks at
 w_ab = head_weights(head_ab, x_toy)[0]
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
@@ -184,8 +187,25 @@ plt.show()
 
 # %% [markdown]
 # The third map is the point. The combined head's row for position 6 (`a`) puts weight on
-# position 5 (the previous token) *and* on the earlier `a`s, so its output would be an average
-# of unrelated things. Two heads keep the two questions apart: head A's answer lands in output
+# position 5 (the previous token) *and* on the earlier `a`s, so its output is an average of
+# unrelated things. Read out its "previous token" at t=6 the way head A's is read, with an argmax
+# over the token features:
+
+# %%
+t = 6
+out_ab = head_ab(x_toy)[0, t, :8]  # (8,): the token features of its output at t=6
+print(f"combined head, row t={t}:", [round(w, 2) for w in w_ab[t].tolist()])
+features = {c: round(v, 2) for c, v in zip(letters, out_ab.tolist(), strict=True)}
+print("its token features at t=6:", features)
+print(f"combined head, t={t}: previous token =", letters[out_ab.argmax().item()],
+      f"(head A: {letters[head_a(x_toy)[0, t].argmax().item()]})")
+assert letters[out_ab.argmax().item()] == "a"  # wrong: the token before t=6 is 'd'
+
+# %% [markdown]
+# A quarter of the weight goes to each of positions 0, 3, 5 and 6; three of them hold an `a` and
+# one (position 5) the `d` we asked for, so the output is three parts `a` to one part `d` and
+# the argmax answers `a`: the single head gets the previous token wrong. Two heads keep the two
+# questions apart: head A's answer lands in output
 # features 0–7, head B's in features 8–15. Concatenating the heads keeps both answers side by
 # side, each in its own features, where the output projection of a multi-head layer (`out_proj`
 # in the sketch of section 2, `proj` in section 3) and the layers after it can read either one
@@ -195,7 +215,6 @@ plt.show()
 out_a, out_b = head_a(x_toy), head_b(x_toy)  # (1, 8, 8) each
 both = torch.cat([out_a, out_b], dim=-1)  # (1, 8, 16)
 print("concatenated:", tuple(both.shape))
-t = 6
 print(f"t={t}: previous token =", letters[out_a[0, t].argmax().item()])
 seen = (out_b[0, t] > 0.1).nonzero().flatten().tolist()  # head B returns positions
 print(f"t={t}: positions of the '{text[t]}'s up to t =", seen)
@@ -366,6 +385,9 @@ def to_package(sketch, impl="reference"):
     return module
 
 
+d_s = 16  # the sketch's width
+print(f"c_attn.weight {tuple(to_package(build(MHASketchV3)).c_attn.weight.shape)}: "
+      f"rows 0-{d_s - 1} W_query, {d_s}-{2 * d_s - 1} W_key, {2 * d_s}-{3 * d_s - 1} W_value")
 model3 = build(MHASketchV3)
 with torch.no_grad():
     for xs in (x_short, x_full):
@@ -639,9 +661,8 @@ print("n_head and head_dim adjacent in memory:", adjacent)
 # %% [markdown]
 # After the transpose, one step to the next head skips 8 elements (a whole `(T, head_dim)`
 # block of the old layout) where a mergeable pair would need 4 (one `head_dim` run). So
-# `view(B, T, d)` refuses, with a `RuntimeError` (in torch 2.13: "view size is not compatible
-# with input tensor's size and stride ... Use .reshape(...) instead."). Failing loudly is the
-# good outcome: no wrong numbers come out.
+# `view(B, T, d)` refuses, with a `RuntimeError` whose first line the cell prints (it goes on to
+# suggest `.reshape(...)`). Failing loudly is the good outcome: no wrong numbers come out.
 
 # %%
 try:
@@ -651,6 +672,7 @@ except RuntimeError as err:
     error = err
 assert isinstance(error, RuntimeError) and "view" in str(error), error
 print("view(B, T, d) after the transpose raised:", type(error).__name__)
+print(str(error).splitlines()[0])
 
 # %% [markdown]
 # The fix is a `.contiguous()` in between: it copies the tensor into the order its shape
@@ -664,6 +686,10 @@ print("merged:", tuple(y_merged.shape), " same as concatenating the heads:", sam
 
 # %% [markdown]
 # ## 5. Version 2: the batched module
+#
+# Version 2 computes what `MHASketchV4` computes, with its three `Linear`s fused into one
+# `c_attn`, the output projection renamed `c_proj`, and a switch for the attention kernel; its
+# dropout applies to the weights, as the sketch's does, and to the output as well.
 #
 # Now the module itself. The attention step is [chapter 2](02_scaled_dot_product_attention.ipynb)'s
 # math, written so that it does not care how many leading dimensions there are: `(B, T, head_dim)`
@@ -705,7 +731,7 @@ class MultiHeadAttentionV2(nn.Module):
         if impl not in ("reference", "sdpa"):
             raise ValueError(f"impl must be 'reference' or 'sdpa', got {impl!r}")
         self.n_head, self.head_dim = n_head, n_embd // n_head
-        self.dropout, self.impl = dropout, impl
+        self.dropout_p, self.impl = dropout, impl  # a probability, handed to the kernel
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q | k | v, all heads
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads
         self.resid_dropout = nn.Dropout(dropout)
@@ -716,7 +742,7 @@ class MultiHeadAttentionV2(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        p = self.dropout if self.training else 0.0
+        p = self.dropout_p if self.training else 0.0
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
@@ -776,10 +802,12 @@ print("v2 reference == v2 sdpa, atol=1e-5:", torch.allclose(y2, y2_fast, atol=1e
 # %% [markdown]
 # Had we put the key weights first, or forgotten a transpose, the shapes would still fit and
 # the module would still run. Shape-correct but scrambled reshapes are the classic multi-head
-# bug, and not every test sees them. Drop the transpose after the split only, and position t's
-# row is filled from other positions, some of them later ones: the layer stops being causal,
+# bug, and not every test sees them. Replace `view(...).transpose(1, 2)` after the split by
+# `reshape(B, n_head, T, head_dim)`, leaving the merge as it is, and position t's row is filled
+# from other positions, some of them later ones: the layer stops being causal,
 # so section 3's `is_causal(module, x)` catches it too. Drop it on both sides (split and merge),
-# and the layer is still causal, just wrong: only this comparison with a trusted version
+# (`reshape(B, T, C)` at the end too), and the layer is still causal, just wrong: only this
+# comparison with a trusted version
 # catches that. The comparison catches both, which is why the equality test is worth more than
 # any number of shape prints. (Exercise 5 works through both variants.) Version 2 as written,
 # with either kernel, passes the causality check:
@@ -816,7 +844,8 @@ with torch.no_grad():
 print({name: tuple(p.shape) for name, p in mha_torch.named_parameters()})
 
 # %% [markdown]
-# Now the trap. In attnbook ([chapter 2](02_scaled_dot_product_attention.ipynb)), a boolean mask
+# Now the trap. [Chapter 2](02_scaled_dot_product_attention.ipynb) warned about it; here is what
+# it does to you. In attnbook, a boolean mask
 # says `True` = *may attend*. In `nn.MultiheadAttention` (and in its `key_padding_mask`), a boolean
 # mask says `True` = *not allowed*. The two conventions are exact opposites. The inversion belongs
 # to `nn.MultiheadAttention` and `nn.Transformer`, not to PyTorch as a whole:
@@ -936,7 +965,9 @@ for width, heads in [(32, 1), (32, 4), (32, 32), (768, 12)]:
 #   `F.multi_head_attention_forward`, which with `need_weights=False` calls
 #   `F.scaled_dot_product_attention`. Given the hint `is_causal=True` (the module still wants
 #   the mask as well), it drops the mask and passes `is_causal` to SDPA: the same fused kernel as
-#   our fast path.
+#   our fast path, on inputs of the same shape (a cell after the timings lists the calls). The
+#   work around that call is not the same: the module moves the batch axis second and copies the
+#   projected q | k | v into a `(3, T, B, d)` layout before it splits them.
 #
 # We time a GPT-2-sized layer: `B=8, T=1024, d=768, 12 heads`, forward only, under
 # `torch.no_grad()`, every module but the last in `eval()` mode. On a laptop CPU the slower
@@ -981,7 +1012,9 @@ with torch.no_grad():
     }
 
 fast = times["SDPA fast path"]
-print(f"B={Bb}, T={Tb}, d={db}, n_head={nhb}, median of {reps} forward passes")
+n_threads = torch.get_num_threads()
+print(f"B={Bb}, T={Tb}, d={db}, n_head={nhb}, median of {reps} forward passes, "
+      f"{n_threads} CPU thread{'s' if n_threads > 1 else ''}")
 for name, sec in times.items():
     print(f"{name:>26}: {1000 * sec:8.1f} ms   {sec / fast:5.2f}x the fast path")
 assert fast < times["batched reference"], "the fused kernel should beat materialised weights"
@@ -1006,27 +1039,87 @@ ax.set_title(
 plt.show()
 
 # %% [markdown]
-# What to take from the table (your numbers will differ):
+# Which kernel does each version run? `torch.profiler` answers that, but here a smaller tool is
+# enough: a `TorchDispatchMode` (PyTorch's hook for seeing every operation that reaches the
+# kernels; it lives in `torch.utils._python_dispatch`) records the name and first input shape of
+# each call. We run each version once on a small input, 4 heads of 16, and keep the calls that do
+# the attention and the copies.
+
+# %%
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CallLog(TorchDispatchMode):
+    """Records (operation, shape of its first tensor argument) for every call in its scope."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
+        self.calls.append((func.__name__.split(".")[0], first))
+        return func(*args, **(kwargs or {}))
+
+
+torch.manual_seed(0)
+Bs, Ts, ds, nhs = 2, 64, 64, 4  # small: only the names and shapes of the calls matter
+xs_small = torch.randn(Bs, Ts, ds)
+mask_small = ~causal_mask(Ts)  # True = masked out, PyTorch's orientation
+mha_eval_small = nn.MultiheadAttention(ds, nhs, batch_first=True).eval()
+mha_train_small = nn.MultiheadAttention(ds, nhs, batch_first=True).train()
+small = {
+    "batched reference": MultiHeadAttentionV2(ds, nhs, impl="reference").eval(),
+    "SDPA fast path": MultiHeadAttentionV2(ds, nhs, impl="sdpa").eval(),
+    "nn.MHA, eval + mask": lambda x: mha_eval_small(
+        x, x, x, attn_mask=mask_small, need_weights=False
+    )[0],
+    "nn.MHA, train + is_causal": lambda x: mha_train_small(
+        x, x, x, attn_mask=mask_small, need_weights=False, is_causal=True
+    )[0],
+}
+shown = ("_scaled_dot_product_flash_attention_for_cpu", "_native_multi_head_attention",
+         "_softmax", "bmm", "clone")
+kernels = {}
+with torch.no_grad():
+    for name, fn in small.items():
+        with CallLog() as log:
+            fn(xs_small)
+        kernels[name] = [call for call in log.calls if call[0] in shown]
+        print(f"{name}:")
+        for op, shape in kernels[name]:
+            print(f"    {op} {shape}")
+flash = ("_scaled_dot_product_flash_attention_for_cpu", (Bs, nhs, Ts, ds // nhs))
+assert flash in kernels["SDPA fast path"] and flash in kernels["nn.MHA, train + is_causal"]
+
+# %% [markdown]
+# Our fast path and the training-mode `nn.MultiheadAttention` call the same flash kernel on
+# `(B, n_head, T, head_dim)` inputs; the module also makes two `clone`s, of its input moved to
+# `(T, B, d)` and of the projected q | k | v in a `(3, T, B, d)` layout. The eval-mode call goes
+# into one native operation, `_native_multi_head_attention`, and our log does not see inside it;
+# `torch.profiler` does, and finds there a `bmm` and a `_masked_softmax` on `(B, n_head, T, T)`
+# scores: like the batched reference, with its `bmm` and `_softmax`, it forms the full weights.
 #
-# - The fused SDPA kernel beats the batched reference (the cell asserts it) and, in all our
-#   runs, the loop of heads too; the last column gives this machine's ratios, which varied from
-#   run to run with what else the machine was doing. It does the least memory traffic, and for
-#   causal attention it skips the masked half of the attention work.
-# - Neither the loop of heads nor the batched reference wins consistently: which one is ahead,
-#   and by how much, varied between our runs. Batching the heads saves per-call overhead, which
-#   matters little on a CPU when every call is already a large matrix product, and it costs one
-#   huge `(B, n_head, T, T)` tensor instead of `n_head` smaller ones. Batching pays off when the
-#   heads are small or the hardware is very wide (a GPU launching one kernel instead of twelve);
-#   a fused kernel pays off everywhere.
-# - `nn.MultiheadAttention` is as fast as the path it takes. In `eval()` mode under `no_grad()`,
-#   its native "fast path" forms the full weights on CPU when given a mask, and at T = 1024 the
-#   weights are what cost the time: it is slower than the fused kernel (asserted), in the range
-#   of our hand-written versions, sometimes ahead of them and sometimes behind. In training mode
-#   with `is_causal=True` it runs the fused causal kernel and lands ahead of the eval-mode call
-#   (asserted) and, in our runs, somewhat behind our fast path, by a margin that varied from run
-#   to run with the machine's load. Which path a call takes depends on the mode,
-#   `no_grad()`, the mask type and your PyTorch version; when speed matters, profile it
-#   (`torch.profiler`) and look for `_scaled_dot_product_flash_attention` among the calls.
+# What to take from the table. The first line of its output gives the number of CPU threads of
+# the stored run, and your numbers will differ; the cell asserts only the orderings below.
+#
+# - Where the weights are stored, the time goes to them. The batched reference, the loop of
+#   heads and the eval-mode `nn.MultiheadAttention` all form `(T, T)` weights for every head and
+#   run behind the fused kernel (asserted for the first and last; for the loop, in all our runs),
+#   which never stores them and, being causal, skips the tiles above the diagonal. Between those
+#   three the order varied from run to run: batching the heads saves per-call overhead, which
+#   matters little on a CPU when every call is already a large matrix product, and costs one huge
+#   `(B, n_head, T, T)` tensor instead of `n_head` smaller ones. Batching pays off when the heads
+#   are small or the hardware is very wide (a GPU launching one kernel instead of twelve); a fused
+#   kernel pays off everywhere.
+# - `nn.MultiheadAttention` is as fast as the path it takes. In training mode with
+#   `is_causal=True` it shares our fast path's kernel (shown above) and lands ahead of its own
+#   eval-mode call (asserted). Against our fast path its place varied from run to run with the
+#   machine's load, ahead in some runs and behind in others: the kernel call is shared, and the
+#   work around it that is not (the copies above) is small next to the kernel. Which path a call
+#   takes depends on the mode, `no_grad()`, the mask type, the number of heads and your PyTorch
+#   version; when speed matters, list the calls as above (or with
+#   `torch.profiler`) and look for `_scaled_dot_product_flash_attention` among them.
 #
 # The projections do the same arithmetic in every row (the loop merely cuts it into smaller
 # products), so most of the differences come from the attention step. As T grows, that step's
@@ -1057,6 +1150,8 @@ for impl in ("reference", "sdpa"):
     module.load_state_dict(v2.state_dict())
     assert torch.allclose(module(x), y_v2, atol=1e-5), impl
 
+# the defaults fill the rest: block_size=1024, dropout=0.0, bias=True, causal=True,
+# positions="learned", impl="sdpa" (a third kernel, "flash", comes in chapter 8)
 built = build_attention("mha", AttentionConfig(n_embd=d, n_head=n_head))
 built.load_state_dict(v2.state_dict())
 assert isinstance(built, MultiHeadAttention) and torch.allclose(built(x), y1, atol=1e-5)
@@ -1097,12 +1192,13 @@ print("attnbook MultiHeadAttention (reference and sdpa) == our v2 == v1: OK (ato
 #   or 32 heads, 2,362,368 at GPT-2 small's d = 768 (version 1, without q/k/v biases, has
 #   $4d^2 + d$). More heads means narrower heads, not more weights.
 # - Timed on this machine at B=8, T=1024, d=768, n_head=12 (forward only): the fused SDPA kernel
-#   was the fastest; the loop of heads and the batched reference, which stores the full
+#   (ours, or `nn.MultiheadAttention`'s training path) was the fastest; the loop of heads and the
+#   batched reference, which stores the full
 #   `(B, n_head, T, T)` weights, were well behind it. `nn.MultiheadAttention` is as fast as the
 #   path it takes: in eval mode with a mask it formed the full weights and ran well behind the
 #   fused kernel, in the range of the hand-written versions; in training mode with
-#   `is_causal=True` it ran the fused kernel, ahead of its own eval-mode call and somewhat behind
-#   our fast path.
+#   `is_causal=True` it ran the same fused kernel as our fast path, ahead of its own eval-mode
+#   call, and ahead of or behind our fast path with the machine's load.
 # - `attnbook.attention.MultiHeadAttention`, built from an `AttentionConfig` or by name with
 #   `build_attention("mha", cfg)`, has the same `c_attn` / `c_proj` layout: our weights load into
 #   it, and both its kernels match versions 2 and 1 (atol=1e-5).

@@ -109,7 +109,7 @@ from fractions import Fraction
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 
-def draw_sharing(ax, n_q, n_kv, name, label_rows=False):
+def draw_sharing(ax, n_q, n_kv, name, label_rows=False):  # drawing code only: skip to the figure
     """One panel: n_q query heads on top, n_kv key/value heads below, an arrow from query head h
     to key/value head h // group, one colour per group."""
     group = n_q // n_kv
@@ -417,6 +417,10 @@ def last_row(scores):  # attention weights of the last token of sequence 0
 print("query head 0 (reference):", last_row(q0 @ k0.transpose(-2, -1)).numpy().round(2))
 print("query head 1 (reference):", last_row(q1 @ k0.transpose(-2, -1)).numpy().round(2))
 print("heads 0 and 1 (sketch):   ", last_row(wide).numpy().round(2))
+w0, w1 = last_row(q0 @ k0.transpose(-2, -1)), last_row(q1 @ k0.transpose(-2, -1))
+product = w0 * w1 / (w0 * w1).sum()  # the two heads' weights multiplied, renormalised
+print("head 0 x head 1, renormed:", product.numpy().round(2))
+assert torch.allclose(product, last_row(wide), atol=1e-5)
 same = torch.allclose(wide, q0 @ k0.transpose(-2, -1) + q1 @ k0.transpose(-2, -1), atol=1e-5)
 print("sketch's score == head 0's score + head 1's score:", same)
 assert same
@@ -429,7 +433,9 @@ assert same
 # slice is one dot product over 8 numbers, the sum of the two heads' scores against the shared
 # key: $(q_{h_1}, q_{h_2}) \cdot (k_j, k_j) = q_{h_1} \cdot k_j + q_{h_2} \cdot k_j$. Each group
 # becomes a single wide head with one attention pattern (the third row above, which is neither
-# head's), and both halves of the group's output are the same vector, those weights applied to
+# head's). Since $\mathrm{softmax}(a + b) \propto e^{a} e^{b}$, that pattern is the two heads'
+# weights multiplied and renormalised (the fourth row), so the group attends only where both
+# heads agree. Both halves of the group's output are the same vector, those weights applied to
 # the values of key/value head $j$. The query heads of a group no longer ask their own questions,
 # which is the whole point of keeping them all. With 4 groups each slice is exactly one head and
 # nothing is repeated, so the MHA case comes out right; with 1 group all 4 heads merge into one.
@@ -479,8 +485,8 @@ for num_groups in (4, 2, 1):
         "c_proj.weight": fixed.out_proj.weight,
     })
     with torch.no_grad():
-        assert torch.allclose(package_gqa(x), fixed(x), rtol=1e-4, atol=1e-6), num_groups
-print("SketchV5 == build_attention('gqa', ...) for num_groups 4, 2, 1 (rtol 1e-4, atol 1e-6)")
+        assert torch.allclose(package_gqa(x), fixed(x), atol=1e-5), num_groups
+print("SketchV5 == build_attention('gqa', ...) for num_groups 4, 2, 1 (atol 1e-5)")
 
 # %% [markdown]
 # Four bugs: two names that do not exist (`d_model`, and `tensor` behind a comma), both flagged
@@ -612,6 +618,7 @@ print("q:", tuple(q.shape), " k:", tuple(k.shape), " v:", tuple(v.shape))
 # %%
 def attend(q, k, v):
     """Causal attention written out; k and v broadcast against q's head dimension."""
+    T = q.shape[-2]  # (..., T, head_dim)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, T)
     future = torch.ones(T, T, dtype=torch.bool).triu(1)  # True above the diagonal
     weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
@@ -637,9 +644,9 @@ print("k.expand(...) shares k's memory:", k_view.data_ptr() == k.data_ptr(),
 # like `k_view` costs nothing in memory. But in eager PyTorch, `torch.matmul` runs a broadcast product by expanding both
 # operands to the common batch shape and reshaping the batch dimensions into one for its
 # batched kernel, and a stride-0 dimension cannot be reshaped that way without copying. So the
-# product materialises the 8 copies itself (`torch.profiler` shows an `aten::clone` of shape
-# `(B, 8, head_dim, T)` for the keys and `(B, 8, T, head_dim)` for the values). Section 4 shows
-# how to avoid it.
+# product materialises the 8 copies itself (listing its calls, as section 4 does, shows a
+# `clone` of shape `(B, 8, head_dim, T)` for the keys and `(B, 8, T, head_dim)` for the
+# values). Section 4 shows how to avoid it.
 #
 # The heads still produce 8 *different* outputs, because their queries differ: each query head
 # asks its own question of the shared keys, and weights the shared values its own way. What they
@@ -719,21 +726,24 @@ print("query head h reads kv head:", [h // group for h in range(n_head)])
 # group's head `i`. Then `q @ k.transpose(-2, -1)` is a plain batched product,
 # `(B, 2, 4T, 8) @ (B, 2, 8, T)`: nothing to broadcast, so K and V are never repeated. The
 # causal mask must follow the rows: the `(T, T)` mask, repeated `group` times down the rows.
-# (Here q, k and v come straight from the projection, with heads and positions interleaved in
-# memory, so the reshape and `matmul` still copy each of them once, at its own size, to lay it
-# out head by head. In generation this shrinks to nothing that matters: a cache already stores
-# K and V head by head, so they are read in place, and at most the new token's queries are
-# copied. The copies of (a) and (b), in contrast, repeat the keys and values of every cached
-# token at every step.)
+# So K and V are never repeated: at most copied once, at their own size, into head-by-head
+# layout. (Here q, k and v come straight from the projection, with heads and positions
+# interleaved in memory, so the reshape and `matmul` do copy each of them once.)
 #
 # **(d) Let PyTorch do it.** `F.scaled_dot_product_attention(q, k, v, enable_gqa=True)` (torch
 # 2.5 and later) accepts K and V with fewer heads and uses the same `h // group` convention.
 # Whether it avoids the copy depends on the torch version, the device and the kernel it picks.
 # Its documentation calls GQA support experimental and, on CUDA, limited to the flash and the
-# math kernels. In torch 2.13 on CPU, the profiler shows the fused flash kernel reading the
-# shared heads with no copy, while the math kernel it falls back to (with dropout, for
-# example) repeats K and V with `repeat_interleave`. So does `attnbook`'s explicit reference
-# path (`impl="reference"`, or `need_weights=True`), which is meant for checking, not speed.
+# math kernels. In torch 2.13 on CPU, the call log after the next cell shows the fused flash
+# kernel reading the shared heads with no copy, while the math kernel it falls back to (with
+# dropout, for example) repeats K and V with `repeat_interleave`. So does `attnbook`'s explicit
+# reference path (`impl="reference"`, or `need_weights=True`), which is meant for checking, not
+# speed.
+#
+# *A note on generation.* There the copies of (c) shrink to nothing that matters: a cache
+# already stores K and V head by head, so they are read in place, and at most the new token's
+# queries are copied. The copies of (a) and (b), in contrast, repeat the keys and values of
+# every cached token at every step.
 
 # %%
 k_rep = k.repeat_interleave(group, dim=1)  # (B, 8, T, 8): each kv head `group` times in a row
@@ -755,6 +765,62 @@ print("(a) repeat_interleave == (b) 5-D broadcast:", torch.allclose(y_a, y_b, at
 print("(a) repeat_interleave == (c) folded queries:", torch.allclose(y_a, y_c, atol=1e-5))
 print("(a) repeat_interleave == (d) SDPA enable_gqa:", torch.allclose(y_a, y_d, atol=1e-5))
 print("bytes of k:", k.nbytes, "  bytes of k_rep (a copy per query head):", k_rep.nbytes)
+
+# %% [markdown]
+# Which of them copy, and what? `torch.profiler` can list every operation a call runs; here a
+# smaller tool does: a `TorchDispatchMode` (PyTorch's hook for seeing each operation that reaches
+# the kernels, in `torch.utils._python_dispatch`) records each operation's name and the shape of
+# its first tensor. We run each way once and keep the copies (`clone`, which is also what
+# `repeat_interleave` turns into) and the fused kernel.
+
+# %%
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CallLog(TorchDispatchMode):
+    """Records (operation, shape of its first tensor argument) for every call in its scope."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
+        self.calls.append((func.__name__.split(".")[0], first))
+        return func(*args, **(kwargs or {}))
+
+
+ways = {
+    "(a) repeat_interleave": lambda: attend(
+        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    ),
+    "(b) 5-D broadcast": lambda: attend(q_5d, k[:, :, None], v[:, :, None]),
+    "(c) folded queries": lambda: (
+        (q.reshape(B, n_kv_head, group * T, head_dim) @ k.transpose(-2, -1) / math.sqrt(head_dim))
+        .masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+    ),
+    "(d) SDPA enable_gqa": lambda: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    ),
+}
+copies = {}
+with torch.no_grad():
+    for name, way in ways.items():
+        with CallLog() as log:
+            way()
+        copies[name] = [shape for op, shape in log.calls if op == "clone"]
+        fused = [op for op, _ in log.calls if op.startswith("_scaled_dot_product")]
+        print(f"{name}: copies {copies[name]}", f"kernel {fused[0]}" if fused else "")
+assert copies["(d) SDPA enable_gqa"] == []
+assert (B, n_kv_head, group, T, head_dim) in copies["(a) repeat_interleave"]
+
+# %% [markdown]
+# Read the shapes against k's `(B, 2, T, 8)` and q's `(B, 8, T, 8)`. In (a), the two
+# `(B, 2, 4, T, 8)` copies are `repeat_interleave`'s: K and V, each 4 times; the
+# `(B, 8, T, 8)` one is q, laid out head by head for the product. In (b) the first copy is q
+# again, the `(B, 2, 4, 8, T)` one is K (transposed) repeated over the group by the
+# broadcasting product, and the last is V repeated. In (c) each of q, K and V is copied once at
+# its own size, nothing repeated. (d) runs the fused flash kernel and copies nothing.
 
 # %% [markdown]
 # All four agree. Note what the copies in (a) and (b) do and do not cost: the *cache* still
@@ -780,12 +846,16 @@ print("repeat            (h % n_kv):  ", labels.repeat(1, group, 1, 1).flatten()
 #
 # Now the module. It computes what section 1's fixed sketch computes, with the three projections
 # fused into one as [chapter 3](03_multi_head_attention.ipynb) did for MHA. It differs from
-# chapter 3's batched MHA in two lines: the fused projection `c_attn` makes
-# `d + 2 · n_kv_head · head_dim` features instead of `3d`, and the split cuts them into
-# `[d, kv, kv]`. Everything after the attention (merging the heads, the output projection
-# `c_proj`) is untouched, because the attention output still has `n_head` heads. We give it both ways of sharing: `impl="repeat"` copies with `repeat_interleave`
-# and writes the attention out, `impl="sdpa"` calls
-# `F.scaled_dot_product_attention(..., enable_gqa=True)`.
+# chapter 3's batched MHA in four places: the fused projection `c_attn` makes
+# `d + 2 · n_kv_head · head_dim` features instead of `3d`; the split cuts them into
+# `[d, kv, kv]`; the `view` of k and v uses `n_kv_head` heads instead of `n_head`; and the
+# attention call shares the key/value heads, by `repeat_interleave` or `enable_gqa`. Everything
+# after the attention (merging the heads, the output projection `c_proj`) is untouched, because
+# the attention output still has `n_head` heads. We give it both ways of sharing:
+# `impl="repeat"` copies with `repeat_interleave` and writes the attention out, `impl="sdpa"`
+# calls `F.scaled_dot_product_attention(..., enable_gqa=True)`. The first is what chapter 3 and
+# the package call `"reference"` (the package's reference path repeats K and V the same way);
+# here we name it for the step that is new.
 
 # %%
 class GQA(nn.Module):
@@ -879,15 +949,19 @@ for n_kv in (8, 2, 1):
 # **Associative recall.** Each sequence first lists 6 key→value pairs, then asks for the value
 # of 6 of those keys (in random order, possibly repeating), each followed by the answer:
 #
-# `k3 v5 k0 v1 k6 v5 …  |  k0 v1  k6 v5  k3 v5 …`
+# `k0 v0 k6 v1 k4 v2 …  |  k0 v0  k0 v0  k3 v6 …`
 #
-# Keys are tokens 0–7, values tokens 8–15 (a vocabulary of 16). We train next-token
-# prediction, but score only the positions whose input is a queried key, where the target is
-# its value. Without attention the task is impossible: the answer is wherever that key appeared
-# earlier, and the model must find it and read the token after it. A model that only knew
-# *which* values occur in the context, not which key they belong to, can do no better than a
-# loss of about 1.4 (computed below); guessing uniformly among the 8 values gives $\ln 8 \approx
-# 2.08$.
+# Keys are tokens 0–7, values tokens 8–15 (a vocabulary of 16): `k3` is token 3, `v6` token
+# 14. The bar is only for reading; there is no separator token, the questions simply start after
+# the 12 tokens of pairs. The cell prints one sequence as the model sees it, token ids, and
+# decoded into these names.
+#
+# We train next-token prediction, but score only the positions whose input is a queried key,
+# where the target is its value. Without attention the task is impossible: the answer is
+# wherever that key appeared earlier, and the model must find it and read the token after it. A
+# model that only knew *which* values occur in the context, not which key they belong to, can do
+# no better than a loss of about 1.4 (computed below); guessing uniformly among the 8 values
+# gives $\ln 8 \approx 2.08$.
 
 # %%
 n_keys, n_values, n_pairs, n_queries = 8, 8, 6, 6
@@ -913,6 +987,8 @@ def recall_batch(batch_size, generator):
 eval_x, eval_y = recall_batch(512, torch.Generator().manual_seed(1234))  # fixed evaluation set
 print("one sequence:", eval_x[0].tolist())
 print("its targets: ", eval_y[0].tolist())
+names = [f"k{t}" if t < n_keys else f"v{t - n_keys}" for t in eval_x[0].tolist()]
+print("decoded:     ", " ".join(names[: 2 * n_pairs]), " | ", " ".join(names[2 * n_pairs :]))
 
 # The best loss without knowing which value belongs to which key: predict each value in
 # proportion to how often it occurs in the context.
@@ -988,7 +1064,7 @@ def train(model, steps, lr, data_seed, stop_below=None, check_every=25):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(data_seed)
     losses = []
-    for step in tqdm(range(1, steps + 1), desc="training"):  # a progress bar while it runs
+    for step in tqdm(range(1, steps + 1), desc="training", mininterval=1):  # a progress bar
         loss = loss_fn(model, *recall_batch(32, generator))
         opt.zero_grad()
         loss.backward()
@@ -1173,7 +1249,8 @@ assert scratch_loss > 1.0  # from scratch, 100 steps is not even past the platea
 # The random-K/V control tells us where the converted model's head start comes from. It keeps
 # every trained weight except the key and value rows, yet after the same 100 steps it is hardly
 # better off than the model trained from scratch (about the same loss in this run, printed
-# above; in six other seeds, losses from 1.06 to 1.54).
+# above; in six other seeds, losses from 1.06 to 1.54, and this run's may fall outside that
+# range, as the training depends on the CPU's rounding).
 # The trained queries, output projection, MLPs and embeddings are not enough on their own. So
 # the short further training does not teach the converted model the task: the pooled key and
 # value rows carry what the trained ones knew, the conversion keeps it together with the rest
@@ -1288,7 +1365,9 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # - We shared the key/value heads four ways, `repeat_interleave`, a 5-D broadcast, queries
 #   folded into a longer sequence, and `F.scaled_dot_product_attention(..., enable_gqa=True)`,
 #   all with the same output. The first two copy K and V for every call (`k_rep`: 3072 bytes for
-#   768 bytes of `k`), and `repeat` in place of `repeat_interleave` gives a different model.
+#   768 bytes of `k`; the call log shows `(B, 2, 4, T, 8)` copies), the folded queries copy each
+#   tensor once at its own size, and the fused CPU kernel of `enable_gqa` copies nothing. And
+#   `repeat` in place of `repeat_interleave` gives a different model.
 # - Our `GQA` layer, with `impl="repeat"` or `"sdpa"`, is causal, has 16,640, 10,400 and 9,360
 #   parameters with 8, 2 and 1 key/value heads, and computes the same as `attnbook`'s
 #   `MultiHeadAttention`, `GroupedQueryAttention` and `MultiQueryAttention`.
@@ -1325,7 +1404,9 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 #    against the keys and values that one such layer makes for one token (what its cache would
 #    store): build a `GroupedQueryAttention` on the meta device, in bf16, and measure the `k` and
 #    `v` its `project` method returns. How many 4096-token sequences fit in 40 GB of cache
-#    memory with GQA, and with MHA?
+#    memory with GQA, and with MHA? (Hint: a module built under `with torch.device("meta"):`
+#    has weights with shapes and dtypes but no memory, and so do its outputs; `project(x)`
+#    returns the layer's q, k and v, split into heads, before attention.)
 # 2. **The grouping order matters.** Someone implements GQA with `k.repeat(1, group, 1, 1)`
 #    instead of `k.repeat_interleave(group, dim=1)`. Predict: with the same weights, does their
 #    layer give the same output as `GroupedQueryAttention`? Check it. Then find a way to load
@@ -1335,7 +1416,8 @@ print("GroupedQueryAttention / MultiHeadAttention / MultiQueryAttention == our G
 # 3. **Parameters saved vs cache saved.** For the 7B-style model of section 2 (SwiGLU MLP of
 #    width 11008, vocabulary 32000, untied embeddings), compute the total number of parameters
 #    with MHA, GQA-8 and MQA, and compare the fractions saved with the fractions of KV cache
-#    saved. Check the attention layer's parameter count on a meta-device `GroupedQueryAttention`.
+#    saved. Check the attention layer's parameter count on a meta-device `GroupedQueryAttention`
+#    (built under `with torch.device("meta"):`, so a 4096-wide layer costs no memory).
 #    (Mistral 7B, with 8 key/value heads, has a wider MLP, 14336: how does what it adds compare
 #    with what GQA saved?)
 # 4. **When is conversion lossless?** (a) Build an MHA layer whose key and value rows are
