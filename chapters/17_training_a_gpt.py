@@ -26,12 +26,12 @@
 # easy to skip: how its weights are initialised, and why the layers that write into the residual
 # stream start smaller than the others. Then we check that our model and the book's module
 # `attnbook.model.GPT` compute the same function, and count its parameters and its FLOPs by
-# hand. We write the training loop in the notebook too, and check it against the book's
-# `attnbook.train.train` to the last bit. We clean text before training, and see what cleaning
-# removes. Then `train` runs for real: 400 steps on a laptop CPU turn random weights into a
-# model that writes something that looks like a play. Finally we swap the attention variant by
-# its name, resume a stopped run from its checkpoint, load a checkpoint to sample, and fine-tune
-# the trained model on a play it has never seen.
+# hand. Before training we see what cleaning removes from a corpus (TinyShakespeare needs
+# almost nothing removed). We write the training loop in the notebook too, and check it against
+# the book's `attnbook.train.train` to the last bit. Then `train` runs for real: 400 steps on a
+# laptop CPU turn random weights into a model that writes something that looks like a play.
+# Finally we swap the attention variant by its name, resume a stopped run from its checkpoint,
+# load a checkpoint to sample, and fine-tune the trained model on a play it has never seen.
 #
 # **Learning goals**
 #
@@ -43,14 +43,14 @@
 # - Count the parameters ($12 d^2 + 13 d$ per block) and the training FLOPs per token
 #   ($6N + 12\, n_\text{layer}\, d\, T$) by hand, and check both against the module and against
 #   PyTorch's FLOP counter.
+# - Say what `clean_text` removes from a corpus (encodings, invisible characters, repeated
+#   paragraphs) and what it deliberately leaves, and prepare TinyShakespeare as character tokens.
 # - Write the training loop: AdamW with weight decay on matrices only, a linear warm-up and a
 #   cosine decay of the learning rate, a step (forward, backward, clip, update, zero the
 #   gradients) and an evaluation on fixed batches. Check it against `attnbook.train.train` bit
 #   for bit.
-# - Say what `clean_text` removes from a corpus (encodings, invisible characters, repeated
-#   paragraphs) and what it deliberately leaves.
-# - Prepare TinyShakespeare as character tokens, train with `attnbook.train.train`, plot the loss
-#   curves, and sample with temperature and top-k.
+# - Train with `attnbook.train.train`, plot the loss curves, and sample with temperature and
+#   top-k.
 # - Switch the attention variant by name (`"gqa"`, `"local"`, `"linear"`, `"mla"`, ...) and
 #   compare what each one costs in parameters and in cache memory.
 # - Resume a run from its checkpoint (exactly as if it had never stopped) and load a trained
@@ -455,6 +455,10 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# The first printed line, the standard deviation after the embeddings, is what the
+# initialisation predicts: `wte` and `wpe` are each drawn at 0.02, independently, so their sum
+# has standard deviation $0.02\sqrt{2} \approx 0.028$.
+#
 # Without the scaling, the stream grows by a constant amount of *variance* per block: its
 # standard deviation follows the $\sqrt{n_\text{layer}}$ curve, and a 32-block model enters
 # `ln_f` with a stream thirteen times the size of its embeddings. With the scaling, the final
@@ -498,6 +502,10 @@ assert torch.allclose(loss, loss_module, atol=1e-5)
 print(f"{len(ours.state_dict())} tensors with the same names; logits equal (atol=1e-5): OK")
 
 # %% [markdown]
+# The 53 tensors are the model's 52 parameters (section 7's optimizer finds 18 matrices and 34
+# vectors) plus `lm_head.weight`: `state_dict` lists the tied matrix under both of its names,
+# `transformer.wte.weight` and `lm_head.weight`, while `parameters()` yields it once.
+#
 # What `GPTConfig` adds to our version, each a field with a default that gives GPT-2:
 # `attention` and `attention_options` (any registered variant, section 9), `positions`
 # (`"learned"`, `"sinusoidal"`, or `"rope"`/`"alibi"`, which live in the attention layers, or
@@ -808,13 +816,15 @@ plt.show()
 #    $12 \times 64$ predictions.
 # 3. Backward: `loss.backward()` adds the gradient of the loss to every parameter's `.grad`.
 # 4. Clip: `clip_grad_norm_` treats all the gradients as one long vector. If its length (its L2
-#    norm) is above `grad_clip = 1`, every gradient is scaled by $1/\text{norm}$ (precisely
-#    $1/(\text{norm} + 10^{-6})$). The direction is kept and only the length is cut. Under Adam,
+#    norm) is above `grad_clip`, every gradient is scaled by
+#    $\texttt{grad\_clip}/(\text{norm} + 10^{-6})$, here $1/(\text{norm} + 10^{-6})$. The
+#    direction is kept and only the length is cut. Under Adam,
 #    rescaling one step's gradient barely changes that step (Adam divides by the gradients'
 #    running size anyway); what clipping protects is that running size, $v$, which one huge
 #    gradient would inflate for about a hundred steps, shrinking the steps that follow. Early
-#    in training the gradients are large and nearly every step is clipped, as the output below
-#    shows. The function returns the norm from before the clip, which we keep to look at.
+#    in training the gradients are large and nearly every step is clipped, as the last line of
+#    the loop's output (three cells below: "clipped at ... of 20 steps") shows. The function
+#    returns the norm from before the clip, which we keep to look at.
 # 5. `optimizer.step()`: AdamW updates every parameter from its gradient, as described above.
 # 6. `optimizer.zero_grad(set_to_none=True)` drops the gradients. `backward` *adds* into
 #    `.grad`, so without this the next step would use the sum of two steps' gradients.
@@ -992,16 +1002,12 @@ assert all(checks.values())
 # noise, and it writes checkpoints into `out_dir`.
 #
 # The run below is sized for a laptop: the model of section 4 (0.8M parameters), batches of
-# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3. The training cell prints the
-# wall time and the median milliseconds per step; on a machine busy with other work the wall
-# time is much more than 400 times the median, because the slow steps are the shared ones. A high learning rate is fine for a model this
-# small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set `device="cpu"` so
-# the notebook behaves the same on a machine with a GPU. Training shows a progress bar with the
-# step, the latest loss and, after an evaluation, the validation loss.
+# 12 × 64 characters, 400 steps at a peak learning rate of 3e-3. A high learning rate is fine
+# for a model this small and this short a run; nanoGPT's longer CPU example uses 1e-3. We set
+# `device="cpu"` so the notebook behaves the same on a machine with a GPU. Training shows a
+# progress bar with the step, the latest loss and, after an evaluation, the validation loss.
 
 # %%
-from attnbook.train import TrainConfig, checkpoint_dirs, load_trained, lr_at, read_metrics, train
-
 out_dir = runs / "shakespeare-char"
 train_cfg = TrainConfig(
     model=model_cfg, out_dir=str(out_dir), data="tinyshakespeare", encoding="char",
@@ -1037,6 +1043,10 @@ assert result.step == 400 and result.stopped == "max_iters"
 assert result.best_val_loss < 2.35, "400 steps should take the model below the bigram level"
 
 # %% [markdown]
+# On a machine shared with other work, the wall time can be far above 400 times the median step:
+# the median ignores the steps that waited for a processor, and the evaluations and checkpoints
+# come on top.
+#
 # The run wrote, into `out_dir`, its configuration (`config.json`), its metrics
 # (`metrics.jsonl`, one JSON object per line) and checkpoints. `read_metrics` returns the metric
 # lines as dictionaries: every 10 steps the training loss of that step's batch (with the learning
@@ -1084,16 +1094,20 @@ fig.tight_layout()
 plt.show()
 
 # %% tags=["nbval-ignore-output"]
+print("training loss (one batch) at the first logged steps:",
+      ", ".join(f"{m['step']}: {m['loss']:.2f}" for m in logged[:3]))
 print("evaluated losses (step: train / val):")
 for m in evals:
     print(f"  {m['step']:>4}: {m['train_loss']:.3f} / {m['val_loss']:.3f}")
+assert logged[1]["loss"] < unigram  # past the unigram level by step 20
 assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
 assert abs(evals[-1]["val_loss"] - evals[-1]["train_loss"]) < 0.15, "no overfitting yet"
 
 # %% [markdown]
-# How to read the curve: within twenty steps the loss falls from $\ln 65 \approx 4.17$ past
-# the unigram level, 3.31 (spaces and `e` are common, `Z` is not). Then comes a slower stretch
-# towards the bigram level, 2.45 (after `q` comes `u`, after a newline a capital). Below that the
+# How to read the curve: the loss starts at $\ln 65 \approx 4.17$, and the first logged point,
+# step 10, is already at 3.40, close to the unigram level, 3.31 (spaces and `e` are common, `Z`
+# is not); by step 20 (2.89) it is past it. Then comes a slower stretch towards the bigram
+# level, 2.45 (after `q` comes `u`, after a newline a capital). Below that the
 # model must use the longer context — which letters make up a word, that a name in
 # capitals ends with a colon and a newline — and that is where attention starts to earn its keep.
 # The train and validation losses (squares and dots) stay together: 400 steps of 768 characters
@@ -1184,7 +1198,9 @@ for name, options in variant_options.items():
 # - **linear** keeps a recurrent state of fixed size, whatever the length: zero bytes per added
 #   token. The state is as large as about 16 positions of MHA's cache, so it costs more than a KV
 #   cache for very short sequences and far less for long ones (at 1,024 tokens, 62 times less).
-# - **mla** caches one latent vector of 64 numbers per token and layer (plus a small rotary key),
+# - **mla** caches one latent vector of 64 numbers per token and layer, plus a small key shared
+#   by the heads (the decoupled part that RoPE rotates when `positions="rope"`, [chapter
+#   13](13_latent_attention.ipynb); with this model's learned positions nothing rotates it),
 #   instead of 256 for keys and values, at the price of extra projections.
 #
 # The same switch works for training. As a check that each variant really trains, not only
@@ -1196,7 +1212,7 @@ for name, options in variant_options.items():
 
 # %% tags=["nbval-ignore-output"]
 short = dict(max_iters=10, warmup_iters=3, lr_decay_iters=10, eval_interval=10, eval_iters=2,
-             log_interval=1, ckpt_interval=10)
+             log_interval=1, ckpt_interval=10, progress=False)
 print(f"{'variant':>7} {'loss at step 1':>14} {'loss at step 10':>15} {'seconds':>7}")
 for name, cfg in variant_cfgs.items():
     run_cfg = dataclasses.replace(train_cfg, model=cfg, out_dir=str(runs / f"short-{name}"),
@@ -1211,7 +1227,8 @@ for name, cfg in variant_cfgs.items():
 # %% [markdown]
 # The command line takes the same fields as flags, and each variant's options as flags of their
 # own (named as the variant names them; `--attention_options '{"n_kv_head": 2}'` is the same in
-# JSON):
+# JSON). `--run_name gqa-2` trains in the folder `runs/gqa-2`, and a second call with the same
+# name resumes there:
 #
 # ```
 # attnbook train --attention gqa --n_kv_head 2 --positions rope --run_name gqa-2
@@ -1223,14 +1240,17 @@ for name, cfg in variant_cfgs.items():
 # checkpoint every `ckpt_interval` steps, at every evaluation that improves the validation loss,
 # and at the end: a folder `checkpoints/step_NNNNNNN/` with the weights (`model.safetensors`)
 # and `state.pt`, which holds the optimizer's moments, the step, the random generators' states and
-# the configuration. The last `keep_last` checkpoints are kept, and the best one. Calling `train`
-# again with the same `out_dir` finds the newest checkpoint and continues from it.
+# the configuration. The last `keep_last` checkpoints (2 by default) are kept, and the best
+# one. Calling `train` again with the same `out_dir` finds the newest checkpoint and continues
+# from it.
 #
 # Our run ended at step 400. We call `train` again with `max_iters=420`: it must start at step
 # 401, not at 1. The learning-rate schedule was planned to end at step 400, so the extra steps
 # run at `min_lr`; to plan a longer run from the start, set `lr_decay_iters` to its last step.
 
 # %%
+from attnbook.train import checkpoint_dirs
+
 print("newest checkpoint before:", checkpoint_dirs(out_dir)[-1].name)
 longer_cfg = dataclasses.replace(train_cfg, max_iters=420)
 resumed = train(longer_cfg, data)
@@ -1262,7 +1282,7 @@ from attnbook.train import load_checkpoint
 tiny_cfg = dataclasses.replace(
     train_cfg, model=GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32),
     max_iters=20, warmup_iters=5, lr_decay_iters=20, eval_interval=10, eval_iters=2,
-    log_interval=1, ckpt_interval=10,
+    log_interval=1, ckpt_interval=10, progress=False,
 )
 train(dataclasses.replace(tiny_cfg, out_dir=str(runs / "straight")), data)
 train(dataclasses.replace(tiny_cfg, out_dir=str(runs / "stopped"), max_iters=10), data)
@@ -1372,8 +1392,9 @@ print({key: tempest.meta[key] for key in ("vocab_size", "n_train", "n_val")})
 # %% [markdown]
 # Two runs of the same 60 steps on the play, everything else equal: one starts from the
 # pretrained weights (`init_from`) at a lower learning rate, 1e-3 without warm-up, so as not to
-# wreck what the model knows; the other starts from random weights with this chapter's
-# schedule. We measure both on the play's validation split, and the pretrained model before any
+# wreck what the model knows; the other starts from random weights at section 8's peak rate,
+# 3e-3, with a warm-up of 10 steps and the cosine down to 3e-4 at step 60 (the end of the run).
+# We measure both on the play's validation split, and the pretrained model before any
 # fine-tuning.
 
 # %% tags=["nbval-ignore-output"]
@@ -1432,8 +1453,9 @@ plt.show()
 # is weaker than it looks: at initialisation every LayerNorm has scale 1 and shift 0, so all of
 # them compute the same function, and every bias is 0. A block that fed `ln_2` to the attention
 # and `ln_1` to the MLP would pass it. Trained weights have no such symmetries: every norm and
-# bias has learnt its own values. We copy the trained checkpoint's weights into a fresh
-# `NotebookGPT` and compare logits and loss on a validation batch.
+# bias has learnt its own values. We copy the weights of `model`, the checkpoint that section 11
+# loaded (the resumed run, step 420), into a fresh `NotebookGPT` and compare logits and loss on
+# a validation batch.
 
 # %%
 ours_trained = NotebookGPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
