@@ -16,10 +16,11 @@
 # %% [markdown]
 # # Chapter 18 — Comparing attention variants
 #
-# Chapters 3 to 13 built the attention layers that the registry knows by name. This chapter
-# compares seven of them: `mha`, `mqa`, `gqa`, `mla`, `local`, `sparse` and `linear` (chapter
-# 12's `deltanet` and `gated_deltanet` came after the runs quoted here; `CompareConfig` with no
-# `variants` takes every registered layer, theirs included). Each chapter measured its own variant against
+# Chapters 3 to 14 built the attention layers that the registry knows by name. This chapter
+# compares them: the reduced run in the notebook trains seven (`mha`, `mqa`, `gqa`, `mla`,
+# `local`, `sparse` and `linear`), and the committed results of the command's full preset cover
+# every registered layer but NSA, the DeltaNets of chapter 12 and MoBA and DSA of chapter 14
+# included. Each chapter measured its own variant against
 # full multi-head attention on its own terms: a cache that is smaller, a kernel that is faster at
 # 4,096 positions, a probe of how much a fixed-size state can recall.
 # [Chapter 17](17_training_a_gpt.ipynb) put any of them into a GPT and trained it. What is missing
@@ -44,6 +45,8 @@
 #   attention from its cheap substitutes.
 # - Run `compare(CompareConfig(...))`, read its table and figures, and tell which differences a
 #   short run can show (cache size, speed, what lies beyond a window's reach) and which it cannot.
+# - Read the full preset's committed results: recall against the cache each variant keeps,
+#   recall against distance, and when each variant leaves the plateau of its loss curve.
 # - Predict from `layers × (window − 1)` which copies a sliding-window model can learn, and
 #   check it.
 # - Convert a trained MHA model into GQA (mean-pooled heads) and into MLA (truncated SVD), measure
@@ -365,85 +368,136 @@ print("relative to mha:", {name: round(v / speed["mha"], 2) for name, v in speed
 assert max(speed.values()) < 3 * speed["mha"]  # no saving pays off at 32 positions
 
 # %% [markdown]
-# ### What the command's presets show
+# ### The full preset, from its committed results
 #
 # A run of 200 steps is too short for recall; the command's presets are longer. Both train
 # models of 2 layers, 4 heads and 64 dimensions on sequences of 64 positions (4 key-value
 # pairs, so a guess between the sequence's values scores $1/4$; copies of 16 tokens; a window of
 # 8, so $R = 2 \times 7 = 14$), with batches of 48: `--quick` for 1500 steps, `--full` for 8000.
-# Here is what one run of each printed on a 2-core CPU like the one the book's tests run on,
-# two variants at a time with one thread each, seed 1337 (9 and 44 minutes). These numbers are
-# quoted from the `results.md` files of those runs, not computed by this notebook; `make compare`
-# and `make compare COMPARE_ARGS=--full` produce them again on your machine.
+# The repository keeps the results of one full run of every variant but NSA (seed 1337), as the
+# command wrote them: `chapters/data/compare_full.csv` is its `results.csv` and
+# `compare_full_curves.csv` its `curves.csv` (every evaluation's losses);
+# `chapters/data/README.md` says how, when and on which machine they were made.
+# NSA is missing because at 64 positions its training step is the slowest of all, about twice
+# MoBA's, and 8000 steps would take more than an hour on one core;
+# `attnbook compare --full --variants nsa` runs it. `make compare COMPARE_ARGS=--full` makes
+# the whole file again on your machine (7 to 25 minutes per variant on one core of ours). The
+# next cells read the files; nothing below is trained by this notebook.
+# %%
+import csv
+
+from attnbook.compare import COLUMNS, PRESETS
+
+DATA = Path("data")  # beside this notebook, in chapters/data/
+with open(DATA / "compare_full.csv") as f:
+    full = {row["variant"]: row for row in csv.DictReader(f)}
+with open(DATA / "compare_full_curves.csv") as f:
+    curves = list(csv.DictReader(f))
+gap_cols = [k for k in next(iter(full.values())) if k.startswith("recall_gap_")]
+assert set(next(iter(full.values()))) == set(COLUMNS) | set(gap_cols)  # compare's own columns
+print("full preset:", PRESETS["full"])
+bins = " / ".join(c.removeprefix("recall_gap_").replace("_", "-") for c in gap_cols)
+print(f"{'variant':>14} {'recall':>6}   by gap {bins:<19} {'copy':>5} {'induction':>9} "
+      f"{'cache B/token':>13}")
+for name, r in full.items():
+    by_gap = " / ".join(f"{float(r[c]):.2f}" for c in gap_cols)
+    print(f"{name:>14} {float(r['recall_acc']):>6.3f}   {by_gap:<26} {float(r['copy_acc']):>5.3f} "
+          f"{float(r['induction_acc']):>9.3f} {float(r['cache_bytes_per_token']):>13,.1f}")
+
+
+# %% [markdown]
+# What 8000 steps show, variant by variant (the numbers are the table's):
 #
-# | variant | recall, quick | copy, quick | recall, full | by gap 1–7 / 8–15 / 16–31 / 32–63 | copy, full | cache B/token |
-# |---|---|---|---|---|---|---|
-# | mha | 0.258 | 0.748 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 0.999 | 1,024 |
-# | gqa | 0.254 | 0.751 | 0.310 | 0.21 / 0.24 / 0.26 / 0.37 | 0.967 | 512 |
-# | mqa | 0.212 | 0.751 | 0.248 | 0.23 / 0.23 / 0.26 / 0.25 | 0.916 | 256 |
-# | mla | 0.248 | 0.478 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 1.000 | 576 |
-# | sparse | 0.425 | 0.452 | 0.999 | 1.00 / 1.00 / 1.00 / 1.00 | 0.984 | 1,024 |
-# | linear | 0.245 | 0.203 | 0.865 | 0.83 / 0.86 / 0.87 / 0.87 | 0.588 | 8 |
-# | local | 0.031 | 0.014 | 0.086 | 0.22 / 0.32 / 0.03 / 0.04 | 0.015 | 8 |
+# - **`mha`, `mla`, `dsa`, `sparse` and both DeltaNets** answer every query at every gap. `moba`
+#   comes close (0.988), losing a few queries at the longest gaps, where a query has the most
+#   past chunks to choose among.
+# - **`local`** rose only where its reach allows: 0.23 and 0.34 for gaps up to 15, about the
+#   $1/4$ of a guess among the values it can see, and a blind guess (0.03) beyond; the boundary,
+#   $R = 14$, falls inside the 8–15 bin. Seeing the values is not yet recalling the right one.
+#   It copies almost nothing (0.016): the token to copy lies 16 positions back.
+# - **`linear`** recalls 0.851, the same at every gap (0.85 in every bin): distance costs it
+#   nothing, since every pair is folded into the same state; what limits it is how well that
+#   state keeps the pairs apart ([chapter 11](11_linear_attention.ipynb)). It copies worst after
+#   `local` (0.580): copying needs the token at one exact distance, which a state that adds up
+#   every past position blurs.
+# - **`gqa` and `mqa`** see every position, as `mha` does, and copy well (0.995 and 0.924), but
+#   recall less: `gqa` 0.890, `mqa` 0.249, a guess among the values. Nothing in their structure
+#   stops them; the curves below show where each one is in learning it.
+# - **Induction** is learned by `dsa` alone (0.992); `deltanet` gets about half (0.539) and the
+#   others much less. Of the three tasks it is the one 8000 steps leave furthest from done.
 #
-# - **After 1500 steps** nobody recalls (only `sparse` has left $1/4$), and the separation is on
-#   copying: `mha`, `gqa` and `mqa` copy three tokens in four, `local` none, because the token to
-#   copy lies 16 positions back and its reach is 14. That, and the costs, is what the quick preset
-#   can show.
-# - **After 8000 steps** `mha`, `mla` and `sparse` answer every query at every gap. `local` rose
-#   only where the theory allows it: 0.22 and 0.32 for gaps up to 15, about the $1/4$ of a guess
-#   among the values it can see, and a blind guess beyond (the boundary is at 14, inside the 8–15
-#   bin). Seeing the values is not yet recalling the right one. `linear` recalls at 0.87, the same
-#   at every gap: distance costs it nothing, since every pair is folded into the same state; what
-#   limits it is how many pairs that state can keep apart ([chapter 11](11_linear_attention.ipynb)),
-#   and with 4 pairs it keeps most of them.
-# - **`gqa` and `mqa`** copy well but are still at $1/4$ on recall — still on the plateau that
-#   `mha` left earlier. Nothing in their structure stops them (they see every position, as `mha`
-#   does), and two more seeds show it: we ran the full preset for these three with `--seed 1`
-#   and `--seed 2` (about 9 minutes per variant and seed). Recall after 8000 steps, seeds 1337 /
-#   1 / 2: `mha` 1.000 / 0.976 / 0.991, `gqa` 0.310 / 1.000 / 0.824, `mqa` 0.248 / 0.281 /
-#   1.000. The step at which the validation loss first fell below 1 (the plateau left) was 4800
-#   for `mha` with every seed; for `gqa` never / 3200 / 8000, for `mqa` never / never / 3200.
-#   Sharing key/value heads does not prevent recall — a run that learns it reaches 1.000 — but
-#   at this size it makes *when* it is learned a matter of the seed: sometimes earlier than
-#   `mha`, sometimes not within 8000 steps. Three seeds per variant are the least a comparison
-#   of learning speed needs; one seed would have told a different story for each of the three.
+# The picture puts recall against the cost that grows with the context, the cache per token
+# (blue: a recall of 0.95 or more), and recall against the distance between a pair and its query.
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+points = {}  # (cache, rounded recall) -> names: variants on one spot share a label
+for name, r in full.items():
+    x, y = float(r["cache_bytes_per_token"]), float(r["recall_acc"])
+    points.setdefault((x, round(y, 1)), []).append((name, y))
+for i, ((x, _), group) in enumerate(sorted(points.items())):
+    y = max(acc for _, acc in group)
+    ax1.plot([x] * len(group), [acc for _, acc in group], "o",
+             color="tab:blue" if y >= 0.95 else "tab:red")
+    ax1.annotate("\n".join(name for name, _ in group), (x, y), textcoords="offset points",
+                 xytext=(6, -4 - 14 * (i % 2)), fontsize=8, va="top")  # neighbours alternate
+ax1.axhline(1 / 4, ls=":", color="grey")
+ax1.text(9, 0.27, "a guess among the sequence's 4 values", fontsize=8, color="grey")
+ax1.set(xscale="log", xlabel="cache per token at 1,024 tokens (bytes, 2 layers, float32)",
+        ylabel="recall accuracy after 8000 steps", ylim=(-0.02, 1.08),
+        title="What each variant keeps, and what it recalls")
+labels = [c.removeprefix("recall_gap_").replace("_", "-") for c in gap_cols]
+colours = {name: plt.cm.tab20(i) for i, name in enumerate(full)}  # 11 variants, 11 colours
+for name, r in full.items():
+    ax2.plot(labels, [float(r[c]) for c in gap_cols], "o-", lw=1, label=name, color=colours[name])
+ax2.set(xlabel="gap between a pair and its query (positions)", ylabel="recall accuracy",
+        ylim=(-0.02, 1.02), title="Recall against distance")
+ax2.legend(fontsize=7, ncol=2)
+plt.show()
+
+
+# %% [markdown]
+# On the left, what a variant keeps does not decide whether it recalls: `mqa` keeps a quarter of
+# `mha`'s cache and recalls at a guess, the DeltaNets keep about 1% of it (12.5 bytes per token
+# against 1,024) and recall everything, and `linear`, with a state of the same size, recalls
+# 0.851. With 4 pairs per sequence, far fewer than a DeltaNet's state can hold, what decides is
+# whether a variant *learned* the lookup in 8000 steps, and for `local` whether it can see the
+# pair at all. On the right, distance costs nothing to the variants that learned recall; only
+# `local` falls off a cliff, at its reach.
 #
-# **The variants of chapters 12 and 14.** DeltaNet and Gated DeltaNet
-# ([chapter 12](12_gated_deltanet.ipynb)) and MoBA, NSA and DeepSeek Sparse Attention
-# ([chapter 14](14_learned_sparse_attention.ipynb)) came after those runs. We ran them with the same
-# presets and seed on the same kind of 2-core CPU, two at a time with one thread each, while other
-# work shared the machine (so their times are not comparable with the runs above). Each keeps the
-# options `options_for_length` picks at 64 positions: MoBA chunks of 4 with its own and two past
-# chunks, NSA blocks of 4 (compressed blocks of 2 every position, 4 selected blocks, a window of 8,
-# 2 key/value heads), DSA the 16 best of 64 tokens. Quoted from their `result.json` files:
+# The validation loss over training shows how recall is learned: a long plateau, then a drop
+# when the two layers start to work together, at a step that differs from variant to variant.
+
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
+for name in full:
+    points = [(int(c["step"]), float(c["val_loss"])) for c in curves if c["variant"] == name]
+    ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1, label=name, color=colours[name])
+ax.set(yscale="log", xlabel="step", ylabel="validation loss (answer positions)",
+       title="The full preset's validation loss: plateaus, and when each variant leaves its own")
+ax.legend(fontsize=7, ncol=2)
+plt.show()
+below_1 = {name: next((int(c["step"]) for c in curves if c["variant"] == name
+                       and float(c["val_loss"]) < 1), None) for name in full}
+print("first evaluation with a validation loss below 1 (None: never):", below_1)
+
+
+# %% [markdown]
+# The DeltaNets are below 1 at the first evaluation (step 800); `mla` and `dsa` leave the plateau
+# by step 2400, `moba` by 3200, `sparse` by 4000, `mha` by 4800, `linear` by 5600 and `gqa` by
+# 6400, the last two still falling at the end; `mqa` has not left it by step 8000, and `local` cannot. At
+# step 1600, near the quick preset's 1500 steps, only the DeltaNets are below the plateau: that
+# is why a quick run shows the costs but not recall.
 #
-# | variant | recall, quick | copy, quick | recall, full | by gap 1–7 / 8–15 / 16–31 / 32–63 | copy, full | cache B/token |
-# |---|---|---|---|---|---|---|
-# | deltanet | 0.997 | 0.888 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 0.998 | 12 |
-# | gated_deltanet | 0.826 | 0.311 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 0.998 | 12 |
-# | moba | 0.255 | 0.796 | 0.988 | 1.00 / 0.99 / 0.99 / 0.98 | 0.999 | 1,024 |
-# | nsa | 0.247 | 0.451 | not run | | | 512 |
-# | dsa | 0.252 | 0.252 | 1.000 | 1.00 / 1.00 / 1.00 / 1.00 | 1.000 | 704 |
-#
-# - **DeltaNet recalls after 1500 steps** (0.997), when every softmax variant is still on the
-#   plateau near $1/4$ and linear attention is at 0.245: with 4 pairs, far fewer than its state
-#   can hold, the delta rule's memory, which overwrites what a key returned, is quickly learned.
-#   Gated DeltaNet is at 0.826. After 8000 steps both answer every query, where linear
-#   attention reached 0.865. (With more pairs than the state holds,
-#   [chapter 12](12_gated_deltanet.ipynb)'s section 9 and its exercises show the other side.)
-# - **MoBA and DSA** learn recall in the full run like `mha`, `mla` and `sparse`: DSA every
-#   query, MoBA all but about 2% at the longest gaps (where a query has the most past chunks to
-#   choose from). At 1500 steps they are on the plateau, as `mha` is.
-# - **NSA's full run was not made**: at 64 positions its training step is the slowest of all
-#   (6,404 tokens/s in the quick run, half of MoBA's 12,827 on the same busy machine), and
-#   8000 steps would have taken more than an hour; `attnbook compare --full --variants nsa`
-#   runs it. After 1500 steps it is where the softmax variants are.
-# - **The caches**: MoBA keeps MHA's (it chooses among all cached keys), NSA with 2 key/value
-#   heads half of it, DSA MLA's latent and rotary key (576 bytes over two layers) plus its
-#   index keys (128), and the DeltaNets a fixed state (12 bytes per token at 1,024 tokens, less
-#   the longer the sequence).
-#
+# The order in which the softmax variants leave the plateau is not a ranking of the variants:
+# one seed is one draw. An earlier full run with the same settings and seed, made with the code
+# of a few days before (the same design, not bit for bit the same program), had `gqa` at 0.310
+# and `mqa` at 0.248 after 8000 steps; with seeds 1 and 2 that code gave `gqa` 1.000 and 0.824,
+# `mqa` 0.281 and 1.000, and `mha` 0.976 and 0.991. Sharing key/value heads does not prevent
+# recall — a run that learns it reaches 1.000 — but at this size it makes *when* it is learned a
+# matter of the seed. Three seeds per variant are the least a comparison of learning speed
+# needs; `attnbook compare --full --seed N` makes more.
+
 # %% [markdown]
 # ## 4. Reach, measured: copying beyond the window
 #
@@ -542,22 +596,22 @@ plt.show()
 #
 # ## 5. What the comparison says, variant by variant
 #
-# Collecting only what this chapter's outputs show:
+# Collecting what this chapter's outputs show, the short runs and the committed full preset:
 #
-# | variant | cache per token (section 3) | what the short runs show |
-# | --- | --- | --- |
-# | `mha` | 1,024 B | the reference; learns every copy length |
-# | `gqa` | 512 B (1/2) | recall not yet learned, like MHA; section 6 converts a trained model |
-# | `mqa` | 256 B (1/4) | the same; section 6 shows what one shared head costs a trained model |
-# | `mla` | 576 B (0.56) | the same; more parameters than MHA at this width |
-# | `local` | constant (window) | blind on every answer beyond $L(w-1)$: recall and long copies |
-# | `sparse` | 1,024 B (as MHA) | recall not yet learned; no faster than MHA at this length |
-# | `linear` | constant (state) | no reach limit: copies every length; its capacity needs longer runs |
+# | variant | cache per token (section 3) | what the short runs show | full preset, recall |
+# | --- | --- | --- | --- |
+# | `mha` | 1,024 B | the reference; learns every copy length | 1.000 |
+# | `gqa` | 512 B (1/2) | recall not yet learned, like MHA; section 6 converts a trained model | 0.890, still learning |
+# | `mqa` | 256 B (1/4) | the same; section 6 shows what one shared head costs a trained model | 0.249, not learned |
+# | `mla` | 576 B (0.56) | the same; more parameters than MHA at this width | 1.000 |
+# | `local` | constant (window) | blind on every answer beyond $L(w-1)$: recall and long copies | 0.086, only within reach |
+# | `sparse` | 1,024 B (as MHA) | recall not yet learned; no faster than MHA at this length | 1.000 |
+# | `linear` | constant (state) | no reach limit: copies every length; its capacity needs longer runs | 0.851, at every gap |
 #
-# The cache column is exact; the speeds in section 3 are this machine's; the accuracy claims are
-# the asserted ones. Everything about *which variant learns recall best*, and what sharing
-# key/value heads costs in quality when a model is trained that way from the start, needs the
-# command's longer runs.
+# The cache column is exact; the speeds in section 3 are this machine's; the accuracy claims of
+# the short runs are the asserted ones, and the last column is one seed of the full preset. What
+# sharing key/value heads costs in quality when a model is trained that way from the start needs
+# more seeds than one (section 3).
 
 # %% [markdown]
 # ## 6. Converting a trained MHA model: GQA and MLA
@@ -808,13 +862,13 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == r
 # - A short run shows the costs (cache per token, parameters) exactly, and the failures that
 #   are structural — sliding-window attention answers nothing beyond its reach, as predicted. It
 #   does not show which variant learns recall best: small models stay near chance on recall for
-#   a long time first. The command's full preset (`attnbook compare --full`) is for that: in
-#   its run `mha`, `mla` and `sparse` recalled every pair, `linear` 0.87 at every gap, `local`
-#   no better than a guess among the values it could see, and `gqa` and `mqa` were still on the
-#   plateau after 8000 steps — with that seed: over three seeds `mha` learned recall every time,
-#   `gqa` twice and `mqa` once. Learning speed needs several seeds per variant. The variants of
-#   chapters 12 and 14 were run later: DeltaNet recalled after only 1500 steps, and Gated
-#   DeltaNet, MoBA and DSA after 8000.
+#   a long time first. The command's full preset (`attnbook compare --full`) is for that, and
+#   its results are committed (`chapters/data/compare_full.csv`): after 8000 steps `mha`,
+#   `mla`, `dsa`, `sparse` and both DeltaNets recalled every pair, `moba` 0.988, `gqa` 0.890 and
+#   still learning, `linear` 0.851 at every gap, `mqa` a guess (0.249) and `local` only within
+#   its reach. What a variant keeps per token did not decide it: the DeltaNets keep about 1% of
+#   `mha`'s cache and recalled everything. When a variant leaves its loss plateau depends on the
+#   seed, so learning speed needs several seeds per variant.
 # - At 32 positions no variant is much faster than `mha`; their speed pays at thousands of
 #   positions (chapters 9–11) and in memory-bound decoding.
 # - A trained MHA model converts to MLA by a truncated SVD of its stacked key/value projection
