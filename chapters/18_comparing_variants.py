@@ -413,7 +413,8 @@ for name, r in full.items():
 #   past chunks to choose among.
 # - **`local`** rose only where its reach allows: 0.23 and 0.34 for gaps up to 15, about the
 #   $1/4$ of a guess among the values it can see, and a blind guess (0.03) beyond; the boundary,
-#   $R = 14$, falls inside the 8–15 bin. Seeing the values is not yet recalling the right one.
+#   $R = 14$, falls inside the 8–15 bin. Even for pairs within its reach it has not learned the
+#   lookup in 8000 steps: seeing the values is not yet recalling the right one.
 #   It copies almost nothing (0.016): the token to copy lies 16 positions back.
 # - **`linear`** recalls 0.851, the same at every gap (0.85 in every bin): distance costs it
 #   nothing, since every pair is folded into the same state; what limits it is how well that
@@ -459,11 +460,11 @@ plt.show()
 # %% [markdown]
 # On the left, what a variant keeps does not decide whether it recalls: `mqa` keeps a quarter of
 # `mha`'s cache and recalls at a guess, the DeltaNets keep about 1% of it (12.5 bytes per token
-# against 1,024) and recall everything, and `linear`, with a state of the same size, recalls
-# 0.851. With 4 pairs per sequence, far fewer than a DeltaNet's state can hold, what decides is
+# against 1,024) and recall everything, and `linear`, with a state of about the same size (8.5
+# bytes; the DeltaNets also keep their short convolution's last inputs), recalls 0.851. With 4 pairs per sequence, far fewer than a DeltaNet's state can hold, what decides is
 # whether a variant *learned* the lookup in 8000 steps, and for `local` whether it can see the
-# pair at all. On the right, distance costs nothing to the variants that learned recall; only
-# `local` falls off a cliff, at its reach.
+# pair at all. On the right, distance costs nothing to the variants that learned recall (six of
+# them lie on top of each other at 1.00); only `local` falls off a cliff, at its reach.
 #
 # The validation loss over training shows how recall is learned: a long plateau, then a drop
 # when the two layers start to work together, at a step that differs from variant to variant.
@@ -584,9 +585,10 @@ plt.show()
 # %% [markdown]
 # The boundary is where the arithmetic put it. Within reach, `local` copies almost perfectly.
 # Beyond it, the token to copy is not among anything the last layer can read, and no amount of
-# training helps: `local` scores what a guess among the 62 segment ids scores. (Exercise 1 moves
-# the boundary by changing the depth.) `mha` and `linear` have no window, and learn every length,
-# the long ones less completely in 300 steps.
+# training helps: `local` scores what a guess among the 62 segment ids scores (the 64 ids less
+# the filler and the separator). (Exercise 1 moves
+# the boundary by changing the depth.) `mha` and `linear` have no window and learn every length
+# in part, `linear` least at the long ones, in 300 steps.
 #
 # The same measurement does *not* show where linear attention pays. Copying 12 tokens through a
 # state of $16 \times 16$ numbers per head may well be within its capacity (300 steps cannot tell a
