@@ -270,9 +270,9 @@ print("scores shape (T_q, T_k):", tuple(scores.shape))
 print(scores)
 
 # %% [markdown]
-# Row 4 (the query of *it*) has one large entry, in column 1 (the key of *cat*); every other row
-# is small, apart from the *cat* column (explained below, after the softmax), because no other
-# word has a strong question to ask in this head.
+# Row 4 (the query of *it*; rows and columns are counted from 0) has one large entry, in column
+# 1 (the key of *cat*); every other row is small, apart from the *cat* column (explained below,
+# after the softmax), because no other word has a strong question to ask in this head.
 #
 # ## Step 2: scale
 #
@@ -330,9 +330,10 @@ print("length of each key:", [f"{word} {n:.2f}" for word, n in zip(sentence, K.n
 # uniform): their queries are small random vectors, and small score differences make small
 # weight differences. One column still stands out in those rows, *cat*'s, in both directions:
 # *the*, *cat* and *and* give it their lowest weight (0.08, from scores near −1.9), *ate* and
-# *slept* their highest (0.19). The hand-set `W_k[0, 0] += 3` made *cat*'s key several times as
-# long as the others (the key lengths are printed above), so even a small random query has a sizeable dot product with
-# it, positive or negative depending on which way the query happens to point.
+# *slept* their joint highest (0.19, tied with *it* at two decimals). The hand-set
+# `W_k[0, 0] += 3` made *cat*'s key several times as long as the others (the key lengths are
+# printed above), so even a small random query has a sizeable dot product with it, positive or
+# negative depending on which way the query happens to point.
 #
 # An attention map shows all rows at once; the helper below draws one with the words on the
 # axes, and we will reuse it. Exact zeros (masked entries, later) are left unlabelled so that the
@@ -398,16 +399,16 @@ print("Var(q.k) / d is within 15% of 1 for every d:", True)
 # %% [markdown]
 # The variance grows in proportion to $d$, so the typical size of a score grows like $\sqrt{d}$.
 # Why is that bad? The softmax is sensitive to *differences* between scores: a gap of 5 between
-# the largest score and the next gives the winner $e^5 \approx 150$ times the weight. If the
-# scores are spread over a range of $\pm 3\sqrt{d}$ (three standard deviations of $\sqrt{d}$
-# each: about 32 at $d = 1024$ in the table), then at $d = 1024$ the gaps are tens of
-# units wide and the softmax becomes a hard one-hot choice. Two things go wrong then:
+# the largest score and the next gives the winner $e^5 \approx 150$ times the weight. One
+# standard deviation of the scores is $\sqrt{d}$, about 32 at $d = 1024$ (the table prints the
+# variance, 1047.7), so the scores span about $\pm 96$ (three standard deviations): the gaps
+# are tens of units wide and the softmax becomes a hard one-hot choice. Two things go wrong then:
 #
 # 1. The head can only *pick* one key, not *mix* several.
 # 2. The softmax's gradient vanishes. Its Jacobian is
-#    $\partial w_i / \partial s_j = w_i(\delta_{ij} - w_j)$, which is zero when one $w_i$ is 1
-#    and the others are 0. A saturated head receives almost no learning signal through its
-#    scores.
+#    $\partial p_a / \partial s_b = p_a(\delta_{ab} - p_b)$ for one row of scores $s$ and its
+#    weights $p$, which is zero when one $p_a$ is 1 and the others are 0. A saturated head
+#    receives almost no learning signal through its scores.
 #
 # Dividing by $\sqrt{d}$ brings the scores back to unit variance, whatever $d$ is. Below we
 # measure three things for 500 rows of 16 random keys each, with and without the scaling, and
@@ -472,8 +473,9 @@ plt.show()
 # saturates and stops passing gradient. With scaling, the three numbers move a little between
 # $d = 1$ and $d = 4$ (the largest weight goes from 0.20 to 0.24: at $d = 1$ a row's scores are
 # $q \cdot k_j$ for one random number $q$, so their spread is $|q|$, which is often small; as
-# $d$ grows the spread settles near 1) and then stay flat all the way to $d = 1024$. We turn
-# that into a check:
+# $d$ grows the spread settles near 1) and then stay flat all the way to $d = 1024$. The scaled
+# rows are still not uniform (largest weight 0.25, entropy 2.35 against $\ln 16 \approx 2.77$
+# for uniform); the point is that they stop depending on $d$. We turn that into a check:
 
 # %%
 unscaled_big, scaled_big = stats["unscaled"][-1], stats["scaled"][-1]  # d = 1024

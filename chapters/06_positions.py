@@ -187,7 +187,8 @@ print("table:", tuple(P.shape), " position 0:", P[0, :6].tolist())
 #   = \sum_i \cos\big((m-n)\,\omega_i\big),$$
 #
 # a function of the distance $m - n$ alone. We plot it against the distance, starting from
-# two different positions: the curves lie on top of each other.
+# two different positions: the curves lie on top of each other. (The figure's axis reads
+# $n - m$; the sign does not matter here: the curve is symmetric, since the cosine is even.)
 
 # %%
 gram = P @ P.T  # (128, 128): dot product of every pair of positions
@@ -1004,7 +1005,9 @@ plt.show()
 # - **Sinusoidal** positions also solve the task at length 32, and the accuracy falls away
 #   right after position 32 (a mean of about 0.44 on positions 32..63). The table has rows for
 #   those positions, but the model never saw them during training; whatever it learned about
-#   "the previous position" was learned for the first 32 rows of the table.
+#   "the previous position" was learned for the first 32 rows of the table. Nothing forces the
+#   model to use the $R_k$ structure of section 2; it learns what rows 0..31 look like, and rows
+#   32..63 bring values of the slow pairs it never saw.
 # - **RoPE** solves the task at length 32, holds for a few positions beyond it, then degrades
 #   steadily. Its mean on positions 32..63 (about 0.56) is above the sinusoidal model's only
 #   thanks to those first few positions: by the end of the sequence it has fallen below it.
@@ -1032,12 +1035,14 @@ plt.show()
 # During training no offset larger than 31 ever occurred. The model's heads have
 # `head_dim` $= 32 / 4 = 8$, the four pairs of section 3.2's figure; pair 1 turns by 0.1 radian
 # per position, so training offsets took it from 0 to 3.1 radians, and offsets 32 to 63 take it
-# to 6.3, angles it never saw. The scores at those offsets are whatever the pairs happen to
-# produce there, and some
-# of them can be large enough to steal attention from the previous token. If that is the
-# explanation, hiding every key more than 31 tokens away should repair RoPE. It should not
-# help the sinusoidal model, whose problem is the unseen *absolute* positions. We test it with
-# an attention mask (`True` = may attend) that lets each query see only the last 32 positions.
+# to 6.3, angles it never saw. Pairs 2 and 3 reach unseen angles too (up to $0.63$ and
+# $0.063$ radians instead of $0.31$ and $0.031$), while pair 0, at one radian per position,
+# wraps around several times within 31 positions and has seen every angle. The scores at those
+# offsets are whatever the pairs happen to produce there, and some of them can be large enough
+# to steal attention from the previous token. If that is the explanation, hiding every key more
+# than 31 tokens away should repair RoPE. It should not help the sinusoidal model, whose
+# problem is the unseen *absolute* positions. We test it with an attention mask (`True` = may
+# attend) that lets each query see only the last 32 positions.
 
 # %%
 t_idx = torch.arange(2 * L)
@@ -1212,9 +1217,9 @@ print("MultiHeadAttention, RoPE (half, interleaved) and ALiBi (6 heads) == our c
 #    `rope_pairing="half"`. Predict: at which positions are the logits still the same? What
 #    happens to the accuracy? Then convert the weights with `interleaved_to_half` (the q and k
 #    rows of `c_attn`, weight and bias) and show the logits match again.
-# 5. **Forgetting the offset.** Decode a sequence token by token through a RoPE
-#    `MultiHeadAttention` with a KV cache (`layer.new_cache(...)`, then `layer(x_t, cache=cache)`)
-#    and check it matches the full forward pass. Then break it: give the layer a
-#    `RotaryEmbedding` that ignores `start` (the layer holds its RoPE as `layer.rope`). Predict which outputs still match, check, and
-#    explain. Why does ALiBi's bias need no `start` argument? (Look at
-#    `alibi_bias(slopes, 1, t_k)`.)
+# 5. **Forgetting the offset** (after [chapter 7](07_kv_cache.ipynb)). Decode a sequence token
+#    by token through a RoPE `MultiHeadAttention` with a KV cache (`layer.new_cache(...)`, then
+#    `layer(x_t, cache=cache)`) and check it matches the full forward pass. Then break it: give
+#    the layer a `RotaryEmbedding` that ignores `start` (the layer holds its RoPE as
+#    `layer.rope`). Predict which outputs still match, check, and explain. Why does ALiBi's
+#    bias need no `start` argument? (Look at `alibi_bias(slopes, 1, t_k)`.)

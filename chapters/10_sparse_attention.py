@@ -395,12 +395,13 @@ print("times drawn as a random block, mean per block: blocks 2-21",
 # flatten the whole curve to a few layers. Its highest point, 5, is the worst pair that *ends*
 # at block 63; the table's 6 is the worst pair over all ordered pairs, which ends elsewhere.
 #
-# The random curve (triangles) peaks in the middle of the sequence, and the draw says why. A
-# block sends shortcuts only to the later rows that drew it, and each row draws among *all* its
-# eligible past blocks, so an early block is eligible in many rows and drawn often, a late one
-# in few rows and rarely, as the last line printed shows. Early blocks spread their information
-# fast through their many shortcuts; blocks near the end reach block 63 through the window; the
-# blocks in between have few shortcuts and are too far for the window alone.
+# The random curve (triangles) is lowest at both ends and highest, 4 to 5 layers, for source
+# blocks from about 30 to 52, and the draw says why. A block sends shortcuts only to the later
+# rows that drew it, and each row draws among *all* its eligible past blocks, so an early block
+# is eligible in many rows and drawn often, a late one in few rows and rarely, as the last line
+# printed shows. Early blocks spread their information fast through their many shortcuts; blocks
+# near the end reach block 63 through the window; the blocks in between have few shortcuts and
+# are too far for the window alone.
 #
 # So in a causal BigBird the roles shift. The random blocks carry the long-range shortcuts. The
 # global blocks give every query a direct view of the beginning of the sequence, where a
@@ -621,12 +622,15 @@ for T_f in lengths_f:
 # sequence has at most $g + w + r$ blocks, the layer computes plain causal attention with SDPA's
 # causal kernel, which gives the same result for half the work. From there on the pattern's
 # pairs grow linearly, about
-# $T\,(g + w + r - \tfrac12)\,b$ (each of the $T/b$ query blocks sees $K - 1 = g + w + r - 1$
-# full off-diagonal tiles of $b^2$ pairs and about half its diagonal tile, so
-# $\tfrac{T}{b}\,(K - \tfrac12)\,b^2$), and the path's entries exactly linearly,
-# $T\,(g + w + r)\,b$; relative to the causal triangle both halve with every doubling of $T$.
-# At 4096 tokens the path computes a quarter of the causal scores, at 16384 a sixteenth. On
-# log-log axes:
+# $T\,(g + w + r - \tfrac12)\,b$ for long sequences (each of the $T/b$ query blocks sees
+# $K - 1 = g + w + r - 1$ full off-diagonal tiles of $b^2$ pairs and about half its diagonal
+# tile, so $\tfrac{T}{b}\,(K - \tfrac12)\,b^2$). That is an approximation: the first $K - 1$
+# query blocks see fewer blocks, and the exact count for $T \ge Kb$, with $n = T/b$, is
+# $n(K - 1)\,b^2 - \tfrac12 K(K - 1)\,b^2 + n \cdot b(b + 1)/2$, which gives the table's
+# pattern column (377,344 at $T = 1024$, where the approximation says 491,520). The path's
+# entries grow exactly linearly, $T\,(g + w + r)\,b$; relative to the causal triangle both
+# halve with every doubling of $T$. At 4096 tokens the path computes a quarter of the causal
+# scores, at 16384 a sixteenth. On log-log axes:
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -715,8 +719,10 @@ assert sparse_t[-1] / full_t[-1] < 0.8, "block-sparse should be clearly faster a
 # makes the path's entries equal the causal triangle's ($T = 2(g + w + r)\,b$): the gather, the
 # padding and the bookkeeping cost time that counting entries ignores, so the block-sparse path
 # does not win there by much, if at all. At 4096 it is clearly faster (the cell asserts less than
-# 0.8 of causal attention's time). So BigBird is a tool for *long* sequences: below a few thousand
-# tokens, with these settings, plain causal attention is as fast or faster. The layer avoids the
+# 0.8 of causal attention's time). So BigBird is a tool for *long* sequences: with these
+# settings the curves cross near 1024 tokens, and at 2048 the block-sparse path already takes
+# about two thirds of causal attention's time (ratio 0.68 in the run stored here); below the
+# crossover, plain causal attention is as fast or faster. The layer avoids the
 # worst case (at 512 tokens it runs causal attention, section 5), but from 513 tokens up to the
 # crossover it must take the block-sparse path and pay somewhat more than causal attention
 # would: the pattern no longer covers the whole triangle there, so the causal kernel would

@@ -871,9 +871,9 @@ print("best matrix: exact up to N = d, then about 1 - d/N; softmax stays low; el
 # three linear memories; the softmax curve comes after them:
 #
 # - **The ceiling.** Even the best $64\times 64$ matrix recalls perfectly only up to $N = 64$
-#   pairs and then follows $1 - d/N$ down: with 1024 pairs it keeps about 6% of what it was
-#   told. No cleverness in *how* the state is written can beat this; only a larger state can
-#   (larger heads, or feature maps with more features than $d$, as in Exercise 1).
+#   pairs, and then its error rises along $1 - d/N$: with 1024 pairs it keeps about 6% of what
+#   it was told. No cleverness in *how* the state is written can beat this; only a larger state
+#   can (larger heads, or feature maps with more features than $d$, as in Exercise 1).
 # - **Plain sums are far from the ceiling.** Adding outer products, as linear attention does, lets
 #   the keys interfere: each read returns its value plus crosstalk from every other pair, and the
 #   crosstalk grows like $N/d$: 0.5 at $N = 32$, 1 at $N = d$, and off the chart beyond (16 at
@@ -974,13 +974,15 @@ assert ms_rec > 3 * ms_chk, "the Python loop of the recurrent form should be muc
 
 # %% [markdown]
 # What to look for (your numbers will differ): SDPA's line is steeper — slope near 2, the
-# triangle of scores — while chunked linear attention grows about linearly. At short sequences
-# softmax wins, because its fused kernel is tight and linear attention pays fixed costs
-# (padding, the per-chunk states, several separate operations). In the runs on the 2-core CPU
-# this book was written on (shared with other jobs), the lines crossed between 128 and 512
-# tokens, and at 4096 tokens linear attention was 5 to 9 times faster. The recurrent form does
-# the fewest FLOPs of all, yet its Python loop over 1024 tokens is many times slower than the
-# chunked form: work that comes in a few big matrix products beats less work in many small ones.
+# triangle of scores — while chunked linear attention's line is flatter, closer to linear than
+# full attention's (though in the run stored here its time still about triples from 2048 to
+# 4096 tokens, 71.7 to 213.0 ms). At short sequences softmax wins, because its fused kernel is
+# tight and linear attention pays fixed costs (padding, the per-chunk states, several separate
+# operations). In the runs on the 2-core CPU this book was written on (shared with other jobs),
+# the lines crossed between 128 and 512 tokens, and at 4096 tokens linear attention was 5 to 9
+# times faster. The recurrent form does the fewest FLOPs of all, yet its Python loop over 1024
+# tokens is many times slower than the chunked form: work that comes in a few big matrix
+# products beats less work in many small ones.
 #
 # On a GPU the crossover moves to longer sequences (flash attention is very fast there, and
 # memory traffic rather than FLOPs decides), which is why practical linear-attention kernels are
@@ -994,7 +996,8 @@ assert ms_rec > 3 * ms_chk, "the Python loop of the recurrent form should be muc
 # `linear_chunk`, merges the heads and applies `c_proj`. That is what `impl="sdpa"` (the default)
 # selects in a linear-attention layer, with or without a cache: with one, the chunked form starts
 # from the cache's state. With `impl="reference"` it runs the quadratic form instead, and the
-# recurrent form when it has a cache.
+# recurrent form when it has a cache. The name `"sdpa"` is `AttentionConfig`'s name for every
+# layer's fast path; a linear-attention layer calls no SDPA at all.
 #
 # We rebuild that forward pass from this chapter's pieces, using the module's weights: section 5's
 # `chunked_form_rope`, our `chunked_form` with rotated features in the numerator. Then we compare it
