@@ -605,7 +605,7 @@ print("cache per token:", [tuple(p.shape[2:]) for p in cache.parts], "-> 32 + 8 
 # `attnbook.attention.mla` implements version 2 with the full set of DeepSeek-V2's sizes, under
 # the name `"mla"`. Its options, given next to the `AttentionConfig`, are `kv_lora_rank` ($r$,
 # default $4 d_h$), `qk_rope_head_dim` ($d_R$, default about $d_h/2$), `qk_nope_head_dim` (the
-# position-free part of a query/key head, default $d_h$), `v_head_dim` (default $d_h$),
+# position-free part of a query/key head, default $d_h$), `v_head_dim` ($d_v$, default $d_h$),
 # `q_lora_rank` (0: queries not compressed), `kv_norm` (the latent's RMSNorm, on by default) and
 # `absorb`, the starting value of the layer's attribute `absorb`, which switches mode on the same
 # weights.
@@ -756,7 +756,10 @@ print("bytes per token and layer:", per_token)
 # Both grow linearly with the sequence, MLA at $(r + d_R) \times 4 = (128 + 16) \times 4 = 576$
 # bytes per token and layer, MHA at $2 \cdot 4 \cdot 32 \times 4 = 1024$. With only four heads
 # the saving is modest, because MLA's cache does not depend on the number of heads at all,
-# while MHA's is proportional to it; section 8 shows what that means at 128 heads.
+# while MHA's is proportional to it. With the default $r = 4 d_h$ and 4 heads, the latent is
+# no smaller than the token itself: $r = 4 \cdot 32 = 128 = d$, and with the rotary key MLA
+# caches 144 numbers per token and layer, more than the token's own 128. MLA's ratios pay when
+# $H$ is much larger than 4; section 8 shows what that means at 128 heads.
 #
 # ## 7. Naive or absorbed: which is cheaper when?
 #
@@ -847,8 +850,8 @@ for i in (0, len(lengths) - 1):
           f"{prefill[True][i] / prefill[False][i]:.2f} times naive)")
 
 # %% [markdown]
-# For a decoding step, absorbed is 20 times cheaper with 64 cached positions and more than 100
-# times with 16k, where the cost per cached position dominates: per head, naive pays
+# For a decoding step, absorbed is almost 20 times cheaper (19.5) with 64 cached positions and
+# more than 100 times with 16k, where the cost per cached position dominates: per head, naive pays
 # $r(d_h + d_v) + d_h + d_R + d_v = 131{,}392$ multiply-adds for it, absorbed
 # $2(r + d_R) = 1152$, a ratio of 114, which the printed 111.9 approaches. For a full pass, naive
 # is cheaper, increasingly so as attention comes to dominate: the printed 0.29 at 16k means
@@ -944,7 +947,8 @@ for label, name, extra, formula in variants:
           f"{layer_cache.bytes_per_token:>5}")
 
 # %% [markdown]
-# At this size MLA's 144 numbers sit between GQA with 2 key/value heads (128) and MHA (256).
+# At this size MLA's 144 numbers sit between GQA with 2 key/value heads (128) and MHA (256),
+# and its latent alone ($r = 128$) is as large as the token ($d = 128$).
 # MLA's cache is $r + d_R = 4.5\,d_h$ numbers whatever the number of heads, which is the cache of
 # GQA with 2.25 key/value heads (the DeepSeek-V2 paper makes the same comparison); MHA's is
 # $2 H d_h$. The more heads, the larger the saving.

@@ -327,10 +327,12 @@ plt.show()
 # softmax is one-hot in practice: a query row's largest weight is 0.97–1.00 on average, and a
 # one-hot row passes almost no gradient to any of its scores (each gets $p(1 - p) \approx 0$;
 # section 3 measures it). With it the scores stay between 5 and 27, bounded by the norms' learned
-# scales (exercise 1 prints the bound), and the largest weight averages 0.55–0.84 at the larger
-# rates. The third arm, soft-capping, is read in section 3, which explains it. A small model
-# cannot show the real failure, a loss that diverges after thousands of steps; what it shows is
-# the sensitivity.
+# scales (exercise 1 prints the bound). With scales of 1 that bound would be $\sqrt{16} = 4$ (the
+# heads have 16 numbers), so a score of 27 means the learned scales grew: the largest
+# $|g_i^q|$ and $|g_i^k|$ multiply to at least $27/4$. The largest weight averages 0.55–0.84 at
+# the larger rates. The third arm, soft-capping, is read in section 3, which explains it. A small
+# model cannot show the real failure, a loss that diverges after thousands of steps; what it
+# shows is the sensitivity.
 
 # %% [markdown]
 # ## 3. Soft-capping
@@ -411,7 +413,7 @@ assert max(f[1] for f in factors["soft-cap 20"]) < 0.5  # most raw scores sit on
 # The plain model's top weights pass almost nothing back ($p(1-p)$ of 0.003–0.015: one-hot
 # rows). The capped model's rows are not one-hot (0.10–0.13, as with QK-norm's 0.10–0.17), but
 # the cap's own slope averages 0.015–0.037 over its raw scores, so their gradient is cut there
-# instead, by about 25 to 65 times (1/0.037 to 1/0.015). Bounding the softmax's input is not
+# instead, by about 27 to 67 times (1/0.037 to 1/0.015). Bounding the softmax's input is not
 # enough; QK-norm bounds the queries and keys themselves, and both factors stay large with it.
 
 # %% [markdown]

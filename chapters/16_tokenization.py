@@ -538,9 +538,11 @@ print(longest_tokens(regex_tok))
 # %% [markdown]
 # Training took a fraction of `BasicTokenizer`'s time (the ratio printed above; the seconds
 # vary from machine to machine). The tokens are now pieces of words: ` the`, ` th`, `nd`, and
-# the longest are names and whole words (`CORIOLANUS`, ` VINCENTIO`, ` daughter`). How many of
-# each tokenizer's 768 merged tokens straddle a chunk boundary, i.e. would be cut by the split
-# pattern?
+# the longest are names and whole words (`CORIOLANUS`, ` VINCENTIO`, ` daughter`). Pieces such
+# as `ORIOLANUS` and `INCENTIO` are on the list too: each merge joins two tokens that already
+# exist, so a long name is built from pieces of it, and the pieces stay in the vocabulary. How
+# many of each tokenizer's 768 merged tokens straddle a chunk boundary, i.e. would be cut by the
+# split pattern?
 
 # %%
 def crosses_chunks(token_bytes):
@@ -851,7 +853,8 @@ assert held_out["GPT-2"][1] > held_out["BPE 4096 (trained on seen)"][1]
 # (`attnbook.data.get_encoding`) also takes `"gpt2"` (GPT-2's ids, through `tiktoken`) or
 # `"minbpe:512"` (a `RegexTokenizer` trained on the text, with GPT-4's pattern). The table puts
 # numbers on the trade-off, for an embedding width of 384 and a context (`block_size`) of 256
-# tokens:
+# tokens (the size of nanoGPT's character-level Shakespeare model, with six blocks; chapter 17's
+# default model is smaller: 128 wide, 64 tokens):
 
 # %%
 n_embd, block_size = 384, 256
@@ -871,7 +874,8 @@ print(f"for scale: six transformer blocks of width {n_embd} hold {6 * 12 * n_emb
 #
 # - **Sequence length.** With BPE the same text takes 2.4 (BPE 1024) to 3.3 (GPT-2) times fewer
 #   tokens. For a fixed context of 256 tokens, the model sees that much more text at once; for a
-#   fixed amount of text, attention, quadratic in the length, is 6 to 11 times cheaper.
+#   fixed amount of text, attention, quadratic in the length, is 6 to 11 times cheaper. (GPT-2's
+#   338,025 tokens are the text alone; section 6's 338,072 also counted the test string.)
 # - **Size.** The embedding table (and the output layer, which has the same shape and is often
 #   tied to it) grows with the vocabulary. At 50,257 tokens it holds 19 million parameters,
 #   nearly twice the weights of six transformer blocks of that width (12·d² per block: four
@@ -940,8 +944,10 @@ print(f"notebook BPE == minbpe.BasicTokenizer: 60 merges, {len(package_ids)} ids
 # - GPT-2's tokenizer, rebuilt from `vocab.bpe` and `encoder.json` (printable stand-ins for bytes,
 #   `Ġ` for a space and `Ċ` for a newline, and its own byte order: `A`, space and `!` are 32, 220
 #   and 0), has 50,000 merges and vocab_size 50,257. On a test string plus all of TinyShakespeare
-#   it gives 338,072 tokens identical to `tiktoken`'s `gpt2` and decodes back to the text; on this
-#   machine our pure-Python encoder was slower than `tiktoken`. Neither normalizes Unicode: `café`
+#   it gives 338,072 tokens identical to `tiktoken`'s `gpt2` (the text alone is 338,025, the
+#   count in section 8's table; the other 47 are the test string's, its special token included)
+#   and decodes back to the text; on this machine our pure-Python encoder was slower than
+#   `tiktoken`. Neither normalizes Unicode: `café`
 #   and `cafe\u0301` get different ids unless the caller applies `unicodedata.normalize` first.
 # - Each doubling of the vocabulary gains less: 1.000 bytes per token at 256, 1.939 at 512, 2.426
 #   at 1024, 2.871 at 2048, 3.242 at 4096; GPT-2's 50,257 tokens, learned on web text, reach only

@@ -181,7 +181,9 @@ print(len(tensors), "tensors in model.safetensors")
 # %% [markdown]
 # ### The mapping, tensor by tensor
 #
-# Our `GPT` was written with GPT-2's names, so most tensors go straight across. There are three
+# The file holds 28 tensors: `wte`, `wpe`, 12 for each of the 2 blocks (two LayerNorms and four
+# projections, each with a weight and a bias) and `ln_f`'s 2, so $2 + 2 \times 12 + 2 = 28$. Our
+# `GPT` was written with GPT-2's names, so most tensors go straight across. There are three
 # differences:
 #
 # 1. **Transposed.** The four projections of each block (`attn.c_attn`, `attn.c_proj`,
@@ -197,11 +199,11 @@ print(len(tensors), "tensors in model.safetensors")
 #
 # The diagram below draws the whole mapping for GPT-2 small (the `"gpt2"` of section 5): width
 # 768, 12 blocks, 1,024 positions, 50,257 token ids. Its middle column names `to_ours`, the
-# function two cells below that does the mapping for one tensor. On the left, the tensors of
-# `model.safetensors` under Hugging Face's names, with the shapes the file stores; on the right,
-# the tensors of our `GPT` under our names, with the shapes it expects; between them, an arrow
-# coloured by what happens on the way. Look at the red arrows first: the four `Conv1D` weights
-# of every block arrive as `(in, out)` and leave as `(out, in)`, so `attn.c_attn.weight`,
+# function in the second code cell below that does the mapping for one tensor. On the left, the
+# tensors of `model.safetensors` under Hugging Face's names, with the shapes the file stores; on
+# the right, the tensors of our `GPT` under our names, with the shapes it expects; between them,
+# an arrow coloured by what happens on the way. Look at the red arrows first: the four `Conv1D`
+# weights of every block arrive as `(in, out)` and leave as `(out, in)`, so `attn.c_attn.weight`,
 # $768 \times (3 \times 768)$ with the queries, keys and values side by side, becomes
 # $(3 \times 768) \times 768$, and the MLP's two matrices swap their 768 and $4 \times 768$
 # likewise. `attn.c_proj.weight` is square, $768 \times 768$ before and after: remember it when
@@ -857,8 +859,10 @@ else:
 # Section 1 wrote the mapping as `to_ours`: transpose the four `Conv1D` weights, rename `wpe`,
 # copy the rest, and let the tie supply `lm_head`. We apply it by hand to every tensor of the
 # checkpoint, copying into a freshly built `GPT`, and compare with what `load_gpt2` produced:
-# every tensor must be equal, bit for bit, and the logits too (same tensors, same code). Block 0
-# is also checked on its own, against `transformers`' block 0, on the same input.
+# every tensor must be equal, bit for bit, and the logits too (same tensors, same code). Our
+# model's state dict has 29 tensors: the file's 28 plus `lm_head.weight`, which is `wte` under a
+# second name. Block 0 is also checked on its own, against `transformers`' block 0, on the same
+# input.
 
 # %%
 by_hand = GPT(config).eval()  # random weights, about to be overwritten
