@@ -1039,27 +1039,13 @@ plt.show()
 
 # %% [markdown]
 # Which kernel does each version run? `torch.profiler` answers that, but here a smaller tool is
-# enough: a `TorchDispatchMode` (PyTorch's hook for seeing every operation that reaches the
-# kernels; it lives in `torch.utils._python_dispatch`) records the name and first input shape of
-# each call. We run each version once on a small input, 4 heads of 16, and keep the calls that do
+# enough: `attnbook.calls.CallLog`, a `TorchDispatchMode` (PyTorch's hook for seeing every
+# operation that reaches the kernels; it lives in `torch.utils._python_dispatch`), records the
+# name and first input shape of each call. We run each version once on a small input, 4 heads of 16, and keep the calls that do
 # the attention and the copies.
 
 # %%
-from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class CallLog(TorchDispatchMode):
-    """Records (operation, shape of its first tensor argument) for every call in its scope."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        first = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
-        self.calls.append((func.__name__.split(".")[0], first))
-        return func(*args, **(kwargs or {}))
-
+from attnbook.calls import CallLog  # a TorchDispatchMode that records the calls
 
 torch.manual_seed(0)
 Bs, Ts, ds, nhs = 2, 64, 64, 4  # small: only the names and shapes of the calls matter

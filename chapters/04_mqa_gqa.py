@@ -768,27 +768,12 @@ print("bytes of k:", k.nbytes, "  bytes of k_rep (a copy per query head):", k_re
 
 # %% [markdown]
 # Which of them copy, and what? `torch.profiler` can list every operation a call runs; here a
-# smaller tool does: a `TorchDispatchMode` (PyTorch's hook for seeing each operation that reaches
-# the kernels, in `torch.utils._python_dispatch`) records each operation's name and the shape of
-# its first tensor. We run each way once and keep the copies (`clone`, which is also what
+# smaller tool does: [chapter 3](03_multi_head_attention.ipynb)'s `attnbook.calls.CallLog`
+# records each operation's name and the shape of its first tensor. We run each way once and keep the copies (`clone`, which is also what
 # `repeat_interleave` turns into) and the fused kernel.
 
 # %%
-from torch.utils._python_dispatch import TorchDispatchMode
-
-
-class CallLog(TorchDispatchMode):
-    """Records (operation, shape of its first tensor argument) for every call in its scope."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        first = next((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), ())
-        self.calls.append((func.__name__.split(".")[0], first))
-        return func(*args, **(kwargs or {}))
-
+from attnbook.calls import CallLog  # chapter 3's call log
 
 ways = {
     "(a) repeat_interleave": lambda: attend(

@@ -576,9 +576,8 @@ assert ratio < 0.8, "the blocked path should be clearly faster than full causal 
 # 2 at long lengths — doubling $T$ about quadruples its time — while the blocked path rises with
 # a slope close to 1. At the shortest length they are within a small factor of each other (we
 # counted that they fill about as many scores at $T = 4w$), and at 2048 the blocked path is
-# several times faster. The blocked path can be faster already at $T = 4w$ (in the run stored
-# here, 15.5 against 23.7 ms at $T = 256$), because counting scores ignores everything else a
-# kernel pays for; the break-even of section 5 is a count, not a timing. The dense mask gains
+# several times faster. The blocked path can be faster already at $T = 4w$ (it was in some of
+# our runs), because counting scores ignores everything else a kernel pays for; the break-even of section 5 is a count, not a timing. The dense mask gains
 # nothing from the window: at the shortest length it takes about as long as causal attention
 # (sometimes a little less, sometimes a little more), and as $T$ grows it falls behind, because
 # it pays for all $T^2$ scores — the fused kernel cannot skip anything, since it does not know
@@ -690,23 +689,12 @@ print("stored keys:", tuple(cache.k.shape), "(B, n_kv_head, window, head_dim)")
 # explains).
 #
 # `model.generate(prompt, n, temperature=0, use_cache=False)` decodes greedily by recomputing
-# the whole sequence at every step. `model.generate` with the cache makes its own caches; to
-# decode through caches of our choosing we write its cached loop out: `model(feed, caches=...)`
-# reads `start = caches[0].length`, and each block passes its cache to its attention, as in
-# [chapter 7](07_kv_cache.ipynb).
+# the whole sequence at every step. `model.generate` with the cache makes its own caches, or
+# decodes through caches of our choosing, `caches=[...]` with one per block: it feeds the prompt,
+# then one token per step, `model(feed, caches=...)` reads `start = caches[0].length`, and each
+# block passes its cache to its attention, as in [chapter 7](07_kv_cache.ipynb).
 
 # %%
-@torch.no_grad()
-def generate_with(model, prompt, n_new, caches):
-    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
-    idx, feed = prompt, prompt  # (B, T0)
-    for _ in range(n_new):
-        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
-        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        idx = torch.cat([idx, feed], dim=1)
-    return idx
-
-
 torch.manual_seed(7)
 window = 8
 config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
@@ -729,7 +717,7 @@ torch.manual_seed(8)
 prompt = torch.randint(0, 256, (2, 12))
 out_plain = model.generate(prompt, 48, temperature=0, use_cache=False)
 rolling = [RollingCache(window) for _ in blocks]
-out_rolling = generate_with(model, prompt, 48, rolling)
+out_rolling = model.generate(prompt, 48, temperature=0, caches=rolling)
 assert torch.equal(out_rolling, out_plain)
 print("generated:", tuple(out_plain.shape), "| first new tokens of row 0:",
       out_plain[0, 12:22].tolist())
@@ -754,7 +742,7 @@ print(f"positions seen: {rolling[0].length}, stored per layer: {tuple(rolling[0]
 # %%
 n_kv, hd_m = blocks[0].attn.n_kv_head, blocks[0].attn.head_dim
 full = [KVCache(2, n_kv, hd_m, max_len=64) for _ in blocks]
-out_full = generate_with(model, prompt, 48, full)
+out_full = model.generate(prompt, 48, temperature=0, caches=full)
 assert torch.equal(out_full, out_plain)
 print("full KVCache gives the same tokens:", torch.equal(out_full, out_plain),
       f"| positions stored per layer: {full[0].length}")
@@ -871,7 +859,7 @@ for T_new in (7, 1, 1, 3, 9, 1, 2):  # a long prefill, tokens, chunks shorter an
 assert ours.length == theirs.length == 24 and theirs.k.shape == (2, 4, 5, 16)
 
 module_caches = model.new_caches(batch_size=2, max_len=64)  # block.attn.new_cache, per block
-out_module = generate_with(model, prompt, 48, module_caches)
+out_module = model.generate(prompt, 48, temperature=0, caches=module_caches)
 assert torch.equal(out_module, out_plain)
 assert torch.equal(model.generate(prompt, 48, temperature=0), out_plain)  # its own caches
 assert all(type(c) is RollingKVCache and c.k.shape[2] == window for c in module_caches)

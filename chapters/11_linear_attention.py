@@ -673,22 +673,11 @@ print("chunked form with RoPE == module's quadratic form with rotated features (
 # cache is correct when it reproduces the full computation, whatever the weights), with PyTorch's
 # default initialisation rather than `GPT`'s $N(0, 0.02)$, as chapter 7 explains. The blocks
 # pass `cache=` to their attention layer, whatever kind of cache it is, and `model.new_caches`
-# asks each layer for its own kind. `model.generate` makes its caches itself; to look at them
-# afterwards we write its cached loop out, feeding `model(feed, caches=caches)` the prompt first
-# and then one token per step.
+# asks each layer for its own kind. `model.generate` makes its caches itself unless we pass it
+# ours (`caches=`), which we do to look at them afterwards: it feeds the prompt first and then
+# one token per step.
 
 # %%
-@torch.no_grad()
-def generate_with(model, prompt, n_new, caches):
-    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
-    idx, feed = prompt, prompt  # (B, T0)
-    for _ in range(n_new):
-        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
-        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        idx = torch.cat([idx, feed], dim=1)
-    return idx
-
-
 def tiny_gpt(attention, **options):
     """4 blocks of `attention`, 4 heads of 32, RoPE; PyTorch's default initialisation."""
     config = GPTConfig(vocab_size=256, block_size=512, n_layer=4, n_head=4, n_embd=128,
@@ -721,7 +710,7 @@ prompt = torch.randint(0, 256, (2, 20))  # 2 prompts of 20 tokens
 caches = model.new_caches(batch_size=2)  # one LinearAttentionCache per block
 bytes_before = sum(c.nbytes for c in caches)
 out_plain = model.generate(prompt, 60, temperature=0, use_cache=False)  # recomputes each step
-out_cached = generate_with(model, prompt, 60, caches)
+out_cached = model.generate(prompt, 60, temperature=0, caches=caches)
 assert torch.equal(out_plain, out_cached)
 assert torch.equal(model.generate(prompt, 60, temperature=0), out_plain)  # its own caches
 print("cached decoding == full recomputation:", torch.equal(out_plain, out_cached))
@@ -975,8 +964,8 @@ assert ms_rec > 3 * ms_chk, "the Python loop of the recurrent form should be muc
 # %% [markdown]
 # What to look for (your numbers will differ): SDPA's line is steeper — slope near 2, the
 # triangle of scores — while chunked linear attention's line is flatter, closer to linear than
-# full attention's (though in the run stored here its time still about triples from 2048 to
-# 4096 tokens, 71.7 to 213.0 ms). At short sequences softmax wins, because its fused kernel is
+# full attention's (though its time still more than doubles from 2048 to 4096 tokens in the
+# runs we made). At short sequences softmax wins, because its fused kernel is
 # tight and linear attention pays fixed costs (padding, the per-chunk states, several separate
 # operations). In the runs on the 2-core CPU this book was written on (shared with other jobs),
 # the lines crossed between 128 and 512 tokens, and at 4096 tokens linear attention was 5 to 9

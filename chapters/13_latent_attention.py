@@ -682,23 +682,12 @@ print("bytes per token (one sequence, one layer):", latent_cache.bytes_per_token
 # rather than `GPT`'s $N(0, 0.02)$ (chapter 7 says why). We decode greedily without a cache
 # (`model.generate(..., use_cache=False)`), then through `LatentCache`s in each mode: each MLA
 # layer has an `absorb` switch, and `model.new_caches` gives every block its layer's cache. To
-# read the caches afterwards we write `GPT.generate`'s cached loop out, feeding
-# `model(feed, caches=caches)` the prompt first and then one token per step. The last generated
+# read the caches afterwards we pass them to `GPT.generate` (`caches=`), which feeds the prompt
+# first and then one token per step. The last generated
 # token is never fed back (nothing comes after it), so after 16 prompt tokens and 40 new ones the
 # caches hold 55 positions, not 56.
 
 # %%
-@torch.no_grad()
-def generate_with(model, prompt, n_new, caches):
-    """Greedy decoding through the given caches: the prompt first, then 1 token per step."""
-    idx, feed = prompt, prompt  # (B, T0)
-    for _ in range(n_new):
-        logits, _ = model(feed, caches=caches)  # (B, T_feed, vocab): what is not cached yet
-        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1): the next token
-        idx = torch.cat([idx, feed], dim=1)
-    return idx
-
-
 def tiny_gpt(attention):
     """4 blocks of `attention`, 4 heads of 32, RoPE; PyTorch's default initialisation."""
     config = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128,
@@ -723,7 +712,7 @@ for absorb in (False, True):
     for block in blocks:
         block.attn.absorb = absorb
     caches = lm.new_caches(batch_size=2, max_len=64)  # one LatentCache per block
-    out = generate_with(lm, prompt, 40, caches)
+    out = lm.generate(prompt, 40, temperature=0, caches=caches)
     assert torch.equal(out, out_plain)
     print(f"{'absorbed' if absorb else 'naive':>8} mode, LatentCache: same 40 tokens as without "
           f"a cache: {torch.equal(out, out_plain)}; cached positions: {caches[0].length}")
@@ -922,11 +911,11 @@ assert ms[False][1] < ms[True][1], "naive should be faster for a full pass"
 assert time_ratio["decode"] < flop_ratio["decode"], "fixed costs shrink the decoding gain"
 
 # %% [markdown]
-# The FLOPs say naive / absorbed = 87.05 for this decoding step; the measured ratio is far
-# smaller (about 20 in the run stored here): a decoding step of one small layer also pays fixed
+# The FLOPs say naive / absorbed = 87.05 for this decoding step; the measured ratio, printed
+# above, is far smaller (and changes from run to run): a decoding step of one small layer also pays fixed
 # costs (Python, operator dispatch, small matrix products far from the processor's peak) that
 # absorbing does not remove. For the prefill the FLOPs say 0.56, absorbed doing nearly twice the
-# arithmetic; the measured ratio lands in the same region (0.57 here), since both modes are
+# arithmetic; the measured ratio lands in the same region (printed above), since both modes are
 # then large matrix products, though kernels differ in how close they get to peak. The direction
 # is the one the count predicted: absorbed for decoding, naive for full passes.
 #

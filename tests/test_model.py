@@ -86,6 +86,18 @@ def test_cached_greedy_generation_equals_uncached(name, positions):
 
 
 @pytest.mark.parametrize("name", available())
+def test_generation_through_given_caches_equals_its_own_and_fills_them(name):
+    model = _model(name)
+    prompt = _ids(2, 5)
+    caches = model.new_caches(2)
+    out = model.generate(prompt, 6, temperature=0, caches=caches)
+    assert torch.equal(out, model.generate(prompt, 6, temperature=0))
+    assert caches[0].length == 5 + 6 - 1  # the prompt and every new token but the last
+    with pytest.raises(ValueError, match="caches were given with use_cache=False"):
+        model.generate(prompt, 2, use_cache=False, caches=model.new_caches(2))
+
+
+@pytest.mark.parametrize("name", available())
 def test_a_few_adamw_steps_on_a_repeated_sequence_lower_the_loss(name):
     torch.manual_seed(0)
     model = GPT(_config(name)).train()

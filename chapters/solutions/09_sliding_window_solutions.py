@@ -377,17 +377,6 @@ print(f"window 4, 11 positions appended: same keys and values returned; length: 
       f"{buggy_cache.length}, real {real_cache.length}")
 
 
-@torch.no_grad()
-def generate_with(model, prompt, n_new, caches):
-    """Greedy decoding through the given caches (the chapter's section 7.3)."""
-    idx, feed = prompt, prompt
-    for _ in range(n_new):
-        logits, _ = model(feed, caches=caches)
-        feed = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        idx = torch.cat([idx, feed], dim=1)
-    return idx
-
-
 def tiny_gpt(positions):
     """The chapter's model: 3 layers of local attention, window 8, with the given positions."""
     config = GPTConfig(vocab_size=256, block_size=128, n_layer=3, n_head=4, n_embd=64,
@@ -407,9 +396,9 @@ for positions in ("rope", "learned", "alibi", "none"):
     torch.manual_seed(10)
     model = tiny_gpt(positions)
     reference = model.generate(prompt, 40, temperature=0, use_cache=False)
-    good = generate_with(model, prompt, 40, model.new_caches(2))  # the module's RollingKVCache
+    good = model.generate(prompt, 40, temperature=0, caches=model.new_caches(2))  # RollingKVCache
     buggy_caches = [BuggyRollingCache(2, 4, 16, window=8, max_len=128) for _ in range(3)]
-    buggy = generate_with(model, prompt, 40, buggy_caches)
+    buggy = model.generate(prompt, 40, temperature=0, caches=buggy_caches)
     assert buggy_caches[0].length == 8  # 12 + 39 positions were fed
     assert torch.equal(good, reference)  # the module's RollingKVCache is always exact
     exact[positions] = torch.equal(buggy, reference)

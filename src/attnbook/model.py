@@ -475,6 +475,7 @@ class GPT(nn.Module):
         stop_token: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        caches: list | None = None,
     ) -> torch.Tensor:
         """Extend the prompts ``idx`` ``(B, T)`` by up to ``max_new_tokens`` tokens each.
 
@@ -495,19 +496,28 @@ class GPT(nn.Module):
                 ``check_streaming``); ``False`` recomputes every step on the last ``block_size``
                 tokens, so prompts and outputs may be longer than ``block_size``.
             generator: a ``torch.Generator`` on the model's device, for reproducible sampling.
+            caches: caches to decode through instead of fresh ``new_caches``, one per block
+                (any with the ``Cache`` interface, e.g. a chapter's own); they then hold the
+                prompt and every generated token but the last. Needs ``use_cache=True``.
         Returns:
             ``(B, T + n)`` ids, the prompts followed by ``n <= max_new_tokens`` new tokens
             (fewer only if every sequence produced ``stop_token``).
         """
         cfg = self.config
         self._check_generate_args(idx, max_new_tokens, temperature, top_k, top_p, stop_token)
+        if caches is not None and not use_cache:
+            raise ValueError(
+                "caches were given with use_cache=False: pass use_cache=True to "
+                "decode through them, or leave caches out"
+            )
         B, T = idx.shape
         if max_new_tokens == 0:
             return idx
         if use_cache:
             if T + max_new_tokens > cfg.block_size:
                 self.check_streaming(T + max_new_tokens)
-            caches = self.new_caches(B, max_len=T + max_new_tokens)
+            if caches is None:
+                caches = self.new_caches(B, max_len=T + max_new_tokens)
             for chunk in idx.split(cfg.block_size, dim=1):  # the prefill, block_size at a time
                 logits, _ = self(chunk, caches=caches)  # (B, <= block_size, vocab_size)
         else:
