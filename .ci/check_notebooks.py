@@ -4,9 +4,10 @@ lacks a part every chapter has, or its prose quotes a figure that nothing printe
 nbval only compares cells that have a stored execution count, so an unexecuted cell would pass
 unchecked; an error output is only acceptable in a cell tagged ``raises-exception``. Every chapter
 has the headings in ``SECTIONS`` and a solutions notebook. A decimal written with two or more
-places in a markdown cell (outside math, code, tables and version numbers) is a measured figure: some output or
-code of the same notebook must give it (equal after rounding to the places written), or
-``QUOTED`` must list it with where it comes from (a paper, a run outside the notebook, arithmetic).
+places in a markdown cell (outside math, code, tables and version numbers) is a measured
+figure: some output or code of the same notebook must give it (equal after rounding to the
+places written), or ``QUOTED`` must list it with where it comes from (a paper, a run outside
+the notebook, arithmetic).
 """
 
 import json
@@ -48,11 +49,11 @@ def unprinted_figures(cells: list[dict]) -> list[str]:
 
 def main() -> int:
     problems = []
-    quoted = {}  # (notebook, figure) -> reason
+    quoted = set()  # (notebook, figure); each line also names the figure's source
     for line in QUOTED.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            path, figure, reason = line.split(maxsplit=2)
-            quoted[path, figure] = reason
+            path, figure, _source = line.split(maxsplit=2)
+            quoted.add((path, figure))
     unused = set(quoted)
     notebooks = sorted(Path("chapters").glob("**/*.ipynb"))
     notebooks = [nb for nb in notebooks if ".ipynb_checkpoints" not in nb.parts]

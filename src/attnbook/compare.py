@@ -9,7 +9,8 @@ induction, accuracy per task and recall by gap) and ``"lm"`` (validation loss on
 trains in a spawned child process (call ``compare`` under ``if __name__ == "__main__":`` in a
 script), ``jobs`` at a time, into ``out_dir/<workload>/<variant>/``; finished variants with the
 same settings are reused. ``out_dir/<workload>/`` then holds ``results.csv``, ``results.md``,
-``curves.csv`` and the figures. Presets: ``"quick"`` and ``"full"`` (``PRESETS``; recall needs the full one's steps).
+``curves.csv`` and the figures. Presets: ``"quick"`` and ``"full"`` (``PRESETS``; recall needs
+the full one's steps).
 Chapter 18 explains the comparison and reads its results.
 """
 
