@@ -9,24 +9,47 @@ from pathlib import Path
 
 import pytest
 
+PlaywrightTimeout = pytest.importorskip("playwright.sync_api").TimeoutError
+
 pytestmark = pytest.mark.browser
 
 CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
 RUN = "02_scaled_dot_product_attention.ipynb"
 PAIR = "03_multi_head_attention.py"
 
-# True once every code cell shows an execution count ("[7]:"), none still queued ("[*]:").
-ALL_RAN = r"""() => {
-    const prompts = [...document.querySelectorAll(".jp-CodeCell .jp-InputPrompt")]
-        .map(e => e.textContent.trim());
-    return prompts.length > 0 && prompts.every(p => /^\[\d+\]:$/.test(p));
-}"""
+# The code cells' prompts: "[ ]:" not run, "[*]:" queued or running, "[7]:" ran seventh.
+PROMPTS = """[...document.querySelectorAll(".jp-CodeCell .jp-InputPrompt")]
+    .map(e => e.textContent.trim())"""
+# True once the outputs are cleared: no cell shows that it ran.
+NONE_RAN = f"() => {PROMPTS}.every(p => p === '[ ]:')"
+# True once Run All started: some cell is queued or ran.
+STARTED = f"() => !({NONE_RAN})()"
+# True once every code cell ran: each shows its execution count.
+ALL_RAN = (
+    rf"() => {{ const p = {PROMPTS}; return p.length > 0 && p.every(x => /^\[\d+\]:$/.test(x)); }}"
+)
+# True once a cell shows a traceback: Run All stops there and the cells after it never run.
+RAISED = """() => [...document.querySelectorAll(".jp-OutputArea-output")]
+    .some(e => e.textContent.includes("Traceback"))"""
 
 
-def _menu(page, menu: str, command: str):
-    """Click ``menu`` in the menu bar, then its item that runs ``command``."""
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{menu}$")).click()
-    page.locator(f".lm-Menu-item[data-command='{command}']").click()
+def _menu(page, menu: str, command: str, took_effect: str):
+    """Click ``menu`` in the menu bar, then its item that runs ``command``, until the JavaScript
+    predicate ``took_effect`` holds. A click that lands while JupyterLab is still laying out its
+    panels can be dropped without an error; clicking again is then safe, since nothing ran."""
+    for _ in range(3):
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{menu}$")).click()
+        page.locator(f".lm-Menu-item[data-command='{command}']").click()
+        try:
+            page.wait_for_function(took_effect, timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")  # close the menu if it is still open
+    pytest.fail(f"{menu} > {command} had no effect after 3 clicks; prompts: {_prompts(page)}")
+
+
+def _prompts(page) -> list[str]:
+    return page.evaluate(f"() => {PROMPTS}")
 
 
 def _images(cells: list[dict]) -> int:
@@ -57,10 +80,12 @@ def test_run_all_cells_of_a_chapter_through_the_ui(jupyterlab, lab_page):
     page = lab_page
     page.goto(f"{jupyterlab.url}/lab/tree/{RUN}?token={jupyterlab.token}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']")
-    _menu(page, "Edit", "editmenu:clear-all")  # so that the prompts show what this run did
-    page.wait_for_function(f"() => !({ALL_RAN})()")
-    _menu(page, "Run", "runmenu:run-all")
-    page.wait_for_function(ALL_RAN, timeout=180_000)
+    _menu(page, "Edit", "editmenu:clear-all", NONE_RAN)  # the prompts then show what this run did
+    _menu(page, "Run", "runmenu:run-all", STARTED)
+    try:
+        page.wait_for_function(f"() => ({ALL_RAN})() || ({RAISED})()", timeout=240_000)
+    except PlaywrightTimeout:
+        pytest.fail(f"Run All did not finish in 240 s; prompts: {_prompts(page)}")
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
     shown = page.locator(".jp-OutputArea-output").all_inner_texts()
     assert not [text for text in shown if "Traceback" in text]
