@@ -43,7 +43,7 @@
 #   window that skips tiles outside its band, grouped key/value heads, and queries at the end
 #   of a longer key sequence (decoding against a cache).
 # - Derive the backward pass, write it as a `torch.autograd.Function` that saves O(T·d), check it
-#   with `gradcheck`, and see why `D = rowsum(dO ∘ O)` replaces a sum over the whole row.
+#   with `gradcheck`, and see why `Δ = rowsum(dO ∘ O)` replaces a sum over the whole row.
 # - Split the keys of a decoding step into chunks and merge the partial results exactly
 #   (flash-decoding), time the tiles honestly against SDPA, and write the book's masks for
 #   PyTorch's FlexAttention.
@@ -131,7 +131,9 @@ print(f"total {total / 2**20:.2f} MiB")
 # too); it counts each new tensor storage when an operation returns it and drops it when it is
 # freed, and records the largest total. `attnbook.bench.peak_bytes(fn, q, k, v)` runs
 # `fn(q, k, v).sum().backward()` inside it. It sees what Python-visible operations create, not
-# scratch memory a fused kernel uses inside itself.
+# scratch memory a fused kernel uses inside itself. The two columns therefore count different
+# things: the inputs q, k and v exist before the call, so the peak leaves them out, while "kept"
+# includes them, since the backward pass needs them.
 
 # %%
 from attnbook.bench import peak_bytes  # noqa: E402
@@ -264,7 +266,13 @@ print(f"online log-sum-exp {m_run + math.log(ell_run):.6f}, torch.logsumexp "
 # Now for a whole matrix of queries. FlashAttention-2's loop order: an outer loop over tiles of
 # `block_q` queries, an inner loop over tiles of `block_k` keys. Queries outside means each query
 # tile's running state stays in fast memory for the whole inner loop and is written out once,
-# and different query tiles never share anything, so a GPU runs them in parallel. A tile of
+# and different query tiles never share anything, so a GPU runs them in parallel. *Fast memory*
+# is the point of the whole design. The FlashAttention paper's A100 has 40 to 80 GB of main memory
+# (HBM), read at 1.5 to 2 TB/s, and 192 KB of on-chip memory (SRAM) on each of its 108
+# streaming multiprocessors, read at about 19 TB/s in total. The explicit math writes $S$ and
+# $P$ to HBM and reads them back; the tiles keep one tile of scores and the running
+# $m$, $\ell$, $a$ in SRAM and send only $O$ and the log-sum-exps to HBM. On a CPU the roles
+# are played by the L1 and L2 caches and the main memory. A tile of
 # scores is a small matrix product, `(block_q, D) @ (D, block_k)`; for every query of the tile
 # we update $m$, $\ell$ and $a$ as above. We first write it without masks, for one head.
 
@@ -468,20 +476,23 @@ print("T_q=70: the first 20 queries output zeros:", bool((out[:, :, :20] == 0).a
 #   dS_{ij} = P_{ij}\Big(dP_{ij} - \sum_{l} P_{il}\, dP_{il}\Big), \qquad
 #   dQ = c\, dS\, K, \qquad dK = c\, dS^\top Q .$$
 #
-# (The middle one is softmax's backward: $\partial p_j / \partial s_l = p_j(\delta_{jl} - p_l)$.)
+# The $dS$ formula is softmax's backward. With $\partial P_{il} / \partial S_{ij} =
+# P_{il}(\delta_{lj} - P_{ij})$, the chain rule over the row gives
+# $dS_{ij} = \sum_l dP_{il}\, P_{il}(\delta_{lj} - P_{ij}) = P_{ij}\, dP_{ij} - P_{ij} \sum_l
+# P_{il}\, dP_{il}$.
 # Everything is tile by tile except two things: $P$ itself, and the row sum
-# $D_i = \sum_l P_{il}\, dP_{il}$, which seems to need a whole row of $P$. Both are cheap to get
+# $\Delta_i = \sum_l P_{il}\, dP_{il}$, which seems to need a whole row of $P$. Both are cheap to get
 # back:
 #
 # - $P_{ij} = e^{S_{ij} - \mathrm{lse}_i}$: with the log-sum-exp saved by the forward pass, a
 #   tile of $P$ is one tile of scores and one exponential, no running maximum needed.
-# - $D_i = \sum_l P_{il}\, (dO_i \cdot v_l) = dO_i \cdot \sum_l P_{il} v_l = dO_i \cdot O_i$:
+# - $\Delta_i = \sum_l P_{il}\, (dO_i \cdot v_l) = dO_i \cdot \sum_l P_{il} v_l = dO_i \cdot O_i$:
 #   the row sum is a dot product of two vectors we already have (FlashAttention-2's trick).
 #
 # So the backward pass keeps $Q, K, V, O$ and the log-sum-exp ($O(T d)$ numbers), recomputes
 # each tile's scores, and never holds more than one tile of $P$. It does the score product twice
-# (forward and backward), which is the price of the memory. In the code, $D_i$ is `delta`, and
-# `D` remains the head size. With grouped heads, a key/value head served the `g` query heads of
+# (forward and backward), which is the price of the memory. In the code, $\Delta_i$ is `delta`, and
+# `D` is the head size. With grouped heads, a key/value head served the `g` query heads of
 # its group in the forward pass, so its gradients are the sums over the group (`.sum(dim=2)`).
 
 # %%
@@ -559,7 +570,10 @@ print("saved for backward:", saved)
 #
 # $$O = \sum_c e^{L_c - L}\, O_c :$$
 #
-# each chunk's output weighted by the share of the denominator its keys hold. A chunk with no
+# each chunk's output weighted by the share of the denominator its keys hold. In one line: chunk
+# $c$'s output is $O_c = \sum_{j \in c} e^{s_j - L_c} v_j$, so $e^{L_c} O_c = \sum_{j \in c}
+# e^{s_j} v_j$; summed over the chunks this is $\sum_j e^{s_j} v_j$, and dividing by the whole
+# row's denominator $e^L$ gives the attention output. A chunk with no
 # visible key has $L_c = -\infty$ and weight zero. (The chunks here use `causal=False`: a single
 # query at the end of the sequence sees every key, whichever chunk holds it.)
 
@@ -656,11 +670,12 @@ assert times["SDPA's fused kernel"][-1] < times["flash_attention (tiles of 128)"
 
 # %% [markdown]
 # Read the table for its shape, not its digits (they depend on the machine). In the run stored
-# here the fused kernel won at every length, by about a factor of two over our tiles; the
-# tiles were level with the explicit math at 512 and ahead of it from 1024 on, where skipping
+# here the fused kernel won at every length, 1.6 to 1.9 times as fast as our tiles; the
+# tiles were slightly behind the explicit math at 512 and ahead of it from 1024 on, where skipping
 # half the tiles and keeping each tile in the CPU's cache outweigh the Python overhead. That
-# overhead is a fixed cost per tile: at $T = 2048$ with tiles of 128 the forward pass visits 136
-# tiles and the backward as many, each a handful of PyTorch calls. Larger tiles mean fewer
+# overhead is a fixed cost per tile: at $T = 2048$ with tiles of 128 (16 tiles per side) the
+# forward pass visits the $16 \times 17 / 2 = 136$ tiles on or below the diagonal and the backward
+# as many, each a handful of PyTorch calls. Larger tiles mean fewer
 # calls but more memory per tile (exercise 2 measures the trade-off). Fusing the loop into one
 # compiled kernel removes the overhead: that is what SDPA, FlashAttention's CUDA code and
 # compiled FlexAttention do.
@@ -781,13 +796,13 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 #   tiles outside its band. Grouped heads broadcast K and V; queries after a cache count their
 #   positions from the end.
 # - The backward pass recomputes each tile of $P$ as $e^{S - \mathrm{lse}}$ and replaces the row
-#   sum $\sum_l P_{il} dP_{il}$ by $D_i = dO_i \cdot O_i$: one extra score product, no $T \times T$
+#   sum $\sum_l P_{il} dP_{il}$ by $\Delta_i = dO_i \cdot O_i$: one extra score product, no $T \times T$
 #   memory. `gradcheck` confirms it.
 # - Partial attentions over disjoint keys merge exactly with their log-sum-exps: flash-decoding,
 #   ring attention, and the branches of [chapter 14](14_learned_sparse_attention.ipynb).
 # - In pure PyTorch the tiles pay a Python overhead per tile; on this CPU they still overtook
 #   the explicit math from $T = 1024$ on, and SDPA's fused kernel, the same algorithm compiled,
-#   was about twice as fast again. The memory saving does not need fusion; the speed does.
+#   was 1.6 to 1.9 times as fast again. The memory saving does not need fusion; the speed does.
 #
 # ## Further reading
 #
@@ -798,7 +813,7 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 # - Dao, Fu, Ermon, Rudra and Ré, *FlashAttention: Fast and memory-efficient exact attention with
 #   IO-awareness* (NeurIPS 2022).
 # - Dao, *FlashAttention-2: Faster attention with better parallelism and work partitioning*
-#   (2023): the loop order and the $D = \mathrm{rowsum}(dO \circ O)$ backward used here.
+#   (2023): the loop order and the $\Delta = \mathrm{rowsum}(dO \circ O)$ backward used here.
 # - Dao, Haziza, Massa and Sizov, *Flash-Decoding for long-context inference* (PyTorch blog,
 #   2023); Liu, Zaharia and Abbeel, *Ring attention with blockwise transformers for
 #   near-infinite context* (2023).

@@ -136,7 +136,8 @@ print(f"last trial: q . k_p = {scores[p]:.0f}, the other scores' standard deviat
 # %% [markdown]
 # The position-based patterns see $p$ about as often as they see any key: the window in
 # about 127 / 1023 of the trials (it covers positions 896–1022 of the 1023 that $p$ can take),
-# BigBird in about the fraction of the row it covers. No choice of pattern can do better on this
+# BigBird in about the fraction of the row it covers (34.4% of the trials against 31.2% of the
+# row: with 500 trials the standard error is about 2 points, so the two agree). No choice of pattern can do better on this
 # probe, because $p$ is uniformly random and a pattern that covers a fraction $f$ of the
 # positions finds it with probability $f$. Selecting by score finds it every time, with a budget
 # of 64 keys, smaller than the window's. (Exact scores read every key, though, which is what
@@ -288,7 +289,9 @@ for t in (3, 9, 17, 30):
 print("past chunk chosen by queries 24-31 (chunk 3):", best[0, 0, 24:, 0].tolist())
 
 # %% [markdown]
-# Queries 0–7 have no past chunk, so they keep their own only (the `& (chunk < own)` removes a
+# Each line prints the query's score for all four chunks, but only the chunks wholly in its past
+# compete: query 3's highest score, 2.15, is for chunk 3, which lies in its future, and chunk 0
+# is its own. Queries 0–7 have no past chunk, so they keep their own only (the `& (chunk < own)` removes a
 # "best" drawn among $-\infty$ scores). From chunk 1 on, each query keeps its own chunk plus the
 # past chunk it scored highest, and neighbouring queries may choose differently (the last line: the
 # eight queries of chunk 3 do not agree): the choice is per query, not per block of queries.
@@ -473,11 +476,17 @@ print(f"{k_cmp.shape[2]} compressed keys for {T} positions; query 3 sees "
 # ### 4.2 From compressed scores to selected blocks
 #
 # The compression branch's softmax $p^{\text{cmp}}_t$ has one probability per compressed
-# block. To rank the selection blocks of $l'$ positions, the paper (its eq. 9) lets each
-# compressed block hand its probability to the selection blocks it overlaps, in proportion to
-# the overlap counted in steps of $d$. Said with positions: a compressed block spreads its
-# probability over its $l$ positions, $1/d$ per position (a block of $l$ positions covers $l/d$
-# steps), and a selection block collects what lands on its $l'$ positions. With grouped
+# block. To rank the selection blocks of $l'$ positions, each compressed block spreads its
+# probability over the $l$ positions it covers, $1/d$ per position, and each selection block
+# collects what lands on its $l'$ positions. With our sizes: compressed block 13 covers positions
+# 26–29 and puts $p/2$ on each; selection block 6 (positions 24–27) collects two of those
+# shares, selection block 7 (positions 28–31) the other two, so each collects $p$, the whole of
+# block 13's probability (which is why a query's importances add up to 2, as noted below). (The
+# paper's eq. 9 says the same with the overlap counted in steps of $d$.) In
+# the code, `end - 3 : end + 1` are the $l = 4$ positions of a compressed block, `/ 2` is the
+# $1/d$, and `view(..., T // 4, 4)` cuts the positions into selection blocks of $l' = 4$; in
+# section 4.3, `// 4` maps a position to its selection block and `topk(4)` keeps the $n = 4$
+# best. With grouped
 # key/value heads, the module lets the query heads that share one key/value head add their
 # rankings, so that the group reads the same blocks from memory once; the layer built here has
 # one key/value head per query head, so each of its heads selects on its own. (A query's
@@ -567,14 +576,15 @@ print(f"query {t}, head 0 selected blocks {picked}; the best of 1-5 by importanc
 # 13) sparse without changing their architecture (the weights then kept training). Section 1's probe
 # says how: score every past *token* (no block dilutes the signal) with a scorer small enough that
 # scoring all of them costs little, keep the top $k$, and run the unchanged attention over those.
-# The scorer, the **lightning indexer**, has a few heads $j$ of its own with queries $q^I_{t,j}$,
+# The scorer, the **lightning indexer**, has heads $j$ of its own (64 in DeepSeek-V3.2-Exp,
+# half as many as its MLA) with queries $q^I_{t,j}$,
 # one key $k^I_s$ per token shared by its heads, and a weight $w_{t,j}$ per head made from the
 # token:
 #
 # $$I_{t,s} = \sum_j w_{t,j}\, \mathrm{ReLU}\!\left(q^I_{t,j} \cdot k^I_s\right).$$
 #
 # No softmax: the scores only have to *rank* the past, and DeepSeek chose ReLU for throughput;
-# few heads, small keys, kept in FP8 in DeepSeek's cache, so that the indexer costs a few percent
+# keys of 128 numbers instead of MLA's 576, kept in FP8 in DeepSeek's cache, so that the indexer costs a few percent
 # of the attention it serves per token. Query $t$ then
 # attends with MLA over the `index_topk` tokens with the highest $I_{t,s}$ among $s \le t$
 # (DeepSeek: 2048 of up to 128k).
@@ -869,9 +879,10 @@ assert untrained[1] < random_mass + 0.03  # an untrained indexer: no better than
 # to within a few hundredths of the dense model trained for as long: with 64 positions a model
 # recovers from a bad start quickly, so the run without a warm-up catches up. The warm-up matters
 # where recovering would cost more than distilling, as for a large model trained on long sequences;
-# a toy run cannot show that, and we do not claim it. (The KL column is the warm-up's KL, over
-# every past token. It rises again in sparse training, where the indexer's KL is taken over its
-# chosen tokens only, while the main model it imitates keeps changing.)
+# a toy run cannot show that, and we do not claim it. (The KL column is the sum over the two
+# layers of the indexer's KL from the dense attention, always measured over every past token.
+# It rises again in sparse training, where the indexer is trained on the KL over its chosen
+# tokens only, while the main model it imitates keeps changing.)
 #
 # The trainer runs the same recipe: `attnbook train --attention dsa --dsa_warmup_iters N`
 # (`TrainConfig.dsa_warmup_iters`) trains the indexers alone, with dense attention, for the
@@ -989,6 +1000,13 @@ with torch.no_grad():
 # %% [markdown]
 # ## Summary
 #
+# | | MoBA | NSA | DSA |
+# |---|---|---|---|
+# | what scores the past | the query against each chunk's mean key | the compression branch's attention | a lightning indexer (ReLU heads, own keys) |
+# | what is kept | the own chunk and the `moba_topk - 1` best past chunks | the $n$ best blocks of $l'$ (first and latest always), plus compressed blocks and a window | the `index_topk` best tokens |
+# | parameters added | none | $\varphi_k$, $\varphi_v$ and the gates | the indexer |
+# | a decoding step reads | the chosen chunks' keys and values, and one mean key per chunk | compressed keys, chosen blocks and the window | every index key, and the chosen latents |
+#
 # - Position-based sparsity (a window, BigBird) finds a key whose place is decided by content
 #   only as often as it happens to cover it. Selecting by score finds it, if the score can see
 #   it: a block's mean key dilutes one key among many, a per-token score does not.
@@ -1004,8 +1022,8 @@ with torch.no_grad():
 #   keys of the blocks those scores rank highest (first and latest blocks always), and over a
 #   window. In the module the query heads of a GQA group share one selection, so that memory is
 #   read once per group (section 4's small layer has one key/value head per query head).
-# - **DSA** scores every past token with a lightning indexer (a few ReLU heads, about 6% of
-#   MLA's work per token at DeepSeek's sizes) and runs MLA over the top $k$; with every token
+# - **DSA** scores every past token with a lightning indexer (64 ReLU heads over index keys of
+#   128 numbers, about 6% of MLA's work per token at DeepSeek's sizes) and runs MLA over the top $k$; with every token
 #   kept it is MLA, bit for bit. The indexer is trained by distillation: a dense warm-up that
 #   matches the head-summed attention (KL), then sparse training with the KL on the chosen
 #   tokens; a decoding step reads every index key but only $k$ latents.

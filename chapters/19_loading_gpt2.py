@@ -198,19 +198,14 @@ print(len(tensors), "tensors in model.safetensors")
 #    under `wte`.
 #
 # The diagram below draws the whole mapping for GPT-2 small (the `"gpt2"` of section 5): width
-# 768, 12 blocks, 1,024 positions, 50,257 token ids. Its middle column names `to_ours`, the
-# function in the second code cell below that does the mapping for one tensor. On the left, the
+# 768, 12 blocks, 1,024 positions, 50,257 token ids, in the layout `save_pretrained` writes
+# today (GPT-2's own files on the hub are in an older one, with shorter names and 12 extra
+# tensors; `load_gpt2` reads both, as shown further down). The code that draws it is long and
+# teaches nothing about GPT-2: skip to the figure. Its middle column names `to_ours`, the
+# function in the code cell after the figure that does the mapping for one tensor. On the left, the
 # tensors of `model.safetensors` under Hugging Face's names, with the shapes the file stores; on
 # the right, the tensors of our `GPT` under our names, with the shapes it expects; between them,
-# an arrow coloured by what happens on the way. Look at the red arrows first: the four `Conv1D`
-# weights of every block arrive as `(in, out)` and leave as `(out, in)`, so `attn.c_attn.weight`,
-# $768 \times (3 \times 768)$ with the queries, keys and values side by side, becomes
-# $(3 \times 768) \times 768$, and the MLP's two matrices swap their 768 and $4 \times 768$
-# likewise. `attn.c_proj.weight` is square, $768 \times 768$ before and after: remember it when
-# we check shapes below. The blue arrow changes a name and nothing else. On the right edge, the
-# green arc: `lm_head.weight` has no tensor on the left to come from, because it *is* our `wte`
-# matrix under a second name. Everything grey (the LayerNorms' scales and shifts, and all the
-# biases) is copied as it is. The dashed frame is one block: the same rows for `h.0` to `h.11`.
+# an arrow coloured by what happens on the way.
 
 # %%
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
@@ -257,8 +252,8 @@ fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
 ax.set(xlim=(0, 12.8), ylim=(0, 8.9))
 ax.axis("off")
 MID = (LEFT + RIGHT) / 2
-ax.text(MID, 8.6, "GPT-2 small's checkpoint, tensor by tensor, into our GPT", ha="center",
-        fontsize=12, fontweight="bold")
+ax.text(MID, 8.6, "GPT-2 small as save_pretrained writes it, tensor by tensor, into our GPT",
+        ha="center", fontsize=12, fontweight="bold")
 ax.text(LEFT, 8.0, "model.safetensors (Hugging Face's names)\nshape as stored", ha="center",
         fontsize=9.5, fontweight="bold")
 ax.text(MID, 8.0, "to_ours(name, tensor)\nreturns the action", ha="center", fontsize=9.5,
@@ -316,14 +311,25 @@ ax.text(12.6, 4.0, "tied to wte: one matrix, two names", rotation=-90, ha="cente
 plt.show()
 
 # %% [markdown]
+# Look at the red arrows first: the four `Conv1D`
+# weights of every block arrive as `(in, out)` and leave as `(out, in)`, so `attn.c_attn.weight`,
+# $768 \times (3 \times 768)$ with the queries, keys and values side by side, becomes
+# $(3 \times 768) \times 768$, and the MLP's two matrices swap their 768 and $4 \times 768$
+# likewise. `attn.c_proj.weight` is square, $768 \times 768$ before and after: remember it when
+# we check shapes below. The blue arrow changes a name and nothing else. On the right edge, the
+# green arc: `lm_head.weight` has no tensor on the left to come from, because it *is* our `wte`
+# matrix under a second name. Everything grey (the LayerNorms' scales and shifts, and all the
+# biases) is copied as it is. The dashed frame is one block: the same rows for `h.0` to `h.11`.
+#
 # In code, every arrow is one line of the function below. The red ones are its `CONV1D`
 # branch, which returns `tensor.T` and `"transpose"`; the blue one is the `transformer.wpe.`
 # branch, `"rename"`; every grey one falls through to `"copy"`. The green arc is not in
-# `to_ours` at all, because the file has no tensor to map: the table adds it by hand in its
-# last line, `tied to wte`. Our random checkpoint has the same rows with smaller numbers: 64
-# for 768 (so `c_attn` is $64 \times 192$ and `c_fc` $64 \times 256$) and 128 positions.
+# `to_ours` at all, because the file has no tensor to map: the table that the next cell prints
+# adds it by hand in its last line, `tied to wte`. Our random checkpoint has the same rows with
+# smaller numbers: 64 for 768 (so `c_attn` is $64 \times 192$ and `c_fc` $64 \times 256$) and
+# 128 positions.
 #
-# The function below is the whole plan, one tensor at a time; the table applies it to every
+# The function below is the whole plan, one tensor at a time; the printed table applies it to every
 # tensor of the file, listing the first block only (the second is the same with `h.1`).
 # `config_from_hf` turns `config.json` into our `GPTConfig`, which builds a model with the
 # shapes to compare against.
@@ -389,13 +395,16 @@ with torch.no_grad():
 # `transformers` ties `lm_head` to `wte` when it builds the model, exactly as our `GPT` does; the
 # file has no `lm_head.weight`, and neither model needs one.
 #
-# Older checkpoints hold more than weights. The `pytorch_model.bin` files that GPT-2 was first
-# published with on the hub store their names without the `transformer.` prefix, and, for every
-# block, tensors that are not parameters: `h.<i>.attn.bias`, the lower-triangular causal mask
-# of `n_positions × n_positions` ones and zeros, and, in files saved by later versions of
-# `transformers`, `h.<i>.attn.masked_bias`, the large negative number that was written into
-# masked scores. Old versions of `transformers` registered
-# them as persistent buffers, so `state_dict` saved them with the weights. Current versions
+# Older checkpoints hold more than weights, and GPT-2's own files on the hub are older
+# checkpoints: its `pytorch_model.bin`, and the `model.safetensors` converted from it, store
+# their names without the `transformer.` prefix (`wte.weight`, `h.0.attn.c_attn.weight`), and,
+# for every block, tensors that are not parameters: `h.<i>.attn.bias`, the lower-triangular
+# causal mask of `n_positions × n_positions` ones and zeros, and, in files saved by later
+# versions of `transformers`, `h.<i>.attn.masked_bias`, the large negative number that was
+# written into masked scores. Old versions of `transformers` registered them as *persistent
+# buffers*: tensors of the module that are not parameters (no gradient, not trained) but that
+# `state_dict` saves with the weights. For GPT-2 small the 12 masks of $1024 \times 1024$ float32
+# numbers are 50 MB of its 548 MB `model.safetensors`. Current versions
 # build the mask on the fly and skip these entries when loading, and so does `load_state`, the
 # function inside `load_gpt2` that takes a dict of tensors: it drops the two mask buffers and
 # adds the missing prefix. We rewrite our checkpoint in that old layout, load it, and check that
@@ -555,9 +564,10 @@ print("first 10 new ids:", ours[0, 8:18].tolist())
 assert torch.equal(ours, theirs)
 
 # %% [markdown]
-# The new ids fall into a loose cycle: 29762 comes back every third token, but what follows it
-# changes (30654 then 40755, 30654 then 25590, then 22734): each choice depends on where the token
-# sits and on what came before, not on the last token alone. That is what the matrices at 0.1 of
+# The new ids fall into a loose cycle: 29762 comes back every third token. It is followed by 30654
+# twice, but 30654 is followed once by 40755 and once by 25590, and the third 29762 by 22734: the
+# same last token, different next choices. Each choice depends on where the token sits and on
+# what came before, not on the last token alone. That is what the matrices at 0.1 of
 # section 1 buy. A cache that gave each new token a wrong position would change these ids, so the
 # comparison with `transformers` would catch it. We check it with a broken copy of our model whose
 # position table ignores the cache's offset (every decoded token is embedded as if it stood at
@@ -697,19 +707,19 @@ for k in (4, 2, 1):
         assert change > 0.1
 
 # %% [markdown]
-# Keeping all 4 key/value heads reproduces the model, and its cache is MHA's. Each halving of
-# the key/value heads halves the cache: 1,024 bytes per token become 512, then 256 (2 layers
-# × keys and values × heads × 16 numbers × 4 bytes). And the predictions change completely:
-# the largest change of a logit, 0.87 and 0.94, exceeds the largest logit of the original model
-# (0.81, section 2) and is more than five times the logits' std (0.16), and the most likely next
-# token is a different one at every one of the 48 positions (0% the same). That is what
+# Keeping all 4 key/value heads reproduces the model, and its cache is MHA's. Each halving of the
+# key/value heads halves the cache: 1,024 bytes per token become 512, then 256 (2 layers × keys and
+# values × heads × 16 numbers, the head size 64 / 4, × 4 bytes). And the predictions change
+# completely: the largest change of a logit, 0.87 and 0.94, exceeds the largest logit of the
+# original model (0.81, section 2) and is more than five times the logits' std (0.16), and the most
+# likely next token is a different one at every one of the 48 positions (0% the same). That is what
 # averaging does to *unrelated* heads: the random key projections of two heads have nothing in
-# common, and their mean is a projection unlike either. How much a trained model loses depends
-# on how alike the heads of a group have become in training; heads that learnt different jobs
-# lose them when forced to share keys and values. That is why the GQA paper continues training
-# ("uptraining") after pooling, and why a converted model is meant to be fine-tuned briefly
-# ([chapter 18](18_comparing_variants.ipynb)). Section 5 measures the cost on GPT-2 itself, when its
-# weights are available.
+# common, and their mean is a projection unlike either. How much a trained model loses depends on
+# how alike the heads of a group have become in training; heads that learnt different jobs lose them
+# when forced to share keys and values. That is why the GQA paper continues training ("uptraining")
+# after pooling, and why a converted model is meant to be fine-tuned briefly ([chapter
+# 18](18_comparing_variants.ipynb)). Section 5 measures the cost on GPT-2 itself, when its weights
+# are available.
 #
 # A GQA model is no longer a GPT-2 that `transformers`' `GPT2LMHeadModel` can hold, and
 # `save_gpt2` says so rather than writing a checkpoint that would load wrongly. (Exercise 4
@@ -759,7 +769,10 @@ assert 40_000 < math.exp(fresh_loss) < 60_000
 # %% [markdown]
 # The untrained model scores about 50,600, slightly worse than the uniform guess: its logits are
 # small but not all equal, and uneven guesses that know nothing cost a little more, on average,
-# than even ones. Any model that has learnt something scores far below.
+# than even ones. The loss of one prediction is $\text{logsumexp}(z) - z_\text{target}$, and
+# $\text{logsumexp}(z) \ge \ln V + \text{mean}(z)$ (the log of a mean of exponentials is at least
+# the mean of the exponents), so logits unrelated to the target can only add to $\ln V$. Any
+# model that has learnt something scores far below.
 #
 # **GPT-2's real weights.** With OpenAI's weights the same code writes English. The book never
 # downloads them on its own: `find_gpt2()` looks for a copy already on this machine and returns
