@@ -210,8 +210,9 @@ assert torch.allclose(qn, rms_norm(q, layer.q_norm.weight), atol=1e-6)
 # Does it matter in a model small enough for this notebook? We train a 2-layer GPT (64 wide, 4
 # heads, RoPE, RMSNorm, 32 positions) on character-level TinyShakespeare for 150 steps of AdamW
 # at three learning rates, with and without QK-norm, three seeds each, and record the validation
-# loss, the largest attention score $|q \cdot k| / \sqrt{d}$ of the last layer on a fixed batch,
-# and how one-hot its softmax is (the mean over query rows of the largest weight). The scores are
+# loss, the largest attention score $|q \cdot k| / \sqrt{d}$ of the last layer on a fixed batch
+# (over every query–key pair of the 32 positions, the future ones the mask hides included: the
+# size of the scores, not only of those that reach the softmax), and how one-hot its softmax is (the mean over query rows of the largest weight). The scores are
 # read from the layer's own stages (`project`, `normalize`, `position`), on the input a forward
 # pre-hook records. 150 steps leave every model far from converged: the sweep asks how
 # training *starts* at each rate. A third arm bounds the scores the other way, with
@@ -330,9 +331,10 @@ plt.show()
 # scales (exercise 1 prints the bound). With scales of 1 that bound would be $\sqrt{16} = 4$ (the
 # heads have 16 numbers), so a score of 27 means the learned scales grew: the largest
 # $|g_i^q|$ and $|g_i^k|$ multiply to at least $27/4$. The largest weight averages 0.55–0.84 at
-# the larger rates. The third arm, soft-capping, is read in section 3, which explains it. A small
-# model cannot show the real failure, a loss that diverges after thousands of steps; what it
-# shows is the sensitivity.
+# the larger rates. The third arm, soft-capping, is read in section 3, which explains it. A model
+# this small, trained for 150 steps, cannot show the real failure, a loss that diverges after
+# thousands of steps (Wortsman et al.'s "small" models have millions of parameters and train for
+# many thousands of steps); what it shows is the sensitivity.
 
 # %% [markdown]
 # ## 3. Soft-capping
@@ -342,8 +344,8 @@ plt.show()
 # final logits). Unlike QK-norm it needs no parameters, but it is a function *of the scores*,
 # applied between the two matrix products that a fused kernel keeps together:
 # `F.scaled_dot_product_attention` takes no such function, so our layer computes the explicit
-# scores when `softcap` is set, and `impl="flash"` refuses it (FlashAttention-2 added a
-# soft-capping option for Gemma 2 in 2024). Gemma 3 replaced it with QK-norm.
+# scores when `softcap` is set, and our chapter-8 `impl="flash"` refuses it (the FlashAttention-2
+# library itself added a soft-capping option for Gemma 2 in 2024). Gemma 3 replaced it with QK-norm.
 
 # %%
 s = torch.linspace(-120, 120, 241)
@@ -594,14 +596,19 @@ assert toy_rows["no start", "output gate"][0] > 100 * toy_rows["no start, contex
 # start (86%): both serve, and training chose the token.
 #
 # **Without one**, the plain layer fails on exactly those queries: their weight lands on random
-# vectors, whose mean is not zero. Could it not learn values of zero for the ordinary tokens
-# instead? Not with a value projection: $v_j = W_v x_j$ is linear (plus a bias), and a marker
-# carries its content in the same coordinates 3 onwards as every other token, differing only by
-# the flag in coordinate 0. A linear map that passes a marker's content passes everyone's, and
-# the flag can only add a fixed vector to it; switching the content off for unflagged tokens
-# would take a product of flag and content. Only the weights, through the keys that see the flag,
-# can select the markers. (The start vector is another matter: its content coordinates are zero,
-# so its value is one fixed vector, which the layer can learn to make small, as measured below.)
+# vectors, whose mean is not zero.
+#
+# Could it not learn values of zero for the ordinary tokens instead? Not with a value
+# projection. A marker carries its content in the same coordinates 3 onwards as every other
+# token and differs only by the flag in coordinate 0, so a marker's input is
+# $x_\text{content} + 3 e_0$ and its value is
+# $W_v(x_\text{content} + 3 e_0) = W_v x_\text{content} + 3 W_v e_0$ (plus a bias): the same map
+# of the content as for any other token, plus a fixed vector. A linear map that passes a
+# marker's content passes everyone's; switching the content off for unflagged tokens would take
+# a product of flag and content. Only the weights, through the keys that see the flag, can
+# select the markers. (The start vector is another matter: its content coordinates are zero, so
+# its value is one fixed vector, which the layer can learn to make small, as measured below.)
+#
 # The **sink logit** solves it: the row sums to a few percent, and no token is needed. The
 # **output gate** fails too, and the reason is instructive: it is $\sigma(x_t W_g)$ of the
 # *query's own input*, and here $x_t$ is a random vector that knows
@@ -940,9 +947,10 @@ plt.show()
 # (its three global blocks; the states are a rounding error), gpt-oss's about a half (its
 # windows of 128 are tiny, but half of its blocks are global). Below about 10k tokens Gemma 3 and
 # Qwen3-Next swap places: Gemma 3's share is $1/6 + (5/6) \cdot 1024/L$, Qwen3-Next's about
-# $1/4$, equal at $L = 10 \cdot 1024 \approx 10\text{k}$; while Gemma 3's windows still hold a
-# tenth of the context or more, they cost more than Qwen3-Next's fixed states (the curves cross
-# in the plot). With
+# $1/4$, equal at $L = 10 \cdot 1024 \approx 10\text{k}$. Both keep global blocks, 2 of 12 for
+# Gemma 3 and 3 of 12 for Qwen3-Next; what Gemma 3's windows compete with is Qwen3-Next's third
+# global block, $1/12$ of all-global attention, and while the windows still hold a tenth of the
+# context or more they cost more than it (the curves cross in the plot). With
 # grouped-query attention, as all three models use, the bytes shrink by the group size; the
 # window stacks' ratios stay, since the all-global baseline shrinks alike, while Qwen3-Next's
 # Gated DeltaNet states do not shrink with the key/value groups (exercise 5 counts Gemma 3 27B).

@@ -29,7 +29,8 @@
 # hand. Before training we see what cleaning removes from a corpus (TinyShakespeare needs
 # almost nothing removed). We write the training loop in the notebook too, and check it against
 # the book's `attnbook.train.train` to the last bit. Then `train` runs for real: 400 steps on a
-# laptop CPU turn random weights into a model that writes something that looks like a play.
+# laptop CPU turn random weights into a model whose samples have the look of the text: words of
+# the right lengths, capitals at the start of lines, punctuation, a few real words.
 # Finally we swap the attention variant by its name, resume a stopped run from its checkpoint,
 # load a checkpoint to sample, and fine-tune the trained model on a play it has never seen.
 #
@@ -389,7 +390,10 @@ print(f"parameters: {sum(p.numel() for p in ours.parameters()):,}")
 # $2L$ times what one branch adds: its standard deviation grows like $\sqrt{L}$. The branches do
 # not see that growth (each reads its input through a LayerNorm), but everything downstream
 # does: `ln_f` and `lm_head` receive a vector in which the token's own embedding is a small part
-# and the rest is noise from random blocks — the deeper the model, the smaller the part.
+# and the rest is noise from random blocks — the deeper the model, the smaller the part. The
+# later blocks are downstream too: a LayerNorm rescales the whole stream, and cannot pick the
+# token's embedding out of the noise that earlier blocks added, so a block deep in such a model
+# starts out reading mostly noise.
 #
 # GPT-2's remedy is to draw the weights of the last layer of each branch — `c_proj`, in attention
 # and in the MLP alike — with a standard deviation divided by $\sqrt{2 n_\text{layer}}$. Each
@@ -474,7 +478,9 @@ for label, stds in (("0.02 everywhere", deep_plain), ("scaled c_proj", deep_scal
 
 # %% [markdown]
 # Both shares say that $v \approx 2e$: a random branch adds about twice the variance of the
-# embeddings. This is a statement about the starting point only: training moves every weight,
+# embeddings. Unscaled, $e / (e + 48 v) = 0.009$ gives $48 v \approx 110 e$, $v \approx 2.3 e$;
+# scaled, $e / (e + v) = 0.337$ gives $v \approx 1.97 e$ (attention and MLP branches add
+# different amounts, so $v$ is their average). This is a statement about the starting point only: training moves every weight,
 # and the stream grows anyway as the blocks learn useful things to add. But a starting point
 # where the input is buried under random noise is a slow one to learn from, and it gets worse
 # with depth; with the scaling, a 4-block and a 48-block model start from the same place.
@@ -1198,10 +1204,11 @@ for name, options in variant_options.items():
 # - **linear** keeps a recurrent state of fixed size, whatever the length: zero bytes per added
 #   token. The state is as large as about 16 positions of MHA's cache, so it costs more than a KV
 #   cache for very short sequences and far less for long ones (at 1,024 tokens, 62 times less).
-# - **mla** caches one latent vector of 64 numbers per token and layer, plus a small key shared
-#   by the heads (the decoupled part that RoPE rotates when `positions="rope"`, [chapter
+# - **mla** caches one latent vector of 64 numbers per token and layer, plus a small key of 16
+#   numbers shared by the heads (the decoupled part that RoPE rotates when `positions="rope"`, [chapter
 #   13](13_latent_attention.ipynb); with this model's learned positions nothing rotates it),
-#   instead of 256 for keys and values, at the price of extra projections.
+#   instead of 256 for keys and values, at the price of extra projections: $(64 + 16) \times 4$
+#   layers $\times$ 4 bytes = 1,280 bytes per token.
 #
 # The same switch works for training. As a check that each variant really trains, not only
 # builds, we run every one for 10 steps (the loss must fall from about 4.17) — far too short to
@@ -1225,6 +1232,11 @@ for name, cfg in variant_cfgs.items():
     assert losses[-1] < losses[0] - 0.3, f"{name} did not learn in 10 steps"
 
 # %% [markdown]
+# The seconds column is not a speed comparison. At 64 positions every variant's attention is a
+# small part of a step, and `sparse`, `linear` and `mla` add work there (a block mask, a chunked
+# recurrence, extra projections) whose savings only show at long contexts;
+# [chapter 18](18_comparing_variants.ipynb) measures speed and memory where they do.
+#
 # The command line takes the same fields as flags, and each variant's options as flags of their
 # own (named as the variant names them; `--attention_options '{"n_kv_head": 2}'` is the same in
 # JSON). `--run_name gqa-2` trains in the folder `runs/gqa-2`, and a second call with the same
@@ -1390,8 +1402,8 @@ tempest = TokenData(prepare(str(tempest_file), run_encoding, out_dir=runs / "tem
 print({key: tempest.meta[key] for key in ("vocab_size", "n_train", "n_val")})
 
 # %% [markdown]
-# Two runs of the same 60 steps on the play, everything else equal: one starts from the
-# pretrained weights (`init_from`) at a lower learning rate, 1e-3 without warm-up, so as not to
+# Two runs of the same 60 steps on the same batches of the play, each at a learning rate suited
+# to its start: one starts from the pretrained weights (`init_from`) at a lower learning rate, 1e-3 without warm-up, so as not to
 # wreck what the model knows; the other starts from random weights at section 8's peak rate,
 # 3e-3, with a warm-up of 10 steps and the cosine down to 3e-4 at step 60 (the end of the run).
 # We measure both on the play's validation split, and the pretrained model before any
