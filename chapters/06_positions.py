@@ -42,9 +42,9 @@
 # - Build the sinusoidal table, read it as a set of clocks, and see that its dot products
 #   depend only on the distance between positions.
 # - Build RoPE step by step, in both pairings found in real checkpoints (interleaved, as in
-#   GPT-J/RoFormer, and half-split with `rotate_half`, as in GPT-NeoX/LLaMA), show numerically
-#   that, for given query and key vectors, its scores depend on their positions only through the
-#   offset $m - n$, and convert weights from one pairing to the other.
+#   GPT-J/RoFormer, and half-split with `rotate_half`, as in GPT-NeoX and Hugging Face's
+#   LLaMA), show numerically that, for given query and key vectors, its scores depend on their
+#   positions only through the offset $m - n$, and convert weights from one pairing to the other.
 # - Continue positions at an offset, as cached decoding needs (`start`).
 # - Compute ALiBi slopes for any number of heads, including the paper's rule for counts that
 #   are not powers of two, and draw the per-head biases.
@@ -462,8 +462,10 @@ print("norms preserved:", torch.allclose(x16_rot.norm(dim=-1), x16.norm(dim=-1),
 
 # %% [markdown]
 # A pair $(a, b)$ is also a complex number $a + ib$, and rotating it by $\phi$ is multiplying
-# by $e^{i\phi}$. That is how the LLaMA reference code writes RoPE: view the interleaved pairs
-# as complex numbers and multiply. Same result:
+# by $e^{i\phi}$. That is how Meta's LLaMA reference code writes RoPE: view the interleaved
+# pairs as complex numbers and multiply. (Hugging Face's port of LLaMA uses the other pairing of
+# section 3.4; its conversion script reorders the query and key weights to match, exactly as
+# section 3.4 does with `perm`.) Same result:
 
 # %%
 as_complex = torch.view_as_complex(x16.reshape(10, 8, 2))  # (10, 8): a + ib per pair
@@ -690,7 +692,8 @@ print("rotated as positions 0..2 instead, equal:", torch.allclose(wrong, full[s:
 # For 8 heads that is $1/2, 1/4, \dots, 1/256$. For other head counts the paper gives a rule:
 # take the slopes of the largest power of two $p < n$, then fill the remaining $n - p$ heads with
 # every other slope of the sequence for $2p$ heads (its odd-numbered terms: the 1st, 3rd, 5th,
-# …, which fall between the slopes already used), starting with the first.
+# …), starting with the first. The first of them, $2^{-4/p}$, is steeper than all $p$ slopes
+# already used; each of the others falls between two of them.
 
 # %%
 def geometric_slopes(n):
@@ -860,8 +863,9 @@ class TinyLM(nn.Module):
 
 
 # %% [markdown]
-# What `block_size` should each model get? RoPE precomputes its angles for `block_size`
-# positions, so it needs 64 to be evaluated at 64; ALiBi and "none" have no table; the
+# What `block_size` should each model get? For RoPE it does not matter: it caches its angles
+# for `block_size` positions and computes those beyond from the same formula, so it gets 64 for
+# uniformity; ALiBi and "none" have no table; the
 # sinusoidal table is fixed, so making it longer changes nothing about the first 32 rows. All
 # of these get `block_size = 2L = 64`. The learned table is different: training at length 32
 # only ever updates rows 0..31. Rows 32..63 would keep their random initial values, so we give
@@ -1009,8 +1013,9 @@ plt.show()
 #   model to use the $R_k$ structure of section 2; it learns what rows 0..31 look like, and rows
 #   32..63 bring values of the slow pairs it never saw.
 # - **RoPE** solves the task at length 32, holds for a few positions beyond it, then degrades
-#   steadily. Its mean on positions 32..63 (about 0.56) is above the sinusoidal model's only
-#   thanks to those first few positions: by the end of the sequence it has fallen below it.
+#   steadily. Its mean on positions 32..63 (about 0.56) is above the sinusoidal model's because
+#   it stays above it over the first part of the new range, more than half of it in the plot; by
+#   the end of the sequence it has fallen below it.
 #   That may be surprising: its scores depend only on offsets, so a head that looks one token
 #   back should work at any position. The next cell finds the culprit.
 # - **ALiBi** keeps its accuracy at 64 tokens. Its bias is the same rule at every position and

@@ -624,11 +624,15 @@ plt.show()
 
 # %% [markdown]
 # Neither normaliser reaches zero in this draw, but they part ways. The unrotated one grows
-# steadily, one positive term per key. The rotated one falls behind as terms of opposite sign
-# cancel: the smallest ratio of rotated to unrotated over all queries and heads is the 0.23
+# steadily, one positive term per key. The rotated one falls behind, and mostly not because its
+# terms cancel: only 2.2% of the rotated products are negative. Rotating turns the query's and
+# the key's features by different angles, so most terms are smaller than their unrotated
+# counterparts (each pair of features contributes a cosine-weighted product), and the sum grows
+# more slowly: the smallest ratio of rotated to unrotated over all queries and heads is the 0.23
 # printed above, and at the last query the ratio differs from head to head. Dividing by it would
-# scale each output by a factor that depends on the query and its position, and nothing in a sum
-# of terms of either sign keeps it away from zero; the unrotated sum cannot shrink.
+# scale each output by a factor that depends on the query and its position; and in a sum of terms
+# of either sign nothing keeps it away from zero, even though this draw stays clear of it. The
+# unrotated sum cannot shrink.
 #
 # In the chunked form of section 3.3 the change is small: the products that build the numerator
 # (the read of the state, the in-chunk similarities that multiply the values, the state update)
@@ -1039,8 +1043,11 @@ print("LinearAttention, impl 'sdpa' and 'reference', full pass and cached decodi
 #   unrotated, positive features so it never approaches zero.
 # - Generation keeps a state of $n_\text{head}(d_h^2 + d_h)$ numbers per layer, whatever the
 #   length; a KV cache passes it after about $d_h/2$ tokens and keeps growing.
-# - The price: a $d\times d_v$ state recalls at most $d$ random associations exactly, plain
-#   sums do worse, positive features worse still; softmax over a cache recalls far better.
+# - The price: a $d\times d_v$ state recalls at most $d$ random associations exactly. Plain sums
+#   pile up crosstalk (an error of about $N/d$, past 1 beyond $N = d$); positive features blur
+#   every read towards the mean of the values (an error near 1 from a handful of pairs on);
+#   beyond $N = d$ neither does better than answering zero. Softmax over a cache recalls far
+#   better.
 # - Measured: chunked linear attention beats causal SDPA from a few hundred tokens on (CPU).
 
 # %% [markdown]
