@@ -720,8 +720,17 @@ for name, m in (("with the offset", model_learned), ("offset forgotten", forgetf
 # alongside, their decoding steps. So prompts are often **prefilled in chunks**: the first
 # chunk goes into an empty cache, the next chunk attends to the cached positions *and* causally
 # within itself, and so on. Each chunk is a block of `T > 1` queries at the end of `T_k` keys —
-# the bottom-right mask again, now with a real triangle in it.
-#
+# the bottom-right mask again, now with a real triangle in it. For a chunk of 3 tokens after 5
+# cached ones, each new query sees the 5 cached keys and, among the new ones, itself and those
+# before it; the top-left triangle would hide most of the cache from every query:
+
+# %%
+print("causal_mask(3, 8), bottom-right: 3 new queries after 5 cached keys")
+print(causal_mask(3, 8).int())
+print("torch.ones(3, 8).tril(), top-left, what is_causal=True would use")
+print(torch.ones(3, 8).tril().int())
+
+# %% [markdown]
 # Prefilling a 45-token prompt in one go, and in chunks of 16, 16 and 13, must leave the same
 # numbers in the caches and give the same logits for the last position:
 
@@ -809,10 +818,11 @@ print(f"per generated token: {1000 * total_plain / N:.1f} ms without cache, "
 # far) — and for a model this small that fixed cost is most of a cached step.
 #
 # Where does the difference come from? We time single steps at a range of sequence lengths `T`
-# (the number of tokens the step attends over). Without a cache, a step at length `T` runs the
-# model on all `T` tokens. With a cache, it feeds one token into caches holding `T - 1`
-# positions. To get those caches without regenerating, we cache the whole sequence once and
-# **rewind**: setting `length` back to `T - 1` on a preallocated cache forgets every later
+# (the number of tokens the step attends over).
+#
+# **How we time one step.** Without a cache, a step at length `T` runs the model on all `T`
+# tokens. With a cache, it feeds one token into caches holding `T - 1` positions. To get those
+# caches without regenerating, we cache the whole sequence once and **rewind**: setting `length` back to `T - 1` on a preallocated cache forgets every later
 # position, since only the first `length` are ever read. (Real systems rewind this way too, for
 # instance to throw away tokens that speculative decoding guessed wrong.) So the plot does not
 # show the steps of the generation timed above: each point is a separate single step, reached by
@@ -821,7 +831,7 @@ print(f"per generated token: {1000 * total_plain / N:.1f} ms without cache, "
 # also include each step's `argmax` and `torch.cat` and, since every run lasts seconds, each
 # interruption by other programs during it (on a busy machine, several times below).
 #
-# Prediction before you look: without a cache, the step time should grow about linearly with
+# **Prediction before you look.** Without a cache, the step time should grow about linearly with
 # `T` (projections and MLPs on `T` positions, plus attention that grows like `T²`); with a
 # cache, each step processes one position and only its attention read grows with `T`, a tiny
 # part of the step for a model this small.

@@ -272,9 +272,75 @@ print(f"online log-sum-exp {m_run + math.log(ell_run):.6f}, torch.logsumexp "
 # streaming multiprocessors, read at about 19 TB/s in total. The explicit math writes $S$ and
 # $P$ to HBM and reads them back; the tiles keep one tile of scores and the running
 # $m$, $\ell$, $a$ in SRAM and send only $O$ and the log-sum-exps to HBM. On a CPU the roles
-# are played by the L1 and L2 caches and the main memory. A tile of
-# scores is a small matrix product, `(block_q, D) @ (D, block_k)`; for every query of the tile
-# we update $m$, $\ell$ and $a$ as above. We first write it without masks, for one head.
+# are played by the L1 and L2 caches and the main memory.
+#
+# The picture shows one step of the inner loop. Query tile 2 is read into fast memory once,
+# with its running state (a maximum $m$ and a sum $\ell$ per query, and the accumulator $a$).
+# Key and value tiles 0, 1, 2, ... stream past it: each is read, turned into one tile of
+# scores, folded into the state with section 2's rescaling, and dropped. Only when the inner
+# loop ends is $a / \ell$ written out, with $m + \log \ell$, the log-sum-exp the backward pass
+# needs. The grey tiles of the score matrix are never formed at all, and the hatched ones, cut
+# by the diagonal, are masked (section 3.1).
+
+# %%
+from matplotlib.patches import FancyArrowPatch
+
+
+def tile_row(ax, x, y, n, w, h, label, shade=None, text=None):
+    """n tiles of size w x h side by side from (x, y); tile `shade` filled."""
+    for t in range(n):
+        fill = "C1" if t == shade else "white"
+        ax.add_patch(Rectangle((x + t * w, y), w, h, facecolor=fill, edgecolor="k", lw=0.8))
+    ax.text(x - 0.15, y + h / 2, label, ha="right", va="center", fontsize=9)
+    if text:
+        ax.text(x + n * w / 2, y + h + 0.12, text, ha="center", fontsize=8)
+
+
+fig, ax = plt.subplots(figsize=(11, 4.6))
+ax.set(xlim=(0.3, 12.8), ylim=(-0.1, 5.3), aspect="equal")
+ax.axis("off")
+n, w = 6, 0.6  # tiles per side, tile size in the drawing
+x0, y0 = 1.6, 0.4  # bottom-left corner of the score matrix (query tiles run downwards)
+for i in range(n):  # the score matrix: tile (i, j), causal
+    for j in range(n):
+        seen = j <= i
+        colour = "C0" if (i, j) == (2, 1) else ("0.9" if not seen else "white")
+        ax.add_patch(Rectangle((x0 + j * w, y0 + (n - 1 - i) * w), w, w, facecolor=colour,
+                               edgecolor="0.6", lw=0.6, hatch="///" if i == j else None))
+ax.text(x0 + n * w / 2, y0 - 0.3, "score tiles $S_{ij}$: grey skipped, hatched masked",
+        ha="center", fontsize=8)
+tile_row(ax, x0, y0 + n * w + 0.35, n, w, 0.35, "K, V tiles", shade=1,
+         text="stream past, one at a time")
+for i in range(n):  # the query tiles, a column to the left
+    colour = "C1" if i == 2 else "white"
+    ax.add_patch(Rectangle((x0 - 0.85, y0 + (n - 1 - i) * w), 0.5, w, facecolor=colour,
+                           edgecolor="k", lw=0.8))
+ax.text(x0 - 0.6, y0 - 0.3, "Q tiles", ha="center", fontsize=8)
+row_y = y0 + (n - 1 - 2) * w + w / 2  # the middle of query tile 2's row
+ax.add_patch(FancyArrowPatch((x0 + 2 * w + 0.05, row_y), (x0 + 3 * w - 0.05, row_y),
+                             arrowstyle="-|>", mutation_scale=12, color="C3"))
+# fast memory: what one query tile holds during its inner loop
+fx, fy = 7.0, 1.2
+ax.add_patch(Rectangle((fx, fy), 5.6, 3.6, facecolor="none", edgecolor="C2", lw=1.5, ls="--"))
+ax.text(fx + 2.8, fy + 3.75, "fast memory (A100: 192 KB of SRAM per SM; a CPU: its L1/L2 caches)",
+        ha="center", fontsize=9, color="C2")
+lines = ["Q tile 2: $b_q \\times d$  (read once)",
+         "K, V tile 1: $b_k \\times d$  (read, used, dropped)",
+         "scores $S_{21}$: $b_q \\times b_k$  (never written out)",
+         "state per query: $m$, $\\ell$, $a$ ($2 + d_v$ numbers)",
+         "end of the loop: write $a / \\ell$ and $m + \\log \\ell$"]
+for k, line in enumerate(lines):
+    ax.text(fx + 0.2, fy + 3.2 - 0.65 * k, line, fontsize=9, va="center")
+ax.add_patch(FancyArrowPatch((x0 + 3 * w + 0.3, row_y), (fx - 0.1, fy + 1.9),
+                             arrowstyle="-|>", mutation_scale=14, color="0.4",
+                             connectionstyle="arc3,rad=-0.15"))
+ax.set_title("The inner loop for query tile 2: key tiles stream through fast memory", fontsize=11)
+plt.show()
+
+# %% [markdown]
+# In code, a tile of scores is a small matrix product, `(block_q, D) @ (D, block_k)`; for every
+# query of the tile we update $m$, $\ell$ and $a$ as in section 2. We first write it without
+# masks, for one head.
 
 # %%
 def tiled_attention(q, k, v, block_q=16, block_k=16):
@@ -670,8 +736,8 @@ assert times["SDPA's fused kernel"][-1] < times["flash_attention (tiles of 128)"
 
 # %% [markdown]
 # Read the table for its shape, not its digits (they depend on the machine). In the run stored
-# here the fused kernel won at every length, 1.6 to 1.9 times as fast as our tiles; the
-# tiles were slightly behind the explicit math at 512 and ahead of it from 1024 on, where skipping
+# here the fused kernel won at every length, 2.2 to 2.8 times as fast as our tiles; the
+# tiles were behind the explicit math at 512 and 1024 and ahead of it at 2048, where skipping
 # half the tiles and keeping each tile in the CPU's cache outweigh the Python overhead. That
 # overhead is a fixed cost per tile: at $T = 2048$ with tiles of 128 (16 tiles per side) the
 # forward pass visits the $16 \times 17 / 2 = 136$ tiles on or below the diagonal and the backward
@@ -801,8 +867,8 @@ print("flash_attention == flash_forward (output, LSE) and NotebookFlash (gradien
 # - Partial attentions over disjoint keys merge exactly with their log-sum-exps: flash-decoding,
 #   ring attention, and the branches of [chapter 14](14_learned_sparse_attention.ipynb).
 # - In pure PyTorch the tiles pay a Python overhead per tile; on this CPU they still overtook
-#   the explicit math from $T = 1024$ on, and SDPA's fused kernel, the same algorithm compiled,
-#   was 1.6 to 1.9 times as fast again. The memory saving does not need fusion; the speed does.
+#   the explicit math at $T = 2048$, and SDPA's fused kernel, the same algorithm compiled, was
+#   2.2 to 2.8 times as fast again. The memory saving does not need fusion; the speed does.
 #
 # ## Further reading
 #

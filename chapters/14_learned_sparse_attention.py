@@ -441,7 +441,9 @@ assert torch.allclose(fast, slow, atol=1e-5) and same_grads
 from attnbook.attention.nsa import compress, compression_mask, selection_scores
 
 torch.manual_seed(3)
-sizes = dict(compress_block=4, compress_stride=2, select_block=4, select_count=4, window=6)
+l, stride, l_sel, n_sel, w = 4, 2, 4, 4, 6  # the paper's l, d, l', n and w
+sizes = dict(compress_block=l, compress_stride=stride, select_block=l_sel, select_count=n_sel,
+             window=w)
 nsa = build_attention("nsa", AttentionConfig(n_embd=32, n_head=2, block_size=T), **sizes).eval()
 x = torch.randn(1, T, 32)  # (B, T, n_embd)
 with torch.no_grad():
@@ -461,13 +463,13 @@ with torch.no_grad():
 
 # %%
 with torch.no_grad():
-    blocks = k.unfold(2, 4, 2)  # (1, 2, n_cmp, hd, l): block i = positions 2i .. 2i + 3
+    blocks = k.unfold(2, l, stride)  # (1, 2, n_cmp, hd, l): block i = positions 2i .. 2i + 3
     k_cmp = nsa.phi_k(blocks.transpose(-1, -2).flatten(-2))  # (1, 2, n_cmp, hd)
-    assert torch.equal(k_cmp, compress(k, nsa.phi_k, 4, 2))
-    v_cmp = compress(v, nsa.phi_v, 4, 2)
-ends = torch.arange(k_cmp.shape[2]) * 2 + 3  # last position of each block
+    assert torch.equal(k_cmp, compress(k, nsa.phi_k, l, stride))
+    v_cmp = compress(v, nsa.phi_v, l, stride)
+ends = torch.arange(k_cmp.shape[2]) * stride + l - 1  # last position of each block
 seen = ends <= torch.arange(T)[:, None]  # (T, n_cmp): whole block in the past
-assert torch.equal(seen, compression_mask(T, T, 4, 2))
+assert torch.equal(seen, compression_mask(T, T, l, stride))
 print(f"{k_cmp.shape[2]} compressed keys for {T} positions; query 3 sees "
       f"{int(seen[3].sum())}, query 20 sees {int(seen[20].sum())}, query 31 sees "
       f"{int(seen[31].sum())}")
@@ -475,22 +477,19 @@ print(f"{k_cmp.shape[2]} compressed keys for {T} positions; query 3 sees "
 # %% [markdown]
 # ### 4.2 From compressed scores to selected blocks
 #
-# The compression branch's softmax $p^{\text{cmp}}_t$ has one probability per compressed
-# block. To rank the selection blocks of $l'$ positions, each compressed block spreads its
-# probability over the $l$ positions it covers, $1/d$ per position, and each selection block
-# collects what lands on its $l'$ positions. With our sizes: compressed block 13 covers positions
-# 26–29 and puts $p/2$ on each; selection block 6 (positions 24–27) collects two of those
-# shares, selection block 7 (positions 28–31) the other two, so each collects $p$, the whole of
-# block 13's probability (which is why a query's importances add up to 2, as noted below). (The
-# paper's eq. 9 says the same with the overlap counted in steps of $d$.) In
-# the code, `end - 3 : end + 1` are the $l = 4$ positions of a compressed block, `/ 2` is the
-# $1/d$, and `view(..., T // 4, 4)` cuts the positions into selection blocks of $l' = 4$; in
-# section 4.3, `// 4` maps a position to its selection block and `topk(4)` keeps the $n = 4$
-# best. With grouped
-# key/value heads, the module lets the query heads that share one key/value head add their
-# rankings, so that the group reads the same blocks from memory once; the layer built here has
-# one key/value head per query head, so each of its heads selects on its own. (A query's
-# importances add up to $l/d = 2$, not 1: every position is covered by two compressed blocks.)
+# The compression branch's softmax $p^{\text{cmp}}_t$ has one probability per compressed block. To
+# rank the selection blocks of $l'$ positions, each compressed block spreads its probability over
+# the $l$ positions it covers, $1/d$ per position, and each selection block collects what lands on
+# its $l'$ positions. With our sizes: compressed block 13 covers positions 26–29 and puts $p/2$ on
+# each; selection block 6 (positions 24–27) collects two of those shares, selection block 7
+# (positions 28–31) the other two, so each collects $p$, the whole of block 13's probability (which
+# is why a query's importances add up to 2, as noted below). (The paper's eq. 9 says the same with
+# the overlap counted in steps of $d$.) The code names the sizes as the paper does: `l`, `stride`
+# for $d$, `l_sel` for $l'$, `n_sel` for $n$, and `w`. With grouped key/value heads, the module lets
+# the query heads that share one key/value head add their rankings, so that the group reads the same
+# blocks from memory once; the layer built here has one key/value head per query head, so each of
+# its heads selects on its own. (A query's importances add up to $l/d = 2$, not 1: every position is
+# covered by two compressed blocks.)
 
 # %%
 with torch.no_grad():
@@ -498,9 +497,9 @@ with torch.no_grad():
     p_cmp = scores.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)
 per_position = torch.zeros(1, 2, T, T)  # probability landing on each key position
 for i, end in enumerate(ends.tolist()):
-    per_position[..., end - 3 : end + 1] += p_cmp[..., i : i + 1] / 2  # 1/d per position
-importance = per_position.view(1, 2, T, T // 4, 4).sum(-1)  # (1, 2, T, n_sel) blocks of l'=4
-assert torch.allclose(importance, selection_scores(p_cmp, 4, 2, 4, T // 4), atol=1e-6)
+    per_position[..., end - l + 1 : end + 1] += p_cmp[..., i : i + 1] / stride  # 1/d each
+importance = per_position.view(1, 2, T, T // l_sel, l_sel).sum(-1)  # (1, 2, T, T / l')
+assert torch.allclose(importance, selection_scores(p_cmp, l, stride, l_sel, T // l_sel), atol=1e-6)
 t = 29
 print(f"query {t}, head 0: importance of the 8 selection blocks "
       f"{importance[0, 0, t].numpy().round(2)}")
@@ -522,11 +521,11 @@ print(f"query {t}, head 0: importance of the 8 selection blocks "
 
 # %%
 with torch.no_grad():
-    y, w = nsa(x, need_weights=True)  # w: NSAWeights(cmp, slc, win), before the gates
+    y, nsa_w = nsa(x, need_weights=True)  # NSAWeights(cmp, slc, win), before the gates
 fig, axes = plt.subplots(1, 3, figsize=(12, 2.6), sharey=True)
-panels = [("compression: compressed blocks (block end)", w.cmp[0, 0, t], ends),
-          ("selection: raw keys of selected blocks", w.slc[0, 0, t], torch.arange(T)),
-          ("window: the last 6 positions", w.win[0, 0, t], torch.arange(T))]
+panels = [("compression: compressed blocks (block end)", nsa_w.cmp[0, 0, t], ends),
+          ("selection: raw keys of selected blocks", nsa_w.slc[0, 0, t], torch.arange(T)),
+          (f"window: the last {w} positions", nsa_w.win[0, 0, t], torch.arange(T))]
 for ax, (title, weights, where), gate_value in zip(axes, panels, nsa_gates[0, 0, t], strict=True):
     ax.bar(where, weights, width=1.6 if title.startswith("comp") else 0.8, color="tab:blue")
     ax.set_title(f"{title}\ngate {gate_value:.2f}", fontsize=9)
@@ -547,24 +546,24 @@ def branch(scores, allowed, values):
 with torch.no_grad():
     y_cmp = p_cmp @ v_cmp  # (1, 2, T, hd)
     raw = q @ k.transpose(-2, -1) / 16**0.5  # (1, 2, T, T)
-    own_block = torch.arange(T)[:, None] // 4  # (T, 1): each query's latest block
-    sel_block = torch.arange(T // 4)  # (n_sel,)
+    own_block = torch.arange(T)[:, None] // l_sel  # (T, 1): each query's latest block
+    sel_block = torch.arange(T // l_sel)  # (T / l',): the selection blocks
     forced = (sel_block == 0) | (sel_block == own_block) | (sel_block == own_block - 1)  # (T, n_sel)
     ranked = importance.masked_fill(forced, float("inf")).masked_fill(sel_block > own_block,
                                                                       float("-inf"))
-    top = ranked.topk(4, dim=-1)  # the n = 4 best blocks, forced ones first
+    top = ranked.topk(n_sel, dim=-1)  # the n best blocks, forced ones first
     nsa_chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter(-1, top.indices,
                                                                      top.values > float("-inf"))
-    selected = nsa_chosen[..., torch.arange(T) // 4] & causal_mask(T, T)  # (1, 2, T, T) keys
-    assert torch.equal(selected, w.slc > 0)  # the layer attended to the same keys
+    selected = nsa_chosen[..., torch.arange(T) // l_sel] & causal_mask(T, T)  # (1, 2, T, T)
+    assert torch.equal(selected, nsa_w.slc > 0)  # the layer attended to the same keys
     y_slc = branch(raw, selected, v)
-    y_win = branch(raw, sliding_window_mask(T, T, 6), v)
+    y_win = branch(raw, sliding_window_mask(T, T, w), v)
     mixed = (nsa_gates[..., 0:1] * y_cmp + nsa_gates[..., 1:2] * y_slc
              + nsa_gates[..., 2:3] * y_win)  # (1, 2, T, hd)
     by_hand = nsa.out(mixed)
 print("three softmaxes + gates, by hand == the nsa layer:", torch.allclose(by_hand, y, atol=1e-5))
 assert torch.allclose(by_hand, y, atol=1e-5)
-picked = sorted(set((torch.nonzero(selected[0, 0, t])[:, 0] // 4).tolist()))
+picked = sorted(set((torch.nonzero(selected[0, 0, t])[:, 0] // l_sel).tolist()))
 print(f"query {t}, head 0 selected blocks {picked}; the best of 1-5 by importance: "
       f"{int(importance[0, 0, t, 1:6].argmax()) + 1}")
 
@@ -873,8 +872,8 @@ assert untrained[1] < random_mass + 0.03  # an untrained indexer: no better than
 # to the next.) Before it, the 8 tokens an untrained indexer picks hold a quarter of the
 # attention's mass (0.25), slightly less than the 0.29 that 8 tokens picked at random would hold on
 # average: an untrained indexer ranks no better than chance. The sparse model's validation loss
-# jumps from the dense model's 2.33 to 3.10. After 150 steps that trained the indexer alone, the
-# chosen tokens hold 0.63 of the mass and the sparse model is at 2.36, within a few hundredths of
+# jumps from the dense model's 2.33 to 3.11. After 150 steps that trained the indexer alone, the
+# chosen tokens hold 0.63 of the mass and the sparse model is at 2.35, within a few hundredths of
 # the dense model *before any sparse training*. The next 150 sparse steps bring both sparse models
 # to within a few hundredths of the dense model trained for as long: with 64 positions a model
 # recovers from a bad start quickly, so the run without a warm-up catches up. The warm-up matters
@@ -940,16 +939,47 @@ plt.show()
 # The bytes fall to under three tenths of dense at every length (2.7 of 9.4 MB at 4,096 cached
 # tokens, 10.7 of 37.7 MB at 16,384): every index key (128 numbers, 22% of a latent and rotary
 # key's 576) plus the chosen sixteenth. Unlike section 2's step, this one is
-# not waiting on memory on this CPU: its dense rate is a few GB/s, not section 2's 17–19. The 16
+# not waiting on memory on this CPU: its dense rate is a few GB/s, not section 2's 11–12. The 16
 # heads all read the same latents, so each number read feeds 16 heads' arithmetic (about 15
 # FLOPs per byte), and the step is bound by arithmetic as much as by reading; selection cuts
-# both. The time falls less than the bytes at 4k (two thirds to three quarters of dense in our
-# runs) and further as the cache grows (about half at 16k): a step also pays costs that do not
+# both. The time falls less than the bytes at 4k (about two thirds of dense here) and further as
+# the cache grows (0.43 of it at 16k): a step also pays costs that do not
 # grow with the cache (scoring the new query, the top-$k$ selection, launching the
 # gather), and the longer the cache, the smaller their share. With FP8 index keys, as DeepSeek
 # keeps them, the ratio of bytes falls further: an FP8 index key (128 bytes
 # and a scale) is about a ninth of a bfloat16 latent and rotary key (1,152 bytes); exercise 4
 # counts them.
+
+# %% [markdown]
+# ### The three designs side by side
+#
+# Each of the three layers built above, on its own 32 positions, drawn as the keys each query
+# reads. MoBA reads whole chunks; NSA reads a coarse summary of the whole past (the compressed
+# blocks), a few blocks of raw keys and its window, mixed by gates; DSA reads single tokens,
+# wherever the indexer ranks them best.
+
+# %%
+from matplotlib.colors import ListedColormap
+
+covered = torch.zeros(T, T, dtype=torch.long)  # NSA, head 0: 1 compressed, 2 selected, 3 window
+for i, end in enumerate(ends.tolist()):  # the positions of every compressed block query t sees
+    covered[:, end - l + 1 : end + 1] |= seen[:, i : i + 1].long()
+covered[selected[0, 0]] = 2
+covered[sliding_window_mask(T, T, w)] = 3
+views = [("MoBA: the own chunk and the best past one", mask[0, 0].long() * 2),
+         ("NSA, head 0: compressed (light), selected, window (dark)", covered),
+         ("DSA: the indexer's 6 best tokens", dsa_chosen[0].long() * 2)]
+colours = ListedColormap(["white", "#c6dbef", "#4292c6", "#08306b"])
+fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), layout="constrained")
+for ax, (title, view) in zip(axes, views, strict=True):
+    ax.imshow(view, cmap=colours, vmin=0, vmax=3)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key position")
+axes[0].set_ylabel("query position")
+plt.show()
+print("keys read per query, mean over the 32 queries: MoBA "
+      f"{mask[0, 0].sum(-1).float().mean():.1f}, NSA raw keys (selected or window) "
+      f"{(covered >= 2).sum(-1).float().mean():.1f}, DSA {dsa_chosen[0].sum(-1).float().mean():.1f}")
 
 # %% [markdown]
 # ## 6. Check against the module

@@ -411,8 +411,9 @@ for name, r in full.items():
 # - **`mha`, `mla`, `dsa`, `sparse` and both DeltaNets** answer every query at every gap. `moba`
 #   comes close (0.988), losing a few queries at the longest gaps, where a query has the most
 #   past chunks to choose among.
-# - **`local`** rose only where its reach allows: 0.23 and 0.34 for gaps up to 15, about the
-#   $1/4$ of a guess among the values it can see, and a blind guess (0.03) beyond; the boundary,
+# - **`local`** rose only where its reach allows: 0.23 and 0.34 for gaps up to 15, near the
+#   $1/4$ of a guess among a sequence's 4 values (a little above it where it sees the pair), and
+#   a blind guess (0.03) beyond; the boundary,
 #   $R = 14$, falls inside the 8–15 bin. Even for pairs within its reach it has not learned the
 #   lookup in 8000 steps: seeing the values is not yet recalling the right one.
 #   It copies almost nothing (0.016): the token to copy lies 16 positions back.
@@ -441,16 +442,22 @@ for i, ((x, _), group) in enumerate(sorted(points.items())):
     ax1.plot([x] * len(group), [acc for _, acc in group], "o",
              color="tab:blue" if y >= 0.95 else "tab:red")
     ax1.annotate("\n".join(name for name, _ in group), (x, y), textcoords="offset points",
-                 xytext=(6, -4 - 14 * (i % 2)), fontsize=8, va="top")  # neighbours alternate
+                 xytext=(10, -6 - 16 * (i % 2)), fontsize=8, va="top",  # neighbours alternate
+                 arrowprops=dict(arrowstyle="-", color="grey", lw=0.6))
 ax1.axhline(1 / 4, ls=":", color="grey")
 ax1.text(9, 0.27, "a guess among the sequence's 4 values", fontsize=8, color="grey")
 ax1.set(xscale="log", xlabel="cache per token at 1,024 tokens (bytes, 2 layers, float32)",
         ylabel="recall accuracy after 8000 steps", ylim=(-0.02, 1.08),
         title="What each variant keeps, and what it recalls")
 labels = [c.removeprefix("recall_gap_").replace("_", "-") for c in gap_cols]
-colours = {name: plt.cm.tab20(i) for i, name in enumerate(full)}  # 11 variants, 11 colours
+# 11 variants: 10 colours, and a marker each, so that no two lines look alike
+style = {name: dict(color=plt.cm.tab10(i % 10), marker="osD^v<>ph*X"[i])
+         for i, name in enumerate(full)}
 for name, r in full.items():
-    ax2.plot(labels, [float(r[c]) for c in gap_cols], "o-", lw=1, label=name, color=colours[name])
+    ax2.plot(labels, [float(r[c]) for c in gap_cols], "-", lw=1, ms=5, label=name, **style[name])
+perfect = [name for name, r in full.items() if min(float(r[c]) for c in gap_cols) > 0.995]
+ax2.text(0.02, 0.9, f"at 1.00 in every bin, on top of each other:\n{', '.join(perfect)}",
+         transform=ax2.transAxes, fontsize=7, va="top")
 ax2.set(xlabel="gap between a pair and its query (positions)", ylabel="recall accuracy",
         ylim=(-0.02, 1.02), title="Recall against distance")
 ax2.legend(fontsize=7, ncol=2)
@@ -461,19 +468,44 @@ plt.show()
 # On the left, what a variant keeps does not decide whether it recalls: `mqa` keeps a quarter of
 # `mha`'s cache and recalls at a guess, the DeltaNets keep about 1% of it (12.5 bytes per token
 # against 1,024) and recall everything, and `linear`, with a state of about the same size (8.5
-# bytes; the DeltaNets also keep their short convolution's last inputs), recalls 0.851. With 4 pairs per sequence, far fewer than a DeltaNet's state can hold, what decides is
-# whether a variant *learned* the lookup in 8000 steps, and for `local` whether it can see the
-# pair at all. On the right, distance costs nothing to the variants that learned recall (six of
-# them lie on top of each other at 1.00); only `local` falls off a cliff, at its reach.
+# bytes; the DeltaNets also keep their short convolution's last inputs), recalls 0.851. With 4 pairs
+# per sequence, far fewer than a DeltaNet's state can hold, what decides is whether a variant
+# *learned* the lookup in 8000 steps, and for `local` whether it can see the pair at all. On the
+# right, distance costs nothing to the variants that learned recall (six of them lie on top of each
+# other at 1.00); only `local` falls off a cliff, at its reach.
 #
 # The validation loss over training shows how recall is learned: a long plateau, then a drop
 # when the two layers start to work together, at a step that differs from variant to variant.
+# Where the plateau lies follows from what the batches ask. Each holds the three tasks in equal
+# parts, but not with equally many answers:
+
+# %%
+import math
+
+full_cfg = CompareConfig(preset="full")
+asked = {task.name: int((task.batch(1, torch.Generator().manual_seed(0)).targets != -1).sum())
+         for task in recall_suite(full_cfg)}  # answers in one sequence of each task
+share = {name: n / sum(asked.values()) for name, n in asked.items()}
+print(f"answers per sequence at {full_cfg.block_size} positions: {asked}")
+print("share of the loss:", {name: round(x, 3) for name, x in share.items()})
+plateau = share["recall"] * math.log(4)  # recall guessed among 4 values, copying learned
+print(f"copying learned, recall a guess among 4 values (ln 4 = {math.log(4):.2f} per answer): "
+      f"a loss of about {plateau:.2f}")
+
+# %% [markdown]
+# Recall asks 56 questions per sequence, copying 16 and induction 1, so recall is 0.767 of the
+# loss. A model that copies and guesses every recall answer among the 4 values sits near
+# 1.06: that is the plateau, and a loss below 1 means recall has begun, the threshold printed
+# under the figure. `mqa`'s curve falls a long way during training by learning to copy (0.924),
+# not to recall. Induction, one answer in 73 (0.014 of the loss), is the smallest part of the
+# training signal, which is why 8000 steps leave it furthest from done even for `mha`, which
+# recalls everything.
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
 for name in full:
     points = [(int(c["step"]), float(c["val_loss"])) for c in curves if c["variant"] == name]
-    ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1, label=name, color=colours[name])
+    ax.plot(*zip(*points, strict=True), "-", ms=3, lw=1, label=name, **style[name])
 ax.set(yscale="log", xlabel="step", ylabel="validation loss (answer positions)",
        title="The full preset's validation loss: plateaus, and when each variant leaves its own")
 ax.legend(fontsize=7, ncol=2)
@@ -484,27 +516,81 @@ print("first evaluation with a validation loss below 1 (None: never):", below_1)
 
 
 # %% [markdown]
-# The DeltaNets are below 1 at the first evaluation (step 800); `mla` and `dsa` leave the plateau
-# by step 2400, `moba` by 3200, `sparse` by 4000, `mha` by 4800, `linear` by 5600 and `gqa` by
-# 6400, the last two still falling at the end; `mqa` has not left it by step 8000, and `local` cannot. At
-# step 1600, near the quick preset's 1500 steps, only the DeltaNets are below the plateau: that
-# is why a quick run shows the costs but not recall.
+# The DeltaNets are below 1 at the first evaluation (step 800); `mla` and `dsa` leave the plateau by
+# step 2400, `moba` by 3200, `sparse` by 4000, `mha` by 4800, `linear` by 5600 and `gqa` by 6400,
+# the last two still falling at the end; `mqa` has not left it by step 8000, and `local` cannot. At
+# step 1600, near the quick preset's 1500 steps, only the DeltaNets are below the plateau: that is
+# why a quick run shows the costs but not recall.
 #
 # The order in which the softmax variants leave the plateau is not a ranking of the variants:
-# one seed is one draw. An earlier full run with the same settings and seed, made with the code
-# of a few days before (the same design, not bit for bit the same program), had `gqa` at 0.310
-# and `mqa` at 0.248 after 8000 steps; with seeds 1 and 2 that code gave `gqa` 1.000 and 0.824,
-# `mqa` 0.281 and 1.000, and `mha` 0.976 and 0.991. Sharing key/value heads does not prevent
-# recall — a run that learns it reaches 1.000 — but at this size it makes *when* it is learned a
-# matter of the seed. Three seeds per variant are the least a comparison of learning speed
-# needs; `attnbook compare --full --seed N` makes more.
+# one seed is one draw. The repository keeps two more full runs of the three variants that differ
+# only in how many key/value heads they keep, `mha`, `gqa` and `mqa`, with seeds 1 and 2 and
+# every other setting the same (`chapters/data/compare_full_seeds.csv` and
+# `compare_full_seeds_curves.csv`; the README there says how they were made). The seed sets the
+# weights, the order of the batches and the evaluation set.
+
+# %%
+import statistics
+
+SHARED = ("mha", "gqa", "mqa")  # 4, 2 and 1 key/value heads
+seed_runs = [dict(full[name], seed="1337") for name in SHARED]  # the run above
+run_curves = [dict(c, seed="1337") for c in curves if c["variant"] in SHARED]
+with open(DATA / "compare_full_seeds.csv") as f:
+    seed_runs += list(csv.DictReader(f))
+with open(DATA / "compare_full_seeds_curves.csv") as f:
+    run_curves += list(csv.DictReader(f))
+seeds = list(dict.fromkeys(r["seed"] for r in seed_runs))  # 1337, 1, 2
+
+
+def first_below_1(name, seed):
+    """The first evaluation step whose validation loss is below 1, or None."""
+    return next((int(c["step"]) for c in run_curves if c["variant"] == name and c["seed"] == seed
+                 and float(c["val_loss"]) < 1), None)
+
+
+recall = {(r["variant"], r["seed"]): float(r["recall_acc"]) for r in seed_runs}
+print(f"{'variant':>8} " + " ".join(f"{'seed ' + s:>10}" for s in seeds)
+      + f" {'mean ± sd':>14}   first step below 1, per seed")
+for name in SHARED:
+    accs = [recall[name, s] for s in seeds]
+    print(f"{name:>8} " + " ".join(f"{a:>10.3f}" for a in accs)
+          + f" {statistics.mean(accs):>7.3f} ± {statistics.stdev(accs):.3f}   "
+          + ", ".join(str(first_below_1(name, s)) for s in seeds))
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True, layout="constrained")
+for ax, name in zip(axes, SHARED, strict=True):
+    for seed in seeds:
+        points = [(int(c["step"]), float(c["val_loss"])) for c in run_curves
+                  if c["variant"] == name and c["seed"] == seed]
+        ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1, label=f"seed {seed}")
+    ax.axhline(1, color="grey", ls=":", lw=1)
+    ax.set(yscale="log", xlabel="step", title=name)
+axes[0].set_ylabel("validation loss")
+axes[0].legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Three seeds, three answers. `mha` recalls 0.917 to 1.000 and leaves the plateau at step 4800
+# every time. `gqa`, with half the key/value heads, recalls as well on average (0.962 against
+# `mha`'s 0.956), and left the plateau at step 3200 with seed 1 and at 6400 with the other two.
+# `mqa`, one key/value head for all four query heads, learned recall with seed 2 alone (1.000,
+# below 1 from step 3200) and stayed on the plateau with the other two (0.249 and 0.280). Sharing
+# key/value heads does not prevent recall: each of the three variants reaches 1.000 with some
+# seed. At this size it makes *whether* recall is learned within 8000 steps a matter of the seed,
+# the more so the fewer key/value heads are kept. Three seeds are still few: each standard
+# deviation above comes from three numbers, and the gap between the means of `mha` and `gqa` says
+# nothing. A claim about learning speed needs more seeds; `attnbook compare --full --seed N`
+# makes them.
 
 # %% [markdown]
 # ## 4. Reach, measured: copying beyond the window
 #
 # The comparison run showed `local` failing without showing *where* it fails. Copying makes the
 # boundary visible, because the distance is set by the task: the token to predict lies exactly
-# `S` positions back. Prediction: with the comparison's window ($w = 4$) and two layers, the
+# `S` positions back. (For a window the distance that counts is this `S`, not the gap `S + 1`
+# that section 2's batches record, which measures back to the earlier copy of the current token:
+# reading the answer by its offset needs only `S`.) Prediction: with the comparison's window
+# ($w = 4$) and two layers, the
 # reach is $R = 2 \times 3 = 6$, so `local` should copy segments of up to 6 tokens and fail on
 # longer ones, whatever the training; `mha` sees every earlier position and should learn every
 # length; `linear` has no window either, so it can learn them as well.
@@ -602,18 +688,18 @@ plt.show()
 #
 # | variant | cache per token (section 3) | what the short runs show | full preset, recall |
 # | --- | --- | --- | --- |
-# | `mha` | 1,024 B | the reference; learns every copy length | 1.000 |
-# | `gqa` | 512 B (1/2) | recall not yet learned, like MHA; section 6 converts a trained model | 0.890, still learning |
-# | `mqa` | 256 B (1/4) | the same; section 6 shows what one shared head costs a trained model | 0.249, not learned |
+# | `mha` | 1,024 B | the reference; learns every copy length | 1.000 (three seeds: 0.956 on average) |
+# | `gqa` | 512 B (1/2) | recall not yet learned, like MHA; section 6 converts a trained model | 0.890 (three seeds: 0.962 on average) |
+# | `mqa` | 256 B (1/4) | the same; section 6 shows what one shared head costs a trained model | 0.249 (learned with one seed of three) |
 # | `mla` | 576 B (0.56) | the same; more parameters than MHA at this width | 1.000 |
 # | `local` | constant (window) | blind on every answer beyond $L(w-1)$: recall and long copies | 0.086, only within reach |
 # | `sparse` | 1,024 B (as MHA) | recall not yet learned; no faster than MHA at this length | 1.000 |
-# | `linear` | constant (state) | no reach limit: copies every length; its capacity needs longer runs | 0.851, at every gap |
+# | `linear` | constant (state) | no reach limit: learns every copy length in part; its capacity needs longer runs | 0.851, at every gap |
 #
 # The cache column is exact; the speeds in section 3 are this machine's; the accuracy claims of
-# the short runs are the asserted ones, and the last column is one seed of the full preset. What
-# sharing key/value heads costs in quality when a model is trained that way from the start needs
-# more seeds than one (section 3).
+# the short runs are the asserted ones, and the last column is seed 1337 of the full preset, with
+# the averages of section 3's three seeds for `mha`, `gqa` and `mqa`. For the other variants one
+# seed is all the repository has.
 
 # %% [markdown]
 # ## 6. Converting a trained MHA model: GQA and MLA
@@ -870,7 +956,8 @@ print(f"mha_to_gqa == pooled c_attn (atol=1e-5), mha_to_mla's wkv_b @ wkv_a == r
 #   still learning, `linear` 0.851 at every gap, `mqa` a guess (0.249) and `local` only within
 #   its reach. What a variant keeps per token did not decide it: the DeltaNets keep about 1% of
 #   `mha`'s cache and recalled everything. When a variant leaves its loss plateau depends on the
-#   seed, so learning speed needs several seeds per variant.
+#   seed: over three seeds `mha` averaged 0.956 and `gqa` 0.962, and `mqa` learned recall with one
+#   seed of three, so learning speed needs several seeds per variant.
 # - At 32 positions no variant is much faster than `mha`; their speed pays at thousands of
 #   positions (chapters 9–11) and in memory-bound decoding.
 # - A trained MHA model converts to MLA by a truncated SVD of its stacked key/value projection
