@@ -510,8 +510,14 @@ ax.set(yscale="log", xlabel="step", ylabel="validation loss (answer positions)",
        title="The full preset's validation loss: plateaus, and when each variant leaves its own")
 ax.legend(fontsize=7, ncol=2)
 plt.show()
-below_1 = {name: next((int(c["step"]) for c in curves if c["variant"] == name
-                       and float(c["val_loss"]) < 1), None) for name in full}
+def first_below_1(rows, name):
+    """The step of the first evaluation of `name` in `rows` with a validation loss below 1, or
+    None."""
+    return next((int(c["step"]) for c in rows if c["variant"] == name
+                 and float(c["val_loss"]) < 1), None)
+
+
+below_1 = {name: first_below_1(curves, name) for name in full}
 print("first evaluation with a validation loss below 1 (None: never):", below_1)
 
 
@@ -542,12 +548,6 @@ with open(DATA / "compare_full_seeds_curves.csv") as f:
 seeds = list(dict.fromkeys(r["seed"] for r in seed_runs))  # 1337, 1, 2
 
 
-def first_below_1(name, seed):
-    """The first evaluation step whose validation loss is below 1, or None."""
-    return next((int(c["step"]) for c in run_curves if c["variant"] == name and c["seed"] == seed
-                 and float(c["val_loss"]) < 1), None)
-
-
 recall = {(r["variant"], r["seed"]): float(r["recall_acc"]) for r in seed_runs}
 print(f"{'variant':>8} " + " ".join(f"{'seed ' + s:>10}" for s in seeds)
       + f" {'mean ± sd':>14}   first step below 1, per seed")
@@ -555,7 +555,8 @@ for name in SHARED:
     accs = [recall[name, s] for s in seeds]
     print(f"{name:>8} " + " ".join(f"{a:>10.3f}" for a in accs)
           + f" {statistics.mean(accs):>7.3f} ± {statistics.stdev(accs):.3f}   "
-          + ", ".join(str(first_below_1(name, s)) for s in seeds))
+          + ", ".join(str(first_below_1([c for c in run_curves if c["seed"] == s], name))
+                      for s in seeds))
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True, layout="constrained")
 for ax, name in zip(axes, SHARED, strict=True):
